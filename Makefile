@@ -1,0 +1,43 @@
+# The two commands a user needs (see README):
+#   make run    set up .venv and run the main job (the synthetic experiment)
+#   make test   set up .venv, install the real test data, lint, type-check and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= runs/synthetic
+RUN_ARGS ?=
+
+.PHONY: run test venv data lint typecheck pytest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch 2.13.0 first: it is a CPU wheel on this disk; then the project with a range it satisfies.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,plots,sklearn,pandas]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/metanorm reproduce synthetic --out $(OUT) $(RUN_ARGS)
+
+data: venv
+	bash scripts/install-data.sh $(BIN)/python
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/python -m pytest -q
+
+test: venv data lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

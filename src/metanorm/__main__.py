@@ -1,0 +1,5 @@
+"""``python -m metanorm`` runs the command line."""
+
+from metanorm.cli import main
+
+raise SystemExit(main())

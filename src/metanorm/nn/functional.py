@@ -1,0 +1,139 @@
+"""Stateless form of Metadata Normalization.
+
+See :class:`metanorm.nn.MetadataNorm` for the maths and the arguments. The functional holds no
+state: it updates the ``running_beta`` buffer it is given, in place, as ``F.batch_norm`` does.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from metanorm import glm
+from metanorm._validation import describe
+
+__all__ = ["NonFiniteEstimateError", "metadata_norm"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteEstimateError(ValueError):
+    """A training batch gave a NaN or infinite β estimate (NaN/inf features, fp16 overflow)."""
+
+
+def check_metadata(metadata: Tensor, batch_size: int, num_columns: int) -> None:
+    """Raises ``ValueError``/``TypeError`` unless metadata is a finite ``(m, K)`` tensor."""
+    if not isinstance(metadata, Tensor):
+        raise TypeError(
+            f"expected metadata to be a tensor of shape ({batch_size}, {num_columns}), "
+            f"got {describe(metadata)}"
+        )
+    if metadata.dim() == 1 and num_columns == 1:
+        metadata = metadata.unsqueeze(1)
+    if metadata.dim() != 2 or metadata.shape[1] != num_columns:
+        raise ValueError(
+            f"expected metadata of shape ({batch_size}, {num_columns}) (one design row of K = "
+            f"{num_columns} columns per sample), got {describe(metadata)}"
+        )
+    if metadata.shape[0] != batch_size:
+        raise ValueError(
+            f"expected metadata with {batch_size} rows (the batch size of the input), "
+            f"got {metadata.shape[0]}"
+        )
+    if metadata.is_complex() or metadata.dtype == torch.bool:
+        raise TypeError(f"expected real numeric metadata, got {describe(metadata)}")
+    if metadata.is_floating_point() and not bool(torch.isfinite(metadata).all()):
+        bad = int((~torch.isfinite(metadata)).sum())
+        raise ValueError(f"expected finite metadata, got {bad} NaN or infinite value(s)")
+
+
+def metadata_norm(
+    input: Tensor,
+    metadata: Tensor,
+    kernel: Tensor,
+    n_samples: int | float | Tensor,
+    remove_mask: Tensor,
+    running_beta: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    on_nonfinite: str = "raise",
+) -> Tensor:
+    r"""Regresses the removed design columns out of ``input``.
+
+    See :class:`~metanorm.nn.MetadataNorm` for details.
+
+    Args:
+        input: features ``(m, *)``; flattened per sample to ``(m, D)``.
+        metadata: design rows ``(m, K)`` for this batch.
+        kernel: :math:`\Sigma^{-1}` of the full training design, ``(K, K)``.
+        n_samples: N, the number of training rows behind ``kernel``.
+        remove_mask: ``(K,)`` bool, true for the columns whose effect is removed.
+        running_beta: ``(K, D)`` buffer in full-data scale, updated in place when ``training``.
+        num_batches_tracked: long 0-d buffer counting the updates of ``running_beta``,
+            incremented in place with each one (needed when ``momentum`` is None).
+        training: estimate β from the batch (and update ``running_beta``); otherwise use
+            ``running_beta``.
+        momentum: the factor of the running update
+            ``running_beta ← (1 − momentum)·running_beta + momentum·β̂``, or None for the
+            cumulative average (factor ``1 / num_batches_tracked``).
+        on_nonfinite: ``"raise"`` (default) or ``"skip"``: what to do when a training batch gives
+            a non-finite β̂. Either way ``running_beta`` keeps its previous value.
+
+    Returns:
+        A tensor of ``input``'s shape and dtype.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"expected input to be a tensor, got {describe(input)}")
+    if not input.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {describe(input)}")
+    if input.dim() < 1 or input.shape[0] == 0:
+        raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
+    m = input.shape[0]
+    k = kernel.shape[0]
+    check_metadata(metadata, m, k)
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"expected on_nonfinite in {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+
+    compute_dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
+    features = input.reshape(m, -1).to(compute_dtype)
+    rows = metadata.reshape(m, k).to(device=features.device, dtype=compute_dtype)
+
+    if training:
+        beta = glm.beta_from_statistics(
+            kernel, glm.batch_statistics(rows, features), m, n_samples
+        )
+        if running_beta is not None:
+            with torch.no_grad():
+                if bool(torch.isfinite(beta).all()):
+                    if num_batches_tracked is not None:
+                        num_batches_tracked.add_(1)
+                    if momentum is None:
+                        if num_batches_tracked is None:
+                            raise ValueError("momentum=None needs num_batches_tracked")
+                        factor = 1.0 / float(num_batches_tracked)
+                    else:
+                        factor = momentum
+                    running_beta.lerp_(beta.detach().to(running_beta.dtype), factor)
+                else:
+                    msg = (
+                        "the batch's β estimate is not finite (NaN or infinite features, or an "
+                        "overflow in low precision); the running β keeps its previous value"
+                    )
+                    if on_nonfinite == "raise":
+                        raise NonFiniteEstimateError(
+                            msg + ". Pass on_nonfinite='skip' to warn and go on instead"
+                        )
+                    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    else:
+        if running_beta is None:
+            raise RuntimeError(
+                "evaluation needs a running β: build the layer with track_running_stats=True, "
+                "or keep it in training mode"
+            )
+        beta = running_beta.to(compute_dtype)
+    out = glm.remove_effect(features, rows, beta, remove_mask.to(rows.device))
+    return out.reshape(input.shape).to(input.dtype)
