@@ -1,0 +1,260 @@
+"""Small models for the real-data experiments: a 2-D CNN, a feature MLP and a 3-D CNN.
+
+Every model here has the same interface, so one training loop serves them all:
+
+- ``model(x, metadata) -> (logits, features)``: ``metadata`` is the batch's design rows
+  ``(m, K)`` (ignored, and may be ``None``, unless the model has MDN layers); ``logits`` is
+  ``(m, num_classes)`` (cross-entropy; 2 columns for a binary task); ``features`` is the
+  penultimate layer's output **after** its normalization and **before** the nonlinearity, the
+  ``(m, hidden)`` matrix the bias metric (dcor² with the metadata) is computed on.
+- ``norm`` picks the normalization (:data:`NORMS`):
+
+  ==============  =============================================================================
+  ``"none"``      no normalization layer
+  ``"batchnorm"`` BatchNorm after every conv/linear layer (the usual model)
+  ``"mdn"``       the usual model with MetadataNorm instead of BatchNorm on the penultimate
+                  layer (the paper's GS-PPB / HVU / MRI placement: MDN before the classifier)
+  ``"mdn-all"``   MetadataNorm after every conv/linear layer (as the paper's "MDN-Conv")
+  ==============  =============================================================================
+
+  MDN models take ``design``: the **whole** training set's :class:`metanorm.glm.Design` (label
+  columns kept, metadata and intercept removed), from which each MDN layer stores Σ⁻¹ and N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metanorm.glm import Design
+from metanorm.nn import MetadataNorm
+
+__all__ = ["NORMS", "StandInCNN", "StandInCNN3d", "StandInMLP"]
+
+#: Accepted values of ``norm``.
+NORMS = ("none", "batchnorm", "mdn", "mdn-all")
+
+
+def _check_common(norm: str, design: Design | None, num_classes: int) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"expected norm in {NORMS}, got {norm!r}")
+    if norm.startswith("mdn") and not isinstance(design, Design):
+        raise TypeError(
+            f"norm={norm!r} needs design=, the whole training set's metanorm.glm.Design; "
+            f"got {type(design).__name__}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"expected num_classes to be an int >= 2, got {num_classes!r}")
+
+
+class _StandIn(nn.Module):
+    """Shared plumbing: builds the norm layer of each stage, applies it with metadata."""
+
+    takes_metadata = True
+    fc: nn.Linear
+    fc_norm: nn.Module
+    head: nn.Linear
+
+    def __init__(
+        self, norm: str, design: Design | None, num_classes: int, momentum: float | None
+    ) -> None:
+        super().__init__()
+        _check_common(norm, design, num_classes)
+        self.norm = norm
+        self.num_classes = num_classes
+        self._design = design
+        self._momentum = momentum
+
+    def _make_norm(self, kind: str, channels: int, flat_features: int, dims: int) -> nn.Module:
+        """``kind``: "bn" (the usual layer) or "mdn"; mapped through ``self.norm``."""
+        use_mdn = self.norm == "mdn-all" or (self.norm == "mdn" and kind == "mdn")
+        if use_mdn:
+            assert self._design is not None
+            return MetadataNorm(flat_features, self._design, momentum=self._momentum)
+        if self.norm == "none":
+            return nn.Identity()
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        return bn(channels)
+
+    @staticmethod
+    def _apply(layer: nn.Module, h: Tensor, metadata: Tensor | None) -> Tensor:
+        if isinstance(layer, MetadataNorm):
+            if metadata is None:
+                raise ValueError("this model has MetadataNorm layers: pass metadata (design rows)")
+            return layer(h, metadata)  # type: ignore[no-any-return]
+        return layer(h)  # type: ignore[no-any-return]
+
+    def _classify(self, h: Tensor, metadata: Tensor | None) -> tuple[Tensor, Tensor]:
+        features = self._apply(self.fc_norm, self.fc(h), metadata)
+        return self.head(torch.relu(features)), features
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm!r}, num_classes={self.num_classes}"
+
+
+class StandInCNN(_StandIn):
+    """A small 2-D CNN: two conv blocks, a hidden linear layer, a linear classifier.
+
+    ``conv(5×5) → norm → ReLU → maxpool 2`` twice, then ``fc(hidden) → norm → ReLU → fc(classes)``.
+    With ``norm="mdn"`` the convs keep BatchNorm and the hidden layer gets MetadataNorm.
+
+    Args:
+        in_channels: image channels (1 grey, 3 RGB).
+        num_classes: number of classes (≥ 2; logits have this many columns).
+        image_size: image side, or ``(H, W)``; both divisible by 4.
+        norm: one of :data:`NORMS`. Default: ``"batchnorm"``.
+        design: the whole training set's design (required for MDN norms).
+        channels: channels of the two conv blocks. Default: ``(16, 32)``.
+        hidden: width of the hidden (feature) layer. Default: 84, as in the paper's CNN.
+        momentum: MDN running-β momentum. Default: 0.1.
+
+    Shape:
+        - Input: ``(m, in_channels, H, W)``; metadata ``(m, K)`` or ``None``.
+        - Output: ``(logits (m, num_classes), features (m, hidden))``.
+
+    Examples::
+
+        >>> model = StandInCNN(1, 2, 28)
+        >>> logits, features = model(torch.randn(4, 1, 28, 28), None)
+        >>> logits.shape, features.shape
+        (torch.Size([4, 2]), torch.Size([4, 84]))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int | Sequence[int],
+        norm: str = "batchnorm",
+        design: Design | None = None,
+        *,
+        channels: Sequence[int] = (16, 32),
+        hidden: int = 84,
+        momentum: float | None = 0.1,
+    ) -> None:
+        super().__init__(norm, design, num_classes, momentum)
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if h % 4 or w % 4 or h < 4 or w < 4:
+            raise ValueError(f"expected an image size divisible by 4, got {(h, w)}")
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=2)
+        self.norm1 = self._make_norm("bn", c1, c1 * h * w, 2)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2)
+        self.norm2 = self._make_norm("bn", c2, c2 * (h // 2) * (w // 2), 2)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(c2 * (h // 4) * (w // 4), hidden)
+        self.fc_norm = self._make_norm("mdn", hidden, hidden, 1)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns ``(logits, features)``; see the class docstring."""
+        h = self.pool(torch.relu(self._apply(self.norm1, self.conv1(x), metadata)))
+        h = self.pool(torch.relu(self._apply(self.norm2, self.conv2(h), metadata)))
+        return self._classify(h.flatten(1), metadata)
+
+
+class StandInMLP(_StandIn):
+    """A feature-level MLP (clip features → actions): ``fc → norm → ReLU → fc → norm → ReLU → fc``.
+
+    With ``norm="mdn"`` the first layer keeps BatchNorm and the second (feature) layer gets
+    MetadataNorm.
+
+    Args:
+        in_features: input feature width.
+        num_classes: number of classes (≥ 2).
+        norm: one of :data:`NORMS`. Default: ``"batchnorm"``.
+        design: the whole training set's design (required for MDN norms).
+        hidden: widths of the two hidden layers. Default: ``(256, 128)``.
+        dropout: dropout after the first hidden layer. Default: 0.
+        momentum: MDN running-β momentum. Default: 0.1.
+
+    Shape:
+        - Input: ``(m, in_features)``; metadata ``(m, K)`` or ``None``.
+        - Output: ``(logits (m, num_classes), features (m, hidden[1]))``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        norm: str = "batchnorm",
+        design: Design | None = None,
+        *,
+        hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.0,
+        momentum: float | None = 0.1,
+    ) -> None:
+        super().__init__(norm, design, num_classes, momentum)
+        h1, h2 = hidden
+        self.fc1 = nn.Linear(in_features, h1)
+        self.norm1 = self._make_norm("bn", h1, h1, 1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(h1, h2)
+        self.fc_norm = self._make_norm("mdn", h2, h2, 1)
+        self.head = nn.Linear(h2, num_classes)
+
+    def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns ``(logits, features)``; see the class docstring."""
+        h = self.drop(torch.relu(self._apply(self.norm1, self.fc1(x), metadata)))
+        return self._classify(h, metadata)
+
+
+class StandInCNN3d(_StandIn):
+    """A small 3-D CNN for volumes (MRI): three conv blocks, global pooling, two linear layers.
+
+    ``conv3d(3³) → norm → ReLU → maxpool 2`` three times, global average pooling, then
+    ``fc(hidden) → norm → ReLU → fc(classes)``. With ``norm="mdn"`` the convs keep BatchNorm and
+    the hidden layer gets MetadataNorm.
+
+    Args:
+        in_channels: volume channels (1 for T1).
+        num_classes: number of classes (≥ 2).
+        volume_shape: ``(D, H, W)`` of the input, each divisible by 8.
+        norm: one of :data:`NORMS`. Default: ``"batchnorm"``.
+        design: the whole training set's design (required for MDN norms).
+        channels: channels of the three conv blocks. Default: ``(8, 16, 32)``.
+        hidden: width of the hidden (feature) layer. Default: 64.
+        momentum: MDN running-β momentum. Default: 0.1.
+
+    Shape:
+        - Input: ``(m, in_channels, D, H, W)``; metadata ``(m, K)`` or ``None``.
+        - Output: ``(logits (m, num_classes), features (m, hidden))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        volume_shape: Sequence[int],
+        norm: str = "batchnorm",
+        design: Design | None = None,
+        *,
+        channels: Sequence[int] = (8, 16, 32),
+        hidden: int = 64,
+        momentum: float | None = 0.1,
+    ) -> None:
+        super().__init__(norm, design, num_classes, momentum)
+        shape = tuple(int(s) for s in volume_shape)
+        if len(shape) != 3 or any(s % 8 or s < 8 for s in shape):
+            raise ValueError(f"expected a (D, H, W) volume shape, each divisible by 8, got {shape}")
+        blocks = []
+        c_in = in_channels
+        for i, c in enumerate(channels):
+            vox = int(torch.tensor(shape).div(2**i, rounding_mode="floor").prod())
+            blocks.append(nn.Conv3d(c_in, c, 3, padding=1))
+            blocks.append(self._make_norm("bn", c, c * vox, 3))
+            c_in = c
+        self.blocks = nn.ModuleList(blocks)
+        self.pool = nn.MaxPool3d(2)
+        self.fc = nn.Linear(c_in, hidden)
+        self.fc_norm = self._make_norm("mdn", hidden, hidden, 1)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns ``(logits, features)``; see the class docstring."""
+        h = x
+        for conv, norm in zip(self.blocks[0::2], self.blocks[1::2], strict=True):
+            h = self.pool(torch.relu(self._apply(norm, conv(h), metadata)))
+        return self._classify(h.mean(dim=(2, 3, 4)), metadata)

@@ -1,0 +1,260 @@
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metanorm.datasets._files import DataNotFoundError
+from metanorm.datasets.paper import load_gs_ppb, load_hvu, load_multisite_mri
+
+HAVE_PIL = importlib.util.find_spec("PIL") is not None
+HAVE_NIBABEL = importlib.util.find_spec("nibabel") is not None
+needs_pil = pytest.mark.skipif(not HAVE_PIL, reason="Pillow not installed (pip install pillow)")
+needs_nibabel = pytest.mark.skipif(
+    not HAVE_NIBABEL, reason="nibabel not installed (pip install metanorm[mri])"
+)
+
+
+def write_csv(path: Path, header, rows) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+# -------------------------------------------------------------------------------- GS-PPB
+
+
+def write_ppb(root: Path, n: int = 36, split: bool = False) -> list[list]:
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        gender = ["female", "male"][i % 2]
+        skin = 1 + (i // 2) % 6
+        name = f"face_{i:03d}." + ("png" if i % 3 else "jpg")
+        # the red channel encodes the row, so the test can check pixels travel with labels
+        arr = np.zeros((20, 24, 3), dtype=np.uint8)
+        arr[..., 0] = 5 * i
+        arr[..., 1] = rng.integers(0, 255)
+        Image.fromarray(arr).save(root / "images" / name)
+        row = [name, gender, skin]
+        if split:
+            row.append(["train", "train", "val", "test"][i % 4])
+        rows.append(row)
+    header = ["filename", "gender", "skin_type"] + (["split"] if split else [])
+    write_csv(root / "metadata.csv", header, rows)
+    return rows
+
+
+@needs_pil
+def test_gs_ppb_layout(tmp_path):
+    rows = write_ppb(tmp_path)
+    s = load_gs_ppb(tmp_path, image_size=16, seed=1)
+    assert set(s) == {"train", "val", "test"}
+    assert sum(len(v) for v in s.values()) == 36
+    names = set()
+    for sp in s.values():
+        assert sp.images.shape[1:] == (3, 16, 16) and sp.images.dtype == torch.float32
+        for img, y, skin, g, fn in zip(
+            sp.images, sp.labels, sp.metadata["skin_type"], sp.metadata["gender"],
+            sp.metadata["filename"], strict=True,
+        ):
+            i = int(fn[5:8])
+            assert rows[i][1] == g and y.item() == (g == "male") and skin == rows[i][2]
+            assert abs(float(img[0].mean()) - 5 * i / 255) < 0.02  # jpg is lossy
+            names.add(fn)
+    assert len(names) == 36
+    # stratified on gender x skin type: 3 of each of the 12 strata -> 60/20/20 per stratum
+    strata = {(r[1], r[2]) for r in rows}
+    assert len(strata) == 12
+    assert all(
+        ((s["train"].metadata["gender"] == g) & (s["train"].metadata["skin_type"] == k)).sum()
+        in (1, 2)
+        for g, k in strata
+    )
+    grey = load_gs_ppb(tmp_path, image_size=8, grayscale=True)
+    assert grey["train"].images.shape[1:] == (1, 8, 8)
+
+
+@needs_pil
+def test_gs_ppb_split_column(tmp_path):
+    write_ppb(tmp_path, n=16, split=True)
+    s = load_gs_ppb(tmp_path, image_size=8)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [8, 4, 4]
+
+
+@needs_pil
+def test_gs_ppb_missing_pieces(tmp_path):
+    with pytest.raises(DataNotFoundError, match="GS-PPB folder"):
+        load_gs_ppb(tmp_path / "nowhere")
+    write_ppb(tmp_path, n=12)
+    with pytest.raises(DataNotFoundError, match=r"metadata file not found: looked for .*meta\.csv"):
+        load_gs_ppb(tmp_path, metadata_file="meta.csv")
+    with pytest.raises(ValueError, match=r"metadata\.csv has no column\(s\) \['fitzpatrick'\]"):
+        load_gs_ppb(tmp_path, skin_column="fitzpatrick")
+    (tmp_path / "images" / "face_004.png").unlink()
+    with pytest.raises(DataNotFoundError, match="face_004.png"):
+        load_gs_ppb(tmp_path)
+
+
+@needs_pil
+def test_gs_ppb_bad_skin_type(tmp_path):
+    rows = write_ppb(tmp_path, n=12)
+    rows[3][2] = 7
+    write_csv(tmp_path / "metadata.csv", ["filename", "gender", "skin_type"], rows)
+    with pytest.raises(ValueError, match="Fitzpatrick.*'7'"):
+        load_gs_ppb(tmp_path)
+
+
+# -------------------------------------------------------------------------------- HVU
+
+ACTIONS = ["skiing", "surfing", "cooking"]
+SCENES = ["snow", "beach", "kitchen", "outdoor"]
+
+
+def write_hvu(root: Path, n: int = 60, layout: str = "files", d: int = 6) -> np.ndarray:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(n, d)).astype(np.float32)
+    rows = []
+    for i in range(n):
+        a = ACTIONS[i % 3]
+        extra = "|waterskiing" if i % 5 == 0 else ""
+        scenes = {0: "snow|outdoor", 1: "beach|outdoor", 2: "kitchen"}[i % 3]
+        if i % 4 == 0:
+            scenes += "|outdoor" if "outdoor" not in scenes else ""
+        rows.append([f"clip{i}", a + extra, scenes])
+    write_csv(root / "annotations.csv", ["clip_id", "action_tags", "scene_tags"], rows)
+    if layout == "files":
+        (root / "features").mkdir()
+        for i in range(n):
+            x = feats[i] if i % 2 else np.stack([feats[i] - 1, feats[i] + 1])  # (T, D) averaged
+            np.save(root / "features" / f"clip{i}.npy", x)
+    else:
+        order = rng.permutation(n)
+        np.save(root / "features.npy", feats[order])
+        (root / "features_clips.txt").write_text("\n".join(f"clip{i}" for i in order) + "\n")
+    return feats
+
+
+@pytest.mark.parametrize("layout", ["files", "matrix"])
+def test_hvu_layouts(tmp_path, layout):
+    feats = write_hvu(tmp_path, layout=layout)
+    s = load_hvu(tmp_path, min_scene_count=3, seed=0)
+    assert sum(len(v) for v in s.values()) == 60
+    cols = [c for c in s["train"].metadata if c.startswith("scene=")]
+    # "outdoor" is in most but not all training clips, every scene is frequent enough
+    assert cols == [f"scene={t}" for t in sorted(SCENES)]
+    for sp in s.values():
+        assert sp.images.shape[1:] == (6,)
+        for x, y, clip, act in zip(
+            sp.images, sp.labels, sp.metadata["clip_id"], sp.metadata["action"], strict=True
+        ):
+            i = int(clip[4:])
+            np.testing.assert_allclose(x.numpy(), feats[i], atol=1e-6)
+            assert act == ACTIONS[i % 3] and y.item() == sorted(ACTIONS).index(act)
+            assert sp.metadata["scene=kitchen"][list(sp.metadata["clip_id"]).index(clip)] == (
+                i % 3 == 2
+            )
+    # stratified on the label: 20 clips per action -> 12/4/4
+    np.testing.assert_array_equal(np.bincount(s["train"].labels.numpy()), [12, 12, 12])
+
+
+def test_hvu_filters_and_missing(tmp_path):
+    write_hvu(tmp_path)
+    s = load_hvu(tmp_path, num_actions=2, min_scene_count=3)
+    assert sorted(set(np.concatenate([v.metadata["action"] for v in s.values()]))) == [
+        "cooking", "skiing",
+    ] or len(set(np.concatenate([v.metadata["action"] for v in s.values()]))) == 2
+    hi = load_hvu(tmp_path, min_scene_count=30)
+    assert not [c for c in hi["train"].metadata if c.startswith("scene=")]
+    (tmp_path / "features" / "clip7.npy").unlink()
+    with pytest.raises(DataNotFoundError, match=r"features/<clip_id>\.npy.*clip7"):
+        load_hvu(tmp_path)
+    dropped = load_hvu(tmp_path, on_missing="drop")
+    assert sum(len(v) for v in dropped.values()) == 59
+    with pytest.raises(ValueError, match=r"no column\(s\) \['scenes'\]"):
+        load_hvu(tmp_path, scene_column="scenes")
+    (tmp_path / "annotations.csv").unlink()
+    with pytest.raises(DataNotFoundError, match="annotations.csv"):
+        load_hvu(tmp_path)
+
+
+def test_hvu_missing_features_and_index(tmp_path):
+    write_hvu(tmp_path, layout="matrix")
+    (tmp_path / "features_clips.txt").unlink()
+    with pytest.raises(DataNotFoundError, match="features_clips.txt"):
+        load_hvu(tmp_path)
+    (tmp_path / "features.npy").unlink()
+    with pytest.raises(DataNotFoundError, match=r"folder .*features .*features\.npy"):
+        load_hvu(tmp_path)
+
+
+# -------------------------------------------------------------------------------- MRI
+
+
+def write_mri(root: Path, n: int = 24, shape=(10, 12, 8), path_column: bool = False) -> None:
+    import nibabel as nib
+
+    (root / "volumes").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        vol = np.full(shape, float(i), dtype=np.float32)
+        vol[0, 0, 0] += 1.0  # not constant, so normalisation is defined
+        name = f"sub-{i:02d}"
+        ext = ".nii.gz" if i % 2 else ".nii"
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(root / "volumes" / f"{name}{ext}"))
+        row = [name, ["control", "patient"][i % 2], ["siteA", "siteB", "siteC"][i % 3],
+               20 + i, ["F", "M"][(i // 2) % 2]]
+        if path_column:
+            row.append(f"volumes/{name}{ext}")
+        rows.append(row)
+    header = ["subject", "diagnosis", "site", "age", "sex"] + (["path"] if path_column else [])
+    write_csv(root / "participants.csv", header, rows)
+
+
+@needs_nibabel
+@pytest.mark.parametrize("path_column", [False, True])
+def test_mri_layout(tmp_path, path_column):
+    write_mri(tmp_path, path_column=path_column)
+    s = load_multisite_mri(tmp_path, volume_shape=(8, 8, 8), normalize=False, seed=2)
+    assert sum(len(v) for v in s.values()) == 24
+    for sp in s.values():
+        assert sp.images.shape[1:] == (1, 8, 8, 8)
+        for vol, y, subj, site, age, sex in zip(
+            sp.images, sp.labels, sp.metadata["subject"], sp.metadata["site"],
+            sp.metadata["age"], sp.metadata["sex"], strict=True,
+        ):
+            i = int(subj[4:])
+            assert abs(float(vol[0, 4, 4, 4]) - i) < 1e-5  # resampled, value kept
+            assert y.item() == i % 2 and site == ["siteA", "siteB", "siteC"][i % 3]
+            assert age == 20 + i and sex == ["F", "M"][(i // 2) % 2]
+    norm = load_multisite_mri(tmp_path, volume_shape=(8, 8, 8))
+    v = norm["train"].images
+    torch.testing.assert_close(v.mean(dim=(1, 2, 3, 4)), torch.zeros(len(v)), atol=1e-5, rtol=0)
+
+
+@needs_nibabel
+def test_mri_missing_pieces(tmp_path):
+    write_mri(tmp_path, n=12)
+    with pytest.raises(ValueError, match=r"participants\.csv has no column\(s\) \['scanner'\]"):
+        load_multisite_mri(tmp_path, site_column="scanner")
+    (tmp_path / "volumes" / "sub-03.nii.gz").unlink()
+    with pytest.raises(DataNotFoundError, match=r"volumes/<subject>\.nii\.gz.*sub-03"):
+        load_multisite_mri(tmp_path)
+    with pytest.raises(DataNotFoundError, match="participants file not found"):
+        load_multisite_mri(tmp_path, participants_file="subjects.csv")
+
+
+@needs_nibabel
+def test_mri_bad_age(tmp_path):
+    write_mri(tmp_path, n=6)
+    text = (tmp_path / "participants.csv").read_text().replace(",22,", ",n/a,")
+    (tmp_path / "participants.csv").write_text(text)
+    with pytest.raises(ValueError, match="age.*sub-02.*'n/a'"):
+        load_multisite_mri(tmp_path)
