@@ -78,9 +78,7 @@ def evaluate(model, exp: RealExperiment, split: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument(
-        "--experiments", nargs="+", default=["shaded-fashion-mnist", "two-site-digits"]
-    )
+    ap.add_argument("--experiments", nargs="+", default=["shaded-fashion-mnist", "two-site-digits"])
     ap.add_argument("--norms", nargs="+", default=["batchnorm", "mdn"])
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -88,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--shade-mode", default="contrast", help="shaded-*: contrast or patch")
     ap.add_argument("--noise", type=float, default=0.0, help="two-site-digits: pixel noise sd")
+    ap.add_argument("--classes", type=int, nargs="+", help="two-site-digits: the digits")
     ap.add_argument("--json", help="also write the results here (must not exist)")
     args = ap.parse_args(argv)
     if args.json and os.path.exists(args.json):
@@ -102,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 kw["shade_mode"] = args.shade_mode
             elif name == "two-site-digits":
                 kw["noise"] = args.noise
+                if args.classes:
+                    kw["classes"] = tuple(args.classes)
             exp = real_experiment(name, seed=seed, **kw)
             sizes = {k: len(v) for k, v in exp.splits.items()}
             print(f"\n== {name} seed {seed} {kw} sizes {sizes}", flush=True)

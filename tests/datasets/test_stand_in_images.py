@@ -78,7 +78,7 @@ def test_shaded_fashion_mnist_splits():
         sp = s[name]
         assert sp.images.shape == (n, 1, 28, 28) and sp.images.dtype == torch.float32
         assert sp.labels.sum().item() == n // 2
-        assert 0 <= sp.images.min() and sp.images.max() <= 1
+        assert sp.images.min() >= 0 and sp.images.max() <= 1
         shade, y = sp.metadata["shade"], sp.labels.numpy()
         np.testing.assert_array_equal(sp.metadata["shade_bin"], np.clip(np.floor(shade), 1, 5))
         if name in ("train", "val"):
@@ -142,7 +142,7 @@ def test_two_site_digits_design():
     np.testing.assert_array_equal(cells, [30, 30, 30, 30])
     rv = s["test_reversed"]
     assert len(rv) == 60 and (rv.metadata["site"] != rv.labels.numpy()).all()
-    assert 0 <= float(tr.images.min()) and float(tr.images.max()) <= 1
+    assert float(tr.images.min()) >= 0 and float(tr.images.max()) <= 1
     # both sites are drawn in MNIST's 20x20 box: the 4-pixel margin is empty
     for sp in (tr, te):
         assert float(sp.images[..., :3, :].abs().max()) == 0.0

@@ -22,9 +22,7 @@ def as_path(path: str | os.PathLike[str], what: str) -> Path:
     return Path(path).expanduser()
 
 
-def split_indices(
-    n: int, fractions: Sequence[float], rng: np.random.Generator
-) -> list[np.ndarray]:
+def split_indices(n: int, fractions: Sequence[float], rng: np.random.Generator) -> list[np.ndarray]:
     """Randomly partitions ``range(n)`` into parts of the given fractions (the last takes the rest).
 
     Args:

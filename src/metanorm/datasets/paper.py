@@ -81,9 +81,10 @@ def read_image(path: Path, size: int, grayscale: bool = False) -> np.ndarray:
             "reading face images needs Pillow: `pip install pillow` (it comes with "
             "`pip install metanorm[plots]`)"
         ) from err
-    with Image.open(path) as im:
-        im = im.convert("L" if grayscale else "RGB")
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    with Image.open(path) as raw:
+        im = raw.convert("L" if grayscale else "RGB").resize(
+            (size, size), Image.Resampling.BILINEAR
+        )
         arr = np.asarray(im, dtype=np.float32) / 255.0
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -116,8 +117,11 @@ def load_gs_ppb(
 
     Args:
         root: the folder.
-        metadata_file, image_dir: file and folder names inside ``root``.
-        filename_column, label_column, skin_column: column names in the metadata file.
+        metadata_file: the metadata CSV's name inside ``root``.
+        image_dir: the image folder's name inside ``root``.
+        filename_column: column of image file names (relative to ``image_dir``).
+        label_column: column of the label (gender).
+        skin_column: column of the Fitzpatrick skin type.
         split_column: optional column (``train``/``val``/``test``); when absent, a seeded random
             split stratified on gender × skin type with ``fractions``.
         image_size: side of the resized images. Default: 64.
@@ -269,8 +273,13 @@ def load_hvu(
 
     Args:
         root: the folder.
-        annotations_file, feature_dir, matrix_file, index_file: names inside ``root``.
-        clip_column, action_column, scene_column: column names in the annotation file.
+        annotations_file: the annotation CSV's name inside ``root``.
+        feature_dir: the folder of per-clip ``.npy`` files.
+        matrix_file: the single feature matrix (used instead of ``feature_dir`` when present).
+        index_file: the matrix's row index (one clip id per line).
+        clip_column: column of clip ids.
+        action_column: column of action tags (labels).
+        scene_column: column of scene tags (metadata).
         split_column: optional column (``train``/``val``/``test``); when absent, a seeded random
             split stratified on the label.
         separator: tag separator inside a cell. Default: ``"|"``.
@@ -410,8 +419,13 @@ def load_multisite_mri(
 
     Args:
         root: the folder.
-        participants_file, volume_dir: names inside ``root``.
-        subject_column, label_column, site_column, age_column, sex_column: column names.
+        participants_file: the participants CSV's name inside ``root``.
+        volume_dir: the folder of ``<subject>.nii[.gz]`` volumes.
+        subject_column: column of subject ids.
+        label_column: column of the label (diagnosis).
+        site_column: column of the site / scanner.
+        age_column: column of the age (a number).
+        sex_column: column of the sex.
         path_column: optional column of volume paths relative to ``root``.
         split_column: optional column (``train``/``val``/``test``); when absent, a seeded random
             split stratified on diagnosis × site.
@@ -470,9 +484,7 @@ def load_multisite_mri(
         if blanks:
             raise ValueError(f"column {col!r} of {table_path} is empty for subjects {blanks[:5]}")
     labels, _ = encode_labels(table[label_column], label_column, table_path)
-    vols = np.stack(
-        [_resize_volume(read_nifti(p), shape, normalize) for p in paths if p is not None]  # type: ignore[arg-type]
-    )
+    vols = np.stack([_resize_volume(read_nifti(p), shape, normalize) for p in paths if p])
     site = np.array(table[site_column], dtype=object)
     strata = np.array([f"{a}|{b}" for a, b in zip(labels, site, strict=True)])
     index = assign_splits(table, split_column, strata, fractions, seed, table_path)

