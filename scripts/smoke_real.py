@@ -27,9 +27,9 @@ from metanorm.datasets.experiments import RealExperiment, real_experiment
 from metanorm.metrics import balanced_accuracy, distance_correlation_sqr
 
 
-def train(exp: RealExperiment, norm: str, epochs: int, batch: int, lr: float, seed: int):
+def train(exp: RealExperiment, norm: str, epochs: int, batch: int, lr: float, seed: int, **opt):
     torch.manual_seed(seed)
-    model = exp.make_model(norm)
+    model = exp.make_model(norm, **(opt if norm.startswith("mdn") else {}))
     tr = exp.splits["train"]
     rows = exp.design_rows("train")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -69,8 +69,11 @@ def evaluate(model, exp: RealExperiment, split: str) -> dict:
         out["group_acc"] = {
             str(g): float((pred[groups == g] == y[groups == g]).mean()) for g in np.unique(groups)
         }
+    # per class; undefined (None) where the metadata are constant within the class
     out["dcor2"] = {
         int(c): distance_correlation_sqr(f[y == c], meta[y == c], unbiased=True)
+        if np.ptp(meta[y == c], axis=0).max() > 0
+        else None
         for c in np.unique(y)
     }
     return out
@@ -84,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--shade-mode", default="contrast", help="shaded-*: contrast or patch")
+    ap.add_argument("--shade-mode", help="shaded-*: patch (the default) or contrast")
+    ap.add_argument(
+        "--mdn-momentum", default="0.1", help="MDN running-beta momentum, or 'none' (cumulative)"
+    )
     ap.add_argument("--noise", type=float, default=0.0, help="two-site-digits: pixel noise sd")
     ap.add_argument("--classes", type=int, nargs="+", help="two-site-digits: the digits")
     ap.add_argument("--json", help="also write the results here (must not exist)")
@@ -92,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and os.path.exists(args.json):
         print(f"smoke_real: {args.json} exists; not overwriting", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    momentum = None if args.mdn_momentum.lower() == "none" else float(args.mdn_momentum)
     results: dict = {}
     for name in args.experiments:
         for seed in args.seeds:
             kw: dict = {}
-            if name.startswith("shaded"):
+            if name.startswith("shaded") and args.shade_mode:
                 kw["shade_mode"] = args.shade_mode
             elif name == "two-site-digits":
                 kw["noise"] = args.noise
@@ -108,14 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {name} seed {seed} {kw} sizes {sizes}", flush=True)
             for norm in args.norms:
                 t0 = time.perf_counter()
-                model = train(exp, norm, args.epochs, args.batch_size, args.lr, seed)
+                model = train(
+                    exp, norm, args.epochs, args.batch_size, args.lr, seed, momentum=momentum
+                )
                 res = {s: evaluate(model, exp, s) for s in ("val", *exp.eval_splits)}
                 results.setdefault(name, {}).setdefault(norm, {})[seed] = res
                 took = time.perf_counter() - t0
                 for split, r in res.items():
                     ga = r.get("group_acc", {})
                     ga_s = " ".join(f"{g}:{a:.2f}" for g, a in ga.items())
-                    dc = " / ".join(f"{v:.3f}" for v in r["dcor2"].values())
+                    dc = " / ".join("n/a" if v is None else f"{v:.3f}" for v in r["dcor2"].values())
                     print(
                         f"{norm:>9} {split:>13}  bAcc {r['bacc']:.3f}  dcor² per class {dc}"
                         f"  acc per {exp.group_column}: {ga_s}"

@@ -49,6 +49,8 @@ def test_shaded_experiment_design_and_metric():
         mdn.kernel.numpy(), np.linalg.inv(d.matrix.T @ d.matrix), rtol=1e-8, atol=1e-10
     )
     assert float(mdn.n_samples) == 100
+    cum = next(m for m in exp.make_model("mdn", momentum=None).modules() if hasattr(m, "kernel"))
+    assert cum.momentum is None
     # the full-data β of the design reproduces numpy's least squares (shared GLM core)
     f = np.random.default_rng(0).normal(size=(100, 3))
     np.testing.assert_allclose(

@@ -53,7 +53,7 @@ __all__ = [
 #: Name of the label column in every design (kept, never removed).
 LABEL = "label"
 
-ModelFactory = Callable[[str, "Design | None"], nn.Module]
+ModelFactory = Callable[..., nn.Module]
 
 
 @dataclass
@@ -72,8 +72,9 @@ class RealExperiment:
         group_column: metadata column for accuracy per group (shade bin, site, skin type), or
             ``None``.
         eval_splits: the test splits to report.
-        model_factory: ``factory(norm, design) -> model`` (see
-            :mod:`metanorm.models.stand_in`; ``design`` is ``None`` unless ``norm`` uses MDN).
+        model_factory: ``factory(norm, design, **options) -> model`` (see
+            :mod:`metanorm.models.stand_in`; ``design`` is ``None`` unless ``norm`` uses MDN;
+            options such as ``momentum`` go to the model's constructor).
         expected: what the experiment should show, for reports.
     """
 
@@ -137,9 +138,16 @@ class RealExperiment:
         """:meth:`design` as a float32 ``(n, K)`` tensor: the metadata argument of the models."""
         return self.design(split, labels=labels).tensor()
 
-    def make_model(self, norm: str = "batchnorm") -> nn.Module:
-        """A fresh model; MDN variants get the whole training design."""
-        return self.model_factory(norm, self.design("train") if norm.startswith("mdn") else None)
+    def make_model(self, norm: str = "batchnorm", **options: Any) -> nn.Module:
+        """A fresh model; MDN variants get the whole training design.
+
+        Args:
+            norm: one of :data:`metanorm.models.stand_in.NORMS`.
+            **options: passed to the model's constructor (e.g. ``momentum=None`` for MDN's
+                cumulative running β, ``hidden=``).
+        """
+        design = self.design("train") if norm.startswith("mdn") else None
+        return self.model_factory(norm, design, **options)
 
     def metric_matrix(self, split: str) -> np.ndarray:
         """The metadata for the bias metric, ``(n, p)`` float64.
@@ -168,8 +176,8 @@ class RealExperiment:
 
 
 def _image_factory(in_channels: int, num_classes: int, size: int) -> ModelFactory:
-    def factory(norm: str, design: Design | None) -> nn.Module:
-        return StandInCNN(in_channels, num_classes, size, norm, design)
+    def factory(norm: str, design: Design | None, **options: Any) -> nn.Module:
+        return StandInCNN(in_channels, num_classes, size, norm, design, **options)
 
     return factory
 
@@ -274,8 +282,9 @@ def hvu(root: str | os.PathLike[str], *, seed: int = 0, **kwargs: Any) -> RealEx
     n_cls = int(max(int(s.labels.max()) for s in splits.values() if len(s)) + 1)
     width = int(splits["train"].images.shape[1])
 
-    def factory(norm: str, design: Design | None) -> nn.Module:
-        return StandInMLP(width, n_cls, norm, design, dropout=0.2)
+    def factory(norm: str, design: Design | None, **options: Any) -> nn.Module:
+        options.setdefault("dropout", 0.2)
+        return StandInMLP(width, n_cls, norm, design, **options)
 
     return RealExperiment(
         name="hvu",
@@ -314,8 +323,8 @@ def multisite_mri(
     n_cls = int(max(int(s.labels.max()) for s in splits.values() if len(s)) + 1)
     shape = tuple(int(s) for s in splits["train"].images.shape[2:])
 
-    def factory(norm: str, design: Design | None) -> nn.Module:
-        return StandInCNN3d(1, n_cls, shape, norm, design)
+    def factory(norm: str, design: Design | None, **options: Any) -> nn.Module:
+        return StandInCNN3d(1, n_cls, shape, norm, design, **options)
 
     return RealExperiment(
         name="multisite-mri",
