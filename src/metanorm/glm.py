@@ -127,8 +127,10 @@ def _to_columns(data: Any) -> dict[str, np.ndarray]:
     if hasattr(data, "columns") and hasattr(data, "__getitem__") and hasattr(data, "to_numpy"):
         return {str(c): np.asarray(data[c].to_numpy()) for c in data.columns}
     if isinstance(data, Mapping):
-        cols = {str(k): np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in
-                data.items()}
+        cols = {
+            str(k): np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
+            for k, v in data.items()
+        }
         for k, v in cols.items():
             if v.ndim != 1:
                 raise ValueError(f"expected column {k!r} to be 1-D, got {describe(v)}")
@@ -143,9 +145,7 @@ def _to_columns(data: Any) -> dict[str, np.ndarray]:
     return {f"x{j}": arr[:, j] for j in range(arr.shape[1])}
 
 
-def _resolve_names(
-    names: Iterable[str | int] | None, available: list[str], what: str
-) -> list[str]:
+def _resolve_names(names: Iterable[str | int] | None, available: list[str], what: str) -> list[str]:
     out: list[str] = []
     for n in names or ():
         if isinstance(n, bool) or not isinstance(n, int | str | np.integer):
@@ -164,13 +164,13 @@ def _resolve_names(
 
 
 class DesignBuilder:
-    """Builds design matrices from metadata, scikit-learn style (``fit`` then ``transform``).
+    r"""Builds design matrices from metadata, scikit-learn style (``fit`` then ``transform``).
 
     Column order follows the input; the intercept comes last, as in the paper's ``[y, cf, 1]``.
     Categorical columns are one-hot coded; with an intercept the first level (in sorted order) is
     the dropped reference level. Continuous columns are standardised with the training mean and
     standard deviation when ``standardize`` is true (the residual does not change: with an
-    intercept it is invariant to affine changes of a column, but :math:`\\Sigma` is better
+    intercept it is invariant to affine changes of a column, but :math:`\Sigma` is better
     conditioned). Levels, means and scales are recorded at ``fit``; an unseen level or a missing
     value at ``transform`` is a ``ValueError``.
 
@@ -188,8 +188,9 @@ class DesignBuilder:
 
         >>> import numpy as np
         >>> b = DesignBuilder(keep=["y"], categorical=["site"])
-        >>> d = b.fit_transform({"y": np.array([0, 1, 1, 0]), "site": np.array(["a", "b", "c", "a"]),
-        ...                      "age": np.array([30., 40., 50., 60.])})
+        >>> d = b.fit_transform({"y": np.array([0, 1, 1, 0]),
+        ...                      "site": np.array(["a", "b", "c", "a"]),
+        ...                      "age": np.array([30.0, 40.0, 50.0, 60.0])})
         >>> d.columns
         ('y', 'site=b', 'site=c', 'age', 'intercept')
         >>> d.keep
@@ -226,7 +227,9 @@ class DesignBuilder:
                 raise ValueError(f"column {k!r} has {len(v)} rows, expected {n}")
         self._keep_names = _resolve_names(self.keep, names, "keep")
         if self.categorical is None:
-            cat = [k for k, v in cols.items() if v.dtype.kind in "OUSbT" or v.dtype.name == "category"]
+            cat = [
+                k for k, v in cols.items() if v.dtype.kind in "OUSbT" or v.dtype.name == "category"
+            ]
         else:
             cat = _resolve_names(self.categorical, names, "categorical")
         specs: list[_ColumnSpec] = []
@@ -533,8 +536,9 @@ def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:
     """
     columns = design.columns if isinstance(design, Design) else None
     kernel = glm_kernel(design, ridge=ridge, columns=columns)
-    x = as_2d_tensor(design.matrix if isinstance(design, Design) else design, "design",
-                     dtype=torch.float64)
+    x = as_2d_tensor(
+        design.matrix if isinstance(design, Design) else design, "design", dtype=torch.float64
+    )
     f = as_2d_tensor(features, "features", dtype=torch.float64, device=kernel.device)
     if f.shape[0] != x.shape[0]:
         raise ValueError(

@@ -35,7 +35,9 @@ def distance_correlation_sqr(x: Any, y: Any, *, unbiased: bool = False) -> float
     a = as_2d_tensor(x, "x", dtype=torch.float64)
     b = as_2d_tensor(y, "y", dtype=torch.float64, device=a.device)
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"x and y must have the same number of rows, got {a.shape[0]} and {b.shape[0]}")
+        raise ValueError(
+            f"x and y must have the same number of rows, got {a.shape[0]} and {b.shape[0]}"
+        )
     A = _centred(torch.cdist(a, a), unbiased)
     B = _centred(torch.cdist(b, b), unbiased)
     ab, aa, bb = (A * B).sum(), (A * A).sum(), (B * B).sum()
@@ -54,7 +56,8 @@ def grouped_distance_correlation_sqr(
     for level in np.unique(g):
         sel = torch.from_numpy(g == level)
         out[level.item() if hasattr(level, "item") else level] = distance_correlation_sqr(
-            a[sel.to(a.device)], b[sel.to(b.device)], unbiased=unbiased)
+            a[sel.to(a.device)], b[sel.to(b.device)], unbiased=unbiased
+        )
     return out
 
 
