@@ -34,6 +34,7 @@ from metanorm._validation import as_2d_tensor, check_finite, describe
 __all__ = [
     "Design",
     "DesignBuilder",
+    "batch_residual",
     "batch_statistics",
     "beta_from_statistics",
     "fit_beta",
@@ -521,6 +522,72 @@ def remove_effect(
         - Output: ``(m, D)``
     """
     return torch.addmm(features, design_rows * remove_mask.to(design_rows.dtype), beta, alpha=-1)
+
+
+class _BatchResidual(torch.autograd.Function):
+    """``F ↦ F − A W X_bᵀ F`` with A = X_b ⊙ r and W = (N/m) Σ⁻¹; also returns β̂ = W X_bᵀ F.
+
+    For a fixed batch the map is linear in F, so its gradient is the transposed map,
+    ``G ↦ G − X_b Wᵀ Aᵀ G``: two thin matrix products in each direction and no m×D temporary
+    beyond the output (autograd through the separate products needs one more full pass).
+    No gradient flows to the design rows (metadata are data, not parameters).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        features: torch.Tensor,
+        rows: torch.Tensor,
+        weight: torch.Tensor,
+        removed_rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        beta = weight @ batch_statistics(rows, features)
+        out = torch.addmm(features, removed_rows, beta, alpha=-1)
+        ctx.save_for_backward(rows, weight, removed_rows)
+        ctx.mark_non_differentiable(beta)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for beta
+        return out, beta
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: torch.Tensor | None, grad_beta: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, None]:
+        if grad_out is None:
+            return None, None, None, None
+        rows, weight, removed_rows = ctx.saved_tensors
+        u = weight.T @ (removed_rows.T @ grad_out)
+        return torch.addmm(grad_out, rows, u, alpha=-1), None, None, None
+
+
+def batch_residual(
+    features: torch.Tensor,
+    design_rows: torch.Tensor,
+    kernel: torch.Tensor,
+    n_samples: int | float,
+    remove_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""MDN's training-mode map: the batch estimate and the residual, differentiable in F.
+
+    Computes :math:`\hateta = (N/m)\,\Sigma^{-1} X_b^	op F` and
+    :math:`F - X_{b,R}\hateta_R` in one pass, with a hand-written backward (the transposed
+    linear map). Same result as :func:`batch_statistics`, :func:`beta_from_statistics` and
+    :func:`remove_effect` in sequence.
+
+    Args:
+        features: ``(m, D)`` floating tensor.
+        design_rows: ``(m, K)``, same dtype and device.
+        kernel: :math:`\Sigma^{-1}` ``(K, K)`` (cast to the features' dtype).
+        n_samples: N.
+        remove_mask: ``(K,)`` bool, true for the removed columns.
+
+    Returns:
+        ``(residual, beta)``: ``(m, D)`` and ``(K, D)``; ``beta`` carries no gradient.
+    """
+    m = features.shape[0]
+    weight = kernel.to(features.dtype) * (n_samples / m)
+    out, beta = _BatchResidual.apply(features, design_rows, weight, design_rows * remove_mask)
+    return out, beta
 
 
 def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:

@@ -106,11 +106,14 @@ def metadata_norm(
     features = input.reshape(m, -1).to(compute_dtype)
     rows = metadata.reshape(m, k).to(device=features.device, dtype=compute_dtype)
 
+    mask = remove_mask.to(rows.device)
     if training:
-        beta = glm.beta_from_statistics(kernel, glm.batch_statistics(rows, features), m, n_samples)
+        out, beta = glm.batch_residual(features, rows, kernel, float(n_samples), mask)
         if running_beta is not None:
             with torch.no_grad():
-                if bool(torch.isfinite(beta).all()):
+                # one reduction instead of an elementwise test: a NaN or inf entry makes the
+                # float64 sum non-finite, and float64 cannot overflow on float32/16 entries
+                if bool(torch.isfinite(beta.sum(dtype=torch.float64))):
                     if num_batches_tracked is not None:
                         num_batches_tracked.add_(1)
                     if num_samples_tracked is not None:
@@ -121,7 +124,7 @@ def metadata_norm(
                         factor = m / float(num_samples_tracked)
                     else:
                         factor = momentum
-                    running_beta.lerp_(beta.detach().to(running_beta.dtype), factor)
+                    running_beta.lerp_(beta.to(running_beta.dtype), factor)
                 else:
                     msg = (
                         "the batch's β estimate is not finite (NaN or infinite features, or an "
@@ -138,6 +141,5 @@ def metadata_norm(
                 "evaluation needs a running β: build the layer with track_running_stats=True, "
                 "or keep it in training mode"
             )
-        beta = running_beta.to(compute_dtype)
-    out = glm.remove_effect(features, rows, beta, remove_mask.to(rows.device))
+        out = glm.remove_effect(features, rows, running_beta.to(compute_dtype), mask)
     return out.reshape(input.shape).to(input.dtype)
