@@ -2,9 +2,11 @@
 
 Usage: python benchmarks/bench_layer.py [--repeats R] [--rounds N] [--threads T]
 
-All three run on the same tensor, interleaved round by round, so the ratios are measured side by
-side in one run (this machine is noisy). The MDN layer runs with every check it does in normal use
-(input/metadata validation, the finiteness check of the estimate, the running-β update).
+"plain" is the paper's equations written with plain autograd ops, for reference. All run on
+the same tensor, interleaved round by round, so the ratios are measured side by side in one run
+(this machine is noisy); each figure is the best of the rounds, the one least disturbed by other
+processes. The MDN layer runs with every check it does in normal use (input and metadata
+validation, the finiteness check of the estimate, the running-β update).
 Bars (issue 2): MDN ≤ 0.65× BatchNorm at (200, 18432, 3) and (256, 4096, 16), ≤ 3.5× the copy.
 """
 
@@ -42,13 +44,22 @@ def bench(m: int, d: int, k: int, repeats: int, rounds: int) -> dict[str, float]
     def run_mdn() -> None:
         mdn(x, rows).backward(grad)
 
+    kernel = mdn.kernel.float()
+    keep_out = rows.clone()
+    keep_out[:, 0] = 0
+
+    def run_plain() -> None:
+        # the paper's equations written with plain autograd ops, for reference
+        beta = (n / m) * kernel @ (rows.T @ x)
+        (x - keep_out @ beta).backward(grad)
+
     def run_bn() -> None:
         bn(x).backward(grad)
 
     def run_copy() -> None:
         (x * 1).backward(grad)
 
-    fns = {"mdn": run_mdn, "batchnorm": run_bn, "copy": run_copy}
+    fns = {"mdn": run_mdn, "plain": run_plain, "batchnorm": run_bn, "copy": run_copy}
     for fn in fns.values():  # warm-up
         _time(fn, 3)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -77,8 +88,10 @@ def main() -> None:
     for m, d, k in SHAPES:
         t = bench(m, d, k, args.repeats, args.rounds)
         print(
-            f"{(m, d, k)!s:>18} {t['mdn'] * 1e3:9.3f} {t['batchnorm'] * 1e3:9.3f} "
-            f"{t['copy'] * 1e3:9.3f} {t['mdn'] / t['batchnorm']:7.2f} {t['mdn'] / t['copy']:9.2f}"
+            f"{(m, d, k)!s:>18} {t['mdn'] * 1e3:9.3f} {t['plain'] * 1e3:9.3f} "
+            f"{t['batchnorm'] * 1e3:9.3f} {t['copy'] * 1e3:9.3f} "
+            f"{t['mdn'] / t['batchnorm']:7.2f} {t['mdn'] / t['copy']:9.2f} "
+            f"{t['plain'] / t['batchnorm']:9.2f}"
         )
 
 
