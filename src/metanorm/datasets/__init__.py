@@ -1,0 +1,6 @@
+"""Data sets: the synthetic experiment, real-data stand-ins and loaders for the paper's data."""
+
+from metanorm.datasets.bladderbatch import BladderBatch as BladderBatch
+from metanorm.datasets.bladderbatch import load_bladderbatch as load_bladderbatch
+
+__all__ = ["BladderBatch", "load_bladderbatch"]
