@@ -120,3 +120,22 @@ def test_pipeline_without_routing_uses_step_params(data) -> None:  # type: ignor
     pipe.fit(X, y, metadataresidualizer__metadata=meta)
     with pytest.raises(ValueError, match="needs metadata"):
         pipe.predict(X)  # never silently uncorrected
+
+
+@pytest.mark.usefixtures("routing")
+def test_metadata_scorer_response_methods(data) -> None:  # type: ignore[no-untyped-def]
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    X, y, meta = data
+    pipe = make_pipeline(MetadataResidualizer(keep=["label"]), LogisticRegression())
+    pipe.fit(X, y, metadata=meta)
+    proba = pipe.predict_proba(X, metadata=meta[["site"]])
+    auc = metadata_scorer(roc_auc_score, response_method="predict_proba")
+    assert auc(pipe, X, y, metadata=meta) == pytest.approx(roc_auc_score(y, proba[:, 1]))
+    loss = metadata_scorer(log_loss, response_method="predict_proba", greater_is_better=False)
+    # two columns are reduced to the positive one, which log_loss also accepts
+    assert loss(pipe, X, y, metadata=meta) == pytest.approx(-log_loss(y, proba[:, 1]))
+    with pytest.raises(ValueError, match="got no metadata"):
+        auc(pipe, X, y)
+    with pytest.raises(ValueError, match="response_method"):
+        metadata_scorer(roc_auc_score, response_method="transform")
