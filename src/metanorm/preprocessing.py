@@ -79,7 +79,11 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     where R are the *removed* design columns: every column except those of ``keep`` (and except
     the intercept when ``keep_intercept``). ``keep`` columns (labels, covariates of interest)
     take part in the estimate, so that the metadata's effect is not confused with theirs when the
-    two are correlated, but are not subtracted: their effect stays in the output.
+    two are correlated, but are not subtracted: their effect stays in the output. The output does
+    not depend on how the removed columns are coded, but the coding of the kept columns decides
+    how a constant is shared between their kept part and the removed intercept: with
+    ``standardize=True`` a continuous kept column is centred, so its kept part has zero training
+    mean; a categorical kept column's part is relative to its reference (first) level.
 
     This is exactly what :class:`metanorm.nn.MetadataNorm` computes in evaluation mode once its
     running β is the full-data β (``momentum=None`` after one epoch), with the same defaults: the
