@@ -115,11 +115,20 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind in "fc":
         return ~np.isfinite(values)
     if values.dtype == object:
-        return np.array(
-            [v is None or (isinstance(v, float) and not math.isfinite(v)) for v in values],
-            dtype=bool,
-        )
+        return np.array([_missing_scalar(v) for v in values], dtype=bool)
+    if values.dtype.kind == "M":  # datetime64: NaT
+        return np.isnat(values)
     return np.zeros(values.shape, dtype=bool)
+
+
+# pandas' missing-value markers (pd.NA, pd.NaT), recognised without importing pandas
+_MISSING_TYPES = frozenset({"NAType", "NaTType"})
+
+
+def _missing_scalar(v: Any) -> bool:
+    if v is None or type(v).__name__ in _MISSING_TYPES:
+        return True
+    return isinstance(v, float | np.floating) and not math.isfinite(v)
 
 
 def _to_columns(data: Any) -> dict[str, np.ndarray]:

@@ -48,3 +48,14 @@ def test_without_ignore_keep_the_label_is_required() -> None:
         b.transform({"site": meta["site"], "age": meta["age"]})
     with pytest.raises(ValueError, match=r"or \['site', 'age'\]: the kept columns \['y'\]"):
         b.transform({"age": meta["age"]}, ignore_keep=True)
+
+
+def test_pandas_missing_markers_are_missing() -> None:
+    pd = pytest.importorskip("pandas")
+    for values in (
+        pd.array(["a", None, "b"], dtype="string"),  # pd.NA
+        pd.array([1, None, 3], dtype="Int64"),
+        np.array(["a", np.float32("nan"), "b"], dtype=object),
+    ):
+        with pytest.raises(ValueError, match="1 missing"):
+            DesignBuilder().fit(pd.DataFrame({"m": values}))

@@ -231,16 +231,18 @@ def test_nan_in_metadata_is_a_clear_error(where: str) -> None:
     bad.loc[3, "age"] = np.nan
     bad_site = meta.copy().astype({"site": object})
     bad_site.loc[4, "site"] = None
+    bad_na = meta.astype({"site": "string"})
+    bad_na.loc[5, "site"] = pd.NA
     res = MetadataResidualizer(keep=["y"])
     if where == "fit":
-        for m in (bad, bad_site):
+        for m in (bad, bad_site, bad_na):
             with pytest.raises(ValueError, match="missing"):
                 res.fit(F, metadata=m)
         with pytest.raises(ValueError, match="'y' has 1 missing"):  # a kept label too
             res.fit(F, metadata=meta.assign(y=np.where(np.arange(len(meta)) == 0, np.nan, 1.0)))
     else:
         res.fit(F, metadata=meta)
-        for m in (bad, bad_site):
+        for m in (bad, bad_site, bad_na):
             with pytest.raises(ValueError, match="missing"):
                 res.transform(F, metadata=m)
 
