@@ -116,11 +116,20 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind in "fc":
         return ~np.isfinite(values)
     if values.dtype == object:
-        return np.array(
-            [v is None or (isinstance(v, float) and not math.isfinite(v)) for v in values],
-            dtype=bool,
-        )
+        return np.array([_missing_scalar(v) for v in values], dtype=bool)
+    if values.dtype.kind == "M":  # datetime64: NaT
+        return np.isnat(values)
     return np.zeros(values.shape, dtype=bool)
+
+
+# pandas' missing-value markers (pd.NA, pd.NaT), recognised without importing pandas
+_MISSING_TYPES = frozenset({"NAType", "NaTType"})
+
+
+def _missing_scalar(v: Any) -> bool:
+    if v is None or type(v).__name__ in _MISSING_TYPES:
+        return True
+    return isinstance(v, float | np.floating) and not math.isfinite(v)
 
 
 def _to_columns(data: Any) -> dict[str, np.ndarray]:
@@ -144,6 +153,29 @@ def _to_columns(data: Any) -> dict[str, np.ndarray]:
     if arr.ndim != 2:
         raise ValueError(f"expected metadata to be 1-D or 2-D, got {describe(arr)}")
     return {f"x{j}": arr[:, j] for j in range(arr.shape[1])}
+
+
+def _match_columns(
+    cols: dict[str, np.ndarray], expected: list[str], needed: list[str]
+) -> dict[str, np.ndarray]:
+    """Names the columns of ``cols`` after ``expected`` (all) or ``needed`` (a subset, in order).
+
+    Named columns must match one of the two lists exactly; positional columns (``x0, x1, ...``
+    from an array) are matched by count. Columns not in ``needed`` are dropped.
+    """
+    names = list(cols)
+    positional = names == [f"x{j}" for j in range(len(names))]
+    if names not in (expected, needed) and positional:
+        if len(names) == len(expected):
+            cols = dict(zip(expected, cols.values(), strict=True))
+        elif len(names) == len(needed):
+            cols = dict(zip(needed, cols.values(), strict=True))
+        names = list(cols)
+    if names not in (expected, needed):
+        optional = [n for n in expected if n not in needed]
+        alt = f" (or {needed}: the kept columns {optional} are not needed)" if optional else ""
+        raise ValueError(f"expected metadata columns {expected}{alt}, got {names}")
+    return {k: v for k, v in cols.items() if k in needed}
 
 
 def _resolve_names(names: Iterable[str | int] | None, available: list[str], what: str) -> list[str]:
@@ -305,19 +337,32 @@ class DesignBuilder:
         return self._specs
 
     # -- transforming -------------------------------------------------------------------------
-    def transform(self, data: Any) -> Design:
-        """Codes metadata with the recorded kinds, levels and scales."""
+    def transform(self, data: Any, *, ignore_keep: bool = False) -> Design:
+        """Codes metadata with the recorded kinds, levels and scales.
+
+        Args:
+            data: metadata with the columns seen at :meth:`fit`, in the same order (a 2-D array
+                is matched by position).
+            ignore_keep: build rows for *removing* effects only, e.g. at evaluation, where labels
+                are unknown. The kept input columns may then be left out of ``data`` (an array
+                then holds the other columns, in order) or passed, in which case they are
+                ignored, not checked; their design columns are zeros. The result is only good
+                for :func:`remove_effect`, which multiplies kept columns by nothing.
+                Default: ``False``.
+        """
         specs = self._fitted()
-        cols = _to_columns(data)
         expected = [s.name for s in specs]
-        if list(cols) != expected:
-            if len(cols) == len(expected) and all(k.startswith("x") for k in cols):
-                cols = dict(zip(expected, cols.values(), strict=True))
-            else:
-                raise ValueError(f"expected metadata columns {expected}, got {list(cols)}")
-        n = len(next(iter(cols.values())))
+        needed = [n for n in expected if n not in self._keep_names] if ignore_keep else expected
+        raw = _to_columns(data)
+        if not raw:
+            raise ValueError(f"expected metadata columns {expected}, got none")
+        n = len(next(iter(raw.values())))
+        cols = _match_columns(raw, expected, needed)
         blocks: list[np.ndarray] = []
         for s in specs:
+            if s.name not in cols:  # a kept column left out (ignore_keep)
+                blocks.append(np.zeros((n, len(s.levels) if s.kind == "categorical" else 1)))
+                continue
             v = cols[s.name]
             if len(v) != n:
                 raise ValueError(f"column {s.name!r} has {len(v)} rows, expected {n}")
@@ -350,6 +395,17 @@ class DesignBuilder:
         if self.intercept:
             blocks.append(np.ones((n, 1)))
         return Design(np.hstack(blocks), self.columns, self.keep_indices)
+
+    @property
+    def input_kinds(self) -> dict[str, str]:
+        """``{input column: "categorical" or "continuous"}``, in input order (after :meth:`fit`)."""
+        return {s.name: s.kind for s in self._fitted()}
+
+    @property
+    def keep_columns(self) -> tuple[str, ...]:
+        """Names of the kept input columns (after :meth:`fit`)."""
+        self._fitted()
+        return tuple(self._keep_names)
 
     def fit_transform(self, data: Any) -> Design:
         """``fit(data)`` then ``transform(data)``."""

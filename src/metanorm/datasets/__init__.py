@@ -2,5 +2,7 @@
 
 from metanorm.datasets._base import DataSplit as DataSplit
 from metanorm.datasets._base import DesignDataset as DesignDataset
+from metanorm.datasets.bladderbatch import BladderBatch as BladderBatch
+from metanorm.datasets.bladderbatch import load_bladderbatch as load_bladderbatch
 
-__all__ = ["DataSplit", "DesignDataset"]
+__all__ = ["BladderBatch", "DataSplit", "DesignDataset", "load_bladderbatch"]
