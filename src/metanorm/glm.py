@@ -590,7 +590,7 @@ class _BatchResidual(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         features: torch.Tensor,
         rows: torch.Tensor,
@@ -606,7 +606,7 @@ class _BatchResidual(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_out: torch.Tensor | None, grad_beta: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, None, None, None]:
         if grad_out is None:
