@@ -19,11 +19,13 @@ How it is computed. Neither n×n matrix is ever stored. Rows are processed in bl
 the upper triangle of tiles is visited), with only a few ``block × n`` float64 tiles alive:
 
 * pass 1 over the variable with fewer columns (call it ``y``; dCor² is symmetric) gives the row
-  sums of its distance matrix, hence its exact centring;
+  sums of its distance matrix, hence its exact centring (for one column, from sorted values and
+  prefix sums in O(n log n) instead);
 * pass 2 computes both distance tiles, centres the ``y`` tile exactly, and accumulates
   :math:`\sum a_{ij}\tilde B_{ij}` (which equals :math:`\sum \tilde A_{ij}\tilde B_{ij}` because
-  the rows of :math:`\tilde B` sum to zero), :math:`\sum \tilde B_{ij}^2`, :math:`\sum a_{ij}^2`
-  and the row sums of ``a``, from which :math:`\langle A, A\rangle` follows in closed form.
+  the rows of :math:`\tilde B` sum to zero), :math:`\sum \tilde B_{ij}^2` and the row sums of ``a``;
+  with :math:`\sum a_{ij}^2 = 2n\sum_i \lVert x_i - \bar x\rVert^2`,
+  :math:`\langle A, A\rangle` follows in closed form.
 
 Distances are computed in float64. For inputs with many columns the Gram-matrix trick
 (:math:`\lVert u\rVert^2 + \lVert v\rVert^2 - 2u\cdot v`, a matrix product) is used after centring
@@ -291,6 +293,18 @@ def _add_row_sums(out: Tensor, tile: Tensor, rows: slice, cols: slice) -> None:
         out[cols] += ones[: tile.shape[0]] @ tile
 
 
+def _row_sums_1d(v: Tensor) -> Tensor:
+    """``sum_j |v_i - v_j|`` for every i in O(n log n), from the sorted values and prefix sums."""
+    n = v.shape[0]
+    s, order = torch.sort(v)
+    prefix = torch.cumsum(s, 0) - s  # sum of the values before position k
+    k = torch.arange(n, dtype=v.dtype, device=v.device)
+    sums = s * (2.0 * k - n) + s.sum() - 2.0 * prefix
+    out = torch.empty_like(v)
+    out[order] = sums
+    return out
+
+
 def _tiles(n: int, block: int) -> list[tuple[slice, slice, float]]:
     """The upper triangle in tiles: (rows, cols, weight); off-diagonal tiles stand for two."""
     out = []
@@ -319,9 +333,12 @@ def _blocked_sums(
 
     # pass 1: row sums of the y distances
     tiles = _tiles(n, block)
-    rb = torch.zeros(n, dtype=f64, device=dev)
-    for rows, cols, _ in tiles:
-        _add_row_sums(rb, py.tile(rows, cols), rows, cols)
+    if py.x.shape[1] == 1:
+        rb = _row_sums_1d(py.x[:, 0])
+    else:
+        rb = torch.zeros(n, dtype=f64, device=dev)
+        for rows, cols, _ in tiles:
+            _add_row_sums(rb, py.tile(rows, cols), rows, cols)
     tb = rb.sum()
     if unbiased:
         row, const = rb / (n - 2), tb / ((n - 1) * (n - 2))
@@ -335,7 +352,9 @@ def _blocked_sums(
     # pass 2: cross sums
     ra = torch.zeros(n, dtype=f64, device=dev)
     zero = torch.zeros((), dtype=f64, device=dev)
-    s_ab, s_aa, s_bb = zero.clone(), zero.clone(), zero.clone()
+    s_ab, s_bb = zero.clone(), zero.clone()
+    # sum_ij |x_i - x_j|^2 = 2n sum_i |x_i - mean|^2 (px.x is centred): no tile pass needed
+    s_aa = 2.0 * n * px.x.square().sum()
     for rows, cols, weight in tiles:
         at = px.tile(rows, cols)
         bt = py.tile(rows, cols)
@@ -345,7 +364,6 @@ def _blocked_sums(
             bt.diagonal().zero_()  # U-centred matrices have a zero diagonal
         fa, fb = at.reshape(-1), bt.reshape(-1)
         s_ab += weight * torch.dot(fa, fb)
-        s_aa += weight * torch.dot(fa, fa)
         s_bb += weight * torch.dot(fb, fb)
         del bt, fb
         _add_row_sums(ra, at, rows, cols)
@@ -384,6 +402,8 @@ def _correlation(sums: _Sums, unbiased: bool) -> float:
     # A variance is a difference of sums of size mean² (rounding ~ eps * mean²); below that
     # level it is zero (a constant variable, or a U-centred matrix that vanishes exactly).
     eps = _ZERO_VARIANCE_EPS
+    if mean_a == 0.0 or mean_b == 0.0:  # all distances zero: a constant variable
+        return 0.0
     if abs(var_x) <= eps * mean_a**2 or abs(var_y) <= eps * mean_b**2:
         return 0.0
     denom = math.sqrt(abs(var_x * var_y))
