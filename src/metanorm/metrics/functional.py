@@ -260,7 +260,7 @@ class _Permuted:
         num = self.perms.shape[0]
         if self.discrete:
             levels = self.num_levels
-            per_perm = 8 * levels * (width + 2 * k) * 2
+            per_perm = 8 * levels * (3 * width + 3 * k)  # one-hot (int, float, reshaped), products
             chunk = max(1, min(num, self.max_memory // per_perm))
             for c in range(0, num, chunk):
                 codes = self.codes[c : c + chunk]
