@@ -62,10 +62,13 @@ def brute_force_pvalue(x, y, perms, unbiased):
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
-@pytest.mark.parametrize("kind", ["continuous", "levels", "multicolumn"])
+@pytest.mark.parametrize("kind", ["continuous", "levels", "multicolumn", "onehot"])
 def test_equals_brute_force_over_the_same_permutations(kind, unbiased):
     x, rng = data(n=50, seed=3)
-    if kind == "continuous":
+    if kind == "onehot":  # the variable with more columns has few levels: it is the one permuted
+        x = x[:, :1]
+        y = np.eye(3)[rng.integers(0, 3, size=50) * (x[:, 0] > -1)]
+    elif kind == "continuous":
         y = x[:, :1] * 0.3 + rng.normal(size=(50, 1))
     elif kind == "levels":
         y = rng.integers(0, 4, size=(50, 1)).astype(float) + (x[:, :1] > 1)
