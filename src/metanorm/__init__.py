@@ -7,6 +7,7 @@ measure how much metadata the features still encode.
 from importlib.metadata import PackageNotFoundError, version
 
 from metanorm import glm as glm
+from metanorm import metrics as metrics
 from metanorm import nn as nn
 from metanorm.glm import Design as Design
 from metanorm.glm import DesignBuilder as DesignBuilder
@@ -27,5 +28,6 @@ __all__ = [
     "__version__",
     "glm",
     "make_design",
+    "metrics",
     "nn",
 ]

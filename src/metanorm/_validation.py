@@ -82,6 +82,5 @@ def check_finite(t: torch.Tensor, name: str) -> None:
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise ValueError(
-            f"expected {name} to be finite, got {bad} NaN or infinite value(s) "
-            f"in a {describe(t)}"
+            f"expected {name} to be finite, got {bad} NaN or infinite value(s) in a {describe(t)}"
         )

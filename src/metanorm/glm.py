@@ -34,6 +34,7 @@ from metanorm._validation import as_2d_tensor, check_finite, describe
 __all__ = [
     "Design",
     "DesignBuilder",
+    "batch_residual",
     "batch_statistics",
     "beta_from_statistics",
     "fit_beta",
@@ -115,11 +116,20 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind in "fc":
         return ~np.isfinite(values)
     if values.dtype == object:
-        return np.array(
-            [v is None or (isinstance(v, float) and not math.isfinite(v)) for v in values],
-            dtype=bool,
-        )
+        return np.array([_missing_scalar(v) for v in values], dtype=bool)
+    if values.dtype.kind == "M":  # datetime64: NaT
+        return np.isnat(values)
     return np.zeros(values.shape, dtype=bool)
+
+
+# pandas' missing-value markers (pd.NA, pd.NaT), recognised without importing pandas
+_MISSING_TYPES = frozenset({"NAType", "NaTType"})
+
+
+def _missing_scalar(v: Any) -> bool:
+    if v is None or type(v).__name__ in _MISSING_TYPES:
+        return True
+    return isinstance(v, float | np.floating) and not math.isfinite(v)
 
 
 def _to_columns(data: Any) -> dict[str, np.ndarray]:
@@ -127,8 +137,10 @@ def _to_columns(data: Any) -> dict[str, np.ndarray]:
     if hasattr(data, "columns") and hasattr(data, "__getitem__") and hasattr(data, "to_numpy"):
         return {str(c): np.asarray(data[c].to_numpy()) for c in data.columns}
     if isinstance(data, Mapping):
-        cols = {str(k): np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in
-                data.items()}
+        cols = {
+            str(k): np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
+            for k, v in data.items()
+        }
         for k, v in cols.items():
             if v.ndim != 1:
                 raise ValueError(f"expected column {k!r} to be 1-D, got {describe(v)}")
@@ -143,9 +155,30 @@ def _to_columns(data: Any) -> dict[str, np.ndarray]:
     return {f"x{j}": arr[:, j] for j in range(arr.shape[1])}
 
 
-def _resolve_names(
-    names: Iterable[str | int] | None, available: list[str], what: str
-) -> list[str]:
+def _match_columns(
+    cols: dict[str, np.ndarray], expected: list[str], needed: list[str]
+) -> dict[str, np.ndarray]:
+    """Names the columns of ``cols`` after ``expected`` (all) or ``needed`` (a subset, in order).
+
+    Named columns must match one of the two lists exactly; positional columns (``x0, x1, ...``
+    from an array) are matched by count. Columns not in ``needed`` are dropped.
+    """
+    names = list(cols)
+    positional = names == [f"x{j}" for j in range(len(names))]
+    if names not in (expected, needed) and positional:
+        if len(names) == len(expected):
+            cols = dict(zip(expected, cols.values(), strict=True))
+        elif len(names) == len(needed):
+            cols = dict(zip(needed, cols.values(), strict=True))
+        names = list(cols)
+    if names not in (expected, needed):
+        optional = [n for n in expected if n not in needed]
+        alt = f" (or {needed}: the kept columns {optional} are not needed)" if optional else ""
+        raise ValueError(f"expected metadata columns {expected}{alt}, got {names}")
+    return {k: v for k, v in cols.items() if k in needed}
+
+
+def _resolve_names(names: Iterable[str | int] | None, available: list[str], what: str) -> list[str]:
     out: list[str] = []
     for n in names or ():
         if isinstance(n, bool) or not isinstance(n, int | str | np.integer):
@@ -164,13 +197,13 @@ def _resolve_names(
 
 
 class DesignBuilder:
-    """Builds design matrices from metadata, scikit-learn style (``fit`` then ``transform``).
+    r"""Builds design matrices from metadata, scikit-learn style (``fit`` then ``transform``).
 
     Column order follows the input; the intercept comes last, as in the paper's ``[y, cf, 1]``.
     Categorical columns are one-hot coded; with an intercept the first level (in sorted order) is
     the dropped reference level. Continuous columns are standardised with the training mean and
     standard deviation when ``standardize`` is true (the residual does not change: with an
-    intercept it is invariant to affine changes of a column, but :math:`\\Sigma` is better
+    intercept it is invariant to affine changes of a column, but :math:`\Sigma` is better
     conditioned). Levels, means and scales are recorded at ``fit``; an unseen level or a missing
     value at ``transform`` is a ``ValueError``.
 
@@ -188,8 +221,9 @@ class DesignBuilder:
 
         >>> import numpy as np
         >>> b = DesignBuilder(keep=["y"], categorical=["site"])
-        >>> d = b.fit_transform({"y": np.array([0, 1, 1, 0]), "site": np.array(["a", "b", "c", "a"]),
-        ...                      "age": np.array([30., 40., 50., 60.])})
+        >>> d = b.fit_transform({"y": np.array([0, 1, 1, 0]),
+        ...                      "site": np.array(["a", "b", "c", "a"]),
+        ...                      "age": np.array([30.0, 40.0, 50.0, 60.0])})
         >>> d.columns
         ('y', 'site=b', 'site=c', 'age', 'intercept')
         >>> d.keep
@@ -226,7 +260,9 @@ class DesignBuilder:
                 raise ValueError(f"column {k!r} has {len(v)} rows, expected {n}")
         self._keep_names = _resolve_names(self.keep, names, "keep")
         if self.categorical is None:
-            cat = [k for k, v in cols.items() if v.dtype.kind in "OUSbT" or v.dtype.name == "category"]
+            cat = [
+                k for k, v in cols.items() if v.dtype.kind in "OUSbT" or v.dtype.name == "category"
+            ]
         else:
             cat = _resolve_names(self.categorical, names, "categorical")
         specs: list[_ColumnSpec] = []
@@ -301,19 +337,32 @@ class DesignBuilder:
         return self._specs
 
     # -- transforming -------------------------------------------------------------------------
-    def transform(self, data: Any) -> Design:
-        """Codes metadata with the recorded kinds, levels and scales."""
+    def transform(self, data: Any, *, ignore_keep: bool = False) -> Design:
+        """Codes metadata with the recorded kinds, levels and scales.
+
+        Args:
+            data: metadata with the columns seen at :meth:`fit`, in the same order (a 2-D array
+                is matched by position).
+            ignore_keep: build rows for *removing* effects only, e.g. at evaluation, where labels
+                are unknown. The kept input columns may then be left out of ``data`` (an array
+                then holds the other columns, in order) or passed, in which case they are
+                ignored, not checked; their design columns are zeros. The result is only good
+                for :func:`remove_effect`, which multiplies kept columns by nothing.
+                Default: ``False``.
+        """
         specs = self._fitted()
-        cols = _to_columns(data)
         expected = [s.name for s in specs]
-        if list(cols) != expected:
-            if len(cols) == len(expected) and all(k.startswith("x") for k in cols):
-                cols = dict(zip(expected, cols.values(), strict=True))
-            else:
-                raise ValueError(f"expected metadata columns {expected}, got {list(cols)}")
-        n = len(next(iter(cols.values())))
+        needed = [n for n in expected if n not in self._keep_names] if ignore_keep else expected
+        raw = _to_columns(data)
+        if not raw:
+            raise ValueError(f"expected metadata columns {expected}, got none")
+        n = len(next(iter(raw.values())))
+        cols = _match_columns(raw, expected, needed)
         blocks: list[np.ndarray] = []
         for s in specs:
+            if s.name not in cols:  # a kept column left out (ignore_keep)
+                blocks.append(np.zeros((n, len(s.levels) if s.kind == "categorical" else 1)))
+                continue
             v = cols[s.name]
             if len(v) != n:
                 raise ValueError(f"column {s.name!r} has {len(v)} rows, expected {n}")
@@ -346,6 +395,17 @@ class DesignBuilder:
         if self.intercept:
             blocks.append(np.ones((n, 1)))
         return Design(np.hstack(blocks), self.columns, self.keep_indices)
+
+    @property
+    def input_kinds(self) -> dict[str, str]:
+        """``{input column: "categorical" or "continuous"}``, in input order (after :meth:`fit`)."""
+        return {s.name: s.kind for s in self._fitted()}
+
+    @property
+    def keep_columns(self) -> tuple[str, ...]:
+        """Names of the kept input columns (after :meth:`fit`)."""
+        self._fitted()
+        return tuple(self._keep_names)
 
     def fit_transform(self, data: Any) -> Design:
         """``fit(data)`` then ``transform(data)``."""
@@ -520,6 +580,72 @@ def remove_effect(
     return torch.addmm(features, design_rows * remove_mask.to(design_rows.dtype), beta, alpha=-1)
 
 
+class _BatchResidual(torch.autograd.Function):
+    """``F ↦ F − A W X_bᵀ F`` with A = X_b ⊙ r and W = (N/m) Σ⁻¹; also returns β̂ = W X_bᵀ F.
+
+    For a fixed batch the map is linear in F, so its gradient is the transposed map,
+    ``G ↦ G − X_b Wᵀ Aᵀ G``: two thin matrix products in each direction and no m×D temporary
+    beyond the output (autograd through the separate products needs one more full pass).
+    No gradient flows to the design rows (metadata are data, not parameters).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        features: torch.Tensor,
+        rows: torch.Tensor,
+        weight: torch.Tensor,
+        removed_rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        beta = weight @ batch_statistics(rows, features)
+        out = torch.addmm(features, removed_rows, beta, alpha=-1)
+        ctx.save_for_backward(rows, weight, removed_rows)
+        ctx.mark_non_differentiable(beta)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for beta
+        return out, beta
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: Any, grad_out: torch.Tensor | None, grad_beta: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, None]:
+        if grad_out is None:
+            return None, None, None, None
+        rows, weight, removed_rows = ctx.saved_tensors
+        u = weight.T @ (removed_rows.T @ grad_out)
+        return torch.addmm(grad_out, rows, u, alpha=-1), None, None, None
+
+
+def batch_residual(
+    features: torch.Tensor,
+    design_rows: torch.Tensor,
+    kernel: torch.Tensor,
+    n_samples: int | float,
+    remove_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""MDN's training-mode map: the batch estimate and the residual, differentiable in F.
+
+    Computes :math:`\hateta = (N/m)\,\Sigma^{-1} X_b^	op F` and
+    :math:`F - X_{b,R}\hateta_R` in one pass, with a hand-written backward (the transposed
+    linear map). Same result as :func:`batch_statistics`, :func:`beta_from_statistics` and
+    :func:`remove_effect` in sequence.
+
+    Args:
+        features: ``(m, D)`` floating tensor.
+        design_rows: ``(m, K)``, same dtype and device.
+        kernel: :math:`\Sigma^{-1}` ``(K, K)`` (cast to the features' dtype).
+        n_samples: N.
+        remove_mask: ``(K,)`` bool, true for the removed columns.
+
+    Returns:
+        ``(residual, beta)``: ``(m, D)`` and ``(K, D)``; ``beta`` carries no gradient.
+    """
+    m = features.shape[0]
+    weight = kernel.to(features.dtype) * (n_samples / m)
+    out, beta = _BatchResidual.apply(features, design_rows, weight, design_rows * remove_mask)
+    return out, beta
+
+
 def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:
     r"""Full-data least squares :math:`\beta = (X^\top X + \lambda I)^{-1} X^\top F` in float64.
 
@@ -533,8 +659,9 @@ def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:
     """
     columns = design.columns if isinstance(design, Design) else None
     kernel = glm_kernel(design, ridge=ridge, columns=columns)
-    x = as_2d_tensor(design.matrix if isinstance(design, Design) else design, "design",
-                     dtype=torch.float64)
+    x = as_2d_tensor(
+        design.matrix if isinstance(design, Design) else design, "design", dtype=torch.float64
+    )
     f = as_2d_tensor(features, "features", dtype=torch.float64, device=kernel.device)
     if f.shape[0] != x.shape[0]:
         raise ValueError(

@@ -39,7 +39,9 @@ def _within_class_corr(f: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> flo
 def run(args: argparse.Namespace) -> int:
     """Runs the demo; returns 0."""
     if args.n < 10 or args.batch_size < 1:
-        raise ValueError(f"expected --n >= 10 and --batch-size >= 1, got {args.n}, {args.batch_size}")
+        raise ValueError(
+            f"expected --n >= 10 and --batch-size >= 1, got {args.n}, {args.batch_size}"
+        )
     g = torch.Generator().manual_seed(args.seed)
     y = torch.randint(0, 2, (args.n,), generator=g)
     c = torch.rand(args.n, generator=g) * 3 + 1 + 2 * y  # U(1,4) for y=0, U(3,6) for y=1
@@ -47,14 +49,20 @@ def run(args: argparse.Namespace) -> int:
     design = make_design({"y": y.numpy(), "c": c.numpy()}, keep=["y"])
     rows = design.tensor()
     layer = MetadataNorm(1, design, momentum=None)
-    outs = [layer(f[i : i + args.batch_size, None], rows[i : i + args.batch_size])
-            for i in range(0, args.n, args.batch_size)]
+    outs = [
+        layer(f[i : i + args.batch_size, None], rows[i : i + args.batch_size])
+        for i in range(0, args.n, args.batch_size)
+    ]
     train_out = torch.cat(outs).squeeze(1).detach()
     layer.eval()
     eval_out = layer(f[:, None], rows).squeeze(1).detach()
     print(f"design columns {design.columns}, kept {[design.columns[k] for k in design.keep]}")
     print(f"{'':28s}{'corr with c | y':>18s}{'corr with y':>14s}")
-    for name, v in (("features", f), ("MDN, training batches", train_out),
-                    ("MDN, eval (running beta)", eval_out)):
-        print(f"{name:28s}{_within_class_corr(v, c, y):18.3f}{float(torch.corrcoef(torch.stack([v, y.float()]))[0, 1]):14.3f}")
+    for name, v in (
+        ("features", f),
+        ("MDN, training batches", train_out),
+        ("MDN, eval (running beta)", eval_out),
+    ):
+        corr_y = float(torch.corrcoef(torch.stack([v, y.float()]))[0, 1])
+        print(f"{name:28s}{_within_class_corr(v, c, y):18.3f}{corr_y:14.3f}")
     return 0

@@ -42,7 +42,9 @@ class DataSplit:
             raise ValueError(f"expected labels of shape ({n},), got {describe(self.labels)}")
         for k, v in self.metadata.items():
             if np.asarray(v).shape != (n,):
-                raise ValueError(f"expected metadata column {k!r} of shape ({n},), got {describe(v)}")
+                raise ValueError(
+                    f"expected metadata column {k!r} of shape ({n},), got {describe(v)}"
+                )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -58,6 +58,7 @@ def metadata_norm(
     remove_mask: Tensor,
     running_beta: Tensor | None = None,
     num_batches_tracked: Tensor | None = None,
+    num_samples_tracked: Tensor | None = None,
     training: bool = True,
     momentum: float | None = 0.1,
     on_nonfinite: str = "raise",
@@ -74,12 +75,15 @@ def metadata_norm(
         remove_mask: ``(K,)`` bool, true for the columns whose effect is removed.
         running_beta: ``(K, D)`` buffer in full-data scale, updated in place when ``training``.
         num_batches_tracked: long 0-d buffer counting the updates of ``running_beta``,
-            incremented in place with each one (needed when ``momentum`` is None).
+            incremented in place with each one.
+        num_samples_tracked: long 0-d buffer counting the samples behind those updates,
+            incremented in place by m with each one (needed when ``momentum`` is None).
         training: estimate β from the batch (and update ``running_beta``); otherwise use
             ``running_beta``.
         momentum: the factor of the running update
             ``running_beta ← (1 − momentum)·running_beta + momentum·β̂``, or None for the
-            cumulative average (factor ``1 / num_batches_tracked``).
+            cumulative average weighted by batch size (factor ``m / num_samples_tracked``), which
+            after one epoch over any partition of the training set equals the full-data β.
         on_nonfinite: ``"raise"`` (default) or ``"skip"``: what to do when a training batch gives
             a non-finite β̂. Either way ``running_beta`` keeps its previous value.
 
@@ -102,22 +106,25 @@ def metadata_norm(
     features = input.reshape(m, -1).to(compute_dtype)
     rows = metadata.reshape(m, k).to(device=features.device, dtype=compute_dtype)
 
+    mask = remove_mask.to(rows.device)
     if training:
-        beta = glm.beta_from_statistics(
-            kernel, glm.batch_statistics(rows, features), m, n_samples
-        )
+        out, beta = glm.batch_residual(features, rows, kernel, float(n_samples), mask)
         if running_beta is not None:
             with torch.no_grad():
-                if bool(torch.isfinite(beta).all()):
+                # one reduction instead of an elementwise test: a NaN or inf entry makes the
+                # float64 sum non-finite, and float64 cannot overflow on float32/16 entries
+                if bool(torch.isfinite(beta.sum(dtype=torch.float64))):
                     if num_batches_tracked is not None:
                         num_batches_tracked.add_(1)
+                    if num_samples_tracked is not None:
+                        num_samples_tracked.add_(m)
                     if momentum is None:
-                        if num_batches_tracked is None:
-                            raise ValueError("momentum=None needs num_batches_tracked")
-                        factor = 1.0 / float(num_batches_tracked)
+                        if num_samples_tracked is None:
+                            raise ValueError("momentum=None needs num_samples_tracked")
+                        factor = m / float(num_samples_tracked)
                     else:
                         factor = momentum
-                    running_beta.lerp_(beta.detach().to(running_beta.dtype), factor)
+                    running_beta.lerp_(beta.to(running_beta.dtype), factor)
                 else:
                     msg = (
                         "the batch's β estimate is not finite (NaN or infinite features, or an "
@@ -134,6 +141,5 @@ def metadata_norm(
                 "evaluation needs a running β: build the layer with track_running_stats=True, "
                 "or keep it in training mode"
             )
-        beta = running_beta.to(compute_dtype)
-    out = glm.remove_effect(features, rows, beta, remove_mask.to(rows.device))
+        out = glm.remove_effect(features, rows, running_beta.to(compute_dtype), mask)
     return out.reshape(input.shape).to(input.dtype)

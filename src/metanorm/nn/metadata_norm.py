@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +39,9 @@ class MetadataNorm(nn.Module):
 
     .. note::
         ``momentum=None`` gives the cumulative average of every batch seen, as in
-        :class:`torch.nn.BatchNorm1d`. After one epoch over a partition of the training set it
-        equals the full-data least-squares β.
+        :class:`torch.nn.BatchNorm1d`, each batch weighted by its size (equal batches: the plain
+        average). After one epoch over any partition of the training set, a short last batch
+        included, it equals the full-data least-squares β.
 
     Args:
         num_features: D, the number of features of one sample after flattening (C·H·W for a
@@ -66,7 +67,8 @@ class MetadataNorm(nn.Module):
         n_samples: N, float64 buffer (0-d).
         remove_mask: bool buffer ``(K,)``, true for removed columns.
         running_beta: buffer ``(K, D)``, or ``None`` without ``track_running_stats``.
-        num_batches_tracked: long buffer (0-d).
+        num_batches_tracked: long buffer (0-d), training batches behind the running β.
+        num_samples_tracked: long buffer (0-d), training samples behind the running β.
 
     Shape:
         - Input: :math:`(m, *)` with :math:`\prod * = D`; any m ≥ 1 (a short last batch works).
@@ -90,7 +92,12 @@ class MetadataNorm(nn.Module):
     """
 
     _version = 1
-    __constants__ = ["num_features", "num_metadata", "momentum", "track_running_stats"]
+    __constants__: ClassVar[list[str]] = [
+        "num_features",
+        "num_metadata",
+        "momentum",
+        "track_running_stats",
+    ]
     num_features: int
     num_metadata: int
     momentum: float | None
@@ -99,6 +106,7 @@ class MetadataNorm(nn.Module):
     remove_mask: Tensor
     running_beta: Tensor | None
     num_batches_tracked: Tensor | None
+    num_samples_tracked: Tensor | None
 
     def __init__(
         self,
@@ -117,7 +125,8 @@ class MetadataNorm(nn.Module):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"expected num_features to be a positive int, got {num_features!r}")
         if momentum is not None and (
-            isinstance(momentum, bool) or not isinstance(momentum, int | float)
+            isinstance(momentum, bool)
+            or not isinstance(momentum, int | float)
             or not 0.0 <= momentum <= 1.0
         ):
             raise ValueError(f"expected momentum in [0, 1] or None, got {momentum!r}")
@@ -146,7 +155,9 @@ class MetadataNorm(nn.Module):
         mask = torch.ones(k, dtype=torch.bool, device=device)
         mask[list(keep_idx)] = False
         self.register_buffer("kernel", kernel.to(device))
-        self.register_buffer("n_samples", torch.tensor(float(n), dtype=torch.float64, device=device))
+        self.register_buffer(
+            "n_samples", torch.tensor(float(n), dtype=torch.float64, device=device)
+        )
         self.register_buffer("remove_mask", mask)
         if track_running_stats:
             self.register_buffer(
@@ -156,9 +167,13 @@ class MetadataNorm(nn.Module):
             self.register_buffer(
                 "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
             )
+            self.register_buffer(
+                "num_samples_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
         else:
             self.register_buffer("running_beta", None)
             self.register_buffer("num_batches_tracked", None)
+            self.register_buffer("num_samples_tracked", None)
 
     @property
     def keep(self) -> tuple[int, ...]:
@@ -167,9 +182,11 @@ class MetadataNorm(nn.Module):
 
     def reset_running_stats(self) -> None:
         """Zeroes the running β and the batch counter."""
-        if self.running_beta is not None and self.num_batches_tracked is not None:
+        if self.running_beta is not None:
             self.running_beta.zero_()
-            self.num_batches_tracked.zero_()
+        for counter in (self.num_batches_tracked, self.num_samples_tracked):
+            if counter is not None:
+                counter.zero_()
 
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
@@ -197,12 +214,14 @@ class MetadataNorm(nn.Module):
             self.remove_mask,
             self.running_beta,
             self.num_batches_tracked,
+            self.num_samples_tracked,
             self.training or self.running_beta is None,
             self.momentum,
             self.on_nonfinite,
         )
 
     def extra_repr(self) -> str:
+        """The constructor arguments shown in ``repr``."""
         return (
             f"{self.num_features}, num_metadata={self.num_metadata}, keep={list(self.keep)}, "
             f"n_samples={int(self.n_samples)}, momentum={self.momentum}, "
@@ -219,8 +238,11 @@ def _resolve_keep(
             if columns is None or c not in columns:
                 raise ValueError(
                     f"keep column {c!r} not found; "
-                    + (f"the design has columns {list(columns)}" if columns else
-                       "names need a metanorm.glm.Design; pass indices for a plain matrix")
+                    + (
+                        f"the design has columns {list(columns)}"
+                        if columns
+                        else "names need a metanorm.glm.Design; pass indices for a plain matrix"
+                    )
                 )
             out.append(columns.index(c))
         elif isinstance(c, int) and not isinstance(c, bool):

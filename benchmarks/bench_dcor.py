@@ -1,0 +1,196 @@
+"""Speed and memory of metanorm's blocked dCor² against the ``dcor`` package.
+
+Not a test. Every measurement runs in a fresh subprocess that reports its own peak resident
+memory (``ru_maxrss``); "net" subtracts a baseline subprocess that imports the same libraries and
+builds the same data but computes nothing. Sections:
+
+  a  n = 4000, d = 64 features vs a 1-column y, both estimators, ours and dcor's (speed ratio)
+  b  n = 50,000, d = 84 vs a 1-column y (completes; peak memory, time)
+  c  n = 1k, 2k, 4k, 8k, 16k at d = 64: the time grows as n²·d
+  d  the permutation test at n = 10,000, d = 84: a binary and a continuous 1-column y
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_dcor.py               # all sections (~10 min here)
+    .venv/bin/python benchmarks/bench_dcor.py --sections a c --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def make_data(n: int, d: int, y_kind: str, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = x[:, 0] + x[:, 1] ** 2 + rng.normal(size=n)
+    if y_kind == "binary":
+        y = (y > np.median(y)).astype(np.float64)
+    return x, y
+
+
+def worker(spec: dict) -> dict:
+    """Runs one measurement in this process."""
+    import numpy as np  # noqa: F401
+
+    if spec["impl"] in ("ours", "baseline_ours", "test"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        import metanorm.metrics as mm
+    if spec["impl"] in ("dcor", "baseline_dcor"):
+        import dcor
+    x, y = make_data(spec["n"], spec["d"], spec.get("y", "continuous"))
+    value: float | None = None
+    pvalue: float | None = None
+    t0 = time.perf_counter()
+    if spec["impl"] == "ours":
+        times = []  # best of `repeat` runs (the machine is shared; dcor itself runs once)
+        for _ in range(spec.get("repeat", 1)):
+            t0 = time.perf_counter()
+            value = mm.distance_correlation_sqr(x, y, unbiased=spec["unbiased"])
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter() - min(times)
+    elif spec["impl"] == "dcor":
+        f = dcor.u_distance_correlation_sqr if spec["unbiased"] else dcor.distance_correlation_sqr
+        value = float(f(x, y))
+    elif spec["impl"] == "test":
+        res = mm.distance_correlation_test(
+            x, y, num_permutations=spec["permutations"], random_state=0, unbiased=True
+        )
+        value, pvalue = res.statistic, res.pvalue
+    elapsed = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"time": elapsed, "value": value, "pvalue": pvalue, "peak_mib": peak_kib / 1024}
+
+
+def measure(spec: dict) -> dict:
+    """Runs ``worker(spec)`` in a fresh interpreter and returns its report."""
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fmt_mem(r: dict, base: dict) -> str:
+    return f"peak {r['peak_mib']:7.0f} MiB raw, {r['peak_mib'] - base['peak_mib']:7.0f} MiB net"
+
+
+def section_a(thread_counts: list[int]) -> None:
+    n, d = 4000, 64
+    print(f"\n(a) n = {n}, d = {d} vs a 1-column y; metanorm with torch threads = {thread_counts}")
+    base_o = measure({"impl": "baseline_ours", "n": n, "d": d, "threads": thread_counts[0]})
+    base_d = measure({"impl": "baseline_dcor", "n": n, "d": d, "threads": 1})
+    print(
+        f"  baseline (imports + data): metanorm {base_o['peak_mib']:.0f} MiB, "
+        f"dcor {base_d['peak_mib']:.0f} MiB"
+    )
+    for unbiased in (False, True):
+        name = "unbiased" if unbiased else "biased"
+        spec = {"n": n, "d": d, "unbiased": unbiased}
+        ref = measure({**spec, "impl": "dcor", "threads": 1})
+        if "error" in ref:
+            print(f"  {name:8s} dcor          failed: {ref['error']}")
+        else:
+            print(f"  {name:8s} dcor          {ref['time']:7.2f} s  {fmt_mem(ref, base_d)}")
+        for threads in thread_counts:
+            ours = measure({**spec, "impl": "ours", "threads": threads, "repeat": 3})
+            line = (
+                f"  {name:8s} metanorm ({threads}t) {ours['time']:7.2f} s  {fmt_mem(ours, base_o)}"
+            )
+            if "error" not in ref:
+                rel = abs(ours["value"] - ref["value"]) / abs(ref["value"])
+                ratio = ref["time"] / ours["time"]
+                bar = "meets" if ratio >= 20 and ours["peak_mib"] <= 1024 else "MISSES"
+                line += f"  speed-up {ratio:6.1f}x ({bar} >=20x, <=1 GB), rel. diff {rel:.1e}"
+            print(line)
+
+
+def section_b(threads: int) -> None:
+    n, d = 50_000, 84
+    print(f"\n(b) n = {n}, d = {d} vs a 1-column y (unbiased), torch threads = {threads}")
+    base = measure({"impl": "baseline_ours", "n": n, "d": d, "threads": threads})
+    r = measure({"impl": "ours", "n": n, "d": d, "unbiased": True, "threads": threads})
+    if "error" in r:
+        print(f"  failed: {r['error']}")
+        return
+    print(f"  {r['time']:.1f} s, dcor2 = {r['value']:.6g}, {fmt_mem(r, base)}")
+
+
+def section_c(threads: int) -> None:
+    d = 64
+    print(f"\n(c) scaling at d = {d} (unbiased), torch threads = {threads}")
+    print(f"  {'n':>6s} {'time (s)':>9s} {'ns per pair·dim':>16s} {'peak MiB':>9s}  (best of 2)")
+    for n in (1000, 2000, 4000, 8000, 16000):
+        r = measure(
+            {"impl": "ours", "n": n, "d": d, "unbiased": True, "threads": threads, "repeat": 2}
+        )
+        per = r["time"] / (n * n / 2 * d) * 1e9
+        print(f"  {n:6d} {r['time']:9.2f} {per:16.3f} {r['peak_mib']:9.0f}")
+
+
+def section_d(threads: int, binary_perms: int, continuous_perms: int) -> None:
+    n, d = 10_000, 84
+    print(f"\n(d) permutation test, n = {n}, d = {d} (unbiased), torch threads = {threads}")
+    plain = measure({"impl": "ours", "n": n, "d": d, "unbiased": True, "threads": threads})
+    print(f"  dcor2 alone: {plain['time']:.1f} s")
+    for y, perms in (("binary", binary_perms), ("continuous", continuous_perms)):
+        if perms <= 0:
+            continue
+        r = measure(
+            {"impl": "test", "n": n, "d": d, "y": y, "permutations": perms, "threads": threads}
+        )
+        if "error" in r:
+            print(f"  {y}: failed: {r['error']}")
+            continue
+        per = (r["time"] - plain["time"]) / perms
+        print(
+            f"  {y:10s} y, {perms:4d} permutations: {r['time']:6.1f} s "
+            f"(~{per:.2f} s per permutation), p = {r['pvalue']:.3g}, "
+            f"peak {r['peak_mib']:.0f} MiB"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--sections", nargs="+", default=["a", "b", "c", "d"], choices="abcd")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--binary-permutations", type=int, default=199)
+    p.add_argument("--continuous-permutations", type=int, default=49)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    if "a" in args.sections:
+        section_a(sorted({1, threads}) if args.threads is None else [threads])
+    if "b" in args.sections:
+        section_b(threads)
+    if "c" in args.sections:
+        section_c(threads)
+    if "d" in args.sections:
+        section_d(threads, args.binary_permutations, args.continuous_permutations)
+
+
+if __name__ == "__main__":
+    main()

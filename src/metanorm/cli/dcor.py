@@ -1,0 +1,185 @@
+"""``metanorm dcor``: how much metadata a set of features still encodes (squared dCor)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metanorm.metrics import (
+    distance_correlation_sqr,
+    distance_correlation_test,
+    grouped_distance_correlation_sqr,
+)
+
+_SUFFIXES = (".npy", ".pt", ".pth", ".csv")
+
+
+def register(sub: Any) -> None:
+    """Adds the ``dcor`` subcommand."""
+    p = sub.add_parser(
+        "dcor",
+        help="squared distance correlation between features and metadata",
+        description="Prints the squared distance correlation between FEATURES (one row per "
+        "sample) and METADATA (same rows), overall or within each group of --groups. Files are "
+        ".npy, .pt (a saved tensor) or .csv (comma-separated; a first line of column names is "
+        "skipped; LABELS may be text).",
+    )
+    p.add_argument("features", type=Path, metavar="FEATURES", help="(n, p) features file")
+    p.add_argument("metadata", type=Path, metavar="METADATA", help="(n, q) metadata file")
+    p.add_argument(
+        "--groups",
+        type=Path,
+        metavar="LABELS",
+        help="one label per row (e.g. the class): report dCor² within each group",
+    )
+    p.add_argument(
+        "--unbiased",
+        action="store_true",
+        help="bias-corrected estimator (the paper's; can be slightly negative; needs n > 3)",
+    )
+    p.add_argument(
+        "--permutations",
+        type=int,
+        default=0,
+        metavar="B",
+        help="also give a permutation p-value with B permutations (default: 0, none)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutations (default: 0)")
+    p.add_argument(
+        "--block-size", type=int, default=None, metavar="ROWS", help="rows per distance tile"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=run)
+
+
+def _read_csv(path: Path, labels: bool) -> np.ndarray:
+    with path.open(newline="") as fh:
+        lines = [line.strip() for line in fh if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: expected rows of values, got an empty file")
+
+    def numeric(line: str) -> bool:
+        try:
+            [float(v) for v in line.split(",")]
+        except ValueError:
+            return False
+        return True
+
+    # a header: a first line that is not numeric, above numbers (or, in a labels file, a line
+    # whose text does not occur again below it)
+    if not numeric(lines[0]) and (
+        len(lines) == 1 or numeric(lines[1]) or (labels and lines[0] not in lines[1:])
+    ):
+        lines = lines[1:]
+    rows = [[v.strip() for v in line.split(",")] for line in lines]
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"{path}: expected the same number of columns on every row, got {widths}")
+    if labels:
+        arr = np.array(rows, dtype=str)
+        try:
+            return arr.astype(np.float64)
+        except ValueError:
+            return arr
+    try:
+        return np.array(rows, dtype=np.float64)
+    except ValueError as exc:
+        raise ValueError(f"{path}: expected numbers only ({exc})") from None
+
+
+def load_array(path: Path, *, labels: bool = False) -> np.ndarray:
+    """Reads ``.npy``, ``.pt``/``.pth`` (a saved tensor or array) or ``.csv`` into an array.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: for an unknown suffix or content that is not a 1-D or 2-D table.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    data: Any
+    if suffix == ".npy":
+        data = np.load(path, allow_pickle=False)
+    elif suffix in (".pt", ".pth"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, torch.Tensor | np.ndarray):
+            raise ValueError(f"{path}: expected a saved tensor, got {type(data).__name__}")
+    elif suffix == ".csv":
+        data = _read_csv(path, labels)
+    else:
+        raise ValueError(f"{path}: expected a {', '.join(_SUFFIXES)} file, got {suffix or 'none'}")
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    if data.ndim == 0:
+        raise ValueError(f"{path}: expected one row per sample, got a scalar")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    """Computes and prints the value(s); returns 0."""
+    feats = load_array(args.features)
+    meta = load_array(args.metadata)
+    n = feats.shape[0]
+    if meta.shape[0] != n:
+        raise ValueError(
+            f"expected FEATURES and METADATA to have the same number of rows, got {n} "
+            f"({args.features}) and {meta.shape[0]} ({args.metadata})"
+        )
+    if args.permutations < 0:
+        raise ValueError(f"expected --permutations >= 0, got {args.permutations}")
+    estimator = "unbiased" if args.unbiased else "biased"
+    kw: dict[str, Any] = {"unbiased": args.unbiased, "block_size": args.block_size}
+    result: dict[str, Any] = {"estimator": estimator, "n": int(n)}
+    if args.groups is not None:
+        groups = load_array(args.groups, labels=True)
+        if groups.shape[0] != n:
+            raise ValueError(
+                f"expected LABELS to have {n} rows like FEATURES, got {groups.shape[0]} "
+                f"({args.groups})"
+            )
+        values = grouped_distance_correlation_sqr(feats, meta, groups, **kw)
+        result["groups"] = {str(k): v for k, v in values.items()}
+        if args.permutations:
+            g = np.asarray(groups).reshape(n, -1)[:, 0]
+            result["pvalues"] = {
+                str(k): distance_correlation_test(
+                    feats[g == k],
+                    meta[g == k],
+                    num_permutations=args.permutations,
+                    random_state=args.seed,
+                    **kw,
+                ).pvalue
+                for k in values
+            }
+    else:
+        if args.permutations:
+            test = distance_correlation_test(
+                feats, meta, num_permutations=args.permutations, random_state=args.seed, **kw
+            )
+            result["dcor2"], result["pvalue"] = test.statistic, test.pvalue
+        else:
+            result["dcor2"] = distance_correlation_sqr(feats, meta, **kw)
+    if args.permutations:
+        result["permutations"], result["seed"] = args.permutations, args.seed
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"squared distance correlation ({estimator} estimator), n = {n}")
+    if "groups" in result:
+        width = max(len(k) for k in result["groups"])
+        for k, v in result["groups"].items():
+            extra = f"   p = {result['pvalues'][k]:.4g}" if "pvalues" in result else ""
+            print(f"  group {k:<{width}s}  {v: .6f}{extra}")
+    else:
+        extra = f"   p = {result['pvalue']:.4g}" if "pvalue" in result else ""
+        print(f"  dcor2 = {result['dcor2']:.6f}{extra}")
+    if args.permutations:
+        print(f"  (permutation p-value: {args.permutations} permutations, seed {args.seed})")
+    return 0
