@@ -90,3 +90,11 @@ def test_cnn_learns_a_simple_task():
         opt.step()
     model.eval()
     assert (model(x, None)[0].argmax(1) == y).float().mean() > 0.95
+
+
+def test_synthetic_method_names_are_aliases():
+    d = design()
+    a = StandInCNN(1, 2, 8, "mdn-linear", d, channels=(2, 2), hidden=4)
+    b = StandInCNN(1, 2, 8, "mdn-conv", d, channels=(2, 2), hidden=4)
+    assert a.norm == "mdn" and b.norm == "mdn-all"
+    assert sum(isinstance(m, MetadataNorm) for m in b.modules()) == 3

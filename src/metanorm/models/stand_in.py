@@ -17,6 +17,9 @@ Every model here has the same interface, so one training loop serves them all:
   ``"mdn-all"``   MetadataNorm after every conv/linear layer (as the paper's "MDN-Conv")
   ==============  =============================================================================
 
+  The synthetic experiment's names are accepted as aliases (:data:`NORM_ALIASES`):
+  ``"mdn-linear"`` = ``"mdn"``, ``"mdn-conv"`` = ``"mdn-all"``.
+
   MDN models take ``design``: the **whole** training set's :class:`metanorm.glm.Design` (label
   columns kept, metadata and intercept removed), from which each MDN layer stores Σ⁻¹ and N.
 """
@@ -31,15 +34,17 @@ from torch import Tensor, nn
 from metanorm.glm import Design
 from metanorm.nn import MetadataNorm
 
-__all__ = ["NORMS", "StandInCNN", "StandInCNN3d", "StandInMLP"]
+__all__ = ["NORMS", "NORM_ALIASES", "StandInCNN", "StandInCNN3d", "StandInMLP"]
 
 #: Accepted values of ``norm``.
 NORMS = ("none", "batchnorm", "mdn", "mdn-all")
+#: Other accepted names (the synthetic experiment's method names) → the name in :data:`NORMS`.
+NORM_ALIASES = {"mdn-linear": "mdn", "mdn-conv": "mdn-all"}
 
 
 def _check_common(norm: str, design: Design | None, num_classes: int) -> None:
     if norm not in NORMS:
-        raise ValueError(f"expected norm in {NORMS}, got {norm!r}")
+        raise ValueError(f"expected norm in {NORMS} (or {sorted(NORM_ALIASES)}), got {norm!r}")
     if norm.startswith("mdn") and not isinstance(design, Design):
         raise TypeError(
             f"norm={norm!r} needs design=, the whole training set's metanorm.glm.Design; "
@@ -61,6 +66,7 @@ class _StandIn(nn.Module):
         self, norm: str, design: Design | None, num_classes: int, momentum: float | None
     ) -> None:
         super().__init__()
+        norm = NORM_ALIASES.get(norm, norm)
         _check_common(norm, design, num_classes)
         self.norm = norm
         self.num_classes = num_classes
