@@ -16,7 +16,7 @@ from metanorm import __version__
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Subcommand modules under ``metanorm.cli``, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo",)
+COMMANDS: tuple[str, ...] = ("demo", "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
