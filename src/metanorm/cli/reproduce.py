@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -75,6 +76,13 @@ def register(sub: Any) -> None:
         help="training samples per class (synthetic: per split)",
     )
     p.add_argument(
+        "--n-eval-per-class",
+        type=_positive_int,
+        metavar="N",
+        help="validation and test samples per class (synthetic; default: the experiment's, or "
+        "--n-per-class when that is given)",
+    )
+    p.add_argument(
         "--paper",
         action="store_true",
         help="the paper's settings (synthetic: 200 epochs, lr 1e-4, batch 200, "
@@ -82,11 +90,17 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="J",
+        help="processes: the (seed, batch size) groups are shared out among them "
+        "(default: as many as groups, at most the CPU count)",
+    )
+    p.add_argument(
         "--threads",
         type=_positive_int,
-        default=2,
         metavar="T",
-        help="CPU threads for torch (default: 2)",
+        help="torch CPU threads per process (default: CPU count // jobs)",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace the files of an existing output folder"
@@ -112,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
         "seeds": 1,
     }
     settings.update(experiment.paper if args.paper else experiment.defaults)
+    options = dict(settings.get("options", {}))
+    if args.n_per_class is not None:
+        options.pop("n_eval_per_class", None)  # the splits follow the asked size
+    if args.n_eval_per_class is not None:
+        options["n_eval_per_class"] = args.n_eval_per_class
+    settings["options"] = options
     for key in ("epochs", "lr", "n_per_class", "batch_sizes", "seeds"):
         value = getattr(args, key)
         if value is not None:
@@ -124,14 +144,19 @@ def run(args: argparse.Namespace) -> int:
             f"{list(experiment.methods)} (or 'baseline' for 'none')"
         )
     seeds = list(range(args.seed, args.seed + int(settings["seeds"])))
+    cores = os.cpu_count() or 1
+    n_groups = len(seeds) * len(settings["batch_sizes"])
+    jobs = args.jobs or max(1, min(n_groups, cores))
+    threads = args.threads or max(1, cores // jobs)
     base = RunConfig(
         experiment=experiment.name,
         epochs=int(settings["epochs"]),
         lr=float(settings["lr"]),
         n_per_class=int(settings["n_per_class"]),
         device=args.device,
-        threads=args.threads,
+        threads=threads,
         seed=seeds[0],
+        options=dict(settings.get("options", {})),
     )
     out = args.out or f"runs/{experiment.name}"
     start = time.perf_counter()
@@ -143,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=seeds,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        jobs=jobs,
     )
     shown = {
         "methods": " ".join(methods),
@@ -152,8 +178,10 @@ def run(args: argparse.Namespace) -> int:
         "lr": base.lr,
         "n per class": base.n_per_class,
         "device": base.device,
-        "threads": base.threads,
+        "jobs": jobs,
+        "threads per job": base.threads,
         "paper settings": args.paper,
+        **dict(settings.get("options", {})),
     }
     report = write_report(
         out,

@@ -77,6 +77,13 @@ class Experiment:
         metadata_columns: metadata columns of the design, after the kept label ``y``.
         confounder: metadata column for the bias metric (dcor² per class).
         categorical: metadata columns to one-hot code.
+        standardize: standardise the continuous design columns (the label included) with the
+            training mean and sd. Default ``False``: raw values, as the reference implementation.
+            The choice matters: MDN's batch estimate (N/m)·Σ⁻¹·X_bᵀF is not
+            invariant to shifting the kept label column against the intercept (the full-data
+            residual is), so the coding changes the batch noise that training can exploit. On the
+            synthetic experiment (lr 1e-3, batch 200) the standardised coding let MDN-Conv's
+            validation bAcc drift from 0.83 to 0.94 in 8 epochs; the raw coding stayed near 0.81.
         groups: ``split -> labels`` of the groups for the per-group accuracy (e.g. confounder
             bins); ``None``: the confounder column itself (for categorical confounders).
         defaults: :class:`RunConfig` fields of the default run, plus ``batch_sizes`` and
@@ -94,6 +101,7 @@ class Experiment:
     metadata_columns: tuple[str, ...]
     confounder: str
     categorical: tuple[str, ...] = ()
+    standardize: bool = False
     groups: Callable[[DataSplit], np.ndarray] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     paper: dict[str, Any] = field(default_factory=dict)

@@ -1,14 +1,17 @@
 """Every method × batch size × seed of an experiment: :func:`run_sweep`.
 
 Runs go to ``OUT/runs/bs{B}/{method}/seed{S}/`` (see :mod:`metanorm.experiments.runner`). Within a
-seed and batch size the methods run one after another on the same data, so their epoch times are
-measured under the same conditions (compare ratios, not absolute times, on a shared machine).
+seed and batch size the methods train in round robin, one epoch each in turn, on the same data, so
+their epoch times are measured side by side under the same load: on a shared machine compare the
+ratios (the report's per-epoch paired ratio), not absolute times.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from tqdm.auto import tqdm
 
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import get_experiment
-from metanorm.experiments.runner import check_run_dir, run_experiment
+from metanorm.experiments.runner import Run, _postfix, check_run_dir
 
 __all__ = ["run_dir", "run_sweep"]
 
@@ -35,6 +38,7 @@ def run_sweep(
     seeds: Sequence[int] = (0,),
     overwrite: bool = False,
     progress: bool = True,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Runs ``base`` for every method, batch size and seed.
 
@@ -46,6 +50,8 @@ def run_sweep(
         seeds: seeds. Default: ``(0,)``.
         overwrite: replace the files of existing runs. Default: ``False``.
         progress: show progress bars. Default: ``True``.
+        jobs: processes; the (seed, batch size) groups are shared out among them (set
+            ``base.threads`` so that ``jobs × threads`` fits the cores). Default: 1.
 
     Returns:
         The :func:`run_experiment` results, in run order.
@@ -66,22 +72,54 @@ def run_sweep(
     ):
         raise ValueError("methods, batch sizes and seeds must not repeat")
     check_run_dir(out_dir, overwrite)
-    configs = [
-        base.replace(method=m, batch_size=int(b), seed=int(s))
+    groups = [
+        [base.replace(method=m, batch_size=int(b), seed=int(s)) for m in methods]
         for s in seeds
         for b in batch_sizes
-        for m in methods
     ]
-    results = []
-    with tqdm(configs, desc="runs", unit="run", disable=not progress, dynamic_ncols=True) as bar:
-        for cfg in bar:
-            bar.set_postfix_str(f"{cfg.method} bs={cfg.batch_size} seed={cfg.seed}")
-            results.append(
-                run_experiment(
-                    cfg,
-                    run_dir(out_dir, cfg.method, cfg.batch_size, cfg.seed),
-                    overwrite=overwrite,
-                    progress=progress,
-                )
-            )
-    return results
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"expected jobs to be a positive int, got {jobs!r}")
+    jobs = min(jobs, len(groups))
+    out = str(out_dir)
+    if jobs == 1:
+        results: list[dict[str, Any]] = []
+        for group in groups:
+            results.extend(_run_group(group, out, overwrite, progress, 0))
+        return results
+    # one process per (seed, batch size) group; "spawn" starts clean interpreters (no forked
+    # OpenMP state), so experiments must be registered by a module in EXPERIMENT_MODULES
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(_run_group, g, out, overwrite, progress, i % jobs)
+            for i, g in enumerate(groups)
+        ]
+        return [r for f in futures for r in f.result()]
+
+
+def _run_group(
+    group: list[RunConfig], out_dir: str, overwrite: bool, progress: bool, position: int
+) -> list[dict[str, Any]]:
+    """Trains the methods of one (seed, batch size) group in round robin; returns their results."""
+    runs = [
+        Run(c, run_dir(out_dir, c.method, c.batch_size, c.seed), overwrite=overwrite) for c in group
+    ]
+    first = group[0]
+    with tqdm(
+        total=sum(c.epochs for c in group),
+        desc=f"bs={first.batch_size} seed={first.seed}",
+        unit="epoch",
+        disable=not progress,
+        dynamic_ncols=True,
+        position=position,
+    ) as bar:
+        # round robin: epoch e of every method, then epoch e + 1: the methods' epoch times are
+        # measured side by side, under the same load
+        while not all(r.done for r in runs):
+            for r in runs:
+                if r.done:
+                    continue
+                row = r.train_epoch()
+                bar.update(1)
+                bar.set_postfix_str(f"{r.config.method} epoch {row['epoch']}: {_postfix(row)}")
+    return [r.finish() for r in runs]
