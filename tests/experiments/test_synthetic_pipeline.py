@@ -12,6 +12,7 @@ from metanorm.experiments import (
     get_experiment,
     list_experiments,
     run_experiment,
+    run_sweep,
     summarize,
     train_one_epoch,
 )
@@ -102,8 +103,13 @@ def test_report_contents(sweep):
     summary = json.loads((sweep / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
     assert rows["none"]["time_ratio"] == pytest.approx(1.0)
+    hist = {}
+    for m in ("none", "mdn-conv"):
+        with open(sweep / f"runs/bs30/{m}/seed0/epochs.csv") as f:
+            hist[m] = np.array([float(r["epoch_time_s"]) for r in csv.DictReader(f)])
+    # the paired ratio: median over epochs of (method's epoch e) / (baseline's epoch e)
     assert rows["mdn-conv"]["time_ratio"] == pytest.approx(
-        rows["mdn-conv"]["epoch_time_s"] / rows["none"]["epoch_time_s"]
+        np.median(hist["mdn-conv"] / hist["none"])
     )
     final = json.loads((sweep / "runs/bs30/none/seed0/final.json").read_text())
     assert rows["none"]["test_bacc"] == pytest.approx(final["test_balanced_accuracy"])
@@ -151,9 +157,9 @@ def test_summarize_mean_and_std_over_seeds():
     rows = summarize(
         [
             result(0, 0.9, 0.3),
-            result(1, 0.8, 0.1),
+            result(1, 0.8, 0.1, t=2.0),
             result(0, 0.8, 0.0, "mdn-conv", 1.5),
-            result(1, 0.8, 0.0, "mdn-conv", 2.5),
+            result(1, 0.8, 0.0, "mdn-conv", 5.0),
         ]
     )
     base = next(r for r in rows if r["method"] == "none")
@@ -162,7 +168,7 @@ def test_summarize_mean_and_std_over_seeds():
     assert base["test_bacc_std"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
     assert base["val_dcor2_0"] == pytest.approx(0.2)
     mdn = next(r for r in rows if r["method"] == "mdn-conv")
-    assert mdn["time_ratio"] == pytest.approx(2.0)
+    assert mdn["time_ratio"] == pytest.approx((1.5 / 1.0 + 5.0 / 2.0) / 2)  # paired, per seed
 
 
 def test_engine_functions_and_registry():
@@ -205,3 +211,33 @@ def test_bad_configurations(tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
     assert main(["reproduce", "nope", "--out", str(tmp_path / "z")]) == 2
+
+
+def test_sweep_in_two_processes(tmp_path):
+    base = RunConfig(epochs=1, n_per_class=10, threads=1)
+    results = run_sweep(
+        base,
+        tmp_path / "s",
+        methods=["none", "mdn-linear"],
+        batch_sizes=[8, 6],
+        progress=False,
+        jobs=2,
+    )
+    assert [(r["final"]["batch_size"], r["final"]["method"]) for r in results] == [
+        (8, "none"),
+        (8, "mdn-linear"),
+        (6, "none"),
+        (6, "mdn-linear"),
+    ]
+    for r in results:
+        assert (
+            tmp_path
+            / "s"
+            / "runs"
+            / f"bs{r['final']['batch_size']}"
+            / r["final"]["method"]
+            / "seed0"
+            / "final.json"
+        ).is_file()
+    with pytest.raises(ValueError, match="jobs"):
+        run_sweep(base, tmp_path / "t", jobs=0)

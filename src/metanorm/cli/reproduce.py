@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         out,
         experiment,
         results,
-        command="metanorm " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        command="metanorm reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         if sys.argv[1:2] == ["reproduce"]
         else f"metanorm reproduce {experiment.name}",
         settings=shown,
