@@ -38,9 +38,13 @@ for d in (84, 16 * 28 * 28, 32 * 24 * 24):
     layer = MetadataNorm(d, design)
     x = torch.randn(M, d, generator=g, requires_grad=True)
     grad = torch.randn(M, d, generator=g)
-    res = {"hand-written": [], "autograd": [], "relu (reference)": []}
+    variants = {
+        "hand-written": lambda layer=layer, x=x, grad=grad: layer(x, rows).backward(grad),
+        "autograd": lambda layer=layer, x=x, grad=grad: layer(x, rows_grad).backward(grad),
+        "relu (reference)": lambda x=x, grad=grad: torch.relu(x).backward(grad),
+    }
+    res: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(3):  # interleave so that load changes hit every variant
-        res["hand-written"].append(timeit(lambda: layer(x, rows).backward(grad)))
-        res["autograd"].append(timeit(lambda: layer(x, rows_grad).backward(grad)))
-        res["relu (reference)"].append(timeit(lambda: torch.relu(x).backward(grad)))
+        for k, fn in variants.items():
+            res[k].append(timeit(fn))
     print(f"D={d:6d}  " + "  ".join(f"{k} {min(v):7.2f}" for k, v in res.items()))
