@@ -39,7 +39,11 @@ class _BatchResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, features: Tensor, rows: Tensor, mask: Tensor, kernel: Tensor,
+        ctx: Any,
+        features: Tensor,
+        rows: Tensor,
+        mask: Tensor,
+        kernel: Tensor,
         n_samples: int | float | Tensor,
     ) -> tuple[Tensor, Tensor]:
         m = features.shape[0]
@@ -57,8 +61,9 @@ class _BatchResidual(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             m = grad_out.shape[0]
             masked = rows * mask.to(rows.dtype)
-            t = glm.beta_from_statistics(kernel, glm.batch_statistics(masked, grad_out), m,
-                                         ctx.n_samples)
+            t = glm.beta_from_statistics(
+                kernel, glm.batch_statistics(masked, grad_out), m, ctx.n_samples
+            )
             grad = glm.remove_effect(grad_out, rows, t, torch.ones_like(mask))
         return grad, None, None, None, None
 
