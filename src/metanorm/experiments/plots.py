@@ -77,6 +77,8 @@ def plot_per_epoch(
 ) -> None:
     """One panel per batch size; a line per method and per column starting with ``prefix``."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     hist = _mean_histories(results)
     sizes = sorted(hist, reverse=True)
     fig, axes = plt.subplots(
@@ -101,6 +103,7 @@ def plot_per_epoch(
                 )
         ax.set_title(f"batch size {bs}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="best")
