@@ -586,7 +586,8 @@ class _BatchResidual(torch.autograd.Function):
     For a fixed batch the map is linear in F, so its gradient is the transposed map,
     ``G ↦ G − X_b Wᵀ Aᵀ G``: two thin matrix products in each direction and no m×D temporary
     beyond the output (autograd through the separate products needs one more full pass).
-    No gradient flows to the design rows (metadata are data, not parameters).
+    The backward is itself made of differentiable ops, so double backward works. Design rows
+    get no gradient here; :func:`batch_residual` takes the plain autograd route when they need one.
     """
 
     @staticmethod
@@ -605,7 +606,6 @@ class _BatchResidual(torch.autograd.Function):
         return out, beta
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(
         ctx: Any, grad_out: torch.Tensor | None, grad_beta: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, None, None, None]:
@@ -641,6 +641,9 @@ def batch_residual(
         ``(residual, beta)``: ``(m, D)`` and ``(K, D)``; ``beta`` carries no gradient.
     """
     m = features.shape[0]
+    if design_rows.requires_grad:  # rare: gradients for the metadata too, via plain autograd
+        beta = beta_from_statistics(kernel, batch_statistics(design_rows, features), m, n_samples)
+        return remove_effect(features, design_rows, beta, remove_mask), beta.detach()
     weight = kernel.to(features.dtype) * (n_samples / m)
     out, beta = _BatchResidual.apply(features, design_rows, weight, design_rows * remove_mask)
     return out, beta

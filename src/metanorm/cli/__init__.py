@@ -16,7 +16,7 @@ from metanorm import __version__
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Subcommand modules under ``metanorm.cli``, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "dcor")
+COMMANDS: tuple[str, ...] = ("reproduce", "dcor", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,203 @@
+"""``metanorm reproduce NAME``: run a registered experiment's sweep and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+_ALIASES = {"baseline": "none", "bn": "batchnorm", "gn": "groupnorm"}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def register(sub: Any) -> None:
+    """Adds the ``reproduce`` subcommand."""
+    p = sub.add_parser(
+        "reproduce",
+        help="run one of the paper's experiments (every method) and write report.md",
+        description="Trains every method of a registered experiment (one run per method, batch "
+        "size and seed), then writes OUT/report.md (a table beside the authors' figures and "
+        "PASS/FAIL checks), OUT/summary.json|csv, PNG plots, and one folder per run under "
+        "OUT/runs/. Defaults are the experiment's quick CPU settings; --paper gives the paper's "
+        "settings; explicit options override both. 'metanorm reproduce synthetic' is the main job.",
+    )
+    p.add_argument("experiment", metavar="NAME", help="experiment name, e.g. synthetic")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/NAME)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="M",
+        help="methods to run (default: all): none (baseline), batchnorm, groupnorm, "
+        "mdn-linear, mdn-conv",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=_positive_int,
+        metavar="B",
+        help="training batch sizes, a sweep (default: the experiment's, 200 128 for "
+        "synthetic); they need not divide the training set size",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        metavar="N",
+        help="number of seeds, 0..N-1 (mean ± std in the report; default: 1)",
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default: 0)")
+    p.add_argument("--epochs", type=_positive_int, metavar="E", help="training epochs")
+    p.add_argument("--lr", type=_positive_float, metavar="LR", help="Adam learning rate")
+    p.add_argument(
+        "--n-per-class",
+        type=_positive_int,
+        metavar="N",
+        help="training samples per class (synthetic: per split)",
+    )
+    p.add_argument(
+        "--n-eval-per-class",
+        type=_positive_int,
+        metavar="N",
+        help="validation and test samples per class (synthetic; default: the experiment's, or "
+        "--n-per-class when that is given)",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's settings (synthetic: 200 epochs, lr 1e-4, batch 200, "
+        "n = 1000; hours on a CPU)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="J",
+        help="processes: the (seed, batch size) groups are shared out among them "
+        "(default: as many as groups, at most the CPU count)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="T",
+        help="torch CPU threads per process (default: CPU count // jobs)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an existing output folder"
+    )
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when a check of the report fails"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the sweep and writes the report; returns 0 (1 with --strict and a failed check)."""
+    from metanorm.experiments import RunConfig, get_experiment, run_sweep, write_report
+
+    experiment = get_experiment(args.experiment)
+    settings: dict[str, Any] = {
+        "epochs": 10,
+        "lr": 1e-3,
+        "n_per_class": 1000,
+        "batch_sizes": [200],
+        "seeds": 1,
+    }
+    settings.update(experiment.paper if args.paper else experiment.defaults)
+    options = dict(settings.get("options", {}))
+    if args.n_per_class is not None:
+        options.pop("n_eval_per_class", None)  # the splits follow the asked size
+    if args.n_eval_per_class is not None:
+        options["n_eval_per_class"] = args.n_eval_per_class
+    settings["options"] = options
+    for key in ("epochs", "lr", "n_per_class", "batch_sizes", "seeds"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    methods = [_ALIASES.get(m, m) for m in (args.methods or experiment.methods)]
+    unknown = [m for m in methods if m not in experiment.methods]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {unknown} for {experiment.name!r}; expected among "
+            f"{list(experiment.methods)} (or 'baseline' for 'none')"
+        )
+    seeds = list(range(args.seed, args.seed + int(settings["seeds"])))
+    cores = os.cpu_count() or 1
+    n_groups = len(seeds) * len(settings["batch_sizes"])
+    jobs = args.jobs or max(1, min(n_groups, cores))
+    threads = args.threads or max(1, cores // jobs)
+    base = RunConfig(
+        experiment=experiment.name,
+        epochs=int(settings["epochs"]),
+        lr=float(settings["lr"]),
+        n_per_class=int(settings["n_per_class"]),
+        device=args.device,
+        threads=threads,
+        seed=seeds[0],
+        options=dict(settings.get("options", {})),
+    )
+    out = args.out or f"runs/{experiment.name}"
+    start = time.perf_counter()
+    results = run_sweep(
+        base,
+        out,
+        methods=methods,
+        batch_sizes=list(settings["batch_sizes"]),
+        seeds=seeds,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        jobs=jobs,
+    )
+    shown = {
+        "methods": " ".join(methods),
+        "batch sizes": " ".join(map(str, settings["batch_sizes"])),
+        "seeds": " ".join(map(str, seeds)),
+        "epochs": base.epochs,
+        "lr": base.lr,
+        "n per class": base.n_per_class,
+        "device": base.device,
+        "jobs": jobs,
+        "threads per job": base.threads,
+        "paper settings": args.paper,
+        **dict(settings.get("options", {})),
+    }
+    report = write_report(
+        out,
+        experiment,
+        results,
+        command="metanorm reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if sys.argv[1:2] == ["reproduce"]
+        else f"metanorm reproduce {experiment.name}",
+        settings=shown,
+        wall_time_s=time.perf_counter() - start,
+        plots=not args.no_plots,
+    )
+    from metanorm.experiments.report import results_table
+
+    print(results_table(report["rows"]))
+    for c in report["checks"]:
+        print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    print(f"report: {report['report']}")
+    return 1 if args.strict and not report["passed"] else 0

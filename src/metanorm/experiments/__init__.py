@@ -1,0 +1,38 @@
+"""Experiments: the training engine, the runner, the registry and the reports.
+
+- :func:`train_one_epoch` / :func:`evaluate`: the loop, as plain functions;
+- :func:`run_experiment`: one configuration into one run folder;
+- :func:`run_sweep` and :func:`write_report`: every method × batch size × seed, and the report
+  (``metanorm reproduce NAME``);
+- :func:`get_experiment` / :func:`register_experiment`: experiments by name.
+"""
+
+from metanorm.experiments.config import RunConfig as RunConfig
+from metanorm.experiments.engine import evaluate as evaluate
+from metanorm.experiments.engine import predict as predict
+from metanorm.experiments.engine import train_one_epoch as train_one_epoch
+from metanorm.experiments.registry import Check as Check
+from metanorm.experiments.registry import Experiment as Experiment
+from metanorm.experiments.registry import get_experiment as get_experiment
+from metanorm.experiments.registry import list_experiments as list_experiments
+from metanorm.experiments.registry import register_experiment as register_experiment
+from metanorm.experiments.report import summarize as summarize
+from metanorm.experiments.report import write_report as write_report
+from metanorm.experiments.runner import run_experiment as run_experiment
+from metanorm.experiments.sweep import run_sweep as run_sweep
+
+__all__ = [
+    "Check",
+    "Experiment",
+    "RunConfig",
+    "evaluate",
+    "get_experiment",
+    "list_experiments",
+    "predict",
+    "register_experiment",
+    "run_experiment",
+    "run_sweep",
+    "summarize",
+    "train_one_epoch",
+    "write_report",
+]

@@ -1,0 +1,201 @@
+"""PNG plots of a sweep (matplotlib, imported lazily, Agg backend; the ``plots`` extra).
+
+- ``dcor2_per_epoch.png``: per-class validation dcor² per epoch, one line per method (solid:
+  first class, dashed: second), one panel per batch size;
+- ``val_bacc_per_epoch.png``: validation balanced accuracy per epoch, same layout;
+- ``features_pca.png``: the test set's features projected on their first two principal
+  components, one column per method, one row per class, coloured by the confounder.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metanorm.experiments import _io
+from metanorm.experiments.registry import Experiment
+
+__all__ = ["plot_all", "plot_feature_pca", "plot_per_epoch", "project_2d"]
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "matplotlib is needed for the plots: pip install 'metanorm[plots]'"
+        ) from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    data = buf.getvalue()
+    _io.atomic_write(path, lambda f: _io._write_bytes(f, data))
+
+
+def _label(method: str) -> str:
+    from metanorm.experiments.report import method_name
+
+    return method_name(method)
+
+
+def _mean_histories(
+    results: Sequence[dict[str, Any]],
+) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+    """``{batch_size: {method: {column: per-epoch mean over seeds}}}``."""
+    acc: dict[int, dict[str, list[list[dict[str, Any]]]]] = {}
+    for r in results:
+        f = r["final"]
+        acc.setdefault(int(f["batch_size"]), {}).setdefault(f["method"], []).append(r["history"])
+    out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+    for bs, by_method in acc.items():
+        out[bs] = {}
+        for method, hists in by_method.items():
+            n = min(len(h) for h in hists)
+            cols = [k for k in hists[0][0] if isinstance(hists[0][0][k], int | float)]
+            out[bs][method] = {
+                c: np.mean([[h[e][c] for e in range(n)] for h in hists], axis=0) for c in cols
+            }
+    return out
+
+
+def plot_per_epoch(
+    results: Sequence[dict[str, Any]],
+    path: str | Path,
+    prefix: str,
+    ylabel: str,
+    methods: Sequence[str],
+) -> None:
+    """One panel per batch size; a line per method and per column starting with ``prefix``."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    hist = _mean_histories(results)
+    sizes = sorted(hist, reverse=True)
+    fig, axes = plt.subplots(
+        1, len(sizes), figsize=(5 * len(sizes), 3.8), squeeze=False, sharey=True
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for ax, bs in zip(axes[0], sizes, strict=True):
+        for i, method in enumerate(m for m in methods if m in hist[bs]):
+            h = hist[bs][method]
+            cols = [c for c in h if c.startswith(prefix)]
+            for j, c in enumerate(cols):
+                suffix = c[len(prefix) :].lstrip("_")
+                label = _label(method) + (f" (class {suffix})" if len(cols) > 1 else "")
+                ax.plot(
+                    h["epoch"],
+                    h[c],
+                    styles[j % len(styles)],
+                    color=colors[i % len(colors)],
+                    label=label,
+                    lw=1.5,
+                )
+        ax.set_title(f"batch size {bs}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+
+
+def project_2d(features: np.ndarray) -> np.ndarray:
+    """Rows of ``features`` on their first two principal components (SVD of the centred data)."""
+    import torch
+
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"expected features of shape (n >= 2, D), got {tuple(x.shape)}")
+    x = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ vh[:2].T
+    if proj.shape[1] < 2:
+        proj = torch.cat([proj, torch.zeros(len(proj), 2 - proj.shape[1], dtype=proj.dtype)], 1)
+    return proj.numpy()
+
+
+def plot_feature_pca(
+    run_dirs: Sequence[tuple[str, Path]], path: str | Path, confounder: str
+) -> None:
+    """Test features in 2-D, one column per ``(method, run folder)``, one row per class."""
+    plt = _pyplot()
+    data = []
+    for method, d in run_dirs:
+        with np.load(Path(d) / "test_features.npz", allow_pickle=False) as z:
+            data.append((method, project_2d(z["features"]), z["labels"], z["confounder"]))
+    classes = np.unique(np.concatenate([d[2] for d in data]))
+    fig, axes = plt.subplots(
+        len(classes), len(data), figsize=(3.2 * len(data), 3.0 * len(classes)), squeeze=False
+    )
+    numeric = all(np.issubdtype(d[3].dtype, np.number) for d in data)
+    if numeric:
+        lo = min(float(d[3].min()) for d in data)
+        hi = max(float(d[3].max()) for d in data)
+    sc = None
+    for j, (method, proj, labels, conf) in enumerate(data):
+        for i, c in enumerate(classes):
+            ax = axes[i][j]
+            sel = labels == c
+            if numeric:
+                sc = ax.scatter(
+                    proj[sel, 0], proj[sel, 1], c=conf[sel], s=4, cmap="viridis", vmin=lo, vmax=hi
+                )
+            else:
+                codes = np.unique(conf, return_inverse=True)[1]
+                ax.scatter(proj[sel, 0], proj[sel, 1], c=codes[sel], s=4, cmap="tab10")
+            ax.set_title(f"{_label(method)}, class {c}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if sc is not None:
+        fig.colorbar(sc, ax=axes, shrink=0.8, label=confounder)
+    _save(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_all(
+    out_dir: str | Path, results: Sequence[dict[str, Any]], experiment: Experiment
+) -> list[str]:
+    """Writes the three plots into ``out_dir``; returns their file names."""
+    out = Path(out_dir)
+    methods = list(experiment.methods) + sorted(
+        {r["final"]["method"] for r in results} - set(experiment.methods)
+    )
+    plot_per_epoch(
+        results,
+        out / "dcor2_per_epoch.png",
+        "val_dcor2",
+        f"val dcor²(fc1, {experiment.confounder})",
+        methods,
+    )
+    plot_per_epoch(
+        results,
+        out / "val_bacc_per_epoch.png",
+        "val_balanced_accuracy",
+        "val balanced accuracy",
+        methods,
+    )
+    bs = max(int(r["final"]["batch_size"]) for r in results)
+    seed = min(int(r["final"]["seed"]) for r in results)
+    chosen = {
+        r["final"]["method"]: Path(r["out_dir"])
+        for r in results
+        if int(r["final"]["batch_size"]) == bs and int(r["final"]["seed"]) == seed
+    }
+    order = [m for m in methods if m in chosen]
+    plot_feature_pca(
+        [(m, chosen[m]) for m in order], out / "features_pca.png", experiment.confounder
+    )
+    return ["dcor2_per_epoch.png", "val_bacc_per_epoch.png", "features_pca.png"]

@@ -1,0 +1,144 @@
+"""Experiments by name: what data, which model, which metadata, what the paper reported.
+
+An :class:`Experiment` is everything :func:`metanorm.experiments.run_experiment` and
+``metanorm reproduce NAME`` need to drive a data set through the same engine and report:
+
+- ``make_splits(config) -> (train, val, test)``: :class:`~metanorm.datasets.DataSplit` s whose
+  ``metadata`` hold the columns named below;
+- ``make_model(method, design, config) -> nn.Module``: a model whose ``forward(x, metadata)``
+  returns ``(logits, features)`` (1 logit: binary cross-entropy; C logits: cross-entropy), built
+  for a normalization ``method`` with the training ``design`` (for MDN layers);
+- the design's metadata columns (the label is always the first, kept, column ``y``), which of
+  them are categorical, and the ``confounder`` column whose dependence on the features dcor²
+  measures (per class);
+- defaults for the quick run and the paper's settings, the authors' figures, and the checks the
+  report prints as PASS/FAIL.
+
+Register a new experiment with :func:`register_experiment` in a module listed in
+:data:`EXPERIMENT_MODULES` (imported lazily by :func:`get_experiment`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+if TYPE_CHECKING:
+    from metanorm.datasets import DataSplit
+    from metanorm.experiments.config import RunConfig
+    from metanorm.glm import Design
+
+__all__ = [
+    "EXPERIMENT_MODULES",
+    "Check",
+    "Experiment",
+    "get_experiment",
+    "list_experiments",
+    "register_experiment",
+]
+
+#: Modules that register experiments when imported.
+EXPERIMENT_MODULES: tuple[str, ...] = ("metanorm.experiments.synthetic",)
+
+#: Display names of the normalization methods.
+METHOD_NAMES: dict[str, str] = {
+    "none": "Baseline",
+    "batchnorm": "BatchNorm",
+    "groupnorm": "GroupNorm",
+    "mdn-linear": "MDN-Linear",
+    "mdn-conv": "MDN-Conv",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One PASS/FAIL line of a report."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment; see the module docstring.
+
+    Attributes:
+        name: the name ``metanorm reproduce NAME`` takes.
+        description: one paragraph for the report and ``--help``.
+        make_splits: ``config -> (train, val, test)``.
+        make_model: ``(method, design, config) -> model``.
+        methods: the methods run by default (the baseline ``"none"`` first).
+        metadata_columns: metadata columns of the design, after the kept label ``y``.
+        confounder: metadata column for the bias metric (dcor² per class).
+        categorical: metadata columns to one-hot code.
+        standardize: standardise the continuous design columns (the label included) with the
+            training mean and sd. Default ``False``: raw values, as the reference implementation.
+            The choice matters: MDN's batch estimate (N/m)·Σ⁻¹·X_bᵀF is not
+            invariant to shifting the kept label column against the intercept (the full-data
+            residual is), so the coding changes the batch noise that training can exploit. On the
+            synthetic experiment (lr 1e-3, batch 200) the standardised coding let MDN-Conv's
+            validation bAcc drift from 0.83 to 0.94 in 8 epochs; the raw coding stayed near 0.81.
+        groups: ``split -> labels`` of the groups for the per-group accuracy (e.g. confounder
+            bins); ``None``: the confounder column itself (for categorical confounders).
+        defaults: :class:`RunConfig` fields of the default run, plus ``batch_sizes`` and
+            ``seeds`` (the sweep).
+        paper: the same for the paper's settings (``--paper``).
+        reference: markdown with the authors' figures, printed in the report.
+        checks: ``summary rows -> [Check]``; the bars the report grades. ``None``: no checks.
+    """
+
+    name: str
+    description: str
+    make_splits: Callable[[RunConfig], tuple[DataSplit, DataSplit, DataSplit]]
+    make_model: Callable[[str, Design, RunConfig], nn.Module]
+    methods: tuple[str, ...]
+    metadata_columns: tuple[str, ...]
+    confounder: str
+    categorical: tuple[str, ...] = ()
+    standardize: bool = False
+    groups: Callable[[DataSplit], np.ndarray] | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    paper: dict[str, Any] = field(default_factory=dict)
+    reference: str = ""
+    checks: Callable[[Sequence[dict[str, Any]]], list[Check]] | None = None
+
+
+_EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register_experiment(experiment: Experiment, *, replace: bool = False) -> Experiment:
+    """Registers ``experiment`` under its name (an existing name needs ``replace=True``)."""
+    if experiment.name in _EXPERIMENTS and not replace:
+        raise ValueError(f"an experiment named {experiment.name!r} is already registered")
+    if experiment.confounder not in experiment.metadata_columns:
+        raise ValueError(
+            f"the confounder {experiment.confounder!r} must be one of the metadata columns "
+            f"{experiment.metadata_columns}"
+        )
+    _EXPERIMENTS[experiment.name] = experiment
+    return experiment
+
+
+def _load_all() -> None:
+    for module in EXPERIMENT_MODULES:
+        importlib.import_module(module)
+
+
+def list_experiments() -> list[str]:
+    """Names of the registered experiments, sorted."""
+    _load_all()
+    return sorted(_EXPERIMENTS)
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment registered as ``name``; ``ValueError`` listing the known names otherwise."""
+    _load_all()
+    if name not in _EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; registered: {sorted(_EXPERIMENTS)}")
+    return _EXPERIMENTS[name]

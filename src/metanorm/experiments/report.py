@@ -1,0 +1,248 @@
+"""The report of a sweep: a summary table, the authors' figures, PASS/FAIL checks and plots.
+
+:func:`summarize` turns run results into one row per (batch size, method), averaged over seeds;
+:func:`write_report` writes ``report.md``, ``summary.json``, ``summary.csv`` and the PNG plots
+(:mod:`metanorm.experiments.plots`; skipped with a note when matplotlib is missing).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metanorm.experiments import _io
+from metanorm.experiments.registry import METHOD_NAMES, Check, Experiment
+
+__all__ = ["method_name", "summarize", "write_report"]
+
+
+def method_name(method: str) -> str:
+    """The display name of a method (``"none"`` → ``"Baseline"``)."""
+    return METHOD_NAMES.get(method, method)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (batch size, method), mean and std over seeds.
+
+    Row keys: ``method``, ``batch_size``, ``seeds``, ``test_bacc`` (+ ``_std``),
+    ``val_dcor2_<class>`` (+ ``_std``; the last epoch's), ``test_dcor2_<class>``,
+    ``epoch_time_s`` (the median epoch time of a run, averaged over seeds) and ``time_ratio``
+    (the median over epochs of the method's epoch time over the baseline's same epoch, at the same
+    batch size and seed, averaged over seeds; ``None`` without a baseline).
+    """
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in results:
+        f = r["final"]
+        groups.setdefault((int(f["batch_size"]), f["method"]), []).append(f)
+    rows: list[dict[str, Any]] = []
+    for (bs, method), finals in groups.items():
+        row: dict[str, Any] = {"method": method, "batch_size": bs, "seeds": len(finals)}
+        row["test_bacc"], row["test_bacc_std"] = _mean_std(
+            [f["test_balanced_accuracy"] for f in finals]
+        )
+        for key, src in (("val_dcor2", "val_dcor2"), ("test_dcor2", "test_dcor2")):
+            for c in finals[0][src]:
+                row[f"{key}_{c}"], row[f"{key}_{c}_std"] = _mean_std([f[src][c] for f in finals])
+        for c in finals[0]["test_recall"]:
+            row[f"test_recall_{c}"] = _mean_std([f["test_recall"][c] for f in finals])[0]
+        for g in finals[0].get("test_group_accuracy", {}):
+            row[f"test_group_accuracy_{g}"] = _mean_std(
+                [f["test_group_accuracy"][g] for f in finals]
+            )[0]
+        row["epoch_time_s"] = _mean_std([f["epoch_time_s_median"] for f in finals])[0]
+        rows.append(row)
+    # epoch-time ratio to the baseline: per seed, the median over epochs of the paired ratio
+    # (epoch e of the method over epoch e of the baseline, trained side by side), then the mean
+    times: dict[tuple[int, int, str], list[float]] = {}
+    for r in results:
+        f = r["final"]
+        hist = r.get("history") or []
+        times[(int(f["batch_size"]), int(f["seed"]), f["method"])] = [
+            float(h["epoch_time_s"]) for h in hist
+        ] or [float(f["epoch_time_s_median"])]
+    for row in rows:
+        ratios = []
+        for (bs, seed, method), t in times.items():
+            base = times.get((bs, seed, "none"))
+            if method == row["method"] and bs == row["batch_size"] and base:
+                n = min(len(t), len(base))
+                ratios.append(float(np.median(np.asarray(t[:n]) / np.asarray(base[:n]))))
+        row["time_ratio"] = float(np.mean(ratios)) if ratios else None
+    return rows
+
+
+def _fmt(mean: float, std: float, seeds: int, digits: int = 3) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
+def _classes(rows: Sequence[dict[str, Any]], prefix: str) -> list[str]:
+    return [k[len(prefix) :] for k in rows[0] if k.startswith(prefix) and not k.endswith("_std")]
+
+
+def results_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The markdown table of :func:`summarize` rows."""
+    classes = _classes(rows, "val_dcor2_")
+    head = (
+        ["method", "batch"]
+        + ["test bAcc"]
+        + [f"val dcor² class {c}" for c in classes]
+        + ["test dcor² " + " / ".join(classes), "epoch time (s)", "× Baseline time"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = r["seeds"]
+        cells = [
+            method_name(r["method"]),
+            str(r["batch_size"]),
+            _fmt(r["test_bacc"], r["test_bacc_std"], n),
+        ]
+        cells += [_fmt(r[f"val_dcor2_{c}"], r[f"val_dcor2_{c}_std"], n) for c in classes]
+        cells.append(" / ".join(f"{r[f'test_dcor2_{c}']:.3f}" for c in classes))
+        cells.append(f"{r['epoch_time_s']:.2f}")
+        cells.append("—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def group_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the test accuracy per group (e.g. confounder bin)."""
+    groups = _classes(rows, "test_group_accuracy_")
+    if not groups:
+        return ""
+    head = ["method", "batch", *groups]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [method_name(r["method"]), str(r["batch_size"])]
+        cells += [f"{r[f'test_group_accuracy_{g}']:.3f}" for g in groups]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    experiment: Experiment,
+    results: Sequence[dict[str, Any]],
+    *,
+    command: str = "",
+    settings: dict[str, Any] | None = None,
+    wall_time_s: float | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Writes ``report.md``, ``summary.json``, ``summary.csv`` and the plots into ``out_dir``.
+
+    Returns:
+        ``{"rows": summary rows, "checks": [Check], "passed": bool, "plots": [file names],
+        "report": path}``.
+    """
+    if not results:
+        raise ValueError("expected at least one run result, got none")
+    out = Path(out_dir)
+    rows = sorted(
+        summarize(results),
+        key=lambda r: (
+            -r["batch_size"],
+            experiment.methods.index(r["method"]) if r["method"] in experiment.methods else 99,
+        ),
+    )
+    checks: list[Check] = experiment.checks(rows) if experiment.checks else []
+    passed = all(c.passed for c in checks)
+
+    plot_files: list[str] = []
+    plot_note = ""
+    if plots:
+        try:
+            from metanorm.experiments import plots as _plots
+
+            plot_files = _plots.plot_all(out, results, experiment)
+        except ModuleNotFoundError as exc:
+            plot_note = (
+                f"Plots skipped: {exc}. Install the plots extra "
+                "(`pip install 'metanorm[plots]'`) to get them."
+            )
+
+    s = settings or {}
+    lines = [f"# metanorm reproduce {experiment.name}", "", experiment.description, ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += ["Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()), ""]
+    if wall_time_s is not None:
+        lines += [
+            f"Wall time: {wall_time_s / 60:.1f} min; written "
+            f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+            "",
+        ]
+    n_seeds = max(r["seeds"] for r in rows)
+    lines += [
+        "## Results" + (f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else " (one seed)"),
+        "",
+        "Test bAcc: balanced accuracy on the test set after the last epoch. dcor²: bias-corrected "
+        "squared distance correlation between the features (fc1, after its norm, before the ReLU) "
+        f"and the confounder `{experiment.confounder}` within each class, on the validation set "
+        "after the last epoch (and on the test set). Epoch time: median wall-clock time of a "
+        "training epoch (evaluation excluded). × Baseline time: the median over epochs of the "
+        "method's epoch time over the Baseline's same epoch (the methods train in round robin, "
+        "one epoch each in turn, so each pair is measured under the same load).",
+        "",
+        results_table(rows),
+        "",
+    ]
+    if experiment.reference:
+        lines += ["## The authors' figures", "", experiment.reference, ""]
+    if checks:
+        lines += [
+            f"## Checks: {'PASS' if passed else 'FAIL'} "
+            f"({sum(c.passed for c in checks)}/{len(checks)})",
+            "",
+        ]
+        lines += [f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in checks]
+        lines.append("")
+    gt = group_table(rows)
+    if gt:
+        lines += ["## Test accuracy per confounder group", "", gt, ""]
+    if plot_files or plot_note:
+        lines += ["## Plots", ""]
+        lines += [f"![{f}]({f})" for f in plot_files]
+        if plot_note:
+            lines.append(plot_note)
+        lines.append("")
+    lines += [
+        "## Files",
+        "",
+        "`runs/bs{B}/{method}/seed{S}/`: `config.json` (resolved configuration), `epochs.csv` "
+        "(per-epoch metrics), `final.json` (test metrics), `checkpoint.pt`, `test_features.npz`. "
+        "`summary.json` / `summary.csv`: the table above, unrounded.",
+        "",
+    ]
+    report = _io.write_text(out / "report.md", "\n".join(lines))
+    _io.write_json(
+        out / "summary.json",
+        {
+            "experiment": experiment.name,
+            "settings": s,
+            "rows": rows,
+            "checks": [c.__dict__ for c in checks],
+            "passed": passed,
+            "wall_time_s": wall_time_s,
+        },
+    )
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    _io.write_csv(out / "summary.csv", rows, cols)
+    return {
+        "rows": rows,
+        "checks": checks,
+        "passed": passed,
+        "plots": plot_files,
+        "report": str(report),
+    }

@@ -1,0 +1,338 @@
+"""One training run, end to end: :func:`run_experiment`.
+
+A run folder holds:
+
+- ``config.json``: the resolved configuration (every :class:`RunConfig` field, the design's
+  columns, split sizes, versions), written first;
+- ``epochs.csv``: one row per epoch (training loss, validation loss/accuracy/bAcc, per-class
+  validation dcor², epoch time), rewritten after every epoch;
+- ``final.json``: the test metrics (bAcc, per-class recall, per-class dcor², accuracy per group)
+  and the last epoch's validation metrics, written last: its presence marks a complete run;
+- ``checkpoint.pt``: the model's ``state_dict`` (MDN buffers included) and the config;
+- ``test_features.npz``: the test set's features, labels and confounder (for the plots).
+
+Every file is written atomically. An existing, non-empty run folder is refused unless
+``overwrite=True``.
+
+About the design rows at evaluation: the design is ``[y, metadata..., 1]`` with the label column
+``y`` kept. Validation and test rows are built with the TRUE labels, because a design row needs a
+value in every column, but in eval mode an MDN layer subtracts only the removed columns' effect
+with its running β, so the kept label column is multiplied by nothing: predictions never see the
+label.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from metanorm.datasets import DataSplit, DesignDataset
+from metanorm.experiments import _io
+from metanorm.experiments.config import RunConfig
+from metanorm.experiments.engine import evaluate, train_one_epoch
+from metanorm.experiments.registry import Experiment, get_experiment
+from metanorm.glm import DesignBuilder
+
+__all__ = ["Run", "build_designs", "check_run_dir", "run_experiment", "seed_everything"]
+
+LABEL = "y"
+EVAL_BATCH = 500
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA) and Python's ``random``; numpy draws use explicit generators."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_run_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuses an existing non-empty folder unless ``overwrite``; returns the path."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{path} already holds a run; choose another --out or pass --overwrite"
+        )
+    return path
+
+
+def _design_data(split: DataSplit, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    missing = [c for c in columns if c not in split.metadata]
+    if missing:
+        raise ValueError(
+            f"split {split.name!r} lacks metadata column(s) {missing}; "
+            f"it has {sorted(split.metadata)}"
+        )
+    data = {LABEL: split.labels.numpy()}
+    data.update({c: np.asarray(split.metadata[c]) for c in columns})
+    return data
+
+
+def build_designs(
+    experiment: Experiment, splits: tuple[DataSplit, ...]
+) -> tuple[DesignBuilder, list[torch.Tensor]]:
+    """Fits the design ``[y, metadata..., 1]`` (``y`` kept) on ``splits[0]``; rows of every split.
+
+    The label is one-hot coded (reference level dropped) when it has more than two classes.
+    Continuous columns are standardised only when the experiment says so
+    (:attr:`Experiment.standardize`).
+    """
+    train = splits[0]
+    categorical = list(experiment.categorical)
+    if len(np.unique(train.labels.numpy())) > 2:
+        categorical.insert(0, LABEL)
+    builder = DesignBuilder(
+        keep=[LABEL], categorical=categorical, standardize=experiment.standardize
+    )
+    builder.fit(_design_data(train, experiment.metadata_columns))
+    rows = [
+        builder.transform(_design_data(s, experiment.metadata_columns)).tensor() for s in splits
+    ]
+    return builder, rows
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    from metanorm import __version__
+
+    env: dict[str, Any] = {
+        "metanorm": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"expected a torch device such as 'cpu' or 'cuda', got {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _flat(prefix: str, d: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in d.items()}
+
+
+class Run:
+    """One run, step by step.
+
+    The data, design, model and ``config.json`` are built at construction; then
+    :meth:`train_epoch` runs once per epoch and :meth:`finish` writes the results.
+
+    :func:`run_experiment` drives one :class:`Run` to the end; the sweep interleaves the epochs
+    of several runs (one per method) so that their epoch times are measured side by side.
+
+    Args:
+        config: the run's configuration.
+        out_dir: the run folder (created).
+        overwrite: replace the files of an existing run in ``out_dir``. Default: ``False`` (an
+            existing non-empty folder is a ``FileExistsError``).
+    """
+
+    def __init__(
+        self, config: RunConfig, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+    ) -> None:
+        experiment = get_experiment(config.experiment)
+        if config.method not in experiment.methods:
+            raise ValueError(
+                f"experiment {experiment.name!r} has methods {experiment.methods}, "
+                f"got {config.method!r}"
+            )
+        self.out = check_run_dir(out_dir, overwrite)
+        self.device = _resolve_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.config, self.experiment = config, experiment
+        seed_everything(config.seed)
+        self.splits = experiment.make_splits(config)
+        train, val, test = self.splits
+        builder, (train_rows, val_rows, test_rows) = build_designs(experiment, self.splits)
+        design = builder.transform(_design_data(train, experiment.metadata_columns))
+        seed_everything(config.seed)
+        self.model = experiment.make_model(config.method, design, config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.loader = DataLoader(
+            DesignDataset(train, train_rows),
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        self.val_loader = DataLoader(DesignDataset(val, val_rows), batch_size=EVAL_BATCH)
+        self.test_loader = DataLoader(DesignDataset(test, test_rows), batch_size=EVAL_BATCH)
+        self.design_columns = list(design.columns)
+        self.history: list[dict[str, Any]] = []
+        resolved = {
+            "config": config.to_dict(),
+            "experiment": experiment.name,
+            "design": {
+                "columns": list(design.columns),
+                "keep": [design.columns[k] for k in design.keep],
+            },
+            "confounder": experiment.confounder,
+            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+            "batches_per_epoch": len(self.loader),
+            "environment": _environment(self.device),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in ("final.json", "epochs.csv", "checkpoint.pt", "test_features.npz"):
+            (self.out / stale).unlink(missing_ok=True)
+        _io.write_json(self.out / "config.json", resolved)
+
+    @property
+    def done(self) -> bool:
+        """True once every epoch of the config has been trained."""
+        return len(self.history) >= self.config.epochs
+
+    def train_epoch(self) -> dict[str, Any]:
+        """Trains one epoch, evaluates on the validation split, appends to ``epochs.csv``."""
+        if self.done:
+            raise RuntimeError(f"all {self.config.epochs} epochs are already trained")
+        tr = train_one_epoch(self.model, self.loader, self.optimizer, device=self.device)
+        t0 = time.perf_counter()
+        val = self.splits[1]
+        ev = evaluate(
+            self.model,
+            self.val_loader,
+            confounder=val.metadata[self.experiment.confounder],
+            device=self.device,
+        )
+        row: dict[str, Any] = {
+            "epoch": len(self.history) + 1,
+            "train_loss": tr["loss"],
+            "val_loss": ev["loss"],
+            "val_accuracy": ev["accuracy"],
+            "val_balanced_accuracy": ev["balanced_accuracy"],
+            **_flat("val_dcor2", ev["dcor2"]),
+            "epoch_time_s": tr["time_s"],
+            "eval_time_s": time.perf_counter() - t0,
+        }
+        self.history.append(row)
+        _io.write_csv(self.out / "epochs.csv", self.history, list(row))
+        return row
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluates on the test split and writes the checkpoint, features and ``final.json``.
+
+        Returns:
+            ``{"config": dict, "history": [per-epoch dict], "final": dict, "out_dir": str}``.
+        """
+        if not self.history:
+            raise RuntimeError("train at least one epoch before finish()")
+        config, experiment, test = self.config, self.experiment, self.splits[2]
+        conf = experiment.confounder
+        groups = (
+            experiment.groups(test)
+            if experiment.groups is not None
+            else np.asarray(test.metadata[conf])
+        )
+        test_ev = evaluate(
+            self.model,
+            self.test_loader,
+            confounder=test.metadata[conf],
+            groups=groups,
+            device=self.device,
+            return_outputs=True,
+        )
+        outputs = test_ev.pop("outputs")
+        times = [h["epoch_time_s"] for h in self.history]
+        last = self.history[-1]
+        final = {
+            "experiment": experiment.name,
+            "method": config.method,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "epochs": len(self.history),
+            "test_balanced_accuracy": test_ev["balanced_accuracy"],
+            "test_accuracy": test_ev["accuracy"],
+            "test_loss": test_ev["loss"],
+            "test_recall": test_ev["recall"],
+            "test_dcor2": test_ev["dcor2"],
+            "test_group_accuracy": test_ev.get("group_accuracy", {}),
+            "val_balanced_accuracy": last["val_balanced_accuracy"],
+            "val_dcor2": {
+                k[len("val_dcor2_") :]: v for k, v in last.items() if k.startswith("val_dcor2_")
+            },
+            "epoch_time_s_median": float(np.median(times)),
+            "epoch_time_s_mean": float(np.mean(times)),
+            "train_time_s": float(np.sum(times)),
+        }
+        _io.write_torch(
+            self.out / "checkpoint.pt",
+            {
+                "model": self.model.state_dict(),
+                "config": config.to_dict(),
+                "epoch": len(self.history),
+                "design_columns": self.design_columns,
+            },
+        )
+        feats = outputs["features"].numpy().astype(np.float32)
+        labels = outputs["labels"].numpy()
+        _io.atomic_write(
+            self.out / "test_features.npz",
+            lambda f: np.savez_compressed(
+                f, features=feats, labels=labels, confounder=np.asarray(test.metadata[conf])
+            ),
+        )
+        _io.write_json(self.out / "final.json", final)
+        return {
+            "config": config.to_dict(),
+            "history": self.history,
+            "final": final,
+            "out_dir": str(self.out),
+        }
+
+
+def run_experiment(
+    config: RunConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains and evaluates one configuration, writing the run folder (see the module docstring).
+
+    Args:
+        config: the run's configuration.
+        out_dir: the run folder (created).
+        overwrite: replace the files of an existing run in ``out_dir``. Default: ``False`` (an
+            existing non-empty folder is a ``FileExistsError``).
+        progress: show a progress bar over the epochs. Default: ``True``.
+
+    Returns:
+        ``{"config": dict, "history": [per-epoch dict], "final": dict, "out_dir": str}``.
+    """
+    run = Run(config, out_dir, overwrite=overwrite)
+    desc = f"{config.experiment} {config.method} bs={config.batch_size} seed={config.seed}"
+    with tqdm(
+        total=config.epochs, desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        while not run.done:
+            row = run.train_epoch()
+            bar.update(1)
+            bar.set_postfix_str(_postfix(row))
+    return run.finish()
+
+
+def _postfix(row: dict[str, Any]) -> str:
+    dc = "/".join(f"{v:.3f}" for k, v in row.items() if k.startswith("val_dcor2_"))
+    return f"loss {row['train_loss']:.3f} val bAcc {row['val_balanced_accuracy']:.3f} dcor² {dc}"

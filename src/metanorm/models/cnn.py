@@ -1,0 +1,145 @@
+r"""The small CNN of the paper's synthetic experiment, with a choice of normalization.
+
+Lu et al., "Metadata Normalization", CVPR 2021 (arXiv 2104.09052), §4.1::
+
+    conv 1→16 (5×5) → [norm] → ReLU → conv 16→32 (5×5) → [norm] → ReLU → flatten
+    → fc 84 → [norm] → ReLU → fc 1 (a logit; the loss applies the sigmoid)
+
+The three ``[norm]`` slots hold, by ``norm``:
+
+==============  ==============================  ==============================  ================
+``norm``        after conv1                     after conv2                     after fc1
+==============  ==============================  ==============================  ================
+``none``        —                               —                               —
+``batchnorm``   ``BatchNorm2d(16)``             ``BatchNorm2d(32)``             ``BatchNorm1d(84)``
+``groupnorm``   ``GroupNorm(4, 16)``            ``GroupNorm(4, 32)``            ``GroupNorm(4, 84)``
+``mdn-linear``  —                               —                               ``MetadataNorm(84)``
+``mdn-conv``    ``MetadataNorm(16·28·28)``      ``MetadataNorm(32·24·24)``      ``MetadataNorm(84)``
+==============  ==============================  ==============================  ================
+
+BatchNorm and GroupNorm sit where MDN-Conv puts MDN, so the comparison is slot for slot. A conv
+map is flattened for MDN (one β column per channel × position), as in the paper.
+
+Metadata rule: the model's ``forward(x, metadata)`` passes the batch's design rows to every slot
+that takes them (:func:`metanorm.nn.takes_metadata`); the other norms ignore them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metanorm.nn import MetadataNorm, takes_metadata
+
+__all__ = ["NORMS", "PaperCNN"]
+
+#: The normalization choices of :class:`PaperCNN`.
+NORMS: tuple[str, ...] = ("none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv")
+
+
+class PaperCNN(nn.Module):
+    r"""The synthetic experiment's CNN; returns logits and the fc1 features.
+
+    Args:
+        norm: one of :data:`NORMS`. Default: ``"none"`` (the paper's baseline).
+        design: the WHOLE training set's design (``(N, K)`` array/tensor or
+            :class:`metanorm.glm.Design`); required for the ``mdn-*`` norms, ignored otherwise.
+        in_channels: image channels. Default: 1.
+        image_size: side of the square input image. Default: 32.
+        hidden: width of fc1. Default: 84.
+        num_outputs: logits (1 for a binary task with a BCE loss). Default: 1.
+        momentum: running-β momentum of the MDN layers. Default: 0.1.
+        groups: groups of every GroupNorm. Default: 4.
+        **mdn_kwargs: further keyword arguments for :class:`~metanorm.nn.MetadataNorm`
+            (``keep``, ``ridge``, ...).
+
+    Shape:
+        - Input: :math:`(m, C, S, S)`; metadata :math:`(m, K)` design rows (needed by MDN).
+        - Output: ``(logits (m, num_outputs), features (m, hidden))``, the features being fc1's
+          output after its norm slot and before the ReLU (where the paper measures dcor²).
+
+    Examples::
+
+        >>> import torch
+        >>> model = PaperCNN("batchnorm")
+        >>> logits, feats = model(torch.randn(4, 1, 32, 32))
+        >>> tuple(logits.shape), tuple(feats.shape)
+        ((4, 1), (4, 84))
+    """
+
+    def __init__(
+        self,
+        norm: str = "none",
+        design: Any = None,
+        *,
+        in_channels: int = 1,
+        image_size: int = 32,
+        hidden: int = 84,
+        num_outputs: int = 1,
+        momentum: float | None = 0.1,
+        groups: int = 4,
+        **mdn_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"expected norm to be one of {NORMS}, got {norm!r}")
+        if norm.startswith("mdn") and design is None:
+            raise ValueError(f"norm={norm!r} needs the training design (design=...), got None")
+        if image_size < 9:
+            raise ValueError(f"expected image_size >= 9 (two 5×5 convolutions), got {image_size}")
+        self.norm = norm
+        s1, s2 = image_size - 4, image_size - 8
+        c1, c2 = 16, 32
+        self.conv1 = nn.Conv2d(in_channels, c1, 5)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        self.fc1 = nn.Linear(c2 * s2 * s2, hidden)
+        self.fc2 = nn.Linear(hidden, num_outputs)
+
+        def mdn(num_features: int) -> nn.Module:
+            return MetadataNorm(num_features, design, momentum=momentum, **mdn_kwargs)
+
+        self.norm1: nn.Module
+        self.norm2: nn.Module
+        self.norm3: nn.Module
+        if norm == "batchnorm":
+            self.norm1, self.norm2, self.norm3 = (
+                nn.BatchNorm2d(c1),
+                nn.BatchNorm2d(c2),
+                nn.BatchNorm1d(hidden),
+            )
+        elif norm == "groupnorm":
+            self.norm1, self.norm2, self.norm3 = (
+                nn.GroupNorm(groups, c1),
+                nn.GroupNorm(groups, c2),
+                nn.GroupNorm(groups, hidden),
+            )
+        elif norm == "mdn-conv":
+            self.norm1, self.norm2, self.norm3 = mdn(c1 * s1 * s1), mdn(c2 * s2 * s2), mdn(hidden)
+        elif norm == "mdn-linear":
+            self.norm1, self.norm2, self.norm3 = nn.Identity(), nn.Identity(), mdn(hidden)
+        else:
+            self.norm1, self.norm2, self.norm3 = nn.Identity(), nn.Identity(), nn.Identity()
+        self.uses_metadata = norm.startswith("mdn")
+
+    @staticmethod
+    def _slot(slot: nn.Module, h: Tensor, metadata: Tensor | None) -> Tensor:
+        if takes_metadata(slot):
+            if metadata is None:
+                raise ValueError(
+                    "this model has MetadataNorm layers: call it as model(x, metadata) with the "
+                    "batch's design rows, got metadata=None"
+                )
+            return slot(h, metadata)
+        return slot(h)
+
+    def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns ``(logits, fc1 features)``; see the class docstring."""
+        h = torch.relu(self._slot(self.norm1, self.conv1(x), metadata))
+        h = torch.relu(self._slot(self.norm2, self.conv2(h), metadata))
+        feats = self._slot(self.norm3, self.fc1(h.flatten(1)), metadata)
+        return self.fc2(torch.relu(feats)), feats
+
+    def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)
+        return f"norm={self.norm!r}"
