@@ -212,7 +212,9 @@ class DesignBuilder:
             covariates whose effect must stay in the features. Default: ``()``.
         categorical: input columns to one-hot code. Default ``None``: columns of object, string,
             category or bool dtype.
-        standardize: standardise continuous columns. Default: ``True``.
+        standardize: standardise continuous columns: ``True`` (all), ``False`` (none), or the
+            input columns (names or positions) to standardise, e.g. the metadata but not a kept
+            0/1 label column. Default: ``True``.
         intercept: add a constant column. Default: ``True``.
         keep_intercept: keep (do not remove) the intercept's effect, so the output keeps the
             features' mean. Default: ``False`` (the paper removes it).
@@ -235,13 +237,15 @@ class DesignBuilder:
         *,
         keep: Iterable[str | int] = (),
         categorical: Iterable[str | int] | None = None,
-        standardize: bool = True,
+        standardize: bool | Iterable[str | int] = True,
         intercept: bool = True,
         keep_intercept: bool = False,
     ) -> None:
         self.keep = tuple(keep)
         self.categorical = None if categorical is None else tuple(categorical)
-        self.standardize = standardize
+        self.standardize: bool | tuple[str | int, ...] = (
+            standardize if isinstance(standardize, bool) else tuple(standardize)
+        )
         self.intercept = intercept
         self.keep_intercept = keep_intercept
         self._specs: list[_ColumnSpec] | None = None
@@ -265,6 +269,10 @@ class DesignBuilder:
             ]
         else:
             cat = _resolve_names(self.categorical, names, "categorical")
+        if isinstance(self.standardize, bool):
+            scaled = names if self.standardize else []
+        else:
+            scaled = _resolve_names(self.standardize, names, "standardize")
         specs: list[_ColumnSpec] = []
         first_cat = True
         for name, v in cols.items():
@@ -294,7 +302,7 @@ class DesignBuilder:
                     )
                 x = v.astype(np.float64)
                 mean, scale = 0.0, 1.0
-                if self.standardize:
+                if name in scaled:
                     mean = float(x.mean())
                     sd = float(x.std())
                     scale = sd if sd > 0 else 1.0

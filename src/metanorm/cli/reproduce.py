@@ -88,6 +88,12 @@ def register(sub: Any) -> None:
         help="the paper's settings (synthetic: 200 epochs, lr 1e-4, batch 200, "
         "n = 1000; hours on a CPU)",
     )
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="data folder: required by gs-ppb, hvu and multisite-mri (the error names the "
+        "layout), optional for shaded-* (another copy of the source's files)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
         "--jobs",
@@ -131,12 +137,15 @@ def run(args: argparse.Namespace) -> int:
         options.pop("n_eval_per_class", None)  # the splits follow the asked size
     if args.n_eval_per_class is not None:
         options["n_eval_per_class"] = args.n_eval_per_class
+    if args.data is not None:
+        options["data"] = os.fspath(args.data)
     settings["options"] = options
     for key in ("epochs", "lr", "n_per_class", "batch_sizes", "seeds"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
-    methods = [_ALIASES.get(m, m) for m in (args.methods or experiment.methods)]
+    default_methods = settings.get("methods", experiment.methods)
+    methods = [_ALIASES.get(m, m) for m in (args.methods or default_methods)]
     unknown = [m for m in methods if m not in experiment.methods]
     if unknown:
         raise ValueError(

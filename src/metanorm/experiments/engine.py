@@ -123,7 +123,7 @@ def evaluate(
     Returns:
         ``{"loss", "accuracy", "balanced_accuracy", "recall": {class: recall},
         "dcor2": {class: bias-corrected dcor² between the features and the confounder within the
-        class}, "group_accuracy": {group: accuracy} (when ``groups`` is given)}``; class and group
+        class; NaN where the confounder is constant within the class}, "group_accuracy": {group: accuracy} (when ``groups`` is given)}``; class and group
         keys are strings (JSON keys).
     """
     out = predict(model, loader, device=device)
@@ -134,6 +134,10 @@ def evaluate(
     if conf.dim() == 1:
         conf = conf[:, None]
     dcor = metrics.grouped_distance_correlation_sqr(out["features"], conf, y, unbiased=True)
+    for c in dcor:  # undefined (NaN, JSON null) where the metadata are constant within the class
+        sel = torch.as_tensor(y == c)
+        if bool((conf[sel] == conf[sel][:1]).all()):
+            dcor[c] = float("nan")
     result: dict[str, Any] = {
         "loss": float(out["loss"]),
         "accuracy": float(np.mean(y == p)),

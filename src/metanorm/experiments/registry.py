@@ -3,14 +3,19 @@
 An :class:`Experiment` is everything :func:`metanorm.experiments.run_experiment` and
 ``metanorm reproduce NAME`` need to drive a data set through the same engine and report:
 
-- ``make_splits(config) -> (train, val, test)``: :class:`~metanorm.datasets.DataSplit` s whose
-  ``metadata`` hold the columns named below;
+- ``make_splits(config) -> (train, val, test, *more_tests)``:
+  :class:`~metanorm.datasets.DataSplit` s whose ``metadata`` hold the columns named below; splits
+  after the third are further test sets (e.g. ``test_reversed``), evaluated and reported under
+  their :attr:`~metanorm.datasets.DataSplit.name`;
 - ``make_model(method, design, config) -> nn.Module``: a model whose ``forward(x, metadata)``
   returns ``(logits, features)`` (1 logit: binary cross-entropy; C logits: cross-entropy), built
   for a normalization ``method`` with the training ``design`` (for MDN layers);
 - the design's metadata columns (the label is always the first, kept, column ``y``), which of
   them are categorical, and the ``confounder`` column whose dependence on the features dcor²
-  measures (per class);
+  measures (per class). A column name ending in ``*`` stands for every metadata column of the
+  training split that starts with the rest of it (``"scene=*"``: HVU's multi-hot scene tags);
+  a categorical confounder enters dcor² one-hot coded (every training level), so dcor² is
+  measured against a matrix;
 - defaults for the quick run and the paper's settings, the authors' figures, and the checks the
   report prints as PASS/FAIL.
 
@@ -43,7 +48,10 @@ __all__ = [
 ]
 
 #: Modules that register experiments when imported.
-EXPERIMENT_MODULES: tuple[str, ...] = ("metanorm.experiments.synthetic",)
+EXPERIMENT_MODULES: tuple[str, ...] = (
+    "metanorm.experiments.synthetic",
+    "metanorm.experiments.real",
+)
 
 #: Display names of the normalization methods.
 METHOD_NAMES: dict[str, str] = {
@@ -52,6 +60,8 @@ METHOD_NAMES: dict[str, str] = {
     "groupnorm": "GroupNorm",
     "mdn-linear": "MDN-Linear",
     "mdn-conv": "MDN-Conv",
+    "mdn": "MDN",
+    "mdn-all": "MDN-all",
 }
 
 
@@ -71,23 +81,28 @@ class Experiment:
     Attributes:
         name: the name ``metanorm reproduce NAME`` takes.
         description: one paragraph for the report and ``--help``.
-        make_splits: ``config -> (train, val, test)``.
+        make_splits: ``config -> (train, val, test, *more_tests)``.
         make_model: ``(method, design, config) -> model``.
         methods: the methods run by default (the baseline ``"none"`` first).
-        metadata_columns: metadata columns of the design, after the kept label ``y``.
-        confounder: metadata column for the bias metric (dcor² per class).
-        categorical: metadata columns to one-hot code.
-        standardize: standardise the continuous design columns (the label included) with the
-            training mean and sd. Default ``False``: raw values, as the reference implementation.
-            The choice matters: MDN's batch estimate (N/m)·Σ⁻¹·X_bᵀF is not
-            invariant to shifting the kept label column against the intercept (the full-data
-            residual is), so the coding changes the batch noise that training can exploit. On the
-            synthetic experiment (lr 1e-3, batch 200) the standardised coding let MDN-Conv's
-            validation bAcc drift from 0.83 to 0.94 in 8 epochs; the raw coding stayed near 0.81.
+        metadata_columns: metadata columns of the design, after the kept label ``y`` (``*``
+            patterns allowed, see the module docstring).
+        confounder: metadata column (or ``*`` pattern) for the bias metric (dcor² per class).
+        categorical: metadata columns to one-hot code (in the design and in the metric).
+        standardize: standardise the continuous **metadata** columns with the training mean and
+            sd. Default ``False``. The label is never standardised: it is coded raw (0/1 for two
+            classes, one-hot with class 0 as reference for more), the one design coding of every
+            experiment. Why: MDN's batch estimate (N/m)·Σ⁻¹·X_bᵀF is not invariant to shifting
+            the kept label column against the (removed) intercept (the full-data residual is), so
+            that coding changes the batch noise that training can exploit. On the synthetic
+            experiment (lr 1e-3, batch 200) a standardised label let MDN-Conv's validation bAcc
+            drift from 0.83 to 0.94 in 8 epochs; the raw coding stayed near 0.81. Standardising a
+            removed metadata column mixes it only with the removed intercept, which leaves the
+            batch residual unchanged (up to rounding).
         groups: ``split -> labels`` of the groups for the per-group accuracy (e.g. confounder
-            bins); ``None``: the confounder column itself (for categorical confounders).
+            bins); ``None``: the confounder column itself (no per-group accuracy for a ``*``
+            pattern).
         defaults: :class:`RunConfig` fields of the default run, plus ``batch_sizes`` and
-            ``seeds`` (the sweep).
+            ``seeds`` (the sweep) and optionally ``methods`` (default: all of ``methods``).
         paper: the same for the paper's settings (``--paper``).
         reference: markdown with the authors' figures, printed in the report.
         checks: ``summary rows -> [Check]``; the bars the report grades. ``None``: no checks.
@@ -95,7 +110,7 @@ class Experiment:
 
     name: str
     description: str
-    make_splits: Callable[[RunConfig], tuple[DataSplit, DataSplit, DataSplit]]
+    make_splits: Callable[[RunConfig], Sequence[DataSplit]]
     make_model: Callable[[str, Design, RunConfig], nn.Module]
     methods: tuple[str, ...]
     metadata_columns: tuple[str, ...]

@@ -26,16 +26,21 @@ def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    # None: a metric undefined for a run (JSON null, e.g. dcor² where the metadata are constant
+    # within a class); it makes the mean NaN, shown as "n/a"
+    arr = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (batch size, method), mean and std over seeds.
 
-    Row keys: ``method``, ``batch_size``, ``seeds``, ``test_bacc`` (+ ``_std``),
-    ``val_dcor2_<class>`` (+ ``_std``; the last epoch's), ``test_dcor2_<class>``,
+    Row keys: ``method``, ``batch_size``, ``seeds``, ``test_bacc`` (+ ``_std``), ``val_bacc``
+    (+ ``_std``; the last epoch's), ``val_dcor2_<class>`` (+ ``_std``; the last epoch's),
+    ``test_dcor2_<class>``, ``test_recall_<class>``, ``test_group_accuracy_<group>``; for every
+    further test split ``<split>`` (e.g. ``test_reversed``): ``<split>_bacc`` (+ ``_std``),
+    ``<split>_dcor2_<class>`` (+ ``_std``), ``<split>_group_accuracy_<group>``;
     ``epoch_time_s`` (the median epoch time of a run, averaged over seeds) and ``time_ratio``
     (the median over epochs of the method's epoch time over the baseline's same epoch, at the same
     batch size and seed, averaged over seeds; ``None`` without a baseline).
@@ -50,6 +55,9 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row["test_bacc"], row["test_bacc_std"] = _mean_std(
             [f["test_balanced_accuracy"] for f in finals]
         )
+        row["val_bacc"], row["val_bacc_std"] = _mean_std(
+            [f["val_balanced_accuracy"] for f in finals]
+        )
         for key, src in (("val_dcor2", "val_dcor2"), ("test_dcor2", "test_dcor2")):
             for c in finals[0][src]:
                 row[f"{key}_{c}"], row[f"{key}_{c}_std"] = _mean_std([f[src][c] for f in finals])
@@ -59,6 +67,19 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"test_group_accuracy_{g}"] = _mean_std(
                 [f["test_group_accuracy"][g] for f in finals]
             )[0]
+        for split in _extra_splits(finals[0]):
+            evs = [f["eval_splits"][split] for f in finals]
+            row[f"{split}_bacc"], row[f"{split}_bacc_std"] = _mean_std(
+                [e["balanced_accuracy"] for e in evs]
+            )
+            for c in evs[0]["dcor2"]:
+                row[f"{split}_dcor2_{c}"], row[f"{split}_dcor2_{c}_std"] = _mean_std(
+                    [e["dcor2"][c] for e in evs]
+                )
+            for g in evs[0].get("group_accuracy", {}):
+                row[f"{split}_group_accuracy_{g}"] = _mean_std(
+                    [e["group_accuracy"][g] for e in evs]
+                )[0]
         row["epoch_time_s"] = _mean_std([f["epoch_time_s_median"] for f in finals])[0]
         rows.append(row)
     # epoch-time ratio to the baseline: per seed, the median over epochs of the paired ratio
@@ -81,7 +102,22 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _extra_splits(final: dict[str, Any]) -> list[str]:
+    """Names of the test splits after the first (``final["eval_splits"]`` is in split order)."""
+    return list(final.get("eval_splits", {}))[1:]
+
+
+def _splits_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return [k[: -len("_bacc")] for k in rows[0] if k.endswith("_bacc") and k != "val_bacc"][1:]
+
+
+def _num(v: float, digits: int = 3) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
 def _fmt(mean: float, std: float, seeds: int, digits: int = 3) -> str:
+    if mean != mean:
+        return "n/a"
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
@@ -92,22 +128,25 @@ def _classes(rows: Sequence[dict[str, Any]], prefix: str) -> list[str]:
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
     """The markdown table of :func:`summarize` rows."""
     classes = _classes(rows, "val_dcor2_")
-    head = (
-        ["method", "batch"]
-        + ["test bAcc"]
-        + [f"val dcor² class {c}" for c in classes]
-        + ["test dcor² " + " / ".join(classes), "epoch time (s)", "× Baseline time"]
-    )
+    extra = _splits_of(rows)
+    cs = " / ".join(classes)
+    head = ["method", "batch", "val bAcc", "test bAcc"] + [f"{s} bAcc" for s in extra]
+    head += [f"val dcor² class {c}" for c in classes] + [f"test dcor² {cs}"]
+    head += [f"{s} dcor² {cs}" for s in extra] + ["epoch time (s)", "× Baseline time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         n = r["seeds"]
         cells = [
             method_name(r["method"]),
             str(r["batch_size"]),
+            _fmt(r["val_bacc"], r["val_bacc_std"], n),
             _fmt(r["test_bacc"], r["test_bacc_std"], n),
         ]
+        cells += [_fmt(r[f"{s}_bacc"], r[f"{s}_bacc_std"], n) for s in extra]
         cells += [_fmt(r[f"val_dcor2_{c}"], r[f"val_dcor2_{c}_std"], n) for c in classes]
-        cells.append(" / ".join(f"{r[f'test_dcor2_{c}']:.3f}" for c in classes))
+        cells.append(" / ".join(_num(r.get(f"test_dcor2_{c}")) for c in classes))
+        for s in extra:
+            cells.append(" / ".join(_num(r.get(f"{s}_dcor2_{c}")) for c in classes))
         cells.append(f"{r['epoch_time_s']:.2f}")
         cells.append("—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -115,16 +154,18 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def group_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of the test accuracy per group (e.g. confounder bin)."""
+    """Markdown table of the accuracy per group (e.g. confounder bin, site) on every test split."""
     groups = _classes(rows, "test_group_accuracy_")
     if not groups:
         return ""
-    head = ["method", "batch", *groups]
+    splits = ["test", *_splits_of(rows)]
+    head = ["method", "batch", "split", *groups]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [method_name(r["method"]), str(r["batch_size"])]
-        cells += [f"{r[f'test_group_accuracy_{g}']:.3f}" for g in groups]
-        lines.append("| " + " | ".join(cells) + " |")
+        for s in splits:
+            cells = [method_name(r["method"]), str(r["batch_size"]), s]
+            cells += [_num(r.get(f"{s}_group_accuracy_{g}")) for g in groups]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -185,10 +226,13 @@ def write_report(
     lines += [
         "## Results" + (f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else " (one seed)"),
         "",
-        "Test bAcc: balanced accuracy on the test set after the last epoch. dcor²: bias-corrected "
-        "squared distance correlation between the features (fc1, after its norm, before the ReLU) "
-        f"and the confounder `{experiment.confounder}` within each class, on the validation set "
-        "after the last epoch (and on the test set). Epoch time: median wall-clock time of a "
+        "Test bAcc: balanced accuracy on the test set after the last epoch (val bAcc: on the "
+        "validation set; further test splits, if any, in their own columns). dcor²: "
+        "bias-corrected squared distance correlation between the features (the hidden fc layer, "
+        f"after its norm, before the ReLU) and the confounder `{experiment.confounder}` (one-hot "
+        "or multi-hot columns for categorical or tag metadata) within each class, on the "
+        "validation set after the last epoch (and on each test set); n/a where the metadata are "
+        "constant within a class. Epoch time: median wall-clock time of a "
         "training epoch (evaluation excluded). × Baseline time: the median over epochs of the "
         "method's epoch time over the Baseline's same epoch (the methods train in round robin, "
         "one epoch each in turn, so each pair is measured under the same load).",
@@ -208,7 +252,7 @@ def write_report(
         lines.append("")
     gt = group_table(rows)
     if gt:
-        lines += ["## Test accuracy per confounder group", "", gt, ""]
+        lines += ["## Accuracy per group on each test split", "", gt, ""]
     if plot_files or plot_note:
         lines += ["## Plots", ""]
         lines += [f"![{f}]({f})" for f in plot_files]

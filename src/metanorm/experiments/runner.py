@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,16 @@ from metanorm.experiments.engine import evaluate, train_one_epoch
 from metanorm.experiments.registry import Experiment, get_experiment
 from metanorm.glm import DesignBuilder
 
-__all__ = ["Run", "build_designs", "check_run_dir", "run_experiment", "seed_everything"]
+__all__ = [
+    "Run",
+    "build_designs",
+    "check_run_dir",
+    "expand_columns",
+    "metric_matrix",
+    "run_experiment",
+    "seed_everything",
+    "split_groups",
+]
 
 LABEL = "y"
 EVAL_BATCH = 500
@@ -67,39 +77,85 @@ def check_run_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     return path
 
 
-def _design_data(split: DataSplit, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    missing = [c for c in columns if c not in split.metadata]
+def expand_columns(patterns: Sequence[str], split: DataSplit) -> tuple[str, ...]:
+    """Metadata column names of ``split`` for ``patterns``; ``"prefix*"`` expands to every column
+    starting with ``prefix`` (sorted). A missing column or an empty pattern is a ``ValueError``."""
+    out: list[str] = []
+    for p in patterns:
+        if p.endswith("*"):
+            hits = sorted(c for c in split.metadata if c.startswith(p[:-1]))
+            if not hits:
+                raise ValueError(
+                    f"no metadata column of split {split.name!r} matches {p!r}; "
+                    f"it has {sorted(split.metadata)}"
+                )
+            out.extend(hits)
+        else:
+            out.append(p)
+    missing = [c for c in out if c not in split.metadata]
     if missing:
         raise ValueError(
             f"split {split.name!r} lacks metadata column(s) {missing}; "
             f"it has {sorted(split.metadata)}"
         )
+    return tuple(out)
+
+
+def _design_data(split: DataSplit, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    expand_columns(columns, split)  # names what is missing
     data = {LABEL: split.labels.numpy()}
     data.update({c: np.asarray(split.metadata[c]) for c in columns})
     return data
 
 
 def build_designs(
-    experiment: Experiment, splits: tuple[DataSplit, ...]
+    experiment: Experiment, splits: Sequence[DataSplit]
 ) -> tuple[DesignBuilder, list[torch.Tensor]]:
     """Fits the design ``[y, metadata..., 1]`` (``y`` kept) on ``splits[0]``; rows of every split.
 
-    The label is one-hot coded (reference level dropped) when it has more than two classes.
-    Continuous columns are standardised only when the experiment says so
-    (:attr:`Experiment.standardize`).
+    The one design coding of every experiment: the label raw (0/1 for two classes; one-hot,
+    class 0 the reference level, for more), never standardised; categorical metadata one-hot
+    (first level the reference); continuous metadata standardised with the training mean and sd
+    only when the experiment says so (:attr:`Experiment.standardize`, which explains why).
     """
     train = splits[0]
-    categorical = list(experiment.categorical)
+    columns = expand_columns(experiment.metadata_columns, train)
+    categorical = [c for c in columns if c in experiment.categorical]
     if len(np.unique(train.labels.numpy())) > 2:
         categorical.insert(0, LABEL)
-    builder = DesignBuilder(
-        keep=[LABEL], categorical=categorical, standardize=experiment.standardize
-    )
-    builder.fit(_design_data(train, experiment.metadata_columns))
-    rows = [
-        builder.transform(_design_data(s, experiment.metadata_columns)).tensor() for s in splits
-    ]
+    scaled = [c for c in columns if c not in categorical] if experiment.standardize else False
+    builder = DesignBuilder(keep=[LABEL], categorical=categorical, standardize=scaled)
+    builder.fit(_design_data(train, columns))
+    rows = [builder.transform(_design_data(s, columns)).tensor() for s in splits]
     return builder, rows
+
+
+def metric_matrix(experiment: Experiment, split: DataSplit, train: DataSplit) -> np.ndarray:
+    """The metadata the bias metric (per-class dcor² with the features) is measured against.
+
+    ``(n, p)`` float64: the confounder column(s) (``*`` patterns expanded on ``train``) as they
+    are; a categorical one one-hot coded with every training level (no reference dropped).
+    """
+    cols: list[np.ndarray] = []
+    for c in expand_columns((experiment.confounder,), train):
+        if c not in split.metadata:
+            raise ValueError(f"split {split.name!r} lacks metadata column {c!r}")
+        v = np.asarray(split.metadata[c])
+        if c in experiment.categorical:
+            levels = sorted(set(np.asarray(train.metadata[c]).tolist()), key=str)
+            cols.extend((v == lv).astype(np.float64) for lv in levels)
+        else:
+            cols.append(v.astype(np.float64))
+    return np.stack(cols, axis=1)
+
+
+def split_groups(experiment: Experiment, split: DataSplit) -> np.ndarray | None:
+    """The group of each sample for the per-group accuracy (see :attr:`Experiment.groups`)."""
+    if experiment.groups is not None:
+        return np.asarray(experiment.groups(split))
+    if experiment.confounder.endswith("*"):
+        return None
+    return np.asarray(split.metadata[experiment.confounder])
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -164,21 +220,36 @@ class Run:
             torch.set_num_threads(config.threads)
         self.config, self.experiment = config, experiment
         seed_everything(config.seed)
-        self.splits = experiment.make_splits(config)
-        train, val, test = self.splits
-        builder, (train_rows, val_rows, test_rows) = build_designs(experiment, self.splits)
-        design = builder.transform(_design_data(train, experiment.metadata_columns))
+        self.splits = tuple(experiment.make_splits(config))
+        if len(self.splits) < 3:
+            raise ValueError(
+                f"experiment {experiment.name!r}: make_splits must return (train, val, test, "
+                f"*more_tests), got {len(self.splits)} split(s)"
+            )
+        train, val = self.splits[0], self.splits[1]
+        self.tests = self.splits[2:]
+        names = [s.name for s in self.tests]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the test splits need distinct names, got {names}")
+        builder, rows = build_designs(experiment, self.splits)
+        design = builder.transform(
+            _design_data(train, expand_columns(experiment.metadata_columns, train))
+        )
+        self.metrics = [metric_matrix(experiment, s, train) for s in self.splits]
         seed_everything(config.seed)
         self.model = experiment.make_model(config.method, design, config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.loader = DataLoader(
-            DesignDataset(train, train_rows),
+            DesignDataset(train, rows[0]),
             batch_size=config.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(config.seed),
         )
-        self.val_loader = DataLoader(DesignDataset(val, val_rows), batch_size=EVAL_BATCH)
-        self.test_loader = DataLoader(DesignDataset(test, test_rows), batch_size=EVAL_BATCH)
+        self.val_loader = DataLoader(DesignDataset(val, rows[1]), batch_size=EVAL_BATCH)
+        self.test_loaders = [
+            DataLoader(DesignDataset(s, r), batch_size=EVAL_BATCH)
+            for s, r in zip(self.tests, rows[2:], strict=True)
+        ]
         self.design_columns = list(design.columns)
         self.history: list[dict[str, Any]] = []
         resolved = {
@@ -189,7 +260,8 @@ class Run:
                 "keep": [design.columns[k] for k in design.keep],
             },
             "confounder": experiment.confounder,
-            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+            "sizes": {"train": len(train), "val": len(val), "test": len(self.tests[0])}
+            | {s.name: len(s) for s in self.tests[1:]},
             "batches_per_epoch": len(self.loader),
             "environment": _environment(self.device),
         }
@@ -209,13 +281,7 @@ class Run:
             raise RuntimeError(f"all {self.config.epochs} epochs are already trained")
         tr = train_one_epoch(self.model, self.loader, self.optimizer, device=self.device)
         t0 = time.perf_counter()
-        val = self.splits[1]
-        ev = evaluate(
-            self.model,
-            self.val_loader,
-            confounder=val.metadata[self.experiment.confounder],
-            device=self.device,
-        )
+        ev = evaluate(self.model, self.val_loader, confounder=self.metrics[1], device=self.device)
         row: dict[str, Any] = {
             "epoch": len(self.history) + 1,
             "train_loss": tr["loss"],
@@ -238,22 +304,23 @@ class Run:
         """
         if not self.history:
             raise RuntimeError("train at least one epoch before finish()")
-        config, experiment, test = self.config, self.experiment, self.splits[2]
-        conf = experiment.confounder
-        groups = (
-            experiment.groups(test)
-            if experiment.groups is not None
-            else np.asarray(test.metadata[conf])
-        )
-        test_ev = evaluate(
-            self.model,
-            self.test_loader,
-            confounder=test.metadata[conf],
-            groups=groups,
-            device=self.device,
-            return_outputs=True,
-        )
-        outputs = test_ev.pop("outputs")
+        config, experiment = self.config, self.experiment
+        evals: dict[str, dict[str, Any]] = {}
+        outputs: dict[str, Any] = {}
+        for i, (split, loader) in enumerate(zip(self.tests, self.test_loaders, strict=True)):
+            ev = evaluate(
+                self.model,
+                loader,
+                confounder=self.metrics[2 + i],
+                groups=split_groups(experiment, split),
+                device=self.device,
+                return_outputs=i == 0,
+            )
+            if i == 0:
+                outputs = ev.pop("outputs")
+            evals[split.name] = ev
+        test = self.tests[0]
+        test_ev = evals[test.name]
         times = [h["epoch_time_s"] for h in self.history]
         last = self.history[-1]
         final = {
@@ -268,6 +335,7 @@ class Run:
             "test_recall": test_ev["recall"],
             "test_dcor2": test_ev["dcor2"],
             "test_group_accuracy": test_ev.get("group_accuracy", {}),
+            "eval_splits": evals,
             "val_balanced_accuracy": last["val_balanced_accuracy"],
             "val_dcor2": {
                 k[len("val_dcor2_") :]: v for k, v in last.items() if k.startswith("val_dcor2_")
@@ -286,11 +354,21 @@ class Run:
             },
         )
         feats = outputs["features"].numpy().astype(np.float32)
+        # one value per sample for the plots' colours: the confounder column, or for a matrix
+        # (one-hot site, multi-hot tags) the group / the number of active tags
+        groups = split_groups(experiment, test)
+        conf_values = (
+            np.asarray(test.metadata[experiment.confounder])
+            if experiment.confounder in test.metadata
+            else groups
+            if groups is not None
+            else self.metrics[2].sum(1)
+        )
         labels = outputs["labels"].numpy()
         _io.atomic_write(
             self.out / "test_features.npz",
             lambda f: np.savez_compressed(
-                f, features=feats, labels=labels, confounder=np.asarray(test.metadata[conf])
+                f, features=feats, labels=labels, confounder=conf_values, metric=self.metrics[2]
             ),
         )
         _io.write_json(self.out / "final.json", final)
