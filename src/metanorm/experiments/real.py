@@ -167,7 +167,7 @@ _SPECS: list[dict[str, Any]] = [
         "metadata_columns": ("shade",),
         "confounder": "shade",
         "groups": _metadata_group("shade_bin"),
-        "defaults": {"epochs": 8, "n_per_class": 2000, "batch_sizes": [128]},
+        "defaults": {"epochs": 8, "n_per_class": 2000, "batch_sizes": [128], "seeds": 3},
     },
     {
         "name": "shaded-mnist",
@@ -187,7 +187,7 @@ _SPECS: list[dict[str, Any]] = [
         "metadata_columns": ("site",),
         "confounder": "site",
         "categorical": ("site",),
-        "defaults": {"epochs": 30, "batch_sizes": [32]},
+        "defaults": {"epochs": 30, "batch_sizes": [32], "seeds": 3},
     },
     {
         "name": "gs-ppb",

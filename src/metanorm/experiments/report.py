@@ -43,7 +43,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ``<split>_dcor2_<class>`` (+ ``_std``), ``<split>_group_accuracy_<group>``;
     ``epoch_time_s`` (the median epoch time of a run, averaged over seeds) and ``time_ratio``
     (the median over epochs of the method's epoch time over the baseline's same epoch, at the same
-    batch size and seed, averaged over seeds; ``None`` without a baseline).
+    batch size and seed, averaged over seeds; the baseline is ``none`` when it ran, else
+    ``batchnorm``; ``None`` without a baseline).
     """
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in results:
@@ -91,10 +92,12 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         times[(int(f["batch_size"]), int(f["seed"]), f["method"])] = [
             float(h["epoch_time_s"]) for h in hist
         ] or [float(f["epoch_time_s_median"])]
+    # the baseline: "none" (synthetic), else BatchNorm (the usual model of the real-data ones)
+    baseline = "none" if any(k[2] == "none" for k in times) else "batchnorm"
     for row in rows:
         ratios = []
         for (bs, seed, method), t in times.items():
-            base = times.get((bs, seed, "none"))
+            base = times.get((bs, seed, baseline))
             if method == row["method"] and bs == row["batch_size"] and base:
                 n = min(len(t), len(base))
                 ratios.append(float(np.median(np.asarray(t[:n]) / np.asarray(base[:n]))))
