@@ -31,7 +31,7 @@ def test_shaded_experiment_design_and_metric():
     exp = real_experiment("shaded-fashion-mnist", n_train=100, n_val=50, n_test=50, seed=0)
     assert exp.eval_splits == ("test", "test_reversed")
     d = exp.design("train")
-    assert d.columns == ("label=1", "shade", "intercept") and d.keep == (0,)
+    assert d.columns == ("y", "shade", "intercept") and d.keep == (0,)
     np.testing.assert_array_equal(d.matrix[:, 0], exp.splits["train"].labels.numpy())
     # the shade column is standardised with the TRAINING mean/sd, at test too
     shade_tr = exp.splits["train"].metadata["shade"]
@@ -64,7 +64,7 @@ def test_two_site_experiment_multiclass():
     assert exp.num_classes == 4
     cols = exp.design("train").columns
     # multiclass label one-hot (kept), site one-hot with a reference level (removed)
-    assert cols == ("label=1", "label=2", "label=3", "site=1", "intercept")
+    assert cols == ("y=1", "y=2", "y=3", "site=1", "intercept")
     assert exp.design("train").keep == (0, 1, 2)
     m = exp.metric_matrix("test")
     assert m.shape == (160, 2) and (m.sum(1) == 1).all()
@@ -78,10 +78,10 @@ def test_gs_ppb_experiment(tmp_path, skin_type):
     exp = real_experiment("gs-ppb", tmp_path, skin_type=skin_type, image_size=16)
     cols = exp.design("train").columns
     if skin_type == "categorical":
-        assert cols == ("label=1", *[f"skin_type={k}" for k in range(2, 7)], "intercept")
+        assert cols == ("y", *[f"skin_type={k}" for k in range(2, 7)], "intercept")
         assert exp.metric_matrix("test").shape[1] == 6
     else:
-        assert cols == ("label=1", "skin_type", "intercept")
+        assert cols == ("y", "skin_type", "intercept")
     check_models(exp)
 
 
@@ -107,7 +107,7 @@ def test_mri_experiment(tmp_path):
     write_mri(tmp_path, n=30)
     exp = real_experiment("multisite-mri", tmp_path, volume_shape=(8, 8, 8))
     assert exp.design("train").columns == (
-        "label=1",
+        "y",
         "site=siteB",
         "site=siteC",
         "age",

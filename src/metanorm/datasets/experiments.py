@@ -1,11 +1,12 @@
 """What each real-data experiment needs: splits, metadata roles and a model factory.
 
-An experiment runner (the engine behind ``metanorm reproduce NAME``) takes a
-:class:`RealExperiment` and needs nothing else from this module: it trains
-``experiment.make_model(norm)`` on ``splits["train"]`` with the design rows
-``experiment.design_rows("train")`` as the metadata argument, selects on ``"val"``, reports on
-every split in ``eval_splits``: bAcc, accuracy per ``group_column`` value, and per-class dcor²
-between the model's features and ``experiment.metric_matrix(split)``.
+The engine runs these as named experiments (:mod:`metanorm.experiments.real`,
+``metanorm reproduce NAME``): it trains ``model_factory(method, design)`` on ``splits["train"]``
+with the design rows as the metadata argument, and evaluates on ``"val"`` and on every split in
+``eval_splits``: bAcc, accuracy per ``group_column`` value, and per-class dcor² between the
+model's features and the metric matrix. :meth:`RealExperiment.design` and
+:meth:`RealExperiment.metric_matrix` give the same rows and matrices as the engine (one coding,
+:mod:`metanorm.datasets._coding`), for use outside it.
 
 Factories (see :data:`REAL_EXPERIMENTS`):
 
@@ -35,6 +36,7 @@ from torch import nn
 from metanorm.datasets._base import DataSplit
 from metanorm.datasets.images import make_shaded_images, make_two_site_digits
 from metanorm.datasets.paper import load_gs_ppb, load_hvu, load_multisite_mri
+from metanorm.datasets import _coding
 from metanorm.glm import Design, DesignBuilder
 from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 
@@ -50,8 +52,8 @@ __all__ = [
     "two_site_digits",
 ]
 
-#: Name of the label column in every design (kept, never removed).
-LABEL = "label"
+#: Name of the label column in every design (kept, never removed); the engine's name.
+LABEL = _coding.LABEL
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -104,24 +106,22 @@ class RealExperiment:
                     f"({list(self.splits['train'].metadata)})"
                 )
 
-    def _design_data(self, split: DataSplit, labels: bool) -> dict[str, np.ndarray]:
-        y = split.labels.numpy() if labels else np.zeros(len(split), dtype=np.int64)
-        data = {LABEL: y}
-        data.update({c: split.metadata[c] for c in self.design_columns})
-        return data
-
     @property
     def builder(self) -> DesignBuilder:
         """The :class:`~metanorm.glm.DesignBuilder`, fitted on the training split.
 
-        Columns: the label, one-hot with class 0 as reference (``"label=1"``, … kept), the
+        The engine's one coding (:mod:`metanorm.datasets._coding`): the label raw (``"y"``,
+        0/1, for two classes; one-hot ``"y=1"``, … with class 0 as reference for more; kept), the
         design columns (removed; continuous ones standardised with the training mean and standard
         deviation, categorical ones one-hot with a reference level), the intercept (removed).
         """
         if self._builder is None:
-            cat = [LABEL] + [c for c in self.design_columns if c in self.categorical]
-            b = DesignBuilder(keep=[LABEL], categorical=cat)
-            self._builder = b.fit(self._design_data(self.splits["train"], True))
+            self._builder = _coding.fit_design_builder(
+                self.splits["train"],
+                self.design_columns,
+                categorical=self.categorical,
+                standardize=True,
+            )
         return self._builder
 
     def design(self, split: str = "train", *, labels: bool = True) -> Design:
@@ -132,7 +132,8 @@ class RealExperiment:
             labels: use the true labels in the kept columns. With ``False`` they are zero: at
                 evaluation MDN ignores kept columns, so test rows never need labels.
         """
-        return self.builder.transform(self._design_data(self.splits[split], labels))
+        data = _coding.design_data(self.splits[split], self.design_columns, labels=labels)
+        return self.builder.transform(data)
 
     def design_rows(self, split: str = "train", *, labels: bool = True) -> torch.Tensor:
         """:meth:`design` as a float32 ``(n, K)`` tensor: the metadata argument of the models."""
@@ -155,18 +156,9 @@ class RealExperiment:
         Metric columns as they are, categorical ones one-hot coded with every training level (no
         intercept, not standardised).
         """
-        s = self.splits[split]
-        cat = [c for c in self.metric_columns if c in self.categorical]
-        cols: list[np.ndarray] = []
-        train = self.splits["train"].metadata
-        for c in self.metric_columns:
-            v = np.asarray(s.metadata[c])
-            if c in cat:
-                levels = sorted(set(np.asarray(train[c]).tolist()), key=str)
-                cols.extend((v == lv).astype(np.float64) for lv in levels)
-            else:
-                cols.append(v.astype(np.float64))
-        return np.stack(cols, axis=1)
+        return _coding.metric_matrix(
+            self.splits[split], self.splits["train"], self.metric_columns, self.categorical
+        )
 
     def groups(self, split: str) -> np.ndarray | None:
         """The group of every sample of a split (for per-group accuracy), or ``None``."""

@@ -57,7 +57,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             [f["test_balanced_accuracy"] for f in finals]
         )
         row["val_bacc"], row["val_bacc_std"] = _mean_std(
-            [f["val_balanced_accuracy"] for f in finals]
+            [f.get("val_balanced_accuracy") for f in finals]
         )
         for key, src in (("val_dcor2", "val_dcor2"), ("test_dcor2", "test_dcor2")):
             for c in finals[0][src]:

@@ -36,6 +36,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from metanorm.datasets import DataSplit, DesignDataset
+from metanorm.datasets._coding import design_data, fit_design_builder
+from metanorm.datasets._coding import metric_matrix as _metric_matrix
 from metanorm.experiments import _io
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.engine import evaluate, train_one_epoch
@@ -53,7 +55,6 @@ __all__ = [
     "split_groups",
 ]
 
-LABEL = "y"
 EVAL_BATCH = 500
 
 
@@ -102,10 +103,7 @@ def expand_columns(patterns: Sequence[str], split: DataSplit) -> tuple[str, ...]
 
 
 def _design_data(split: DataSplit, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    expand_columns(columns, split)  # names what is missing
-    data = {LABEL: split.labels.numpy()}
-    data.update({c: np.asarray(split.metadata[c]) for c in columns})
-    return data
+    return design_data(split, columns)
 
 
 def build_designs(
@@ -113,20 +111,17 @@ def build_designs(
 ) -> tuple[DesignBuilder, list[torch.Tensor]]:
     """Fits the design ``[y, metadata..., 1]`` (``y`` kept) on ``splits[0]``; rows of every split.
 
-    The one design coding of every experiment: the label raw (0/1 for two classes; one-hot,
-    class 0 the reference level, for more), never standardised; categorical metadata one-hot
-    (first level the reference); continuous metadata standardised with the training mean and sd
-    only when the experiment says so (:attr:`Experiment.standardize`, which explains why).
+    The one design coding of every experiment (:mod:`metanorm.datasets._coding`): the label raw
+    (0/1 for two classes; one-hot, class 0 the reference level, for more), never standardised;
+    categorical metadata one-hot; continuous metadata standardised with the training mean and sd
+    only when the experiment says so (:attr:`Experiment.standardize`).
     """
     train = splits[0]
     columns = expand_columns(experiment.metadata_columns, train)
-    categorical = [c for c in columns if c in experiment.categorical]
-    if len(np.unique(train.labels.numpy())) > 2:
-        categorical.insert(0, LABEL)
-    scaled = [c for c in columns if c not in categorical] if experiment.standardize else False
-    builder = DesignBuilder(keep=[LABEL], categorical=categorical, standardize=scaled)
-    builder.fit(_design_data(train, columns))
-    rows = [builder.transform(_design_data(s, columns)).tensor() for s in splits]
+    builder = fit_design_builder(
+        train, columns, categorical=experiment.categorical, standardize=experiment.standardize
+    )
+    rows = [builder.transform(design_data(s, columns)).tensor() for s in splits]
     return builder, rows
 
 
@@ -136,17 +131,8 @@ def metric_matrix(experiment: Experiment, split: DataSplit, train: DataSplit) ->
     ``(n, p)`` float64: the confounder column(s) (``*`` patterns expanded on ``train``) as they
     are; a categorical one one-hot coded with every training level (no reference dropped).
     """
-    cols: list[np.ndarray] = []
-    for c in expand_columns((experiment.confounder,), train):
-        if c not in split.metadata:
-            raise ValueError(f"split {split.name!r} lacks metadata column {c!r}")
-        v = np.asarray(split.metadata[c])
-        if c in experiment.categorical:
-            levels = sorted(set(np.asarray(train.metadata[c]).tolist()), key=str)
-            cols.extend((v == lv).astype(np.float64) for lv in levels)
-        else:
-            cols.append(v.astype(np.float64))
-    return np.stack(cols, axis=1)
+    columns = expand_columns((experiment.confounder,), train)
+    return _metric_matrix(split, train, columns, experiment.categorical)
 
 
 def split_groups(experiment: Experiment, split: DataSplit) -> np.ndarray | None:
