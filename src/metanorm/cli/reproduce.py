@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -30,6 +31,16 @@ def _positive_float(text: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
     return v
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def register(sub: Any) -> None:
@@ -94,6 +105,15 @@ def register(sub: Any) -> None:
         help="data folder: required by gs-ppb, hvu and multisite-mri (the error names the "
         "layout), optional for shaded-* (another copy of the source's files)",
     )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="KEY=VALUE",
+        help="an experiment option (RunConfig.options; VALUE read as JSON when it parses, else "
+        "as text), repeatable; e.g. shade_mode=contrast, noise=0.1, 'classes=[1, 7]'",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
         "--jobs",
@@ -137,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         options.pop("n_eval_per_class", None)  # the splits follow the asked size
     if args.n_eval_per_class is not None:
         options["n_eval_per_class"] = args.n_eval_per_class
+    options.update(dict(args.option))
     if args.data is not None:
         options["data"] = os.fspath(args.data)
     settings["options"] = options
