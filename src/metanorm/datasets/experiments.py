@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from metanorm.datasets import _coding
 from metanorm.datasets._base import DataSplit
 from metanorm.datasets.images import make_shaded_images, make_two_site_digits
 from metanorm.datasets.paper import load_gs_ppb, load_hvu, load_multisite_mri
-from metanorm.datasets import _coding
 from metanorm.glm import Design, DesignBuilder
 from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 

@@ -123,8 +123,8 @@ def evaluate(
     Returns:
         ``{"loss", "accuracy", "balanced_accuracy", "recall": {class: recall},
         "dcor2": {class: bias-corrected dcor² between the features and the confounder within the
-        class; NaN where the confounder is constant within the class}, "group_accuracy": {group: accuracy} (when ``groups`` is given)}``; class and group
-        keys are strings (JSON keys).
+        class; NaN where the confounder is constant within the class}, "group_accuracy": {group:
+        accuracy} (when ``groups`` is given)}``; class and group keys are strings (JSON keys).
     """
     out = predict(model, loader, device=device)
     y, p = out["labels"].numpy(), out["predictions"].numpy()

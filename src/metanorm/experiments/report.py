@@ -114,7 +114,7 @@ def _splits_of(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [k[: -len("_bacc")] for k in rows[0] if k.endswith("_bacc") and k != "val_bacc"][1:]
 
 
-def _num(v: float, digits: int = 3) -> str:
+def _num(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None or v != v else f"{v:.{digits}f}"
 
 

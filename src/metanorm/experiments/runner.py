@@ -8,8 +8,11 @@ A run folder holds:
   validation dcor², epoch time), rewritten after every epoch;
 - ``final.json``: the test metrics (bAcc, per-class recall, per-class dcor², accuracy per group)
   and the last epoch's validation metrics, written last: its presence marks a complete run;
+  ``eval_splits`` holds the same metrics for every test split by name (``test`` first, then any
+  further test split such as ``test_reversed``);
 - ``checkpoint.pt``: the model's ``state_dict`` (MDN buffers included) and the config;
-- ``test_features.npz``: the test set's features, labels and confounder (for the plots).
+- ``test_features.npz``: the test set's features, labels, confounder (one value per sample, for
+  the plots) and ``metric`` (the matrix dcor² was measured against).
 
 Every file is written atomically. An existing, non-empty run folder is refused unless
 ``overwrite=True``.
@@ -79,8 +82,11 @@ def check_run_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
 
 
 def expand_columns(patterns: Sequence[str], split: DataSplit) -> tuple[str, ...]:
-    """Metadata column names of ``split`` for ``patterns``; ``"prefix*"`` expands to every column
-    starting with ``prefix`` (sorted). A missing column or an empty pattern is a ``ValueError``."""
+    """Metadata column names of ``split`` for ``patterns``.
+
+    ``"prefix*"`` expands to every column starting with ``prefix`` (sorted). A missing column or a
+    pattern that matches nothing is a ``ValueError``.
+    """
     out: list[str] = []
     for p in patterns:
         if p.endswith("*"):
