@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from metanorm.datasets import DataSplit
@@ -43,7 +44,7 @@ from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
 from metanorm.glm import Design
 
-__all__ = ["LAYOUTS", "REAL_NAMES", "load_real"]
+__all__ = ["LAYOUTS", "REAL_NAMES", "load_real", "shade_bins"]
 
 #: Methods every real-data experiment accepts; the first two run by default.
 METHODS = ("batchnorm", "mdn", "none", "mdn-all")
@@ -152,9 +153,15 @@ def _shift_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
     return checks
 
 
-def _metadata_group(column: str) -> Any:
-    def groups(split: DataSplit) -> Any:
-        return split.metadata[column]
+def shade_bins(split: DataSplit) -> np.ndarray:
+    """The shade bin of each sample as a label: ``"[1,2)"``, ..., ``"[4,5)"``, ``"[5,6]"``."""
+    b = np.asarray(split.metadata["shade_bin"]).astype(int)
+    return np.array([f"[{v},{v + 1}]" if v == 5 else f"[{v},{v + 1})" for v in b])
+
+
+def _prefixed(column: str) -> Any:
+    def groups(split: DataSplit) -> np.ndarray:
+        return np.array([f"{column} {v}" for v in np.asarray(split.metadata[column])])
 
     return groups
 
@@ -170,7 +177,7 @@ _SPECS: list[dict[str, Any]] = [
         "with the shade; accuracy per shade bin.",
         "metadata_columns": ("shade",),
         "confounder": "shade",
-        "groups": _metadata_group("shade_bin"),
+        "groups": shade_bins,
         "defaults": {"epochs": 8, "n_per_class": 2000, "batch_sizes": [128], "seeds": 3},
     },
     {
@@ -179,7 +186,7 @@ _SPECS: list[dict[str, Any]] = [
         "in shaded-fashion-mnist.",
         "metadata_columns": ("shade",),
         "confounder": "shade",
-        "groups": _metadata_group("shade_bin"),
+        "groups": shade_bins,
         "defaults": {"epochs": 15, "n_per_class": 250, "batch_sizes": [64]},
     },
     {
@@ -191,6 +198,7 @@ _SPECS: list[dict[str, Any]] = [
         "metadata_columns": ("site",),
         "confounder": "site",
         "categorical": ("site",),
+        "groups": _prefixed("site"),
         "defaults": {"epochs": 30, "batch_sizes": [32], "seeds": 3},
     },
     {
@@ -201,6 +209,7 @@ _SPECS: list[dict[str, Any]] = [
         "metadata_columns": ("skin_type",),
         "confounder": "skin_type",
         "categorical": ("skin_type",),
+        "groups": _prefixed("skin_type"),
         "defaults": {"epochs": 20, "batch_sizes": [64]},
     },
     {
@@ -219,6 +228,7 @@ _SPECS: list[dict[str, Any]] = [
         "metadata_columns": ("site", "age", "sex"),
         "confounder": "site",
         "categorical": ("site", "sex"),
+        "groups": _prefixed("site"),
         "defaults": {"epochs": 20, "batch_sizes": [16]},
     },
 ]
