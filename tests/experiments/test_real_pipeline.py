@@ -16,6 +16,7 @@ from metanorm.datasets.paper import load_hvu
 from metanorm.datasets.sources import FASHION_MNIST_DIR
 from metanorm.experiments import RunConfig, get_experiment, list_experiments
 from metanorm.experiments.runner import build_designs, metric_matrix
+from metanorm.models import StandInMLP, create_model
 
 HAVE_FASHION = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
 
@@ -34,6 +35,11 @@ def test_real_experiments_registered():
     names = set(list_experiments())
     assert {"shaded-fashion-mnist", "two-site-digits", "gs-ppb", "hvu", "multisite-mri"} <= names
     assert "synthetic" in names
+    # the stand-in models are part of metanorm.models and its factory
+    model = create_model("stand-in-mlp", in_features=5, num_classes=3, norm="none")
+    assert isinstance(model, StandInMLP)
+    logits, feats = model(torch.randn(4, 5))
+    assert logits.shape == (4, 3) and feats.shape == (4, 128)
 
 
 def test_one_design_coding_label_raw_metadata_standardised():
@@ -108,6 +114,7 @@ def test_hvu_reproduce_end_to_end(tmp_path):
     # three actions: the label one-hot (kept), then the multi-hot scene tags, then the intercept
     assert cfg["design"]["columns"] == ["y=1", "y=2", *scenes, "intercept"]
     assert cfg["design"]["keep"] == ["y=1", "y=2"]
+    assert cfg["model"]["class"] == "StandInMLP"
     final = json.loads((out / "runs/bs16/mdn/seed0/final.json").read_text())
     z = np.load(out / "runs/bs16/mdn/seed0/test_features.npz")
     test = load_hvu(data, seed=0)["test"]

@@ -251,6 +251,10 @@ class Run:
                 "columns": list(design.columns),
                 "keep": [design.columns[k] for k in design.keep],
             },
+            "model": {
+                "class": type(self.model).__name__,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+            },
             "confounder": experiment.confounder,
             "sizes": {"train": len(train), "val": len(val), "test": len(self.tests[0])}
             | {s.name: len(s) for s in self.tests[1:]},

@@ -1,7 +1,10 @@
 """Models for the experiments, by name: :func:`create_model` / :func:`list_models`.
 
 Every model's ``forward(x, metadata=None)`` returns ``(logits, features)``: the features are what
-the bias metric (dcor²) is measured on.
+the bias metric (dcor²) is measured on. ``paper-cnn``: the synthetic experiment's CNN
+(:mod:`metanorm.models.cnn`); ``stand-in-cnn``, ``stand-in-mlp``, ``stand-in-cnn3d``: the
+real-data experiments' models (:mod:`metanorm.models.stand_in`; their ``norm`` values are
+``stand_in.NORMS``).
 """
 
 from __future__ import annotations
@@ -13,10 +16,27 @@ from torch import nn
 
 from metanorm.models.cnn import NORMS as NORMS
 from metanorm.models.cnn import PaperCNN as PaperCNN
+from metanorm.models.stand_in import StandInCNN as StandInCNN
+from metanorm.models.stand_in import StandInCNN3d as StandInCNN3d
+from metanorm.models.stand_in import StandInMLP as StandInMLP
 
-__all__ = ["NORMS", "PaperCNN", "create_model", "list_models", "register_model"]
+__all__ = [
+    "NORMS",
+    "PaperCNN",
+    "StandInCNN",
+    "StandInCNN3d",
+    "StandInMLP",
+    "create_model",
+    "list_models",
+    "register_model",
+]
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {"paper-cnn": PaperCNN}
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "paper-cnn": PaperCNN,
+    "stand-in-cnn": StandInCNN,
+    "stand-in-mlp": StandInMLP,
+    "stand-in-cnn3d": StandInCNN3d,
+}
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
