@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from metanorm.experiments import RunConfig, get_experiment, run_sweep, write_report
 
     experiment = get_experiment(args.experiment)
+    if args.paper and not experiment.paper:
+        raise ValueError(f"experiment {experiment.name!r} has no --paper settings; drop --paper")
     settings: dict[str, Any] = {
         "epochs": 10,
         "lr": 1e-3,
