@@ -202,9 +202,12 @@ class DesignBuilder:
     Column order follows the input; the intercept comes last, as in the paper's ``[y, cf, 1]``.
     Categorical columns are one-hot coded; with an intercept the first level (in sorted order) is
     the dropped reference level. Continuous columns are standardised with the training mean and
-    standard deviation when ``standardize`` is true (the residual does not change: with an
-    intercept it is invariant to affine changes of a column, but :math:`\Sigma` is better
-    conditioned). Levels, means and scales are recorded at ``fit``; an unseen level or a missing
+    standard deviation when ``standardize`` is true. Rescaling a *removed* column mixes it only
+    with the removed intercept, so neither the full-data nor MDN's batch residual changes, and
+    :math:`\Sigma` is better conditioned. Centring a *kept* column (a 0/1 label) moves a constant
+    between the kept part and the removed intercept: the full-data output shifts by a constant
+    per feature and MDN's batch estimate changes (the synthetic experiment trains more stably
+    with the raw 0/1 label: pass ``standardize=[metadata columns]`` to leave it raw). Levels, means and scales are recorded at ``fit``; an unseen level or a missing
     value at ``transform`` is a ``ValueError``.
 
     Args:
