@@ -207,8 +207,9 @@ class DesignBuilder:
     :math:`\Sigma` is better conditioned. Centring a *kept* column (a 0/1 label) moves a constant
     between the kept part and the removed intercept: the full-data output shifts by a constant
     per feature and MDN's batch estimate changes (the synthetic experiment trains more stably
-    with the raw 0/1 label: pass ``standardize=[metadata columns]`` to leave it raw). Levels, means and scales are recorded at ``fit``; an unseen level or a missing
-    value at ``transform`` is a ``ValueError``.
+    with the raw 0/1 label: pass ``standardize=[metadata columns]`` to leave it raw).
+    Levels, means and scales are recorded at ``fit``; an unseen level or a missing value at
+    ``transform`` is a ``ValueError``.
 
     Args:
         keep: input columns (names or positions) that are estimated but not removed: labels, or
