@@ -67,6 +67,10 @@ def test_run_folder_contents_are_sane(sweep):
     with open(run / "epochs.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # the default cosine schedule: lr, then lr·(1 + cos(π/2))/2 = lr/2
+    assert cfg["config"]["lr_schedule"] == "cosine"
+    lr = cfg["config"]["lr"]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lr, lr / 2])
     for r in rows:
         assert float(r["train_loss"]) > 0 and float(r["epoch_time_s"]) > 0
         assert 0 <= float(r["val_balanced_accuracy"]) <= 1
@@ -88,7 +92,11 @@ def test_run_folder_contents_are_sane(sweep):
     design[:, 1] = torch.linspace(-1, 1, 80)
     model = PaperCNN("mdn-conv", design)
     model.load_state_dict(ckpt["model"])
-    assert int(model.norm3.num_batches_tracked) == 2 * 3
+    # the default refit: after the last epoch each running β comes from one pass over the
+    # 80 training images (one batch of at most 500)
+    assert cfg["config"]["refit_running_beta"] is True
+    assert int(model.norm3.num_batches_tracked) == 1
+    assert int(model.norm3.num_samples_tracked) == 80
     with np.load(run / "test_features.npz") as z:
         assert z["features"].shape == (80, 84) and z["labels"].shape == (80,)
         assert z["confounder"].shape == (80,)
@@ -203,6 +211,8 @@ def test_bad_configurations(tmp_path, capsys):
         RunConfig(batch_size=0)
     with pytest.raises(ValueError, match="lr"):
         RunConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        RunConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="unknown experiment"):
         get_experiment("nope")
     with pytest.raises(ValueError, match="methods"):
@@ -241,3 +251,59 @@ def test_sweep_in_two_processes(tmp_path):
         ).is_file()
     with pytest.raises(ValueError, match="jobs"):
         run_sweep(base, tmp_path / "t", jobs=0)
+
+
+def test_epoch_lr_schedules():
+    import math
+
+    from metanorm.experiments.engine import epoch_lr
+
+    assert [epoch_lr(0.1, "constant", e, 3) for e in range(3)] == [0.1] * 3
+    got = [epoch_lr(0.1, "cosine", e, 5) for e in range(5)]
+    want = [0.05 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
+    assert got == pytest.approx(want) and got[0] == 0.1 and got == sorted(got, reverse=True)
+    with pytest.raises(ValueError, match="epoch"):
+        epoch_lr(0.1, "cosine", 5, 5)
+    with pytest.raises(ValueError, match="schedule"):
+        epoch_lr(0.1, "linear", 0, 5)
+
+
+def test_refit_running_beta_matches_least_squares_layer_by_layer():
+    """Each refitted β is the full-data least-squares fit of the features that layer sees in eval
+    mode (the earlier layers already refitted), whatever the batch order."""
+    from metanorm.datasets.synthetic import make_synthetic_splits
+    from metanorm.experiments.engine import refit_running_beta
+    from metanorm.experiments.runner import build_designs
+
+    exp = get_experiment("synthetic")
+    splits = make_synthetic_splits(30, seed=3)
+    _, rows = build_designs(exp, splits)
+    torch.manual_seed(0)
+    model = PaperCNN("mdn-conv", rows[0], momentum=0.3).double()
+    model.train()
+    x = splits[0].images.double()
+    model(x[:20], rows[0][:20].double())  # some stale running state to be replaced
+    d = rows[0].double()
+    y = splits[0].labels
+    loader = [(x[i : i + 7], y[i : i + 7], d[i : i + 7]) for i in range(0, len(x), 7)]  # sorted
+    assert refit_running_beta(model, loader) == 3
+    assert model.training and model.norm1.momentum == 0.3
+    inputs = {}
+    hooks = [
+        getattr(model, name).register_forward_pre_hook(
+            lambda mod, args, name=name: inputs.__setitem__(name, args[0].flatten(1))
+        )
+        for name in ("norm1", "norm2", "norm3")
+    ]
+    model.eval()
+    with torch.no_grad():
+        model(x, d)
+    for h in hooks:
+        h.remove()
+    design = d.numpy()
+    for name in ("norm1", "norm2", "norm3"):
+        feats = inputs[name].numpy()
+        want = np.linalg.lstsq(design, feats, rcond=None)[0]
+        got = getattr(model, name).running_beta.double().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    assert refit_running_beta(torch.nn.Linear(2, 2), loader) == 0

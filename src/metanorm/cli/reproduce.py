@@ -81,6 +81,20 @@ def register(sub: Any) -> None:
     p.add_argument("--epochs", type=_positive_int, metavar="E", help="training epochs")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help="Adam learning rate")
     p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        help="learning-rate schedule over the epochs: constant, or cosine decay from --lr "
+        "towards 0, stepped per epoch (default: the experiment's; synthetic: cosine, "
+        "constant with --paper)",
+    )
+    p.add_argument(
+        "--refit-running-beta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after each epoch, refit the MDN layers' running β on the training set, layer by "
+        "layer, for evaluation (default: the experiment's; synthetic: on, off with --paper)",
+    )
+    p.add_argument(
         "--n-per-class",
         type=_positive_int,
         metavar="N",
@@ -149,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {
         "epochs": 10,
         "lr": 1e-3,
+        "lr_schedule": "constant",
+        "refit_running_beta": False,
         "n_per_class": 1000,
         "batch_sizes": [200],
         "seeds": 1,
@@ -163,7 +179,15 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         options["data"] = os.fspath(args.data)
     settings["options"] = options
-    for key in ("epochs", "lr", "n_per_class", "batch_sizes", "seeds"):
+    for key in (
+        "epochs",
+        "lr",
+        "lr_schedule",
+        "refit_running_beta",
+        "n_per_class",
+        "batch_sizes",
+        "seeds",
+    ):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -184,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         experiment=experiment.name,
         epochs=int(settings["epochs"]),
         lr=float(settings["lr"]),
+        lr_schedule=str(settings["lr_schedule"]),
+        refit_running_beta=bool(settings["refit_running_beta"]),
         n_per_class=int(settings["n_per_class"]),
         device=args.device,
         threads=threads,
@@ -208,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         "seeds": " ".join(map(str, seeds)),
         "epochs": base.epochs,
         "lr": base.lr,
+        "lr schedule": base.lr_schedule,
+        "refit running β": base.refit_running_beta,
         "n per class": base.n_per_class,
         "device": base.device,
         "jobs": jobs,

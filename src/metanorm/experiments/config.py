@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RunConfig"]
+__all__ = ["LR_SCHEDULES", "RunConfig"]
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,19 @@ class RunConfig:
         batch_size: training batch size; it need not divide the training set size (the last
             batch is short).
         epochs: training epochs.
-        lr: Adam learning rate.
+        lr: Adam learning rate (of the first epoch under a schedule).
+        lr_schedule: ``"constant"``, or ``"cosine"``: epoch ``e`` of ``E`` (from 0) trains at
+            ``lr · (1 + cos(π e / E)) / 2``, so the last epochs take small, steady steps (see
+            :func:`metanorm.experiments.engine.epoch_lr`).
         seed: base seed of the data (its splits use seeds derived from it), the model's
             initialisation and the batch order.
         n_per_class: training samples per class, for experiments that generate or subsample data.
         device: torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
         threads: CPU threads for torch (``torch.set_num_threads``); ``None`` leaves torch's default.
         momentum: running-β momentum of the MDN layers.
+        refit_running_beta: after every training epoch, refit the MDN layers' running β on the
+            training set, layer by layer (:func:`metanorm.experiments.engine.refit_running_beta`),
+            so that evaluation uses the full-data β of the current weights.
         options: experiment-specific settings (JSON-serialisable).
     """
 
@@ -36,11 +44,13 @@ class RunConfig:
     batch_size: int = 200
     epochs: int = 10
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     seed: int = 0
     n_per_class: int = 1000
     device: str = "cpu"
     threads: int | None = 2
     momentum: float | None = 0.1
+    refit_running_beta: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,6 +60,8 @@ class RunConfig:
                 raise ValueError(f"expected {name} to be a positive int, got {v!r}")
         if not isinstance(self.lr, int | float) or not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"expected lr to be a positive number, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"expected lr_schedule in {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"expected seed to be a non-negative int, got {self.seed!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):

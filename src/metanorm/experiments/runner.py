@@ -43,7 +43,12 @@ from metanorm.datasets._coding import design_data, fit_design_builder
 from metanorm.datasets._coding import metric_matrix as _metric_matrix
 from metanorm.experiments import _io
 from metanorm.experiments.config import RunConfig
-from metanorm.experiments.engine import evaluate, train_one_epoch
+from metanorm.experiments.engine import (
+    epoch_lr,
+    evaluate,
+    refit_running_beta,
+    train_one_epoch,
+)
 from metanorm.experiments.registry import Experiment, get_experiment
 from metanorm.glm import DesignBuilder
 
@@ -237,6 +242,7 @@ class Run:
             shuffle=True,
             generator=torch.Generator().manual_seed(config.seed),
         )
+        self.refit_loader = DataLoader(DesignDataset(train, rows[0]), batch_size=EVAL_BATCH)
         self.val_loader = DataLoader(DesignDataset(val, rows[1]), batch_size=EVAL_BATCH)
         self.test_loaders = [
             DataLoader(DesignDataset(s, r), batch_size=EVAL_BATCH)
@@ -275,17 +281,28 @@ class Run:
         """Trains one epoch, evaluates on the validation split, appends to ``epochs.csv``."""
         if self.done:
             raise RuntimeError(f"all {self.config.epochs} epochs are already trained")
+        lr = epoch_lr(
+            self.config.lr, self.config.lr_schedule, len(self.history), self.config.epochs
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         tr = train_one_epoch(self.model, self.loader, self.optimizer, device=self.device)
+        t0 = time.perf_counter()
+        if self.config.refit_running_beta:
+            refit_running_beta(self.model, self.refit_loader, device=self.device)
+        refit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = evaluate(self.model, self.val_loader, confounder=self.metrics[1], device=self.device)
         row: dict[str, Any] = {
             "epoch": len(self.history) + 1,
+            "lr": lr,
             "train_loss": tr["loss"],
             "val_loss": ev["loss"],
             "val_accuracy": ev["accuracy"],
             "val_balanced_accuracy": ev["balanced_accuracy"],
             **_flat("val_dcor2", ev["dcor2"]),
             "epoch_time_s": tr["time_s"],
+            "refit_time_s": refit_s,
             "eval_time_s": time.perf_counter() - t0,
         }
         self.history.append(row)
