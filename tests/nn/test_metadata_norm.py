@@ -219,7 +219,7 @@ def test_nonfinite_batch_never_reaches_running_beta(rng):
         layer(bad, xt[60:120])
     torch.testing.assert_close(layer.running_beta, before, atol=0, rtol=0)
     assert int(layer.num_batches_tracked) == 1 and int(layer.num_samples_tracked) == 60
-    # fp16 overflow: the features fit float16 but not the N/m-scaled estimate in float16 math
+    # what an fp16 overflow upstream hands the layer: infinite float16 features
     half = MetadataNorm(7, x, keep=[0], on_nonfinite="skip")
     with pytest.warns(RuntimeWarning):
         half(torch.full((60, 7), float("inf"), dtype=torch.float16), xt[:60].half())
@@ -326,6 +326,23 @@ def test_without_running_stats_uses_batch_estimates(rng):
     layer.eval()
     out = layer(torch.tensor(f), torch.tensor(x))
     np.testing.assert_allclose(out.numpy(), _lstsq_residual(x, f, [0])[0], atol=1e-10)
+
+
+def test_functional_refuses_cumulative_average_without_counter(rng):
+    x, f, _, _ = _problem(rng)
+    layer = MetadataNorm(7, x, keep=[0], dtype=torch.float64)
+    running = torch.zeros(5, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs num_samples_tracked"):
+        metadata_norm(
+            torch.tensor(f),
+            torch.tensor(x),
+            layer.kernel,
+            240,
+            layer.remove_mask,
+            running,
+            momentum=None,
+        )
+    assert torch.count_nonzero(running) == 0  # refused before any state changed
 
 
 def test_functional_matches_module(rng):

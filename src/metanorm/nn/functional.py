@@ -101,6 +101,8 @@ def metadata_norm(
     check_metadata(metadata, m, k)
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"expected on_nonfinite in {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+    if training and running_beta is not None and momentum is None and num_samples_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
 
     compute_dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
     features = input.reshape(m, -1).to(compute_dtype)
@@ -118,12 +120,10 @@ def metadata_norm(
                         num_batches_tracked.add_(1)
                     if num_samples_tracked is not None:
                         num_samples_tracked.add_(m)
-                    if momentum is None:
-                        if num_samples_tracked is None:
-                            raise ValueError("momentum=None needs num_samples_tracked")
+                    if momentum is None and num_samples_tracked is not None:
                         factor = m / float(num_samples_tracked)
                     else:
-                        factor = momentum
+                        factor = float(momentum or 0.0)
                     running_beta.lerp_(beta.to(running_beta.dtype), factor)
                 else:
                     msg = (
