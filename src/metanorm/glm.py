@@ -15,8 +15,10 @@ multi-process layer:
 - :func:`batch_statistics` and :func:`beta_from_statistics` split the batch estimate
   :math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F` into a sum over samples and a solve, so that
   statistics summed over processes give the same :math:`\hat\beta` as one large batch.
-- :func:`remove_effect` subtracts the removed columns' part, :func:`fit_beta` is the full-data
-  closed form.
+- :func:`batch_residual` is the training-mode map (estimate and residual in one pass, with a
+  hand-written backward) on :func:`low_rank_residual`, which uses the compiled CPU kernel
+  ``metanorm._C`` when it is built; :func:`remove_effect` subtracts the removed columns' part;
+  :func:`fit_beta` is the full-data closed form.
 """
 
 from __future__ import annotations
@@ -31,16 +33,25 @@ import torch
 
 from metanorm._validation import as_2d_tensor, check_finite, describe
 
+try:  # the optional compiled CPU kernel (setup.py); plain PyTorch products without it
+    from metanorm import _C
+except ImportError:  # pragma: no cover - depends on how the package was built
+    _C = None  # type: ignore[assignment]
+
 __all__ = [
     "Design",
     "DesignBuilder",
     "batch_residual",
+    "batch_residual_checked",
     "batch_statistics",
     "beta_from_statistics",
     "fit_beta",
     "glm_kernel",
+    "has_cpu_kernel",
+    "low_rank_residual",
     "make_design",
     "remove_effect",
+    "set_cpu_kernel",
 ]
 
 INTERCEPT = "intercept"
@@ -534,7 +545,7 @@ def glm_kernel(
     else:
         sigma = sigma + ridge * torch.eye(k, dtype=sigma.dtype, device=sigma.device)
     inv = torch.linalg.inv(sigma)
-    return (inv + inv.T) / 2
+    return ((inv + inv.T) / 2).contiguous()  # symmetrised; contiguous for the CPU kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,40 +603,94 @@ def remove_effect(
     return torch.addmm(features, design_rows * remove_mask.to(design_rows.dtype), beta, alpha=-1)
 
 
-class _BatchResidual(torch.autograd.Function):
-    """``F ↦ F − A W X_bᵀ F`` with A = X_b ⊙ r and W = (N/m) Σ⁻¹; also returns β̂ = W X_bᵀ F.
+#: Widest design (K columns) for which the compiled CPU kernel is used; MKL's GEMM wins beyond.
+KERNEL_MAX_COLUMNS = 32
+_kernel_enabled = _C is not None
 
-    For a fixed batch the map is linear in F, so its gradient is the transposed map,
-    ``G ↦ G − X_b Wᵀ Aᵀ G``: two thin matrix products in each direction and no m×D temporary
-    beyond the output (autograd through the separate products needs one more full pass).
-    The backward is itself made of differentiable ops, so double backward works. Design rows
-    get no gradient here; :func:`batch_residual` takes the plain autograd route when they need one.
+
+def has_cpu_kernel() -> bool:
+    """Whether the compiled CPU kernel ``metanorm._C`` is built and enabled.
+
+    It is built by ``pip install --no-build-isolation`` when torch is importable at build time
+    (``make`` does this); without it the same maths runs as plain PyTorch matrix products.
+    """
+    return _kernel_enabled
+
+
+def set_cpu_kernel(enabled: bool) -> bool:
+    """Turns the compiled CPU kernel on or off (for comparisons); returns the previous setting.
+
+    Raises:
+        RuntimeError: if ``enabled`` is true and the kernel was not built.
+    """
+    global _kernel_enabled
+    if enabled and _C is None:
+        raise RuntimeError(
+            "metanorm's compiled CPU kernel is not built: reinstall with torch installed first "
+            "and `pip install --no-build-isolation` (see setup.py)"
+        )
+    previous, _kernel_enabled = _kernel_enabled, bool(enabled)
+    return previous
+
+
+def _kernel_applies(features: torch.Tensor, num_columns: int) -> bool:
+    return (
+        _kernel_enabled
+        and features.device.type == "cpu"
+        and features.dtype in (torch.float32, torch.float64)
+        and num_columns <= KERNEL_MAX_COLUMNS
+    )
+
+
+def low_rank_residual(
+    features: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(F − A (Bᵀ F), Bᵀ F)``, no autograd: the one pass both directions of MDN are made of.
+
+    Runs the compiled CPU kernel (one read of F from memory, the output written once) for
+    contiguous float32/float64 CPU tensors with K ≤ :data:`KERNEL_MAX_COLUMNS`, plain PyTorch
+    matrix products otherwise.
+
+    Shape:
+        - features: ``(m, D)``
+        - a, b: ``(m, K)``, same dtype and device
+        - Output: ``(m, D)`` and ``(K, D)``
+    """
+    if _kernel_applies(features, a.shape[1]):
+        out, p = _C.low_rank_residual(features.contiguous(), a.contiguous(), b.contiguous())
+        return out, p
+    p = b.T @ features
+    return torch.addmm(features, a, p, alpha=-1), p
+
+
+class _LowRankResidual(torch.autograd.Function):
+    """``F ↦ F − A Bᵀ F``, also returning ``P = Bᵀ F`` (which carries no gradient).
+
+    For fixed A and B the map is linear in F and its transpose is the same map with A and B
+    swapped, ``G ↦ G − B Aᵀ G``: the backward is this Function again, so double backward works
+    and both directions take the fast path of :func:`low_rank_residual`. A and B get no
+    gradient; :func:`batch_residual` takes the plain autograd route when design rows need one.
     """
 
     @staticmethod
     def forward(
-        ctx: Any,
-        features: torch.Tensor,
-        rows: torch.Tensor,
-        weight: torch.Tensor,
-        removed_rows: torch.Tensor,
+        ctx: Any, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        beta = weight @ batch_statistics(rows, features)
-        out = torch.addmm(features, removed_rows, beta, alpha=-1)
-        ctx.save_for_backward(rows, weight, removed_rows)
-        ctx.mark_non_differentiable(beta)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for beta
-        return out, beta
+        out, p = low_rank_residual(features, a, b)
+        ctx.save_for_backward(a, b)
+        ctx.mark_non_differentiable(p)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for P
+        return out, p
 
     @staticmethod
     def backward(
-        ctx: Any, grad_out: torch.Tensor | None, grad_beta: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, None, None, None]:
+        ctx: Any, grad_out: torch.Tensor | None, grad_p: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None]:
         if grad_out is None:
-            return None, None, None, None
-        rows, weight, removed_rows = ctx.saved_tensors
-        u = weight.T @ (removed_rows.T @ grad_out)
-        return torch.addmm(grad_out, rows, u, alpha=-1), None, None, None
+            return None, None, None
+        a, b = ctx.saved_tensors
+        grad, _ = _LowRankResidual.apply(grad_out, b, a)
+        return grad, None, None
 
 
 def batch_residual(
@@ -637,28 +702,65 @@ def batch_residual(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""MDN's training-mode map: the batch estimate and the residual, differentiable in F.
 
-    Computes :math:`\hateta = (N/m)\,\Sigma^{-1} X_b^	op F` and
-    :math:`F - X_{b,R}\hateta_R` in one pass, with a hand-written backward (the transposed
-    linear map). Same result as :func:`batch_statistics`, :func:`beta_from_statistics` and
-    :func:`remove_effect` in sequence.
+    Computes :math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F = B^\top F` with
+    :math:`B = X_b W^\top`, :math:`W = (N/m)\Sigma^{-1}` (B formed in float64), and
+    :math:`F - X_{b,R}\hat\beta_R` in one pass (:func:`low_rank_residual`), with a hand-written
+    backward (the transposed map). Same result as :func:`batch_statistics`,
+    :func:`beta_from_statistics` and :func:`remove_effect` in sequence.
 
     Args:
         features: ``(m, D)`` floating tensor.
         design_rows: ``(m, K)``, same dtype and device.
-        kernel: :math:`\Sigma^{-1}` ``(K, K)`` (cast to the features' dtype).
+        kernel: :math:`\Sigma^{-1}` ``(K, K)``.
         n_samples: N.
         remove_mask: ``(K,)`` bool, true for the removed columns.
 
     Returns:
         ``(residual, beta)``: ``(m, D)`` and ``(K, D)``; ``beta`` carries no gradient.
     """
+    out, beta, _ = _batch_residual(features, design_rows, kernel, n_samples, remove_mask, False)
+    return out, beta
+
+
+def batch_residual_checked(
+    features: torch.Tensor,
+    design_rows: torch.Tensor,
+    kernel: torch.Tensor,
+    n_samples: int | float,
+    remove_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`batch_residual`, plus ``sum(beta) + sum(design_rows)`` in float64.
+
+    The sum is finite exactly when the estimate and the design rows are (float64 cannot
+    overflow on float32 entries): one number to test instead of two elementwise checks.
+    """
+    return _batch_residual(features, design_rows, kernel, n_samples, remove_mask, True)
+
+
+def _batch_residual(
+    features: torch.Tensor,
+    design_rows: torch.Tensor,
+    kernel: torch.Tensor,
+    n_samples: int | float,
+    remove_mask: torch.Tensor,
+    with_total: bool,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     m = features.shape[0]
     if design_rows.requires_grad:  # rare: gradients for the metadata too, via plain autograd
         beta = beta_from_statistics(kernel, batch_statistics(design_rows, features), m, n_samples)
-        return remove_effect(features, design_rows, beta, remove_mask), beta.detach()
-    weight = kernel.to(features.dtype) * (n_samples / m)
-    out, beta = _BatchResidual.apply(features, design_rows, weight, design_rows * remove_mask)
-    return out, beta
+        out = remove_effect(features, design_rows, beta, remove_mask)
+        beta = beta.detach()
+    elif _kernel_applies(features, design_rows.shape[1]):  # the same maths, autograd in C++
+        return _C.batch_residual(features, design_rows, kernel, remove_mask, n_samples / m)
+    else:
+        weight = kernel.to(torch.float64) * (n_samples / m)
+        b = (design_rows.to(torch.float64) @ weight.T).to(features.dtype)
+        out, beta = _LowRankResidual.apply(features, design_rows * remove_mask, b)
+    if not with_total:
+        return out, beta, 0.0
+    with torch.no_grad():
+        total = float(beta.sum(dtype=torch.float64)) + float(design_rows.sum(dtype=torch.float64))
+    return out, beta, total
 
 
 def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:

@@ -6,6 +6,7 @@ state: it updates the ``running_beta`` buffer it is given, in place, as ``F.batc
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -24,8 +25,13 @@ class NonFiniteEstimateError(ValueError):
     """A training batch gave a NaN or infinite β estimate (NaN/inf features, fp16 overflow)."""
 
 
-def check_metadata(metadata: Tensor, batch_size: int, num_columns: int) -> None:
-    """Raises ``ValueError``/``TypeError`` unless metadata is a finite ``(m, K)`` tensor."""
+def check_metadata(
+    metadata: Tensor, batch_size: int, num_columns: int, *, finite: bool = True
+) -> None:
+    """Raises ``ValueError``/``TypeError`` unless metadata is a finite ``(m, K)`` tensor.
+
+    With ``finite=False`` only the type and shape are checked (the caller checks finiteness).
+    """
     if not isinstance(metadata, Tensor):
         raise TypeError(
             f"expected metadata to be a tensor of shape ({batch_size}, {num_columns}), "
@@ -45,6 +51,12 @@ def check_metadata(metadata: Tensor, batch_size: int, num_columns: int) -> None:
         )
     if metadata.is_complex() or metadata.dtype == torch.bool:
         raise TypeError(f"expected real numeric metadata, got {describe(metadata)}")
+    if finite:
+        check_finite_metadata(metadata)
+
+
+def check_finite_metadata(metadata: Tensor) -> None:
+    """Raises ``ValueError`` if a floating ``metadata`` tensor holds NaN or infinite values."""
     if metadata.is_floating_point() and not bool(torch.isfinite(metadata).all()):
         bad = int((~torch.isfinite(metadata)).sum())
         raise ValueError(f"expected finite metadata, got {bad} NaN or infinite value(s)")
@@ -98,24 +110,37 @@ def metadata_norm(
         raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
     m = input.shape[0]
     k = kernel.shape[0]
-    check_metadata(metadata, m, k)
+    # training with a running β checks finiteness once, on β and the metadata together (below)
+    tracked = training and running_beta is not None
+    check_metadata(metadata, m, k, finite=not tracked)
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"expected on_nonfinite in {NONFINITE_POLICIES}, got {on_nonfinite!r}")
-    if training and running_beta is not None and momentum is None and num_samples_tracked is None:
+    if tracked and momentum is None and num_samples_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
 
+    # the conversions below are skipped when they would be no-ops (each costs a few µs per call)
     compute_dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
-    features = input.reshape(m, -1).to(compute_dtype)
-    rows = metadata.reshape(m, k).to(device=features.device, dtype=compute_dtype)
+    features = input
+    if features.dim() != 2:
+        features = features.reshape(m, -1)
+    if features.dtype != compute_dtype:
+        features = features.to(compute_dtype)
+    rows = metadata if metadata.dim() == 2 else metadata.reshape(m, k)
+    if rows.dtype != compute_dtype or rows.device != features.device:
+        rows = rows.to(device=features.device, dtype=compute_dtype)
+    mask = remove_mask if remove_mask.device == rows.device else remove_mask.to(rows.device)
 
-    mask = remove_mask.to(rows.device)
     if training:
-        out, beta = glm.batch_residual(features, rows, kernel, float(n_samples), mask)
-        if running_beta is not None:
+        if running_beta is None:
+            out, beta = glm.batch_residual(features, rows, kernel, float(n_samples), mask)
+        else:
+            # one float64 sum of β and the metadata instead of elementwise tests; non-finite
+            # metadata are told apart from non-finite features only when it is not finite
+            out, beta, total = glm.batch_residual_checked(
+                features, rows, kernel, float(n_samples), mask
+            )
             with torch.no_grad():
-                # one reduction instead of an elementwise test: a NaN or inf entry makes the
-                # float64 sum non-finite, and float64 cannot overflow on float32/16 entries
-                if bool(torch.isfinite(beta.sum(dtype=torch.float64))):
+                if math.isfinite(total):
                     if num_batches_tracked is not None:
                         num_batches_tracked.add_(1)
                     if num_samples_tracked is not None:
@@ -126,6 +151,7 @@ def metadata_norm(
                         factor = float(momentum or 0.0)
                     running_beta.lerp_(beta.to(running_beta.dtype), factor)
                 else:
+                    check_finite_metadata(rows)
                     msg = (
                         "the batch's β estimate is not finite (NaN or infinite features, or an "
                         "overflow in low precision); the running β keeps its previous value"
@@ -142,4 +168,6 @@ def metadata_norm(
                 "or keep it in training mode"
             )
         out = glm.remove_effect(features, rows, running_beta.to(compute_dtype), mask)
-    return out.reshape(input.shape).to(input.dtype)
+    if out.shape != input.shape:
+        out = out.reshape(input.shape)
+    return out if out.dtype == input.dtype else out.to(input.dtype)

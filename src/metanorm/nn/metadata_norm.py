@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -196,7 +197,7 @@ class MetadataNorm(nn.Module):
                 f"expected input of shape (m, *) with {self.num_features} features per sample, "
                 f"got {input.dim()}D input of shape {tuple(input.shape)}"
             )
-        d = input[0].numel()
+        d = math.prod(input.shape[1:])
         if d != self.num_features:
             raise ValueError(
                 f"expected {self.num_features} features per sample (num_features), got "

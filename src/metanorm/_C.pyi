@@ -1,0 +1,13 @@
+# Type stub of the optional compiled CPU kernel built from csrc/low_rank.cpp (see setup.py).
+import torch
+
+def low_rank_residual(
+    features: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> list[torch.Tensor]: ...
+def batch_residual(
+    features: torch.Tensor,
+    rows: torch.Tensor,
+    kernel: torch.Tensor,
+    remove_mask: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]: ...
