@@ -16,7 +16,7 @@ $(BIN)/python:
 # built against that torch (--no-build-isolation) so that the compiled CPU kernel is built too.
 $(VENV)/.installed: pyproject.toml setup.py src/metanorm/csrc/low_rank.cpp | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0" "setuptools>=68" wheel
+	$(BIN)/pip install -q "torch==2.13.0" "setuptools>=77" wheel
 	METANORM_BUILD_EXT=1 $(BIN)/pip install -q --no-build-isolation -e ".[dev,plots,sklearn,pandas]"
 	touch $@
 
