@@ -2,7 +2,7 @@
 import torch
 
 def low_rank_residual(
-    features: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    F: torch.Tensor, A: torch.Tensor, B: torch.Tensor, streaming: bool = True
 ) -> list[torch.Tensor]: ...
 def batch_residual(
     features: torch.Tensor,
