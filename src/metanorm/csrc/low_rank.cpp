@@ -164,8 +164,8 @@ template <typename T>
 void low_rank_residual_impl(const T* F, const T* A, const T* B, T* out, T* P, int64_t m,
                             int64_t D, int64_t K, bool streaming) {
   constexpr int L = kLanes<T>;
-  // small K is memory-bound: short panels keep the panel in L1 between the two passes;
-  // larger K is compute-bound: long panels reload P less often
+  // small K is memory-bound: short panels (8 rows of a chunk: 32 KiB in float32) fit in L1;
+  // larger K is compute-bound: long panels reload the tile of P less often
   const int64_t panel = K <= 4 ? 8 : 32;
   // columns per task (copying each chunk to a contiguous buffer for the second pass measured
   // slower, although rows at a power-of-two-like stride evict each other from cache)
