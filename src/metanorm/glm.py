@@ -24,6 +24,7 @@ multi-process layer:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,16 @@ from metanorm._validation import as_2d_tensor, check_finite, describe
 
 try:  # the optional compiled CPU kernel (setup.py); plain PyTorch products without it
     from metanorm import _C
-except ImportError:  # pragma: no cover - depends on how the package was built
+except ModuleNotFoundError:  # pragma: no cover - not built
+    _C = None  # type: ignore[assignment]
+except (ImportError, OSError) as _exc:  # pragma: no cover - built, but against another torch
+    warnings.warn(
+        f"metanorm's compiled CPU kernel is built but does not load ({_exc}); the slower plain "
+        "PyTorch path is used. Rebuild it against the installed torch: "
+        "`pip install --no-build-isolation -e .` (or `make clean && make test`)",
+        RuntimeWarning,
+        stacklevel=1,
+    )
     _C = None  # type: ignore[assignment]
 
 __all__ = [

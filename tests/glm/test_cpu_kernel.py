@@ -5,6 +5,8 @@ training map against the fallback path (kernel switched off) and against autogra
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,3 +182,33 @@ def test_set_cpu_kernel_without_a_build(monkeypatch):
     monkeypatch.setattr(glm, "_C", None)
     with pytest.raises(RuntimeError, match="not built"):
         glm.set_cpu_kernel(True)
+
+
+_IMPORT_WITH = """
+import importlib.abc, sys, warnings
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "metanorm._C":
+            raise {error}("{message}")
+        return None
+sys.meta_path.insert(0, Finder())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import metanorm.glm as glm
+print(glm.has_cpu_kernel(), any("does not load" in str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.parametrize(
+    ("error", "message", "warned"),
+    [
+        ("ModuleNotFoundError", "No module named 'metanorm._C'", "False"),  # not built: silent
+        ("ImportError", "undefined symbol: _ZN3c10", "True"),  # built against another torch
+    ],
+)
+def test_missing_or_broken_kernel_falls_back(error, message, warned):
+    code = _IMPORT_WITH.format(error=error, message=message)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.split() == ["False", warned]
