@@ -1,6 +1,8 @@
 # Type stub of the optional compiled CPU kernel built from csrc/low_rank.cpp (see setup.py).
 import torch
 
+MAX_COLUMNS: int
+
 def low_rank_residual(
     F: torch.Tensor, A: torch.Tensor, B: torch.Tensor, streaming: bool = True
 ) -> list[torch.Tensor]: ...

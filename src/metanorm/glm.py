@@ -613,8 +613,9 @@ def remove_effect(
     return torch.addmm(features, design_rows * remove_mask.to(design_rows.dtype), beta, alpha=-1)
 
 
-#: Widest design (K columns) for which the compiled CPU kernel is used; MKL's GEMM wins beyond.
-KERNEL_MAX_COLUMNS = 32
+#: Widest design (K columns) the compiled CPU kernel takes (16; MKL's GEMM is as fast from
+#: K = 24 and faster from 32); 0 without the kernel.
+KERNEL_MAX_COLUMNS: int = _C.MAX_COLUMNS if _C is not None else 0
 _kernel_enabled = _C is not None
 
 

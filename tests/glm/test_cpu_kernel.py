@@ -37,10 +37,8 @@ SHAPES = [
     (200, 84, 3),  # the small benchmark shape: vectors plus a tail
     (33, 1030, 4),  # several column chunks with a tail
     (64, 256, 5),  # 5..8 columns: 2-vector tiles
-    (50, 96, 16),  # one full group of 16
-    (40, 80, 17),  # two groups: 16 + 1
-    (30, 48, 32),  # the widest design that uses the kernel
-    (30, 48, 40),  # beyond it: the PyTorch path
+    (50, 96, 16),  # the widest design the kernel takes
+    (40, 80, 17),  # beyond it: the PyTorch path
 ]
 
 
@@ -62,18 +60,42 @@ def test_low_rank_residual_matches_matrix_products(m, d, k, dtype):
     assert (p.double() - ref_p).abs().max().item() <= tol * max(ref_p.abs().max().item(), 1.0)
 
 
+class _CountingKernel:
+    """Stands in for ``metanorm._C`` and counts the calls that reach it."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+        self.MAX_COLUMNS = real.MAX_COLUMNS
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return getattr(self.real, name)(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def counting_kernel(monkeypatch):
+    spy = _CountingKernel(glm._C)
+    monkeypatch.setattr(glm, "_C", spy)
+    return spy
+
+
 @needs_kernel
-def test_kernel_and_fallback_agree_and_kernel_is_used():
+def test_kernel_and_fallback_agree_and_kernel_is_used(counting_kernel):
     g = torch.Generator().manual_seed(1)
     f = torch.randn(128, 4096 + 3, generator=g)
     a, b = torch.randn(128, 3, generator=g), torch.randn(128, 3, generator=g) / 128
     out_k, p_k = glm.low_rank_residual(f, a, b)
+    assert counting_kernel.calls == ["low_rank_residual"]
     previous = glm.set_cpu_kernel(False)
     try:
         assert not glm.has_cpu_kernel()
         out_t, p_t = glm.low_rank_residual(f, a, b)
     finally:
         glm.set_cpu_kernel(previous)
+    assert counting_kernel.calls == ["low_rank_residual"]  # the fallback did not call it
     torch.testing.assert_close(out_k, out_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p_k, p_t, rtol=1e-5, atol=1e-5)
 
@@ -158,7 +180,24 @@ def test_gradcheck_and_double_backward_through_the_kernel():
 
 
 @needs_kernel
-def test_layer_training_step_kernel_vs_fallback():
+def test_wide_designs_and_gpu_style_inputs_take_the_pytorch_path(counting_kernel):
+    f = torch.randn(20, 40)
+    glm.low_rank_residual(f, torch.randn(20, 17), torch.randn(20, 17))  # K > 16
+    glm.low_rank_residual(f.half(), torch.randn(20, 3).half(), torch.randn(20, 3).half())
+    assert counting_kernel.calls == []
+
+
+@needs_kernel
+def test_kernel_rejects_what_it_cannot_do():
+    f = torch.randn(20, 40)
+    with pytest.raises(RuntimeError, match="1 <= K <= 16"):
+        glm._C.low_rank_residual(f, torch.randn(20, 17), torch.randn(20, 17))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        glm._C.low_rank_residual(f.T, torch.randn(40, 3), torch.randn(40, 3))
+
+
+@needs_kernel
+def test_layer_training_step_kernel_vs_fallback(counting_kernel):
     x = _design(n=400, k=3)
     torch.manual_seed(3)
     layer_k = MetadataNorm(18432 // 64, x.float(), keep=[0], momentum=None)
@@ -167,6 +206,7 @@ def test_layer_training_step_kernel_vs_fallback():
     rows = x[:200].float()
     out_k = layer_k(inp, rows)
     (g_k,) = torch.autograd.grad(out_k.square().sum(), inp)
+    assert counting_kernel.calls == ["batch_residual"]  # forward and backward in C++
     previous = glm.set_cpu_kernel(False)
     try:
         out_t = layer_t(inp, rows)

@@ -6,7 +6,7 @@
 // (K x m times m x D) run far below memory speed on small K, and need two separate passes
 // (estimate, then subtract) plus a copy of F. Here the columns are cut into chunks and the rows
 // into panels; each chunk is read twice (the second time mostly from cache) and the output
-// is written once with non-temporal stores. Register tiles hold up to 16 columns of A/B.
+// is written once with non-temporal stores. Register tiles hold all K <= 16 columns of A/B.
 //
 // Portable C++ with GCC/Clang vector extensions: the build picks the widest instructions of
 // the machine it runs on (setup.py passes -march=native on x86-64 unless told otherwise).
@@ -62,47 +62,49 @@ inline void stream_fence() {
 #endif
 }
 
-constexpr int kMaxGroup = 16;  // columns of A/B per register tile
+// widest A/B the register tiles hold; MKL's GEMM is faster beyond (measured: even at K = 24,
+// 1.4x slower at K = 32), so wider designs stay on the PyTorch path
+constexpr int kMaxColumns = 16;
 // vectors per register tile: the accumulators (KG x JV) and the loads fit in 32 registers
 template <int KG>
 constexpr int kTileVectors = KG <= 3 ? 4 : (KG <= 8 ? 2 : 1);
 
-// P[k0:k0+KG, c:c+JV*L] = (P if r0 > 0) + B[r0:r1, k0:k0+KG]^T F[r0:r1, c:c+JV*L]
+// P[:, c:c+JV*L] = (P if r0 > 0) + B[r0:r1, :]^T F[r0:r1, c:c+JV*L]   (K = KG columns)
 template <typename T, int KG, int JV>
-void tile_estimate(const T* F, int64_t D, const T* B, int64_t K, int64_t k0, int64_t r0,
+void tile_estimate(const T* F, int64_t D, const T* B, int64_t r0,
                    int64_t r1, int64_t c, T* P) {
   constexpr int L = kLanes<T>;
   using V = typename Vec<T>::type;
   V acc[KG][JV];
   for (int k = 0; k < KG; ++k)
     for (int v = 0; v < JV; ++v)
-      acc[k][v] = r0 == 0 ? V{} : load<T>(P + (k0 + k) * D + c + L * v);
+      acc[k][v] = r0 == 0 ? V{} : load<T>(P + k * D + c + L * v);
   for (int64_t i = r0; i < r1; ++i) {
     V f[JV];
     for (int v = 0; v < JV; ++v) f[v] = load<T>(F + i * D + c + L * v);
-    const T* b = B + i * K + k0;
+    const T* b = B + i * KG;
     for (int k = 0; k < KG; ++k) {
       const T s = b[k];
       for (int v = 0; v < JV; ++v) acc[k][v] += s * f[v];
     }
   }
   for (int k = 0; k < KG; ++k)
-    for (int v = 0; v < JV; ++v) store<T>(P + (k0 + k) * D + c + L * v, acc[k][v]);
+    for (int v = 0; v < JV; ++v) store<T>(P + k * D + c + L * v, acc[k][v]);
 }
 
-// out[r0:r1, c:c+JV*L] = src[r0:r1, c:c+JV*L] - A[r0:r1, k0:k0+KG] P[k0:k0+KG, c:c+JV*L]
+// out[r0:r1, c:c+JV*L] = F[r0:r1, c:c+JV*L] - A[r0:r1, :] P[:, c:c+JV*L]
 template <typename T, int KG, int JV>
-void tile_subtract(const T* src, T* out, int64_t D, const T* A, int64_t K,
-                   int64_t k0, int64_t r0, int64_t r1, int64_t c, const T* P, bool stream) {
+void tile_subtract(const T* F, T* out, int64_t D, const T* A, int64_t r0, int64_t r1,
+                   int64_t c, const T* P, bool stream) {
   constexpr int L = kLanes<T>;
   using V = typename Vec<T>::type;
   V p[KG][JV];
   for (int k = 0; k < KG; ++k)
-    for (int v = 0; v < JV; ++v) p[k][v] = load<T>(P + (k0 + k) * D + c + L * v);
+    for (int v = 0; v < JV; ++v) p[k][v] = load<T>(P + k * D + c + L * v);
   for (int64_t i = r0; i < r1; ++i) {
     V o[JV];
-    for (int v = 0; v < JV; ++v) o[v] = load<T>(src + i * D + c + L * v);
-    const T* a = A + i * K + k0;
+    for (int v = 0; v < JV; ++v) o[v] = load<T>(F + i * D + c + L * v);
+    const T* a = A + i * KG;
     for (int k = 0; k < KG; ++k) {
       const T s = a[k];
       for (int v = 0; v < JV; ++v) o[v] -= s * p[k][v];
@@ -115,87 +117,57 @@ void tile_subtract(const T* src, T* out, int64_t D, const T* A, int64_t K,
   }
 }
 
-// Columns [c0, c1) (multiples of the vector width) of one row panel, one group of A/B columns.
+// Both passes over the column chunks [q0, q1) for K = KG design columns.
 template <typename T, int KG>
-void panel_estimate(const T* F, int64_t D, const T* B, int64_t K, int64_t k0, int64_t r0,
-                    int64_t r1, int64_t c0, int64_t c1, T* P) {
+void run_chunks(const T* F, const T* A, const T* B, T* out, T* P, int64_t m, int64_t D,
+                int64_t dv, int64_t chunk, int64_t q0, int64_t q1, bool stream) {
+  constexpr int L = kLanes<T>;
   constexpr int JV = kTileVectors<KG>;
-  constexpr int W = kLanes<T> * JV;
-  int64_t c = c0;
-  for (; c + W <= c1; c += W)
-    tile_estimate<T, KG, JV>(F, D, B, K, k0, r0, r1, c, P);
-  for (; c < c1; c += kLanes<T>)
-    tile_estimate<T, KG, 1>(F, D, B, K, k0, r0, r1, c, P);
-}
-template <typename T, int KG>
-void panel_subtract(const T* src, T* out, int64_t D, const T* A, int64_t K,
-                    int64_t k0, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const T* P,
-                    bool stream) {
-  constexpr int JV = kTileVectors<KG>;
-  constexpr int W = kLanes<T> * JV;
-  int64_t c = c0;
-  for (; c + W <= c1; c += W)
-    tile_subtract<T, KG, JV>(src, out, D, A, K, k0, r0, r1, c, P, stream);
-  for (; c < c1; c += kLanes<T>)
-    tile_subtract<T, KG, 1>(src, out, D, A, K, k0, r0, r1, c, P, stream);
-}
-
-#define METANORM_DISPATCH_GROUP(kg, FN, ...)     \
-  switch (kg) {                                  \
-    case 1: FN<T, 1>(__VA_ARGS__); break;        \
-    case 2: FN<T, 2>(__VA_ARGS__); break;        \
-    case 3: FN<T, 3>(__VA_ARGS__); break;        \
-    case 4: FN<T, 4>(__VA_ARGS__); break;        \
-    case 5: FN<T, 5>(__VA_ARGS__); break;        \
-    case 6: FN<T, 6>(__VA_ARGS__); break;        \
-    case 7: FN<T, 7>(__VA_ARGS__); break;        \
-    case 8: FN<T, 8>(__VA_ARGS__); break;        \
-    case 9: FN<T, 9>(__VA_ARGS__); break;        \
-    case 10: FN<T, 10>(__VA_ARGS__); break;      \
-    case 11: FN<T, 11>(__VA_ARGS__); break;      \
-    case 12: FN<T, 12>(__VA_ARGS__); break;      \
-    case 13: FN<T, 13>(__VA_ARGS__); break;      \
-    case 14: FN<T, 14>(__VA_ARGS__); break;      \
-    case 15: FN<T, 15>(__VA_ARGS__); break;      \
-    default: FN<T, 16>(__VA_ARGS__); break;      \
+  // small K is memory-bound: short panels (8 rows of a chunk: 32 KiB in float32) fit in L1;
+  // larger K is compute-bound: long panels reload the tile of P less often
+  constexpr int64_t panel = KG <= 4 ? 8 : 32;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t c0 = q * chunk, c1 = std::min(dv, c0 + chunk);
+    const int64_t cw = c0 + (c1 - c0) / (L * JV) * (L * JV);  // end of the full-width tiles
+    for (int64_t r0 = 0; r0 < m; r0 += panel) {
+      const int64_t r1 = std::min(m, r0 + panel);
+      for (int64_t c = c0; c < cw; c += L * JV) tile_estimate<T, KG, JV>(F, D, B, r0, r1, c, P);
+      for (int64_t c = cw; c < c1; c += L) tile_estimate<T, KG, 1>(F, D, B, r0, r1, c, P);
+    }
+    // the second pass goes backwards: the panels read last by the first pass are still in
+    // cache (in order, each panel would evict the next one; measured 2x slower for small K)
+    for (int64_t r0 = (m - 1) / panel * panel; r0 >= 0; r0 -= panel) {
+      const int64_t r1 = std::min(m, r0 + panel);
+      for (int64_t c = c0; c < cw; c += L * JV)
+        tile_subtract<T, KG, JV>(F, out, D, A, r0, r1, c, P, stream);
+      for (int64_t c = cw; c < c1; c += L) tile_subtract<T, KG, 1>(F, out, D, A, r0, r1, c, P, stream);
+    }
   }
+  if (stream) stream_fence();
+}
 
 template <typename T>
 void low_rank_residual_impl(const T* F, const T* A, const T* B, T* out, T* P, int64_t m,
                             int64_t D, int64_t K, bool streaming) {
   constexpr int L = kLanes<T>;
-  // small K is memory-bound: short panels (8 rows of a chunk: 32 KiB in float32) fit in L1;
-  // larger K is compute-bound: long panels reload the tile of P less often
-  const int64_t panel = K <= 4 ? 8 : 32;
   // columns per task (copying each chunk to a contiguous buffer for the second pass measured
   // slower, although rows at a power-of-two-like stride evict each other from cache)
   const int64_t chunk = 64 * L;
   const int64_t dv = D / L * L;  // the part done with full vectors
-  const bool stream = streaming && D % L == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
-                      K <= kMaxGroup;
+  const bool stream = streaming && D % L == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
   const int64_t nchunks = (dv + chunk - 1) / chunk;
   at::parallel_for(0, nchunks, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t c0 = q * chunk, c1 = std::min(dv, c0 + chunk);
-      for (int64_t r0 = 0; r0 < m; r0 += panel) {
-        const int64_t r1 = std::min(m, r0 + panel);
-        for (int64_t k0 = 0; k0 < K; k0 += kMaxGroup) {
-          const int64_t kg = std::min<int64_t>(kMaxGroup, K - k0);
-          METANORM_DISPATCH_GROUP(kg, panel_estimate, F, D, B, K, k0, r0, r1, c0, c1, P)
-        }
-      }
-      // the second pass goes backwards: the panels read last by the first pass are still in
-      // cache (in order, each panel would evict the next one; measured 2x slower for small K)
-      for (int64_t r0 = (m - 1) / panel * panel; r0 >= 0; r0 -= panel) {
-        const int64_t r1 = std::min(m, r0 + panel);
-        for (int64_t k0 = 0; k0 < K; k0 += kMaxGroup) {
-          const int64_t kg = std::min<int64_t>(kMaxGroup, K - k0);
-          METANORM_DISPATCH_GROUP(kg, panel_subtract, k0 == 0 ? F : out, out, D, A, K, k0, r0,
-                                  r1, c0, c1, P, stream)
-        }
-      }
+    switch (K) {
+#define METANORM_CASE(kg)                                                              \
+  case kg:                                                                             \
+    run_chunks<T, kg>(F, A, B, out, P, m, D, dv, chunk, q0, q1, stream);               \
+    break;
+      METANORM_CASE(1) METANORM_CASE(2) METANORM_CASE(3) METANORM_CASE(4)
+      METANORM_CASE(5) METANORM_CASE(6) METANORM_CASE(7) METANORM_CASE(8)
+      METANORM_CASE(9) METANORM_CASE(10) METANORM_CASE(11) METANORM_CASE(12)
+      METANORM_CASE(13) METANORM_CASE(14) METANORM_CASE(15) METANORM_CASE(16)
+#undef METANORM_CASE
     }
-    if (stream) stream_fence();
   });
   for (int64_t j = dv; j < D; ++j) {  // the last D mod L columns
     for (int64_t k = 0; k < K; ++k) {
@@ -225,7 +197,8 @@ std::vector<at::Tensor> low_rank_residual(const at::Tensor& F, const at::Tensor&
   TORCH_CHECK(F.is_contiguous() && A.is_contiguous() && B.is_contiguous(),
               "low_rank_residual: contiguous tensors expected");
   const int64_t m = F.size(0), D = F.size(1), K = A.size(1);
-  TORCH_CHECK(m > 0 && K > 0, "low_rank_residual: m >= 1 rows and K >= 1 columns expected");
+  TORCH_CHECK(m > 0 && K > 0 && K <= kMaxColumns,
+              "low_rank_residual: m >= 1 rows and 1 <= K <= ", kMaxColumns, " columns expected");
   at::Tensor out = at::empty_like(F);
   at::Tensor P = at::empty({K, D}, F.options());
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "low_rank_residual", [&] {
@@ -313,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor, double> batch_residual(const at::Tensor& feat
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "metanorm's compiled CPU kernels";
+  module.attr("MAX_COLUMNS") = kMaxColumns;
   module.def("low_rank_residual", &low_rank_residual,
              "(F, A, B, streaming) -> (F - A (B^T F), B^T F) for contiguous float32/float64 CPU "
              "tensors; streaming: non-temporal stores for the output",
