@@ -6,12 +6,13 @@ measure how much metadata the features still encode.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from metanorm import glm as glm
+from metanorm import design as design
+from metanorm import linalg as linalg
 from metanorm import metrics as metrics
 from metanorm import nn as nn
-from metanorm.glm import Design as Design
-from metanorm.glm import DesignBuilder as DesignBuilder
-from metanorm.glm import make_design as make_design
+from metanorm.design import Design as Design
+from metanorm.design import DesignBuilder as DesignBuilder
+from metanorm.design import make_design as make_design
 from metanorm.nn import MetadataNorm as MetadataNorm
 from metanorm.nn import MetadataSequential as MetadataSequential
 
@@ -26,7 +27,8 @@ __all__ = [
     "MetadataNorm",
     "MetadataSequential",
     "__version__",
-    "glm",
+    "design",
+    "linalg",
     "make_design",
     "metrics",
     "nn",

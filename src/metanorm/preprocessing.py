@@ -2,8 +2,8 @@ r"""MDN's GLM for classical pipelines: a scikit-learn transformer that regresses
 
 :class:`MetadataResidualizer` is the offline counterpart of :class:`metanorm.nn.MetadataNorm`.
 It fits the same general linear model :math:`F = X\beta + R` on the training rows, with the same
-code (:mod:`metanorm.glm`: :class:`~metanorm.glm.DesignBuilder` codes the metadata,
-:func:`~metanorm.glm.fit_beta` solves for β, :func:`~metanorm.glm.remove_effect` subtracts the
+code (:class:`~metanorm.design.DesignBuilder` codes the metadata,
+:func:`~metanorm.linalg.fit_beta` solves for β, :func:`~metanorm.linalg.remove_effect` subtracts the
 removed columns' part), and removes the metadata's effect from new rows. Metadata reach it through
 scikit-learn's metadata routing, so it fits inside :class:`~sklearn.pipeline.Pipeline`,
 :func:`~sklearn.model_selection.cross_validate` and
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from metanorm import glm
+from metanorm import linalg
+from metanorm.design import Design, DesignBuilder, metadata_columns
 
 try:
     from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
@@ -118,7 +119,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     Attributes:
         n_features_in_: D, the number of features seen at fit.
         feature_names_in_: feature names seen at fit (only when ``X`` had string column names).
-        design_builder_: the fitted :class:`metanorm.glm.DesignBuilder` (levels, means, scales).
+        design_builder_: the fitted :class:`metanorm.design.DesignBuilder` (levels, means, scales).
         design_columns_: names of the K design columns, e.g. ``('y', 'site=b', 'intercept')``.
         remove_mask_: bool array ``(K,)``, true for the removed design columns.
         coef_: β, float64 array ``(K, D)``.
@@ -191,7 +192,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         )
 
     @staticmethod
-    def _check_rows(design: glm.Design, n: int, method: str) -> None:
+    def _check_rows(design: Design, n: int, method: str) -> None:
         if design.shape[0] != n:
             raise ValueError(
                 f"expected metadata with {n} rows (one per sample of X) in {method}, got "
@@ -219,7 +220,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         X = validate_data(self, X, dtype=[np.float64, np.float32])
         if metadata is None:
             raise self._missing("fit")
-        builder = glm.DesignBuilder(
+        builder = DesignBuilder(
             keep=_as_names(self.keep, "keep"),
             categorical=None
             if self.categorical is None
@@ -243,7 +244,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 f"metadata columns, or pass ridge > 0"
             )
         self._warn_single_rows(builder, metadata)
-        beta = glm.fit_beta(design, torch.tensor(X, dtype=torch.float64), ridge=float(self.ridge))
+        beta = linalg.fit_beta(design, torch.tensor(X, dtype=torch.float64), ridge=float(self.ridge))
         mask = np.zeros(design.shape[1], dtype=bool)
         mask[list(design.remove)] = True
         self.design_builder_ = builder
@@ -271,7 +272,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             raise self._missing("transform")
         design = self.design_builder_.transform(metadata, ignore_keep=True)
         self._check_rows(design, X.shape[0], "transform")
-        out = glm.remove_effect(
+        out = linalg.remove_effect(
             torch.tensor(X, dtype=torch.float64),
             torch.tensor(design.matrix, dtype=torch.float64),
             torch.tensor(self.coef_, dtype=torch.float64),
@@ -289,9 +290,9 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
-    def _warn_single_rows(self, builder: glm.DesignBuilder, metadata: Any) -> None:
+    def _warn_single_rows(self, builder: DesignBuilder, metadata: Any) -> None:
         kept = set(builder.keep_columns)
-        cols = glm._to_columns(metadata)
+        cols = metadata_columns(metadata)
         for name, kind in builder.input_kinds.items():
             if kind != "categorical" or name in kept or name not in cols:
                 continue

@@ -10,7 +10,7 @@ from test_paper_loaders import (
 from test_stand_in_images import needs_fashion, needs_two_sites
 
 from metanorm.datasets.experiments import REAL_EXPERIMENTS, real_experiment
-from metanorm.glm import fit_beta
+from metanorm.linalg import fit_beta
 
 
 def check_models(exp, norms=("none", "batchnorm", "mdn")):

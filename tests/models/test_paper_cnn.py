@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from metanorm.glm import make_design
+from metanorm.design import make_design
 from metanorm.models import NORMS, PaperCNN, create_model, list_models
 from metanorm.nn import MetadataNorm
 

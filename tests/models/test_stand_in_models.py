@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from metanorm.glm import make_design
+from metanorm.design import make_design
 from metanorm.models.stand_in import NORMS, StandInCNN, StandInCNN3d, StandInMLP
 from metanorm.nn import MetadataNorm
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from metanorm.glm import make_design
+from metanorm.design import make_design
 from metanorm.nn import (
     MetadataNorm,
     MetadataSequential,
@@ -85,10 +85,12 @@ def test_equal_batches_plain_average_and_momentum(rng):
     ft, xt = torch.tensor(f), torch.tensor(x)
     layer = MetadataNorm(f.shape[1], x, keep=[0], momentum=0.25, dtype=torch.float64)
     expected = torch.zeros_like(layer.running_beta)
-    kernel = torch.linalg.inv(xt.T @ xt)
-    for i in range(0, 200, 40):
-        b = (200 / 40) * kernel @ xt[i : i + 40].T @ ft[i : i + 40]
-        expected = 0.75 * expected + 0.25 * b
+    gram_inverse = torch.linalg.inv(xt.T @ xt)
+    # debiased: the cumulative average (factor 1/t) until 1/t falls below the momentum
+    for t, i in enumerate(range(0, 200, 40), start=1):
+        b = (200 / 40) * gram_inverse @ xt[i : i + 40].T @ ft[i : i + 40]
+        factor = max(0.25, 1 / t)
+        expected = (1 - factor) * expected + factor * b
         layer(ft[i : i + 40], xt[i : i + 40])
     torch.testing.assert_close(layer.running_beta, expected, atol=1e-10, rtol=0)
 
@@ -133,10 +135,10 @@ def test_gradient_flows_through_batch_estimate(rng):
     xt, inp = torch.tensor(x[:20]), torch.tensor(f[:20], requires_grad=True)
     g = torch.randn(20, 4, dtype=torch.float64)
     (layer(inp, xt) * g).sum().backward()
-    kernel = torch.linalg.inv(torch.tensor(x).T @ torch.tensor(x))
+    gram_inverse = torch.linalg.inv(torch.tensor(x).T @ torch.tensor(x))
     xr = xt.clone()
     xr[:, 0] = 0
-    op = torch.eye(20, dtype=torch.float64) - (50 / 20) * xr @ kernel @ xt.T
+    op = torch.eye(20, dtype=torch.float64) - (50 / 20) * xr @ gram_inverse @ xt.T
     torch.testing.assert_close(inp.grad, op.T @ g, atol=1e-12, rtol=0)
 
 
@@ -147,14 +149,15 @@ def test_state_dict_round_trip(rng):
         a(torch.tensor(f[i : i + 60], dtype=torch.float32), torch.tensor(x[i : i + 60]))
     sd = a.state_dict()
     assert set(sd) == {
-        "kernel",
+        "gram_inverse",
         "n_samples",
         "remove_mask",
         "running_beta",
         "num_batches_tracked",
         "num_samples_tracked",
+        "num_batches_skipped",
     }
-    assert sd["kernel"].dtype == torch.float64
+    assert sd["gram_inverse"].dtype == torch.float64
     b = MetadataNorm(7, np.eye(5), keep=[])  # another design: everything is restored
     b.load_state_dict(sd)
     a.eval()
@@ -170,11 +173,21 @@ def test_short_last_batch_and_batch_of_one(rng):
     layer = MetadataNorm(7, x, keep=[0])
     ft, xt = torch.tensor(f, dtype=torch.float32), torch.tensor(x, dtype=torch.float32)
     assert layer(ft[:37], xt[:37]).shape == (37, 7)
-    out1 = layer(ft[:1], xt[:1])
+    # m ≤ K = 5 cannot estimate β: the running β is used and left unchanged
+    before = layer.running_beta.clone()
+    for m in (1, 5):
+        out = layer(ft[:m], xt[:m])
+        assert out.shape == (m, 7)
+        expected = ft[:m] - xt[:m, 1:] @ before[1:]
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer.running_beta, before, atol=0, rtol=0)
+    assert int(layer.num_batches_tracked) == 1 and int(layer.num_samples_tracked) == 37
+    # without a running β the batch estimate is all there is; m = 1: β̂ = N Σ⁻¹ xᵀf exactly
+    untracked = MetadataNorm(7, x, keep=[0], track_running_stats=False)
+    out1 = untracked(ft[:1], xt[:1])
     assert out1.shape == (1, 7) and torch.isfinite(out1).all()
-    # m = 1: β̂ = N Σ⁻¹ xᵀf exactly
-    kernel = torch.linalg.inv(torch.tensor(x).T @ torch.tensor(x))
-    beta1 = 240 * kernel @ torch.tensor(x[:1]).T @ torch.tensor(f[:1])
+    gram_inverse = torch.linalg.inv(torch.tensor(x).T @ torch.tensor(x))
+    beta1 = 240 * gram_inverse @ torch.tensor(x[:1]).T @ torch.tensor(f[:1])
     expected = torch.tensor(f[:1]) - torch.tensor(x[:1, 1:]) @ beta1[1:]
     torch.testing.assert_close(out1.double(), expected, atol=1e-3, rtol=1e-4)
 
@@ -203,27 +216,40 @@ def test_low_precision_inputs(rng, dtype):
 
 def test_nonfinite_batch_never_reaches_running_beta(rng):
     x, f, _, _ = _problem(rng)
-    layer = MetadataNorm(7, x, keep=[0])
+    layer = MetadataNorm(7, x, keep=[0])  # default on_nonfinite="skip": counted, no host sync
     ft, xt = torch.tensor(f, dtype=torch.float32), torch.tensor(x, dtype=torch.float32)
     layer(ft[:60], xt[:60])
     before = layer.running_beta.clone()
     bad = ft[60:120].clone()
     bad[3, 2] = float("nan")
+    layer(bad, xt[60:120])
+    torch.testing.assert_close(layer.running_beta, before, atol=0, rtol=0)
+    assert int(layer.num_batches_tracked) == 1 and int(layer.num_samples_tracked) == 60
+    assert int(layer.num_batches_skipped) == 1
+    layer.on_nonfinite = "raise"
     with pytest.raises(NonFiniteEstimateError, match="not finite"):
         layer(bad, xt[60:120])
     torch.testing.assert_close(layer.running_beta, before, atol=0, rtol=0)
-    assert int(layer.num_batches_tracked) == 1
-    layer.on_nonfinite = "skip"
+    assert int(layer.num_batches_tracked) == 1 and int(layer.num_batches_skipped) == 2
+    layer.on_nonfinite = "warn"
     bad[3, 2] = float("inf")
     with pytest.warns(RuntimeWarning, match="keeps its previous value"):
         layer(bad, xt[60:120])
     torch.testing.assert_close(layer.running_beta, before, atol=0, rtol=0)
     assert int(layer.num_batches_tracked) == 1 and int(layer.num_samples_tracked) == 60
+    assert int(layer.num_batches_skipped) == 3
     # what an fp16 overflow upstream hands the layer: infinite float16 features
-    half = MetadataNorm(7, x, keep=[0], on_nonfinite="skip")
-    with pytest.warns(RuntimeWarning):
-        half(torch.full((60, 7), float("inf"), dtype=torch.float16), xt[:60].half())
+    half = MetadataNorm(7, x, keep=[0])
+    half(torch.full((60, 7), float("inf"), dtype=torch.float16), xt[:60].half())
     assert torch.count_nonzero(half.running_beta) == 0
+    assert int(half.num_batches_skipped) == 1 and int(half.num_batches_tracked) == 0
+    # non-finite design rows: skipped too, and named by the "raise" policy
+    nan_rows = xt[:60].clone()
+    nan_rows[0, 1] = float("nan")
+    layer.on_nonfinite = "raise"
+    with pytest.raises(ValueError, match="expected finite metadata, got 1 NaN"):
+        layer(ft[:60], nan_rows)
+    torch.testing.assert_close(layer.running_beta, before, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -248,13 +274,7 @@ def test_nonfinite_batch_never_reaches_running_beta(rng):
             "expected 7 features per sample.*got 6",
         ),
         (torch.randn(7), torch.randn(1, 5), ValueError, "expected input of shape"),
-        (
-            torch.randn(10, 7),
-            torch.full((10, 5), float("nan")),
-            ValueError,
-            "expected finite metadata",
-        ),
-        (torch.randn(10, 7), np.zeros((10, 5)), TypeError, "expected metadata to be a tensor"),
+        (torch.randn(10, 7), np.zeros((10, 5)), TypeError, "expected metadata .* to be a tensor"),
         (torch.randint(0, 3, (10, 7)), torch.randn(10, 5), TypeError, "floating-point input"),
         ([[1.0] * 7], torch.randn(1, 5), TypeError, "expected input to be a tensor"),
     ],
@@ -273,7 +293,9 @@ def test_bad_input_errors(rng, inp, meta, err, match):
         ({"momentum": 1.5}, r"momentum in \[0, 1\]"),
         ({"keep": [9]}, "out of range"),
         ({"keep": [0, 1, 2, 3, 4]}, "nothing would be removed"),
-        ({"keep": ["y"]}, "names need a metanorm.glm.Design"),
+        ({"keep": ["y"]}, "names need a metanorm.design.Design"),
+        ({"design": None}, "expected design= .* or num_metadata="),
+        ({"num_metadata": 4}, "num_metadata=4 does not match the design's 5 columns"),
         ({"on_nonfinite": "ignore"}, "on_nonfinite"),
     ],
 )
@@ -336,7 +358,7 @@ def test_functional_refuses_cumulative_average_without_counter(rng):
         metadata_norm(
             torch.tensor(f),
             torch.tensor(x),
-            layer.kernel,
+            layer.gram_inverse,
             240,
             layer.remove_mask,
             running,
@@ -350,9 +372,9 @@ def test_functional_matches_module(rng):
     layer = MetadataNorm(7, x, keep=[0], dtype=torch.float64)
     ft, xt = torch.tensor(f), torch.tensor(x)
     running = torch.zeros(5, 7, dtype=torch.float64)
-    out = metadata_norm(ft, xt, layer.kernel, 240, layer.remove_mask, running, momentum=1.0)
+    out = metadata_norm(ft, xt, layer.gram_inverse, 240, layer.remove_mask, running, momentum=1.0)
     torch.testing.assert_close(out, layer(ft, xt))
-    torch.testing.assert_close(running, layer.running_beta / 0.1)  # layer momentum 0.1 from 0
+    torch.testing.assert_close(running, layer.running_beta)  # the first update has factor 1
 
 
 def test_metadata_sequential_routes_metadata(rng):

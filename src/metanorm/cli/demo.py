@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from metanorm.glm import make_design
+from metanorm.design import make_design
 from metanorm.nn import MetadataNorm
 
 

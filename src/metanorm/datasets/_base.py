@@ -2,7 +2,7 @@
 
 A data set is a set of :class:`DataSplit` s (train, validation, test). A split holds images,
 integer labels and raw metadata columns (1-D arrays, continuous or categorical); the experiment
-runner turns label + metadata into design rows with :class:`metanorm.glm.DesignBuilder`, fitted on
+runner turns label + metadata into design rows with :class:`metanorm.design.DesignBuilder`, fitted on
 the training split.
 """
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from metanorm.datasets._base import DataSplit
-from metanorm.glm import DesignBuilder
+from metanorm.design import DesignBuilder
 
 __all__ = ["LABEL", "design_data", "fit_design_builder", "metric_matrix"]
 
@@ -59,7 +59,7 @@ def fit_design_builder(
     categorical: Sequence[str] = (),
     standardize: bool = False,
 ) -> DesignBuilder:
-    """A :class:`~metanorm.glm.DesignBuilder` fitted on ``train`` with the coding above.
+    """A :class:`~metanorm.design.DesignBuilder` fitted on ``train`` with the coding above.
 
     Args:
         train: the training split (levels, means and sds come from it).

@@ -37,7 +37,7 @@ from metanorm.datasets import _coding
 from metanorm.datasets._base import DataSplit
 from metanorm.datasets.images import make_shaded_images, make_two_site_digits
 from metanorm.datasets.paper import load_gs_ppb, load_hvu, load_multisite_mri
-from metanorm.glm import Design, DesignBuilder
+from metanorm.design import Design, DesignBuilder
 from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 
 __all__ = [
@@ -108,7 +108,7 @@ class RealExperiment:
 
     @property
     def builder(self) -> DesignBuilder:
-        """The :class:`~metanorm.glm.DesignBuilder`, fitted on the training split.
+        """The :class:`~metanorm.design.DesignBuilder`, fitted on the training split.
 
         The engine's one coding (:mod:`metanorm.datasets._coding`): the label raw (``"y"``,
         0/1, for two classes; one-hot ``"y=1"``, … with class 0 as reference for more; kept), the

@@ -42,7 +42,7 @@ from metanorm.datasets import DataSplit
 from metanorm.datasets.experiments import RealExperiment, real_experiment
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
-from metanorm.glm import Design
+from metanorm.design import Design
 
 __all__ = ["LAYOUTS", "REAL_NAMES", "load_real", "shade_bins"]
 

@@ -36,7 +36,7 @@ from torch import nn
 if TYPE_CHECKING:
     from metanorm.datasets import DataSplit
     from metanorm.experiments.config import RunConfig
-    from metanorm.glm import Design
+    from metanorm.design import Design
 
 __all__ = [
     "EXPERIMENT_MODULES",

@@ -50,7 +50,7 @@ from metanorm.experiments.engine import (
     train_one_epoch,
 )
 from metanorm.experiments.registry import Experiment, get_experiment
-from metanorm.glm import DesignBuilder
+from metanorm.design import DesignBuilder
 
 __all__ = [
     "Run",

@@ -54,7 +54,7 @@ from metanorm.datasets.synthetic import (
 )
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
-from metanorm.glm import Design
+from metanorm.design import Design
 from metanorm.models import NORMS, PaperCNN
 
 __all__ = ["SYNTHETIC"]

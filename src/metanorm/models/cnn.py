@@ -45,7 +45,7 @@ class PaperCNN(nn.Module):
     Args:
         norm: one of :data:`NORMS`. Default: ``"none"`` (the paper's baseline).
         design: the WHOLE training set's design (``(N, K)`` array/tensor or
-            :class:`metanorm.glm.Design`); required for the ``mdn-*`` norms, ignored otherwise.
+            :class:`metanorm.design.Design`); required for the ``mdn-*`` norms, ignored otherwise.
         in_channels: image channels. Default: 1.
         image_size: side of the square input image. Default: 32.
         hidden: width of fc1. Default: 84.

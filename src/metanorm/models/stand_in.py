@@ -20,7 +20,7 @@ Every model here has the same interface, so one training loop serves them all:
   The synthetic experiment's names are accepted as aliases (:data:`NORM_ALIASES`):
   ``"mdn-linear"`` = ``"mdn"``, ``"mdn-conv"`` = ``"mdn-all"``.
 
-  MDN models take ``design``: the **whole** training set's :class:`metanorm.glm.Design` (label
+  MDN models take ``design``: the **whole** training set's :class:`metanorm.design.Design` (label
   columns kept, metadata and intercept removed), from which each MDN layer stores Σ⁻¹ and N.
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from metanorm.glm import Design
+from metanorm.design import Design
 from metanorm.nn import MetadataNorm
 
 __all__ = ["NORMS", "NORM_ALIASES", "StandInCNN", "StandInCNN3d", "StandInMLP"]
@@ -47,7 +47,7 @@ def _check_common(norm: str, design: Design | None, num_classes: int) -> None:
         raise ValueError(f"expected norm in {NORMS} (or {sorted(NORM_ALIASES)}), got {norm!r}")
     if norm.startswith("mdn") and not isinstance(design, Design):
         raise TypeError(
-            f"norm={norm!r} needs design=, the whole training set's metanorm.glm.Design; "
+            f"norm={norm!r} needs design=, the whole training set's metanorm.design.Design; "
             f"got {type(design).__name__}"
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:

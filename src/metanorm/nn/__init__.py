@@ -1,17 +1,21 @@
 """Neural-network layers: :class:`MetadataNorm` and the containers that feed it metadata."""
 
 from metanorm.nn import functional as functional
+from metanorm.nn import utils as utils
 from metanorm.nn.container import MetadataSequential as MetadataSequential
 from metanorm.nn.container import takes_metadata as takes_metadata
 from metanorm.nn.functional import NonFiniteEstimateError as NonFiniteEstimateError
 from metanorm.nn.functional import metadata_norm as metadata_norm
+from metanorm.nn.metadata_norm import LazyMetadataNorm as LazyMetadataNorm
 from metanorm.nn.metadata_norm import MetadataNorm as MetadataNorm
 
 __all__ = [
+    "LazyMetadataNorm",
     "MetadataNorm",
     "MetadataSequential",
     "NonFiniteEstimateError",
     "functional",
     "metadata_norm",
     "takes_metadata",
+    "utils",
 ]

@@ -1,42 +1,83 @@
-"""Stateless form of Metadata Normalization.
+r"""Stateless form of Metadata Normalization, and the stages it is made of.
 
 See :class:`metanorm.nn.MetadataNorm` for the maths and the arguments. The functional holds no
-state: it updates the ``running_beta`` buffer it is given, in place, as ``F.batch_norm`` does.
+state: it updates the buffers it is given, in place, as ``F.batch_norm`` does.
+
+A training step runs these stages, each written once, in plain PyTorch operations:
+
+1. batch statistics :math:`X_b^\top F` (K×D) and the batch size m;
+2. a reduce point (the identity in one process; a sum over processes in a synchronised layer);
+3. the estimate :math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F`;
+4. the running update of :math:`\beta_{run}` (never with a non-finite estimate);
+5. the residual :math:`F - X_{b,R}\,\hat\beta_R`.
+
+Stages 1, 2, 3 and 5 are one autograd function with a hand-written backward (the transposed map,
+one read of the upstream gradient), so the layer costs two passes over the features per direction.
+Nothing here reads a tensor's value on the host, so the layer compiles with
+``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from metanorm import glm
 from metanorm._validation import describe
+from metanorm.linalg import remove_effect
 
-__all__ = ["NonFiniteEstimateError", "metadata_norm"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "NonFiniteEstimateError",
+    "batch_residual",
+    "check_metadata",
+    "metadata_norm",
+    "update_running_beta",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-NONFINITE_POLICIES = ("raise", "skip")
+
+#: What a training step does with a non-finite β estimate (the running β keeps its value in all).
+NONFINITE_POLICIES = ("skip", "warn", "raise")
 
 
 class NonFiniteEstimateError(ValueError):
     """A training batch gave a NaN or infinite β estimate (NaN/inf features, fp16 overflow)."""
 
 
-def check_metadata(
-    metadata: Tensor, batch_size: int, num_columns: int, *, finite: bool = True
-) -> None:
-    """Raises ``ValueError``/``TypeError`` unless metadata is a finite ``(m, K)`` tensor.
+class StatisticsReducer(Protocol):
+    """Where the batch statistics of several processes meet (stage 2).
 
-    With ``finite=False`` only the type and shape are checked (the caller checks finiteness).
+    ``reduce_statistics`` sums ``(X_bᵀF, m)`` over the processes in the forward pass and
+    ``reduce_gradient`` sums ``X_{b,R}ᵀG`` in the backward pass. A single process needs neither
+    (pass ``reducer=None``).
+    """
+
+    def reduce_statistics(self, xtf: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Sums the statistic and the batch size over the processes."""
+        ...
+
+    def reduce_gradient(self, xtg: Tensor) -> Tensor:
+        """Sums the backward statistic over the processes."""
+        ...
+
+
+def check_metadata(metadata: Any, batch_size: int, num_columns: int) -> None:
+    """Raises ``ValueError``/``TypeError`` unless ``metadata`` is a real ``(m, K)`` tensor.
+
+    Only the type and shape are checked (reading values would cost a host sync); a non-finite
+    design row gives a non-finite estimate, which the running β never takes
+    (see ``on_nonfinite``).
     """
     if not isinstance(metadata, Tensor):
         raise TypeError(
-            f"expected metadata to be a tensor of shape ({batch_size}, {num_columns}), "
-            f"got {describe(metadata)}"
+            f"expected metadata (design rows) to be a tensor of shape ({batch_size}, "
+            f"{num_columns}), got {describe(metadata)}"
         )
+    if metadata.is_complex() or metadata.dtype == torch.bool:
+        raise TypeError(f"expected real numeric design rows, got {describe(metadata)}")
     if metadata.dim() == 1 and num_columns == 1:
         metadata = metadata.unsqueeze(1)
     if metadata.dim() != 2 or metadata.shape[1] != num_columns:
@@ -49,55 +90,202 @@ def check_metadata(
             f"expected metadata with {batch_size} rows (the batch size of the input), "
             f"got {metadata.shape[0]}"
         )
-    if metadata.is_complex() or metadata.dtype == torch.bool:
-        raise TypeError(f"expected real numeric metadata, got {describe(metadata)}")
-    if finite:
-        check_finite_metadata(metadata)
 
 
-def check_finite_metadata(metadata: Tensor) -> None:
-    """Raises ``ValueError`` if a floating ``metadata`` tensor holds NaN or infinite values."""
-    if metadata.is_floating_point() and not bool(torch.isfinite(metadata).all()):
-        bad = int((~torch.isfinite(metadata)).sum())
+def _check_finite_metadata(metadata: Tensor) -> None:
+    """Raises ``ValueError`` if ``metadata`` holds NaN or infinite values (a host sync)."""
+    finite = torch.isfinite(metadata)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
         raise ValueError(f"expected finite metadata, got {bad} NaN or infinite value(s)")
+
+
+class _BatchResidual(torch.autograd.Function):
+    r"""Stages 1, 2, 3 and 5 of a training step: ``F ↦ F − A (W · reduce(Xᵀ F))``.
+
+    A = the design rows with the kept columns zeroed, W = (N/M)·Σ⁻¹ (M the reduced batch size).
+    For fixed rows the map is linear in F and its transpose is ``G ↦ G − X W · reduce(Aᵀ G)``
+    (W is symmetric), written in differentiable operations so that double backward works.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        features: Tensor,
+        rows: Tensor,
+        removed_rows: Tensor,
+        gram_inverse: Tensor,
+        n_samples: Tensor,
+        reducer: StatisticsReducer | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        xtf = rows.T @ features
+        count = torch.full((), features.shape[0], dtype=torch.float64, device=features.device)
+        if reducer is not None:
+            xtf, count = reducer.reduce_statistics(xtf, count)
+        weight = gram_inverse * (n_samples / count)  # float64 (K, K), symmetric
+        beta = (weight @ xtf.to(torch.float64)).to(features.dtype)
+        out = torch.addmm(features, removed_rows, beta, alpha=-1)
+        ctx.save_for_backward(rows, removed_rows, weight)
+        ctx.reducer = reducer
+        ctx.mark_non_differentiable(beta, count)
+        return out, beta, count
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor, grad_beta: Tensor | None, grad_count: Tensor | None
+    ) -> tuple[Tensor, None, None, None, None, None]:
+        rows, removed_rows, weight = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):
+            xtg = removed_rows.T @ grad_out
+            if ctx.reducer is not None:
+                xtg = ctx.reducer.reduce_gradient(xtg)
+            step = (weight @ xtg.to(torch.float64)).to(grad_out.dtype)
+            grad = torch.addmm(grad_out, rows, step, alpha=-1)
+        return grad, None, None, None, None, None
+
+
+def batch_residual(
+    features: Tensor,
+    rows: Tensor,
+    gram_inverse: Tensor,
+    n_samples: Tensor | float,
+    remove_mask: Tensor,
+    *,
+    reducer: StatisticsReducer | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""MDN's training map: the batch estimate and the residual, differentiable in the features.
+
+    :math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F` (computed in float64 from the float
+    statistic) and :math:`F - X_{b,R}\hat\beta_R`, with a hand-written backward. The same result
+    as :func:`metanorm.linalg.batch_statistics`, :func:`~metanorm.linalg.beta_from_statistics`
+    and :func:`~metanorm.linalg.remove_effect` in sequence.
+
+    Args:
+        features: ``(m, D)`` floating tensor.
+        rows: ``(m, K)`` design rows, same dtype and device.
+        gram_inverse: :math:`\Sigma^{-1}`, ``(K, K)`` float64.
+        n_samples: N, the number of training rows behind ``gram_inverse``.
+        remove_mask: ``(K,)`` bool, true for the removed columns.
+        reducer: sums the statistics over processes (stage 2); ``None`` in one process.
+
+    Returns:
+        ``(residual, beta, count)``: ``(m, D)``, ``(K, D)`` and the (reduced) batch size as a
+        float64 0-d tensor; ``beta`` and ``count`` carry no gradient.
+    """
+    if not isinstance(n_samples, Tensor):
+        n_samples = torch.tensor(float(n_samples), dtype=torch.float64, device=features.device)
+    removed_rows = rows * remove_mask.to(rows.dtype)
+    return _BatchResidual.apply(
+        features, rows, removed_rows, gram_inverse.to(torch.float64), n_samples, reducer
+    )
+
+
+def update_running_beta(
+    running_beta: Tensor,
+    beta: Tensor,
+    count: Tensor,
+    momentum: float | None,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    num_samples_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+) -> Tensor:
+    r"""Stage 4: folds a batch estimate into the running β, in place, unless it is not finite.
+
+    The factor of ``running_beta ← (1 − f)·running_beta + f·β̂`` is
+
+    - ``momentum=None``: ``f = m / S``, S the samples seen including this batch (the
+      cumulative average, weighted by batch size);
+    - a number μ: ``f = max(μ, m / S)``: a cumulative average until its factor falls to μ, an
+      exponential average from then on, so the running β is never biased towards its zero
+      start. Without ``num_samples_tracked``, ``f = μ``.
+
+    A non-finite ``beta`` leaves every buffer as it was except ``num_batches_skipped`` (+1).
+    No value is read on the host.
+
+    Returns:
+        A bool 0-d tensor: whether the estimate was finite (and so used).
+    """
+    finite = torch.isfinite(beta).all()
+    if num_samples_tracked is not None:
+        seen = num_samples_tracked.to(torch.float64) + count
+        factor = count / seen.clamp_min(1.0)
+        if momentum is not None:
+            factor = factor.clamp_min(momentum)
+    elif momentum is None:
+        raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
+    else:
+        factor = torch.tensor(momentum, dtype=torch.float64, device=beta.device)
+    with torch.no_grad():
+        updated = torch.lerp(running_beta, beta.to(running_beta.dtype), factor.to(beta.dtype))
+        running_beta.copy_(torch.where(finite, updated, running_beta))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        if num_samples_tracked is not None:
+            num_samples_tracked.add_((count * finite).to(num_samples_tracked.dtype))
+        if num_batches_skipped is not None:
+            num_batches_skipped.add_((~finite).to(num_batches_skipped.dtype))
+    return finite
+
+
+def _report_nonfinite(finite: Tensor, rows: Tensor, on_nonfinite: str) -> None:
+    """The ``"warn"`` and ``"raise"`` policies: one host sync to read ``finite``."""
+    if bool(finite):
+        return
+    _check_finite_metadata(rows)
+    msg = (
+        "the batch's β estimate is not finite (NaN or infinite features, or an overflow in low "
+        "precision); the running β keeps its previous value"
+    )
+    if on_nonfinite == "raise":
+        raise NonFiniteEstimateError(
+            msg + ". Pass on_nonfinite='skip' to count such batches in num_batches_skipped "
+            "and go on instead"
+        )
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def metadata_norm(
     input: Tensor,
     metadata: Tensor,
-    kernel: Tensor,
-    n_samples: int | float | Tensor,
+    gram_inverse: Tensor,
+    n_samples: float | Tensor,
     remove_mask: Tensor,
     running_beta: Tensor | None = None,
     num_batches_tracked: Tensor | None = None,
     num_samples_tracked: Tensor | None = None,
     training: bool = True,
     momentum: float | None = 0.1,
-    on_nonfinite: str = "raise",
+    on_nonfinite: str = "skip",
+    num_batches_skipped: Tensor | None = None,
+    *,
+    reducer: StatisticsReducer | None = None,
 ) -> Tensor:
     r"""Regresses the removed design columns out of ``input``.
 
-    See :class:`~metanorm.nn.MetadataNorm` for details.
+    See :class:`~metanorm.nn.MetadataNorm` for details. The computation runs in float32 for
+    float16/bfloat16 input (autocast is turned off inside) and the result has the input's dtype.
 
     Args:
         input: features ``(m, *)``; flattened per sample to ``(m, D)``.
         metadata: design rows ``(m, K)`` for this batch.
-        kernel: :math:`\Sigma^{-1}` of the full training design, ``(K, K)``.
-        n_samples: N, the number of training rows behind ``kernel``.
+        gram_inverse: :math:`\Sigma^{-1}` of the full training design, ``(K, K)``.
+        n_samples: N, the number of training rows behind ``gram_inverse``.
         remove_mask: ``(K,)`` bool, true for the columns whose effect is removed.
         running_beta: ``(K, D)`` buffer in full-data scale, updated in place when ``training``.
-        num_batches_tracked: long 0-d buffer counting the updates of ``running_beta``,
-            incremented in place with each one.
-        num_samples_tracked: long 0-d buffer counting the samples behind those updates,
-            incremented in place by m with each one (needed when ``momentum`` is None).
+        num_batches_tracked: long 0-d buffer counting the updates of ``running_beta``.
+        num_samples_tracked: long 0-d buffer counting the samples behind those updates
+            (needed when ``momentum`` is None).
         training: estimate β from the batch (and update ``running_beta``); otherwise use
             ``running_beta``.
-        momentum: the factor of the running update
-            ``running_beta ← (1 − momentum)·running_beta + momentum·β̂``, or None for the
-            cumulative average weighted by batch size (factor ``m / num_samples_tracked``), which
-            after one epoch over any partition of the training set equals the full-data β.
-        on_nonfinite: ``"raise"`` (default) or ``"skip"``: what to do when a training batch gives
-            a non-finite β̂. Either way ``running_beta`` keeps its previous value.
+        momentum: see :func:`update_running_beta`.
+        on_nonfinite: ``"skip"`` (default), ``"warn"`` or ``"raise"``: what a training batch with
+            a non-finite β̂ does besides leaving ``running_beta`` as it was: count itself in
+            ``num_batches_skipped``; also warn; raise
+            :class:`NonFiniteEstimateError`. ``"warn"`` and ``"raise"`` read one flag on the
+            host each training step.
+        num_batches_skipped: long 0-d buffer counting the batches whose estimate was not used.
+        reducer: sums the batch statistics over processes; ``None`` in one process.
 
     Returns:
         A tensor of ``input``'s shape and dtype.
@@ -108,66 +296,41 @@ def metadata_norm(
         raise TypeError(f"expected a floating-point input, got {describe(input)}")
     if input.dim() < 1 or input.shape[0] == 0:
         raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
-    m = input.shape[0]
-    k = kernel.shape[0]
-    # training with a running β checks finiteness once, on β and the metadata together (below)
-    tracked = training and running_beta is not None
-    check_metadata(metadata, m, k, finite=not tracked)
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"expected on_nonfinite in {NONFINITE_POLICIES}, got {on_nonfinite!r}")
-    if tracked and momentum is None and num_samples_tracked is None:
+    m = input.shape[0]
+    k = gram_inverse.shape[0]
+    check_metadata(metadata, m, k)
+    if training and running_beta is not None and momentum is None and num_samples_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
 
-    # the conversions below are skipped when they would be no-ops (each costs a few µs per call)
     compute_dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
-    features = input
-    if features.dim() != 2:
-        features = features.reshape(m, -1)
-    if features.dtype != compute_dtype:
-        features = features.to(compute_dtype)
-    rows = metadata if metadata.dim() == 2 else metadata.reshape(m, k)
-    if rows.dtype != compute_dtype or rows.device != features.device:
-        rows = rows.to(device=features.device, dtype=compute_dtype)
-    mask = remove_mask if remove_mask.device == rows.device else remove_mask.to(rows.device)
-
-    if training:
-        if running_beta is None:
-            out, beta = glm.batch_residual(features, rows, kernel, float(n_samples), mask)
-        else:
-            # one float64 sum of β and the metadata instead of elementwise tests; non-finite
-            # metadata are told apart from non-finite features only when it is not finite
-            out, beta, total = glm.batch_residual_checked(
-                features, rows, kernel, float(n_samples), mask
+    with torch.autocast(input.device.type, enabled=False):
+        features = input.reshape(m, -1).to(compute_dtype)
+        rows = metadata.reshape(m, k).to(device=features.device, dtype=compute_dtype)
+        mask = remove_mask.to(rows.device)
+        if training and (running_beta is None or m > k):
+            out, beta, count = batch_residual(
+                features, rows, gram_inverse, n_samples, mask, reducer=reducer
             )
-            with torch.no_grad():
-                if math.isfinite(total):
-                    if num_batches_tracked is not None:
-                        num_batches_tracked.add_(1)
-                    if num_samples_tracked is not None:
-                        num_samples_tracked.add_(m)
-                    if momentum is None and num_samples_tracked is not None:
-                        factor = m / float(num_samples_tracked)
-                    else:
-                        factor = float(momentum or 0.0)
-                    running_beta.lerp_(beta.to(running_beta.dtype), factor)
-                else:
-                    check_finite_metadata(rows)
-                    msg = (
-                        "the batch's β estimate is not finite (NaN or infinite features, or an "
-                        "overflow in low precision); the running β keeps its previous value"
-                    )
-                    if on_nonfinite == "raise":
-                        raise NonFiniteEstimateError(
-                            msg + ". Pass on_nonfinite='skip' to warn and go on instead"
-                        )
-                    warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    else:
-        if running_beta is None:
+            if running_beta is not None:
+                finite = update_running_beta(
+                    running_beta,
+                    beta,
+                    count,
+                    momentum,
+                    num_batches_tracked=num_batches_tracked,
+                    num_samples_tracked=num_samples_tracked,
+                    num_batches_skipped=num_batches_skipped,
+                )
+                if on_nonfinite != "skip":
+                    _report_nonfinite(finite, rows, on_nonfinite)
+        elif running_beta is None:
             raise RuntimeError(
                 "evaluation needs a running β: build the layer with track_running_stats=True, "
                 "or keep it in training mode"
             )
-        out = glm.remove_effect(features, rows, running_beta.to(compute_dtype), mask)
-    if out.shape != input.shape:
-        out = out.reshape(input.shape)
-    return out if out.dtype == input.dtype else out.to(input.dtype)
+        else:
+            # evaluation, or a training batch too small to estimate β from (m ≤ K)
+            out = remove_effect(features, rows, running_beta.to(compute_dtype), mask)
+    return out.reshape(input.shape).to(input.dtype)

@@ -1,4 +1,4 @@
-"""The Metadata Normalization layer (Lu et al., CVPR 2021)."""
+"""The Metadata Normalization layer (Lu et al., CVPR 2021) and its lazy form."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer
 
-from metanorm import glm
+from metanorm._validation import describe
+from metanorm.design import Design
+from metanorm.linalg import inverse_gram
 from metanorm.nn import functional as MF
 
-__all__ = ["MetadataNorm"]
+__all__ = ["LazyMetadataNorm", "MetadataNorm"]
 
 
 class MetadataNorm(nn.Module):
@@ -34,53 +38,68 @@ class MetadataNorm(nn.Module):
 
     During training the layer keeps a running estimate of β, in full-data scale (the N/m factor
     applied), so evaluation does not depend on the batch size:
-    :math:`\beta_{run} \leftarrow (1-\mu)\beta_{run} + \mu\hat\beta`. In evaluation mode
+    :math:`\beta_{run} \leftarrow (1-f)\beta_{run} + f\hat\beta` with
+    :math:`f = \max(\mu, m/S)`, S the training samples seen so far: a cumulative average over the
+    first batches, an exponential average with momentum μ after them, so a short training does
+    not leave :math:`\beta_{run}` biased towards its zero start. In evaluation mode
     :math:`y = F - X_{b,R}\,\beta_{run,R}`; the kept columns of the metadata are ignored then, so
-    evaluation needs metadata but no labels (pass zeros in the kept columns).
+    evaluation needs metadata but no labels (pass zeros in the kept columns). For the most
+    accurate evaluation β, refit it after training with
+    :func:`metanorm.nn.utils.refit_running_beta`.
+
+    A training batch of m ≤ K samples cannot estimate K coefficients: the layer then uses the
+    running β (as in evaluation) and leaves it unchanged.
 
     .. note::
         ``momentum=None`` gives the cumulative average of every batch seen, as in
-        :class:`torch.nn.BatchNorm1d`, each batch weighted by its size (equal batches: the plain
-        average). After one epoch over any partition of the training set, a short last batch
-        included, it equals the full-data least-squares β.
+        :class:`torch.nn.BatchNorm1d`, each batch weighted by its size. After one epoch over
+        any partition of the training set, a short last batch included, it equals the
+        full-data least-squares β of the features seen.
 
     Args:
         num_features: D, the number of features of one sample after flattening (C·H·W for a
             conv map).
         design: the whole training set's design, ``(N, K)`` tensor or array, or a
-            :class:`metanorm.glm.Design` (whose ``keep`` is then used by default). Only
-            :math:`\Sigma^{-1}` and N are stored.
-        keep: indices (or, with a :class:`~metanorm.glm.Design`, names) of the columns that are
-            estimated but not removed. Default: ``()`` (or the design's ``keep``).
-        momentum: the running-β factor, or ``None`` for a cumulative average. Default: 0.1.
+            :class:`metanorm.design.Design` (whose ``keep`` is then used by default). Only
+            :math:`\Sigma^{-1}` and N are stored. ``None`` builds an empty layer of
+            ``num_metadata`` columns to restore with :meth:`load_state_dict`.
+        keep: indices (or, with a :class:`~metanorm.design.Design`, names) of the columns that
+            are estimated but not removed. Default: ``()`` (or the design's ``keep``).
+        momentum: the running-β momentum μ, or ``None`` for a cumulative average. Default: 0.1.
+        num_metadata: K, the number of design columns; needed only without ``design``.
         track_running_stats: keep a running β for evaluation. Without it the layer always uses
             batch estimates (and so needs labels at evaluation). Default: ``True``.
-        ridge: ridge term added to :math:`X^\top X` (see :func:`metanorm.glm.glm_kernel`).
+        ridge: ridge term added to :math:`X^\top X` (see :func:`metanorm.linalg.inverse_gram`).
             Default: 0.
-        on_nonfinite: ``"raise"`` a :class:`~metanorm.nn.NonFiniteEstimateError` when a training
-            batch gives a non-finite β estimate, or ``"skip"`` its running update with a warning
-            (for mixed-precision training). The running β is never polluted. Default: ``"raise"``.
+        on_nonfinite: what a training batch whose β estimate is not finite (NaN/inf features,
+            an overflow in low precision) does. The running β never takes such an estimate.
+            ``"skip"``: count it in ``num_batches_skipped`` and go on (no host sync; compiles
+            without graph breaks). ``"warn"``: also warn. ``"raise"``: raise a
+            :class:`~metanorm.nn.NonFiniteEstimateError`. ``"warn"`` and ``"raise"`` read one
+            flag on the host every training step (a device sync, and a graph break under
+            :func:`torch.compile`). Default: ``"skip"``.
         device: device of the buffers.
-        dtype: dtype of the running β (the kernel is always float64). Default: float32.
+        dtype: dtype of the running β (:math:`\Sigma^{-1}` is always float64). Default: float32.
 
     Attributes:
-        kernel: :math:`\Sigma^{-1}`, float64 buffer ``(K, K)``.
+        gram_inverse: :math:`\Sigma^{-1}`, float64 buffer ``(K, K)``.
         n_samples: N, float64 buffer (0-d).
         remove_mask: bool buffer ``(K,)``, true for removed columns.
         running_beta: buffer ``(K, D)``, or ``None`` without ``track_running_stats``.
         num_batches_tracked: long buffer (0-d), training batches behind the running β.
         num_samples_tracked: long buffer (0-d), training samples behind the running β.
+        num_batches_skipped: long buffer (0-d), training batches whose estimate was not finite.
 
     Shape:
         - Input: :math:`(m, *)` with :math:`\prod * = D`; any m ≥ 1 (a short last batch works).
         - Metadata: :math:`(m, K)`, the batch's design rows, built like ``design``.
-        - Output: same shape and dtype as the input. float16/bfloat16 inputs are computed in
-          float32.
+        - Output: same shape and dtype as the input. float16/bfloat16 inputs (and inputs under
+          :func:`torch.autocast`) are computed in float32.
 
     Examples::
 
         >>> import torch
-        >>> from metanorm.glm import make_design
+        >>> from metanorm.design import make_design
         >>> y = torch.randint(0, 2, (100,)); cf = torch.rand(100) + y
         >>> design = make_design({"y": y.numpy(), "cf": cf.numpy()}, keep=["y"])
         >>> layer = MetadataNorm(84, design)
@@ -90,9 +109,12 @@ class MetadataNorm(nn.Module):
         torch.Size([20, 84])
         >>> _ = layer.eval(); layer(torch.randn(5, 84), rows[:5]).shape
         torch.Size([5, 84])
+        >>> restored = MetadataNorm(84, num_metadata=3)    # no design needed to restore
+        >>> restored.load_state_dict(layer.state_dict())
+        <All keys matched successfully>
     """
 
-    _version = 1
+    _version = 2
     __constants__: ClassVar[list[str]] = [
         "num_features",
         "num_metadata",
@@ -102,29 +124,30 @@ class MetadataNorm(nn.Module):
     num_features: int
     num_metadata: int
     momentum: float | None
-    kernel: Tensor
+    gram_inverse: Tensor
     n_samples: Tensor
     remove_mask: Tensor
     running_beta: Tensor | None
     num_batches_tracked: Tensor | None
     num_samples_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
 
     def __init__(
         self,
         num_features: int,
-        design: Any,
+        design: Any = None,
         keep: Iterable[int | str] | None = None,
         momentum: float | None = 0.1,
         *,
+        num_metadata: int | None = None,
         track_running_stats: bool = True,
         ridge: float = 0.0,
-        on_nonfinite: str = "raise",
+        on_nonfinite: str = "skip",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"expected num_features to be a positive int, got {num_features!r}")
+        _check_num_features(num_features)
         if momentum is not None and (
             isinstance(momentum, bool)
             or not isinstance(momentum, int | float)
@@ -136,12 +159,30 @@ class MetadataNorm(nn.Module):
                 f"expected on_nonfinite in {MF.NONFINITE_POLICIES}, got {on_nonfinite!r}"
             )
         columns: tuple[str, ...] | None = None
-        if isinstance(design, glm.Design):
-            columns = design.columns
-            keep = design.keep if keep is None else keep
-        kernel = glm.glm_kernel(design, ridge=ridge, columns=columns)
-        k = kernel.shape[0]
-        n = (design.matrix if isinstance(design, glm.Design) else design).shape[0]
+        if design is None:
+            if (
+                isinstance(num_metadata, bool)
+                or not isinstance(num_metadata, int)
+                or num_metadata < 1
+            ):
+                raise ValueError(
+                    "expected design= (the whole training design, (N, K)) or num_metadata= "
+                    f"(K, for an empty layer to restore with load_state_dict), got "
+                    f"design=None and num_metadata={num_metadata!r}"
+                )
+            k, n = num_metadata, 0
+            gram_inverse = torch.zeros(k, k, dtype=torch.float64)
+        else:
+            if isinstance(design, Design):
+                columns = design.columns
+                keep = design.keep if keep is None else keep
+            gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)
+            k = gram_inverse.shape[0]
+            n = (design.matrix if isinstance(design, Design) else design).shape[0]
+            if num_metadata is not None and num_metadata != k:
+                raise ValueError(
+                    f"num_metadata={num_metadata!r} does not match the design's {k} columns"
+                )
         keep_idx = _resolve_keep(keep or (), k, columns)
         if len(keep_idx) == k:
             raise ValueError(f"keep lists all {k} design columns: nothing would be removed")
@@ -153,9 +194,10 @@ class MetadataNorm(nn.Module):
         self.ridge = ridge
         self.on_nonfinite = on_nonfinite
         self.columns = columns
+        self.has_design = design is not None
         mask = torch.ones(k, dtype=torch.bool, device=device)
         mask[list(keep_idx)] = False
-        self.register_buffer("kernel", kernel.to(device))
+        self.register_buffer("gram_inverse", gram_inverse.to(device))
         self.register_buffer(
             "n_samples", torch.tensor(float(n), dtype=torch.float64, device=device)
         )
@@ -163,18 +205,23 @@ class MetadataNorm(nn.Module):
         if track_running_stats:
             self.register_buffer(
                 "running_beta",
-                torch.zeros(k, num_features, device=device, dtype=dtype or torch.float32),
+                self._new_running_beta(k, num_features, device, dtype or torch.float32),
             )
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-            self.register_buffer(
-                "num_samples_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
+            for name in ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped"):
+                self.register_buffer(name, torch.tensor(0, dtype=torch.long, device=device))
         else:
-            self.register_buffer("running_beta", None)
-            self.register_buffer("num_batches_tracked", None)
-            self.register_buffer("num_samples_tracked", None)
+            for name in (
+                "running_beta",
+                "num_batches_tracked",
+                "num_samples_tracked",
+                "num_batches_skipped",
+            ):
+                self.register_buffer(name, None)
+
+    def _new_running_beta(
+        self, k: int, d: int, device: torch.device | str | None, dtype: torch.dtype
+    ) -> Tensor:
+        return torch.zeros(k, d, device=device, dtype=dtype)
 
     @property
     def keep(self) -> tuple[int, ...]:
@@ -182,10 +229,14 @@ class MetadataNorm(nn.Module):
         return tuple((~self.remove_mask).nonzero().flatten().tolist())
 
     def reset_running_stats(self) -> None:
-        """Zeroes the running β and the batch counter."""
+        """Zeroes the running β and the batch counters."""
         if self.running_beta is not None:
             self.running_beta.zero_()
-        for counter in (self.num_batches_tracked, self.num_samples_tracked):
+        for counter in (
+            self.num_batches_tracked,
+            self.num_samples_tracked,
+            self.num_batches_skipped,
+        ):
             if counter is not None:
                 counter.zero_()
 
@@ -204,13 +255,23 @@ class MetadataNorm(nn.Module):
                 f"{d} from input of shape {tuple(input.shape)}"
             )
 
+    def _reducer(self) -> MF.StatisticsReducer | None:
+        """Where the batch statistics meet (None: this process only)."""
+        return None
+
     def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
         """Removes the metadata effect; see the class docstring."""
+        if not self.has_design:
+            raise RuntimeError(
+                f"this {type(self).__name__} was built without a design (num_metadata="
+                f"{self.num_metadata}): restore it with load_state_dict, or build it with "
+                "design= (the whole training design)"
+            )
         self._check_input_dim(input)
         return MF.metadata_norm(
             input,
             metadata,
-            self.kernel,
+            self.gram_inverse,
             self.n_samples,
             self.remove_mask,
             self.running_beta,
@@ -219,7 +280,35 @@ class MetadataNorm(nn.Module):
             self.training or self.running_beta is None,
             self.momentum,
             self.on_nonfinite,
+            self.num_batches_skipped,
+            reducer=self._reducer(),
         )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version")
+        if version is None or version < 2:
+            # 0.1.0.dev0 (version 1) called Σ⁻¹ "kernel" and had no skipped-batch counter
+            if prefix + "kernel" in state_dict:
+                state_dict[prefix + "gram_inverse"] = state_dict.pop(prefix + "kernel")
+            if self.num_batches_skipped is not None:
+                state_dict.setdefault(
+                    prefix + "num_batches_skipped",
+                    torch.tensor(0, dtype=torch.long, device=self.num_batches_skipped.device),
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "gram_inverse" in state_dict and prefix + "n_samples" in state_dict:
+            self.has_design = True
 
     def extra_repr(self) -> str:
         """The constructor arguments shown in ``repr``."""
@@ -228,6 +317,87 @@ class MetadataNorm(nn.Module):
             f"n_samples={int(self.n_samples)}, momentum={self.momentum}, "
             f"track_running_stats={self.track_running_stats}"
         )
+
+
+class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
+    r"""A :class:`MetadataNorm` whose ``num_features`` is inferred from its first input.
+
+    The running β is an uninitialised buffer until the first call, which sets ``num_features``
+    to the flattened per-sample size of the input; the module then becomes a
+    :class:`MetadataNorm` (torch's lazy-module idiom, as :class:`torch.nn.LazyBatchNorm1d`).
+    Run one batch before :func:`torch.compile` or building an optimizer.
+
+    Args:
+        design: the whole training set's design (see :class:`MetadataNorm`).
+        keep, momentum, track_running_stats, ridge, on_nonfinite, device, dtype: as for
+            :class:`MetadataNorm`.
+
+    Examples::
+
+        >>> import torch
+        >>> design = torch.cat([torch.randn(50, 1), torch.ones(50, 1)], dim=1)
+        >>> layer = LazyMetadataNorm(design)
+        >>> layer(torch.randn(10, 4, 3, 3), design[:10]).shape
+        torch.Size([10, 4, 3, 3])
+        >>> type(layer).__name__, layer.num_features
+        ('MetadataNorm', 36)
+    """
+
+    cls_to_become = MetadataNorm  # type: ignore[assignment]
+    running_beta: UninitializedBuffer  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        design: Any,
+        keep: Iterable[int | str] | None = None,
+        momentum: float | None = 0.1,
+        *,
+        track_running_stats: bool = True,
+        ridge: float = 0.0,
+        on_nonfinite: str = "skip",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            1,  # replaced at the first call
+            design,
+            keep,
+            momentum,
+            track_running_stats=track_running_stats,
+            ridge=ridge,
+            on_nonfinite=on_nonfinite,
+            device=device,
+            dtype=dtype,
+        )
+        self.num_features = 0
+
+    def _new_running_beta(
+        self, k: int, d: int, device: torch.device | str | None, dtype: torch.dtype
+    ) -> Tensor:
+        return UninitializedBuffer(device=device, dtype=dtype)
+
+    def reset_running_stats(self) -> None:
+        """Zeroes the running β and the counters (once the β is materialised)."""
+        if not self.has_uninitialized_params():
+            super().reset_running_stats()
+
+    def initialize_parameters(self, input: Tensor, metadata: Tensor) -> None:  # type: ignore[override]
+        """Sets ``num_features`` from the first input and materialises the running β."""
+        if self.has_uninitialized_params():
+            if not isinstance(input, Tensor) or input.dim() < 2:
+                raise ValueError(
+                    "expected input of shape (m, *) to infer num_features from, got "
+                    f"{describe(input)}"
+                )
+            self.num_features = math.prod(input.shape[1:])
+            if self.running_beta is not None:
+                self.running_beta.materialize((self.num_metadata, self.num_features))
+                self.running_beta.zero_()
+
+
+def _check_num_features(num_features: Any) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"expected num_features to be a positive int, got {num_features!r}")
 
 
 def _resolve_keep(
@@ -242,7 +412,7 @@ def _resolve_keep(
                     + (
                         f"the design has columns {list(columns)}"
                         if columns
-                        else "names need a metanorm.glm.Design; pass indices for a plain matrix"
+                        else "names need a metanorm.design.Design; pass indices for a plain matrix"
                     )
                 )
             out.append(columns.index(c))

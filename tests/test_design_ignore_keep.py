@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metanorm.glm import DesignBuilder
+from metanorm.design import DesignBuilder
 
 
 def _meta() -> dict[str, np.ndarray]:

@@ -1,0 +1,192 @@
+r"""The linear algebra of Metadata Normalization, in one place.
+
+MDN (Lu et al., CVPR 2021, https://arxiv.org/abs/2104.09052) fits the general linear model
+:math:`F = X\beta + R` of features :math:`F` on a design :math:`X` and keeps the residual of the
+removed columns. Shared by :class:`metanorm.nn.MetadataNorm`,
+:class:`metanorm.preprocessing.MetadataResidualizer` and the multi-process layer:
+
+- :func:`inverse_gram` computes :math:`\Sigma^{-1} = (X^\top X)^{-1}` once, in float64, and refuses
+  a singular or ill-conditioned :math:`\Sigma` with an error naming the collinear columns (unless
+  a ridge term is asked for);
+- :func:`batch_statistics` and :func:`beta_from_statistics` split the batch estimate
+  :math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F` into a sum over samples and a solve, so that
+  statistics summed over processes give the same :math:`\hat\beta` as one large batch;
+- :func:`remove_effect` subtracts the removed columns' part; :func:`fit_beta` is the full-data
+  closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from metanorm._validation import as_2d_tensor, check_finite
+from metanorm.design import Design
+
+__all__ = [
+    "MAX_CONDITION",
+    "batch_statistics",
+    "beta_from_statistics",
+    "fit_beta",
+    "inverse_gram",
+    "remove_effect",
+]
+
+#: Largest accepted condition number of the column-scaled XᵀX before it counts as singular.
+MAX_CONDITION = 1e10
+
+def _column_names(k: int, columns: Sequence[str] | None) -> list[str]:
+    if columns is None:
+        return [f"column {j}" for j in range(k)]
+    if len(columns) != k:
+        raise ValueError(f"expected {k} column names, got {len(columns)}")
+    return [repr(c) for c in columns]
+
+
+def inverse_gram(
+    design: Any,
+    *,
+    ridge: float = 0.0,
+    columns: Sequence[str] | None = None,
+    max_condition: float = MAX_CONDITION,
+) -> torch.Tensor:
+    r"""Computes :math:`\Sigma^{-1} = (X^\top X + \lambda I)^{-1}` in float64.
+
+    Args:
+        design: the whole training design, ``(N, K)`` array, tensor or :class:`Design`.
+        ridge: :math:`\lambda \ge 0`, added to the diagonal of :math:`X^\top X`. Use it only when
+            the design is (nearly) collinear and the collinearity cannot be removed. Default: 0.
+        columns: column names for error messages (taken from a :class:`Design`).
+        max_condition: largest accepted condition number of the column-scaled
+            :math:`X^\top X` when ``ridge == 0``. Default: ``1e10``.
+
+    Returns:
+        float64 tensor of shape ``(K, K)`` on the design's device (CPU for arrays).
+
+    Raises:
+        ValueError: if ``design`` is not finite, or :math:`X^\top X` is singular or ill-conditioned
+            and ``ridge == 0``; the message names the columns involved.
+    """
+    if isinstance(design, Design):
+        columns = design.columns if columns is None else columns
+        design = design.matrix
+    if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge >= 0:
+        raise ValueError(f"expected ridge to be a non-negative number, got {ridge!r}")
+    x = as_2d_tensor(design, "design", dtype=torch.float64)
+    check_finite(x, "design")
+    n, k = x.shape
+    names = _column_names(k, columns)
+    sigma = x.T @ x
+    if ridge == 0:
+        diag = torch.diagonal(sigma)
+        zero = (diag == 0).nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(
+                f"the design is singular: {', '.join(names[j] for j in zero)} "
+                f"{'is' if len(zero) == 1 else 'are'} all zeros; drop "
+                f"{'it' if len(zero) == 1 else 'them'} or pass ridge > 0"
+            )
+        d = diag.sqrt()
+        scaled = sigma / (d[:, None] * d[None, :])
+        evals, evecs = torch.linalg.eigh(scaled)
+        top = float(evals[-1])
+        cond = top / float(evals[0]) if float(evals[0]) > 0 else math.inf
+        if cond > max_condition:
+            small = evals <= top / max_condition
+            weight = evecs[:, small].abs().amax(dim=1)
+            involved = (weight > 0.1 * float(weight.max())).nonzero().flatten().tolist()
+            hint = f" (N = {n} rows for K = {k} columns)" if n < k else ""
+            raise ValueError(
+                f"the design is singular or ill-conditioned (condition number {cond:.3g} of the "
+                f"scaled XᵀX, limit {max_condition:.3g}){hint}: columns "
+                f"{', '.join(names[j] for j in involved)} are (nearly) collinear. Drop one of "
+                f"them, or pass ridge > 0 to regularise"
+            )
+    else:
+        sigma = sigma + ridge * torch.eye(k, dtype=sigma.dtype, device=sigma.device)
+    inv = torch.linalg.inv(sigma)
+    return ((inv + inv.T) / 2).contiguous()  # symmetrised
+
+
+# --------------------------------------------------------------------------------------------
+# Batch estimate, residual, full-data fit
+# --------------------------------------------------------------------------------------------
+
+
+def batch_statistics(design_rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    r"""The batch's sufficient statistic :math:`X_b^\top F` (K×D).
+
+    Summing it (and the batch sizes) over processes before :func:`beta_from_statistics` gives the
+    same :math:`\hat\beta` as one batch holding every process's rows.
+
+    Shape:
+        - design_rows: ``(m, K)``
+        - features: ``(m, D)``
+        - Output: ``(K, D)``
+    """
+    return design_rows.T @ features
+
+
+def beta_from_statistics(
+    gram_inverse: torch.Tensor,
+    xtf: torch.Tensor,
+    batch_size: int | float | torch.Tensor,
+    n_samples: int | float | torch.Tensor,
+) -> torch.Tensor:
+    r""":math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F`, in the dtype of ``xtf``.
+
+    Args:
+        gram_inverse: :math:`\Sigma^{-1}`, ``(K, K)`` (cast to ``xtf``'s dtype).
+        xtf: :math:`X_b^\top F`, ``(K, D)``, from :func:`batch_statistics` (possibly summed).
+        batch_size: m, the number of rows behind ``xtf``.
+        n_samples: N, the number of rows behind ``gram_inverse``.
+    """
+    scale = n_samples / batch_size
+    return (gram_inverse.to(xtf.dtype) * scale) @ xtf
+
+
+def remove_effect(
+    features: torch.Tensor,
+    design_rows: torch.Tensor,
+    beta: torch.Tensor,
+    remove_mask: torch.Tensor,
+) -> torch.Tensor:
+    r"""``features − X_b[:, R] β[R, :]``, R being the columns where ``remove_mask`` is true.
+
+    Shape:
+        - features: ``(m, D)``
+        - design_rows: ``(m, K)``
+        - beta: ``(K, D)``
+        - remove_mask: ``(K,)`` bool
+        - Output: ``(m, D)``
+    """
+    return torch.addmm(features, design_rows * remove_mask.to(design_rows.dtype), beta, alpha=-1)
+
+
+
+def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:
+    r"""Full-data least squares :math:`\beta = (X^\top X + \lambda I)^{-1} X^\top F` in float64.
+
+    Equals :func:`beta_from_statistics` on the whole set (m = N). Used by the scikit-learn
+    residualizer and as the reference in tests.
+
+    Shape:
+        - design: ``(N, K)``
+        - features: ``(N, D)``
+        - Output: ``(K, D)`` float64
+    """
+    columns = design.columns if isinstance(design, Design) else None
+    gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)
+    x = as_2d_tensor(
+        design.matrix if isinstance(design, Design) else design, "design", dtype=torch.float64
+    )
+    f = as_2d_tensor(features, "features", dtype=torch.float64, device=gram_inverse.device)
+    if f.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"expected features with {x.shape[0]} rows (one per design row), got {f.shape[0]}"
+        )
+    check_finite(f, "features")
+    return gram_inverse @ batch_statistics(x.to(gram_inverse.device), f)

@@ -1,0 +1,109 @@
+"""The functional and its stages: the hand-written backward against autograd, the running update."""
+
+import pytest
+import torch
+
+from metanorm import linalg
+from metanorm.nn import MetadataNorm
+from metanorm.nn import functional as MF
+
+
+@pytest.fixture
+def setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, dtype=torch.float64, generator=g)
+    x[:, 2] = 1.0
+    gram_inverse = linalg.inverse_gram(x)
+    mask = torch.tensor([False, True, True])
+    return x, gram_inverse, mask, g
+
+
+def _plain_autograd(f, rows, gram_inverse, n, mask):
+    """The paper's equations in plain autograd: the oracle for the hand-written backward."""
+    beta = (n / f.shape[0]) * gram_inverse @ rows.T @ f
+    return f - (rows * mask) @ beta, beta
+
+
+def test_gradcheck_and_gradgradcheck(setup):
+    x, gram_inverse, mask, g = setup
+    feats = torch.randn(9, 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    rows = x[:9]
+
+    def f(t):
+        return MF.metadata_norm(t, rows, gram_inverse, 60, mask, training=True, momentum=0.1)
+
+    assert torch.autograd.gradcheck(f, (feats,))
+    assert torch.autograd.gradgradcheck(f, (feats,))
+
+
+def test_matches_plain_autograd_and_closed_form_gradient(setup):
+    x, gram_inverse, mask, g = setup
+    feats = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    rows = x[:9]
+    out, beta, count = MF.batch_residual(feats, rows, gram_inverse, 60, mask)
+    ref_out, ref_beta = _plain_autograd(feats, rows, gram_inverse, 60, mask)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(beta, ref_beta.detach(), atol=1e-12, rtol=0)
+    assert float(count) == 9 and not beta.requires_grad
+    w = torch.randn(9, 5, dtype=torch.float64, generator=g)
+    (g1,) = torch.autograd.grad(out, feats, w)
+    (g2,) = torch.autograd.grad(ref_out, feats, w)
+    torch.testing.assert_close(g1, g2, atol=1e-12, rtol=0)
+    # the closed form of the gradient: G − X_b S Mᵀ G with S = (N/m) Σ⁻¹, M the removed columns
+    s = gram_inverse * 60 / 9
+    expected = w - rows @ s @ (rows * mask.double()).T @ w
+    torch.testing.assert_close(g1, expected, atol=1e-12, rtol=0)
+
+
+def test_float32_matches_float64(setup):
+    x, gram_inverse, mask, g = setup
+    feats = torch.randn(40, 300, dtype=torch.float64, generator=g)
+    ref, _ = _plain_autograd(feats, x[:40], gram_inverse, 60, mask)
+    out, _, _ = MF.batch_residual(feats.float(), x[:40].float(), gram_inverse, 60, mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+def test_update_running_beta_factors_and_nonfinite(setup):
+    running = torch.zeros(3, 2, dtype=torch.float64)
+    tracked, samples, skipped = torch.tensor(0), torch.tensor(0), torch.tensor(0)
+    counters = {
+        "num_batches_tracked": tracked,
+        "num_samples_tracked": samples,
+        "num_batches_skipped": skipped,
+    }
+    b1, b2 = torch.ones(3, 2, dtype=torch.float64), 4 * torch.ones(3, 2, dtype=torch.float64)
+    one = torch.tensor(10.0, dtype=torch.float64)
+    MF.update_running_beta(running, b1, one, 0.1, **counters)
+    torch.testing.assert_close(running, b1)  # first factor 1: no bias towards zero
+    MF.update_running_beta(running, b2, 3 * one, 0.1, **counters)  # factor 30/40
+    torch.testing.assert_close(running, b1 + 0.75 * (b2 - b1))
+    bad = b2.clone()
+    bad[0, 0] = float("nan")
+    finite = MF.update_running_beta(running, bad, one, 0.1, **counters)
+    assert not bool(finite)
+    torch.testing.assert_close(running, b1 + 0.75 * (b2 - b1))
+    assert (int(tracked), int(samples), int(skipped)) == (2, 40, 1)
+    # past the warm-up the factor is the momentum
+    for _ in range(20):
+        MF.update_running_beta(running, b2, one, 0.1, **counters)
+    before = running.clone()
+    MF.update_running_beta(running, b1, one, 0.1, **counters)
+    torch.testing.assert_close(running, before + 0.1 * (b1 - before))
+    # no counter: a plain exponential average
+    plain = torch.zeros(3, 2, dtype=torch.float64)
+    MF.update_running_beta(plain, b1, one, 0.1)
+    torch.testing.assert_close(plain, 0.1 * b1)
+
+
+def test_layer_in_a_model_trains(setup):
+    x, _, _, g = setup
+    layer = MetadataNorm(4, x.float(), keep=[0])
+    lin = torch.nn.Linear(6, 4)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    inp = torch.randn(60, 6, generator=g)
+    before = lin.weight.detach().clone()
+    out = layer(lin(inp[:20]), x[:20].float())
+    out.pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(before, lin.weight)
+    assert int(layer.num_batches_tracked) == 1
