@@ -34,7 +34,7 @@ class RunConfig:
         threads: CPU threads for torch (``torch.set_num_threads``); ``None`` leaves torch's default.
         momentum: running-β momentum of the MDN layers.
         refit_running_beta: after every training epoch, refit the MDN layers' running β on the
-            training set, layer by layer (:func:`metanorm.experiments.engine.refit_running_beta`),
+            training set, layer by layer (:func:`metanorm.nn.utils.refit_running_beta`),
             so that evaluation uses the full-data β of the current weights.
         options: experiment-specific settings (JSON-serialisable).
     """

@@ -19,14 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metanorm import metrics
-from metanorm.nn import MetadataNorm
 
 __all__ = [
     "epoch_lr",
     "evaluate",
     "loss_and_predictions",
     "predict",
-    "refit_running_beta",
     "train_one_epoch",
 ]
 
@@ -96,58 +94,6 @@ def train_one_epoch(
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return {"loss": total / seen, "time_s": time.perf_counter() - start, "samples": float(seen)}
-
-
-@torch.no_grad()
-def refit_running_beta(
-    model: nn.Module, loader: Iterable[Batch], *, device: torch.device | str = "cpu"
-) -> int:
-    """Refits the running β of every :class:`~metanorm.nn.MetadataNorm` in ``model`` on a data set.
-
-    The layers are refitted one at a time, in the order ``model.modules()`` lists them (which must
-    be their order in the forward pass, as in :class:`metanorm.models.PaperCNN`): each is reset
-    and, with ``momentum=None`` (the size-weighted cumulative average), accumulates one pass over
-    ``loader`` in training mode while every other layer of the model is in eval mode, so the
-    layers before it already use their refitted β. After the pass the layer's running β is the
-    full-data estimate ``Σ⁻¹XᵀF`` of the features it will see at evaluation.
-
-    Why: a running β accumulated during training (a momentum average) fits a layer to inputs
-    that earlier MDN layers residualized with each batch's own β estimate, and to weights that
-    kept changing; at evaluation those earlier layers use their running β instead, so a stack of
-    MDN layers (MDN-Conv) can let the confounder through at evaluation. Nothing trainable
-    changes and no gradient is computed; the cost is one forward pass over ``loader`` per MDN
-    layer. The batch order does not matter (the cumulative average is exact whatever the order).
-
-    Args:
-        model: the model; its training flag is restored on return.
-        loader: the training data, ``(images, labels, design_rows)`` batches.
-        device: where the model runs.
-
-    Returns:
-        The number of MDN layers refitted (0 leaves the model untouched).
-    """
-    layers = [m for m in model.modules() if isinstance(m, MetadataNorm)]
-    if not layers:
-        return 0
-    was_training = model.training
-    model.eval()
-    try:
-        for layer in layers:
-            if layer.running_beta is None:
-                continue
-            momentum = layer.momentum
-            layer.reset_running_stats()
-            layer.momentum = None
-            layer.train()
-            try:
-                for images, _, rows in loader:
-                    model(images.to(device), rows.to(device))
-            finally:
-                layer.momentum = momentum
-                layer.eval()
-    finally:
-        model.train(was_training)
-    return len(layers)
 
 
 @torch.no_grad()

@@ -41,16 +41,16 @@ from tqdm.auto import tqdm
 from metanorm.datasets import DataSplit, DesignDataset
 from metanorm.datasets._coding import design_data, fit_design_builder
 from metanorm.datasets._coding import metric_matrix as _metric_matrix
+from metanorm.design import DesignBuilder
 from metanorm.experiments import _io
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.engine import (
     epoch_lr,
     evaluate,
-    refit_running_beta,
     train_one_epoch,
 )
 from metanorm.experiments.registry import Experiment, get_experiment
-from metanorm.design import DesignBuilder
+from metanorm.nn.utils import refit_running_beta
 
 __all__ = [
     "Run",

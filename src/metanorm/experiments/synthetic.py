@@ -11,7 +11,7 @@ Default run (``metanorm reproduce synthetic``, what ``make run`` runs): every me
 5 epochs of Adam with a cosine learning-rate decay from 1e-3 (per epoch: 1e-3, 9.0e-4, 6.5e-4,
 3.5e-4, 1.0e-4), design in raw units (see below), and after every epoch the MDN layers' running β
 refitted on the training set, layer by layer
-(:func:`metanorm.experiments.engine.refit_running_beta`). A CPU-sized stand-in for the paper's
+(:func:`metanorm.nn.utils.refit_running_beta`). A CPU-sized stand-in for the paper's
 200 epochs at lr 1e-4 with n = 1000 (``--paper``, which keeps the constant rate and the momentum
 running β) that already separates the methods.
 
