@@ -1,33 +1,30 @@
 """Accumulating metrics for evaluation loops: ``update`` per batch, ``compute``, ``reset``.
 
-They share their ``_update``/``_compute`` helpers with the functionals in
-:mod:`metanorm.metrics.functional`, so ``compute()`` over batches equals the functional over the
-concatenated batches.
+``compute()`` over batches equals the matching function (:mod:`metanorm.metrics.dcor`,
+:mod:`metanorm.metrics.accuracy`) on the concatenated batches.
 
 Distance correlation does not decompose into per-batch sums, so :class:`DistanceCorrelationSqr`
-keeps the batches it is given (detached, on their device, in their dtype) and computes the blocked
-estimate once in ``compute()``. The accuracy metrics keep counts only.
+keeps the batches it is given (detached, on their device, checked and converted to float64) and
+computes the blocked estimate once in ``compute()``. The accuracy metrics keep counts only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from metanorm.metrics.functional import (
-    DEFAULT_MAX_MEMORY,
-    _as_labels,
-    _balanced_accuracy_compute,
-    _class_counts_update,
-    _dcor_compute,
-    _dcor_update,
-    _group_counts_update,
-    grouped_distance_correlation_sqr,
+from metanorm.metrics._distance import DEFAULT_MAX_MEMORY
+from metanorm.metrics._inputs import as_labels, as_sample_pair
+from metanorm.metrics.accuracy import (
+    Counts,
+    balanced_accuracy_from_counts,
+    class_counts,
+    group_counts,
 )
+from metanorm.metrics.dcor import dcor_of_samples, grouped_distance_correlation_sqr
 
 __all__ = [
     "BalancedAccuracy",
@@ -41,7 +38,7 @@ def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
 
-def _merge(total: dict[Hashable, tuple[int, int]], new: dict[Hashable, tuple[int, int]]) -> None:
+def _merge(total: Counts, new: Counts) -> None:
     for key, (c, h) in new.items():
         c0, h0 = total.get(key, (0, 0))
         total[key] = (c0 + c, h0 + h)
@@ -107,7 +104,7 @@ class DistanceCorrelationSqr:
 
     def update(self, x: Any, y: Any) -> None:
         """Adds a batch: ``x`` (m, p) features and ``y`` (m, q) metadata of the same m samples."""
-        a, b = _dcor_update(_detach(x), _detach(y), self.device)
+        a, b = as_sample_pair(_detach(x), _detach(y), self.device)
         self._check_batch(a, b)
         self._x.append(a)
         self._y.append(b)
@@ -116,7 +113,7 @@ class DistanceCorrelationSqr:
         """dCor² of all accumulated rows."""
         if not self._x:
             raise ValueError("expected at least one update() before compute(), got none")
-        return _dcor_compute(
+        return dcor_of_samples(
             torch.cat(self._x),
             torch.cat(self._y),
             unbiased=self.unbiased,
@@ -174,9 +171,9 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
 
     def update(self, x: Any, y: Any, groups: Any) -> None:  # type: ignore[override]
         """Adds a batch with one group label per row."""
-        a, b = _dcor_update(_detach(x), _detach(y), self.device)
+        a, b = as_sample_pair(_detach(x), _detach(y), self.device)
         self._check_batch(a, b)
-        g = _as_labels(groups, "groups", a.shape[0])
+        g = as_labels(groups, "groups", a.shape[0])
         self._x.append(a)
         self._y.append(b)
         self._groups.append(g)
@@ -221,15 +218,15 @@ class BalancedAccuracy:
 
     def __init__(self, *, adjusted: bool = False) -> None:
         self.adjusted = adjusted
-        self.counts: dict[Hashable, tuple[int, int]] = {}
+        self.counts: Counts = {}
 
     def update(self, y_true: Any, y_pred: Any) -> None:
         """Adds a batch of true and predicted labels."""
-        _merge(self.counts, _class_counts_update(y_true, y_pred))
+        _merge(self.counts, class_counts(y_true, y_pred))
 
     def compute(self) -> float:
         """The balanced accuracy of everything seen since the last reset."""
-        return _balanced_accuracy_compute(self.counts, self.adjusted)
+        return balanced_accuracy_from_counts(self.counts, self.adjusted)
 
     def reset(self) -> None:
         """Forgets the counts."""
@@ -253,11 +250,11 @@ class GroupAccuracy:
     """
 
     def __init__(self) -> None:
-        self.counts: dict[Hashable, tuple[int, int]] = {}
+        self.counts: Counts = {}
 
     def update(self, y_true: Any, y_pred: Any, groups: Any) -> None:
         """Adds a batch of true labels, predicted labels and groups."""
-        _merge(self.counts, _group_counts_update(y_true, y_pred, groups))
+        _merge(self.counts, group_counts(y_true, y_pred, groups))
 
     def compute(self) -> dict[Any, float]:
         """``{group: accuracy}`` over everything seen, in sorted order of the groups."""

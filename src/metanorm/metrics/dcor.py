@@ -1,0 +1,342 @@
+r"""Squared distance correlation (dCor²), the paper's measure of how much metadata features encode.
+
+Squared distance correlation (Székely, Rizzo & Bakirov 2007) between the rows of ``x`` (n×p) and
+``y`` (n×q), with :math:`a_{ij} = \lVert x_i - x_j \rVert` and :math:`b_{ij} = \lVert y_i - y_j
+\rVert`:
+
+.. math::
+
+    \mathrm{dCor}^2_n(x, y) = \frac{\langle A, B \rangle}{\sqrt{\langle A, A \rangle
+    \langle B, B \rangle}}
+
+where :math:`A, B` are the double-centred distance matrices and :math:`\langle A, B\rangle =
+\frac{1}{n^2}\sum_{ij} A_{ij} B_{ij}` (the biased V-statistic, ``unbiased=False``), or the
+U-centred matrices and :math:`\frac{1}{n(n-3)}\sum_{i \ne j}` (the bias-corrected estimator of
+Székely & Rizzo 2014, ``unbiased=True``, the one the paper reports; it can be slightly negative
+and needs n > 3).
+
+The results equal those of the ``dcor`` package (``dcor.distance_correlation_sqr`` and
+``dcor.u_distance_correlation_sqr``). The computation is blocked: memory is O(n · block), float64,
+on the input's device. When either distance variance is zero (a constant ``x`` or ``y``, n = 1, or
+a U-centred matrix that vanishes) the result is ``0.0``. How it is computed, and where it differs
+from ``dcor`` on degenerate input, is in ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metanorm.metrics._distance import (
+    DEFAULT_MAX_MEMORY,
+    LIVE_TILES,
+    CentredPoints,
+    add_row_sums,
+    resolve_block,
+    row_sums_1d,
+    upper_tiles,
+)
+from metanorm.metrics._inputs import as_labels, as_sample_pair, label_key
+
+__all__ = ["distance_correlation_sqr", "grouped_distance_correlation_sqr"]
+
+# Distance variances below this times (mean distance)² are rounding noise, i.e. zero.
+_ZERO_VARIANCE_EPS = 256 * float(np.finfo(np.float64).eps)
+
+#: ``on_tile(a_tile, rows, cols, weight)``: called by :func:`blocked_sums` on every x tile.
+TileHook = Callable[[Tensor, slice, slice, float], None]
+
+
+class DcorSums(NamedTuple):
+    """The sums over all pairs from which both estimators follow (see :func:`blocked_sums`)."""
+
+    #: Number of samples.
+    n: int
+    #: :math:`\sum_{ij} a_{ij} \tilde B_{ij}`.
+    s_ab: float
+    #: :math:`\sum_{ij} a_{ij}^2`.
+    s_aa: float
+    #: :math:`\sum_{ij} \tilde B_{ij}^2`.
+    s_bb: float
+    #: Row sums of the x distances, ``(n,)``.
+    ra: Tensor
+    #: Row sums of the y distances, ``(n,)``.
+    rb: Tensor
+
+
+def check_num_samples(n: int, unbiased: bool) -> None:
+    """Raises ``ValueError`` when ``n`` samples are too few for the chosen estimator.
+
+    Args:
+        n: number of samples.
+        unbiased: the bias-corrected estimator, which needs n > 3.
+    """
+    if n < 1:
+        raise ValueError("expected at least one sample, got 0 rows")
+    if unbiased and n <= 3:
+        raise ValueError(
+            f"the bias-corrected (unbiased=True) estimator needs more than 3 samples, got {n}"
+        )
+
+
+def order_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Puts the variable with fewer columns second (dCor² is symmetric; its pass is cheaper)."""
+    return (y, x) if x.shape[1] < y.shape[1] else (x, y)
+
+
+def blocked_sums(
+    x: Tensor,
+    y: Tensor,
+    *,
+    unbiased: bool,
+    block: int,
+    on_tile: TileHook | None = None,
+) -> DcorSums:
+    """The sums of dCor² over all pairs, in two passes over tiles of ``block`` rows.
+
+    The ``y`` distances are centred exactly (double-centred, or U-centred when ``unbiased``).
+
+    Args:
+        x: float64 samples ``(n, p)``.
+        y: float64 samples ``(n, q)``; put the variable with fewer columns here.
+        unbiased: U-centre instead of double-centre.
+        block: rows per tile.
+        on_tile: called with every tile of the ``x`` distances, its rows, its columns and its
+            weight (2 for an off-diagonal tile, which stands for its mirror image too).
+
+    Returns:
+        :class:`DcorSums`.
+    """
+    n = x.shape[0]
+    px, py = CentredPoints(x), CentredPoints(y)
+    dev = px.x.device
+    f64 = torch.float64
+
+    # pass 1: row sums of the y distances
+    tiles = upper_tiles(n, block)
+    if py.x.shape[1] == 1:
+        rb = row_sums_1d(py.x[:, 0])
+    else:
+        rb = torch.zeros(n, dtype=f64, device=dev)
+        for rows, cols, _ in tiles:
+            add_row_sums(rb, py.tile(rows, cols), rows, cols)
+    tb = rb.sum()
+    if unbiased:
+        row, const = rb / (n - 2), tb / ((n - 1) * (n - 2))
+    else:
+        row, const = rb / n, tb / (n * n)
+    row_c = row - const  # B~_ij = b_ij - row_i - row_j + const
+
+    # pass 2: cross sums
+    ra = torch.zeros(n, dtype=f64, device=dev)
+    zero = torch.zeros((), dtype=f64, device=dev)
+    s_ab, s_bb = zero.clone(), zero.clone()
+    # sum_ij |x_i - x_j|^2 = 2n sum_i |x_i - mean|^2 (px.x is centred): no tile pass needed
+    s_aa = 2.0 * n * px.x.square().sum()
+    for rows, cols, weight in tiles:
+        at = px.tile(rows, cols)
+        bt = py.tile(rows, cols)
+        bt -= row_c[rows, None]
+        bt -= row[None, cols]
+        if unbiased and rows == cols:
+            bt.diagonal().zero_()  # U-centred matrices have a zero diagonal
+        fa, fb = at.reshape(-1), bt.reshape(-1)
+        s_ab += weight * torch.dot(fa, fb)
+        s_bb += weight * torch.dot(fb, fb)
+        del bt, fb
+        add_row_sums(ra, at, rows, cols)
+        if on_tile is not None:
+            on_tile(at, rows, cols, weight)
+    return DcorSums(n, float(s_ab), float(s_aa), float(s_bb), ra, rb)
+
+
+def _stats_from_sums(sums: DcorSums, unbiased: bool) -> tuple[float, float, float]:
+    """(dCov², dVar²_x, dVar²_y) of the chosen estimator."""
+    n = sums.n
+    ra = sums.ra
+    ta = float(ra.sum())
+    sra2 = float(torch.dot(ra, ra))
+    if unbiased:
+        c1 = n * (n - 3)
+        cov = sums.s_ab / c1
+        var_y = sums.s_bb / c1
+        var_x = (
+            sums.s_aa / c1
+            - 2.0 * sra2 / (n * (n - 2) * (n - 3))
+            + ta * ta / (n * (n - 1) * (n - 2) * (n - 3))
+        )
+    else:
+        cov = sums.s_ab / n**2
+        var_y = sums.s_bb / n**2
+        var_x = sums.s_aa / n**2 - 2.0 * sra2 / n**3 + ta * ta / n**4
+    return cov, var_x, var_y
+
+
+def dcor_from_sums(sums: DcorSums, unbiased: bool) -> float:
+    """dCor² from :func:`blocked_sums`; ``0.0`` when a distance variance is zero up to rounding."""
+    cov, var_x, var_y = _stats_from_sums(sums, unbiased)
+    n2 = float(sums.n) ** 2
+    mean_a, mean_b = float(sums.ra.sum()) / n2, float(sums.rb.sum()) / n2
+    # A variance is a difference of sums of size mean² (rounding ~ eps * mean²); below that
+    # level it is zero (a constant variable, or a U-centred matrix that vanishes exactly).
+    eps = _ZERO_VARIANCE_EPS
+    if mean_a == 0.0 or mean_b == 0.0:  # all distances zero: a constant variable
+        return 0.0
+    if abs(var_x) <= eps * mean_a**2 or abs(var_y) <= eps * mean_b**2:
+        return 0.0
+    denom = math.sqrt(abs(var_x * var_y))
+    return 0.0 if denom == 0.0 else cov / denom
+
+
+def dcor_of_samples(
+    x: Tensor,
+    y: Tensor,
+    *,
+    unbiased: bool = False,
+    block_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> float:
+    """dCor² of checked float64 samples (from :func:`~metanorm.metrics._inputs.as_sample_pair`).
+
+    Args:
+        x: float64 samples ``(n, p)``.
+        y: float64 samples ``(n, q)``, on the same device.
+        unbiased: see :func:`distance_correlation_sqr`.
+        block_size: see :func:`distance_correlation_sqr`.
+        max_memory: see :func:`distance_correlation_sqr`.
+
+    Returns:
+        The estimate as a Python float.
+    """
+    n = x.shape[0]
+    check_num_samples(n, unbiased)
+    block = resolve_block(n, block_size, max_memory, LIVE_TILES)
+    x, y = order_pair(x, y)
+    return dcor_from_sums(blocked_sums(x, y, unbiased=unbiased, block=block), unbiased)
+
+
+def distance_correlation_sqr(
+    x: Any,
+    y: Any,
+    *,
+    unbiased: bool = False,
+    block_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    device: torch.device | str | None = None,
+) -> float:
+    r"""Squared distance correlation between the rows of ``x`` and ``y``.
+
+    The biased estimator (``unbiased=False``) equals ``dcor.distance_correlation_sqr``; the
+    bias-corrected one (``unbiased=True``, the estimator the paper reports) equals
+    ``dcor.u_distance_correlation_sqr``. Computed in float64 in blocks of rows, so memory is
+    O(n · block) and no n×n matrix is ever formed.
+
+    Args:
+        x: samples of the first variable, one row per sample: numpy array, tensor (any device) or
+            nested sequence. Trailing dimensions are flattened (a conv feature map of shape
+            (n, C, H, W) is a sample of C·H·W values).
+        y: samples of the second variable, same number of rows.
+        unbiased: the bias-corrected (U-centred) estimator, which can be slightly negative and
+            needs n > 3. Default: ``False``.
+        block_size: rows per tile. Default: chosen from ``max_memory``.
+        max_memory: memory budget in bytes for the tiles when ``block_size`` is None.
+            Default: 256 MiB.
+        device: where to compute. Default: the device of ``x`` (or of ``y``) when a tensor, else
+            the CPU.
+
+    Returns:
+        The estimate as a Python float; ``0.0`` when ``x`` or ``y`` is constant.
+
+    Raises:
+        ValueError: on a row-count mismatch, NaN/inf values, no rows, or n ≤ 3 with
+            ``unbiased=True``.
+        TypeError: for non-numeric input.
+
+    Shape:
+        - x: (n,), (n, p) or (n, \*)
+        - y: (n,), (n, q) or (n, \*)
+
+    Examples::
+
+        >>> import torch
+        >>> from metanorm.metrics import distance_correlation_sqr
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(500, 3, generator=g)
+        >>> round(distance_correlation_sqr(x, x[:, 0] ** 2), 2) > 0.1
+        True
+    """
+    a, b = as_sample_pair(x, y, device)
+    return dcor_of_samples(a, b, unbiased=unbiased, block_size=block_size, max_memory=max_memory)
+
+
+def grouped_distance_correlation_sqr(
+    x: Any,
+    y: Any,
+    groups: Any,
+    *,
+    unbiased: bool = False,
+    block_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    device: torch.device | str | None = None,
+) -> dict[Any, float]:
+    r"""dCor² within each group (the paper reports it per label class): ``{group: value}``.
+
+    Each value equals :func:`distance_correlation_sqr` on the rows of that group.
+
+    Args:
+        x: features, one row per sample.
+        y: metadata, same number of rows.
+        groups: one label per row (numbers or strings); the keys of the result, in sorted order.
+        unbiased: see :func:`distance_correlation_sqr`.
+        block_size: see :func:`distance_correlation_sqr`.
+        max_memory: see :func:`distance_correlation_sqr`.
+        device: see :func:`distance_correlation_sqr`.
+
+    Returns:
+        ``{group: dCor²}`` with plain Python keys.
+
+    Raises:
+        ValueError: as :func:`distance_correlation_sqr`; also when ``groups`` does not have one
+            entry per row, or (``unbiased=True``) when a group has 3 samples or fewer (the
+            message lists them).
+
+    Shape:
+        - x: (n,), (n, p) or (n, \*)
+        - y: (n,), (n, q) or (n, \*)
+        - groups: (n,)
+
+    Examples::
+
+        >>> import numpy as np
+        >>> from metanorm.metrics import grouped_distance_correlation_sqr
+        >>> x = np.arange(8.0)
+        >>> sorted(grouped_distance_correlation_sqr(x, x**2, [0, 1] * 4))
+        [0, 1]
+    """
+    a, b = as_sample_pair(x, y, device)
+    g = as_labels(groups, "groups", a.shape[0])
+    levels, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
+    if unbiased:
+        small = [
+            f"{label_key(lv)!r} ({c} samples)"
+            for lv, c in zip(levels, counts, strict=True)
+            if c <= 3
+        ]
+        if small:
+            raise ValueError(
+                "the bias-corrected (unbiased=True) estimator needs more than 3 samples per "
+                f"group, got {', '.join(small)}"
+            )
+    out: dict[Any, float] = {}
+    inv = torch.from_numpy(inverse.reshape(-1)).to(a.device)
+    for i, level in enumerate(levels):
+        sel = (inv == i).nonzero().squeeze(1)
+        out[label_key(level)] = dcor_of_samples(
+            a[sel], b[sel], unbiased=unbiased, block_size=block_size, max_memory=max_memory
+        )
+    return out
