@@ -1,4 +1,4 @@
-"""Accumulating metrics equal their functionals on the concatenated batches."""
+"""Accumulating metrics (metric.py) equal their functions on the concatenated batches."""
 
 import numpy as np
 import pytest
