@@ -82,9 +82,11 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     take part in the estimate, so that the metadata's effect is not confused with theirs when the
     two are correlated, but are not subtracted: their effect stays in the output. The output does
     not depend on how the removed columns are coded, but the coding of the kept columns decides
-    how a constant is shared between their kept part and the removed intercept: with
-    ``standardize=True`` a continuous kept column is centred, so its kept part has zero training
-    mean; a categorical kept column's part is relative to its reference (first) level.
+    how a constant is shared between their kept part and the removed intercept. Kept columns are
+    coded raw by default (``standardize=True`` scales only the removed continuous columns), so a
+    kept 0/1 label's part is 0 for the rows labelled 0 (the removed intercept takes the rest); a
+    categorical kept column's part is relative to its reference (first) level. To centre a kept
+    continuous column (its kept part then has zero training mean), list it in ``standardize``.
 
     This is exactly what :class:`metanorm.nn.MetadataNorm` computes in evaluation mode once its
     running β is the full-data β (``momentum=None`` after one epoch), with the same defaults: the
@@ -107,9 +109,12 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             removed: labels, covariates of interest. Default: ``()``.
         categorical: metadata columns to one-hot code. Default ``None``: columns of string,
             object, category or bool dtype. Integer-coded sites or batches must be listed here.
-        standardize: standardise continuous metadata columns with the training mean and standard
-            deviation (better conditioning; the output does not change when an intercept is
-            present). Default: ``True``.
+        standardize: which continuous metadata columns to standardise with the training mean
+            and standard deviation: ``True`` (every removed one; kept columns stay raw), ``False``
+            (none), or the columns (names or positions) to standardise, kept ones included if
+            listed. Standardising a removed column only improves conditioning (the output does not
+            change when an intercept is present); standardising a kept one changes its kept part
+            (see above). Default: ``True``.
         intercept: add a constant column to the design. Default: ``True``.
         keep_intercept: keep the intercept's effect, so that the output keeps the features'
             training mean. Default: ``False``, as the layer and the paper.
@@ -155,7 +160,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         *,
         keep: Iterable[str | int] | str | int = (),
         categorical: Iterable[str | int] | str | int | None = None,
-        standardize: bool = True,
+        standardize: bool | Iterable[str | int] | str = True,
         intercept: bool = True,
         keep_intercept: bool = False,
         ridge: float = 0.0,
@@ -169,7 +174,15 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
 
     # -- helpers ------------------------------------------------------------------------------
     def _check_params(self) -> None:
-        for name in ("standardize", "intercept", "keep_intercept"):
+        if isinstance(self.standardize, numbers.Integral) and not isinstance(
+            self.standardize, bool | np.bool_
+        ):  # 0 or 1 would silently mean a column position
+            raise TypeError(
+                f"expected standardize to be a bool or a list of metadata columns, got "
+                f"{self.standardize!r}"
+            )
+        self._standardize_arg()
+        for name in ("intercept", "keep_intercept"):
             value = getattr(self, name)
             if not isinstance(value, bool | np.bool_):
                 raise TypeError(f"expected {name} to be a bool, got {value!r}")
@@ -182,6 +195,11 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             or not (r >= 0 and np.isfinite(r))
         ):
             raise ValueError(f"expected ridge to be a finite number >= 0, got {r!r}")
+
+    def _standardize_arg(self) -> bool | tuple[str | int, ...]:
+        if isinstance(self.standardize, bool | np.bool_):
+            return bool(self.standardize)
+        return _as_names(self.standardize, "standardize")
 
     @staticmethod
     def _missing(method: str) -> ValueError:
@@ -225,7 +243,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             categorical=None
             if self.categorical is None
             else _as_names(self.categorical, "categorical"),
-            standardize=bool(self.standardize),
+            standardize=self._standardize_arg(),
             intercept=bool(self.intercept),
             keep_intercept=bool(self.keep_intercept),
         )
@@ -244,7 +262,9 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 f"metadata columns, or pass ridge > 0"
             )
         self._warn_single_rows(builder, metadata)
-        beta = linalg.fit_beta(design, torch.tensor(X, dtype=torch.float64), ridge=float(self.ridge))
+        beta = linalg.fit_beta(
+            design, torch.tensor(X, dtype=torch.float64), ridge=float(self.ridge)
+        )
         mask = np.zeros(design.shape[1], dtype=bool)
         mask[list(design.remove)] = True
         self.design_builder_ = builder

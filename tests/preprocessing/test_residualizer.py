@@ -47,13 +47,24 @@ def test_matches_numpy_lstsq_with_kept_label() -> None:
     assert res.design_columns_ == ("y", "site=b", "site=c", "age", "intercept")
     np.testing.assert_array_equal(res.remove_mask_, [False, True, True, True, True])
     # an independent design: raw one-hot and raw age (the output does not depend on how the
-    # removed columns are coded); the kept label is standardised, as standardize=True does (its
-    # centring decides how the constant is shared between the kept part and the intercept)
+    # removed columns are coded); the kept label is raw, as standardize=True leaves kept columns
+    # (its coding decides how the constant is shared between the kept part and the intercept)
     X = np.column_stack(
-        [_z(meta.y), meta.site == "b", meta.site == "c", meta.age, np.ones(len(meta))]
+        [meta.y, meta.site == "b", meta.site == "c", meta.age, np.ones(len(meta))]
     ).astype(float)
     expected = _lstsq_oracle(F, X, [1, 2, 3, 4])
     np.testing.assert_allclose(res.transform(F, metadata=meta), expected, atol=1e-9)
+    # raw 0/1 label: the kept part is beta_y * y, so rows labelled 0 keep only their residual
+    beta = np.linalg.lstsq(X, F, rcond=None)[0]
+    np.testing.assert_allclose(expected - (F - X @ beta), np.outer(meta.y, beta[0]), atol=1e-9)
+    assert res.design_builder_.transform(meta).matrix[:, 0].tolist() == meta.y.tolist()
+    # listing the kept label in standardize centres it: its kept part has zero training mean
+    res_z = MetadataResidualizer(keep=["y"], standardize=["y", "age"]).fit(F, metadata=meta)
+    X_z = np.column_stack([_z(meta.y), *X[:, 1:].T])
+    expected_z = _lstsq_oracle(F, X_z, [1, 2, 3, 4])
+    np.testing.assert_allclose(res_z.transform(F, metadata=meta), expected_z, atol=1e-9)
+    beta_z = np.linalg.lstsq(X_z, F, rcond=None)[0]
+    np.testing.assert_allclose((expected_z - (F - X_z @ beta_z)).mean(0), 0, atol=1e-9)
     # test rows without labels: the kept column may be left out, or passed and ignored
     out_no_label = res.transform(F[:10], metadata=meta[["site", "age"]].iloc[:10])
     garbage = meta.iloc[:10].assign(y=np.nan)
@@ -171,7 +182,7 @@ def test_site_with_one_sample_warns_and_is_exact() -> None:
     assert np.isfinite(out).all()
     X = np.column_stack(
         [
-            _z(meta.y),
+            meta.y,
             meta.site == "b",
             meta.site == "c",
             meta.site == "lonely",
@@ -264,6 +275,11 @@ def test_missing_or_mismatched_metadata_never_pass_x_through() -> None:
         MetadataResidualizer(keep=["y", "site", "age"], keep_intercept=True).fit(F, metadata=meta)
     with pytest.raises(ValueError, match="ridge"):
         MetadataResidualizer(ridge=-1).fit(F, metadata=meta)
+    for bad in (1, 0, 1.5):
+        with pytest.raises(TypeError, match="standardize"):
+            MetadataResidualizer(standardize=bad).fit(F, metadata=meta)
+    with pytest.raises(ValueError, match="standardize column 'label' not found"):
+        MetadataResidualizer(standardize=["label"]).fit(F, metadata=meta)
     with pytest.raises(ValueError, match="needs intercept=True"):
         MetadataResidualizer(intercept=False, keep_intercept=True).fit(F, metadata=meta)
     with pytest.raises(ValueError, match="keep column 'label' not found"):
