@@ -272,8 +272,8 @@ def test_refit_running_beta_matches_least_squares_layer_by_layer():
     """Each refitted β is the full-data least-squares fit of the features that layer sees in eval
     mode (the earlier layers already refitted), whatever the batch order."""
     from metanorm.datasets.synthetic import make_synthetic_splits
-    from metanorm.nn.utils import refit_running_beta
     from metanorm.experiments.runner import build_designs
+    from metanorm.nn.utils import refit_running_beta
 
     exp = get_experiment("synthetic")
     splits = make_synthetic_splits(30, seed=3)

@@ -10,8 +10,6 @@ import sys
 import time
 from typing import Any
 
-_ALIASES = {"baseline": "none", "bn": "batchnorm", "gn": "groupnorm"}
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -60,8 +58,9 @@ def register(sub: Any) -> None:
         "--methods",
         nargs="+",
         metavar="M",
-        help="methods to run (default: all): none (baseline), batchnorm, groupnorm, "
-        "mdn-linear, mdn-conv",
+        help="normalization methods to run (default: the experiment's; synthetic: none "
+        "(or baseline), batchnorm (bn), groupnorm (gn), mdn-linear, mdn-conv; the real-data "
+        "experiments: batchnorm, mdn, and on request none, mdn-all)",
     )
     p.add_argument(
         "--batch-sizes",
@@ -156,6 +155,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs the sweep and writes the report; returns 0 (1 with --strict and a failed check)."""
     from metanorm.experiments import RunConfig, get_experiment, run_sweep, write_report
+    from metanorm.models.norms import NORM_ALIASES
 
     experiment = get_experiment(args.experiment)
     if args.paper and not experiment.paper:
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             settings[key] = value
     default_methods = settings.get("methods", experiment.methods)
-    methods = [_ALIASES.get(m, m) for m in (args.methods or default_methods)]
+    methods = [NORM_ALIASES.get(m, m) for m in (args.methods or default_methods)]
     unknown = [m for m in methods if m not in experiment.methods]
     if unknown:
         raise ValueError(

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "write_csv", "write_json", "write_text", "write_torch"]
+__all__ = ["atomic_write", "write_bytes", "write_csv", "write_json", "write_text", "write_torch"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
@@ -36,14 +36,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     return path
 
 
-def _write_bytes(f: IO[bytes], data: bytes) -> None:
-    f.write(data)
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Writes ``data`` atomically."""
+
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    return atomic_write(path, write)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Writes ``text`` (UTF-8) atomically."""
-    data = text.encode("utf-8")
-    return atomic_write(path, lambda f: _write_bytes(f, data))
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def _jsonable(x: Any) -> Any:

@@ -18,8 +18,8 @@ class RunConfig:
 
     Attributes:
         experiment: registered experiment name (see :func:`metanorm.experiments.list_experiments`).
-        method: the model's normalization (``"none"`` is the baseline; see
-            :data:`metanorm.models.NORMS`).
+        method: the model's normalization method (``"none"`` is the baseline; see
+            :func:`metanorm.models.norms.list_norms`).
         batch_size: training batch size; it need not divide the training set size (the last
             batch is short).
         epochs: training epochs.

@@ -18,6 +18,7 @@ import numpy as np
 
 from metanorm.experiments import _io
 from metanorm.experiments.registry import Experiment
+from metanorm.models.norms import norm_display_name
 
 __all__ = ["plot_all", "plot_feature_pca", "plot_per_epoch", "project_2d"]
 
@@ -38,14 +39,7 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    data = buf.getvalue()
-    _io.atomic_write(path, lambda f: _io._write_bytes(f, data))
-
-
-def _label(method: str) -> str:
-    from metanorm.experiments.report import method_name
-
-    return method_name(method)
+    _io.write_bytes(path, buf.getvalue())
 
 
 def _mean_histories(
@@ -92,7 +86,7 @@ def plot_per_epoch(
             cols = [c for c in h if c.startswith(prefix)]
             for j, c in enumerate(cols):
                 suffix = c[len(prefix) :].lstrip("_")
-                label = _label(method) + (f" (class {suffix})" if len(cols) > 1 else "")
+                label = norm_display_name(method) + (f" (class {suffix})" if len(cols) > 1 else "")
                 ax.plot(
                     h["epoch"],
                     h[c],
@@ -156,7 +150,7 @@ def plot_feature_pca(
             else:
                 codes = np.unique(conf, return_inverse=True)[1]
                 ax.scatter(proj[sel, 0], proj[sel, 1], c=codes[sel], s=4, cmap="tab10")
-            ax.set_title(f"{_label(method)}, class {c}", fontsize=9)
+            ax.set_title(f"{norm_display_name(method)}, class {c}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
     if sc is not None:

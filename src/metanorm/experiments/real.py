@@ -40,9 +40,9 @@ from torch import nn
 
 from metanorm.datasets import DataSplit
 from metanorm.datasets.experiments import RealExperiment, real_experiment
+from metanorm.design import Design
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
-from metanorm.design import Design
 
 __all__ = ["LAYOUTS", "REAL_NAMES", "load_real", "shade_bins"]
 

@@ -35,8 +35,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from metanorm.datasets import DataSplit
-    from metanorm.experiments.config import RunConfig
     from metanorm.design import Design
+    from metanorm.experiments.config import RunConfig
 
 __all__ = [
     "EXPERIMENT_MODULES",
@@ -52,17 +52,6 @@ EXPERIMENT_MODULES: tuple[str, ...] = (
     "metanorm.experiments.synthetic",
     "metanorm.experiments.real",
 )
-
-#: Display names of the normalization methods.
-METHOD_NAMES: dict[str, str] = {
-    "none": "Baseline",
-    "batchnorm": "BatchNorm",
-    "groupnorm": "GroupNorm",
-    "mdn-linear": "MDN-Linear",
-    "mdn-conv": "MDN-Conv",
-    "mdn": "MDN",
-    "mdn-all": "MDN-all",
-}
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,10 @@ from typing import Any
 import numpy as np
 
 from metanorm.experiments import _io
-from metanorm.experiments.registry import METHOD_NAMES, Check, Experiment
+from metanorm.experiments.registry import Check, Experiment
+from metanorm.models.norms import norm_display_name
 
-__all__ = ["method_name", "summarize", "write_report"]
-
-
-def method_name(method: str) -> str:
-    """The display name of a method (``"none"`` → ``"Baseline"``)."""
-    return METHOD_NAMES.get(method, method)
+__all__ = ["group_table", "results_table", "summarize", "write_report"]
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
@@ -140,7 +136,7 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         n = r["seeds"]
         cells = [
-            method_name(r["method"]),
+            norm_display_name(r["method"]),
             str(r["batch_size"]),
             _fmt(r["val_bacc"], r["val_bacc_std"], n),
             _fmt(r["test_bacc"], r["test_bacc_std"], n),
@@ -166,7 +162,7 @@ def group_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for s in splits:
-            cells = [method_name(r["method"]), str(r["batch_size"]), s]
+            cells = [norm_display_name(r["method"]), str(r["batch_size"]), s]
             cells += [_num(r.get(f"{s}_group_accuracy_{g}")) for g in groups]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

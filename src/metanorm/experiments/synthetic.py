@@ -52,12 +52,16 @@ from metanorm.datasets.synthetic import (
     BAYES_ACCURACY_MF_CF,
     make_synthetic_splits,
 )
+from metanorm.design import Design
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
-from metanorm.design import Design
-from metanorm.models import NORMS, PaperCNN
+from metanorm.models import PaperCNN
 
-__all__ = ["SYNTHETIC"]
+__all__ = ["METHODS", "SYNTHETIC", "cf_bins"]
+
+#: The methods of the synthetic experiment, the baseline first (names of
+#: :mod:`metanorm.models.norms`).
+METHODS: tuple[str, ...] = ("none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv")
 
 
 def _splits(config: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
@@ -137,7 +141,7 @@ SYNTHETIC = register_experiment(
         "A plain CNN uses cf; MDN removes it from the features (design [y, cf, 1], y kept).",
         make_splits=_splits,
         make_model=_model,
-        methods=NORMS,
+        methods=METHODS,
         metadata_columns=("cf",),
         confounder="cf",
         groups=cf_bins,

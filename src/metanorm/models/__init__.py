@@ -3,8 +3,9 @@
 Every model's ``forward(x, metadata=None)`` returns ``(logits, features)``: the features are what
 the bias metric (dcor²) is measured on. ``paper-cnn``: the synthetic experiment's CNN
 (:mod:`metanorm.models.cnn`); ``stand-in-cnn``, ``stand-in-mlp``, ``stand-in-cnn3d``: the
-real-data experiments' models (:mod:`metanorm.models.stand_in`; their ``norm`` values are
-``stand_in.NORMS``).
+real-data experiments' models (:mod:`metanorm.models.stand_in`). Every model takes its
+normalization by name, from the one registry of :mod:`metanorm.models.norms`
+(:func:`create_norm`, :func:`register_norm`, :func:`list_norms`).
 """
 
 from __future__ import annotations
@@ -14,21 +15,27 @@ from typing import Any
 
 from torch import nn
 
-from metanorm.models.cnn import NORMS as NORMS
 from metanorm.models.cnn import PaperCNN as PaperCNN
+from metanorm.models.norms import create_norm as create_norm
+from metanorm.models.norms import list_norms as list_norms
+from metanorm.models.norms import norm_display_name as norm_display_name
+from metanorm.models.norms import register_norm as register_norm
 from metanorm.models.stand_in import StandInCNN as StandInCNN
 from metanorm.models.stand_in import StandInCNN3d as StandInCNN3d
 from metanorm.models.stand_in import StandInMLP as StandInMLP
 
 __all__ = [
-    "NORMS",
     "PaperCNN",
     "StandInCNN",
     "StandInCNN3d",
     "StandInMLP",
     "create_model",
+    "create_norm",
     "list_models",
+    "list_norms",
+    "norm_display_name",
     "register_model",
+    "register_norm",
 ]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {

@@ -2,10 +2,11 @@ r"""The small CNN of the paper's synthetic experiment, with a choice of normaliz
 
 Lu et al., "Metadata Normalization", CVPR 2021 (arXiv 2104.09052), §4.1::
 
-    conv 1→16 (5×5) → [norm] → ReLU → conv 16→32 (5×5) → [norm] → ReLU → flatten
-    → fc 84 → [norm] → ReLU → fc 1 (a logit; the loss applies the sigmoid)
+    conv 1→16 (5×5) → [norm1] → ReLU → conv 16→32 (5×5) → [norm2] → ReLU → flatten
+    → fc 84 → [norm3] → ReLU → fc 1 (a logit; the loss applies the sigmoid)
 
-The three ``[norm]`` slots hold, by ``norm``:
+``norm1`` and ``norm2`` are hidden slots, ``norm3`` the features slot of the method named by
+``norm`` (:mod:`metanorm.models.norms`; the model's ``base`` is ``"none"``):
 
 ==============  ==============================  ==============================  ================
 ``norm``        after conv1                     after conv2                     after fc1
@@ -17,11 +18,10 @@ The three ``[norm]`` slots hold, by ``norm``:
 ``mdn-conv``    ``MetadataNorm(16·28·28)``      ``MetadataNorm(32·24·24)``      ``MetadataNorm(84)``
 ==============  ==============================  ==============================  ================
 
+(``"mdn"`` and ``"mdn-all"`` build the same layers as ``"mdn-linear"`` and ``"mdn-conv"``.)
 BatchNorm and GroupNorm sit where MDN-Conv puts MDN, so the comparison is slot for slot. A conv
-map is flattened for MDN (one β column per channel × position), as in the paper.
-
-Metadata rule: the model's ``forward(x, metadata)`` passes the batch's design rows to every slot
-that takes them (:func:`metanorm.nn.takes_metadata`); the other norms ignore them.
+map is flattened for MDN (one β column per channel × position), as in the paper. The model's
+``forward(x, metadata)`` passes the batch's design rows to every slot that takes them.
 """
 
 from __future__ import annotations
@@ -31,19 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metanorm.nn import MetadataNorm, takes_metadata
+from metanorm.models.norms import apply_norm, create_norm, get_norm
 
-__all__ = ["NORMS", "PaperCNN"]
-
-#: The normalization choices of :class:`PaperCNN`.
-NORMS: tuple[str, ...] = ("none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv")
+__all__ = ["PaperCNN"]
 
 
 class PaperCNN(nn.Module):
     r"""The synthetic experiment's CNN; returns logits and the fc1 features.
 
     Args:
-        norm: one of :data:`NORMS`. Default: ``"none"`` (the paper's baseline).
+        norm: a normalization method (:func:`metanorm.models.norms.list_norms`). Default:
+            ``"none"`` (the paper's baseline).
         design: the WHOLE training set's design (``(N, K)`` array/tensor or
             :class:`metanorm.design.Design`); required for the ``mdn-*`` norms, ignored otherwise.
         in_channels: image channels. Default: 1.
@@ -83,13 +81,12 @@ class PaperCNN(nn.Module):
         **mdn_kwargs: Any,
     ) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"expected norm to be one of {NORMS}, got {norm!r}")
-        if norm.startswith("mdn") and design is None:
+        spec = get_norm(norm)
+        if spec.needs_design and design is None:
             raise ValueError(f"norm={norm!r} needs the training design (design=...), got None")
         if image_size < 9:
             raise ValueError(f"expected image_size >= 9 (two 5×5 convolutions), got {image_size}")
-        self.norm = norm
+        self.norm = spec.name
         s1, s2 = image_size - 4, image_size - 8
         c1, c2 = 16, 32
         self.conv1 = nn.Conv2d(in_channels, c1, 5)
@@ -97,48 +94,27 @@ class PaperCNN(nn.Module):
         self.fc1 = nn.Linear(c2 * s2 * s2, hidden)
         self.fc2 = nn.Linear(hidden, num_outputs)
 
-        def mdn(num_features: int) -> nn.Module:
-            return MetadataNorm(num_features, design, momentum=momentum, **mdn_kwargs)
-
-        self.norm1: nn.Module
-        self.norm2: nn.Module
-        self.norm3: nn.Module
-        if norm == "batchnorm":
-            self.norm1, self.norm2, self.norm3 = (
-                nn.BatchNorm2d(c1),
-                nn.BatchNorm2d(c2),
-                nn.BatchNorm1d(hidden),
+        def slot(kind: str, shape: tuple[int, ...]) -> nn.Module:
+            return create_norm(
+                norm,
+                shape,
+                slot=kind,
+                design=design,
+                base="none",
+                groups=groups,
+                momentum=momentum,
+                **mdn_kwargs,
             )
-        elif norm == "groupnorm":
-            self.norm1, self.norm2, self.norm3 = (
-                nn.GroupNorm(groups, c1),
-                nn.GroupNorm(groups, c2),
-                nn.GroupNorm(groups, hidden),
-            )
-        elif norm == "mdn-conv":
-            self.norm1, self.norm2, self.norm3 = mdn(c1 * s1 * s1), mdn(c2 * s2 * s2), mdn(hidden)
-        elif norm == "mdn-linear":
-            self.norm1, self.norm2, self.norm3 = nn.Identity(), nn.Identity(), mdn(hidden)
-        else:
-            self.norm1, self.norm2, self.norm3 = nn.Identity(), nn.Identity(), nn.Identity()
-        self.uses_metadata = norm.startswith("mdn")
 
-    @staticmethod
-    def _slot(slot: nn.Module, h: Tensor, metadata: Tensor | None) -> Tensor:
-        if takes_metadata(slot):
-            if metadata is None:
-                raise ValueError(
-                    "this model has MetadataNorm layers: call it as model(x, metadata) with the "
-                    "batch's design rows, got metadata=None"
-                )
-            return slot(h, metadata)
-        return slot(h)
+        self.norm1 = slot("hidden", (c1, s1, s1))
+        self.norm2 = slot("hidden", (c2, s2, s2))
+        self.norm3 = slot("features", (hidden,))
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, fc1 features)``; see the class docstring."""
-        h = torch.relu(self._slot(self.norm1, self.conv1(x), metadata))
-        h = torch.relu(self._slot(self.norm2, self.conv2(h), metadata))
-        feats = self._slot(self.norm3, self.fc1(h.flatten(1)), metadata)
+        h = torch.relu(apply_norm(self.norm1, self.conv1(x), metadata))
+        h = torch.relu(apply_norm(self.norm2, self.conv2(h), metadata))
+        feats = apply_norm(self.norm3, self.fc1(h.flatten(1)), metadata)
         return self.fc2(torch.relu(feats)), feats
 
     def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)

@@ -7,18 +7,21 @@ Every model here has the same interface, so one training loop serves them all:
   ``(m, num_classes)`` (cross-entropy; 2 columns for a binary task); ``features`` is the
   penultimate layer's output **after** its normalization and **before** the nonlinearity, the
   ``(m, hidden)`` matrix the bias metric (dcor² with the metadata) is computed on.
-- ``norm`` picks the normalization (:data:`NORMS`):
+- ``norm`` picks the normalization method (:mod:`metanorm.models.norms`); the conv / first
+  hidden layers are hidden slots, the penultimate layer the features slot, and the models'
+  ``base`` is ``"batchnorm"``:
 
-  ==============  =============================================================================
-  ``"none"``      no normalization layer
-  ``"batchnorm"`` BatchNorm after every conv/linear layer (the usual model)
-  ``"mdn"``       the usual model with MetadataNorm instead of BatchNorm on the penultimate
-                  layer (the paper's GS-PPB / HVU / MRI placement: MDN before the classifier)
-  ``"mdn-all"``   MetadataNorm after every conv/linear layer (as the paper's "MDN-Conv")
-  ==============  =============================================================================
+  ===============  ============================================================================
+  ``"none"``       no normalization layer
+  ``"batchnorm"``  BatchNorm after every conv/linear layer (the usual model)
+  ``"groupnorm"``  GroupNorm after every conv/linear layer
+  ``"mdn"``        the usual model with MetadataNorm instead of BatchNorm on the penultimate
+                   layer (the paper's GS-PPB / HVU / MRI placement: MDN before the classifier)
+  ``"mdn-all"``    MetadataNorm after every conv/linear layer (as the paper's "MDN-Conv")
+  ===============  ============================================================================
 
-  The synthetic experiment's names are accepted as aliases (:data:`NORM_ALIASES`):
-  ``"mdn-linear"`` = ``"mdn"``, ``"mdn-conv"`` = ``"mdn-all"``.
+  The synthetic experiment's names are synonyms: ``"mdn-linear"`` builds ``"mdn"``,
+  ``"mdn-conv"`` builds ``"mdn-all"``; the model's ``norm`` attribute holds the canonical name.
 
   MDN models take ``design``: the **whole** training set's :class:`metanorm.design.Design` (label
   columns kept, metadata and intercept removed), from which each MDN layer stores Σ⁻¹ and N.
@@ -32,30 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from metanorm.design import Design
-from metanorm.nn import MetadataNorm
+from metanorm.models.norms import apply_norm, create_norm, get_norm
 
-__all__ = ["NORMS", "NORM_ALIASES", "StandInCNN", "StandInCNN3d", "StandInMLP"]
-
-#: Accepted values of ``norm``.
-NORMS = ("none", "batchnorm", "mdn", "mdn-all")
-#: Other accepted names (the synthetic experiment's method names) → the name in :data:`NORMS`.
-NORM_ALIASES = {"mdn-linear": "mdn", "mdn-conv": "mdn-all"}
-
-
-def _check_common(norm: str, design: Design | None, num_classes: int) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"expected norm in {NORMS} (or {sorted(NORM_ALIASES)}), got {norm!r}")
-    if norm.startswith("mdn") and not isinstance(design, Design):
-        raise TypeError(
-            f"norm={norm!r} needs design=, the whole training set's metanorm.design.Design; "
-            f"got {type(design).__name__}"
-        )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"expected num_classes to be an int >= 2, got {num_classes!r}")
+__all__ = ["StandInCNN", "StandInCNN3d", "StandInMLP"]
 
 
 class _StandIn(nn.Module):
-    """Shared plumbing: builds the norm layer of each stage, applies it with metadata."""
+    """Shared plumbing: builds the norm layer of each slot, applies it with metadata."""
 
     takes_metadata = True
     fc: nn.Linear
@@ -66,36 +52,32 @@ class _StandIn(nn.Module):
         self, norm: str, design: Design | None, num_classes: int, momentum: float | None
     ) -> None:
         super().__init__()
-        norm = NORM_ALIASES.get(norm, norm)
-        _check_common(norm, design, num_classes)
-        self.norm = norm
+        spec = get_norm(norm)
+        if spec.needs_design and not isinstance(design, Design):
+            raise TypeError(
+                f"norm={norm!r} needs design=, the whole training set's metanorm.design.Design; "
+                f"got {type(design).__name__}"
+            )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"expected num_classes to be an int >= 2, got {num_classes!r}")
+        self.norm = spec.canonical
         self.num_classes = num_classes
         self._design = design
         self._momentum = momentum
 
-    def _make_norm(self, kind: str, channels: int, flat_features: int, dims: int) -> nn.Module:
-        """``kind``: "bn" (the usual layer) or "mdn"; mapped through ``self.norm``."""
-        use_mdn = self.norm == "mdn-all" or (self.norm == "mdn" and kind == "mdn")
-        if use_mdn:
-            assert self._design is not None
-            return MetadataNorm(flat_features, self._design, momentum=self._momentum)
-        if self.norm == "none":
-            return nn.Identity()
-        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
-        return bn(channels)
-
-    @staticmethod
-    def _run_norm(layer: nn.Module, h: Tensor, metadata: Tensor | None) -> Tensor:
-        if isinstance(layer, MetadataNorm):
-            if metadata is None:
-                raise ValueError("this model has MetadataNorm layers: pass metadata (design rows)")
-            out: Tensor = layer(h, metadata)
-            return out
-        out = layer(h)
-        return out
+    def _make_norm(self, slot: str, shape: tuple[int, ...]) -> nn.Module:
+        """The layer of a ``"hidden"`` or ``"features"`` slot of per-sample ``shape``."""
+        return create_norm(
+            self.norm,
+            shape,
+            slot=slot,
+            design=self._design,
+            base="batchnorm",
+            momentum=self._momentum,
+        )
 
     def _classify(self, h: Tensor, metadata: Tensor | None) -> tuple[Tensor, Tensor]:
-        features = self._run_norm(self.fc_norm, self.fc(h), metadata)
+        features = apply_norm(self.fc_norm, self.fc(h), metadata)
         return self.head(torch.relu(features)), features
 
     def extra_repr(self) -> str:
@@ -112,7 +94,7 @@ class StandInCNN(_StandIn):
         in_channels: image channels (1 grey, 3 RGB).
         num_classes: number of classes (≥ 2; logits have this many columns).
         image_size: image side, or ``(H, W)``; both divisible by 4.
-        norm: one of :data:`NORMS`. Default: ``"batchnorm"``.
+        norm: a normalization method (see the module docstring). Default: ``"batchnorm"``.
         design: the whole training set's design (required for MDN norms).
         channels: channels of the two conv blocks. Default: ``(16, 32)``.
         hidden: width of the hidden (feature) layer. Default: 84, as in the paper's CNN.
@@ -148,18 +130,18 @@ class StandInCNN(_StandIn):
             raise ValueError(f"expected an image size divisible by 4, got {(h, w)}")
         c1, c2 = channels
         self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=2)
-        self.norm1 = self._make_norm("bn", c1, c1 * h * w, 2)
+        self.norm1 = self._make_norm("hidden", (c1, h, w))
         self.conv2 = nn.Conv2d(c1, c2, 5, padding=2)
-        self.norm2 = self._make_norm("bn", c2, c2 * (h // 2) * (w // 2), 2)
+        self.norm2 = self._make_norm("hidden", (c2, h // 2, w // 2))
         self.pool = nn.MaxPool2d(2)
         self.fc = nn.Linear(c2 * (h // 4) * (w // 4), hidden)
-        self.fc_norm = self._make_norm("mdn", hidden, hidden, 1)
+        self.fc_norm = self._make_norm("features", (hidden,))
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, features)``; see the class docstring."""
-        h = self.pool(torch.relu(self._run_norm(self.norm1, self.conv1(x), metadata)))
-        h = self.pool(torch.relu(self._run_norm(self.norm2, self.conv2(h), metadata)))
+        h = self.pool(torch.relu(apply_norm(self.norm1, self.conv1(x), metadata)))
+        h = self.pool(torch.relu(apply_norm(self.norm2, self.conv2(h), metadata)))
         return self._classify(h.flatten(1), metadata)
 
 
@@ -172,7 +154,7 @@ class StandInMLP(_StandIn):
     Args:
         in_features: input feature width.
         num_classes: number of classes (≥ 2).
-        norm: one of :data:`NORMS`. Default: ``"batchnorm"``.
+        norm: a normalization method (see the module docstring). Default: ``"batchnorm"``.
         design: the whole training set's design (required for MDN norms).
         hidden: widths of the two hidden layers. Default: ``(256, 128)``.
         dropout: dropout after the first hidden layer. Default: 0.
@@ -197,15 +179,15 @@ class StandInMLP(_StandIn):
         super().__init__(norm, design, num_classes, momentum)
         h1, h2 = hidden
         self.fc1 = nn.Linear(in_features, h1)
-        self.norm1 = self._make_norm("bn", h1, h1, 1)
+        self.norm1 = self._make_norm("hidden", (h1,))
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(h1, h2)
-        self.fc_norm = self._make_norm("mdn", h2, h2, 1)
+        self.fc_norm = self._make_norm("features", (h2,))
         self.head = nn.Linear(h2, num_classes)
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, features)``; see the class docstring."""
-        h = self.drop(torch.relu(self._run_norm(self.norm1, self.fc1(x), metadata)))
+        h = self.drop(torch.relu(apply_norm(self.norm1, self.fc1(x), metadata)))
         return self._classify(h, metadata)
 
 
@@ -220,7 +202,7 @@ class StandInCNN3d(_StandIn):
         in_channels: volume channels (1 for T1).
         num_classes: number of classes (≥ 2).
         volume_shape: ``(D, H, W)`` of the input, each divisible by 8.
-        norm: one of :data:`NORMS`. Default: ``"batchnorm"``.
+        norm: a normalization method (see the module docstring). Default: ``"batchnorm"``.
         design: the whole training set's design (required for MDN norms).
         channels: channels of the three conv blocks. Default: ``(8, 16, 32)``.
         hidden: width of the hidden (feature) layer. Default: 64.
@@ -250,19 +232,19 @@ class StandInCNN3d(_StandIn):
         blocks: list[nn.Module] = []
         c_in = in_channels
         for i, c in enumerate(channels):
-            vox = int(torch.tensor(shape).div(2**i, rounding_mode="floor").prod())
+            size = tuple(s // 2**i for s in shape)
             blocks.append(nn.Conv3d(c_in, c, 3, padding=1))
-            blocks.append(self._make_norm("bn", c, c * vox, 3))
+            blocks.append(self._make_norm("hidden", (c, *size)))
             c_in = c
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.MaxPool3d(2)
         self.fc = nn.Linear(c_in, hidden)
-        self.fc_norm = self._make_norm("mdn", hidden, hidden, 1)
+        self.fc_norm = self._make_norm("features", (hidden,))
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, features)``; see the class docstring."""
         h = x
         for conv, norm in zip(self.blocks[0::2], self.blocks[1::2], strict=True):
-            h = self.pool(torch.relu(self._run_norm(norm, conv(h), metadata)))
+            h = self.pool(torch.relu(apply_norm(norm, conv(h), metadata)))
         return self._classify(h.mean(dim=(2, 3, 4)), metadata)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from metanorm.design import make_design
-from metanorm.models.stand_in import NORMS, StandInCNN, StandInCNN3d, StandInMLP
+from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 from metanorm.nn import MetadataNorm
 
 
@@ -12,6 +12,10 @@ def design(n: int = 64, seed: int = 0):
     y = rng.integers(0, 2, n)
     cf = rng.uniform(1, 4, n) + 2 * y
     return make_design({"label": y, "cf": cf}, keep=["label"])
+
+
+#: The stand-ins' methods (their base is BatchNorm).
+NORMS = ("none", "batchnorm", "mdn", "mdn-all")
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from metanorm.design import make_design
-from metanorm.models import NORMS, PaperCNN, create_model, list_models
+from metanorm.models import PaperCNN, create_model, list_models, list_norms
 from metanorm.nn import MetadataNorm
 
 
@@ -16,7 +16,7 @@ def design():
     return make_design({"y": y.numpy(), "cf": cf.numpy()}, keep=["y"])
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", list_norms())
 def test_shapes_every_norm(norm, design):
     torch.manual_seed(0)
     model = PaperCNN(norm, design)

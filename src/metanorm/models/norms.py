@@ -1,0 +1,309 @@
+"""Normalization methods by name: one registry for the models, the experiments and the CLI.
+
+A *method* (``"none"``, ``"batchnorm"``, ``"mdn-conv"``, ...) says which normalization layer goes
+into each norm slot of a model. A model has two kinds of slot: ``"hidden"`` (after each conv or
+hidden linear layer) and ``"features"`` (after the layer whose output is the model's features, the
+one before the classifier). :func:`create_norm` builds the layer of one slot, for the slot's
+per-sample shape and, for MDN, the whole training set's design (as timm's ``create_norm_layer``
+builds a norm layer by name).
+
+======================  ===============  ====================  =================================
+name                    display name     hidden slots          features slot
+======================  ===============  ====================  =================================
+``"none"``              Baseline         —                     —
+``"batchnorm"``         BatchNorm        BatchNorm             BatchNorm
+``"groupnorm"``         GroupNorm        GroupNorm             GroupNorm
+``"mdn"``               MDN              the model's ``base``  MetadataNorm
+``"mdn-linear"``        MDN-Linear       the model's ``base``  MetadataNorm
+``"mdn-all"``           MDN-all          MetadataNorm          MetadataNorm
+``"mdn-conv"``          MDN-Conv         MetadataNorm          MetadataNorm
+======================  ===============  ====================  =================================
+
+``base`` is the model's usual normalization, used where a method adds no MDN layer: ``"none"``
+for :class:`~metanorm.models.PaperCNN` (the paper's baseline has no norm layer), ``"batchnorm"``
+for the stand-in models. ``"mdn-linear"`` and ``"mdn-conv"`` are the paper's names (its synthetic
+experiment); they build the same layers as ``"mdn"`` and ``"mdn-all"``, their canonical names
+(:func:`canonical_norm`). On the command line ``"baseline"``, ``"bn"`` and ``"gn"`` are accepted
+for ``"none"``, ``"batchnorm"`` and ``"groupnorm"`` (:data:`NORM_ALIASES`).
+
+A MetadataNorm slot gets ``MetadataNorm(prod(shape), design, momentum=momentum, **mdn_kwargs)``:
+a conv map is flattened, one β column per channel × position, as in the paper.
+
+Examples::
+
+    >>> from metanorm.models.norms import create_norm, norm_display_name
+    >>> type(create_norm("batchnorm", (16, 28, 28), slot="hidden")).__name__
+    'BatchNorm2d'
+    >>> create_norm("mdn-linear", (16, 28, 28), slot="hidden", base="none")
+    Identity()
+    >>> norm_display_name("mdn-conv")
+    'MDN-Conv'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from metanorm.nn import MetadataNorm, takes_metadata
+
+__all__ = [
+    "NORM_ALIASES",
+    "SLOTS",
+    "NormSpec",
+    "apply_norm",
+    "canonical_norm",
+    "create_norm",
+    "get_norm",
+    "list_norms",
+    "norm_display_name",
+    "register_norm",
+]
+
+#: The kinds of norm slot a model has.
+SLOTS: tuple[str, ...] = ("hidden", "features")
+
+#: Other spellings accepted for a method name (the command line's), → the registered name.
+NORM_ALIASES: dict[str, str] = {"baseline": "none", "bn": "batchnorm", "gn": "groupnorm"}
+
+#: ``factory(shape, *, slot, design, base, groups, momentum, **mdn_kwargs) -> nn.Module``.
+NormFactory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A registered normalization method.
+
+    Attributes:
+        name: the method's name.
+        display_name: its name in reports and plots.
+        factory: builds the layer of one slot (see :func:`create_norm` for the arguments).
+        needs_design: ``True`` when the method builds MetadataNorm layers (it needs the training
+            design, and the model the batch's design rows).
+        canonical: the name of the method that builds the same layers (itself unless the name is
+            a synonym, as ``"mdn-linear"`` is of ``"mdn"``).
+    """
+
+    name: str
+    display_name: str
+    factory: NormFactory
+    needs_design: bool = False
+    canonical: str = ""
+
+
+_NORMS: dict[str, NormSpec] = {}
+
+
+def register_norm(
+    name: str,
+    factory: NormFactory,
+    *,
+    display_name: str | None = None,
+    needs_design: bool = False,
+    canonical: str | None = None,
+    replace: bool = False,
+) -> NormSpec:
+    """Registers a normalization method under ``name``.
+
+    Args:
+        name: the method's name (what ``--methods`` and the models' ``norm`` take).
+        factory: ``factory(shape, *, slot, design, base, groups, momentum, **mdn_kwargs)``
+            returning the layer of one slot; it may ignore any argument.
+        display_name: the name in reports. Default: ``name``.
+        needs_design: the method builds MetadataNorm layers. Default: ``False``.
+        canonical: the registered method this one is a synonym of. Default: ``name``.
+        replace: replace an existing registration. Default: ``False`` (a ``ValueError``).
+
+    Returns:
+        The :class:`NormSpec`.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"expected a non-empty str name, got {name!r}")
+    if (name in _NORMS or name in NORM_ALIASES) and not replace:
+        raise ValueError(f"a normalization method named {name!r} is already registered")
+    if canonical is not None and canonical not in _NORMS:
+        raise ValueError(f"canonical={canonical!r} is not a registered method: {list_norms()}")
+    spec = NormSpec(name, display_name or name, factory, needs_design, canonical or name)
+    _NORMS[name] = spec
+    return spec
+
+
+def list_norms() -> list[str]:
+    """The registered method names, in registration order."""
+    return list(_NORMS)
+
+
+def get_norm(name: str) -> NormSpec:
+    """The :class:`NormSpec` of ``name`` (or of one of its :data:`NORM_ALIASES`).
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the registered names).
+    """
+    spec = _NORMS.get(NORM_ALIASES.get(name, name)) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"expected a normalization method in {list_norms()}, got {name!r}")
+    return spec
+
+
+def canonical_norm(name: str) -> str:
+    """The canonical name of a method: ``"mdn-linear"`` → ``"mdn"``, ``"bn"`` → ``"batchnorm"``."""
+    return get_norm(name).canonical
+
+
+def norm_display_name(name: str) -> str:
+    """The display name of a method (``"none"`` → ``"Baseline"``); unknown names as they are."""
+    spec = _NORMS.get(NORM_ALIASES.get(name, name))
+    return name if spec is None else spec.display_name
+
+
+def create_norm(
+    name: str,
+    shape: int | Sequence[int],
+    *,
+    slot: str = "features",
+    design: Any = None,
+    base: str = "none",
+    groups: int = 4,
+    momentum: float | None = 0.1,
+    **mdn_kwargs: Any,
+) -> nn.Module:
+    """Builds the normalization layer of one slot of a model.
+
+    Args:
+        name: the method (see :func:`list_norms`).
+        shape: the per-sample shape of the slot's input: ``C`` or ``(C,)`` after a linear layer,
+            ``(C, H, W)`` after a 2-D conv, ``(C, D, H, W)`` after a 3-D conv.
+        slot: ``"hidden"`` or ``"features"`` (see the module docstring). Default: ``"features"``.
+        design: the WHOLE training set's design (``(N, K)`` array/tensor or
+            :class:`metanorm.design.Design`), for methods that build MetadataNorm layers.
+        base: the model's usual method, for the slots a method leaves alone. Default: ``"none"``.
+        groups: groups of a GroupNorm. Default: 4.
+        momentum: running-β momentum of a MetadataNorm. Default: 0.1.
+        **mdn_kwargs: further keyword arguments of :class:`~metanorm.nn.MetadataNorm`
+            (``keep``, ``ridge``, ...).
+
+    Returns:
+        The layer: ``nn.Identity``, a BatchNorm of the shape's dimension, ``nn.GroupNorm`` or
+        :class:`~metanorm.nn.MetadataNorm` for the built-in methods.
+
+    Raises:
+        ValueError: unknown method or slot, or a bad shape.
+        TypeError: an MDN layer without a design.
+    """
+    spec = get_norm(name)
+    if slot not in SLOTS:
+        raise ValueError(f"expected slot in {SLOTS}, got {slot!r}")
+    dims = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    if not 1 <= len(dims) <= 4 or any(d < 1 for d in dims):
+        raise ValueError(f"expected a per-sample shape of 1 to 4 positive sizes, got {shape!r}")
+    return spec.factory(
+        dims,
+        slot=slot,
+        design=design,
+        base=base,
+        groups=groups,
+        momentum=momentum,
+        **mdn_kwargs,
+    )
+
+
+def apply_norm(layer: nn.Module, x: Tensor, metadata: Tensor | None) -> Tensor:
+    """Calls a slot's layer: ``layer(x, metadata)`` if it takes metadata, else ``layer(x)``.
+
+    Raises:
+        ValueError: the layer takes metadata and ``metadata`` is ``None``.
+    """
+    if takes_metadata(layer):
+        if metadata is None:
+            raise ValueError(
+                "this model has MetadataNorm layers: call it as model(x, metadata) with the "
+                "batch's design rows, got metadata=None"
+            )
+        out: Tensor = layer(x, metadata)
+        return out
+    out = layer(x)
+    return out
+
+
+# ---------------------------------------------------------------------------- built-in layers
+
+
+def _identity(shape: tuple[int, ...], **_: Any) -> nn.Module:
+    return nn.Identity()
+
+
+def _batchnorm(shape: tuple[int, ...], **_: Any) -> nn.Module:
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}[len(shape)]
+    return bn(shape[0])
+
+
+def _groupnorm(shape: tuple[int, ...], *, groups: int = 4, **_: Any) -> nn.Module:
+    return nn.GroupNorm(groups, shape[0])
+
+
+def _metadatanorm(
+    shape: tuple[int, ...],
+    *,
+    design: Any = None,
+    momentum: float | None = 0.1,
+    slot: str = "features",
+    base: str = "none",
+    groups: int = 4,
+    **mdn_kwargs: Any,
+) -> nn.Module:
+    if design is None:
+        raise TypeError(
+            "a MetadataNorm slot needs design=, the whole training set's design "
+            "(an (N, K) array/tensor or a metanorm.design.Design), got None"
+        )
+    return MetadataNorm(math.prod(shape), design, momentum=momentum, **mdn_kwargs)
+
+
+_LAYERS: dict[str, NormFactory] = {
+    "none": _identity,
+    "batchnorm": _batchnorm,
+    "groupnorm": _groupnorm,
+    "mdn": _metadatanorm,
+}
+
+
+def _placement(hidden: str | None, features: str) -> NormFactory:
+    """A method's factory: layer ``hidden`` in hidden slots (``None``: the model's base)."""
+
+    def factory(
+        shape: tuple[int, ...], *, slot: str, base: str = "none", **kwargs: Any
+    ) -> nn.Module:
+        if slot == "features":
+            return _LAYERS[features](shape, slot=slot, base=base, **kwargs)
+        if hidden is None:
+            if get_norm(base).needs_design:
+                raise ValueError(f"expected a base method without MDN layers, got {base!r}")
+            return create_norm(base, shape, slot=slot, base="none", **kwargs)
+        return _LAYERS[hidden](shape, slot=slot, base=base, **kwargs)
+
+    return factory
+
+
+register_norm("none", _placement("none", "none"), display_name="Baseline")
+register_norm("batchnorm", _placement("batchnorm", "batchnorm"), display_name="BatchNorm")
+register_norm("groupnorm", _placement("groupnorm", "groupnorm"), display_name="GroupNorm")
+register_norm("mdn", _placement(None, "mdn"), display_name="MDN", needs_design=True)
+register_norm(
+    "mdn-linear",
+    _placement(None, "mdn"),
+    display_name="MDN-Linear",
+    needs_design=True,
+    canonical="mdn",
+)
+register_norm("mdn-all", _placement("mdn", "mdn"), display_name="MDN-all", needs_design=True)
+register_norm(
+    "mdn-conv",
+    _placement("mdn", "mdn"),
+    display_name="MDN-Conv",
+    needs_design=True,
+    canonical="mdn-all",
+)
