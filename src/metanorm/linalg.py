@@ -38,6 +38,7 @@ __all__ = [
 #: Largest accepted condition number of the column-scaled XᵀX before it counts as singular.
 MAX_CONDITION = 1e10
 
+
 def _column_names(k: int, columns: Sequence[str] | None) -> list[str]:
     if columns is None:
         return [f"column {j}" for j in range(k)]
@@ -164,7 +165,6 @@ def remove_effect(
         - Output: ``(m, D)``
     """
     return torch.addmm(features, design_rows * remove_mask.to(design_rows.dtype), beta, alpha=-1)
-
 
 
 def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:

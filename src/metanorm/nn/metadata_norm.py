@@ -343,8 +343,7 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
         ('MetadataNorm', 36)
     """
 
-    cls_to_become = MetadataNorm  # type: ignore[assignment]
-    running_beta: UninitializedBuffer  # type: ignore[assignment]
+    cls_to_become = MetadataNorm
 
     def __init__(
         self,
@@ -374,14 +373,14 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
     def _new_running_beta(
         self, k: int, d: int, device: torch.device | str | None, dtype: torch.dtype
     ) -> Tensor:
-        return UninitializedBuffer(device=device, dtype=dtype)
+        return UninitializedBuffer(device=device, dtype=dtype)  # type: ignore[call-arg]
 
     def reset_running_stats(self) -> None:
         """Zeroes the running β and the counters (once the β is materialised)."""
         if not self.has_uninitialized_params():
             super().reset_running_stats()
 
-    def initialize_parameters(self, input: Tensor, metadata: Tensor) -> None:  # type: ignore[override]
+    def initialize_parameters(self, input: Tensor, metadata: Tensor) -> None:
         """Sets ``num_features`` from the first input and materialises the running β."""
         if self.has_uninitialized_params():
             if not isinstance(input, Tensor) or input.dim() < 2:
@@ -390,7 +389,7 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
                     f"{describe(input)}"
                 )
             self.num_features = math.prod(input.shape[1:])
-            if self.running_beta is not None:
+            if isinstance(self.running_beta, UninitializedBuffer):
                 self.running_beta.materialize((self.num_metadata, self.num_features))
                 self.running_beta.zero_()
 

@@ -73,7 +73,9 @@ def refit_running_beta(
         >>> refit_running_beta(model, data)
         1
     """
-    layers = [m for m in model.modules() if isinstance(m, MetadataNorm) and m.running_beta is not None]
+    layers = [
+        m for m in model.modules() if isinstance(m, MetadataNorm) and m.running_beta is not None
+    ]
     if not layers:
         return 0
     run = call if call is not None else (lambda mdl, batch: _default_call(mdl, batch, device))
