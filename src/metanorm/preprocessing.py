@@ -41,9 +41,9 @@ _ROUTING_HINT = (
     "Inside a Pipeline or cross-validation, enable metadata routing "
     "(sklearn.set_config(enable_metadata_routing=True)) and pass the metadata as a parameter: "
     "pipe.fit(X, y, metadata=M), pipe.predict(X, metadata=M), "
-    "cross_validate(pipe, X, y, params={'metadata': M}) (use scoring=None or "
-    "metanorm.preprocessing.metadata_scorer, since scikit-learn's string scorers do not pass "
-    "metadata to predict)"
+    "cross_validate(pipe, X, y, params={'metadata': M}) (use "
+    "metanorm.preprocessing.metadata_scorer, or scoring=None with scikit-learn >= 1.8, since "
+    "scikit-learn's string scorers do not pass metadata to predict)"
 )
 
 
@@ -101,8 +101,9 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     ``fit`` and ``transform`` is requested by default in scikit-learn's metadata routing, so with
     ``sklearn.set_config(enable_metadata_routing=True)`` a ``Pipeline`` or ``cross_validate``
     forwards it without ``set_fit_request``; ``set_fit_request(metadata="other_name")`` renames
-    it. scikit-learn's string scorers call ``predict`` without metadata: use ``scoring=None`` (the
-    pipeline's ``score``, which forwards it) or :func:`metadata_scorer`.
+    it. scikit-learn's string scorers call ``predict`` without metadata: use
+    :func:`metadata_scorer`, or ``scoring=None`` (the pipeline's ``score``, which forwards it
+    from scikit-learn 1.8 on).
 
     Args:
         keep: metadata columns (names, or positions for an array) that are estimated but not
