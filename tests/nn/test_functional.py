@@ -107,3 +107,38 @@ def test_layer_in_a_model_trains(setup):
     opt.step()
     assert not torch.equal(before, lin.weight)
     assert int(layer.num_batches_tracked) == 1
+
+
+class _OtherShard:
+    """A reducer that adds a second shard's statistics: two processes simulated in one."""
+
+    def __init__(self, rows, feats, grad, mask):
+        self.xtf, self.m = rows.T @ feats, len(rows)
+        self.xtg = (rows * mask).T @ grad
+        self.calls = []
+
+    def reduce_statistics(self, xtf, count):
+        self.calls.append("forward")
+        return xtf + self.xtf, count + self.m
+
+    def reduce_gradient(self, xtg):
+        self.calls.append("backward")
+        return xtg + self.xtg
+
+
+def test_reducer_seam_gives_the_union_batch(setup):
+    """The reduce point (stage 2) in both directions: a shard with the other shard's sums added
+    gets the union batch's output rows, input gradient rows and β̂."""
+    x, gram_inverse, mask, g = setup
+    feats = torch.randn(20, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(20, 4, dtype=torch.float64, generator=g)
+    out, beta, _ = MF.batch_residual(feats, x[:20], gram_inverse, 60, mask)
+    (want_grad,) = torch.autograd.grad(out, feats, grad)
+    shard = feats[:7].detach().clone().requires_grad_()
+    other = _OtherShard(x[7:20], feats[7:20].detach(), grad[7:20], mask)
+    out_a, beta_a, count = MF.batch_residual(shard, x[:7], gram_inverse, 60, mask, reducer=other)
+    (grad_a,) = torch.autograd.grad(out_a, shard, grad[:7])
+    assert other.calls == ["forward", "backward"] and float(count) == 20
+    torch.testing.assert_close(beta_a, beta, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out_a, out[:7], atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_a, want_grad[:7], atol=1e-12, rtol=0)
