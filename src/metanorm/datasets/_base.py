@@ -1,9 +1,9 @@
 """The data contract every experiment's data set follows.
 
 A data set is a set of :class:`DataSplit` s (train, validation, test). A split holds images,
-integer labels and raw metadata columns (1-D arrays, continuous or categorical); the experiment
-runner turns label + metadata into design rows with :class:`metanorm.design.DesignBuilder`, fitted on
-the training split.
+integer labels and its metadata: raw columns (1-D arrays, continuous or categorical). The
+experiments code label + metadata into design rows (:mod:`metanorm.experiments.coding`, with a
+:class:`metanorm.design.DesignBuilder` fitted on the training split).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Experiments: the training engine, the runner, the registry and the reports.
 
 - :func:`train_one_epoch` / :func:`evaluate`: the loop, as plain functions;
+- :func:`prepare_run`: one configuration's data, designs and model, without training;
 - :func:`run_experiment`: one configuration into one run folder;
 - :func:`run_sweep` and :func:`write_report`: every method × batch size × seed, and the report
   (``metanorm reproduce NAME``);
@@ -18,17 +19,21 @@ from metanorm.experiments.registry import list_experiments as list_experiments
 from metanorm.experiments.registry import register_experiment as register_experiment
 from metanorm.experiments.report import summarize as summarize
 from metanorm.experiments.report import write_report as write_report
+from metanorm.experiments.runner import PreparedRun as PreparedRun
+from metanorm.experiments.runner import prepare_run as prepare_run
 from metanorm.experiments.runner import run_experiment as run_experiment
 from metanorm.experiments.sweep import run_sweep as run_sweep
 
 __all__ = [
     "Check",
     "Experiment",
+    "PreparedRun",
     "RunConfig",
     "evaluate",
     "get_experiment",
     "list_experiments",
     "predict",
+    "prepare_run",
     "register_experiment",
     "run_experiment",
     "run_sweep",

@@ -1,8 +1,8 @@
-"""The real-data experiments, registered for ``metanorm reproduce NAME`` (SPEC §6, issue 6).
+"""The real-data experiments, registered for ``metanorm reproduce NAME`` (SPEC §6).
 
-Each wraps a :class:`metanorm.datasets.experiments.RealExperiment` (the data, its splits and the
-stand-in model) into an :class:`~metanorm.experiments.Experiment`, so that it runs through the
-same engine, sweep and report as the synthetic experiment:
+Each is an :class:`~metanorm.experiments.Experiment` over a data set of :mod:`metanorm.datasets`
+and a stand-in model of :mod:`metanorm.models.stand_in`, so that it runs through the same engine,
+sweep and report as the synthetic experiment:
 
 =========================  =====================================  ==============================
 name                       data                                   metadata (design, dcor²)
@@ -21,30 +21,50 @@ after every layer) can be asked for with ``--methods``. Every test split is eval
 shaded and two-site experiments have ``test`` (confounder independent of / balanced with the
 label) and ``test_reversed`` (association reversed / minority cells only).
 
-Run options (:attr:`RunConfig.options`): ``data`` (the data folder, ``--data``), and keyword
-arguments of the data factory (:func:`metanorm.datasets.experiments.real_experiment`), e.g.
-``shade_mode``, ``noise``, ``classes``, ``min_scene_count``. ``n_per_class`` sets the training
-size of the shaded experiments (``n_train = 2 × n_per_class``) and ``n_eval_per_class`` their
-validation and test sizes; the other experiments use all their data.
+Run options (:attr:`RunConfig.options`): ``data`` (the data folder, ``--data``; for the shaded
+experiments another copy of the source's files), the design options ``skin_type``
+(gs-ppb: ``"categorical"``, the default, or ``"ordinal"``) and ``covariates`` (multisite-mri:
+the removed columns among ``site``, ``age``, ``sex``), and every other keyword argument of the
+data set's loader, e.g. ``shade_mode``, ``noise``, ``classes``, ``min_scene_count``,
+``image_size``. ``n_per_class`` sets the training size of the shaded experiments
+(``n_train = 2 × n_per_class``) and ``n_eval_per_class`` their validation and test sizes; the
+other experiments use all their data.
+
+Examples::
+
+    >>> from metanorm.experiments import RunConfig, prepare_run
+    >>> config = RunConfig("gs-ppb", method="mdn", options={"data": "/data/ppb"})
+    >>> run = prepare_run(config)  # doctest: +SKIP
+    >>> logits, features = run.model(run.splits[0].images[:32], run.rows[0][:32])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from metanorm.datasets import DataSplit
-from metanorm.datasets.experiments import RealExperiment, real_experiment
+from metanorm.datasets import (
+    DataSplit,
+    load_gs_ppb,
+    load_hvu,
+    load_multisite_mri,
+    make_shaded_images,
+    make_two_site_digits,
+)
 from metanorm.design import Design
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
+from metanorm.models.norms import get_norm
+from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 
-__all__ = ["LAYOUTS", "REAL_NAMES", "load_real", "shade_bins"]
+__all__ = ["LAYOUTS", "METHODS", "load_splits", "shade_bins"]
 
 #: Methods every real-data experiment accepts; the first two run by default.
 METHODS = ("batchnorm", "mdn", "none", "mdn-all")
@@ -58,9 +78,78 @@ LAYOUTS: dict[str, str] = {
     "PATH/volumes/<subject>.nii.gz (needs nibabel: pip install 'metanorm[mri]')",
 }
 
+Splits = dict[str, DataSplit]
+ModelFactory = Callable[[Splits, str, "Design | None", RunConfig], nn.Module]
 
-def _data_kwargs(name: str, options: dict[str, Any], n_per_class: int) -> dict[str, Any]:
-    kw = {k: v for k, v in options.items() if k not in ("data", "n_eval_per_class")}
+
+@dataclass(frozen=True)
+class _Source:
+    """How an experiment gets its data and builds its model."""
+
+    load: Callable[..., Splits]  # (root or None, seed=, **loader options) -> splits
+    model: ModelFactory
+    design_options: tuple[str, ...] = ()  # options of the design, not of the loader
+
+
+def _shaded(source: str) -> Callable[..., Splits]:
+    def load(root: str | None, **kwargs: Any) -> Splits:
+        if root is not None:
+            kwargs.setdefault("path", root)
+        return make_shaded_images(source=source, **kwargs)
+
+    return load
+
+
+def _two_sites(root: str | None, **kwargs: Any) -> Splits:
+    if root is not None:
+        raise ValueError(
+            "experiment 'two-site-digits' takes no data folder; pass --option mnist_path=... / "
+            "optdigits_path=... to point at other copies of its data"
+        )
+    return make_two_site_digits(**kwargs)
+
+
+def _hvu(root: str, **kwargs: Any) -> Splits:
+    splits = load_hvu(root, **kwargs)
+    if not any(c.startswith("scene=") for c in splits["train"].metadata):
+        raise ValueError("no scene tag is frequent enough to be metadata; lower min_scene_count")
+    return splits
+
+
+def _num_classes(splits: Splits) -> int:
+    return int(max(int(s.labels.max()) for s in splits.values() if len(s)) + 1)
+
+
+def _image_model(splits: Splits, method: str, design: Design | None, c: RunConfig) -> nn.Module:
+    x = splits["train"].images
+    n_cls = _num_classes(splits)
+    return StandInCNN(int(x.shape[1]), n_cls, int(x.shape[-1]), method, design, momentum=c.momentum)
+
+
+def _mlp_model(splits: Splits, method: str, design: Design | None, c: RunConfig) -> nn.Module:
+    width = int(splits["train"].images.shape[1])
+    n_cls = _num_classes(splits)
+    return StandInMLP(width, n_cls, method, design, dropout=0.2, momentum=c.momentum)
+
+
+def _volume_model(splits: Splits, method: str, design: Design | None, c: RunConfig) -> nn.Module:
+    shape = tuple(int(s) for s in splits["train"].images.shape[2:])
+    return StandInCNN3d(1, _num_classes(splits), shape, method, design, momentum=c.momentum)
+
+
+_SOURCES: dict[str, _Source] = {
+    "shaded-fashion-mnist": _Source(_shaded("fashion-mnist"), _image_model),
+    "shaded-mnist": _Source(_shaded("mnist-5k"), _image_model),
+    "two-site-digits": _Source(_two_sites, _image_model),
+    "gs-ppb": _Source(load_gs_ppb, _image_model, ("skin_type",)),
+    "hvu": _Source(_hvu, _mlp_model),
+    "multisite-mri": _Source(load_multisite_mri, _volume_model, ("covariates",)),
+}
+
+
+def _loader_options(name: str, options: dict[str, Any], n_per_class: int) -> dict[str, Any]:
+    skip = ("data", "n_eval_per_class", *_SOURCES[name].design_options)
+    kw = {k: v for k, v in options.items() if k not in skip}
     if name.startswith("shaded"):
         kw.setdefault("n_train", 2 * n_per_class)
         n_eval = options.get("n_eval_per_class")
@@ -68,24 +157,33 @@ def _data_kwargs(name: str, options: dict[str, Any], n_per_class: int) -> dict[s
             kw.setdefault("n_val", 2 * int(n_eval))
             kw.setdefault("n_test", 2 * int(n_eval))
     for k, v in kw.items():
-        if isinstance(v, list):  # JSON gives lists; the factories take tuples
+        if isinstance(v, list):  # JSON gives lists; the loaders take tuples
             kw[k] = tuple(v)
     return kw
 
 
 @lru_cache(maxsize=2)
-def _cached(name: str, data: str | None, seed: int, n_per_class: int, opts: str) -> RealExperiment:
-    kwargs = _data_kwargs(name, json.loads(opts), n_per_class)
-    return real_experiment(name, data, seed=seed, **kwargs)
+def _cached(name: str, data: str | None, seed: int, n_per_class: int, opts: str) -> Splits:
+    kwargs = _loader_options(name, json.loads(opts), n_per_class)
+    return _SOURCES[name].load(data, seed=seed, **kwargs)
 
 
-def load_real(name: str, config: RunConfig) -> RealExperiment:
-    """The :class:`RealExperiment` of a run (cached: every method of a sweep group shares it).
+def load_splits(name: str, config: RunConfig) -> Splits:
+    """The splits of a real-data experiment's run, by name (cached: a sweep group shares them).
+
+    Args:
+        name: the experiment's name.
+        config: the run's configuration (``seed``, ``n_per_class`` and ``options``).
+
+    Returns:
+        ``{"train", "val", "test"[, "test_reversed"]}`` → :class:`~metanorm.datasets.DataSplit`.
 
     Raises:
         ValueError: an experiment on user-supplied data without ``options["data"]`` (the message
-            names the expected layout).
+            names the expected layout), or an unknown experiment.
     """
+    if name not in _SOURCES:
+        raise ValueError(f"unknown real-data experiment {name!r}; known: {sorted(_SOURCES)}")
     data = config.options.get("data")
     if name in LAYOUTS and not data:
         raise ValueError(
@@ -95,28 +193,43 @@ def load_real(name: str, config: RunConfig) -> RealExperiment:
     opts = json.dumps(
         {k: v for k, v in config.options.items() if k != "data"}, sort_keys=True, default=str
     )
-    return _cached(name, None if data is None else str(data), config.seed, config.n_per_class, opts)
+    root = None if data is None else os.fspath(data)
+    return _cached(name, root, config.seed, config.n_per_class, opts)
 
 
-def _make_splits(name: str) -> Any:
+def _make_splits(name: str) -> Callable[[RunConfig], Sequence[DataSplit]]:
     def make_splits(config: RunConfig) -> Sequence[DataSplit]:
-        rex = load_real(name, config)
-        tests = [rex.splits[s] for s in rex.eval_splits]
-        for s, split_name in zip(tests, rex.eval_splits, strict=True):
+        splits = load_splits(name, config)
+        for split_name, s in splits.items():
             s.name = split_name
-        return (rex.splits["train"], rex.splits["val"], *tests)
+        tests = [s for k, s in splits.items() if k not in ("train", "val")]
+        return (splits["train"], splits["val"], *tests)
 
     return make_splits
 
 
-def _make_model(name: str) -> Any:
+def _make_model(name: str) -> Callable[[str, Design, RunConfig], nn.Module]:
     def make_model(method: str, design: Design, config: RunConfig) -> nn.Module:
-        rex = load_real(name, config)
-        return rex.model_factory(
-            method, design if method.startswith("mdn") else None, momentum=config.momentum
-        )
+        splits = load_splits(name, config)
+        mdn_design = design if get_norm(method).needs_design else None
+        return _SOURCES[name].model(splits, method, mdn_design, config)
 
     return make_model
+
+
+def _gs_ppb_design(options: Mapping[str, Any]) -> dict[str, Any]:
+    skin_type = options.get("skin_type", "categorical")
+    if skin_type not in ("categorical", "ordinal"):
+        raise ValueError(f"expected skin_type 'categorical' or 'ordinal', got {skin_type!r}")
+    return {"categorical": ("skin_type",) if skin_type == "categorical" else ()}
+
+
+def _mri_design(options: Mapping[str, Any]) -> dict[str, Any]:
+    covariates = tuple(options.get("covariates", ("site", "age", "sex")))
+    bad = [c for c in covariates if c not in ("site", "age", "sex")]
+    if bad or not covariates:
+        raise ValueError(f"expected covariates among ('site', 'age', 'sex'), got {covariates}")
+    return {"metadata_columns": covariates}
 
 
 def _shift_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
@@ -210,6 +323,7 @@ _SPECS: list[dict[str, Any]] = [
         "confounder": "skin_type",
         "categorical": ("skin_type",),
         "groups": _prefixed("skin_type"),
+        "configure": _gs_ppb_design,
         "defaults": {"epochs": 20, "batch_sizes": [64]},
     },
     {
@@ -229,12 +343,10 @@ _SPECS: list[dict[str, Any]] = [
         "confounder": "site",
         "categorical": ("site", "sex"),
         "groups": _prefixed("site"),
+        "configure": _mri_design,
         "defaults": {"epochs": 20, "batch_sizes": [16]},
     },
 ]
-
-#: Names of the registered real-data experiments.
-REAL_NAMES: tuple[str, ...] = tuple(spec["name"] for spec in _SPECS)
 
 for _spec in _SPECS:
     _name = _spec["name"]
@@ -252,5 +364,6 @@ for _spec in _SPECS:
             groups=_spec.get("groups"),
             defaults={**_COMMON, "methods": ["batchnorm", "mdn"], **_spec["defaults"]},
             checks=_shift_checks,
+            configure=_spec.get("configure"),
         )
     )

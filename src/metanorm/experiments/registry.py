@@ -17,7 +17,10 @@ An :class:`Experiment` is everything :func:`metanorm.experiments.run_experiment`
   a categorical confounder enters dcor² one-hot coded (every training level), so dcor² is
   measured against a matrix;
 - defaults for the quick run and the paper's settings, the authors' figures, and the checks the
-  report prints as PASS/FAIL.
+  report prints as PASS/FAIL;
+- optionally ``configure(options) -> {field: value}``: the fields that depend on the run's
+  options (:attr:`RunConfig.options`), applied by :meth:`Experiment.resolve` (e.g. gs-ppb's
+  ``skin_type="ordinal"`` makes the skin type a numeric design column).
 
 Register a new experiment with :func:`register_experiment` in a module listed in
 :data:`EXPERIMENT_MODULES` (imported lazily by :func:`get_experiment`).
@@ -25,8 +28,9 @@ Register a new experiment with :func:`register_experiment` in a module listed in
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,15 +82,8 @@ class Experiment:
         confounder: metadata column (or ``*`` pattern) for the bias metric (dcor² per class).
         categorical: metadata columns to one-hot code (in the design and in the metric).
         standardize: standardise the continuous **metadata** columns with the training mean and
-            sd. Default ``False``. The label is never standardised: it is coded raw (0/1 for two
-            classes, one-hot with class 0 as reference for more), the one design coding of every
-            experiment. Why: MDN's batch estimate (N/m)·Σ⁻¹·X_bᵀF is not invariant to shifting
-            the kept label column against the (removed) intercept (the full-data residual is), so
-            that coding changes the batch noise that training can exploit. On the synthetic
-            experiment (lr 1e-3, batch 200) a standardised label let MDN-Conv's validation bAcc
-            drift from 0.83 to 0.94 in 8 epochs; the raw coding stayed near 0.81. Standardising a
-            removed metadata column mixes it only with the removed intercept, which leaves the
-            batch residual unchanged (up to rounding).
+            standard deviation. Default ``False``. The label is never standardised
+            (:mod:`metanorm.experiments.coding`; ``docs/experiments.md`` says why).
         groups: ``split -> labels`` of the groups for the per-group accuracy (e.g. confounder
             bins); ``None``: the confounder column itself (no per-group accuracy for a ``*``
             pattern).
@@ -95,6 +92,8 @@ class Experiment:
         paper: the same for the paper's settings (``--paper``).
         reference: markdown with the authors' figures, printed in the report.
         checks: ``summary rows -> [Check]``; the bars the report grades. ``None``: no checks.
+        configure: ``options -> {field: value}``, the fields that depend on the run's options
+            (see :meth:`resolve`); ``None``: none do.
     """
 
     name: str
@@ -111,6 +110,21 @@ class Experiment:
     paper: dict[str, Any] = field(default_factory=dict)
     reference: str = ""
     checks: Callable[[Sequence[dict[str, Any]]], list[Check]] | None = None
+    configure: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+
+    def resolve(self, options: Mapping[str, Any]) -> Experiment:
+        """The experiment for a run with these options (:attr:`RunConfig.options`).
+
+        Returns:
+            ``self`` with the fields :attr:`configure` gives for ``options`` replaced (``self``
+            itself when there is no ``configure``).
+
+        Raises:
+            ValueError: an option has a value the experiment does not accept.
+        """
+        if self.configure is None:
+            return self
+        return dataclasses.replace(self, **self.configure(options))
 
 
 _EXPERIMENTS: dict[str, Experiment] = {}

@@ -29,20 +29,20 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from metanorm.datasets import DataSplit, DesignDataset
-from metanorm.datasets._coding import design_data, fit_design_builder
-from metanorm.datasets._coding import metric_matrix as _metric_matrix
-from metanorm.design import DesignBuilder
+from metanorm.design import Design, DesignBuilder
 from metanorm.experiments import _io
+from metanorm.experiments.coding import build_designs, metric_matrix, training_design
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.engine import (
     epoch_lr,
@@ -53,11 +53,11 @@ from metanorm.experiments.registry import Experiment, get_experiment
 from metanorm.nn.utils import refit_running_beta
 
 __all__ = [
+    "PreparedRun",
     "Run",
-    "build_designs",
     "check_run_dir",
-    "expand_columns",
-    "metric_matrix",
+    "epoch_summary",
+    "prepare_run",
     "run_experiment",
     "seed_everything",
     "split_groups",
@@ -84,66 +84,6 @@ def check_run_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
             f"{path} already holds a run; choose another --out or pass --overwrite"
         )
     return path
-
-
-def expand_columns(patterns: Sequence[str], split: DataSplit) -> tuple[str, ...]:
-    """Metadata column names of ``split`` for ``patterns``.
-
-    ``"prefix*"`` expands to every column starting with ``prefix`` (sorted). A missing column or a
-    pattern that matches nothing is a ``ValueError``.
-    """
-    out: list[str] = []
-    for p in patterns:
-        if p.endswith("*"):
-            hits = sorted(c for c in split.metadata if c.startswith(p[:-1]))
-            if not hits:
-                raise ValueError(
-                    f"no metadata column of split {split.name!r} matches {p!r}; "
-                    f"it has {sorted(split.metadata)}"
-                )
-            out.extend(hits)
-        else:
-            out.append(p)
-    missing = [c for c in out if c not in split.metadata]
-    if missing:
-        raise ValueError(
-            f"split {split.name!r} lacks metadata column(s) {missing}; "
-            f"it has {sorted(split.metadata)}"
-        )
-    return tuple(out)
-
-
-def _design_data(split: DataSplit, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    return design_data(split, columns)
-
-
-def build_designs(
-    experiment: Experiment, splits: Sequence[DataSplit]
-) -> tuple[DesignBuilder, list[torch.Tensor]]:
-    """Fits the design ``[y, metadata..., 1]`` (``y`` kept) on ``splits[0]``; rows of every split.
-
-    The one design coding of every experiment (:mod:`metanorm.datasets._coding`): the label raw
-    (0/1 for two classes; one-hot, class 0 the reference level, for more), never standardised;
-    categorical metadata one-hot; continuous metadata standardised with the training mean and sd
-    only when the experiment says so (:attr:`Experiment.standardize`).
-    """
-    train = splits[0]
-    columns = expand_columns(experiment.metadata_columns, train)
-    builder = fit_design_builder(
-        train, columns, categorical=experiment.categorical, standardize=experiment.standardize
-    )
-    rows = [builder.transform(design_data(s, columns)).tensor() for s in splits]
-    return builder, rows
-
-
-def metric_matrix(experiment: Experiment, split: DataSplit, train: DataSplit) -> np.ndarray:
-    """The metadata the bias metric (per-class dcor² with the features) is measured against.
-
-    ``(n, p)`` float64: the confounder column(s) (``*`` patterns expanded on ``train``) as they
-    are; a categorical one one-hot coded with every training level (no reference dropped).
-    """
-    columns = expand_columns((experiment.confounder,), train)
-    return _metric_matrix(split, train, columns, experiment.categorical)
 
 
 def split_groups(experiment: Experiment, split: DataSplit) -> np.ndarray | None:
@@ -186,6 +126,81 @@ def _flat(prefix: str, d: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{k}": v for k, v in d.items()}
 
 
+@dataclass
+class PreparedRun:
+    """What a run trains and evaluates, built from its configuration (:func:`prepare_run`).
+
+    Attributes:
+        config: the run's configuration.
+        experiment: the experiment, resolved for the run's options (:meth:`Experiment.resolve`).
+        splits: ``(train, val, test, *more_tests)``.
+        builder: the design builder, fitted on the training split.
+        design: the WHOLE training split's design (what the MDN layers store Σ⁻¹ and N of).
+        rows: the design rows of every split, float32 ``(n, K)`` (true labels in the kept
+            columns; an MDN layer in eval mode does not use them).
+        metrics: per split, the ``(n, p)`` metadata the bias metric is measured against.
+        model: the model, on the CPU.
+    """
+
+    config: RunConfig
+    experiment: Experiment
+    splits: tuple[DataSplit, ...]
+    builder: DesignBuilder
+    design: Design
+    rows: list[torch.Tensor]
+    metrics: list[np.ndarray]
+    model: nn.Module
+
+
+def _check_method(experiment: Experiment, method: str) -> None:
+    if method not in experiment.methods:
+        raise ValueError(
+            f"experiment {experiment.name!r} has methods {experiment.methods}, got {method!r}"
+        )
+
+
+def prepare_run(config: RunConfig) -> PreparedRun:
+    """Builds a run's data, designs, bias-metric matrices and model, without training or files.
+
+    Args:
+        config: the run's configuration (experiment, method, seed, options, ...).
+
+    Returns:
+        A :class:`PreparedRun`.
+
+    Raises:
+        ValueError: unknown experiment or method, bad options, or splits that break the
+            experiment contract.
+
+    Examples::
+
+        >>> from metanorm.experiments import RunConfig
+        >>> run = prepare_run(RunConfig(method="mdn-linear", n_per_class=20))
+        >>> run.design.columns, tuple(run.rows[0].shape)
+        (('y', 'cf', 'intercept'), (40, 3))
+        >>> logits, features = run.model(run.splits[0].images[:8], run.rows[0][:8])
+    """
+    experiment = get_experiment(config.experiment).resolve(config.options)
+    _check_method(experiment, config.method)
+    seed_everything(config.seed)
+    splits = tuple(experiment.make_splits(config))
+    if len(splits) < 3:
+        raise ValueError(
+            f"experiment {experiment.name!r}: make_splits must return (train, val, test, "
+            f"*more_tests), got {len(splits)} split(s)"
+        )
+    names = [s.name for s in splits[2:]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the test splits need distinct names, got {names}")
+    train = splits[0]
+    builder, rows = build_designs(experiment, splits)
+    design = training_design(experiment, builder, train)
+    metrics = [metric_matrix(experiment, s, train) for s in splits]
+    seed_everything(config.seed)
+    model = experiment.make_model(config.method, design, config)
+    return PreparedRun(config, experiment, splits, builder, design, rows, metrics, model)
+
+
 class Run:
     """One run, step by step.
 
@@ -205,36 +220,19 @@ class Run:
     def __init__(
         self, config: RunConfig, out_dir: str | os.PathLike[str], *, overwrite: bool = False
     ) -> None:
-        experiment = get_experiment(config.experiment)
-        if config.method not in experiment.methods:
-            raise ValueError(
-                f"experiment {experiment.name!r} has methods {experiment.methods}, "
-                f"got {config.method!r}"
-            )
+        _check_method(get_experiment(config.experiment), config.method)
         self.out = check_run_dir(out_dir, overwrite)
         self.device = _resolve_device(config.device)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.config, self.experiment = config, experiment
-        seed_everything(config.seed)
-        self.splits = tuple(experiment.make_splits(config))
-        if len(self.splits) < 3:
-            raise ValueError(
-                f"experiment {experiment.name!r}: make_splits must return (train, val, test, "
-                f"*more_tests), got {len(self.splits)} split(s)"
-            )
+        prepared = prepare_run(config)
+        self.config, self.experiment = config, prepared.experiment
+        experiment, design, rows = prepared.experiment, prepared.design, prepared.rows
+        self.splits = prepared.splits
         train, val = self.splits[0], self.splits[1]
         self.tests = self.splits[2:]
-        names = [s.name for s in self.tests]
-        if len(set(names)) != len(names):
-            raise ValueError(f"the test splits need distinct names, got {names}")
-        builder, rows = build_designs(experiment, self.splits)
-        design = builder.transform(
-            _design_data(train, expand_columns(experiment.metadata_columns, train))
-        )
-        self.metrics = [metric_matrix(experiment, s, train) for s in self.splits]
-        seed_everything(config.seed)
-        self.model = experiment.make_model(config.method, design, config).to(self.device)
+        self.metrics = prepared.metrics
+        self.model = prepared.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.loader = DataLoader(
             DesignDataset(train, rows[0]),
@@ -420,10 +418,11 @@ def run_experiment(
         while not run.done:
             row = run.train_epoch()
             bar.update(1)
-            bar.set_postfix_str(_postfix(row))
+            bar.set_postfix_str(epoch_summary(row))
     return run.finish()
 
 
-def _postfix(row: dict[str, Any]) -> str:
+def epoch_summary(row: dict[str, Any]) -> str:
+    """One line for a progress bar: training loss, validation bAcc and dcor² of an epoch row."""
     dc = "/".join(f"{v:.3f}" for k, v in row.items() if k.startswith("val_dcor2_"))
     return f"loss {row['train_loss']:.3f} val bAcc {row['val_balanced_accuracy']:.3f} dcor² {dc}"

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import get_experiment
-from metanorm.experiments.runner import Run, _postfix, check_run_dir
+from metanorm.experiments.runner import Run, check_run_dir, epoch_summary
 
 __all__ = ["run_dir", "run_sweep"]
 
@@ -121,5 +121,5 @@ def _run_group(
                     continue
                 row = r.train_epoch()
                 bar.update(1)
-                bar.set_postfix_str(f"{r.config.method} epoch {row['epoch']}: {_postfix(row)}")
+                bar.set_postfix_str(f"{r.config.method} epoch {row['epoch']}: {epoch_summary(row)}")
     return [r.finish() for r in runs]

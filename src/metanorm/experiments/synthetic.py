@@ -2,40 +2,17 @@
 
 Data: :func:`metanorm.datasets.synthetic.make_synthetic_splits` (train, validation and test from
 independent seeds derived from ``config.seed``; ``n_per_class`` images per label in each). Model:
-:class:`metanorm.models.PaperCNN` with the method as its normalization. Design ``[y, cf, 1]``
-with ``y`` kept; the bias metric is the per-class dcor² between the fc1 features and ``cf``;
-accuracy is also reported per ``cf`` bin (``[1,2)``, ..., ``[5,6]``).
+:class:`metanorm.models.PaperCNN` with the method as its normalization (:data:`METHODS`). Design
+``[y, cf, 1]`` with ``y`` kept; the bias metric is the per-class dcor² between the fc1 features
+and ``cf``; accuracy is also reported per ``cf`` bin (``[1,2)``, ..., ``[5,6]``).
 
 Default run (``metanorm reproduce synthetic``, what ``make run`` runs): every method, batch sizes
 200 and 128, one seed, 2000 training images per class (validation and test: 1000 per class),
 5 epochs of Adam with a cosine learning-rate decay from 1e-3 (per epoch: 1e-3, 9.0e-4, 6.5e-4,
-3.5e-4, 1.0e-4), design in raw units (see below), and after every epoch the MDN layers' running β
-refitted on the training set, layer by layer
-(:func:`metanorm.nn.utils.refit_running_beta`). A CPU-sized stand-in for the paper's
-200 epochs at lr 1e-4 with n = 1000 (``--paper``, which keeps the constant rate and the momentum
-running β) that already separates the methods.
-
-Why these settings (measured on this 2-core CPU; see the README):
-
-- The baseline's val dcor² grows with training (0.15 after one epoch of 1000 images per class,
-  0.2 after about 60 steps at lr 5e-4): enough steps are needed to show it using ``cf``. The
-  cosine decay from 1e-3 gives the baseline and MDN-Linear more progress than a constant 5e-4
-  (MDN-Linear's test bAcc was as low as 0.66 on one seed at 5e-4 for 4 epochs) and makes the
-  last epoch's steps small. With 4 epochs MDN-Linear at batch 200 still fell to 0.766 on seed 2
-  (80 steps); 5 epochs gave 0.788-0.833 on seeds 0-2.
-- The refit is what makes MDN-Conv reliable. With the momentum running β, MDN-Conv's class-0 val
-  dcor² swung from seed to seed and epoch to epoch (0.01-0.30; 0.053 on seed 0 at batch 200):
-  its conv2 and fc1 running β were fitted to inputs that conv1's MDN had residualized with each
-  training batch's own β, while at evaluation conv1 uses its running β. Refitting each layer on
-  the features it sees at evaluation (earlier layers already refitted) brought the class-0 dcor²
-  to ≤ 0.001 on seeds 0 and 1 at every epoch, with test bAcc 0.83-0.84. Training is unchanged
-  (training mode uses each batch's β); the refit costs one forward pass over the training set
-  per MDN layer and is not counted in the epoch time (``refit_time_s`` in ``epochs.csv``).
-- A single training-mode refit pass over all layers at once does NOT do this (its later layers
-  see batch-residualized inputs again; with class-sorted batches it broke MDN-Conv to bAcc 0.55).
-- With a standardised design MDN-Conv's val bAcc drifted to 0.91-0.94 within 6-8 epochs of 1000
-  images per class (lr 2.5e-4 to 1e-3); the raw design (the reference implementation's coding)
-  does not drift.
+3.5e-4, 1.0e-4), the design in raw units, and after every epoch the MDN layers' running β
+refitted on the training set, layer by layer (:func:`metanorm.nn.utils.refit_running_beta`).
+``--paper``: the paper's 200 epochs at a constant lr 1e-4 with n = 1000 and the momentum running
+β. Why these settings: ``docs/experiments.md``.
 """
 
 from __future__ import annotations
