@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from metanorm.datasets import DataNotFoundError
-from metanorm.datasets.sources import load_fashion_mnist, load_mnist_5k, load_optdigits
+from metanorm.datasets.fashion_mnist import load_fashion_mnist
+from metanorm.datasets.mnist_5k import load_mnist_5k
+from metanorm.datasets.optdigits import load_optdigits
 
 
 def _available(load) -> bool:

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from metanorm._validation import describe
 
-__all__ = ["DataSplit", "DesignDataset"]
+__all__ = ["DataSplit", "DesignDataset", "to_float_images"]
 
 
 @dataclass
@@ -71,3 +71,8 @@ class DesignDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.split.images[i], self.split.labels[i], self.design_rows[i]
+
+
+def to_float_images(images: np.ndarray, scale: float) -> torch.Tensor:
+    """``(n, H, W)`` integer images → float32 ``(n, 1, H, W)`` divided by ``scale``."""
+    return torch.as_tensor(images, dtype=torch.float32).div_(scale).unsqueeze(1)

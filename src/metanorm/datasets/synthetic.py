@@ -1,6 +1,6 @@
 r"""The paper's synthetic confounded images (Lu et al., CVPR 2021, §4.1; arXiv 2104.09052).
 
-Each 32×32 one-channel image carries two blobs of the same fixed 16×16 Gaussian kernel ``k``:
+Each 32×32 one-channel image carries copies of the same fixed 16×16 Gaussian blob ``k``:
 
 - the **main effect** ``mf`` scales the top-left and bottom-right quadrants (``mf·k``),
 - the **confounder** ``cf`` scales the bottom-left quadrant (``cf·k``),
@@ -11,11 +11,11 @@ for ``y = 1`` from U(3, 6), independently. So both variables separate the classe
 a classifier using ``mf`` alone reaches the Bayes accuracy 1 − ½·⅓ ≈ 83.3 %, one that also uses
 the confounder reaches 1 − ½·(⅓)² ≈ 94.4 %. A confounder-free model should sit near 83 %.
 
-The kernel. The reference implementation builds a 16-pixel kernel "over ±5 standard deviations":
+The blob. The reference implementation builds a 16-pixel blob "over ±5 standard deviations":
 the interval [−5σ, 5σ] is cut into 16 equal pixels (each 10σ/16 = 0.625σ wide) and a pixel's
 weight is the standard normal probability mass of its interval. Equivalently, with a pixel as the
-unit, σ = 16/10 = 1.6 pixels and the kernel spans ±8 pixels = ±5σ around the centre of the
-quadrant (which lies on a pixel boundary). The 2-D kernel is the outer product of the 1-D one,
+unit, σ = 16/10 = 1.6 pixels and the blob spans ±8 pixels = ±5σ around the centre of the
+quadrant (which lies on a pixel boundary). The 2-D blob is the outer product of the 1-D one,
 normalised to sum 1; its peak is about 0.055, so an image's largest value is about 6 × 0.055 ≈ 0.33.
 """
 
@@ -32,14 +32,14 @@ from metanorm.datasets._base import DataSplit
 __all__ = [
     "BAYES_ACCURACY_MF",
     "BAYES_ACCURACY_MF_CF",
-    "gaussian_kernel",
+    "gaussian_blob",
     "make_synthetic",
     "make_synthetic_splits",
 ]
 
 IMAGE_SIZE = 32
-KERNEL_SIZE = 16
-KERNEL_NSIG = 5.0
+BLOB_SIZE = 16
+BLOB_NSIG = 5.0
 NOISE_SD = 0.01
 #: Bayes accuracy from the main effect alone (the confounder-free target), 1 − ½·⅓.
 BAYES_ACCURACY_MF = 1 - 0.5 / 3
@@ -49,12 +49,12 @@ BAYES_ACCURACY_MF_CF = 1 - 0.5 / 9
 RANGES = {0: (1.0, 4.0), 1: (3.0, 6.0)}
 
 
-def gaussian_kernel(size: int = KERNEL_SIZE, nsig: float = KERNEL_NSIG) -> np.ndarray:
-    """The separable Gaussian kernel of the data recipe, normalised to sum 1.
+def gaussian_blob(size: int = BLOB_SIZE, nsig: float = BLOB_NSIG) -> np.ndarray:
+    """The separable Gaussian blob of the data recipe, normalised to sum 1.
 
     Args:
         size: pixels per side. Default: 16.
-        nsig: the kernel spans ``[-nsig·σ, nsig·σ]`` (so σ = size / (2·nsig) pixels). Default: 5.
+        nsig: the blob spans ``[-nsig·σ, nsig·σ]`` (so σ = size / (2·nsig) pixels). Default: 5.
 
     Returns:
         float64 array ``(size, size)``: pixel ``(i, j)`` holds the product of the standard normal
@@ -111,8 +111,8 @@ def make_synthetic(n_per_class: int = 1000, *, random_state: Any, name: str = "t
     high = np.array([RANGES[int(y)][1] for y in labels])
     mf = rng.uniform(low, high)
     cf = rng.uniform(low, high)
-    k = gaussian_kernel()
-    h = KERNEL_SIZE
+    k = gaussian_blob()
+    h = BLOB_SIZE
     images = np.zeros((2 * n, 1, IMAGE_SIZE, IMAGE_SIZE))
     images[:, 0, :h, :h] = mf[:, None, None] * k  # top-left: main effect
     images[:, 0, h:, h:] = mf[:, None, None] * k  # bottom-right: main effect

@@ -6,15 +6,15 @@ from metanorm.datasets import DataSplit
 from metanorm.datasets.synthetic import (
     BAYES_ACCURACY_MF,
     BAYES_ACCURACY_MF_CF,
-    gaussian_kernel,
+    gaussian_blob,
     make_synthetic,
     make_synthetic_splits,
 )
 
 
-def test_kernel_matches_normal_masses_over_five_sd():
+def test_blob_matches_normal_masses_over_five_sd():
     stats = pytest.importorskip("scipy.stats")
-    k = gaussian_kernel()
+    k = gaussian_blob()
     assert k.shape == (16, 16)
     assert k.sum() == pytest.approx(1.0, abs=1e-12)
     edges = np.linspace(-5, 5, 17)  # 16 pixels of 0.625 sd each: sigma = 1.6 px
@@ -38,7 +38,7 @@ def test_quadrant_structure_and_ranges():
     for v in (mf, cf):
         assert v.min() >= 1 and v[y == 0].max() <= 4
         assert v[y == 1].min() >= 3 and v.max() <= 6
-    k = gaussian_kernel()
+    k = gaussian_blob()
     imgs = s.images[:, 0].double().numpy()
     # least-squares amplitude of the kernel in each quadrant recovers mf / cf up to the noise,
     # whose effect on the amplitude has sd 0.01 / ||k||
