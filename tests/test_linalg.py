@@ -41,7 +41,9 @@ def test_statistics_summed_over_shards_give_one_big_batch(rng):
     f = rng.normal(size=(90, 5))
     xt, ft = torch.tensor(x), torch.tensor(f)
     gram_inverse = linalg.inverse_gram(x)
-    whole = linalg.beta_from_statistics(gram_inverse, linalg.batch_statistics(xt[:60], ft[:60]), 60, 90)
+    whole = linalg.beta_from_statistics(
+        gram_inverse, linalg.batch_statistics(xt[:60], ft[:60]), 60, 90
+    )
     shards = [linalg.batch_statistics(xt[i : i + 20], ft[i : i + 20]) for i in (0, 20, 40)]
     summed = linalg.beta_from_statistics(gram_inverse, sum(shards), 60, 90)
     torch.testing.assert_close(summed, whole, atol=1e-12, rtol=0)
