@@ -1,124 +1,290 @@
-"""Forward+backward time of MetadataNorm beside nn.BatchNorm1d and a plain copy (x * 1).
+"""Time of one training step of MetadataNorm (forward + backward) beside its references.
 
-Usage: python benchmarks/bench_layer.py [--repeats R] [--rounds N] [--threads T] [--no-kernel]
+Usage::
 
-"plain" is the paper's equations written with plain autograd ops, for reference. All run on
-the same tensor, interleaved round by round, so the ratios are measured side by side in one run
-(this machine is noisy). Times are the best of the rounds (the round least disturbed by other
-processes); the ratios are medians of the per-round ratios, which drift less with the load.
-The MDN layer runs with every check it does in normal use (input and metadata validation, the
-finiteness check of the estimate and the metadata, the running-β update), on the compiled CPU
-kernel when it is built (``--no-kernel``: the plain PyTorch fallback).
-"floor" is the time the 4 matrix products of MDN's forward and backward (2·K·m·D
-multiply-adds each) take at this machine's measured float32 GEMM peak, before any memory
-traffic: no implementation of the same maths in float32 can be faster.
-Bars (issue 2): MDN ≤ 0.65× BatchNorm at (200, 18432, 3) and (256, 4096, 16), ≤ 3.5× the copy.
+    python benchmarks/bench_layer.py [--threads 2] [--rounds 15] [--target 0.05]
+                                     [--no-compile] [--json PATH]
+
+Every variant runs the same float32 step on the same tensors: ``out = f(x); out.backward(g)``
+with ``x`` an (m, D) leaf that requires grad and ``g`` a fixed random upstream gradient (never
+``.sum()``, whose gradient is a broadcast constant). ``x.grad`` is set to None before each step,
+as ``optimizer.zero_grad()`` does, so autograd stores the layer's input gradient rather than
+adding it to an old one. Variants:
+
+  mdn       ``MetadataNorm(D, design, keep=[0])`` in training mode, eager, with everything a
+            training step does (input checks, the running-β update)
+  compiled  the same layer under ``torch.compile`` (default inductor backend, ``dynamic=False``:
+            the shapes are static, one graph per shape, compiled before timing)
+  bn        ``nn.BatchNorm1d(D)`` in training mode, eager
+  copy      ``x.clone()``: forward reads x and writes the output, backward passes g through and
+            autograd copies it into ``x.grad``; two reads and two writes of m·D floats, the
+            memory traffic any layer that reads its input and writes a new output in each
+            direction cannot go below
+  plain     the paper's formula in plain float32 autograd, β = (N/m)·Σ⁻¹·XᵀF, out = F − X_R·β
+            (X_R: the design rows with the kept column zeroed); autograd derives the backward
+
+The variants are timed in turn, round after round (the order rotates each round), so each
+round's ratios compare timings taken seconds apart on this noisy machine. A timing is the mean
+over ``repeats`` calls (chosen so that a timing lasts about ``--target`` seconds). Reported: the
+best and the median of the rounds' timings, and the median over rounds of the per-round ratios.
+The design (N = 10·m rows: K − 1 standard normal columns and an intercept; column 0 kept) and
+all tensors come from a fixed seed, as in ``compare_layer.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from metanorm import glm
-from metanorm.nn import MetadataNorm
+#: (m, D, K): a conv feature map of a CNN (200×18432), the synthetic experiment's 84 features,
+#: a wide design (K = 16), a VGG-sized map with a small batch.
+SHAPES = [(200, 18432, 3), (200, 84, 3), (256, 4096, 16), (64, 25088, 5)]
+LARGE = [(200, 18432, 3), (256, 4096, 16), (64, 25088, 5)]
 
-SHAPES = [(200, 18432, 3), (200, 84, 3), (256, 4096, 16)]
+
+def make_inputs(m: int, d: int, k: int, seed: int = 0) -> dict[str, Tensor]:
+    """The design (N = 10·m, K), the batch rows, x (m, D) and the upstream gradient g (m, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 10 * m
+    design = torch.cat([torch.randn(n, k - 1, generator=gen), torch.ones(n, 1)], dim=1)
+    rows = design[:m].contiguous()
+    x = torch.randn(m, d, generator=gen)
+    g = torch.randn(m, d, generator=gen)
+    return {"design": design, "rows": rows, "x": x, "g": g}
 
 
-def _time(fn: Callable[[], None], repeats: int) -> float:
+def step_fn(
+    layer: Callable[..., Tensor], x: Tensor, g: Tensor, *args: Tensor
+) -> Callable[[], None]:
+    """One training step of ``layer``: forward, ``backward(g)``, with ``x.grad`` cleared."""
+
+    def step() -> None:
+        x.grad = None
+        layer(x, *args).backward(g)
+
+    return step
+
+
+def time_calls(fn: Callable[[], None], repeats: int) -> float:
+    """Mean seconds per call over ``repeats`` calls."""
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
 
 
-def gemm_peak(n: int = 1024, rounds: int = 5) -> float:
-    """Best float32 GEMM rate of this machine in FLOP/s (an n×n by n×n product)."""
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=c)
-    best = min(_time(lambda: torch.mm(a, b, out=c), 3) for _ in range(rounds))
-    return 2 * n**3 / best
+def calibrate(fns: dict[str, Callable[[], None]], target: float) -> int:
+    """Calls per timing so that the slowest variant's timing lasts about ``target`` seconds."""
+    slowest = max(min(time_calls(fn, 2) for _ in range(2)) for fn in fns.values())
+    return max(2, min(500, round(target / max(slowest, 1e-7))))
 
 
-def bench(m: int, d: int, k: int, repeats: int, rounds: int) -> dict[str, float]:
-    g = torch.Generator().manual_seed(0)
-    n = 10 * m
-    design = torch.cat([torch.randn(n, k - 1, generator=g), torch.ones(n, 1)], dim=1)
-    rows = design[:m].contiguous()
-    x = torch.randn(m, d, generator=g, requires_grad=True)
-    grad = torch.randn(m, d, generator=g)
-    mdn = MetadataNorm(d, design, keep=[0])
-    bn = nn.BatchNorm1d(d)
+def interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int, repeats: int
+) -> dict[str, list[float]]:
+    """Per-round timings of every variant, the order rotating each round."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(time_calls(fns[name], repeats))
+    return times
 
-    def run_mdn() -> None:
-        mdn(x, rows).backward(grad)
 
-    kernel = mdn.kernel.float()
-    keep_out = rows.clone()
-    keep_out[:, 0] = 0
-
-    def run_plain() -> None:
-        # the paper's equations written with plain autograd ops, for reference
-        beta = (n / m) * kernel @ (rows.T @ x)
-        (x - keep_out @ beta).backward(grad)
-
-    def run_bn() -> None:
-        bn(x).backward(grad)
-
-    def run_copy() -> None:
-        (x * 1).backward(grad)
-
-    fns = {"mdn": run_mdn, "plain": run_plain, "batchnorm": run_bn, "copy": run_copy}
-    for fn in fns.values():  # warm-up
-        _time(fn, 3)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(_time(fn, repeats))
-    out = {name: min(t) for name, t in times.items()}
-    for name, ref in (("mdn/bn", "batchnorm"), ("mdn/copy", "copy"), ("plain/bn", "batchnorm")):
-        top = "plain" if name.startswith("plain") else "mdn"
-        out[name] = statistics.median(a / b for a, b in zip(times[top], times[ref], strict=True))
+def summarise(
+    times: dict[str, list[float]], ratios: dict[str, tuple[str, str]]
+) -> dict[str, object]:
+    """Best and median times, and for each ratio the median of the per-round ratios and the
+    ratio of the best times."""
+    out: dict[str, object] = {
+        "best_ms": {n: min(t) * 1e3 for n, t in times.items()},
+        "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
+        "ratio_median": {},
+        "ratio_best": {},
+    }
+    for label, (top, ref) in ratios.items():
+        if top in times and ref in times:
+            per_round = [a / b for a, b in zip(times[top], times[ref], strict=True)]
+            out["ratio_median"][label] = statistics.median(per_round)  # type: ignore[index]
+            out["ratio_best"][label] = min(times[top]) / min(times[ref])  # type: ignore[index]
     return out
+
+
+def plain_formula(design: Tensor, rows: Tensor, keep: int = 0) -> Callable[[Tensor], Tensor]:
+    """The paper's equations in plain float32 autograd: β = (N/m)·Σ⁻¹·XᵀF, F − X_R·β."""
+    d64 = design.to(torch.float64)
+    gram_inverse = torch.linalg.inv(d64.T @ d64).float()
+    weight = gram_inverse * (design.shape[0] / rows.shape[0])
+    removed = rows.clone()
+    removed[:, keep] = 0
+
+    def layer(f: Tensor) -> Tensor:
+        beta = weight @ (rows.T @ f)
+        return f - removed @ beta
+
+    return layer
+
+
+class ProtoBatchResidual(torch.autograd.Function):
+    """Prototype of ``metanorm.nn.functional._BatchResidual`` (same arguments and results)
+    that processes the features in column panels, so each panel is read from memory once per
+    direction: the statistic, the estimate and the residual of a panel are computed while it is
+    in cache (the map is column-separable: β's column j depends on F's column j only). Not used
+    by the library; ``compare_layer.py --proto`` swaps it in to measure the difference.
+    """
+
+    PANEL_BYTES = 512 * 1024  # a panel (m rows) of about this size
+
+    @staticmethod
+    def _apply(
+        src: Tensor, stat_rows: Tensor, out_rows: Tensor, weight: Tensor, keep_stat: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        m, d = src.shape
+        width = max(64, (ProtoBatchResidual.PANEL_BYTES // (src.element_size() * m)) // 64 * 64)
+        out = torch.empty_like(src)
+        stat = torch.empty(stat_rows.shape[1], d, dtype=src.dtype) if keep_stat else None
+        w32 = weight.to(src.dtype)
+        for s in range(0, d, width):
+            e = min(d, s + width)
+            panel = src[:, s:e]
+            b = w32 @ (stat_rows.T @ panel)
+            if stat is not None:
+                stat[:, s:e] = b
+            torch.addmm(panel, out_rows, b, alpha=-1, out=out[:, s:e])
+        return out, stat
+
+    @staticmethod
+    def forward(ctx, features, rows, removed_rows, gram_inverse, n_samples, reducer):  # type: ignore[override]
+        if reducer is not None or features.device.type != "cpu":
+            raise NotImplementedError("prototype: one CPU process only")
+        count = torch.full((), features.shape[0], dtype=torch.float64)
+        weight = gram_inverse * (n_samples / count)
+        out, beta = ProtoBatchResidual._apply(features, rows, removed_rows, weight, True)
+        ctx.save_for_backward(rows, removed_rows, weight)
+        ctx.mark_non_differentiable(beta, count)
+        return out, beta, count
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_beta, grad_count):  # type: ignore[override]
+        rows, removed_rows, weight = ctx.saved_tensors
+        grad, _ = ProtoBatchResidual._apply(
+            grad_out.contiguous(), removed_rows, rows, weight, False
+        )
+        return grad, None, None, None, None, None
+
+
+def bench_shape(
+    m: int, d: int, k: int, rounds: int, target: float, compile_: bool
+) -> dict[str, object]:
+    from metanorm.nn import MetadataNorm
+
+    t = make_inputs(m, d, k)
+    x = t["x"].requires_grad_()
+    rows, g = t["rows"], t["g"]
+    mdn = MetadataNorm(d, t["design"], keep=[0])
+    bn = nn.BatchNorm1d(d)
+    plain = plain_formula(t["design"], rows)
+    fns: dict[str, Callable[[], None]] = {"mdn": step_fn(mdn, x, g, rows)}
+    compile_s = None
+    if compile_:
+        compiled = torch.compile(MetadataNorm(d, t["design"], keep=[0]), dynamic=False)
+        start = time.perf_counter()
+        for _ in range(3):  # compiles forward and backward graphs
+            step_fn(compiled, x, g, rows)()
+        compile_s = time.perf_counter() - start
+        fns["compiled"] = step_fn(compiled, x, g, rows)
+        # the compiled layer gives the eager layer's result
+        x.grad = None
+        ref = mdn(x, rows)
+        out = compiled(x, rows)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    fns["bn"] = step_fn(bn, x, g)
+    fns["copy"] = step_fn(torch.clone, x, g)
+    fns["plain"] = step_fn(plain, x, g)
+    for fn in fns.values():  # warm-up
+        time_calls(fn, 3)
+    repeats = calibrate(fns, target)
+    times = interleaved(fns, rounds, repeats)
+    ratios = {
+        "mdn/bn": ("mdn", "bn"),
+        "mdn/copy": ("mdn", "copy"),
+        "mdn/plain": ("mdn", "plain"),
+        "compiled/mdn": ("compiled", "mdn"),
+        "compiled/bn": ("compiled", "bn"),
+        "compiled/copy": ("compiled", "copy"),
+    }
+    res = summarise(times, ratios)
+    res.update(shape=[m, d, k], repeats=repeats, rounds=rounds, compile_s=compile_s)
+    res["times_ms"] = {n: [v * 1e3 for v in ts] for n, ts in times.items()}
+    return res
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--repeats", type=int, default=20, help="calls per timing (default 20)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--no-kernel", action="store_true", help="use the plain PyTorch fallback")
+    p.add_argument("--target", type=float, default=0.05, help="seconds per timing (default 0.05)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--shapes", default=None, help="e.g. '200,18432,3;64,25088,5'")
+    p.add_argument("--json", default=None, help="write the figures to this path")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.no_kernel and glm.has_cpu_kernel():
-        glm.set_cpu_kernel(False)
-    path = "compiled CPU kernel" if glm.has_cpu_kernel() else "PyTorch fallback (no kernel)"
-    peak = gemm_peak()
+    torch.set_num_threads(args.threads)
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, MDN on the {path}; "
-        f"float32 GEMM peak {peak / 1e9:.0f} GFLOP/s; forward+backward, best of "
-        f"{args.rounds} rounds x {args.repeats} calls; ratios: median over rounds"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + "
+        f"backward(g); best / median of {args.rounds} interleaved rounds; ratios: median of "
+        "per-round ratios (ratio of best times in brackets)"
     )
-    print(
-        f"{'(m, D, K)':>18} {'MDN ms':>8} {'plain ms':>8} {'BN ms':>8} {'copy ms':>8} "
-        f"{'floor ms':>8} {'MDN/BN':>7} {'MDN/copy':>8} {'plain/BN':>8} {'floor/BN':>8}"
-    )
-    for m, d, k in SHAPES:
-        t = bench(m, d, k, args.repeats, args.rounds)
-        floor = 4 * 2 * k * m * d / peak
+    results = []
+    for m, d, k in shapes:
+        res = bench_shape(m, d, k, args.rounds, args.target, not args.no_compile)
+        results.append(res)
+        best, med = res["best_ms"], res["median_ms"]
+        rm, rb = res["ratio_median"], res["ratio_best"]
         print(
-            f"{(m, d, k)!s:>18} {t['mdn'] * 1e3:8.3f} {t['plain'] * 1e3:8.3f} "
-            f"{t['batchnorm'] * 1e3:8.3f} {t['copy'] * 1e3:8.3f} {floor * 1e3:8.3f} "
-            f"{t['mdn/bn']:7.2f} {t['mdn/copy']:8.2f} {t['plain/bn']:8.2f} "
-            f"{floor / t['batchnorm']:8.2f}"
+            f"\n(m, D, K) = {(m, d, k)}: {res['repeats']} calls per timing"
+            + (f", compile {res['compile_s']:.0f} s" if res["compile_s"] else "")
         )
+        print("  " + "  ".join(f"{n} {best[n]:.3f} / {med[n]:.3f} ms" for n in best))
+        print("  " + "  ".join(f"{r} {rm[r]:.2f} ({rb[r]:.2f})" for r in rm))
+    print(
+        f"\n{'(m, D, K)':>17} {'MDN ms':>15} {'compiled ms':>15} {'BN ms':>15} "
+        f"{'copy ms':>15} {'plain ms':>15} {'MDN/BN':>7} {'MDN/copy':>8} {'MDN/plain':>9} "
+        f"{'comp/MDN':>8} {'comp/BN':>7}"
+    )
+    for res in results:
+        best, med, rm = res["best_ms"], res["median_ms"], res["ratio_median"]
+        cells = []
+        for n in ("mdn", "compiled", "bn", "copy", "plain"):
+            cells.append(f"{best[n]:7.3f}/{med[n]:<7.3f}" if n in best else f"{'-':>15}")
+        rat = [
+            f"{rm.get(r, float('nan')):.2f}"
+            for r in ("mdn/bn", "mdn/copy", "mdn/plain", "compiled/mdn", "compiled/bn")
+        ]
+        print(
+            f"{tuple(res['shape'])!s:>17} " + " ".join(cells) + f" {rat[0]:>7} {rat[1]:>8} "
+            f"{rat[2]:>9} {rat[3]:>8} {rat[4]:>7}"
+        )
+    print("(times: best/median ms per step)")
+    if args.json:
+        meta = {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "dtype": "float32",
+            "machine": platform.processor() or platform.machine(),
+            "compile": "inductor, dynamic=False" if not args.no_compile else None,
+        }
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":
