@@ -71,27 +71,37 @@ def test_update_running_beta_factors_and_nonfinite(setup):
         "num_samples_tracked": samples,
         "num_batches_skipped": skipped,
     }
+
+    def expected_factor(m, momentum=0.1):
+        """The documented rule, from the counters before the update."""
+        s, b = int(samples), int(tracked)
+        mean = s / b if b else 0.0
+        return min(1.0, max(m / (s + m), momentum * m / max(mean, 1.0)))
+
     b1, b2 = torch.ones(3, 2, dtype=torch.float64), 4 * torch.ones(3, 2, dtype=torch.float64)
-    one = torch.tensor(10.0, dtype=torch.float64)
-    MF.update_running_beta(running, b1, one, 0.1, **counters)
+    size = lambda m: torch.tensor(float(m), dtype=torch.float64)  # noqa: E731
+    MF.update_running_beta(running, b1, size(10), 0.1, **counters)
     torch.testing.assert_close(running, b1)  # first factor 1: no bias towards zero
-    MF.update_running_beta(running, b2, 3 * one, 0.1, **counters)  # factor 30/40
+    MF.update_running_beta(running, b2, size(30), 0.1, **counters)  # cumulative: 30/40
     torch.testing.assert_close(running, b1 + 0.75 * (b2 - b1))
     bad = b2.clone()
     bad[0, 0] = float("nan")
-    finite = MF.update_running_beta(running, bad, one, 0.1, **counters)
+    finite = MF.update_running_beta(running, bad, size(10), 0.1, **counters)
     assert not bool(finite)
     torch.testing.assert_close(running, b1 + 0.75 * (b2 - b1))
     assert (int(tracked), int(samples), int(skipped)) == (2, 40, 1)
-    # past the warm-up the factor is the momentum
-    for _ in range(20):
-        MF.update_running_beta(running, b2, one, 0.1, **counters)
-    before = running.clone()
-    MF.update_running_beta(running, b1, one, 0.1, **counters)
-    torch.testing.assert_close(running, before + 0.1 * (b1 - before))
+    # past the warm-up the factor is the momentum for a batch of the mean size, and in
+    # proportion to its size for a smaller one (a short last batch)
+    for _ in range(30):
+        MF.update_running_beta(running, b2, size(20), 0.1, **counters)
+    for m in (20, 2, 60):
+        before, factor = running.clone(), expected_factor(m)
+        MF.update_running_beta(running, b1 * m, size(m), 0.1, **counters)
+        torch.testing.assert_close(running, before + factor * (b1 * m - before))
+    assert expected_factor(2) < 0.02 < 0.09 < expected_factor(20) <= 0.1
     # no counter: a plain exponential average
     plain = torch.zeros(3, 2, dtype=torch.float64)
-    MF.update_running_beta(plain, b1, one, 0.1)
+    MF.update_running_beta(plain, b1, size(10), 0.1)
     torch.testing.assert_close(plain, 0.1 * b1)
 
 

@@ -58,9 +58,9 @@ def test_kept_column_is_not_subtracted(rng):
     np.testing.assert_allclose(out, kept, atol=1e-10)
 
 
-@pytest.mark.parametrize("batch_size", [32, 50, 240])
+@pytest.mark.parametrize("batch_size", [32, 50, 237, 240])
 def test_epoch_average_of_batch_estimates_is_full_data_beta(rng, batch_size):
-    x, f, _, _ = _problem(rng)  # n = 240: 50 leaves a short last batch of 40
+    x, f, _, _ = _problem(rng)  # n = 240: 50 leaves a short last batch of 40, 237 one of 3 ≤ K
     expected, beta = _lstsq_residual(x, f, keep=[0])
     layer = MetadataNorm(f.shape[1], x, keep=[0], momentum=None, dtype=torch.float64)
     perm = rng.permutation(len(x))
@@ -173,20 +173,27 @@ def test_short_last_batch_and_batch_of_one(rng):
     layer = MetadataNorm(7, x, keep=[0])
     ft, xt = torch.tensor(f, dtype=torch.float32), torch.tensor(x, dtype=torch.float32)
     assert layer(ft[:37], xt[:37]).shape == (37, 7)
-    # m ≤ K = 5 cannot estimate β: the running β is used and left unchanged
-    before = layer.running_beta.clone()
+    # m ≤ K = 5: the output uses the running β; the estimate is folded in with a factor in
+    # proportion to m (mean batch size so far 37)
+    gram_inverse = torch.linalg.inv(torch.tensor(x).T @ torch.tensor(x))
+    seen = 37
     for m in (1, 5):
+        before = layer.running_beta.clone()
         out = layer(ft[:m], xt[:m])
         assert out.shape == (m, 7)
         expected = ft[:m] - xt[:m, 1:] @ before[1:]
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(layer.running_beta, before, atol=0, rtol=0)
-    assert int(layer.num_batches_tracked) == 1 and int(layer.num_samples_tracked) == 37
+        beta_hat = (240 / m) * gram_inverse @ torch.tensor(x[:m]).T @ torch.tensor(f[:m])
+        batches = 1 if m == 1 else 2
+        factor = max(m / (seen + m), 0.1 * m / (seen / batches))
+        want = before.double() + factor * (beta_hat - before.double())
+        torch.testing.assert_close(layer.running_beta.double(), want, atol=1e-4, rtol=1e-4)
+        seen += m
+    assert int(layer.num_batches_tracked) == 3 and int(layer.num_samples_tracked) == 43
     # without a running β the batch estimate is all there is; m = 1: β̂ = N Σ⁻¹ xᵀf exactly
     untracked = MetadataNorm(7, x, keep=[0], track_running_stats=False)
     out1 = untracked(ft[:1], xt[:1])
     assert out1.shape == (1, 7) and torch.isfinite(out1).all()
-    gram_inverse = torch.linalg.inv(torch.tensor(x).T @ torch.tensor(x))
     beta1 = 240 * gram_inverse @ torch.tensor(x[:1]).T @ torch.tensor(f[:1])
     expected = torch.tensor(f[:1]) - torch.tensor(x[:1, 1:]) @ beta1[1:]
     torch.testing.assert_close(out1.double(), expected, atol=1e-3, rtol=1e-4)

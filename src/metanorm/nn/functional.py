@@ -196,9 +196,11 @@ def update_running_beta(
 
     - ``momentum=None``: ``f = m / S``, S the samples seen including this batch (the
       cumulative average, weighted by batch size);
-    - a number μ: ``f = max(μ, m / S)``: a cumulative average until its factor falls to μ, an
-      exponential average from then on, so the running β is never biased towards its zero
-      start. Without ``num_samples_tracked``, ``f = μ``.
+    - a number μ: ``f = min(1, max(μ·m/m̄, m / S))``, m̄ the mean size of the batches folded in
+      before: a cumulative average until its factor falls to μ, an exponential average from then
+      on, so the running β is never biased towards its zero start, and a batch smaller than
+      the others (a short last batch) weighs in proportion to its size. With batches of one size
+      this is ``max(μ, m / S)``. Without the counters, ``f = μ``.
 
     A non-finite ``beta`` leaves every buffer as it was except ``num_batches_skipped`` (+1).
     No value is read on the host.
@@ -208,10 +210,15 @@ def update_running_beta(
     """
     finite = torch.isfinite(beta).all()
     if num_samples_tracked is not None:
-        seen = num_samples_tracked.to(torch.float64) + count
-        factor = count / seen.clamp_min(1.0)
+        before = num_samples_tracked.to(torch.float64)
+        factor = count / (before + count).clamp_min(1.0)
         if momentum is not None:
-            factor = factor.clamp_min(momentum)
+            if num_batches_tracked is not None:
+                mean_size = before / num_batches_tracked.to(torch.float64).clamp_min(1.0)
+                weighted = momentum * count / mean_size.clamp_min(1.0)
+            else:
+                weighted = torch.full_like(count, momentum)
+            factor = torch.maximum(factor, weighted).clamp_max(1.0)
     elif momentum is None:
         raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
     else:
@@ -309,28 +316,36 @@ def metadata_norm(
         features = input.reshape(m, -1).to(compute_dtype)
         rows = metadata.reshape(m, k).to(device=features.device, dtype=compute_dtype)
         mask = remove_mask.to(rows.device)
-        if training and (running_beta is None or m > k):
+        if not training:
+            if running_beta is None:
+                raise RuntimeError(
+                    "evaluation needs a running β: build the layer with "
+                    "track_running_stats=True, or keep it in training mode"
+                )
+            out = remove_effect(features, rows, running_beta.to(compute_dtype), mask)
+        elif running_beta is None or m > k:
             out, beta, count = batch_residual(
                 features, rows, gram_inverse, n_samples, mask, reducer=reducer
             )
-            if running_beta is not None:
-                finite = update_running_beta(
-                    running_beta,
-                    beta,
-                    count,
-                    momentum,
-                    num_batches_tracked=num_batches_tracked,
-                    num_samples_tracked=num_samples_tracked,
-                    num_batches_skipped=num_batches_skipped,
-                )
-                if on_nonfinite != "skip":
-                    _report_nonfinite(finite, rows, on_nonfinite)
-        elif running_beta is None:
-            raise RuntimeError(
-                "evaluation needs a running β: build the layer with track_running_stats=True, "
-                "or keep it in training mode"
-            )
         else:
-            # evaluation, or a training batch too small to estimate β from (m ≤ K)
+            # m ≤ K: too few rows for the batch estimate to residualise this batch well, so the
+            # output uses the running β, as in evaluation; the (unbiased, noisy) estimate is
+            # still folded in below, with a factor in proportion to m
             out = remove_effect(features, rows, running_beta.to(compute_dtype), mask)
+            with torch.no_grad():
+                _, beta, count = batch_residual(
+                    features, rows, gram_inverse, n_samples, mask, reducer=reducer
+                )
+        if training and running_beta is not None:
+            finite = update_running_beta(
+                running_beta,
+                beta,
+                count,
+                momentum,
+                num_batches_tracked=num_batches_tracked,
+                num_samples_tracked=num_samples_tracked,
+                num_batches_skipped=num_batches_skipped,
+            )
+            if on_nonfinite != "skip":
+                _report_nonfinite(finite, rows, on_nonfinite)
     return out.reshape(input.shape).to(input.dtype)

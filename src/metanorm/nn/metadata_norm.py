@@ -39,16 +39,19 @@ class MetadataNorm(nn.Module):
     During training the layer keeps a running estimate of β, in full-data scale (the N/m factor
     applied), so evaluation does not depend on the batch size:
     :math:`\beta_{run} \leftarrow (1-f)\beta_{run} + f\hat\beta` with
-    :math:`f = \max(\mu, m/S)`, S the training samples seen so far: a cumulative average over the
-    first batches, an exponential average with momentum μ after them, so a short training does
-    not leave :math:`\beta_{run}` biased towards its zero start. In evaluation mode
-    :math:`y = F - X_{b,R}\,\beta_{run,R}`; the kept columns of the metadata are ignored then, so
-    evaluation needs metadata but no labels (pass zeros in the kept columns). For the most
-    accurate evaluation β, refit it after training with
-    :func:`metanorm.nn.utils.refit_running_beta`.
+    :math:`f = \min(1, \max(\mu\,m/\bar m,\ m/S))`, S the training samples seen so far and
+    :math:`\bar m` the mean size of the earlier batches: a cumulative average over the first
+    batches, an exponential average with momentum μ after them (so a short training does not
+    leave :math:`\beta_{run}` biased towards its zero start), and a short batch weighs in
+    proportion to its size. In evaluation mode :math:`y = F - X_{b,R}\,\beta_{run,R}`; the kept
+    columns of the metadata are ignored then, so evaluation needs metadata but no labels (pass
+    zeros in the kept columns). A running average of estimates taken while the weights change
+    lags behind the final weights: refit it after training (or after each epoch) with
+    :func:`metanorm.nn.utils.refit_running_beta` before evaluating.
 
-    A training batch of m ≤ K samples cannot estimate K coefficients: the layer then uses the
-    running β (as in evaluation) and leaves it unchanged.
+    A training batch of m ≤ K samples is too small for its own estimate to residualise it: its
+    output uses the running β (as in evaluation); its estimate is still folded into the
+    running β as above.
 
     .. note::
         ``momentum=None`` gives the cumulative average of every batch seen, as in
