@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 OUT    ?= runs/synthetic
 RUN_ARGS ?=
 
-.PHONY: run test venv data lint typecheck pytest clean
+.PHONY: run test venv native data lint typecheck pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
+# the optional compiled CPU kernel (native/, a separate distribution built against the installed
+# torch; metanorm never needs it for correctness). Rebuilt only when its sources change.
+$(VENV)/.native: native/csrc/low_rank.cpp native/csrc/low_rank_kernel.h native/setup.py native/pyproject.toml native/metanorm_native/__init__.py $(VENV)/.installed
+	$(BIN)/pip install -q --no-build-isolation ./native
+	touch $@
+
+native: $(VENV)/.native
+
 run: venv
 	$(BIN)/metanorm reproduce synthetic --out $(OUT) $(RUN_ARGS)
 
@@ -35,10 +43,10 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv
+pytest: venv native
 	$(BIN)/python -m pytest -q
 
 test: venv data lint typecheck pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build native/build native/*.egg-info

@@ -1,0 +1,234 @@
+"""The optional compiled kernel metanorm_native behind metanorm._native (skipped without it)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from metanorm import _native
+
+pytestmark = pytest.mark.skipif(
+    not _native.available(), reason="metanorm_native is not built (make native)"
+)
+
+
+def _inputs(m, D, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(m, D, generator=g, dtype=dtype)
+    A = torch.randn(m, K, generator=g, dtype=dtype)
+    B = torch.randn(m, K, generator=g, dtype=dtype) / m
+    return F, A, B
+
+
+def _reference(F, A, B):
+    F64, A64, B64 = F.double(), A.double(), B.double()
+    P = B64.T @ F64
+    return F64 - A64 @ P, P
+
+
+# D: multiples of every vector width, and odd ones (tails); m = 1; K over the whole range
+SHAPES = [(1, 7, 1), (1, 64, 3), (5, 33, 3), (17, 1000, 16), (40, 1029, 5), (64, 4096, 2)]
+
+
+def test_api():
+    assert _native.MAX_COLUMNS == 16
+    assert _native.enabled()
+    F = torch.zeros(3, 4)
+    assert _native.applies(F, 16)
+    assert _native.applies(F.double(), 1)
+    assert not _native.applies(F, 17)
+    assert not _native.applies(F, 0)
+    assert not _native.applies(F.half(), 3)
+    assert not _native.applies(F.to(torch.int64), 3)
+    assert not _native.applies(F.to("meta"), 3)
+    previous = _native.set_enabled(False)
+    try:
+        assert previous is True
+        assert not _native.enabled()
+        assert not _native.applies(F, 3)
+        assert _native.available()
+    finally:
+        _native.set_enabled(previous)
+    assert _native.applies(F, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("m", "D", "K"), SHAPES)
+def test_values(m, D, K, dtype):
+    F, A, B = _inputs(m, D, K, dtype)
+    out, P = _native.low_rank_residual(F, A, B)
+    ref_out, ref_P = _reference(F, A, B)
+    assert out.shape == (m, D) and P.shape == (K, D)
+    assert out.dtype == P.dtype == dtype
+    assert out.is_contiguous() and P.is_contiguous()
+    rtol = 2e-5 if dtype == torch.float32 else 1e-12
+    # relative to the size of the terms (the residual itself may cancel to ~0)
+    scale_out = (
+        F.abs().double().max() + (A.abs().double() @ (B.T.abs().double() @ F.abs().double())).max()
+    )
+    scale_P = (B.T.abs().double() @ F.abs().double()).max()
+    assert (out.double() - ref_out).abs().max() <= rtol * scale_out
+    assert (P.double() - ref_P).abs().max() <= rtol * scale_P
+    # the op through the dispatcher is the same function
+    out2, P2 = torch.ops.metanorm.low_rank_residual(F, A, B)
+    assert torch.equal(out, out2) and torch.equal(P, P2)
+
+
+def test_non_contiguous_and_offset_inputs():
+    F, A, B = _inputs(30, 2 * 515, 4, torch.float32)
+    Fv = F[:, ::2]  # non-contiguous
+    Ft = torch.randn(515, 30).T  # transposed
+    At = A.T.contiguous().T
+    for features in (Fv, Ft, F[1:, 3:]):
+        m = features.shape[0]
+        out, P = _native.low_rank_residual(features, At[:m], B[:m])
+        ref_out, ref_P = _reference(features, At[:m], B[:m])
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(P.double(), ref_P, rtol=1e-4, atol=1e-4)
+
+
+OPCHECK_CASES = [
+    (1, 7, 1, torch.float32),
+    (5, 33, 3, torch.float64),
+    (17, 130, 16, torch.float32),
+    (9, 257, 16, torch.float64),
+    (12, 96, 5, torch.float32),
+]
+
+
+@pytest.mark.parametrize(("m", "D", "K", "dtype"), OPCHECK_CASES)
+def test_opcheck(m, D, K, dtype):
+    F, A, B = _inputs(m, D, K, dtype)
+    torch.library.opcheck(torch.ops.metanorm.low_rank_residual.default, (F, A, B))
+
+
+def test_opcheck_non_contiguous():
+    F, A, B = _inputs(6, 2 * 41, 3, torch.float32)
+    torch.library.opcheck(
+        torch.ops.metanorm.low_rank_residual.default, (F[:, ::2], A.T.contiguous().T, B)
+    )
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        F = torch.empty(7, 123, dtype=torch.float64)
+        A = torch.empty(7, 5, dtype=torch.float64)
+        out, P = torch.ops.metanorm.low_rank_residual(F, A, A)
+        assert out.shape == (7, 123) and P.shape == (5, 123)
+        assert out.dtype == P.dtype == torch.float64
+        assert out.device.type == "cpu"
+
+
+def test_compile_fullgraph():
+    def f(F, A, B):
+        if _native.applies(F, A.shape[1]):
+            out, P = _native.low_rank_residual(F, A, B)
+        else:
+            P = B.T @ F
+            out = F - A @ P
+        return 2 * out, P + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    F, A, B = _inputs(20, 300, 3, torch.float32)
+    out, P = compiled(F, A, B)
+    ref_out, ref_P = _reference(F, A, B)
+    assert out.shape == (20, 300) and P.shape == (3, 300)
+    torch.testing.assert_close(out.double(), 2 * ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(P.double(), ref_P + 1, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("K", [17, 32])
+def test_refuses_too_many_columns(K):
+    F, A, B = _inputs(4, 10, K, torch.float32)
+    with pytest.raises(RuntimeError, match=r"K <= 16"):
+        _native.low_rank_residual(F, A, B)
+
+
+def test_refuses_bad_inputs():
+    F, A, B = _inputs(4, 10, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        _native.low_rank_residual(F, A.double(), B)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _native.low_rank_residual(F.half(), A.half(), B.half())
+    with pytest.raises(RuntimeError, match=r"\(m, K\)"):
+        _native.low_rank_residual(F, A[:3], B[:3])
+
+
+def _run(code):
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_without_the_kernel_import_is_silent():
+    result = _run(
+        """
+        import sys
+        sys.modules["metanorm_native"] = None  # as if it were not installed
+        import metanorm._native as nat
+        import torch
+        assert not nat.available()
+        assert nat.MAX_COLUMNS == 0
+        assert not nat.applies(torch.zeros(2, 3), 1)
+        try:
+            nat.low_rank_residual(torch.zeros(2, 3), torch.zeros(2, 1), torch.zeros(2, 1))
+        except RuntimeError as exc:
+            assert "not available" in str(exc)
+        else:
+            raise AssertionError("expected RuntimeError")
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok" and result.stderr == ""
+
+
+def test_broken_build_warns_once_on_use_only(tmp_path):
+    broken = tmp_path / "metanorm_native"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("")
+    (broken / "_C.so").write_text("not a shared library")  # loads as a broken extension
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, warnings
+                sys.path.insert(0, {str(tmp_path)!r})
+                import importlib.machinery as m
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    import metanorm, metanorm._native as nat
+                    assert not caught, [str(w.message) for w in caught]
+                    assert not nat.available()
+                    assert not nat.available() and nat.MAX_COLUMNS == 0
+                assert len(caught) == 1, [str(w.message) for w in caught]
+                assert caught[0].category is RuntimeWarning
+                assert "cannot be loaded" in str(caught[0].message)
+                print("ok")
+                """
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_import_is_silent_with_the_kernel():
+    result = _run("import metanorm._native as nat; assert nat.available(); print('ok')")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok" and result.stderr == ""
