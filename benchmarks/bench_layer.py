@@ -132,54 +132,6 @@ def plain_formula(design: Tensor, rows: Tensor, keep: int = 0) -> Callable[[Tens
     return layer
 
 
-class ProtoBatchResidual(torch.autograd.Function):
-    """Prototype of ``metanorm.nn.functional._BatchResidual`` (same arguments and results)
-    that processes the features in column panels, so each panel is read from memory once per
-    direction: the statistic, the estimate and the residual of a panel are computed while it is
-    in cache (the map is column-separable: β's column j depends on F's column j only). Not used
-    by the library; ``compare_layer.py --proto`` swaps it in to measure the difference.
-    """
-
-    PANEL_BYTES = 512 * 1024  # a panel (m rows) of about this size
-
-    @staticmethod
-    def _apply(
-        src: Tensor, stat_rows: Tensor, out_rows: Tensor, weight: Tensor, keep_stat: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        m, d = src.shape
-        width = max(64, (ProtoBatchResidual.PANEL_BYTES // (src.element_size() * m)) // 64 * 64)
-        out = torch.empty_like(src)
-        stat = torch.empty(stat_rows.shape[1], d, dtype=src.dtype) if keep_stat else None
-        w32 = weight.to(src.dtype)
-        for s in range(0, d, width):
-            e = min(d, s + width)
-            panel = src[:, s:e]
-            b = w32 @ (stat_rows.T @ panel)
-            if stat is not None:
-                stat[:, s:e] = b
-            torch.addmm(panel, out_rows, b, alpha=-1, out=out[:, s:e])
-        return out, stat
-
-    @staticmethod
-    def forward(ctx, features, rows, removed_rows, gram_inverse, n_samples, reducer):  # type: ignore[override]
-        if reducer is not None or features.device.type != "cpu":
-            raise NotImplementedError("prototype: one CPU process only")
-        count = torch.full((), features.shape[0], dtype=torch.float64)
-        weight = gram_inverse * (n_samples / count)
-        out, beta = ProtoBatchResidual._apply(features, rows, removed_rows, weight, True)
-        ctx.save_for_backward(rows, removed_rows, weight)
-        ctx.mark_non_differentiable(beta, count)
-        return out, beta, count
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_beta, grad_count):  # type: ignore[override]
-        rows, removed_rows, weight = ctx.saved_tensors
-        grad, _ = ProtoBatchResidual._apply(
-            grad_out.contiguous(), removed_rows, rows, weight, False
-        )
-        return grad, None, None, None, None, None
-
-
 def bench_shape(
     m: int, d: int, k: int, rounds: int, target: float, compile_: bool
 ) -> dict[str, object]:

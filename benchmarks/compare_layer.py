@@ -13,9 +13,9 @@ training step, ``x.grad = None; layer(x, rows).backward(g)`` with a fixed random
 gradient g, eager. The coordinator asks them in turn, so only one process runs at a time; the
 order of the variants rotates each round. Variants:
 
-  new           this checkout's layer
-  new-proto     this checkout's layer with its ``_BatchResidual`` swapped for the prototype
-                below (``--proto``)
+  new           this checkout's layer (on the optional compiled op of native/ when installed)
+  new-pytorch   this checkout's layer on PyTorch operations only (``metanorm._native``
+                turned off); shown when the op is installed
   old-kernel    the baseline's layer on its compiled CPU kernel (only if the baseline's
                 ``metanorm.glm.has_cpu_kernel()`` is True)
   old-fallback  the baseline's layer on its PyTorch fallback (``glm.set_cpu_kernel(False)``)
@@ -62,14 +62,12 @@ def _worker_setup(req: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     layer = mnn.MetadataNorm(d, t["design"], keep=[0])
 
     if req["role"] == "new":
-        from metanorm.nn import functional as MF
+        from metanorm import _native
 
-        original = MF._BatchResidual
+        def prepare(native: bool) -> None:
+            _native.set_enabled(native)
 
-        def prepare(proto: bool) -> None:
-            MF._BatchResidual = bench_layer.ProtoBatchResidual if proto else original
-
-        flags = {"new": False, **({"new-proto": True} if req.get("proto") else {})}
+        flags = {"new": True, **({"new-pytorch": False} if _native.available() else {})}
     else:
         try:
             from metanorm import glm  # the kernel-era layout
@@ -175,7 +173,7 @@ def compare_shape(
     files = {}
     for w in workers:
         rep = w.ask(
-            op="setup", shape=list(shape), threads=args.threads, role=w.role, proto=args.proto
+            op="setup", shape=list(shape), threads=args.threads, role=w.role
         )
         files[w.role] = rep["file"]
         for v in rep["variants"]:
@@ -231,7 +229,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--rounds", type=int, default=21, help="interleaved rounds (default 21)")
     p.add_argument("--target", type=float, default=0.05, help="seconds per timing (0.05)")
-    p.add_argument("--proto", action="store_true", help="also time bench_layer's prototype")
     p.add_argument("--shapes", default=None, help="e.g. '200,18432,3;64,25088,5'")
     p.add_argument("--json", default=None, help="write the figures to this path")
     args = p.parse_args()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metanorm import linalg
+from metanorm import _native, linalg
 from metanorm.nn import MetadataNorm
 from metanorm.nn import functional as MF
 
@@ -120,20 +120,25 @@ def test_layer_in_a_model_trains(setup):
 
 
 class _OtherShard:
-    """A reducer that adds a second shard's statistics: two processes simulated in one."""
+    """A reducer that adds a second shard's sums: two processes simulated in one.
 
-    def __init__(self, rows, feats, grad, mask):
-        self.xtf, self.m = rows.T @ feats, len(rows)
-        self.xtg = (rows * mask).T @ grad
-        self.calls = []
+    The training map sums the batch size, then the estimate BᵀF (B = X·(N/M)Σ⁻¹), then the
+    backward statistic Aᵀ G, in that order.
+    """
 
-    def reduce_statistics(self, xtf, count):
-        self.calls.append("forward")
-        return xtf + self.xtf, count + self.m
+    def __init__(self, rows, feats, grad, mask, gram_inverse, n, total):
+        weight = gram_inverse * (n / total)
+        self.parts = [
+            torch.tensor(float(len(rows)), dtype=torch.float64),
+            (rows @ weight).T @ feats,
+            (rows * mask).T @ grad,
+        ]
+        self.calls = 0
 
-    def reduce_gradient(self, xtg):
-        self.calls.append("backward")
-        return xtg + self.xtg
+    def sum(self, tensor):
+        part = self.parts[self.calls]
+        self.calls += 1
+        return tensor + part
 
 
 def test_reducer_seam_gives_the_union_batch(setup):
@@ -145,10 +150,35 @@ def test_reducer_seam_gives_the_union_batch(setup):
     out, beta, _ = MF.batch_residual(feats, x[:20], gram_inverse, 60, mask)
     (want_grad,) = torch.autograd.grad(out, feats, grad)
     shard = feats[:7].detach().clone().requires_grad_()
-    other = _OtherShard(x[7:20], feats[7:20].detach(), grad[7:20], mask)
+    other = _OtherShard(x[7:20], feats[7:20].detach(), grad[7:20], mask, gram_inverse, 60, 20)
     out_a, beta_a, count = MF.batch_residual(shard, x[:7], gram_inverse, 60, mask, reducer=other)
     (grad_a,) = torch.autograd.grad(out_a, shard, grad[:7])
-    assert other.calls == ["forward", "backward"] and float(count) == 20
+    assert other.calls == 3 and float(count) == 20
     torch.testing.assert_close(beta_a, beta, atol=1e-12, rtol=0)
     torch.testing.assert_close(out_a, out[:7], atol=1e-12, rtol=0)
     torch.testing.assert_close(grad_a, want_grad[:7], atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not _native.available(), reason="the optional compiled op is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_op_path_matches_pytorch_path(setup, dtype, monkeypatch):
+    x, gram_inverse, mask, g = setup
+    feats = torch.randn(30, 70, dtype=torch.float64, generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(30, 70, dtype=torch.float64, generator=g).to(dtype)
+    rows = x[:30].to(dtype)
+    calls = []
+    op = _native.low_rank_residual
+    monkeypatch.setattr(_native, "low_rank_residual", lambda *a: calls.append(1) or op(*a))
+    results = {}
+    for enabled in (True, False):
+        previous = _native.set_enabled(enabled)
+        try:
+            out, beta, _ = MF.batch_residual(feats, rows, gram_inverse, 60, mask)
+            (dx,) = torch.autograd.grad(out, feats, grad)
+        finally:
+            _native.set_enabled(previous)
+        results[enabled] = (out, beta, dx)
+    assert len(calls) == 2  # forward and backward, with the op enabled only
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 0}
+    for a, b in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(a, b, **tol)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from metanorm import _native
 from metanorm._validation import describe
 from metanorm.linalg import remove_effect
 
@@ -39,6 +40,10 @@ __all__ = [
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+#: Widest design the optional compiled op is used for: measured faster than PyTorch's products
+#: at K = 3 and 5, slower at K = 16 (benchmarks/README.md, native/README.md).
+NATIVE_MAX_COLUMNS = 8
+
 #: What a training step does with a non-finite β estimate (the running β keeps its value in all).
 NONFINITE_POLICIES = ("skip", "warn", "raise")
 
@@ -50,17 +55,13 @@ class NonFiniteEstimateError(ValueError):
 class StatisticsReducer(Protocol):
     """Where the batch statistics of several processes meet (stage 2).
 
-    ``reduce_statistics`` sums ``(X_bᵀF, m)`` over the processes in the forward pass and
-    ``reduce_gradient`` sums ``X_{b,R}ᵀG`` in the backward pass. A single process needs neither
-    (pass ``reducer=None``).
+    ``sum`` returns the sum of a tensor over the processes (an all-reduce). The training map calls
+    it three times per step: on the batch size m and on the (K, D) estimate in the forward pass,
+    and on the (K, D) backward statistic. A single process needs none (``reducer=None``).
     """
 
-    def reduce_statistics(self, xtf: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
-        """Sums the statistic and the batch size over the processes."""
-        ...
-
-    def reduce_gradient(self, xtg: Tensor) -> Tensor:
-        """Sums the backward statistic over the processes."""
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over the processes."""
         ...
 
 
@@ -100,48 +101,46 @@ def _check_finite_metadata(metadata: Tensor) -> None:
         raise ValueError(f"expected finite metadata, got {bad} NaN or infinite value(s)")
 
 
-class _BatchResidual(torch.autograd.Function):
-    r"""Stages 1, 2, 3 and 5 of a training step: ``F ↦ F − A (W · reduce(Xᵀ F))``.
+class _LowRankResidual(torch.autograd.Function):
+    r"""``F ↦ F − A·reduce(Bᵀ F)``, also returning ``P = reduce(Bᵀ F)`` (which carries no gradient).
 
-    A = the design rows with the kept columns zeroed, W = (N/M)·Σ⁻¹ (M the reduced batch size).
-    For fixed rows the map is linear in F and its transpose is ``G ↦ G − X W · reduce(Aᵀ G)``
-    (W is symmetric), written in differentiable operations so that double backward works.
+    For fixed A and B the map is linear in F and its transpose is the same map with A and B
+    swapped, ``G ↦ G − B·reduce(Aᵀ G)``: the backward is this function again, so double backward
+    works. On the CPU it runs on the optional compiled op of :mod:`metanorm._native` when that
+    is installed (one process only); otherwise on two matrix products.
     """
 
     @staticmethod
     def forward(
-        ctx: Any,
-        features: Tensor,
-        rows: Tensor,
-        removed_rows: Tensor,
-        gram_inverse: Tensor,
-        n_samples: Tensor,
-        reducer: StatisticsReducer | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        xtf = rows.T @ features
-        count = torch.full((), features.shape[0], dtype=torch.float64, device=features.device)
-        if reducer is not None:
-            xtf, count = reducer.reduce_statistics(xtf, count)
-        weight = gram_inverse * (n_samples / count)  # float64 (K, K), symmetric
-        beta = (weight @ xtf.to(torch.float64)).to(features.dtype)
-        out = torch.addmm(features, removed_rows, beta, alpha=-1)
-        ctx.save_for_backward(rows, removed_rows, weight)
+        ctx: Any, x: Tensor, a: Tensor, b: Tensor, reducer: StatisticsReducer | None
+    ) -> tuple[Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            if (
+                reducer is None
+                and a.shape[1] <= NATIVE_MAX_COLUMNS
+                and _native.applies(x, a.shape[1])
+            ):
+                out, p = _native.low_rank_residual(x, a, b)
+            else:
+                p = b.T @ x
+                if reducer is not None:
+                    p = reducer.sum(p)
+                out = torch.addmm(x, a, p, alpha=-1)
+        ctx.save_for_backward(a, b)
         ctx.reducer = reducer
-        ctx.mark_non_differentiable(beta, count)
-        return out, beta, count
+        ctx.mark_non_differentiable(p)
+        ctx.set_materialize_grads(False)
+        return out, p
 
     @staticmethod
     def backward(
-        ctx: Any, grad_out: Tensor, grad_beta: Tensor | None, grad_count: Tensor | None
-    ) -> tuple[Tensor, None, None, None, None, None]:
-        rows, removed_rows, weight = ctx.saved_tensors
-        with torch.autocast(grad_out.device.type, enabled=False):
-            xtg = removed_rows.T @ grad_out
-            if ctx.reducer is not None:
-                xtg = ctx.reducer.reduce_gradient(xtg)
-            step = (weight @ xtg.to(torch.float64)).to(grad_out.dtype)
-            grad = torch.addmm(grad_out, rows, step, alpha=-1)
-        return grad, None, None, None, None, None
+        ctx: Any, grad_out: Tensor | None, grad_p: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None]:
+        if grad_out is None:
+            return None, None, None, None
+        a, b = ctx.saved_tensors
+        grad, _ = _LowRankResidual.apply(grad_out, b, a, ctx.reducer)
+        return grad, None, None, None
 
 
 def batch_residual(
@@ -155,29 +154,32 @@ def batch_residual(
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""MDN's training map: the batch estimate and the residual, differentiable in the features.
 
-    :math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F` (computed in float64 from the float
-    statistic) and :math:`F - X_{b,R}\hat\beta_R`, with a hand-written backward. The same result
-    as :func:`metanorm.linalg.batch_statistics`, :func:`~metanorm.linalg.beta_from_statistics`
-    and :func:`~metanorm.linalg.remove_effect` in sequence.
+    :math:`\hat\beta = B^\top F` with :math:`B = X_b W`, :math:`W = (N/m)\,\Sigma^{-1}` (B formed
+    in float64), and :math:`F - X_{b,R}\hat\beta_R`, with a hand-written backward (the
+    transposed map). The same result as :func:`metanorm.linalg.batch_statistics`,
+    :func:`~metanorm.linalg.beta_from_statistics` and :func:`~metanorm.linalg.remove_effect` in
+    sequence. No gradient flows to the design rows.
 
     Args:
         features: ``(m, D)`` floating tensor.
         rows: ``(m, K)`` design rows, same dtype and device.
-        gram_inverse: :math:`\Sigma^{-1}`, ``(K, K)`` float64.
+        gram_inverse: :math:`\Sigma^{-1}`, ``(K, K)``.
         n_samples: N, the number of training rows behind ``gram_inverse``.
         remove_mask: ``(K,)`` bool, true for the removed columns.
         reducer: sums the statistics over processes (stage 2); ``None`` in one process.
 
     Returns:
-        ``(residual, beta, count)``: ``(m, D)``, ``(K, D)`` and the (reduced) batch size as a
+        ``(residual, beta, count)``: ``(m, D)``, ``(K, D)`` and the (summed) batch size as a
         float64 0-d tensor; ``beta`` and ``count`` carry no gradient.
     """
-    if not isinstance(n_samples, Tensor):
-        n_samples = torch.tensor(float(n_samples), dtype=torch.float64, device=features.device)
-    removed_rows = rows * remove_mask.to(rows.dtype)
-    return _BatchResidual.apply(
-        features, rows, removed_rows, gram_inverse.to(torch.float64), n_samples, reducer
-    )
+    count = torch.full((), features.shape[0], dtype=torch.float64, device=features.device)
+    if reducer is not None:
+        count = reducer.sum(count)
+    weight = gram_inverse.to(torch.float64) * (n_samples / count)  # symmetric (K, K)
+    b = (rows.detach().to(torch.float64) @ weight).to(features.dtype)
+    removed_rows = rows.detach() * remove_mask.to(rows.dtype)
+    out, beta = _LowRankResidual.apply(features, removed_rows, b, reducer)
+    return out, beta, count
 
 
 def update_running_beta(
