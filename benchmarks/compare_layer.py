@@ -172,9 +172,7 @@ def compare_shape(
     checks: dict[str, list[float]] = {}
     files = {}
     for w in workers:
-        rep = w.ask(
-            op="setup", shape=list(shape), threads=args.threads, role=w.role
-        )
+        rep = w.ask(op="setup", shape=list(shape), threads=args.threads, role=w.role)
         files[w.role] = rep["file"]
         for v in rep["variants"]:
             owner[v] = w
