@@ -210,7 +210,8 @@ def update_running_beta(
     Returns:
         A bool 0-d tensor: whether the estimate was finite (and so used).
     """
-    finite = torch.isfinite(beta).all()
+    # x·0 is 0 for finite x and NaN for NaN/inf: one sum tells, and cannot overflow
+    finite = torch.isfinite((beta * 0).sum())
     if num_samples_tracked is not None:
         before = num_samples_tracked.to(torch.float64)
         factor = count / (before + count).clamp_min(1.0)
@@ -226,8 +227,8 @@ def update_running_beta(
     else:
         factor = torch.tensor(momentum, dtype=torch.float64, device=beta.device)
     with torch.no_grad():
-        updated = torch.lerp(running_beta, beta.to(running_beta.dtype), factor.to(beta.dtype))
-        running_beta.copy_(torch.where(finite, updated, running_beta))
+        target = torch.where(finite, beta.to(running_beta.dtype), running_beta)
+        running_beta.lerp_(target, factor.to(running_beta.dtype))
         if num_batches_tracked is not None:
             num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
         if num_samples_tracked is not None:
