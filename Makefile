@@ -1,5 +1,5 @@
 # The two commands a user needs (see README):
-#   make run    set up .venv and run the main job (the synthetic experiment)
+#   make run    set up .venv (with the optional compiled op, native/) and run the main job
 #   make test   set up .venv, install the real test data, lint, type-check and run the tests
 PYTHON ?= python3
 VENV   ?= .venv
@@ -30,7 +30,7 @@ $(VENV)/.native: native/csrc/low_rank.cpp native/csrc/low_rank_kernel.h native/s
 
 native: $(VENV)/.native
 
-run: venv
+run: venv native
 	$(BIN)/metanorm reproduce synthetic --out $(OUT) $(RUN_ARGS)
 
 data: venv
