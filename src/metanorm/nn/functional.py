@@ -121,6 +121,7 @@ class _LowRankResidual(torch.autograd.Function):
             if (
                 reducer is None
                 and a.shape[1] <= NATIVE_MAX_COLUMNS
+                and x.numel() >= NATIVE_MIN_ELEMENTS
                 and _native.applies(x, a.shape[1])
             ):
                 out, p = _native.low_rank_residual(x, a, b)
