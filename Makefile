@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 OUT    ?= runs/synthetic
 RUN_ARGS ?=
 
-.PHONY: run test venv native data lint typecheck pytest clean
+.PHONY: run test venv native data lint typecheck pytest docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,14 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# the documentation site (Sphinx + furo + MyST), warnings (a broken cross-reference) are errors
+docs: venv
+	$(BIN)/python -m sphinx -b html -W --keep-going -n -q docs site
+
 pytest: venv native
 	$(BIN)/python -m pytest -q
 
 test: venv data lint typecheck pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build native/build native/*.egg-info
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache build native/build native/*.egg-info
