@@ -8,14 +8,20 @@ from metanorm.nn.functional import NonFiniteEstimateError as NonFiniteEstimateEr
 from metanorm.nn.functional import metadata_norm as metadata_norm
 from metanorm.nn.metadata_norm import LazyMetadataNorm as LazyMetadataNorm
 from metanorm.nn.metadata_norm import MetadataNorm as MetadataNorm
+from metanorm.nn.penalty import PenaltyMetadataNorm as PenaltyMetadataNorm
+from metanorm.nn.penalty import split_parameters as split_parameters
+from metanorm.nn.recursive import RecursiveMetadataNorm as RecursiveMetadataNorm
 
 __all__ = [
     "LazyMetadataNorm",
     "MetadataNorm",
     "MetadataSequential",
     "NonFiniteEstimateError",
+    "PenaltyMetadataNorm",
+    "RecursiveMetadataNorm",
     "functional",
     "metadata_norm",
+    "split_parameters",
     "takes_metadata",
     "utils",
 ]

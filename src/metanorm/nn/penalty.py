@@ -1,0 +1,230 @@
+r"""Penalty Metadata Normalization: β learned by its own least-squares loss.
+
+PMDN (Vento et al., MICCAI 2022), a follow-up of Metadata Normalization (Lu et al., CVPR 2021,
+arXiv 2104.09052): instead of a closed-form estimate from the whole training design, β is a
+parameter fitted by gradient steps on the penalty :math:`\frac1m\lVert F - X_b\beta\rVert^2`,
+with its own optimiser, while the network trains on :math:`F - X_{b,R}\beta_R`.
+``docs/estimators.md`` has the maths and measured figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from metanorm.linalg import remove_effect
+from metanorm.nn.recursive import _check_number, _OnlineNormBase
+
+__all__ = ["OPTIMIZERS", "PenaltyMetadataNorm", "penalty_parameters", "split_parameters"]
+
+#: The built-in optimisers of :class:`PenaltyMetadataNorm`'s β.
+OPTIMIZERS = ("adam", "sgd")
+
+
+class PenaltyMetadataNorm(_OnlineNormBase):
+    r"""Removes the effect of metadata with a β fitted by its own least-squares loss.
+
+    PMDN (Vento et al., "A Penalty Approach for Normalizing Feature Distributions to Build
+    Confounder-Free Models", MICCAI 2022). β (K×D) is an :class:`~torch.nn.Parameter` fitted to
+    the penalty
+
+    .. math::
+        L(\beta) = \frac1m \lVert F - X_b\beta \rVert_F^2, \qquad
+        \nabla_\beta L = \frac2m X_b^\top (X_b\beta - F)
+
+    by the layer's **own optimiser**: every training forward computes the output
+    :math:`F - X_{b,R}\beta_R` with the current β, then takes one step of Adam or SGD on β with
+    the gradient above (in closed form, with the features held fixed). The network is trained
+    on the output by whatever optimiser trains it; no gradient of the network's loss reaches β
+    and no gradient of the penalty reaches the network. So β has ``requires_grad=False`` and
+    the network's optimiser, :func:`torch.nn.utils.clip_grad_norm_` and
+    :class:`~torch.nn.parallel.DistributedDataParallel` leave it alone; :func:`split_parameters`
+    separates it from the network's parameters all the same. On fixed features β converges to
+    the least-squares β; while the network trains it follows the features with a lag set by
+    ``lr``. Evaluation uses the current β, with no step. The optimiser's state is in buffers
+    (``state_dict``).
+
+    Args:
+        num_features: D, the number of features of one sample after flattening.
+        num_metadata: K, the number of design columns.
+        keep: indices of the columns estimated but not removed (labels). Default: ``()``.
+        lr: β's learning rate. Default: 1e-2.
+        optimizer: ``"adam"`` (Adam with ``betas`` and ``eps``, bias-corrected) or ``"sgd"``
+            (plain gradient steps; converges when ``lr`` < 1/λ_max(X_bᵀX_b/m)).
+            Default: ``"adam"``.
+        betas: Adam's (β₁, β₂). Default: (0.9, 0.999).
+        eps: Adam's ε. Default: 1e-8.
+        device: device of β and the buffers.
+        dtype: dtype of β. Default: float32.
+
+    Attributes:
+        beta: β, parameter ``(K, D)`` (``requires_grad=False``).
+        exp_avg, exp_avg_sq: Adam's moment buffers ``(K, D)`` (zeros for SGD).
+        num_batches_tracked: long 0-d buffer, the optimiser steps taken (Adam's step count).
+
+    Shape:
+        - Input: :math:`(m, *)` with :math:`\prod * = D`; any m ≥ 1.
+        - Metadata: :math:`(m, K)`, the batch's design rows.
+        - Output: same shape and dtype as the input (float16/bfloat16 computed in float32).
+
+    Examples::
+
+        >>> import torch
+        >>> y = torch.randint(0, 2, (64,)).float(); cf = torch.rand(64) + y
+        >>> rows = torch.stack([y, cf, torch.ones(64)], dim=1)
+        >>> layer = PenaltyMetadataNorm(84, 3, keep=[0])
+        >>> out = layer(torch.randn(64, 84), rows)      # one step of β's optimiser
+        >>> out.shape, int(layer.num_batches_tracked)
+        (torch.Size([64, 84]), 1)
+        >>> penalty = layer.penalty(torch.randn(64, 84), rows)   # L(β), for monitoring
+    """
+
+    _version = 1
+    __constants__: ClassVar[list[str]] = ["num_features", "num_metadata", "lr", "optimizer"]
+    beta: nn.Parameter
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        num_metadata: int,
+        keep: Iterable[int] = (),
+        lr: float = 1e-2,
+        optimizer: str = "adam",
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, num_metadata, keep, device)
+        self.lr = _check_number("lr", lr, 0.0, math.inf, open_low=True)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"expected optimizer in {OPTIMIZERS}, got {optimizer!r}")
+        self.optimizer = optimizer
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"expected betas to be a pair (beta1, beta2), got {betas!r}")
+        b1 = _check_number("betas[0]", betas[0], 0.0, 1.0, open_low=False)
+        b2 = _check_number("betas[1]", betas[1], 0.0, 1.0, open_low=False)
+        if b1 >= 1.0 or b2 >= 1.0:
+            raise ValueError(f"expected betas in [0, 1), got {betas!r}")
+        self.betas = (b1, b2)
+        self.eps = _check_number("eps", eps, 0.0, math.inf, open_low=True)
+        shape = (num_metadata, num_features)
+        kw: dict[str, Any] = {"dtype": dtype or torch.float32, "device": device}
+        self.beta = nn.Parameter(torch.zeros(shape, **kw), requires_grad=False)
+        self.register_buffer("exp_avg", torch.zeros(shape, **kw))
+        self.register_buffer("exp_avg_sq", torch.zeros(shape, **kw))
+
+    def reset_running_stats(self) -> None:
+        """Resets the optimiser's state (moments and step count), keeping β."""
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+        for counter in (
+            self.num_batches_tracked,
+            self.num_samples_tracked,
+            self.num_batches_skipped,
+        ):
+            counter.zero_()
+
+    def reset_parameters(self) -> None:
+        """β = 0 and a fresh optimiser state."""
+        with torch.no_grad():
+            self.beta.zero_()
+        self.reset_running_stats()
+
+    def penalty(self, input: Tensor, metadata: Tensor) -> Tensor:
+        r"""The penalty :math:`\frac1m\lVert F - X_b\beta\rVert_F^2` of a batch (no step taken).
+
+        A 0-d tensor in the compute dtype, differentiable in ``input`` (not in β).
+        """
+        features, rows = self._prepare(input, metadata)
+        resid = features - rows @ self.beta.detach().to(features.dtype)
+        return resid.square().sum() / features.shape[0]
+
+    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
+        """Removes the metadata effect, then (training) steps β; see the class docstring."""
+        features, rows = self._prepare(input, metadata)
+        with torch.autocast(features.device.type, enabled=False):
+            mask = self.remove_mask.to(rows.device)
+            beta = self.beta.detach().to(features.dtype)
+            if self.training:
+                beta = beta.clone()  # the step below changes self.beta in place
+            out = remove_effect(features, rows, beta, mask)
+            if self.training:
+                self._step(features.detach(), rows)
+        return out.reshape(input.shape).to(input.dtype)
+
+    @torch.no_grad()
+    def _step(self, features: Tensor, rows: Tensor) -> None:
+        """One step of β's optimiser on the batch's penalty."""
+        beta = self.beta.to(torch.float64)
+        x64 = rows.to(torch.float64)
+        gram = x64.T @ x64
+        xtf = (rows.T @ features).to(torch.float64)
+        count = torch.full((), rows.shape[0], dtype=torch.float64, device=rows.device)
+        reducer = self._reducer()
+        if reducer is not None:
+            count, gram, xtf = reducer.sum(count), reducer.sum(gram), reducer.sum(xtf)
+        grad = (gram @ beta - xtf) * (2.0 / count)
+        finite = torch.isfinite((grad * 0).sum())
+        grad = torch.where(finite, grad, torch.zeros_like(grad))
+        if self.optimizer == "sgd":
+            new = beta - self.lr * grad
+        else:
+            b1, b2 = self.betas
+            step = (self.num_batches_tracked + finite.to(torch.long)).to(torch.float64)
+            m1 = self.exp_avg.to(torch.float64).lerp(grad, 1 - b1)
+            m2 = self.exp_avg_sq.to(torch.float64).mul(b2).addcmul(grad, grad, value=1 - b2)
+            bc1 = 1 - b1**step
+            bc2 = 1 - b2**step
+            new = beta - self.lr * (m1 / bc1.clamp_min(1e-300)) / (
+                (m2 / bc2.clamp_min(1e-300)).sqrt() + self.eps
+            )
+            self.exp_avg.copy_(torch.where(finite, m1.to(self.exp_avg.dtype), self.exp_avg))
+            self.exp_avg_sq.copy_(
+                torch.where(finite, m2.to(self.exp_avg_sq.dtype), self.exp_avg_sq)
+            )
+        self.beta.copy_(torch.where(finite, new.to(self.beta.dtype), self.beta))
+        self._count(finite, count)
+
+    def extra_repr(self) -> str:
+        """The constructor arguments shown in ``repr``."""
+        return (
+            f"{self.num_features}, {self.num_metadata}, keep={list(self.keep)}, lr={self.lr}, "
+            f"optimizer={self.optimizer!r}"
+        )
+
+
+def penalty_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The β of every :class:`PenaltyMetadataNorm` in ``model`` (fitted by the layers)."""
+    for module in model.modules():
+        if isinstance(module, PenaltyMetadataNorm):
+            yield module.beta
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(network parameters, PMDN β parameters)``: give the first list to the network's optimiser.
+
+    The two optimisers of PMDN are the network's (any :mod:`torch.optim` optimiser, on the first
+    list) and each layer's built-in one (on its β, stepped in the layer's training forward).
+    Since β has ``requires_grad=False``, passing ``model.parameters()`` to the network's
+    optimiser is harmless too; the split keeps β out of weight decay and parameter counts.
+
+    Examples::
+
+        >>> from metanorm.nn import MetadataSequential, PenaltyMetadataNorm
+        >>> model = MetadataSequential(torch.nn.Linear(3, 5), PenaltyMetadataNorm(5, 2))
+        >>> network, betas = split_parameters(model)
+        >>> len(network), len(betas)
+        (2, 1)
+        >>> optimizer = torch.optim.Adam(network, lr=1e-3)
+    """
+    betas = list(penalty_parameters(model))
+    ids = {id(b) for b in betas}
+    return [p for p in model.parameters() if id(p) not in ids], betas

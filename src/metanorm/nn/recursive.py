@@ -1,0 +1,320 @@
+r"""Recursive Metadata Normalization: recursive least squares over the batches.
+
+Recursive MDN (R-MDN; Shah et al., ICML 2025) replaces the paper's batch estimator
+(Lu et al., CVPR 2021, arXiv 2104.09052), which needs the whole training design up front, by
+recursive least squares (RLS) with a forgetting factor: no precomputed :math:`\Sigma`, no N, any
+batch size down to one, and a design that need not be known before the stream starts.
+``docs/estimators.md`` has the maths, the choice of regulariser and measured figures.
+
+Also home of :class:`_OnlineNormBase`, the checks and buffers shared with
+:class:`metanorm.nn.PenaltyMetadataNorm`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from metanorm._validation import describe
+from metanorm.linalg import remove_effect
+from metanorm.nn import functional as MF
+from metanorm.nn.metadata_norm import _check_num_features, _resolve_keep
+
+__all__ = ["RecursiveMetadataNorm"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
+    """``value`` as a float in ``(low, high]`` (``open_low``) or ``[low, high]``."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"expected {name} in {bracket}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+class _OnlineNormBase(nn.Module):
+    """Shared by the estimators that keep their own β (no Σ⁻¹, no N): checks and the mask."""
+
+    takes_metadata: ClassVar[bool] = True
+    num_features: int
+    num_metadata: int
+    remove_mask: Tensor
+    num_batches_tracked: Tensor
+    num_samples_tracked: Tensor
+    num_batches_skipped: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        num_metadata: int,
+        keep: Iterable[int],
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        _check_num_features(num_features)
+        if isinstance(num_metadata, bool) or not isinstance(num_metadata, int) or num_metadata < 1:
+            raise ValueError(
+                f"expected num_metadata (K, the design's columns) to be a positive int, "
+                f"got {num_metadata!r}"
+            )
+        if isinstance(keep, str | bytes):
+            raise TypeError(f"expected keep to be a sequence of column indices, got {keep!r}")
+        keep_idx = _resolve_keep(keep or (), num_metadata, None)
+        if len(keep_idx) == num_metadata:
+            raise ValueError(
+                f"keep lists all {num_metadata} design columns: nothing would be removed"
+            )
+        self.num_features = num_features
+        self.num_metadata = num_metadata
+        mask = torch.ones(num_metadata, dtype=torch.bool, device=device)
+        mask[list(keep_idx)] = False
+        self.register_buffer("remove_mask", mask)
+        for name in ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped"):
+            self.register_buffer(name, torch.tensor(0, dtype=torch.long, device=device))
+
+    @property
+    def keep(self) -> tuple[int, ...]:
+        """Indices of the kept design columns."""
+        return tuple((~self.remove_mask).nonzero().flatten().tolist())
+
+    def _reducer(self) -> MF.StatisticsReducer | None:
+        """Where the batch statistics of several processes meet (None: this process only)."""
+        return None
+
+    def _prepare(self, input: Any, metadata: Any) -> tuple[Tensor, Tensor]:
+        """Checks the call; returns ``(features (m, D), rows (m, K))`` in the compute dtype."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"expected input to be a tensor, got {describe(input)}")
+        if not input.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got {describe(input)}")
+        if input.dim() < 2 or input.shape[0] == 0:
+            raise ValueError(
+                f"expected input of shape (m, *) with m >= 1 and {self.num_features} features "
+                f"per sample, got {describe(input)}"
+            )
+        d = math.prod(input.shape[1:])
+        if d != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} features per sample (num_features), got {d} "
+                f"from input of shape {tuple(input.shape)}"
+            )
+        m, k = input.shape[0], self.num_metadata
+        MF.check_metadata(metadata, m, k)
+        dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
+        features = input.reshape(m, d).to(dtype)
+        rows = metadata.reshape(m, k).to(device=features.device, dtype=dtype).detach()
+        return features, rows
+
+    def _count(self, finite: Tensor, m: Tensor) -> None:
+        """Adds one step to the counters (``finite``: 0-d bool; ``m``: the step's rows)."""
+        self.num_batches_tracked.add_(finite.to(torch.long))
+        self.num_samples_tracked.add_((m * finite).to(torch.long))
+        self.num_batches_skipped.add_((~finite).to(torch.long))
+
+
+class RecursiveMetadataNorm(_OnlineNormBase):
+    r"""Removes the effect of metadata with a recursive least-squares estimate of β.
+
+    Recursive MDN (Shah et al., ICML 2025), a follow-up of
+    `Metadata Normalization <https://arxiv.org/abs/2104.09052>`__. The layer keeps
+    :math:`P` (K×K, float64; the inverse of the decayed information matrix) and
+    :math:`\beta` (K×D). A training batch with features :math:`F` (m×D) and design rows
+    :math:`X_b` (m×K) updates them by recursive least squares with forgetting factor λ:
+
+    .. math::
+        P' = P/\lambda, \qquad
+        P_{new} = \bigl(P'^{-1} + X_b^\top X_b + m\,\rho\,I\bigr)^{-1}, \qquad
+        \beta_{new} = \beta + P_{new}\bigl(X_b^\top (F - X_b\beta) - m\,\rho\,\beta\bigr)
+
+    (with ρ = 0 this is the textbook gain :math:`G = P'X_b^\top(I + X_bP'X_b^\top)^{-1}`,
+    :math:`P_{new} = P' - G X_b P'`, :math:`\beta_{new} = \beta + G(F - X_b\beta)`, which the layer
+    uses when m < K and ρ = 0) and outputs :math:`F - X_{b,R}\,\beta_{new,R}`; in evaluation mode
+    :math:`F - X_{b,R}\,\beta_R` with no update. R are the removed columns (all but ``keep``).
+
+    In closed form, after T batches :math:`\beta = A^{-1}b` with
+    :math:`A = \lambda^T\delta I + \sum_t \lambda^{T-t}(X_t^\top X_t + m_t\rho I)` and
+    :math:`b = \sum_t \lambda^{T-t} X_t^\top F_t`: weighted ridge least squares, batch t weighing
+    :math:`\lambda^{\text{age}}`, plus the prior :math:`P_0 = I/\delta` (a ridge term δ around
+    β = 0, decayed like the data). With λ = 1 and ρ = 0 one pass over any partition of the data
+    (batches of one included) gives :math:`(X^\top X + \delta I)^{-1} X^\top F`, the full-data
+    least-squares β up to the prior δ. The regulariser ρ is added once per *sample* (m·ρ per
+    batch), so the estimate does not depend on the batch size; adding it once per step (as the
+    authors do) weighs it N/m times over an epoch, which biases small batches.
+
+    Gradients do not flow through β (the output is :math:`F - X_{b,R}\beta_{new,R}` with
+    :math:`\beta_{new}` held fixed), unless ``grad_through_beta=True``, which back-propagates
+    through the update's :math:`P_{new}X_b^\top F` term.
+
+    Args:
+        num_features: D, the number of features of one sample after flattening.
+        num_metadata: K, the number of design columns.
+        keep: indices of the columns estimated but not removed (labels). Default: ``()``.
+        forgetting: λ in (0, 1], per training step. λ = 1 weighs every batch alike (a
+            cumulative estimate); smaller λ forgets old batches (memory ≈ 1/(1 − λ) steps), so
+            β follows features that drift while the network trains or the data shift.
+            Default: 0.999.
+        delta: δ > 0 of the prior :math:`P_0 = I/\delta`. Default: 0.01.
+        reg: ρ ≥ 0, the ridge term per sample. Default: 1e-4.
+        grad_through_beta: back-propagate through the β update. Default: ``False``.
+        device: device of the buffers.
+        dtype: dtype of β (P is always float64). Default: float32.
+
+    Attributes:
+        covariance: P, float64 buffer ``(K, K)``.
+        beta: β, buffer ``(K, D)``.
+        remove_mask: bool buffer ``(K,)``, true for removed columns.
+        num_batches_tracked, num_samples_tracked, num_batches_skipped: long 0-d buffers (updates
+            done, samples behind them, training batches skipped for a non-finite update).
+
+    Shape:
+        - Input: :math:`(m, *)` with :math:`\prod * = D`; any m ≥ 1.
+        - Metadata: :math:`(m, K)`, the batch's design rows.
+        - Output: same shape and dtype as the input (float16/bfloat16 computed in float32).
+
+    Examples::
+
+        >>> import torch
+        >>> y = torch.randint(0, 2, (64,)).double(); cf = torch.rand(64) + y
+        >>> rows = torch.stack([y, cf, torch.ones(64)], dim=1).float()
+        >>> layer = RecursiveMetadataNorm(84, 3, keep=[0])
+        >>> for i in range(64):                   # a stream, one sample at a time
+        ...     out = layer(torch.randn(1, 84), rows[i : i + 1])
+        >>> out.shape, int(layer.num_samples_tracked)
+        (torch.Size([1, 84]), 64)
+        >>> _ = layer.eval(); layer(torch.randn(5, 84), rows[:5]).shape
+        torch.Size([5, 84])
+        >>> layer.reset_running_stats()           # a new stage: forget everything
+    """
+
+    _version = 1
+    __constants__: ClassVar[list[str]] = [
+        "num_features",
+        "num_metadata",
+        "forgetting",
+        "delta",
+        "reg",
+    ]
+    covariance: Tensor
+    beta: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        num_metadata: int,
+        keep: Iterable[int] = (),
+        forgetting: float = 0.999,
+        delta: float = 0.01,
+        reg: float = 1e-4,
+        *,
+        grad_through_beta: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, num_metadata, keep, device)
+        self.forgetting = _check_number("forgetting", forgetting, 0.0, 1.0, open_low=True)
+        self.delta = _check_number("delta", delta, 0.0, math.inf, open_low=True)
+        self.reg = _check_number("reg", reg, 0.0, math.inf, open_low=False)
+        self.grad_through_beta = bool(grad_through_beta)
+        k = num_metadata
+        self.register_buffer(
+            "covariance", torch.eye(k, dtype=torch.float64, device=device) / self.delta
+        )
+        self.register_buffer(
+            "beta", torch.zeros(k, num_features, dtype=dtype or torch.float32, device=device)
+        )
+
+    def reset_covariance(self) -> None:
+        r"""Resets P to :math:`I/\delta` and keeps β.
+
+        The next batches are weighed as if the old ones had been forgotten, with the current β
+        as the prior's centre.
+        """
+        with torch.no_grad():
+            self.covariance.copy_(torch.eye(self.num_metadata, dtype=torch.float64) / self.delta)
+
+    def reset_running_stats(self) -> None:
+        r"""A fresh start (a new stage): :math:`P = I/\delta`, β = 0 and the counters zeroed."""
+        self.reset_covariance()
+        with torch.no_grad():
+            self.beta.zero_()
+        for counter in (
+            self.num_batches_tracked,
+            self.num_samples_tracked,
+            self.num_batches_skipped,
+        ):
+            counter.zero_()
+
+    def reset_parameters(self) -> None:
+        """Same as :meth:`reset_running_stats` (the layer has no learned parameters)."""
+        self.reset_running_stats()
+
+    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
+        """Updates β (training) and removes the metadata effect; see the class docstring."""
+        features, rows = self._prepare(input, metadata)
+        with torch.autocast(features.device.type, enabled=False):
+            mask = self.remove_mask.to(rows.device)
+            beta = self._update(features, rows) if self.training else self.beta.to(features.dtype)
+            out = remove_effect(features, rows, beta, mask)
+        return out.reshape(input.shape).to(input.dtype)
+
+    def _update(self, features: Tensor, rows: Tensor) -> Tensor:
+        """One RLS step: updates the buffers; returns β_new in the features' dtype."""
+        reducer = self._reducer()
+        if reducer is not None and self.grad_through_beta:
+            raise ValueError(
+                "grad_through_beta=True is not supported across processes (the gradient would "
+                "need the other processes' features); use grad_through_beta=False"
+            )
+        m, k = rows.shape
+        x64 = rows.to(torch.float64)
+        p = self.covariance.to(torch.float64) / self.forgetting
+        beta = self.beta.to(torch.float64)
+        xtf = rows.T @ features  # (K, D), the only product over the features
+        count = torch.full((), m, dtype=torch.float64, device=rows.device)
+        eye = torch.eye(k, dtype=torch.float64, device=rows.device)
+        if reducer is None and m < k and self.reg == 0.0:
+            # textbook gain, an m×m solve: G = P X_bᵀ (I + X_b P X_bᵀ)⁻¹
+            px = p @ x64.T  # (K, m)
+            s = torch.eye(m, dtype=torch.float64, device=rows.device) + x64 @ px
+            gain = torch.linalg.solve(s, px.T).T  # s is symmetric
+            p_new = p - gain @ px.T
+            innovation = xtf.detach().to(torch.float64) - (x64.T @ x64) @ beta
+        else:
+            # information form, a K×K solve: P_new = (P⁻¹ + M)⁻¹ = (I + P M)⁻¹ P
+            gram = x64.T @ x64
+            stat = xtf.detach().to(torch.float64)
+            if reducer is not None:
+                count = reducer.sum(count)
+                gram = reducer.sum(gram)
+                stat = reducer.sum(stat)
+            gram = gram + (self.reg * count) * eye
+            p_new = torch.linalg.solve(eye + p @ gram, p)
+            innovation = stat - gram @ beta
+        p_new = (p_new + p_new.T) / 2
+        beta_new = beta + p_new @ innovation
+        finite = torch.isfinite((beta_new * 0).sum() + p_new.sum())
+        with torch.no_grad():
+            self.covariance.copy_(torch.where(finite, p_new, self.covariance))
+            self.beta.copy_(torch.where(finite, beta_new.to(self.beta.dtype), self.beta))
+            self._count(finite, count)
+        out = beta_new.to(features.dtype)
+        if self.grad_through_beta:
+            # the value of beta_new, the gradient of its P_new X_bᵀ F term (straight through)
+            out = out + p_new.to(features.dtype) @ (xtf - xtf.detach())
+        return out
+
+    def extra_repr(self) -> str:
+        """The constructor arguments shown in ``repr``."""
+        return (
+            f"{self.num_features}, {self.num_metadata}, keep={list(self.keep)}, "
+            f"forgetting={self.forgetting}, delta={self.delta}, reg={self.reg}"
+            + (", grad_through_beta=True" if self.grad_through_beta else "")
+        )
