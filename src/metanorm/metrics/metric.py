@@ -6,14 +6,23 @@
 Distance correlation does not decompose into per-batch sums, so :class:`DistanceCorrelationSqr`
 keeps the batches it is given (detached, on their device, checked and converted to float64) and
 computes the blocked estimate once in ``compute()``. The accuracy metrics keep counts only.
+
+Under :mod:`torch.distributed` (initialised, world size above 1) ``compute()`` gathers what it
+needs from every rank of ``process_group`` first, as torchmetrics' ``dist_reduce_fx`` does, so
+each rank returns the value of one process over all the data: the count dictionaries are summed
+over the union of the labels the ranks have seen, and dCor² gathers the rows (ranks may hold
+different numbers). The local state is left as it was. ``compute()`` is then a collective: every
+rank of the group must call it. ``sync_on_compute=False`` turns this off.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from metanorm.metrics._distance import DEFAULT_MAX_MEMORY
@@ -25,6 +34,9 @@ from metanorm.metrics.accuracy import (
     group_counts,
 )
 from metanorm.metrics.dcor import dcor_of_samples, grouped_distance_correlation_sqr
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "BalancedAccuracy",
@@ -44,6 +56,86 @@ def _merge(total: Counts, new: Counts) -> None:
         total[key] = (c0 + c, h0 + h)
 
 
+def _sync_world(enabled: bool, group: ProcessGroup | None) -> int:
+    """World size of ``group`` when syncing applies, else 1."""
+    if not enabled or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _comm_device(group: ProcessGroup | None, preferred: torch.device) -> torch.device:
+    """Where tensors for a collective on ``group`` must live (the CPU for gloo and MPI)."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    if preferred.type != "cpu":
+        return preferred
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return preferred
+
+
+def _gather_objects(obj: Any, group: ProcessGroup | None) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _gather_rows(
+    x: Tensor | None, y: Tensor | None, group: ProcessGroup | None, device: torch.device
+) -> tuple[list[Tensor], list[Tensor]]:
+    """All-gathers (n_r, p) and (n_r, q) float64 rows of uneven n_r from every rank, in rank order.
+
+    Sizes go first, then the rows padded to the largest n_r (one all_gather of [x | y]), which are
+    trimmed again. A rank without rows passes ``None``.
+    """
+    comm = _comm_device(group, device)
+    world = dist.get_world_size(group)
+    shape = [0, 0, 0] if x is None or y is None else [x.shape[0], x.shape[1], y.shape[1]]
+    sizes = [torch.zeros(3, dtype=torch.long, device=comm) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(shape, dtype=torch.long, device=comm), group=group)
+    shapes = [tuple(int(v) for v in s.tolist()) for s in sizes]
+    widths = {(p, q) for n, p, q in shapes if n > 0}
+    if not widths:
+        raise ValueError("expected at least one update() before compute() on some rank, got none")
+    if len(widths) > 1:
+        raise ValueError(
+            "expected every rank to have the same feature and metadata columns, got "
+            + ", ".join(f"rank {r}: {p} and {q}" for r, (n, p, q) in enumerate(shapes) if n > 0)
+        )
+    ((p, q),) = widths
+    longest = max(n for n, _, _ in shapes)
+    padded = torch.zeros(longest, p + q, dtype=torch.float64, device=comm)
+    if x is not None and y is not None and x.shape[0] > 0:
+        padded[: x.shape[0], :p] = x.to(comm)
+        padded[: x.shape[0], p:] = y.to(comm)
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded, group=group)
+    rows = [o[:n].to(device) for o, (n, _, _) in zip(out, shapes, strict=True)]
+    return [r[:, :p] for r in rows], [r[:, p:] for r in rows]
+
+
+def _sorted_keys(keys: list[Hashable]) -> list[Hashable]:
+    try:
+        return sorted(keys)  # type: ignore[type-var]
+    except TypeError:
+        return keys
+
+
+def _all_reduce_counts(counts: Counts, group: ProcessGroup | None) -> Counts:
+    """Sums ``{label: (count, hits)}`` over the ranks; labels seen by any rank are kept."""
+    union: dict[Hashable, None] = {}
+    for keys in _gather_objects(list(counts), group):
+        union.update(dict.fromkeys(keys))
+    keys = _sorted_keys(list(union))
+    comm = _comm_device(group, torch.device("cpu"))
+    table = torch.tensor(
+        [counts.get(k, (0, 0)) for k in keys], dtype=torch.long, device=comm
+    ).reshape(len(keys), 2)
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    return {k: (int(c), int(h)) for k, (c, h) in zip(keys, table.tolist(), strict=True)}
+
+
 class DistanceCorrelationSqr:
     r"""Squared distance correlation accumulated over batches.
 
@@ -57,6 +149,10 @@ class DistanceCorrelationSqr:
         block_size: rows per tile in ``compute()``. Default: chosen from ``max_memory``.
         max_memory: tile memory budget in bytes. Default: 256 MiB.
         device: where ``compute()`` runs. Default: the device of the first batch.
+        sync_on_compute: when :mod:`torch.distributed` is initialised, ``compute()`` gathers the
+            rows of every rank of ``process_group`` and returns the value over all of them (a
+            collective: call it on every rank). Default: ``True``.
+        process_group: the ranks to gather from. Default: the default (whole world) group.
 
     Shape:
         - x: (m,), (m, p) or (m, \*) per batch (flattened per sample; same p every batch)
@@ -82,11 +178,15 @@ class DistanceCorrelationSqr:
         block_size: int | None = None,
         max_memory: int = DEFAULT_MAX_MEMORY,
         device: torch.device | str | None = None,
+        sync_on_compute: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         self.unbiased = unbiased
         self.block_size = block_size
         self.max_memory = max_memory
         self.device = device
+        self.sync_on_compute = sync_on_compute
+        self.process_group = process_group
         self._x: list[Tensor] = []
         self._y: list[Tensor] = []
 
@@ -109,13 +209,28 @@ class DistanceCorrelationSqr:
         self._x.append(a)
         self._y.append(b)
 
+    def _compute_device(self) -> torch.device:
+        if self._x:
+            return self._x[0].device
+        return torch.device("cpu") if self.device is None else torch.device(self.device)
+
+    def _all_rows(self) -> tuple[Tensor, Tensor]:
+        """The accumulated rows, of every rank when syncing applies."""
+        if _sync_world(self.sync_on_compute, self.process_group) == 1:
+            if not self._x:
+                raise ValueError("expected at least one update() before compute(), got none")
+            return torch.cat(self._x), torch.cat(self._y)
+        x = torch.cat(self._x) if self._x else None
+        y = torch.cat(self._y) if self._y else None
+        xs, ys = _gather_rows(x, y, self.process_group, self._compute_device())
+        return torch.cat(xs), torch.cat(ys)
+
     def compute(self) -> float:
-        """dCor² of all accumulated rows."""
-        if not self._x:
-            raise ValueError("expected at least one update() before compute(), got none")
+        """dCor² of all accumulated rows (of all ranks, see ``sync_on_compute``)."""
+        x, y = self._all_rows()
         return dcor_of_samples(
-            torch.cat(self._x),
-            torch.cat(self._y),
+            x,
+            y,
             unbiased=self.unbiased,
             block_size=self.block_size,
             max_memory=self.max_memory,
@@ -144,6 +259,10 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
         block_size: rows per tile. Default: chosen from ``max_memory``.
         max_memory: tile memory budget in bytes. Default: 256 MiB.
         device: where ``compute()`` runs. Default: the device of the first batch.
+        sync_on_compute: when :mod:`torch.distributed` is initialised, ``compute()`` gathers the
+            rows and groups of every rank of ``process_group`` and returns the values over all of
+            them (a collective: call it on every rank). Default: ``True``.
+        process_group: the ranks to gather from. Default: the default (whole world) group.
 
     Examples::
 
@@ -163,9 +282,16 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
         block_size: int | None = None,
         max_memory: int = DEFAULT_MAX_MEMORY,
         device: torch.device | str | None = None,
+        sync_on_compute: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(
-            unbiased=unbiased, block_size=block_size, max_memory=max_memory, device=device
+            unbiased=unbiased,
+            block_size=block_size,
+            max_memory=max_memory,
+            device=device,
+            sync_on_compute=sync_on_compute,
+            process_group=process_group,
         )
         self._groups: list[Any] = []
 
@@ -179,13 +305,18 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
         self._groups.append(g)
 
     def compute(self) -> dict[Any, float]:  # type: ignore[override]
-        """``{group: dCor²}`` over all accumulated rows."""
-        if not self._x:
-            raise ValueError("expected at least one update() before compute(), got none")
+        """``{group: dCor²}`` over all accumulated rows (of all ranks, see ``sync_on_compute``)."""
+        x, y = self._all_rows()
+        if _sync_world(self.sync_on_compute, self.process_group) == 1:
+            groups = np.concatenate(self._groups)
+        else:
+            local = np.concatenate(self._groups) if self._groups else None
+            parts = _gather_objects(local, self.process_group)
+            groups = np.concatenate([g for g in parts if g is not None])
         return grouped_distance_correlation_sqr(
-            torch.cat(self._x),
-            torch.cat(self._y),
-            np.concatenate(self._groups),
+            x,
+            y,
+            groups,
             unbiased=self.unbiased,
             block_size=self.block_size,
             max_memory=self.max_memory,
@@ -205,6 +336,10 @@ class BalancedAccuracy:
 
     Args:
         adjusted: chance-adjusted score, as scikit-learn's ``adjusted=True``. Default: ``False``.
+        sync_on_compute: when :mod:`torch.distributed` is initialised, ``compute()`` sums the
+            counts of every rank of ``process_group`` (over the union of the classes the ranks
+            have seen; a collective: call it on every rank). Default: ``True``.
+        process_group: the ranks to sum over. Default: the default (whole world) group.
 
     Examples::
 
@@ -216,8 +351,16 @@ class BalancedAccuracy:
         0.75
     """
 
-    def __init__(self, *, adjusted: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        adjusted: bool = False,
+        sync_on_compute: bool = True,
+        process_group: ProcessGroup | None = None,
+    ) -> None:
         self.adjusted = adjusted
+        self.sync_on_compute = sync_on_compute
+        self.process_group = process_group
         self.counts: Counts = {}
 
     def update(self, y_true: Any, y_pred: Any) -> None:
@@ -225,8 +368,13 @@ class BalancedAccuracy:
         _merge(self.counts, class_counts(y_true, y_pred))
 
     def compute(self) -> float:
-        """The balanced accuracy of everything seen since the last reset."""
-        return balanced_accuracy_from_counts(self.counts, self.adjusted)
+        """The balanced accuracy of everything seen since the last reset (on all ranks)."""
+        return balanced_accuracy_from_counts(self._all_counts(), self.adjusted)
+
+    def _all_counts(self) -> Counts:
+        if _sync_world(self.sync_on_compute, self.process_group) == 1:
+            return self.counts
+        return _all_reduce_counts(self.counts, self.process_group)
 
     def reset(self) -> None:
         """Forgets the counts."""
@@ -239,6 +387,12 @@ class BalancedAccuracy:
 class GroupAccuracy:
     """Accuracy per metadata group accumulated over batches (counts per group only).
 
+    Args:
+        sync_on_compute: when :mod:`torch.distributed` is initialised, ``compute()`` sums the
+            counts of every rank of ``process_group`` (over the union of the groups the ranks
+            have seen; a collective: call it on every rank). Default: ``True``.
+        process_group: the ranks to sum over. Default: the default (whole world) group.
+
     Examples::
 
         >>> from metanorm.metrics import GroupAccuracy
@@ -249,7 +403,11 @@ class GroupAccuracy:
         {'site A': 1.0, 'site B': 0.5}
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, sync_on_compute: bool = True, process_group: ProcessGroup | None = None
+    ) -> None:
+        self.sync_on_compute = sync_on_compute
+        self.process_group = process_group
         self.counts: Counts = {}
 
     def update(self, y_true: Any, y_pred: Any, groups: Any) -> None:
@@ -257,14 +415,13 @@ class GroupAccuracy:
         _merge(self.counts, group_counts(y_true, y_pred, groups))
 
     def compute(self) -> dict[Any, float]:
-        """``{group: accuracy}`` over everything seen, in sorted order of the groups."""
-        if not self.counts:
+        """``{group: accuracy}`` over everything seen (on all ranks), groups in sorted order."""
+        counts = self.counts
+        if _sync_world(self.sync_on_compute, self.process_group) > 1:
+            counts = _all_reduce_counts(counts, self.process_group)
+        if not counts:
             raise ValueError("expected at least one update() before compute(), got none")
-        try:
-            keys = sorted(self.counts)  # type: ignore[type-var]
-        except TypeError:
-            keys = list(self.counts)
-        return {k: self.counts[k][1] / self.counts[k][0] for k in keys}
+        return {k: counts[k][1] / counts[k][0] for k in _sorted_keys(list(counts))}
 
     def reset(self) -> None:
         """Forgets the counts."""
