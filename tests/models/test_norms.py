@@ -56,7 +56,14 @@ def test_every_name_users_type_is_registered():
         "mdn-linear",
         "mdn-all",
         "mdn-conv",
+        "rmdn",
+        "rmdn-all",
+        "rmdn-conv",
+        "pmdn",
+        "pmdn-all",
+        "pmdn-conv",
     ]
+    assert canonical_norm("rmdn-conv") == "rmdn-all" and norm_display_name("pmdn") == "PMDN"
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,23 @@ one before the classifier). :func:`create_norm` builds the layer of one slot, fo
 per-sample shape and, for MDN, the whole training set's design (as timm's ``create_norm_layer``
 builds a norm layer by name).
 
-======================  ===============  ====================  =================================
-name                    display name     hidden slots          features slot
-======================  ===============  ====================  =================================
-``"none"``              Baseline         —                     —
-``"batchnorm"``         BatchNorm        BatchNorm             BatchNorm
-``"groupnorm"``         GroupNorm        GroupNorm             GroupNorm
-``"mdn"``               MDN              the model's ``base``  MetadataNorm
-``"mdn-linear"``        MDN-Linear       the model's ``base``  MetadataNorm
-``"mdn-all"``           MDN-all          MetadataNorm          MetadataNorm
-``"mdn-conv"``          MDN-Conv         MetadataNorm          MetadataNorm
-======================  ===============  ====================  =================================
+======================  ===============  ======================  =================================
+name                    display name     hidden slots            features slot
+======================  ===============  ======================  =================================
+``"none"``              Baseline         —                       —
+``"batchnorm"``         BatchNorm        BatchNorm               BatchNorm
+``"groupnorm"``         GroupNorm        GroupNorm               GroupNorm
+``"mdn"``               MDN              the model's ``base``    MetadataNorm
+``"mdn-linear"``        MDN-Linear       the model's ``base``    MetadataNorm
+``"mdn-all"``           MDN-all          MetadataNorm            MetadataNorm
+``"mdn-conv"``          MDN-Conv         MetadataNorm            MetadataNorm
+``"rmdn"``              R-MDN            the model's ``base``    RecursiveMetadataNorm
+``"rmdn-all"``          R-MDN-all        RecursiveMetadataNorm   RecursiveMetadataNorm
+``"rmdn-conv"``         R-MDN-Conv       RecursiveMetadataNorm   RecursiveMetadataNorm
+``"pmdn"``              PMDN             the model's ``base``    PenaltyMetadataNorm
+``"pmdn-all"``          PMDN-all         PenaltyMetadataNorm     PenaltyMetadataNorm
+``"pmdn-conv"``         PMDN-Conv        PenaltyMetadataNorm     PenaltyMetadataNorm
+======================  ===============  ======================  =================================
 
 ``base`` is the model's usual normalization, used where a method adds no MDN layer: ``"none"``
 for :class:`~metanorm.models.PaperCNN` (the paper's baseline has no norm layer), ``"batchnorm"``
@@ -27,7 +33,12 @@ experiment); they build the same layers as ``"mdn"`` and ``"mdn-all"``, their ca
 for ``"none"``, ``"batchnorm"`` and ``"groupnorm"`` (:data:`NORM_ALIASES`).
 
 A MetadataNorm slot gets ``MetadataNorm(prod(shape), design, momentum=momentum, **mdn_kwargs)``:
-a conv map is flattened, one β column per channel × position, as in the paper.
+a conv map is flattened, one β column per channel × position, as in the paper. The recursive and
+penalty estimators (:class:`~metanorm.nn.RecursiveMetadataNorm`,
+:class:`~metanorm.nn.PenaltyMetadataNorm`) take only the design's width K and its ``keep``
+columns from ``design`` (no Σ, no N); ``momentum`` and ``ridge`` do not apply to them, and
+``mdn_kwargs`` may hold their own arguments (``forgetting``, ``delta``, ``reg``; ``lr``,
+``optimizer``); arguments of the other estimators are dropped.
 
 Examples::
 
@@ -49,7 +60,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from metanorm.design import Design
 from metanorm.nn import MetadataNorm, takes_metadata
+from metanorm.nn.penalty import PenaltyMetadataNorm
+from metanorm.nn.recursive import RecursiveMetadataNorm
 
 __all__ = [
     "NORM_ALIASES",
@@ -263,11 +277,41 @@ def _metadatanorm(
     return MetadataNorm(math.prod(shape), design, momentum=momentum, **mdn_kwargs)
 
 
+#: Keyword arguments each online estimator takes from ``mdn_kwargs`` (the rest are dropped).
+_ONLINE_KWARGS: dict[type[nn.Module], tuple[str, ...]] = {
+    RecursiveMetadataNorm: ("forgetting", "delta", "reg", "grad_through_beta", "dtype"),
+    PenaltyMetadataNorm: ("lr", "optimizer", "betas", "eps", "dtype"),
+}
+
+
+def _online(cls: type[nn.Module]) -> NormFactory:
+    """The factory of an estimator that keeps its own β (built from the design's width)."""
+
+    def factory(shape: tuple[int, ...], *, design: Any = None, **kwargs: Any) -> nn.Module:
+        if design is None:
+            raise TypeError(
+                f"a {cls.__name__} slot needs design= (the training design, or any (n, K) "
+                "array/tensor: only its width K and keep columns are used), got None"
+            )
+        keep = kwargs.get("keep")
+        if keep is None:
+            keep = design.keep if isinstance(design, Design) else ()
+        elif isinstance(design, Design):
+            keep = [design.columns.index(c) if isinstance(c, str) else c for c in keep]
+        width = (design.matrix if isinstance(design, Design) else design).shape[1]
+        own = {k: v for k, v in kwargs.items() if k in _ONLINE_KWARGS[cls]}
+        return cls(math.prod(shape), int(width), keep=keep, **own)
+
+    return factory
+
+
 _LAYERS: dict[str, NormFactory] = {
     "none": _identity,
     "batchnorm": _batchnorm,
     "groupnorm": _groupnorm,
     "mdn": _metadatanorm,
+    "rmdn": _online(RecursiveMetadataNorm),
+    "pmdn": _online(PenaltyMetadataNorm),
 }
 
 
@@ -307,3 +351,15 @@ register_norm(
     needs_design=True,
     canonical="mdn-all",
 )
+for _name, _display in (("rmdn", "R-MDN"), ("pmdn", "PMDN")):
+    register_norm(_name, _placement(None, _name), display_name=_display, needs_design=True)
+    register_norm(
+        f"{_name}-all", _placement(_name, _name), display_name=f"{_display}-all", needs_design=True
+    )
+    register_norm(
+        f"{_name}-conv",
+        _placement(_name, _name),
+        display_name=f"{_display}-Conv",
+        needs_design=True,
+        canonical=f"{_name}-all",
+    )
