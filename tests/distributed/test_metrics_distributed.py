@@ -5,15 +5,11 @@ row counts, different label and group sets per rank), computes, and writes its r
 tests compare both ranks with one process over the union, the dcor package and scikit-learn.
 """
 
-import os
-import pickle
-from datetime import timedelta
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import requires_gloo, spawn
 
 from metanorm.metrics import (
     BalancedAccuracy,
@@ -21,6 +17,8 @@ from metanorm.metrics import (
     GroupAccuracy,
     GroupedDistanceCorrelationSqr,
 )
+
+pytestmark = requires_gloo
 
 WORLD = 2
 # rank 0 holds rows [0, 30), rank 1 rows [30, 47), each fed in batches of at most 8
@@ -68,70 +66,52 @@ def _feed(metrics, part, data):
         metrics["gacc"].update(y_true[s], y_pred[s], sites[s])
 
 
-def _worker(rank, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/store",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=30),
-    )
+def _scenarios(rank, world_size):
+    data = make_data()
+    part = batches(0, SPLIT) if rank == 0 else batches(SPLIT, N)
+    out = {}
+
+    synced, local = _metrics(), _metrics(sync_on_compute=False)
+    _feed(synced, part, data)
+    _feed(local, part, data)
+    out["synced"] = {k: m.compute() for k, m in synced.items()}
+    out["local"] = {k: m.compute() for k, m in local.items()}
+    # compute() leaves the local state alone: computing again gives the same
+    out["num_samples_after"] = synced["dcor"].num_samples
+    out["again"] = synced["udcor"].compute()
+
+    # a rank that saw nothing still takes part (rank 1 here)
+    empty = _metrics()
+    if rank == 0:
+        _feed(empty, part, data)
+    out["one_rank"] = {k: m.compute() for k, m in empty.items()}
+
+    # process_group: a group of rank 0 alone means no gathering for rank 0
+    solo = dist.new_group(ranks=[0])
+    if rank == 0:
+        solo_metrics = _metrics(process_group=solo)
+        _feed(solo_metrics, part, data)
+        out["solo"] = {k: m.compute() for k, m in solo_metrics.items()}
+
+    # ranks with different feature widths: both raise the same error
+    wrong = DistanceCorrelationSqr()
+    wrong.update(torch.randn(5, 3 + rank), torch.randn(5))
     try:
-        data = make_data()
-        part = batches(0, SPLIT) if rank == 0 else batches(SPLIT, N)
-        out = {}
+        wrong.compute()
+    except ValueError as err:
+        out["width_error"] = str(err)
 
-        synced, local = _metrics(), _metrics(sync_on_compute=False)
-        _feed(synced, part, data)
-        _feed(local, part, data)
-        out["synced"] = {k: m.compute() for k, m in synced.items()}
-        out["local"] = {k: m.compute() for k, m in local.items()}
-        # compute() leaves the local state alone: computing again gives the same
-        out["num_samples_after"] = synced["dcor"].num_samples
-        out["again"] = synced["udcor"].compute()
-
-        # a rank that saw nothing still takes part (rank 1 here)
-        empty = _metrics()
-        if rank == 0:
-            _feed(empty, part, data)
-        out["one_rank"] = {k: m.compute() for k, m in empty.items()}
-
-        # process_group: a group of rank 0 alone means no gathering for rank 0
-        solo = dist.new_group(ranks=[0])
-        if rank == 0:
-            m = DistanceCorrelationSqr(process_group=solo)
-            _feed({"dcor": m, **{k: v for k, v in _metrics().items() if k != "dcor"}}, part, data)
-            out["solo"] = m.compute()
-
-        # ranks with different feature widths: both raise the same error
-        wrong = DistanceCorrelationSqr()
-        wrong.update(torch.randn(5, 3 + rank), torch.randn(5))
-        try:
-            wrong.compute()
-        except ValueError as err:
-            out["width_error"] = str(err)
-
-        # nothing on any rank
-        try:
-            DistanceCorrelationSqr().compute()
-        except ValueError as err:
-            out["none_error"] = str(err)
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
+    # nothing on any rank
+    try:
+        DistanceCorrelationSqr().compute()
+    except ValueError as err:
+        out["none_error"] = str(err)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("metrics_dist"))
-    mp.spawn(_worker, args=(tmp,), nprocs=WORLD, join=True)
-    out = []
-    for r in range(WORLD):
-        with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
-            out.append(pickle.load(f))
-    return out
+def results():
+    return spawn(_scenarios, WORLD, collective_timeout_s=30.0)
 
 
 def _single(lo, hi):
@@ -212,7 +192,10 @@ def test_a_rank_without_updates(results):
 
 
 def test_process_group_is_honoured(results):
-    assert results[0]["solo"] == pytest.approx(_single(0, SPLIT)["dcor"], rel=1e-12)
+    expected = _single(0, SPLIT)
+    for key in ("dcor", "udcor", "bacc", "bacc_adj"):
+        assert results[0]["solo"][key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15)
+    assert results[0]["solo"]["gacc"] == pytest.approx(expected["gacc"])
 
 
 def test_errors_are_raised_on_every_rank(results):
