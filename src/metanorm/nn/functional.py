@@ -19,6 +19,7 @@ Nothing here reads a tensor's value on the host, so the layer compiles with
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Protocol
 
@@ -56,11 +57,15 @@ class NonFiniteEstimateError(ValueError):
 
 
 class StatisticsReducer(Protocol):
-    """Where the batch statistics of several processes meet (stage 2).
+    r"""Where the batch statistics of several processes meet (stage 2).
 
     ``sum`` returns the sum of a tensor over the processes (an all-reduce). The training map calls
     it three times per step: on the batch size m and on the (K, D) estimate in the forward pass,
-    and on the (K, D) backward statistic. A single process needs none (``reducer=None``).
+    and on the (K, D) backward statistic. A reducer with a true attribute ``packs_count`` is
+    called twice instead, once per direction: in the forward pass on one flat tensor holding
+    :math:`X_b^\top F` (K·D values, the design rows not yet scaled by (N/M)Σ⁻¹) followed by m;
+    in the backward pass on the (K, D) statistic (this is what
+    :class:`metanorm.nn.SyncMetadataNorm` uses). A single process needs none (``reducer=None``).
     """
 
     def sum(self, tensor: Tensor) -> Tensor:
@@ -147,6 +152,85 @@ class _LowRankResidual(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _weighted(weight: Tensor, p: Tensor) -> Tensor:
+    """``W·P`` with the (K, K) float64 ``W`` applied in float64, in ``p``'s dtype."""
+    return (weight @ p.to(torch.float64)).to(p.dtype)
+
+
+class _PackedResidual(torch.autograd.Function):
+    r"""The training map over processes: ``F ↦ F − A·W·reduce(Bᵀ F)``, one collective a direction.
+
+    ``B`` are the design rows (unscaled) and ``A`` their removed columns. The forward pass sums
+    :math:`B^\top F` and the batch size m in ONE flat tensor, then forms
+    :math:`W = (N/M)\,\Sigma^{-1}` from the summed M (a 0 M gives W = 0: an empty union batch
+    is returned as it came). Returns ``(out, β̂ = W·reduce(BᵀF), M)``; β̂ and M carry no
+    gradient. The backward pass is :class:`_ReducedTranspose`: ``G ↦ G − B·W·reduce(Aᵀ G)``
+    (W is symmetric), i.e. the gradient of the sum of all processes' losses.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        a: Tensor,
+        b: Tensor,
+        gram_inverse: Tensor,
+        n_samples: Tensor | float,
+        reducer: StatisticsReducer,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            local = b.T @ x
+            packed = torch.cat([local.reshape(-1), local.new_full((1,), x.shape[0])])
+            packed = reducer.sum(packed)
+            p = packed[:-1].view(local.shape)
+            count = packed[-1].to(torch.float64)
+            scale = torch.where(count > 0, n_samples / count.clamp_min(1.0), 0.0)
+            weight = gram_inverse.to(torch.float64) * scale
+            beta = _weighted(weight, p)
+            out = torch.addmm(x, a, beta, alpha=-1)
+        ctx.save_for_backward(a, b, weight)
+        ctx.reducer = reducer
+        ctx.grad_shape = x.shape
+        ctx.mark_non_differentiable(beta, count)
+        ctx.set_materialize_grads(False)
+        return out, beta, count
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor | None, grad_beta: Tensor | None, grad_count: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None, None]:
+        a, b, weight = ctx.saved_tensors
+        if grad_out is None:  # still join the other processes' collective
+            grad_out = weight.new_zeros(ctx.grad_shape, dtype=a.dtype)
+        grad = _ReducedTranspose.apply(grad_out, b, a, weight, ctx.reducer)
+        return grad, None, None, None, None, None
+
+
+class _ReducedTranspose(torch.autograd.Function):
+    """``G ↦ G − A·W·reduce(Bᵀ G)`` for a fixed symmetric W: its own transpose (double backward)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, g: Tensor, a: Tensor, b: Tensor, weight: Tensor, reducer: StatisticsReducer
+    ) -> Tensor:
+        with torch.autocast(g.device.type, enabled=False):
+            p = reducer.sum(b.T @ g)
+            out = torch.addmm(g, a, _weighted(weight, p), alpha=-1)
+        ctx.save_for_backward(a, b, weight)
+        ctx.reducer = reducer
+        ctx.grad_shape = g.shape
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor | None) -> tuple[Tensor | None, None, None, None, None]:
+        a, b, weight = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = weight.new_zeros(ctx.grad_shape, dtype=a.dtype)
+        grad = _ReducedTranspose.apply(grad_out, b, a, weight, ctx.reducer)
+        return grad, None, None, None, None
+
+
 def batch_residual(
     features: Tensor,
     rows: Tensor,
@@ -174,14 +258,24 @@ def batch_residual(
 
     Returns:
         ``(residual, beta, count)``: ``(m, D)``, ``(K, D)`` and the (summed) batch size as a
-        float64 0-d tensor; ``beta`` and ``count`` carry no gradient.
+        float64 0-d tensor; ``beta`` and ``count`` carry no gradient. With a reducer, a summed
+        batch size of 0 gives a zero ``beta`` (and an empty residual).
     """
+    removed_rows = rows.detach() * remove_mask.to(rows.dtype)
+    if reducer is not None and getattr(reducer, "packs_count", False):
+        out, beta, count = _PackedResidual.apply(
+            features, removed_rows, rows.detach(), gram_inverse, n_samples, reducer
+        )
+        return out, beta, count
     count = torch.full((), features.shape[0], dtype=torch.float64, device=features.device)
     if reducer is not None:
         count = reducer.sum(count)
-    weight = gram_inverse.to(torch.float64) * (n_samples / count)  # symmetric (K, K)
+        # M = 0 (every process empty): B is empty and β̂ is 0; keep W finite all the same
+        count_or_one = count.clamp_min(1.0)
+    else:
+        count_or_one = count
+    weight = gram_inverse.to(torch.float64) * (n_samples / count_or_one)  # symmetric (K, K)
     b = (rows.detach().to(torch.float64) @ weight).to(features.dtype)
-    removed_rows = rows.detach() * remove_mask.to(rows.dtype)
     out, beta = _LowRankResidual.apply(features, removed_rows, b, reducer)
     return out, beta, count
 
@@ -209,13 +303,15 @@ def update_running_beta(
       this is ``max(μ, m / S)``. Without the counters, ``f = μ``.
 
     A non-finite ``beta`` leaves every buffer as it was except ``num_batches_skipped`` (+1).
-    No value is read on the host.
+    A ``count`` of 0 (an empty batch over every process of a synchronised layer) leaves every
+    buffer as it was. No value is read on the host.
 
     Returns:
-        A bool 0-d tensor: whether the estimate was finite (and so used).
+        A bool 0-d tensor: whether the estimate was finite (and so used, when ``count`` > 0).
     """
     # x·0 is 0 for finite x and NaN for NaN/inf: one sum tells, and cannot overflow
     finite = torch.isfinite((beta * 0).sum())
+    seen = count > 0
     if num_samples_tracked is not None:
         before = num_samples_tracked.to(torch.float64)
         factor = count / (before + count).clamp_min(1.0)
@@ -229,16 +325,17 @@ def update_running_beta(
     elif momentum is None:
         raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
     else:
-        factor = torch.tensor(momentum, dtype=torch.float64, device=beta.device)
+        factor = torch.tensor(momentum, dtype=torch.float64, device=beta.device) * seen
+    used = finite & seen
     with torch.no_grad():
         target = torch.where(finite, beta.to(running_beta.dtype), running_beta)
         running_beta.lerp_(target, factor.to(running_beta.dtype))
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+            num_batches_tracked.add_(used.to(num_batches_tracked.dtype))
         if num_samples_tracked is not None:
-            num_samples_tracked.add_((count * finite).to(num_samples_tracked.dtype))
+            num_samples_tracked.add_((count * used).to(num_samples_tracked.dtype))
         if num_batches_skipped is not None:
-            num_batches_skipped.add_((~finite).to(num_batches_skipped.dtype))
+            num_batches_skipped.add_((~finite & seen).to(num_batches_skipped.dtype))
     return finite
 
 
@@ -299,7 +396,10 @@ def metadata_norm(
             :class:`NonFiniteEstimateError`. ``"warn"`` and ``"raise"`` read one flag on the
             host each training step.
         num_batches_skipped: long 0-d buffer counting the batches whose estimate was not used.
-        reducer: sums the batch statistics over processes; ``None`` in one process.
+        reducer: sums the batch statistics over processes; ``None`` in one process. With a
+            reducer, an empty local batch (m = 0) is accepted (it still joins the sums), and a
+            training output uses the running β when the SUMMED batch size M is ≤ K (chosen on
+            the device; every process still runs the batch map and joins its backward sum).
 
     Returns:
         A tensor of ``input``'s shape and dtype.
@@ -308,7 +408,7 @@ def metadata_norm(
         raise TypeError(f"expected input to be a tensor, got {describe(input)}")
     if not input.is_floating_point():
         raise TypeError(f"expected a floating-point input, got {describe(input)}")
-    if input.dim() < 1 or input.shape[0] == 0:
+    if input.dim() < 1 or (input.shape[0] == 0 and reducer is None):
         raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"expected on_nonfinite in {NONFINITE_POLICIES}, got {on_nonfinite!r}")
@@ -320,7 +420,7 @@ def metadata_norm(
 
     compute_dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
     with torch.autocast(input.device.type, enabled=False):
-        features = input.reshape(m, -1).to(compute_dtype)
+        features = input.reshape(m, math.prod(input.shape[1:])).to(compute_dtype)
         rows = metadata.reshape(m, k).to(device=features.device, dtype=compute_dtype)
         mask = remove_mask.to(rows.device)
         if not training:
@@ -330,6 +430,15 @@ def metadata_norm(
                     "track_running_stats=True, or keep it in training mode"
                 )
             out = remove_effect(features, rows, running_beta.to(compute_dtype), mask)
+        elif reducer is not None:
+            # every process runs the differentiable map, so that each joins the backward
+            # collective once; whether the output uses the running β depends on the summed M
+            out, beta, count = batch_residual(
+                features, rows, gram_inverse, n_samples, mask, reducer=reducer
+            )
+            if running_beta is not None and m <= k:  # M > K is known already when m > K
+                fallback = remove_effect(features, rows, running_beta.to(compute_dtype), mask)
+                out = torch.where(count > k, out, fallback)
         elif running_beta is None or m > k:
             out, beta, count = batch_residual(
                 features, rows, gram_inverse, n_samples, mask, reducer=reducer

@@ -1,0 +1,361 @@
+r"""Metadata Normalization synchronised over processes (torch.distributed), as SyncBatchNorm.
+
+MDN (Lu et al., CVPR 2021, https://arxiv.org/abs/2104.09052) estimates
+:math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F` from each batch. Under data parallelism every
+process sees only its own share of the batch, so each would estimate β from fewer rows, and MDN
+gets weaker as processes are added. The statistics are sums, so one all-reduce per direction
+makes the estimate that of the union batch, exactly:
+
+- forward: every rank r sums :math:`[X_r^\top F_r,\ m_r]` (one flat tensor) over the ranks;
+  :math:`M = \sum_r m_r`, :math:`\hat\beta = (N/M)\,\Sigma^{-1}\sum_r X_r^\top F_r` (the same on
+  every rank) and :math:`y_r = F_r - X_{r,R}\hat\beta_R`;
+- backward: :math:`T = \sum_r X_{r,R}^\top G_r` is summed, and
+  :math:`\partial L/\partial F_r = G_r - (N/M)\,X_r\,\Sigma^{-1}_{:,R}\,T`, the gradient of
+  :math:`\sum_r L_r` (DDP then averages the parameter gradients by 1/W, the convention of
+  :class:`torch.nn.SyncBatchNorm`; see ``docs/distributed.md``);
+- the running β then moves identically on every rank, without a broadcast.
+
+:class:`SyncMetadataNorm` is :class:`~metanorm.nn.MetadataNorm` with a process group; its only
+difference is the reduce point (``MetadataNorm._reducer``), so every option of the layer carries
+over. :func:`global_design_statistics` builds a layer when each rank holds only its shard of the
+training design.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from metanorm._validation import as_2d_tensor, check_finite
+from metanorm.design import Design
+from metanorm.linalg import inverse_gram
+from metanorm.nn import functional as MF
+from metanorm.nn.metadata_norm import LazyMetadataNorm, MetadataNorm, _resolve_keep
+
+__all__ = ["SyncMetadataNorm", "global_design_statistics", "revert_sync_metadata_norm"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_sum(tensor: Tensor, group: Any) -> Tensor:
+    """The sum over ``group``; a functional collective (traceable by :func:`torch.compile`)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.wait_tensor(funcol.all_reduce(tensor, "sum", group))
+
+
+class _ProcessGroupReducer:
+    """The reduce point of :mod:`metanorm.nn.functional` as an all-reduce over a process group.
+
+    ``packs_count``: the forward pass sums XᵀF and m in one collective (two in all per step).
+    """
+
+    packs_count = True
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over the group's processes."""
+        return _all_reduce_sum(tensor, self.group)
+
+
+class SyncMetadataNorm(MetadataNorm):
+    r"""A :class:`~metanorm.nn.MetadataNorm` whose batch estimate spans every process.
+
+    In training, each process's batch statistics are summed over ``process_group`` before the
+    estimate, so every process gets the β̂ of the union batch (M rows in all) and removes it from
+    its own rows, and the backward pass sums the gradient statistic the same way: outputs, input
+    gradients and the running β are those of one process holding the union batch. Two
+    all-reduces per layer and training step (K·D + 1 values forward, K·D backward); the
+    functional collectives are used, so nothing is read on the host and the layer compiles.
+
+    - Batch sizes may differ between processes (exact); a process with an empty batch still
+      joins the collectives and returns its empty input; a union batch of M = 0 returns the
+      input and changes no buffer. A union batch of M ≤ K uses the running β (as
+      :class:`MetadataNorm` does for m ≤ K), decided on the device.
+    - Every process must call the layer in training (as with :class:`torch.nn.SyncBatchNorm`),
+      and use its output in the loss it back-propagates.
+    - A non-finite estimate on one process is non-finite on all (the statistics are summed), so
+      ``on_nonfinite`` acts the same on every process.
+    - A wrong feature or design width raises on the process that has it, before any collective
+      (the others then wait until the process group's timeout).
+    - Evaluation uses the running β and no collective (validating on one process alone is
+      fine). Without ``track_running_stats``, evaluation uses the local batch only.
+    - Without an initialised :mod:`torch.distributed`, or in a group of one process, it is
+      exactly a :class:`MetadataNorm`.
+
+    Args:
+        num_features, design, keep, momentum: as for :class:`MetadataNorm`.
+        process_group: the processes to synchronise over. Default: ``None``, the whole world
+            (the default group at call time).
+        **kwargs: every other keyword argument of :class:`MetadataNorm` (``num_metadata``,
+            ``track_running_stats``, ``ridge``, ``on_nonfinite``, ``device``, ``dtype``, ...).
+
+    Shape:
+        As :class:`MetadataNorm`; in training the local batch may be empty (m = 0).
+
+    Examples::
+
+        >>> import torch
+        >>> design = torch.cat([torch.randn(100, 1), torch.ones(100, 1)], dim=1)
+        >>> layer = SyncMetadataNorm(8, design)      # one process: a plain MetadataNorm
+        >>> layer(torch.randn(10, 8), design[:10]).shape
+        torch.Size([10, 8])
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), MetadataNorm(8, design))
+        >>> model = SyncMetadataNorm.convert_sync_metadata_norm(model)
+        >>> type(model[1]).__name__
+        'SyncMetadataNorm'
+        >>> type(revert_sync_metadata_norm(model)[1]).__name__
+        'MetadataNorm'
+    """
+
+    process_group: Any
+
+    def __init__(
+        self,
+        num_features: int,
+        design: Any = None,
+        keep: Iterable[int | str] | None = None,
+        momentum: float | None = 0.1,
+        *,
+        process_group: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features, design, keep, momentum, **kwargs)
+        self.process_group = process_group
+
+    def _reducer(self) -> MF.StatisticsReducer | None:
+        """An all-reduce over the process group in training; None in one process or in eval."""
+        if not self.training or not _distributed():
+            return None
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        if dist.get_world_size(group) == 1:
+            return None
+        return _ProcessGroupReducer(group)
+
+    @classmethod
+    def convert_sync_metadata_norm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Swaps every :class:`MetadataNorm` in ``module`` for a :class:`SyncMetadataNorm`.
+
+        As :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: children are replaced in
+        place, and the (possibly new) root is returned. Each synced layer shares its buffers
+        (the same tensors) and every attribute with the layer it replaces; hooks carry over.
+        Layers that are synced already are left as they are.
+
+        Args:
+            module: a model, or a single layer.
+            process_group: the group the layers synchronise over. Default: the whole world.
+
+        Returns:
+            ``module`` with its MDN layers synced (a new object if ``module`` itself is one).
+
+        Raises:
+            ValueError: a :class:`LazyMetadataNorm` has not run yet (its β has no shape).
+            TypeError: a subclass of :class:`MetadataNorm` other than the lazy one, whose
+                behaviour this class would drop.
+        """
+        if isinstance(module, MetadataNorm) and not isinstance(module, SyncMetadataNorm):
+            if isinstance(module, LazyMetadataNorm):
+                raise ValueError(
+                    "expected an initialised MetadataNorm, got a LazyMetadataNorm that has not "
+                    "run yet: run one batch through the model before converting it"
+                )
+            if type(module) is not MetadataNorm:
+                raise TypeError(
+                    f"expected MetadataNorm layers, got a {type(module).__name__} (a subclass "
+                    "this conversion would turn into a plain synced layer)"
+                )
+            synced = _with_class(module, cls)
+            synced.process_group = process_group
+            return synced
+        for name, child in module.named_children():
+            converted = cls.convert_sync_metadata_norm(child, process_group)
+            if converted is not child:
+                module.add_module(name, converted)
+        return module
+
+    @classmethod
+    def from_design_statistics(
+        cls,
+        num_features: int,
+        gram: Tensor,
+        n_samples: int | float | Tensor,
+        keep: Iterable[int | str] | None = None,
+        momentum: float | None = 0.1,
+        *,
+        columns: Iterable[str] | None = None,
+        ridge: float = 0.0,
+        process_group: Any = None,
+        **kwargs: Any,
+    ) -> SyncMetadataNorm:
+        r"""Builds the layer from :math:`X^\top X` and N instead of the whole design.
+
+        For sharded metadata: each process holds the design rows of its shard only, and
+        :func:`global_design_statistics` sums :math:`X_r^\top X_r` and :math:`N_r`. The layer is
+        the one ``SyncMetadataNorm(num_features, whole_design, ...)`` builds:
+        :math:`\Sigma^{-1}` follows :func:`metanorm.linalg.inverse_gram` (the same ridge, the
+        same refusal of a singular or ill-conditioned :math:`\Sigma`, naming the columns).
+
+        Args:
+            num_features: D, as for :class:`MetadataNorm`.
+            gram: :math:`X^\top X`, ``(K, K)`` (symmetric positive semi-definite).
+            n_samples: N, the number of design rows behind ``gram``.
+            keep: kept columns, indices (or names, with ``columns``). Default: none.
+            momentum: as for :class:`MetadataNorm`.
+            columns: the K column names (for ``keep`` by name and for error messages).
+            ridge: as for :class:`MetadataNorm`.
+            process_group: as for :class:`SyncMetadataNorm`.
+            **kwargs: further keyword arguments of :class:`MetadataNorm` (not ``design`` or
+                ``num_metadata``).
+
+        Examples::
+
+            >>> import torch
+            >>> x = torch.cat([torch.randn(50, 1), torch.ones(50, 1)], dim=1)
+            >>> gram, n = global_design_statistics(x)   # one process: this process's rows
+            >>> layer = SyncMetadataNorm.from_design_statistics(8, gram, n)
+            >>> torch.allclose(layer.gram_inverse, SyncMetadataNorm(8, x).gram_inverse)
+            True
+        """
+        if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+            raise ValueError(f"expected gram (XᵀX) to be a (K, K) tensor, got {gram!r:.80}")
+        n = float(n_samples)
+        if not n >= 1:
+            raise ValueError(f"expected n_samples >= 1 (the rows behind gram), got {n_samples!r}")
+        names = None if columns is None else tuple(columns)
+        k = gram.shape[0]
+        check_finite(gram.to(torch.float64), "gram")
+        gram_inverse = inverse_gram(_square_root(gram), ridge=ridge, columns=names)
+        keep_idx = _resolve_keep(keep or (), k, names)
+        if len(keep_idx) == k:
+            raise ValueError(f"keep lists all {k} design columns: nothing would be removed")
+        layer = cls(
+            num_features,
+            None,
+            None,
+            momentum,
+            num_metadata=k,
+            ridge=ridge,
+            process_group=process_group,
+            **kwargs,
+        )
+        with torch.no_grad():
+            layer.gram_inverse.copy_(gram_inverse)
+            layer.n_samples.fill_(n)
+            layer.remove_mask[list(keep_idx)] = False
+        layer.columns = names
+        layer.has_design = True
+        return layer
+
+
+def revert_sync_metadata_norm(module: nn.Module) -> nn.Module:
+    """Swaps every :class:`SyncMetadataNorm` in ``module`` back for a :class:`MetadataNorm`.
+
+    The inverse of :meth:`SyncMetadataNorm.convert_sync_metadata_norm` (for a checkpoint, or for
+    evaluation in one process): each layer keeps its buffers (the same tensors) and attributes.
+
+    Returns:
+        ``module`` with its synced layers replaced (a new object if ``module`` itself is one).
+    """
+    if isinstance(module, SyncMetadataNorm):
+        plain = _with_class(module, MetadataNorm)
+        del plain.process_group
+        return plain
+    for name, child in module.named_children():
+        reverted = revert_sync_metadata_norm(child)
+        if reverted is not child:
+            module.add_module(name, reverted)
+    return module
+
+
+def global_design_statistics(
+    design: Any, *, process_group: Any = None, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Sums :math:`X_r^\top X_r` and :math:`N_r` of each process's shard of the design.
+
+    When each process holds only its shard's design rows, the layer's :math:`\Sigma = X^\top X`
+    and N are these sums (one all-reduce). Build the layer with
+    :meth:`SyncMetadataNorm.from_design_statistics`. Every process of the group must call it;
+    without an initialised :mod:`torch.distributed` it returns the local sums. The widths K are
+    compared first (one more small all-reduce), so a shard of another width raises a
+    ``ValueError`` on every process instead of a failed collective.
+
+    Args:
+        design: this process's design rows, ``(N_r, K)`` tensor, array or
+            :class:`metanorm.design.Design` (``N_r`` may be 0).
+        process_group: the group to sum over. Default: the whole world.
+        device: where to compute. Default: the design's device, or the current CUDA device when
+            the group's backend is NCCL.
+
+    Returns:
+        ``(gram, n_samples)``: float64 ``(K, K)`` :math:`\sum_r X_r^\top X_r` and float64 0-d
+        :math:`\sum_r N_r`.
+
+    Examples::
+
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 2.0], [1.0, 3.0], [1.0, 5.0]])
+        >>> gram, n = global_design_statistics(x)
+        >>> gram
+        tensor([[ 3., 10.],
+                [10., 38.]], dtype=torch.float64)
+        >>> int(n)
+        3
+    """
+    if isinstance(design, Design):
+        design = design.matrix
+    if device is None and _distributed():
+        group = dist.group.WORLD if process_group is None else process_group
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+    x = as_2d_tensor(design, "design", dtype=torch.float64)
+    if device is not None:
+        x = x.to(device)
+    check_finite(x, "design")
+    gram = x.T @ x
+    n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+    if not _distributed():
+        return gram, n
+    group = dist.group.WORLD if process_group is None else process_group
+    k = x.shape[1]
+    widths = torch.tensor([k, -k], dtype=torch.float64, device=x.device)
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=group)
+    if widths[0] != k or -widths[1] != k:
+        raise ValueError(
+            f"expected design shards of one width K on every process, got K = {k} here and "
+            f"K from {int(-widths[1])} to {int(widths[0])} over the group"
+        )
+    packed = torch.cat([gram.reshape(-1), n.reshape(1)])
+    dist.all_reduce(packed, group=group)
+    return packed[:-1].reshape(k, k), packed[-1]
+
+
+def _square_root(gram: Tensor) -> Tensor:
+    r"""A (K, K) matrix R with :math:`R^\top R` = ``gram`` (a design inverse_gram can take)."""
+    g = gram.detach().to(torch.float64)
+    g = (g + g.T) / 2
+    evals, evecs = torch.linalg.eigh(g)
+    return evals.clamp_min(0).sqrt()[:, None] * evecs.T
+
+
+def _with_class(module: nn.Module, cls: type[nn.Module]) -> Any:
+    """A module of class ``cls`` sharing ``module``'s tensors and attributes.
+
+    The instance dictionary is copied with fresh containers (parameters, buffers, submodules,
+    hooks) holding the same objects, so later changes to one module's containers do not reach
+    the other, while their tensors are shared.
+    """
+    new = cls.__new__(cls)
+    state = {}
+    for key, value in module.__dict__.items():
+        state[key] = copy.copy(value) if isinstance(value, dict | set | list) else value
+    new.__dict__.update(state)
+    return new
