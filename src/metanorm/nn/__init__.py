@@ -11,6 +11,9 @@ from metanorm.nn.metadata_norm import MetadataNorm as MetadataNorm
 from metanorm.nn.penalty import PenaltyMetadataNorm as PenaltyMetadataNorm
 from metanorm.nn.penalty import split_parameters as split_parameters
 from metanorm.nn.recursive import RecursiveMetadataNorm as RecursiveMetadataNorm
+from metanorm.nn.sync import SyncMetadataNorm as SyncMetadataNorm
+from metanorm.nn.sync import global_design_statistics as global_design_statistics
+from metanorm.nn.sync import revert_sync_metadata_norm as revert_sync_metadata_norm
 
 __all__ = [
     "LazyMetadataNorm",
@@ -19,8 +22,11 @@ __all__ = [
     "NonFiniteEstimateError",
     "PenaltyMetadataNorm",
     "RecursiveMetadataNorm",
+    "SyncMetadataNorm",
     "functional",
+    "global_design_statistics",
     "metadata_norm",
+    "revert_sync_metadata_norm",
     "split_parameters",
     "takes_metadata",
     "utils",
