@@ -1,9 +1,11 @@
 """Neural-network layers: :class:`MetadataNorm` and the containers that feed it metadata."""
 
 from metanorm.nn import functional as functional
+from metanorm.nn import scope as scope
 from metanorm.nn import utils as utils
 from metanorm.nn.container import MetadataSequential as MetadataSequential
 from metanorm.nn.container import takes_metadata as takes_metadata
+from metanorm.nn.convert import convert_metadata_norm as convert_metadata_norm
 from metanorm.nn.functional import NonFiniteEstimateError as NonFiniteEstimateError
 from metanorm.nn.functional import metadata_norm as metadata_norm
 from metanorm.nn.metadata_norm import LazyMetadataNorm as LazyMetadataNorm
@@ -11,22 +13,30 @@ from metanorm.nn.metadata_norm import MetadataNorm as MetadataNorm
 from metanorm.nn.penalty import PenaltyMetadataNorm as PenaltyMetadataNorm
 from metanorm.nn.penalty import split_parameters as split_parameters
 from metanorm.nn.recursive import RecursiveMetadataNorm as RecursiveMetadataNorm
+from metanorm.nn.scope import MetadataModel as MetadataModel
+from metanorm.nn.scope import current_metadata as current_metadata
+from metanorm.nn.scope import metadata_scope as metadata_scope
 from metanorm.nn.sync import SyncMetadataNorm as SyncMetadataNorm
 from metanorm.nn.sync import global_design_statistics as global_design_statistics
 from metanorm.nn.sync import revert_sync_metadata_norm as revert_sync_metadata_norm
 
 __all__ = [
     "LazyMetadataNorm",
+    "MetadataModel",
     "MetadataNorm",
     "MetadataSequential",
     "NonFiniteEstimateError",
     "PenaltyMetadataNorm",
     "RecursiveMetadataNorm",
     "SyncMetadataNorm",
+    "convert_metadata_norm",
+    "current_metadata",
     "functional",
     "global_design_statistics",
     "metadata_norm",
+    "metadata_scope",
     "revert_sync_metadata_norm",
+    "scope",
     "split_parameters",
     "takes_metadata",
     "utils",

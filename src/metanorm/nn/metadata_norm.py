@@ -15,6 +15,7 @@ from metanorm._validation import describe
 from metanorm.design import Design
 from metanorm.linalg import inverse_gram
 from metanorm.nn import functional as MF
+from metanorm.nn import scope as _scope
 
 __all__ = ["LazyMetadataNorm", "MetadataNorm"]
 
@@ -53,6 +54,20 @@ class MetadataNorm(nn.Module):
     output uses the running β (as in evaluation); its estimate is still folded into the
     running β as above.
 
+    **Channel-wise β** (``channelwise=True``): for large conv maps, where a K×C·H·W β is too
+    big, one β column per channel is shared over the positions, as BatchNorm shares its
+    statistics per channel. The layer regresses each channel's spatial mean
+    :math:`\bar F` (m×C) on the metadata and subtracts the fitted effect at every position:
+    :math:`y = F - X_{b,R}\,\hat\beta_R` broadcast over the positions, with
+    :math:`\hat\beta = \frac{N}{m}\Sigma^{-1}X_b^\top\bar F` (K×C), the least-squares β of the
+    positions pooled. ``num_features`` is then C, and the running β is K×C.
+
+    **Metadata in scope.** Called with one argument, ``layer(h)``, the layer takes the design
+    rows in scope: those of the enclosing :class:`metanorm.nn.MetadataModel` call
+    (``model(x, metadata=rows)``, see :func:`metanorm.nn.convert_metadata_norm`) or
+    :func:`metanorm.nn.metadata_scope` block. That lets an MDN layer sit in a model whose
+    ``forward(x)`` cannot pass metadata. With none in scope it raises a ``TypeError``.
+
     .. note::
         ``momentum=None`` gives the cumulative average of every batch seen, as in
         :class:`torch.nn.BatchNorm1d`, each batch weighted by its size. After one epoch over
@@ -81,6 +96,9 @@ class MetadataNorm(nn.Module):
             :class:`~metanorm.nn.NonFiniteEstimateError`. ``"warn"`` and ``"raise"`` read one
             flag on the host every training step (a device sync, and a graph break under
             :func:`torch.compile`). Default: ``"skip"``.
+        channelwise: share β over the positions of a conv map: ``num_features`` is the number
+            of channels C (dimension 1 of the input), the running β is ``(K, C)``. Default:
+            ``False`` (one β column per flattened feature).
         device: device of the buffers.
         dtype: dtype of the running β (:math:`\Sigma^{-1}` is always float64). Default: float32.
 
@@ -88,14 +106,17 @@ class MetadataNorm(nn.Module):
         gram_inverse: :math:`\Sigma^{-1}`, float64 buffer ``(K, K)``.
         n_samples: N, float64 buffer (0-d).
         remove_mask: bool buffer ``(K,)``, true for removed columns.
-        running_beta: buffer ``(K, D)``, or ``None`` without ``track_running_stats``.
+        running_beta: buffer ``(K, D)`` (``(K, C)`` channel-wise), or ``None`` without
+            ``track_running_stats``.
         num_batches_tracked: long buffer (0-d), training batches behind the running β.
         num_samples_tracked: long buffer (0-d), training samples behind the running β.
         num_batches_skipped: long buffer (0-d), training batches whose estimate was not finite.
 
     Shape:
         - Input: :math:`(m, *)` with :math:`\prod * = D`; any m ≥ 1 (a short last batch works).
-        - Metadata: :math:`(m, K)`, the batch's design rows, built like ``design``.
+          Channel-wise: :math:`(m, C, *)`.
+        - Metadata: :math:`(m, K)`, the batch's design rows, built like ``design``; omitted:
+          the rows in scope.
         - Output: same shape and dtype as the input. float16/bfloat16 inputs (and inputs under
           :func:`torch.autocast`) are computed in float32.
 
@@ -115,6 +136,9 @@ class MetadataNorm(nn.Module):
         >>> restored = MetadataNorm(84, num_metadata=3)    # no design needed to restore
         >>> restored.load_state_dict(layer.state_dict())
         <All keys matched successfully>
+        >>> conv = MetadataNorm(16, design, channelwise=True)   # β of 3 x 16, for (m, 16, H, W)
+        >>> conv(torch.randn(20, 16, 32, 32), rows[:20]).shape
+        torch.Size([20, 16, 32, 32])
     """
 
     _version = 2
@@ -123,10 +147,12 @@ class MetadataNorm(nn.Module):
         "num_metadata",
         "momentum",
         "track_running_stats",
+        "channelwise",
     ]
     num_features: int
     num_metadata: int
     momentum: float | None
+    channelwise: bool
     gram_inverse: Tensor
     n_samples: Tensor
     remove_mask: Tensor
@@ -146,6 +172,7 @@ class MetadataNorm(nn.Module):
         track_running_stats: bool = True,
         ridge: float = 0.0,
         on_nonfinite: str = "skip",
+        channelwise: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -161,6 +188,8 @@ class MetadataNorm(nn.Module):
             raise ValueError(
                 f"expected on_nonfinite in {MF.NONFINITE_POLICIES}, got {on_nonfinite!r}"
             )
+        if not isinstance(channelwise, bool):
+            raise TypeError(f"expected channelwise to be a bool, got {channelwise!r}")
         columns: tuple[str, ...] | None = None
         if design is None:
             if (
@@ -196,6 +225,7 @@ class MetadataNorm(nn.Module):
         self.track_running_stats = track_running_stats
         self.ridge = ridge
         self.on_nonfinite = on_nonfinite
+        self.channelwise = channelwise
         self.columns = columns
         self.has_design = design is not None
         mask = torch.ones(k, dtype=torch.bool, device=device)
@@ -246,6 +276,13 @@ class MetadataNorm(nn.Module):
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"expected input to be a tensor, got {type(input).__name__}")
+        if self.channelwise:
+            if input.dim() < 2 or input.shape[1] != self.num_features:
+                raise ValueError(
+                    f"expected input of shape (m, C, *) with C = {self.num_features} channels "
+                    f"(num_features of a channel-wise layer), got {describe(input)}"
+                )
+            return
         if input.dim() < 2:
             raise ValueError(
                 f"expected input of shape (m, *) with {self.num_features} features per sample, "
@@ -262,8 +299,14 @@ class MetadataNorm(nn.Module):
         """Where the batch statistics meet (None: this process only)."""
         return None
 
-    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
-        """Removes the metadata effect; see the class docstring."""
+    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
+        """Removes the metadata effect; see the class docstring.
+
+        Args:
+            input: the features, ``(m, *)`` (channel-wise: ``(m, C, *)``).
+            metadata: the batch's design rows ``(m, K)``. ``None`` (or omitted): the rows in
+                scope (see :class:`metanorm.nn.MetadataModel`).
+        """
         if not self.has_design:
             raise RuntimeError(
                 f"this {type(self).__name__} was built without a design (num_metadata="
@@ -271,6 +314,16 @@ class MetadataNorm(nn.Module):
                 "design= (the whole training design)"
             )
         self._check_input_dim(input)
+        if metadata is None:
+            metadata = _scope.metadata_for(self, input)
+        if not self.channelwise:
+            return self._normalize(input, metadata)
+        # one β column per channel: regress the spatial means, subtract at every position
+        pooled = input.mean(dim=tuple(range(2, input.dim()))) if input.dim() > 2 else input
+        shift = self._normalize(pooled, metadata) - pooled
+        return input + shift.reshape(shift.shape + (1,) * (input.dim() - 2))
+
+    def _normalize(self, input: Tensor, metadata: Tensor) -> Tensor:
         return MF.metadata_norm(
             input,
             metadata,
@@ -319,6 +372,7 @@ class MetadataNorm(nn.Module):
             f"{self.num_features}, num_metadata={self.num_metadata}, keep={list(self.keep)}, "
             f"n_samples={int(self.n_samples)}, momentum={self.momentum}, "
             f"track_running_stats={self.track_running_stats}"
+            + (", channelwise=True" if self.channelwise else "")
         )
 
 
@@ -326,14 +380,15 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
     r"""A :class:`MetadataNorm` whose ``num_features`` is inferred from its first input.
 
     The running β is an uninitialised buffer until the first call, which sets ``num_features``
-    to the flattened per-sample size of the input; the module then becomes a
+    to the flattened per-sample size of the input (channel-wise: its number of channels); the
+    module then becomes a
     :class:`MetadataNorm` (torch's lazy-module idiom, as :class:`torch.nn.LazyBatchNorm1d`).
     Run one batch before :func:`torch.compile` or building an optimizer.
 
     Args:
         design: the whole training set's design (see :class:`MetadataNorm`).
-        keep, momentum, track_running_stats, ridge, on_nonfinite, device, dtype: as for
-            :class:`MetadataNorm`.
+        keep, momentum, track_running_stats, ridge, on_nonfinite, channelwise, device, dtype: as
+            for :class:`MetadataNorm`.
 
     Examples::
 
@@ -357,6 +412,7 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
         track_running_stats: bool = True,
         ridge: float = 0.0,
         on_nonfinite: str = "skip",
+        channelwise: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -368,6 +424,7 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
             track_running_stats=track_running_stats,
             ridge=ridge,
             on_nonfinite=on_nonfinite,
+            channelwise=channelwise,
             device=device,
             dtype=dtype,
         )
@@ -383,15 +440,19 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
         if not self.has_uninitialized_params():
             super().reset_running_stats()
 
-    def initialize_parameters(self, input: Tensor, metadata: Tensor) -> None:
-        """Sets ``num_features`` from the first input and materialises the running β."""
-        if self.has_uninitialized_params():
+    def initialize_parameters(self, input: Tensor, metadata: Tensor | None = None) -> None:
+        """Sets ``num_features`` from the first input and materialises the running β.
+
+        Also after :meth:`load_state_dict` (which materialises the β) or without a running β:
+        ``num_features`` is always set from the first input.
+        """
+        if self.has_uninitialized_params() or self.num_features == 0:
             if not isinstance(input, Tensor) or input.dim() < 2:
                 raise ValueError(
                     "expected input of shape (m, *) to infer num_features from, got "
                     f"{describe(input)}"
                 )
-            self.num_features = math.prod(input.shape[1:])
+            self.num_features = input.shape[1] if self.channelwise else math.prod(input.shape[1:])
             if isinstance(self.running_beta, UninitializedBuffer):
                 self.running_beta.materialize((self.num_metadata, self.num_features))
                 self.running_beta.zero_()
