@@ -55,6 +55,7 @@ __all__ = [
 EXPERIMENT_MODULES: tuple[str, ...] = (
     "metanorm.experiments.synthetic",
     "metanorm.experiments.real",
+    "metanorm.experiments.estimators",
 )
 
 
