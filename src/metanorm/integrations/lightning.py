@@ -1,0 +1,198 @@
+"""PyTorch Lightning: a ``LayerSync`` plugin that syncs MetadataNorm (and BatchNorm) under DDP.
+
+Lightning takes one ``LayerSync`` plugin per ``Trainer``; its built-in one
+(``sync_batchnorm=True``) converts BatchNorm only. :class:`MetadataNormSync` converts both:
+every :class:`~metanorm.nn.MetadataNorm` to :class:`~metanorm.nn.SyncMetadataNorm` (β estimated
+from the union of the processes' batches) and every BatchNorm to
+:class:`torch.nn.SyncBatchNorm`, when ``fit`` sets up a DDP strategy; Lightning reverts them
+when ``fit`` ends, so the module holds plain layers again afterwards::
+
+    import pytorch_lightning as pl   # or: import lightning.pytorch as pl
+    from metanorm.integrations.lightning import MetadataNormSync
+
+    trainer = pl.Trainer(strategy="ddp", devices=2, plugins=[MetadataNormSync()])
+    trainer.fit(module)
+
+Works with the ``pytorch_lightning`` package and with the ``lightning`` package's
+``lightning.pytorch`` namespace, whichever is installed (with both, the plugin is an instance of
+both ``LayerSync`` classes, so either ``Trainer`` accepts it). Install with
+``pip install metanorm[lightning]``. See ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from metanorm.nn import SyncMetadataNorm, revert_sync_metadata_norm
+
+__all__ = ["MetadataNormSync"]
+
+_NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+
+
+def _plugin_modules() -> list[Any]:
+    """The ``plugins`` modules of the installed Lightning namespaces."""
+    found = []
+    for name in _NAMESPACES:
+        try:
+            found.append(importlib.import_module(f"{name}.plugins"))
+        except ImportError:
+            continue
+    if not found:
+        raise ImportError(
+            "metanorm.integrations.lightning needs PyTorch Lightning: "
+            "pip install 'metanorm[lightning]' (or the 'lightning' package)"
+        )
+    return found
+
+
+_PLUGINS = _plugin_modules()
+
+if TYPE_CHECKING:
+    from pytorch_lightning.plugins import LayerSync as _LayerSync
+elif len(_PLUGINS) == 1:
+    _LayerSync = _PLUGINS[0].LayerSync
+else:
+
+    class _LayerSync(*(m.LayerSync for m in _PLUGINS)):
+        """``LayerSync`` of every installed Lightning namespace."""
+
+
+class MetadataNormSync(_LayerSync):
+    """A Lightning ``LayerSync`` plugin for MetadataNorm and BatchNorm layers.
+
+    ``apply`` (called by Lightning's DDP strategies when ``fit`` starts, before the model is
+    wrapped) converts every :class:`~metanorm.nn.MetadataNorm` with
+    :meth:`SyncMetadataNorm.convert_sync_metadata_norm` and, with ``batch_norm=True``, every
+    BatchNorm with :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`; ``revert`` (called when
+    ``fit`` ends) turns them back into plain layers. The layers keep their parameters and
+    buffers (running β, Σ⁻¹, running mean and variance) through both.
+
+    In one process (or without torch.distributed) the synced layers compute what the plain ones
+    do. Every process must run the synced layers in each training step, as with
+    ``SyncBatchNorm``.
+
+    .. note::
+        :class:`torch.nn.SyncBatchNorm` runs on GPUs (and XPU/HPU) only: on the CPU, DDP refuses
+        it ("SyncBatchNorm layers only work with GPU modules"). So by default BatchNorm layers
+        are converted except under a CPU-only backend (gloo or MPI), where they are left as
+        they are, each process normalising by its own batch, with a warning. MetadataNorm is
+        synced on every backend.
+
+    Args:
+        batch_norm: also convert BatchNorm layers (Lightning allows one ``LayerSync`` plugin, so
+            this one replaces ``sync_batchnorm=True``): ``True``, ``False``, or ``None`` to
+            convert them unless the process group's backend is gloo or MPI (see the note).
+            Default: ``None``.
+        process_group: the processes to sync over. Default: ``None``, the whole world.
+
+    Examples::
+
+        >>> import torch
+        >>> from metanorm.nn import MetadataNorm
+        >>> design = torch.cat([torch.randn(40, 1), torch.ones(40, 1)], dim=1)
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), MetadataNorm(8, design)
+        ... )
+        >>> plugin = MetadataNormSync()
+        >>> [type(m).__name__ for m in plugin.apply(model)]
+        ['Linear', 'SyncBatchNorm', 'SyncMetadataNorm']
+        >>> [type(m).__name__ for m in plugin.revert(model)]
+        ['Linear', 'BatchNorm1d', 'MetadataNorm']
+    """
+
+    def __init__(self, *, batch_norm: bool | None = None, process_group: Any = None) -> None:
+        self.batch_norm = batch_norm
+        self.process_group = process_group
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Converts the MetadataNorm (and BatchNorm) layers of ``model`` to synced ones.
+
+        Returns:
+            ``model`` with synced layers (a new object only if ``model`` itself is a layer).
+        """
+        model = SyncMetadataNorm.convert_sync_metadata_norm(model, self.process_group)
+        if self._sync_batch_norm(model):
+            classes = {
+                name: type(m)
+                for name, m in model.named_modules()
+                if isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+            }
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model, self.process_group)
+            for name, m in model.named_modules():
+                if name in classes and isinstance(m, nn.SyncBatchNorm):
+                    m.__dict__["_metanorm_batchnorm_class"] = classes[name]
+        return model
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        """Turns the synced layers of ``model`` back into plain ones.
+
+        ``SyncMetadataNorm`` becomes :class:`~metanorm.nn.MetadataNorm`; ``SyncBatchNorm``
+        becomes ``BatchNorm1d``/``2d``/``3d`` according to the ``_BatchNorm`` class it was
+        converted from when known (recorded by :meth:`apply`), else Lightning's own dimension-free
+        BatchNorm (what Lightning's ``TorchSyncBatchNorm`` plugin restores).
+
+        Returns:
+            ``model`` with plain layers (a new object only if ``model`` itself is a layer).
+        """
+        model = revert_sync_metadata_norm(model)
+        if self.batch_norm is not False:
+            model = _revert_sync_batchnorm(model)
+        return model
+
+    def _sync_batch_norm(self, model: nn.Module) -> bool:
+        if self.batch_norm is not None:
+            return self.batch_norm
+        if not (dist.is_available() and dist.is_initialized()):
+            return True  # a SyncBatchNorm outside torch.distributed is a BatchNorm
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        if str(dist.get_backend(group)) not in ("gloo", "mpi"):
+            return True
+        if any(isinstance(m, _BatchNorm) for m in model.modules()):
+            warnings.warn(
+                "MetadataNormSync: BatchNorm layers left unsynced under the CPU-only "
+                f"{dist.get_backend(group)!r} backend (torch's SyncBatchNorm needs GPUs); "
+                "each process normalises them by its own batch",
+                UserWarning,
+                stacklevel=2,
+            )
+        return False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batch_norm={self.batch_norm})"
+
+
+def _revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``SyncBatchNorm`` → the BatchNorm class it was converted from, sharing its tensors."""
+    if isinstance(module, nn.SyncBatchNorm):
+        cls = module.__dict__.get("_metanorm_batchnorm_class")
+        if cls is None:  # not converted by MetadataNormSync.apply: Lightning's own revert
+            return _PLUGINS[0].TorchSyncBatchNorm().revert(module)
+        plain = cls(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
+        if module.affine:
+            plain.weight = module.weight
+            plain.bias = module.bias
+        plain.running_mean = module.running_mean
+        plain.running_var = module.running_var
+        plain.num_batches_tracked = module.num_batches_tracked
+        plain.train(module.training)
+        for name, child in module.named_children():
+            plain.add_module(name, child)
+        return plain
+    for name, child in module.named_children():
+        reverted = _revert_sync_batchnorm(child)
+        if reverted is not child:
+            module.add_module(name, reverted)
+    return module

@@ -1,0 +1,296 @@
+"""The launchers, each with 2 CPU processes: torchrun, PyTorch Lightning (ddp), Accelerate.
+
+Each test starts its launcher once in a subprocess and compares what the processes wrote with a
+single process over the union batches. Run as a script, this file is the Lightning job
+(``python test_launchers.py lightning OUT``): Lightning's ddp strategy starts the second process
+by running the same command again, so the job must be a script, not a pytest function.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+LAUNCH_TIMEOUT_S = 180
+
+
+def _run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-8000:]}"
+        )
+    return proc.stdout + proc.stderr
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(EXAMPLES))  # an example may import another
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module
+
+
+def _torchrun() -> list[str]:
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _assert_same_state(a: dict, b: dict, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun
+TINY = [
+    "--n-per-class",
+    "16",
+    "--n-eval-per-class",
+    "8",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "2",
+    "--optimizer",
+    "sgd",  # the comparison below is to rounding; Adam's first steps would magnify it
+    "--lr",
+    "0.05",
+]
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_torchrun_ddp_script_matches_one_process(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    _run(
+        [
+            *_torchrun(),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "ddp_synthetic.py"),
+            "--out",
+            "run",
+            "--timeout",
+            "30",
+            *TINY,
+        ],
+        cwd=work,
+    )
+    # rank 0 wrote the run folder, and nothing else was written (no rank-1 or temporary files)
+    assert _files(work) == ["run", "run/config.json", "run/metrics.json", "run/model.pt"]
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["per_process_batch"] == 8
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    assert metrics["max_rank_difference"] == 0.0  # every parameter and buffer agree across ranks
+
+    # one process over the same global batches
+    example = _load_example("ddp_synthetic")
+    assert example.main(["--out", str(tmp_path / "one"), *TINY]) == 0
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    ddp_state = torch.load(work / "run" / "model.pt")
+    one_state = torch.load(tmp_path / "one" / "model.pt")
+    assert any(k.endswith("running_beta") for k in ddp_state)
+    _assert_same_state(ddp_state, one_state)
+    for h2, h1 in zip(metrics["history"], one["history"], strict=True):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
+    assert metrics["test_bacc"] == pytest.approx(one["test_bacc"], abs=1e-12)
+    for c, v in one["test_dcor2_by_class"].items():
+        assert metrics["test_dcor2_by_class"][c] == pytest.approx(v, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch Lightning
+N_ROWS, GLOBAL_BATCH, STEPS, LR = 32, 16, 2, 0.1
+
+
+def _lightning_data():
+    g = torch.Generator().manual_seed(5)
+    cf = torch.rand(N_ROWS, 1, generator=g) * 3
+    x = torch.randn(N_ROWS, 4, generator=g) + cf
+    y = (x.sum(1) + torch.randn(N_ROWS, generator=g) > 4).float()
+    design = torch.cat([cf, torch.ones(N_ROWS, 1)], dim=1)
+    return x, y, design
+
+
+def _lightning_net(design):
+    """An MDN net (compared with one process) and a BatchNorm branch (converted or not)."""
+    from metanorm.nn import MetadataNorm
+
+    torch.manual_seed(0)
+    return nn.ModuleDict(
+        {
+            "fc1": nn.Linear(4, 6),
+            "mdn": MetadataNorm(6, design),
+            "fc2": nn.Linear(6, 1),
+            "bn_fc": nn.Linear(4, 3),
+            "bn": nn.BatchNorm1d(3),
+        }
+    )
+
+
+def _lightning_loss(net, x, rows, y, bn=True):
+    h = torch.relu(net["mdn"](net["fc1"](x), rows))
+    loss = nn.functional.binary_cross_entropy_with_logits(net["fc2"](h)[:, 0], y)
+    if bn:  # the BatchNorm branch: its own parameters, so the MDN net is unaffected by it
+        loss = loss + net["bn"](net["bn_fc"](x)).square().mean()
+    return loss
+
+
+def _lightning_job(out: str) -> None:
+    """The Lightning run (both processes execute this; Lightning starts the second)."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from metanorm.integrations.lightning import MetadataNormSync
+
+    torch.set_num_threads(1)
+    x, y, design = _lightning_data()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _lightning_net(design)
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            index, xb, yb, rows = batch
+            self.seen.append(
+                {
+                    "types": {k: type(m).__name__ for k, m in self.net.items()},
+                    "index": index.clone(),
+                }
+            )
+            return _lightning_loss(self.net, xb, rows, yb)
+
+        def on_train_end(self):  # still inside fit, before Lightning reverts the layers
+            self.inside = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    module = Module()
+    loader = DataLoader(
+        TensorDataset(torch.arange(N_ROWS), x, y, design),
+        batch_size=GLOBAL_BATCH // 2,
+        shuffle=False,
+    )
+    trainer = pl.Trainer(
+        strategy="ddp",
+        devices=2,
+        accelerator="cpu",
+        plugins=[MetadataNormSync()],
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    result = {
+        "warnings": [str(w.message) for w in caught if "MetadataNormSync" in str(w.message)],
+        "seen": module.seen,
+        "inside": module.inside,
+        "after": {k: type(m).__name__ for k, m in module.net.items()},
+        "world_size": trainer.world_size,
+    }
+    torch.save(result, os.path.join(out, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def lightning_results(tmp_path_factory):
+    pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (metanorm[lightning])")
+    out = tmp_path_factory.mktemp("lightning")
+    _run([sys.executable, str(Path(__file__).resolve()), "lightning", str(out)], cwd=out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_lightning_plugin_syncs_inside_fit_and_reverts_after(lightning_results):
+    for res in lightning_results:
+        assert res["world_size"] == 2
+        assert len(res["seen"]) == STEPS
+        for step in res["seen"]:
+            assert step["index"].shape == (GLOBAL_BATCH // 2,)
+            assert step["types"]["mdn"] == "SyncMetadataNorm"
+            # gloo (CPU): torch's SyncBatchNorm needs GPUs, so BatchNorm stays, with a warning
+            assert step["types"]["bn"] == "BatchNorm1d"
+        assert len(res["warnings"]) == 1 and "unsynced" in res["warnings"][0]
+        assert res["after"] == {
+            "fc1": "Linear",
+            "mdn": "MetadataNorm",
+            "fc2": "Linear",
+            "bn_fc": "Linear",
+            "bn": "BatchNorm1d",
+        }
+
+
+def _lightning_reference(batches):
+    """One process, SGD over the given row index batches; the MDN net's final state."""
+    x, y, design = _lightning_data()
+    net = _lightning_net(design)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    for rows in batches:
+        opt.zero_grad()
+        _lightning_loss(net, x[rows], design[rows], y[rows], bn=False).backward()
+        opt.step()
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("bn")}
+
+
+def test_lightning_run_matches_one_process_on_the_union_batches(lightning_results):
+    r0, r1 = (
+        {k: v for k, v in res["inside"].items() if not k.startswith("bn")}
+        for res in lightning_results
+    )
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0)  # the ranks agree exactly
+    # one process on the union of the two ranks' batches, step by step (Lightning's
+    # DistributedSampler shuffles: the rows each rank saw were recorded)
+    seen0, seen1 = (res["seen"] for res in lightning_results)
+    union = [torch.cat([a["index"], b["index"]]) for a, b in zip(seen0, seen1, strict=True)]
+    assert all(len(set(u.tolist())) == GLOBAL_BATCH for u in union)
+    _assert_same_state(r0, _lightning_reference(union), rtol=1e-5, atol=1e-6)
+    # an unsynced MDN would have used rank 0's half batches: visibly different
+    half = _lightning_reference([a["index"] for a in seen0])
+    assert not torch.allclose(half["mdn.running_beta"], r0["mdn.running_beta"], atol=1e-3)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["lightning"]:
+        _lightning_job(sys.argv[2])
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} lightning OUT")
