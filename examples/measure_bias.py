@@ -12,6 +12,7 @@ import json
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from metanorm.metrics import (
     BalancedAccuracy,
@@ -26,7 +27,7 @@ def make_data(n, g):
     x = torch.randn(n, 12, generator=g)
     x[:, :3] += y[:, None]  # the label's own signal ...
     x[:, 3:] += cf[:, None] * torch.linspace(-1, 1, 9)  # ... and the confounder's leak
-    return torch.utils.data.TensorDataset(x, y, cf)
+    return TensorDataset(x, y, cf)
 
 
 def main():
@@ -39,8 +40,8 @@ def main():
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    train_loader = torch.utils.data.DataLoader(make_data(args.samples, g), 64, shuffle=True)
-    val_loader = torch.utils.data.DataLoader(make_data(args.samples, g), 256)
+    train_loader = DataLoader(make_data(args.samples, g), batch_size=64, shuffle=True)
+    val_loader = DataLoader(make_data(args.samples, g), batch_size=256)
     model = nn.Sequential(
         nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1)
     )

