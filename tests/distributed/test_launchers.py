@@ -88,7 +88,11 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def test_torchrun_ddp_script_matches_one_process(tmp_path):
+@pytest.mark.parametrize("script", ["ddp_synthetic", "accelerate_synthetic"])
+def test_torchrun_script_matches_one_process(tmp_path, script):
+    """examples/ddp_synthetic.py (plain DDP) and examples/accelerate_synthetic.py (Accelerate)."""
+    if script == "accelerate_synthetic":
+        pytest.importorskip("accelerate", reason="needs accelerate (metanorm[accelerate])")
     work = tmp_path / "work"
     work.mkdir()
     _run(
@@ -97,7 +101,7 @@ def test_torchrun_ddp_script_matches_one_process(tmp_path):
             "--standalone",
             "--nproc-per-node",
             "2",
-            str(EXAMPLES / "ddp_synthetic.py"),
+            str(EXAMPLES / f"{script}.py"),
             "--out",
             "run",
             "--timeout",
@@ -114,7 +118,7 @@ def test_torchrun_ddp_script_matches_one_process(tmp_path):
     assert metrics["max_rank_difference"] == 0.0  # every parameter and buffer agree across ranks
 
     # one process over the same global batches
-    example = _load_example("ddp_synthetic")
+    example = _load_example(script)
     assert example.main(["--out", str(tmp_path / "one"), *TINY]) == 0
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     ddp_state = torch.load(work / "run" / "model.pt")
