@@ -9,7 +9,13 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from metanorm.nn import MetadataModel, MetadataNorm, current_metadata, metadata_scope
+from metanorm.nn import (
+    MetadataModel,
+    MetadataNorm,
+    MetadataSequential,
+    current_metadata,
+    metadata_scope,
+)
 from metanorm.nn import scope as mscope
 
 
@@ -70,6 +76,15 @@ def test_scope_gives_the_explicit_results_train_and_eval():
         model(x, metadata=design), ref.explicit(x, design), atol=1e-12, rtol=0
     )
     assert current_metadata() is None  # the scope ends with the call
+
+
+def test_metadata_sequential_inside_a_scope_takes_the_rows():
+    design = _design()
+    seq = MetadataSequential(nn.Linear(5, 4), MetadataNorm(4, design, keep=[0])).double()
+    ref = copy.deepcopy(seq)
+    x = torch.randn(20, 5, dtype=torch.double)
+    out = MetadataModel(nn.Sequential(seq, nn.ReLU()))(x, metadata=design[:20])
+    torch.testing.assert_close(out, torch.relu(ref(x, design[:20])), atol=1e-12, rtol=0)
 
 
 def test_errors_say_how_to_pass_metadata():

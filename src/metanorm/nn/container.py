@@ -34,7 +34,7 @@ class MetadataSequential(nn.Sequential):
 
     Shape:
         - Input: whatever the first child takes, with batch size m.
-        - Metadata: :math:`(m, K)` design rows of the batch.
+        - Metadata: :math:`(m, K)` design rows of the batch; omitted: the rows in scope.
         - Output: whatever the last child returns.
 
     Examples::
@@ -51,8 +51,12 @@ class MetadataSequential(nn.Sequential):
 
     takes_metadata = True
 
-    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:  # type: ignore[override]
-        """Runs the children in order, passing ``metadata`` to those that take it."""
+    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Runs the children in order, passing ``metadata`` to those that take it.
+
+        ``metadata=None`` (omitted): the MDN children take the rows in scope (see
+        :class:`metanorm.nn.MetadataModel`), so the container can sit in a converted model.
+        """
         for module in self:
             input = module(input, metadata) if takes_metadata(module) else module(input)
         return input
