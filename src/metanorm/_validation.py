@@ -37,8 +37,14 @@ def as_float_tensor(
 
     Raises:
         TypeError: if ``x`` is not numeric.
+        ValueError: if ``x`` is a tensor on the ``meta`` device (it holds no values).
     """
     if isinstance(x, torch.Tensor):
+        if x.device.type == "meta":
+            raise ValueError(
+                f"expected {name} on a device that holds data (cpu, cuda, ...), got a "
+                f"{describe(x)} on the meta device"
+            )
         t = x
     elif isinstance(x, np.ndarray | Sequence) and not isinstance(x, str | bytes):
         arr = np.asarray(x)

@@ -40,6 +40,15 @@ class Design:
     keep: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.matrix, torch.Tensor):
+            _check_data_device(self.matrix, "the design matrix")
+            object.__setattr__(self, "matrix", self.matrix.detach().cpu().numpy())
+        matrix = np.asarray(self.matrix)
+        if matrix.dtype == object or matrix.dtype.kind not in "biuf":
+            raise TypeError(f"expected a numeric design matrix, got {describe(matrix)}")
+        object.__setattr__(self, "matrix", matrix.astype(np.float64, copy=False))
+        object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
         if self.matrix.ndim != 2 or self.matrix.shape[1] != len(self.columns):
             raise ValueError(
                 f"expected a matrix with {len(self.columns)} columns, got {describe(self.matrix)}"
@@ -103,6 +112,53 @@ def _missing_scalar(v: Any) -> bool:
     return isinstance(v, float | np.floating) and not math.isfinite(v)
 
 
+def _check_data_device(t: torch.Tensor, what: str) -> None:
+    if t.device.type == "meta":
+        raise ValueError(
+            f"expected {what} on a device that holds data (cpu, cuda, ...), got a tensor on the "
+            "meta device"
+        )
+
+
+def _as_number(v: Any) -> float | None:
+    """``v`` as a finite float when it is a number or a numeric string, else ``None``."""
+    if isinstance(v, bool | np.bool_):
+        return None
+    if isinstance(v, int | float | np.integer | np.floating):
+        return float(v)
+    if isinstance(v, str | np.str_):
+        try:
+            x = float(v)
+        except ValueError:
+            return None
+        return x if math.isfinite(x) else None
+    return None
+
+
+def _check_not_numeric_text(name: str, values: np.ndarray) -> None:
+    """Refuses to guess that a column of numbers with a few strings ("?", "NA") is categorical.
+
+    A column of text only, numeric-looking or not (site codes ``"1"``, ``"2"``), stays
+    categorical.
+
+    Raises:
+        ValueError: naming the column and its non-numeric values.
+    """
+    vals = values.tolist()
+    numeric = [_as_number(v) is not None for v in vals]
+    if all(numeric) and all(isinstance(v, str | np.str_) for v in vals):
+        return  # text only: categorical codes
+    if not any(numeric) or all(numeric):
+        return
+    others = sorted({str(v) for v, ok in zip(vals, numeric, strict=True) if not ok})
+    raise ValueError(
+        f"metadata column {name!r} looks numeric but holds {sum(not ok for ok in numeric)} "
+        f"non-numeric value(s) {others[:10]}{' ...' if len(others) > 10 else ''}: turn them "
+        f"into NaN and drop or impute those rows, or list {name!r} in categorical= to "
+        "one-hot code every distinct value"
+    )
+
+
 def metadata_columns(data: Any) -> dict[str, np.ndarray]:
     """Splits metadata into named 1-D arrays (DataFrame, mapping, array, tensor, vector).
 
@@ -111,8 +167,11 @@ def metadata_columns(data: Any) -> dict[str, np.ndarray]:
     if hasattr(data, "columns") and hasattr(data, "__getitem__") and hasattr(data, "to_numpy"):
         return {str(c): np.asarray(data[c].to_numpy()) for c in data.columns}
     if isinstance(data, Mapping):
+        for k, v in data.items():
+            if isinstance(v, torch.Tensor):
+                _check_data_device(v, f"metadata column {k!r}")
         cols = {
-            str(k): np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
+            str(k): np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
             for k, v in data.items()
         }
         for k, v in cols.items():
@@ -120,7 +179,13 @@ def metadata_columns(data: Any) -> dict[str, np.ndarray]:
                 raise ValueError(f"expected column {k!r} to be 1-D, got {describe(v)}")
         return cols
     if isinstance(data, torch.Tensor):
+        _check_data_device(data, "metadata")
         data = data.detach().cpu().numpy()
+    if isinstance(data, str | bytes) or data is None:
+        raise TypeError(
+            f"expected metadata as an array, a tensor, a mapping of columns or a DataFrame, "
+            f"got {describe(data)}"
+        )
     arr = np.asarray(data)
     if arr.ndim == 1:
         arr = arr[:, None]
@@ -238,11 +303,16 @@ class DesignBuilder:
         for k, v in cols.items():
             if len(v) != n:
                 raise ValueError(f"column {k!r} has {len(v)} rows, expected {n}")
+        if n == 0:
+            raise ValueError(f"expected at least one row of metadata to fit, got 0 rows of {names}")
         self._keep_names = _resolve_names(self.keep, names, "keep")
         if self.categorical is None:
             cat = [
                 k for k, v in cols.items() if v.dtype.kind in "OUSbT" or v.dtype.name == "category"
             ]
+            for k in cat:
+                if cols[k].dtype.kind in "OUST" and not _is_missing(cols[k]).any():
+                    _check_not_numeric_text(k, cols[k])
         else:
             cat = _resolve_names(self.categorical, names, "categorical")
         if isinstance(self.standardize, bool):
@@ -279,8 +349,11 @@ class DesignBuilder:
                 x = v.astype(np.float64)
                 mean, scale = 0.0, 1.0
                 if name in scaled:
-                    mean = float(x.mean())
-                    sd = float(x.std())
+                    # scaled by the largest |value| first: no overflow for values near 1e308
+                    top = float(np.abs(x).max())
+                    unit = x / top if top > 0 else x
+                    mean = float(unit.mean()) * (top if top > 0 else 1.0)
+                    sd = float(unit.std()) * (top if top > 0 else 1.0)
                     scale = sd if sd > 0 else 1.0
                 specs.append(_ColumnSpec(name, "continuous", mean=mean, scale=scale))
         self._specs = specs

@@ -80,7 +80,17 @@ def inverse_gram(
     check_finite(x, "design")
     n, k = x.shape
     names = _column_names(k, columns)
+    if n == 0 or k == 0:
+        raise ValueError(f"expected a design with at least one row and one column, got {n}×{k}")
     sigma = x.T @ x
+    if not bool(torch.isfinite(sigma).all()):
+        big = x.abs().amax(dim=0)
+        worst = int(big.argmax())
+        raise ValueError(
+            f"the design's values are too large: XᵀX overflows float64 ({names[worst]} "
+            f"reaches {float(big[worst]):.3g}); standardise or rescale the columns "
+            "(e.g. DesignBuilder(standardize=True))"
+        )
     if ridge == 0:
         diag = torch.diagonal(sigma)
         zero = (diag == 0).nonzero().flatten().tolist()
@@ -92,7 +102,13 @@ def inverse_gram(
             )
         d = diag.sqrt()
         scaled = sigma / (d[:, None] * d[None, :])
-        evals, evecs = torch.linalg.eigh(scaled)
+        try:
+            evals, evecs = torch.linalg.eigh(scaled)
+        except RuntimeError as exc:  # torch.linalg.LinAlgError: no convergence
+            raise ValueError(
+                f"the design's XᵀX could not be decomposed ({exc}); check the design for "
+                "extreme values, or pass ridge > 0"
+            ) from None
         top = float(evals[-1])
         cond = top / float(evals[0]) if float(evals[0]) > 0 else math.inf
         if cond > max_condition:
@@ -108,7 +124,12 @@ def inverse_gram(
             )
     else:
         sigma = sigma + ridge * torch.eye(k, dtype=sigma.dtype, device=sigma.device)
-    inv = torch.linalg.inv(sigma)
+    try:
+        inv = torch.linalg.inv(sigma)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError: singular (ridge > 0 but tiny)
+        raise ValueError(f"XᵀX + ridge·I is singular ({exc}); pass a larger ridge") from None
+    if not bool(torch.isfinite(inv).all()):
+        raise ValueError("(XᵀX)⁻¹ is not finite: the design is too ill-conditioned; rescale it")
     return ((inv + inv.T) / 2).contiguous()  # symmetrised
 
 

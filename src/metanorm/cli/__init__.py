@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 on success).
 
     Errors a user can fix (bad arguments, missing files, mismatched rows) are printed as one line
-    on stderr with exit status 2, without a traceback.
+    on stderr with exit status 2, without a traceback; Ctrl-C (or SIGTERM during
+    ``reproduce``) gives one line and exit status 130.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -46,3 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"metanorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"metanorm {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -77,6 +77,8 @@ def _read_csv(path: Path, labels: bool) -> np.ndarray:
         len(lines) == 1 or numeric(lines[1]) or (labels and lines[0] not in lines[1:])
     ):
         lines = lines[1:]
+    if not lines:
+        raise ValueError(f"{path}: expected rows of values below the header line, got none")
     rows = [[v.strip() for v in line.split(",")] for line in lines]
     widths = {len(r) for r in rows}
     if len(widths) != 1:
@@ -93,21 +95,39 @@ def _read_csv(path: Path, labels: bool) -> np.ndarray:
         raise ValueError(f"{path}: expected numbers only ({exc})") from None
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_array(path: Path, *, labels: bool = False) -> np.ndarray:
     """Reads ``.npy``, ``.pt``/``.pth`` (a saved tensor or array) or ``.csv`` into an array.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: for an unknown suffix or content that is not a 1-D or 2-D table.
+        ValueError: for an unknown suffix, an unreadable file, content that is not a 1-D or 2-D
+            table of finite numbers (text allowed with ``labels``), or no rows; the message
+            names the file.
     """
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     suffix = path.suffix.lower()
     data: Any
     if suffix == ".npy":
-        data = np.load(path, allow_pickle=False)
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(
+                f"{path}: expected a NumPy .npy array file ({_first_line(exc)})"
+            ) from None
     elif suffix in (".pt", ".pth"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises RuntimeError, pickle errors, EOFError, ...
+            raise ValueError(
+                f"{path}: expected a tensor saved with torch.save ({type(exc).__name__}: "
+                f"{_first_line(exc)})"
+            ) from None
         if not isinstance(data, torch.Tensor | np.ndarray):
             raise ValueError(f"{path}: expected a saved tensor, got {type(data).__name__}")
     elif suffix == ".csv":
@@ -118,6 +138,16 @@ def load_array(path: Path, *, labels: bool = False) -> np.ndarray:
         data = data.detach().cpu().numpy()
     if data.ndim == 0:
         raise ValueError(f"{path}: expected one row per sample, got a scalar")
+    if data.ndim > 2:
+        raise ValueError(f"{path}: expected a 1-D or 2-D table, got shape {data.shape}")
+    if not labels:
+        if data.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: expected numbers, got an array of dtype {data.dtype}")
+        bad = int(np.size(data) - np.isfinite(data).sum())
+        if bad:
+            raise ValueError(f"{path}: expected finite numbers, got {bad} NaN or infinite value(s)")
+    if data.shape[0] == 0:
+        raise ValueError(f"{path}: expected at least one row, got none")
     return data
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
+import textwrap
 import time
 from typing import Any
+
+#: The exit status of a sweep stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
 def _positive_int(text: str) -> int:
@@ -41,16 +46,46 @@ def _option(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def _experiments_help() -> str:
+    """The epilog of ``reproduce --help``: every experiment, its methods and its options."""
+    from metanorm.experiments import get_experiment, list_experiments
+
+    lines = ["experiments (NAME), their methods (--methods; * run by default) and --option keys:"]
+    for name in list_experiments():
+        e = get_experiment(name)
+        default = set(e.defaults.get("methods", e.methods))
+        methods = " ".join(f"{m}{'*' if m in default else ''}" for m in e.methods)
+        lines.append(f"  {name}")
+        lines.append(f"      methods: {methods}")
+        if e.options is not None:
+            keys = " ".join(k for k in e.options if k != "data") or "(none)"
+            lines += textwrap.wrap(
+                f"options: {keys}", width=90, initial_indent="      ", subsequent_indent="        "
+            )
+    return "\n".join(lines)
+
+
 def register(sub: Any) -> None:
     """Adds the ``reproduce`` subcommand."""
+    description = (
+        "Trains every method of a registered experiment (one run per method, batch size and "
+        "seed), then writes OUT/report.md (a table beside the authors' figures and PASS/FAIL "
+        "checks), OUT/summary.json|csv, PNG plots, and one folder per run under OUT/runs/. "
+        "Defaults are the experiment's quick CPU settings; --paper gives the paper's settings; "
+        "explicit options override both. 'metanorm reproduce synthetic' is the main job."
+    )
+    folders = (
+        "The sweep is built in OUT.partial and replaces OUT only when complete: with "
+        "--overwrite the previous results stay intact until then. Ctrl-C or SIGTERM stops the "
+        "workers, writes the report of the completed runs into OUT.partial and exits with "
+        "status 130; --resume continues from there."
+    )
     p = sub.add_parser(
         "reproduce",
         help="run one of the paper's experiments (every method) and write report.md",
-        description="Trains every method of a registered experiment (one run per method, batch "
-        "size and seed), then writes OUT/report.md (a table beside the authors' figures and "
-        "PASS/FAIL checks), OUT/summary.json|csv, PNG plots, and one folder per run under "
-        "OUT/runs/. Defaults are the experiment's quick CPU settings; --paper gives the paper's "
-        "settings; explicit options override both. 'metanorm reproduce synthetic' is the main job.",
+        description=textwrap.fill(description, 90) + "\n\n" + textwrap.fill(folders, 90),
+        epilog=_experiments_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("experiment", metavar="NAME", help="experiment name, e.g. synthetic")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/NAME)")
@@ -141,8 +176,18 @@ def register(sub: Any) -> None:
         metavar="T",
         help="torch CPU threads per process (default: CPU count // jobs)",
     )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace the files of an existing output folder"
+    replace = p.add_mutually_exclusive_group()
+    replace.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder (kept intact until the new sweep is complete), "
+        "or discard an interrupted sweep",
+    )
+    replace.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted sweep of --out (same settings): completed runs are kept, "
+        "unfinished ones start again",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -152,14 +197,49 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _cli_words(message: str) -> str:
+    """Rewrites the Python argument names of a library message as the flags that set them."""
+    message = re.sub(r"\bpass (?:path|root)= (?:the |to the )?", "pass --data PATH, the ", message)
+    message = re.sub(r"options\[['\"]data['\"]\]", "--data PATH", message)
+    message = re.sub(r"\bpass (\w+)=", r"pass --option \1=", message)
+    return re.sub(r"\blower (\w+)\b", r"lower --option \1=...", message)
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that resumes this one: ``--overwrite`` dropped, ``--resume`` added."""
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return "metanorm " + " ".join(shlex.quote(a) for a in [*kept, "--resume"])
+
+
 def run(args: argparse.Namespace) -> int:
-    """Runs the sweep and writes the report; returns 0 (1 with --strict and a failed check)."""
+    """Runs the sweep and writes the report; returns 0 (1 with --strict and a failed check).
+
+    On Ctrl-C or SIGTERM: the report of the completed runs, one line saying how to resume, and
+    :data:`EXIT_INTERRUPTED`.
+    """
+    try:
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (_cli_words(exc.args[0]), *exc.args[1:])
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     from metanorm.experiments import RunConfig, get_experiment, run_sweep, write_report
+    from metanorm.experiments.sweep import SweepInterrupted
     from metanorm.models.norms import NORM_ALIASES
 
     experiment = get_experiment(args.experiment)
     if args.paper and not experiment.paper:
         raise ValueError(f"experiment {experiment.name!r} has no --paper settings; drop --paper")
+    if experiment.options is not None:
+        unknown = sorted({k for k, _ in args.option} - set(experiment.options))
+        if unknown:
+            valid = ", ".join(k for k in experiment.options if k != "data") or "none"
+            raise ValueError(
+                f"unknown --option key(s) {unknown} for {experiment.name!r}; valid keys: {valid}"
+            )
     settings: dict[str, Any] = {
         "epochs": 10,
         "lr": 1e-3,
@@ -196,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in experiment.methods]
     if unknown:
         raise ValueError(
-            f"unknown method(s) {unknown} for {experiment.name!r}; expected among "
+            f"unknown method(s) {unknown} for {experiment.name!r} (--methods); expected among "
             f"{list(experiment.methods)} (or 'baseline' for 'none')"
         )
     seeds = list(range(args.seed, args.seed + int(settings["seeds"])))
@@ -217,17 +297,6 @@ def run(args: argparse.Namespace) -> int:
         options=dict(settings.get("options", {})),
     )
     out = args.out or f"runs/{experiment.name}"
-    start = time.perf_counter()
-    results = run_sweep(
-        base,
-        out,
-        methods=methods,
-        batch_sizes=list(settings["batch_sizes"]),
-        seeds=seeds,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        jobs=jobs,
-    )
     shown = {
         "methods": " ".join(methods),
         "batch sizes": " ".join(map(str, settings["batch_sizes"])),
@@ -243,21 +312,54 @@ def run(args: argparse.Namespace) -> int:
         "paper settings": args.paper,
         **dict(settings.get("options", {})),
     }
-    report = write_report(
-        out,
-        experiment,
-        results,
-        command="metanorm reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        if sys.argv[1:2] == ["reproduce"]
-        else f"metanorm reproduce {experiment.name}",
-        settings=shown,
-        wall_time_s=time.perf_counter() - start,
-        plots=not args.no_plots,
-    )
+    argv = sys.argv[1:] if sys.argv[1:2] == ["reproduce"] else ["reproduce", experiment.name]
+    command = "metanorm " + " ".join(shlex.quote(a) for a in argv)
+    start = time.perf_counter()
+
+    def report(folder: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+        return write_report(
+            folder,
+            experiment,
+            results,
+            command=command,
+            settings=shown,
+            wall_time_s=time.perf_counter() - start,
+            plots=not args.no_plots,
+        )
+
+    made: list[dict[str, Any]] = []
+    try:
+        run_sweep(
+            base,
+            out,
+            methods=methods,
+            batch_sizes=list(settings["batch_sizes"]),
+            seeds=seeds,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=not args.quiet,
+            jobs=jobs,
+            report=lambda folder, results: made.append(report(folder, results)),
+        )
+    except SweepInterrupted as stop:
+        where = (
+            f"report of those: {stop.folder / 'report.md'}"
+            if stop.results
+            else "no report (no run was complete)"
+        )
+        print(
+            f"metanorm reproduce: interrupted ({stop.signal_name}): {len(stop.results)} of "
+            f"{stop.total} runs complete, {where}; resume with: {_resume_command(argv)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    from pathlib import Path
+
     from metanorm.experiments.report import results_table
 
-    print(results_table(report["rows"]))
-    for c in report["checks"]:
+    written = made[-1]
+    print(results_table(written["rows"]))
+    for c in written["checks"]:
         print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
-    print(f"report: {report['report']}")
-    return 1 if args.strict and not report["passed"] else 0
+    print(f"report: {Path(out) / Path(written['report']).name}")
+    return 1 if args.strict and not written["passed"] else 0

@@ -40,6 +40,7 @@ Examples::
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -145,6 +146,29 @@ _SOURCES: dict[str, _Source] = {
     "hvu": _Source(_hvu, _mlp_model),
     "multisite-mri": _Source(load_multisite_mri, _volume_model, ("covariates",)),
 }
+
+
+def _option_keys(name: str) -> tuple[str, ...]:
+    """The keys of :attr:`RunConfig.options` an experiment accepts.
+
+    They are its loader's keyword arguments, its design options, ``data`` and
+    ``n_eval_per_class``.
+    """
+    source = _SOURCES[name]
+    wrapped: dict[str, Callable[..., Any]] = {
+        "shaded-fashion-mnist": make_shaded_images,
+        "shaded-mnist": make_shaded_images,
+        "two-site-digits": make_two_site_digits,
+        "hvu": load_hvu,
+    }
+    loader = wrapped.get(name, source.load)
+    params = list(inspect.signature(loader).parameters.values())
+    keys = [
+        p.name
+        for p in params[0 if name.startswith(("shaded", "two-site")) else 1 :]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("seed", "source")
+    ]
+    return tuple(sorted({*keys, *source.design_options, "data", "n_eval_per_class"}))
 
 
 def _loader_options(name: str, options: dict[str, Any], n_per_class: int) -> dict[str, Any]:
@@ -365,5 +389,6 @@ for _spec in _SPECS:
             defaults={**_COMMON, "methods": ["batchnorm", "mdn"], **_spec["defaults"]},
             checks=_shift_checks,
             configure=_spec.get("configure"),
+            options=_option_keys(_name),
         )
     )

@@ -95,6 +95,8 @@ class Experiment:
         checks: ``summary rows -> [Check]``; the bars the report grades. ``None``: no checks.
         configure: ``options -> {field: value}``, the fields that depend on the run's options
             (see :meth:`resolve`); ``None``: none do.
+        options: the keys :attr:`RunConfig.options` may hold (:meth:`check_options`); ``None``:
+            not declared, any key passes.
     """
 
     name: str
@@ -112,6 +114,18 @@ class Experiment:
     reference: str = ""
     checks: Callable[[Sequence[dict[str, Any]]], list[Check]] | None = None
     configure: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    options: tuple[str, ...] | None = None
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raises ``ValueError`` listing the valid keys when ``options`` holds an unknown one."""
+        if self.options is None:
+            return
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(
+                f"experiment {self.name!r} has no option(s) {unknown}; valid keys: "
+                f"{sorted(self.options)}"
+            )
 
     def resolve(self, options: Mapping[str, Any]) -> Experiment:
         """The experiment for a run with these options (:attr:`RunConfig.options`).
@@ -121,8 +135,10 @@ class Experiment:
             itself when there is no ``configure``).
 
         Raises:
-            ValueError: an option has a value the experiment does not accept.
+            ValueError: an unknown option (:meth:`check_options`), or an option with a value the
+                experiment does not accept.
         """
+        self.check_options(options)
         if self.configure is None:
             return self
         return dataclasses.replace(self, **self.configure(options))

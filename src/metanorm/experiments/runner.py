@@ -15,7 +15,8 @@ A run folder holds:
   the plots) and ``metric`` (the matrix dcor² was measured against).
 
 Every file is written atomically. An existing, non-empty run folder is refused unless
-``overwrite=True``.
+``overwrite=True``; :func:`run_experiment` then builds the new run in ``OUT.partial`` beside it
+and swaps it in at the end, so the previous run stays intact until the new one is complete.
 
 About the design rows at evaluation: the design is ``[y, metadata..., 1]`` with the label column
 ``y`` kept. Validation and test rows are built with the TRUE labels, because a design row needs a
@@ -26,8 +27,11 @@ label.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +61,7 @@ __all__ = [
     "Run",
     "check_run_dir",
     "epoch_summary",
+    "load_result",
     "prepare_run",
     "run_experiment",
     "seed_everything",
@@ -410,7 +415,12 @@ def run_experiment(
     Returns:
         ``{"config": dict, "history": [per-epoch dict], "final": dict, "out_dir": str}``.
     """
-    run = Run(config, out_dir, overwrite=overwrite)
+    out = check_run_dir(out_dir, overwrite)
+    replace = out.is_dir() and any(out.iterdir())
+    work = _io.partial_dir(out) if replace else out
+    if replace and work.exists():
+        shutil.rmtree(work)
+    run = Run(config, work, overwrite=overwrite)
     desc = f"{config.experiment} {config.method} bs={config.batch_size} seed={config.seed}"
     with tqdm(
         total=config.epochs, desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True
@@ -419,7 +429,47 @@ def run_experiment(
             row = run.train_epoch()
             bar.update(1)
             bar.set_postfix_str(epoch_summary(row))
-    return run.finish()
+    result = run.finish()
+    if replace:  # the previous run stayed intact until now
+        _io.swap_in(work, out)
+        result["out_dir"] = str(out)
+    return result
+
+
+def _csv_value(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def load_result(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The result of a complete run folder, as :func:`run_experiment` returned it.
+
+    Args:
+        out_dir: a run folder.
+
+    Returns:
+        ``{"config", "history", "final", "out_dir"}`` read from ``config.json``, ``epochs.csv``
+        and ``final.json``; ``None`` when the run is not complete (no readable ``final.json``).
+    """
+    folder = Path(out_dir)
+    try:
+        final = json.loads((folder / "final.json").read_text())
+        config = json.loads((folder / "config.json").read_text())["config"]
+        with open(folder / "epochs.csv", newline="") as f:
+            history = [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(final, dict) or not isinstance(config, dict):
+        return None
+    return {"config": config, "history": history, "final": final, "out_dir": str(folder)}
 
 
 def epoch_summary(row: dict[str, Any]) -> str:

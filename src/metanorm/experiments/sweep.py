@@ -4,29 +4,189 @@ Runs go to ``OUT/runs/bs{B}/{method}/seed{S}/`` (see :mod:`metanorm.experiments.
 seed and batch size the methods train in round robin, one epoch each in turn, on the same data, so
 their epoch times are measured side by side under the same load: on a shared machine compare the
 ratios (the report's per-epoch paired ratio), not absolute times.
+
+The sweep is built in ``OUT.partial`` beside ``OUT`` and takes ``OUT``'s place only once every run
+(and the report, when one is asked for) is written, so an existing ``OUT`` stays intact and
+readable until then, and a folder never mixes two sweeps. ``OUT.partial/sweep.json`` records what
+the sweep is; an interrupted sweep continues with ``resume=True`` (completed runs are kept, runs
+that had not finished start again). Ctrl-C or SIGTERM stops the worker processes and raises
+:class:`SweepInterrupted`, after the report of the completed runs. ``docs/reliability.md`` has
+the details.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from metanorm.experiments import _io
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import get_experiment
-from metanorm.experiments.runner import Run, check_run_dir, epoch_summary
+from metanorm.experiments.runner import Run, check_run_dir, epoch_summary, load_result
 
-__all__ = ["run_dir", "run_sweep"]
+__all__ = ["MANIFEST", "SweepInterrupted", "run_dir", "run_sweep"]
+
+#: The file, in a sweep's folder, that says which sweep it holds.
+MANIFEST = "sweep.json"
+
+# RunConfig fields that may differ between an interrupted sweep and its resumption
+_RESUMABLE_DIFFERENCES = ("threads",)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """A sweep stopped by Ctrl-C (SIGINT) or SIGTERM, after its workers were stopped.
+
+    Attributes:
+        folder: the folder holding the completed runs (``OUT.partial``); resume with
+            ``run_sweep(..., resume=True)``.
+        results: the results of the runs that completed, in run order.
+        total: the number of runs of the whole sweep.
+        signal_name: ``"SIGINT"`` or ``"SIGTERM"``.
+        report: what the ``report`` callback returned for the completed runs (``None`` when
+            there was no callback or no completed run).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        results: list[dict[str, Any]],
+        total: int,
+        signal_name: str,
+        report: Any = None,
+    ) -> None:
+        super().__init__(f"{signal_name}: {len(results)} of {total} runs complete in {folder}")
+        self.folder, self.results, self.total = folder, results, total
+        self.signal_name, self.report = signal_name, report
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread by the handler :func:`_stop_on_sigterm` installs."""
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_dir(out_dir: str | os.PathLike[str], method: str, batch_size: int, seed: int) -> Path:
     """The folder of one run of a sweep."""
     return Path(out_dir) / "runs" / f"bs{batch_size}" / method / f"seed{seed}"
+
+
+def _manifest(
+    base: RunConfig, methods: list[str], batch_sizes: list[int], seeds: list[int], overwrite: bool
+) -> dict[str, Any]:
+    config = base.to_dict()
+    for k in ("method", "batch_size", "seed"):
+        config.pop(k)
+    return {
+        "experiment": base.experiment,
+        "config": config,
+        "methods": methods,
+        "batch_sizes": batch_sizes,
+        "seeds": seeds,
+        "overwrite": overwrite,
+        "complete": False,
+    }
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("experiment", "methods", "batch_sizes", "seeds"):
+        if found.get(key) != wanted[key]:
+            out.append(f"{key} {found.get(key)!r} (asked: {wanted[key]!r})")
+    f_cfg, w_cfg = dict(found.get("config") or {}), wanted["config"]
+    for key in sorted(set(f_cfg) | set(w_cfg)):
+        if key not in _RESUMABLE_DIFFERENCES and f_cfg.get(key) != w_cfg.get(key):
+            out.append(f"{key} {f_cfg.get(key)!r} (asked: {w_cfg.get(key)!r})")
+    return out
+
+
+def _same_run(result: dict[str, Any], config: RunConfig) -> bool:
+    found = dict(result["config"])
+    wanted = config.to_dict()
+    for key in _RESUMABLE_DIFFERENCES:
+        found.pop(key, None)
+        wanted.pop(key, None)
+    return found == wanted
+
+
+def _completed(work: Path, configs: list[RunConfig]) -> dict[int, dict[str, Any]]:
+    """``{index in configs: result}`` of the runs of ``work`` that finished (``final.json``)."""
+    done: dict[int, dict[str, Any]] = {}
+    for i, c in enumerate(configs):
+        result = load_result(run_dir(work, c.method, c.batch_size, c.seed))
+        if result is not None and _same_run(result, c):
+            done[i] = result
+    return done
+
+
+def _prepare_folder(out: Path, manifest: dict[str, Any], *, overwrite: bool, resume: bool) -> Path:
+    """Checks ``out`` and ``OUT.partial`` for a new or resumed sweep; returns ``OUT.partial``."""
+    work = _io.partial_dir(out)
+    _io.recover_swap(out, lambda p: bool((_read_manifest(p) or {}).get("complete")))
+    if resume:
+        found = _read_manifest(work) if work.is_dir() else None
+        if found is None:
+            raise FileNotFoundError(
+                f"nothing to resume: {work} holds no interrupted sweep (the sweep at {out} is "
+                "complete, or never started); run without --resume"
+            )
+        diff = _differences(found, manifest)
+        if diff:
+            raise ValueError(
+                f"the interrupted sweep in {work} differs from the one asked for: "
+                f"{'; '.join(diff)}; resume with the same settings, or pass --overwrite to "
+                "start again"
+            )
+        if out.is_dir() and any(out.iterdir()) and not found.get("overwrite"):
+            raise FileExistsError(
+                f"{out} already holds a run and the interrupted sweep was not started with "
+                "--overwrite; choose another --out"
+            )
+        return work
+    if work.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{work} holds an interrupted sweep: pass --resume to continue it, or "
+                "--overwrite to start again"
+            )
+        shutil.rmtree(work)
+    check_run_dir(out, overwrite)
+    work.mkdir(parents=True)
+    _io.write_json(work / MANIFEST, manifest)
+    return work
 
 
 def run_sweep(
@@ -37,8 +197,10 @@ def run_sweep(
     batch_sizes: Sequence[int] = (200,),
     seeds: Sequence[int] = (0,),
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     jobs: int = 1,
+    report: Callable[[Path, list[dict[str, Any]]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs ``base`` for every method, batch size and seed.
 
@@ -48,13 +210,26 @@ def run_sweep(
         methods: methods to run. Default: the experiment's methods.
         batch_sizes: training batch sizes. Default: ``(200,)``.
         seeds: seeds. Default: ``(0,)``.
-        overwrite: replace the files of existing runs. Default: ``False``.
+        overwrite: replace an existing ``out_dir`` (it stays intact until the new sweep is
+            complete) or discard an interrupted sweep. Default: ``False``.
+        resume: continue the interrupted sweep of ``out_dir`` (same settings): completed runs
+            are kept, the others run (again) from the start. Default: ``False``.
         progress: show progress bars. Default: ``True``.
         jobs: processes; the (seed, batch size) groups are shared out among them (set
             ``base.threads`` so that ``jobs × threads`` fits the cores). Default: 1.
+        report: ``report(folder, results)``, called once every run is complete, before the
+            folder takes ``out_dir``'s place (e.g. to write the report into it), and on an
+            interruption with the completed runs. Default: ``None``.
 
     Returns:
-        The :func:`run_experiment` results, in run order.
+        The :func:`run_experiment` results, in run order (``out_dir`` in their paths).
+
+    Raises:
+        SweepInterrupted: on Ctrl-C or SIGTERM, once the workers are stopped.
+        FileExistsError: ``out_dir`` holds a run and neither ``overwrite`` nor ``resume``.
+        FileNotFoundError: ``resume`` without an interrupted sweep.
+        ValueError: bad arguments, or ``resume`` with settings other than the interrupted
+            sweep's.
     """
     experiment = get_experiment(base.experiment)
     methods = list(experiment.methods if methods is None else methods)
@@ -71,39 +246,117 @@ def run_sweep(
         or len(set(seeds)) != len(seeds)
     ):
         raise ValueError("methods, batch sizes and seeds must not repeat")
-    check_run_dir(out_dir, overwrite)
-    groups = [
-        [base.replace(method=m, batch_size=int(b), seed=int(s)) for m in methods]
-        for s in seeds
-        for b in batch_sizes
-    ]
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"expected jobs to be a positive int, got {jobs!r}")
-    jobs = min(jobs, len(groups))
-    out = str(out_dir)
-    if jobs == 1:
-        results: list[dict[str, Any]] = []
-        for group in groups:
-            results.extend(_run_group(group, out, overwrite, progress, 0))
-        return results
-    # one process per (seed, batch size) group; "spawn" starts clean interpreters (no forked
-    # OpenMP state), so experiments must be registered by a module in EXPERIMENT_MODULES
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [
-            pool.submit(_run_group, g, out, overwrite, progress, i % jobs)
-            for i, g in enumerate(groups)
-        ]
-        return [r for f in futures for r in f.result()]
-
-
-def _run_group(
-    group: list[RunConfig], out_dir: str, overwrite: bool, progress: bool, position: int
-) -> list[dict[str, Any]]:
-    """Trains the methods of one (seed, batch size) group in round robin; returns their results."""
-    runs = [
-        Run(c, run_dir(out_dir, c.method, c.batch_size, c.seed), overwrite=overwrite) for c in group
+    if overwrite and resume:
+        raise ValueError("pass overwrite or resume, not both")
+    experiment.check_options(base.options)
+    sizes, seed_list = [int(b) for b in batch_sizes], [int(s) for s in seeds]
+    out = Path(out_dir)
+    work = _prepare_folder(
+        out,
+        _manifest(base, methods, sizes, seed_list, overwrite),
+        overwrite=overwrite,
+        resume=resume,
+    )
+    configs = [
+        base.replace(method=m, batch_size=b, seed=s)
+        for s in seed_list
+        for b in sizes
+        for m in methods
     ]
+    done = _completed(work, configs) if resume else {}
+    todo = [i for i in range(len(configs)) if i not in done]
+    for i in todo:  # a run that had not finished starts again from an empty folder
+        c = configs[i]
+        folder = run_dir(work, c.method, c.batch_size, c.seed)
+        if folder.exists():
+            shutil.rmtree(folder)
+    groups: list[list[RunConfig]] = []
+    for s in seed_list:
+        for b in sizes:
+            group = [configs[i] for i in todo if (configs[i].seed, configs[i].batch_size) == (s, b)]
+            if group:
+                groups.append(group)
+    try:
+        with _stop_on_sigterm():
+            _execute(groups, str(work), progress, min(jobs, max(1, len(groups))))
+    except (KeyboardInterrupt, _Terminated) as exc:
+        name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        completed = [r for _, r in sorted(_completed(work, configs).items())]
+        made = report(work, completed) if report is not None and completed else None
+        raise SweepInterrupted(work, completed, len(configs), name, made) from None
+    except BaseException:
+        if not _completed(work, configs):  # nothing worth resuming (e.g. bad data): no trace
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    final = _completed(work, configs)
+    missing = [configs[i] for i in range(len(configs)) if i not in final]
+    if missing:  # pragma: no cover - every run either finished or raised
+        raise RuntimeError(f"runs without results: {missing}")
+    results = [final[i] for i in range(len(configs))]
+    if report is not None:
+        report(work, results)
+    manifest = _read_manifest(work) or {}
+    _io.write_json(work / MANIFEST, manifest | {"complete": True})
+    _io.swap_in(work, out)
+    prefix = str(work)
+    for r in results:
+        if r["out_dir"].startswith(prefix):
+            r["out_dir"] = str(out) + r["out_dir"][len(prefix) :]
+    return results
+
+
+def _worker_init() -> None:
+    """A worker ignores Ctrl-C (its parent stops it) and gives tqdm a thread lock.
+
+    tqdm's default lock is a multiprocessing one; a worker stopped by SIGTERM would leave it to
+    the resource tracker's "leaked semaphore" warning (the workers share no lock anyway).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
+
+
+def _execute(groups: list[list[RunConfig]], out: str, progress: bool, jobs: int) -> None:
+    """Runs the groups, in this process (``jobs == 1``) or in ``jobs`` worker processes."""
+    if jobs == 1:
+        for group in groups:
+            _run_group(group, out, progress, 0)
+        return
+    # one process per (seed, batch size) group; "spawn" starts clean interpreters (no forked
+    # OpenMP state), so experiments must be registered by a module in EXPERIMENT_MODULES.
+    # The workers ignore SIGINT (Ctrl-C reaches the whole process group): this process stops them.
+    ctx = multiprocessing.get_context("spawn")
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:  # ignored while the workers start, so that they start ignoring it
+        pool = ctx.Pool(processes=jobs, initializer=_worker_init)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    pending: list[Any] = []
+    try:
+        pending = [
+            pool.apply_async(_run_group, (g, out, progress, i % jobs)) for i, g in enumerate(groups)
+        ]
+        for p in pending:
+            while not p.ready():
+                p.wait(0.2)
+            p.get()  # re-raises a worker's error
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        # the traceback keeps this frame alive: drop the pool here, so that its locks are
+        # released now (not left to the resource tracker's "leaked semaphore" warning at exit)
+        del pending, pool
+        raise
+    pool.close()
+    pool.join()
+
+
+def _run_group(group: list[RunConfig], out_dir: str, progress: bool, position: int) -> None:
+    """Trains the methods of one (seed, batch size) group in round robin, then finishes them."""
+    runs = [Run(c, run_dir(out_dir, c.method, c.batch_size, c.seed)) for c in group]
     first = group[0]
     with tqdm(
         total=sum(c.epochs for c in group),
@@ -122,4 +375,5 @@ def _run_group(
                 row = r.train_epoch()
                 bar.update(1)
                 bar.set_postfix_str(f"{r.config.method} epoch {row['epoch']}: {epoch_summary(row)}")
-    return [r.finish() for r in runs]
+    for r in runs:
+        r.finish()

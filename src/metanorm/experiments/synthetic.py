@@ -143,5 +143,6 @@ SYNTHETIC = register_experiment(
         },
         reference=REFERENCE,
         checks=_checks,
+        options=("n_eval_per_class",),
     )
 )

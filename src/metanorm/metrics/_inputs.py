@@ -11,7 +11,14 @@ from torch import Tensor
 
 from metanorm._validation import as_float_tensor, check_finite, describe
 
-__all__ = ["as_labels", "as_sample_pair", "as_samples", "label_key"]
+__all__ = [
+    "as_labels",
+    "as_sample_pair",
+    "as_samples",
+    "check_same_label_kind",
+    "label_key",
+    "label_kind",
+]
 
 
 def as_samples(x: Any, name: str, device: torch.device | str | None = None) -> Tensor:
@@ -90,7 +97,9 @@ def as_labels(labels: Any, name: str, n: int | None = None) -> np.ndarray:
         A 1-D array; object arrays of strings become string arrays.
 
     Raises:
-        ValueError: when not 1-D, of the wrong length, or with NaN/inf float labels.
+        ValueError: when not 1-D, of the wrong length, or with missing (None, NaN, inf)
+            labels.
+        TypeError: for complex labels, or a mix of numbers and text.
     """
     if isinstance(labels, Tensor):
         arr = labels.detach().cpu().numpy()
@@ -108,9 +117,56 @@ def as_labels(labels: Any, name: str, n: int | None = None) -> np.ndarray:
         )
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ValueError(f"expected {name} to be finite, got NaN or infinite label(s)")
-    if arr.dtype == object and all(isinstance(v, str) for v in arr):
-        arr = arr.astype(str)
+    if arr.dtype.kind == "c":
+        raise TypeError(f"expected real or text labels for {name}, got {describe(arr)}")
+    if arr.dtype == object:
+        missing = [
+            i
+            for i, v in enumerate(arr.tolist())
+            if v is None or (isinstance(v, float) and not np.isfinite(v))
+        ]
+        if missing:
+            raise ValueError(
+                f"expected {name} without missing labels, got {len(missing)} None/NaN "
+                f"label(s) (first at position {missing[0]})"
+            )
+        if all(isinstance(v, str) for v in arr):
+            arr = arr.astype(str)
+        elif len({label_kind(v) for v in arr.tolist()}) > 1:
+            raise TypeError(
+                f"expected {name} to be all numbers or all text, got a mix "
+                f"({sorted({type(v).__name__ for v in arr.tolist()})})"
+            )
     return arr
+
+
+def label_kind(v: Any) -> str:
+    """``"text"`` or ``"number"``: the kind of a label (a scalar) or of an array's dtype."""
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind in "US":
+            return "text"
+        if v.dtype == object:
+            kinds = {label_kind(x) for x in v.tolist()}
+            return kinds.pop() if len(kinds) == 1 else "mixed"
+        return "number"
+    return "text" if isinstance(v, str | bytes | np.str_ | np.bytes_) else "number"
+
+
+def check_same_label_kind(a: np.ndarray, b: np.ndarray, names: tuple[str, str]) -> None:
+    """Raises ``ValueError`` when one label array holds text and the other numbers.
+
+    scikit-learn refuses such pairs too ("Labels in y_true and y_pred should be of the same
+    type"): ``"1"`` and ``1`` never compare equal, so the score would silently be 0.
+    """
+    if len(a) == 0 or len(b) == 0:
+        return
+    ka, kb = label_kind(a), label_kind(b)
+    if ka != kb:
+        raise ValueError(
+            f"expected {names[0]} and {names[1]} to hold labels of the same type, got {ka} "
+            f"({describe(a)}, e.g. {a.tolist()[0]!r}) and {kb} ({describe(b)}, "
+            f"e.g. {b.tolist()[0]!r})"
+        )
 
 
 def label_key(level: Any) -> Hashable:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from metanorm.metrics._inputs import as_labels, label_key
+from metanorm.metrics._inputs import as_labels, check_same_label_kind, label_key
 
 __all__ = ["balanced_accuracy", "group_accuracy"]
 
@@ -22,6 +22,7 @@ def _pair_labels(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"expected y_true and y_pred to have the same length, got {t.shape[0]} and {p.shape[0]}"
         )
+    check_same_label_kind(t, p, ("y_true", "y_pred"))
     return t, p
 
 
@@ -94,7 +95,8 @@ def balanced_accuracy(y_true: Any, y_pred: Any, *, adjusted: bool = False) -> fl
         A float in [0, 1] (``adjusted=False``).
 
     Raises:
-        ValueError: on empty input, a length mismatch or labels that are not 1-D.
+        ValueError: on empty input, a length mismatch, labels that are not 1-D, missing labels,
+            or text labels on one side and numbers on the other (as scikit-learn).
 
     Shape:
         - y_true: (n,) or (n, 1)
