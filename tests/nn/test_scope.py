@@ -13,6 +13,7 @@ from metanorm.nn import (
     MetadataModel,
     MetadataNorm,
     MetadataSequential,
+    convert_metadata_norm,
     current_metadata,
     metadata_scope,
 )
@@ -253,9 +254,11 @@ def _train_compare(compiled, eager, comp_model, x, design, batch=50):
 
 
 def test_compiled_metadata_model_is_one_graph():
+    """Compiling the wrapper: one graph, with a converted layer (a forward hook) inside too."""
     design = _design().float()
     torch.manual_seed(0)
-    comp_model = MetadataModel(_Net(design))
+    comp_model = convert_metadata_norm(_Net(design), design, after=["fc1"], keep=[0])
+    comp_model(torch.randn(8, 5), metadata=design[:8])  # sizes the lazy layer
     eager = copy.deepcopy(comp_model)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(comp_model, fullgraph=True, backend=counter)
