@@ -102,10 +102,12 @@ def _scenarios(rank, world_size):
         out["width_error"] = str(err)
 
     # nothing on any rank
-    try:
-        DistanceCorrelationSqr().compute()
-    except ValueError as err:
-        out["none_error"] = str(err)
+    out["none_errors"] = []
+    for metric in (DistanceCorrelationSqr(), BalancedAccuracy(), GroupAccuracy()):
+        try:
+            metric.compute()
+        except ValueError as err:
+            out["none_errors"].append(str(err))
     return out
 
 
@@ -201,4 +203,7 @@ def test_process_group_is_honoured(results):
 def test_errors_are_raised_on_every_rank(results):
     for r in range(WORLD):
         assert "rank 0: 3 and 1, rank 1: 4 and 1" in results[r]["width_error"]
-        assert "update()" in results[r]["none_error"]
+        dcor_error, bacc_error, gacc_error = results[r]["none_errors"]
+        assert "update()" in dcor_error
+        assert "at least one sample" in bacc_error
+        assert "update()" in gacc_error
