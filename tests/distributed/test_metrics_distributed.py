@@ -86,12 +86,12 @@ def _scenarios(rank, world_size):
         _feed(empty, part, data)
     out["one_rank"] = {k: m.compute() for k, m in empty.items()}
 
-    # process_group: a group of rank 0 alone means no gathering for rank 0
+    # process_group: a group of rank 0 alone means no gathering, for its member and for rank 1
+    # (outside the group)
     solo = dist.new_group(ranks=[0])
-    if rank == 0:
-        solo_metrics = _metrics(process_group=solo)
-        _feed(solo_metrics, part, data)
-        out["solo"] = {k: m.compute() for k, m in solo_metrics.items()}
+    solo_metrics = _metrics(process_group=solo)
+    _feed(solo_metrics, part, data)
+    out["solo"] = {k: m.compute() for k, m in solo_metrics.items()}
 
     # ranks with different feature widths: both raise the same error
     wrong = DistanceCorrelationSqr()
@@ -194,10 +194,11 @@ def test_a_rank_without_updates(results):
 
 
 def test_process_group_is_honoured(results):
-    expected = _single(0, SPLIT)
-    for key in ("dcor", "udcor", "bacc", "bacc_adj"):
-        assert results[0]["solo"][key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15)
-    assert results[0]["solo"]["gacc"] == pytest.approx(expected["gacc"])
+    for r, (lo, hi) in enumerate([(0, SPLIT), (SPLIT, N)]):
+        expected = _single(lo, hi)
+        for key in ("dcor", "udcor", "bacc", "bacc_adj"):
+            assert results[r]["solo"][key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15)
+        assert results[r]["solo"]["gacc"] == pytest.approx(expected["gacc"])
 
 
 def test_errors_are_raised_on_every_rank(results):

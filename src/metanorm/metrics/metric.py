@@ -56,11 +56,14 @@ def _merge(total: Counts, new: Counts) -> None:
         total[key] = (c0 + c, h0 + h)
 
 
-def _sync_world(enabled: bool, group: ProcessGroup | None) -> int:
-    """World size of ``group`` when syncing applies, else 1."""
+def _syncing(enabled: bool, group: ProcessGroup | None) -> bool:
+    """Whether ``compute()`` gathers: enabled, torch.distributed initialised, group of 2 or more.
+
+    (A process outside ``group`` gets world size -1 and computes over its own data.)
+    """
     if not enabled or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
+        return False
+    return dist.get_world_size(group) > 1
 
 
 def _comm_device(group: ProcessGroup | None, preferred: torch.device) -> torch.device:
@@ -216,7 +219,7 @@ class DistanceCorrelationSqr:
 
     def _all_rows(self) -> tuple[Tensor, Tensor]:
         """The accumulated rows, of every rank when syncing applies."""
-        if _sync_world(self.sync_on_compute, self.process_group) == 1:
+        if not _syncing(self.sync_on_compute, self.process_group):
             if not self._x:
                 raise ValueError("expected at least one update() before compute(), got none")
             return torch.cat(self._x), torch.cat(self._y)
@@ -307,7 +310,7 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
     def compute(self) -> dict[Any, float]:  # type: ignore[override]
         """``{group: dCor²}`` over all accumulated rows (of all ranks, see ``sync_on_compute``)."""
         x, y = self._all_rows()
-        if _sync_world(self.sync_on_compute, self.process_group) == 1:
+        if not _syncing(self.sync_on_compute, self.process_group):
             groups = np.concatenate(self._groups)
         else:
             local = np.concatenate(self._groups) if self._groups else None
@@ -372,7 +375,7 @@ class BalancedAccuracy:
         return balanced_accuracy_from_counts(self._all_counts(), self.adjusted)
 
     def _all_counts(self) -> Counts:
-        if _sync_world(self.sync_on_compute, self.process_group) == 1:
+        if not _syncing(self.sync_on_compute, self.process_group):
             return self.counts
         return _all_reduce_counts(self.counts, self.process_group)
 
@@ -417,7 +420,7 @@ class GroupAccuracy:
     def compute(self) -> dict[Any, float]:
         """``{group: accuracy}`` over everything seen (on all ranks), groups in sorted order."""
         counts = self.counts
-        if _sync_world(self.sync_on_compute, self.process_group) > 1:
+        if _syncing(self.sync_on_compute, self.process_group):
             counts = _all_reduce_counts(counts, self.process_group)
         if not counts:
             raise ValueError("expected at least one update() before compute(), got none")
