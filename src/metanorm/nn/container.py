@@ -51,7 +51,7 @@ class MetadataSequential(nn.Sequential):
 
     takes_metadata = True
 
-    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
         """Runs the children in order, passing ``metadata`` to those that take it.
 
         ``metadata=None`` (omitted): the MDN children take the rows in scope (see
