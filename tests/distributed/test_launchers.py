@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _spawn import requires_gloo
 from torch import nn
+
+pytestmark = requires_gloo
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
