@@ -90,7 +90,8 @@ def _missing_message(what: str) -> str:
         "metanorm.nn.MetadataModel (or the model metanorm.nn.convert_metadata_norm returns) as "
         "model(x, metadata=rows), or pass the rows explicitly as mdn(h, metadata)"
     )
-    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+    graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+    if not torch.compiler.is_compiling() and graph_task() != -1:  # inside a backward pass
         msg += (
             ". It ran during the backward pass: gradient checkpointing recomputes the forward "
             "there, outside model(x, metadata=rows); checkpoint with "
