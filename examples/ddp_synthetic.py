@@ -30,6 +30,8 @@ What it shows, in order:
 ``--batch-size`` is the GLOBAL batch: with W processes each takes ``batch-size / W`` rows a step,
 and the run matches a one-process run with the same ``--batch-size`` up to rounding (same
 sampler order, same β, DDP's gradient average equals the whole-batch mean loss's gradient).
+Choose a training set size that divides by W: otherwise ``DistributedSampler`` repeats a few
+samples to even out the shards.
 """
 
 from __future__ import annotations
