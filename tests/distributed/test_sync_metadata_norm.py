@@ -7,6 +7,7 @@ rank saw; the oracle is a plain MetadataNorm in this process, fed the union batc
 from __future__ import annotations
 
 import datetime
+import inspect
 import time
 
 import pytest
@@ -31,6 +32,13 @@ STEPS = 3
 SPLITS = {"even": (32, 32), "uneven": (7, 57), "empty": (0, 20), "small": (2, 1)}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MOMENTA = {"0.1": 0.1, "None": None}
+# the synced running β agrees without DDP's buffer broadcast (renamed in newer torch)
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+EXACT = {"atol": 1e-12, "rtol": 0}
 BUFFERS = ("running_beta", "num_batches_tracked", "num_samples_tracked", "num_batches_skipped")
 
 
@@ -87,7 +95,7 @@ def _ddp_cnn(rank, world_size, splits, seed):
     torch.manual_seed(seed)
     model = PaperCNN("mdn-conv", _design(), image_size=12, keep=[0]).double()
     model = SyncMetadataNorm.convert_sync_metadata_norm(model)
-    ddp = DDP(model, broadcast_buffers=False)
+    ddp = DDP(model, **_NO_BUFFER_SYNC)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     for step in range(STEPS):
         x, rows, y = _cnn_batch(step, sum(splits), seed)
@@ -170,7 +178,12 @@ def _scenarios(rank, world_size):
     # 5. DDP end to end: equal, then uneven batches
     res["ddp_even"] = _ddp_cnn(rank, world_size, (6, 6), seed=0)
     res["ddp_uneven"] = _ddp_cnn(rank, world_size, (4, 9), seed=1)
-    # 6. last (it leaves the short group out of step): wrong widths raise on rank 1 before any
+    # 6. torch.compile(fullgraph=True) of the training step (collectives traced, no break)
+    compiled_layer = _layer(SyncMetadataNorm, torch.float64, 0.1)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    outs, grads = _run_steps(compiled, SPLITS["uneven"], torch.float64, rank)
+    res["compiled"] = {"outs": outs, "grads": grads, "buffers": _buffers(compiled_layer)}
+    # 7. last (it leaves the short group out of step): wrong widths raise on rank 1 before any
     # collective; rank 0 waits in its collective until the group's timeout
     layer = _layer(SyncMetadataNorm, torch.float64, 0.1, process_group=short)
     feats, rows, _ = _batch(0, 8, torch.float64)
@@ -239,6 +252,19 @@ def test_outputs_gradients_and_running_beta_match_the_union_batch(
     for name in BUFFERS:
         assert torch.equal(results[0][key]["buffers"][name], results[1][key]["buffers"][name])
     assert int(want["buffers"]["num_samples_tracked"]) == STEPS * sum(SPLITS[sname])
+
+
+def test_compiled_fullgraph_step_matches_the_union_batch(results, oracle):
+    """torch.compile(fullgraph=True, backend="aot_eager"): the functional collectives trace."""
+    want = oracle["float64", "0.1", "uneven"]
+    m0 = SPLITS["uneven"][0]
+    for rank, part in ((0, slice(0, m0)), (1, slice(m0, None))):
+        got = results[rank]["compiled"]
+        for step in range(STEPS):
+            torch.testing.assert_close(got["outs"][step], want["outs"][step][part], **EXACT)
+            torch.testing.assert_close(got["grads"][step], want["grads"][step][part], **EXACT)
+        for name in BUFFERS:
+            torch.testing.assert_close(got["buffers"][name], want["buffers"][name], **EXACT)
 
 
 def test_the_small_union_batch_uses_the_running_beta(results, oracle):
