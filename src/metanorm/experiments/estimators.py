@@ -7,12 +7,13 @@ penalty MDN (``pmdn``, Vento et al., MICCAI 2022) and the baseline, each layer a
 - ``synthetic-batch`` (``metanorm reproduce synthetic-batch``): the paper's batch-size figure
   (MDN weakens as batches shrink): batch sizes 200, 64, 16 and 4, validation dcor² per epoch
   (``epochs.csv`` of every run; :func:`epoch_dcor_table`) and the final test bAcc. Defaults sized
-  for a CPU (about 10 minutes): 400 training images per class, 500 per class for validation and
-  test, 5 epochs of Adam from 1e-3 with a cosine decay, the MDN running β with its momentum (no
-  refit, so every estimator is used as it comes out of training; ``--refit-running-beta``
-  refits MDN's). Options: ``forgetting`` (R-MDN's λ, default 0.999), ``pmdn_lr`` (PMDN's β
-  learning rate, default 1e-2). With equal epochs, a large batch takes fewer steps: at batch 200
-  the models train 2 steps per epoch, so bAcc there says more about steps than about estimators.
+  for a CPU: 400 training images per class, 500 per class for validation and test, 5 epochs of
+  Adam from 1e-3 with a cosine decay, the MDN running β with its momentum (no refit, so every
+  estimator is used as it comes out of training; ``--refit-running-beta`` refits MDN's).
+  Options: ``forgetting`` (R-MDN's λ, default 0.999), ``rmdn_grad`` (R-MDN's
+  ``grad_through_beta``, default false), ``pmdn_lr`` (PMDN's β learning rate, default 1e-2).
+  With equal epochs a large batch takes fewer steps (4 per epoch at batch 200), so bAcc there
+  says more about steps than about estimators.
 - continual learning with a shifting confounder (:func:`run_continual`; ``python -m
   metanorm.experiments.estimators continual``): five stages whose confounder association
   (:mod:`metanorm.datasets.shifting`) goes 1, 0.5, 0, −0.5, −1 (the paper's confounder, half of
@@ -83,8 +84,8 @@ CONTINUAL_METHODS: tuple[str, ...] = ("none", "mdn-linear", "rmdn")
 def estimator_kwargs(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The layer arguments a method takes from a run's options.
 
-    ``forgetting`` goes to R-MDN layers, ``pmdn_lr`` to PMDN layers (as ``lr``); other methods
-    take none.
+    ``forgetting`` and ``rmdn_grad`` (as ``grad_through_beta``) go to R-MDN layers, ``pmdn_lr``
+    to PMDN layers (as ``lr``); other methods take none.
 
     Examples:
         >>> estimator_kwargs("rmdn", {"forgetting": 0.99, "pmdn_lr": 0.1})
@@ -92,11 +93,15 @@ def estimator_kwargs(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
         >>> estimator_kwargs("mdn-linear", {"forgetting": 0.99})
         {}
     """
-    if method.startswith("rmdn") and "forgetting" in options:
-        return {"forgetting": float(options["forgetting"])}
+    out: dict[str, Any] = {}
+    if method.startswith("rmdn"):
+        if "forgetting" in options:
+            out["forgetting"] = float(options["forgetting"])
+        if "rmdn_grad" in options:
+            out["grad_through_beta"] = bool(options["rmdn_grad"])
     if method.startswith("pmdn") and "pmdn_lr" in options:
-        return {"lr": float(options["pmdn_lr"])}
-    return {}
+        out["lr"] = float(options["pmdn_lr"])
+    return out
 
 
 def _batch_model(method: str, design: Design, config: RunConfig) -> nn.Module:
@@ -161,7 +166,9 @@ factor, exact at m = 1); PMDN (Vento et al., MICCAI 2022) learns β by gradient 
 
 _FIELDS = {f.name for f in dataclasses.fields(Experiment)}
 _OPTIONS: dict[str, Any] = (
-    {"options": ("n_eval_per_class", "forgetting", "pmdn_lr")} if "options" in _FIELDS else {}
+    {"options": ("n_eval_per_class", "forgetting", "rmdn_grad", "pmdn_lr")}
+    if "options" in _FIELDS
+    else {}
 )
 
 SYNTHETIC_BATCH = register_experiment(
