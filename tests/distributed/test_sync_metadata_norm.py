@@ -420,3 +420,59 @@ def test_from_design_statistics_builds_the_whole_design_layer():
     g2, n2 = global_design_statistics(collinear)
     with pytest.raises(ValueError, match="collinear"):
         SyncMetadataNorm.from_design_statistics(6, g2, n2)
+
+
+class _OneProcess:
+    """The synced layer's reducer in a world of one process (a sum over one process)."""
+
+    packs_count = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def sum(self, tensor):
+        self.calls += 1
+        return tensor.clone()
+
+
+def test_packed_reducer_path_matches_the_plain_map_and_passes_gradgradcheck():
+    from metanorm.nn import functional as MF
+
+    design = _design()
+    gram_inverse = MetadataNorm(6, design).gram_inverse
+    mask = torch.tensor([False, True, True])
+    feats, rows, grad = _batch(0, 9, torch.float64)
+    feats = feats.reshape(9, 6).requires_grad_()
+    reducer = _OneProcess()
+    out, beta, count = MF.batch_residual(feats, rows, gram_inverse, N, mask, reducer=reducer)
+    (dx,) = torch.autograd.grad(out, feats, grad.reshape(9, 6))
+    assert reducer.calls == 2 and float(count) == 9  # one collective per direction
+    # oracle: the paper's formula, β̂ = (N/m) Σ⁻¹ X_bᵀF by least-squares algebra in autograd
+    ref_beta = (N / 9) * gram_inverse @ rows.T @ feats
+    ref = feats - (rows * mask) @ ref_beta
+    (ref_dx,) = torch.autograd.grad(ref, feats, grad.reshape(9, 6))
+    torch.testing.assert_close(out, ref, **EXACT)
+    torch.testing.assert_close(beta, ref_beta.detach(), **EXACT)
+    torch.testing.assert_close(dx, ref_dx, **EXACT)
+
+    def f(t):
+        return MF.batch_residual(t, rows, gram_inverse, N, mask, reducer=_OneProcess())[0]
+
+    assert torch.autograd.gradcheck(f, (feats.detach().requires_grad_(),))
+    assert torch.autograd.gradgradcheck(f, (feats.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize(("momentum", "counters"), [(0.1, True), (0.1, False), (None, True)])
+def test_update_running_beta_with_no_samples_moves_nothing(momentum, counters):
+    """M = 0: neither the running β nor any counter moves (momentum=None needs the counters)."""
+    from metanorm.nn import functional as MF
+
+    running = torch.arange(6.0, dtype=torch.float64).reshape(3, 2)
+    before = running.clone()
+    kw = {}
+    if counters:
+        kw = {name: torch.tensor(4) for name in BUFFERS[1:]}
+    zero = torch.zeros((), dtype=torch.float64)
+    MF.update_running_beta(running, torch.ones(3, 2, dtype=torch.float64), zero, momentum, **kw)
+    assert torch.equal(running, before)
+    assert all(int(v) == 4 for v in kw.values())
