@@ -64,6 +64,10 @@ def _layer(cls, dtype, momentum, **kw):
     return cls(SHAPE[0] * SHAPE[1], _design(), keep=[0], momentum=momentum, dtype=dtype, **kw)
 
 
+def _channelwise(cls):
+    return cls(SHAPE[0], _design(), keep=[0], channelwise=True, dtype=torch.float64)
+
+
 def _buffers(layer):
     return {name: getattr(layer, name).detach().clone() for name in BUFFERS}
 
@@ -141,6 +145,10 @@ def _scenarios(rank, world_size):
                     "after_empty": _buffers(layer),
                     "out_empty_shape": tuple(out_empty.shape),
                 }
+    # 1b. a channel-wise layer (β per channel of the (2, 3) map) syncs through the same seam
+    layer = _channelwise(SyncMetadataNorm)
+    outs, grads = _run_steps(layer, SPLITS["uneven"], torch.float64, rank)
+    res["channelwise"] = {"outs": outs, "grads": grads, "buffers": _buffers(layer)}
     short = dist.new_group(timeout=datetime.timedelta(seconds=3))
     # 2. a NaN feature on rank 1 only: every rank skips the estimate
     layer = _layer(SyncMetadataNorm, torch.float64, 0.1)
@@ -265,6 +273,20 @@ def test_compiled_fullgraph_step_matches_the_union_batch(results, oracle):
             torch.testing.assert_close(got["grads"][step], want["grads"][step][part], **EXACT)
         for name in BUFFERS:
             torch.testing.assert_close(got["buffers"][name], want["buffers"][name], **EXACT)
+
+
+def test_channelwise_layer_matches_the_union_batch(results):
+    layer = _channelwise(MetadataNorm)
+    want_outs, want_grads = _run_steps(layer, SPLITS["uneven"], torch.float64)
+    m0 = SPLITS["uneven"][0]
+    for rank, part in ((0, slice(0, m0)), (1, slice(m0, None))):
+        got = results[rank]["channelwise"]
+        assert got["buffers"]["running_beta"].shape == (K, SHAPE[0])
+        for step in range(STEPS):
+            torch.testing.assert_close(got["outs"][step], want_outs[step][part], **EXACT)
+            torch.testing.assert_close(got["grads"][step], want_grads[step][part], **EXACT)
+        for name, want in _buffers(layer).items():
+            torch.testing.assert_close(got["buffers"][name], want, **EXACT)
 
 
 def test_the_small_union_batch_uses_the_running_beta(results, oracle):
