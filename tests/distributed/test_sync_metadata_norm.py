@@ -410,6 +410,20 @@ def test_convert_and_revert_share_buffers_and_attributes():
     assert type(converted) is SyncMetadataNorm and converted._buffers is not single._buffers
     assert converted.gram_inverse is single.gram_inverse
     assert set(converted.state_dict()) == set(single.state_dict())
+    # a lazy layer converts once it has run (it is a MetadataNorm then), not before
+    from metanorm.nn import LazyMetadataNorm
+
+    lazy = LazyMetadataNorm(_design())
+    with pytest.raises(ValueError, match="run one batch"):
+        SyncMetadataNorm.convert_sync_metadata_norm(lazy)
+    lazy(torch.randn(5, 6, dtype=torch.float64), _design()[:5])
+    assert type(SyncMetadataNorm.convert_sync_metadata_norm(lazy)) is SyncMetadataNorm
+
+    class Custom(MetadataNorm):
+        pass
+
+    with pytest.raises(TypeError, match="Custom"):
+        SyncMetadataNorm.convert_sync_metadata_norm(torch.nn.Sequential(Custom(6, _design())))
 
 
 def test_without_a_process_group_it_is_a_metadata_norm():
