@@ -149,6 +149,17 @@ def _scenarios(rank, world_size):
     layer = _channelwise(SyncMetadataNorm)
     outs, grads = _run_steps(layer, SPLITS["uneven"], torch.float64, rank)
     res["channelwise"] = {"outs": outs, "grads": grads, "buffers": _buffers(layer)}
+    # 1c. a group of one process: exactly a MetadataNorm on the local batch
+    singletons = [dist.new_group([r]) for r in range(world_size)]
+    alone = _layer(SyncMetadataNorm, torch.float64, 0.1, process_group=singletons[rank])
+    plain = _layer(MetadataNorm, torch.float64, 0.1)
+    got, want = (
+        _run_steps(alone, SPLITS["uneven"], torch.float64, rank),
+        _run_steps(plain, SPLITS["uneven"], torch.float64, rank),
+    )
+    res["singleton"] = all(
+        torch.equal(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1], strict=True)
+    ) and torch.equal(alone.running_beta, plain.running_beta)
     short = dist.new_group(timeout=datetime.timedelta(seconds=3))
     # 2. a NaN feature on rank 1 only: every rank skips the estimate
     layer = _layer(SyncMetadataNorm, torch.float64, 0.1)
@@ -287,6 +298,10 @@ def test_channelwise_layer_matches_the_union_batch(results):
             torch.testing.assert_close(got["grads"][step], want_grads[step][part], **EXACT)
         for name, want in _buffers(layer).items():
             torch.testing.assert_close(got["buffers"][name], want, **EXACT)
+
+
+def test_a_group_of_one_process_is_a_metadata_norm(results):
+    assert results[0]["singleton"] is True and results[1]["singleton"] is True
 
 
 def test_the_small_union_batch_uses_the_running_beta(results, oracle):
