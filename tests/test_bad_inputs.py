@@ -34,6 +34,11 @@ def test_numeric_looking_column_with_a_few_strings(dtype):
         "site=3",
         "intercept",
     )
+    # numbers in an object array are numbers (as scikit-learn reads them): one column
+    ages = np.array([31, 45, 52.5, 38], dtype=object)
+    d = make_design({"age": ages}, standardize=False)
+    assert d.columns == ("age", "intercept")
+    np.testing.assert_array_equal(d.matrix[:, 0], [31.0, 45.0, 52.5, 38.0])
 
 
 def test_design_as_list_of_lists():

@@ -135,20 +135,26 @@ def _as_number(v: Any) -> float | None:
     return None
 
 
+def _all_numbers(values: np.ndarray) -> bool:
+    """Whether an object column holds real numbers only (not text, not bools)."""
+    return values.dtype == object and all(
+        isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+        for v in values.tolist()
+    )
+
+
 def _check_not_numeric_text(name: str, values: np.ndarray) -> None:
     """Refuses to guess that a column of numbers with a few strings ("?", "NA") is categorical.
 
     A column of text only, numeric-looking or not (site codes ``"1"``, ``"2"``), stays
-    categorical.
+    categorical; a column that mixes numbers (or numeric text) with other text is refused.
 
     Raises:
         ValueError: naming the column and its non-numeric values.
     """
     vals = values.tolist()
     numeric = [_as_number(v) is not None for v in vals]
-    if all(numeric) and all(isinstance(v, str | np.str_) for v in vals):
-        return  # text only: categorical codes
-    if not any(numeric) or all(numeric):
+    if all(numeric) or not any(numeric):
         return
     others = sorted({str(v) for v, ok in zip(vals, numeric, strict=True) if not ok})
     raise ValueError(
@@ -307,6 +313,8 @@ class DesignBuilder:
             raise ValueError(f"expected at least one row of metadata to fit, got 0 rows of {names}")
         self._keep_names = _resolve_names(self.keep, names, "keep")
         if self.categorical is None:
+            # an object column of numbers only is continuous (as scikit-learn reads it)
+            cols = {k: v.astype(np.float64) if _all_numbers(v) else v for k, v in cols.items()}
             cat = [
                 k for k, v in cols.items() if v.dtype.kind in "OUSbT" or v.dtype.name == "category"
             ]
@@ -446,6 +454,8 @@ class DesignBuilder:
                         block[i, j] = 1.0
                 blocks.append(block)
             else:
+                if _all_numbers(v):
+                    v = v.astype(np.float64)
                 if v.dtype.kind not in "biuf":
                     raise TypeError(f"metadata column {s.name!r} is not numeric ({v.dtype})")
                 blocks.append(((v.astype(np.float64) - s.mean) / s.scale)[:, None])

@@ -84,8 +84,18 @@ def check_num_samples(n: int, unbiased: bool) -> None:
         )
 
 
+def _unit_scale(t: Tensor) -> Tensor:
+    top = t.abs().amax()
+    return t / torch.where(top > 0, top, torch.ones_like(top))
+
+
 def order_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Puts the variable with fewer columns second (dCor² is symmetric; its pass is cheaper)."""
+    """Puts the variable with fewer columns second (dCor² is symmetric; its pass is cheaper).
+
+    Each is divided by its largest ``|value|``: dCor² does not change with the scale of either
+    variable, and the squared distances neither overflow (values beyond ~1e150) nor underflow.
+    """
+    x, y = _unit_scale(x), _unit_scale(y)
     return (y, x) if x.shape[1] < y.shape[1] else (x, y)
 
 
