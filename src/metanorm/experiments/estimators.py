@@ -199,17 +199,22 @@ SYNTHETIC_BATCH = register_experiment(
 )
 
 
+def _method_rank(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
 def epoch_dcor_table(sweep_dir: str | Path) -> str:
     """A markdown table of the validation dcor² per epoch of every run of a sweep folder.
 
-    One row per (batch size, method, seed), one column per epoch, each cell the per-class values
+    One row per (batch size, method, seed), largest batch first and methods in the order of
+    :data:`METHODS`, one column per epoch, each cell the per-class values
     ``class 0 / class 1`` (from the runs' ``epochs.csv``), and the last column the test bAcc
     (from ``final.json``) when the run finished.
     """
     root = Path(sweep_dir) / "runs"
     runs = sorted(
         root.glob("bs*/*/seed*/epochs.csv"),
-        key=lambda p: (-int(p.parts[-4][2:]), p.parts[-3], p.parts[-2]),
+        key=lambda p: (-int(p.parts[-4][2:]), _method_rank(p.parts[-3]), p.parts[-3], p.parts[-2]),
     )
     if not runs:
         raise FileNotFoundError(f"no runs/bs*/<method>/seed*/epochs.csv under {sweep_dir}")
