@@ -69,11 +69,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# under torch.compile the lookup runs once, eagerly, at trace time (an import cannot be traced)
-@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the compiled kernel is installed and loads (whatever :func:`set_enabled` says)."""
-    return _load() is not None
+    # an import cannot be traced: under torch.compile only a kernel already looked for counts
+    # (the first eager call of the layer looks for it)
+    if not _loaded and not torch.compiler.is_compiling():
+        _load()
+    return _kernel is not None
 
 
 def enabled() -> bool:

@@ -288,7 +288,7 @@ def test_compiled_inner_model_breaks_the_graph_at_each_layer_but_is_correct():
         report = explain(x)
     # every break is the scope read (2 layers; dynamo counts a break per frame it splits)
     assert report.graph_break_count >= 2
-    assert all("_eager_entries" in b.reason for b in report.break_reasons)
+    assert all("_scope_entries" in b.reason for b in report.break_reasons)
     strict = MetadataModel(torch.compile(copy.deepcopy(net), fullgraph=True, backend="eager"))
     with pytest.raises(Exception, match=r"(?i)skip|disable|Unsupported"):
         strict(x, metadata=design[:50])

@@ -43,16 +43,29 @@ _SCOPE: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar(
 _TRACE_STACK: list[_Entry] = []
 
 
-@torch.compiler.disable
-def _eager_entries() -> tuple[_Entry, ...]:
-    # a graph break when reached under torch.compile (a compiled region inside an eager scope)
+def _scope_entries() -> tuple[_Entry, ...]:
     return _SCOPE.get()
+
+
+# _scope_entries behind torch.compiler.disable: a graph break when reached under torch.compile
+# (a compiled region inside an eager scope). Wrapped when a scope is first opened eagerly, not at
+# import, since torch.compiler.disable imports torch._dynamo (seconds).
+_eager_entries: Callable[[], tuple[_Entry, ...]] | None = None
+
+
+def _open_eager_scope(entry: _Entry) -> contextvars.Token[tuple[_Entry, ...]]:
+    global _eager_entries
+    if _eager_entries is None:
+        _eager_entries = torch.compiler.disable(_scope_entries)
+    return _SCOPE.set((*_SCOPE.get(), entry))
 
 
 def _entries() -> tuple[_Entry, ...] | list[_Entry]:
     if torch.compiler.is_compiling():
         if _TRACE_STACK:
             return _TRACE_STACK
+        if _eager_entries is None:  # no scope was ever opened eagerly
+            return ()
         return _eager_entries()
     return _SCOPE.get()
 
@@ -138,7 +151,7 @@ def metadata_scope(metadata: Tensor) -> Iterator[Tensor]:
         torch.Size([8, 5])
     """
     _check_rows(metadata)
-    token = _SCOPE.set((*_SCOPE.get(), (metadata, None)))
+    token = _open_eager_scope((metadata, None))
     try:
         yield metadata
     finally:
@@ -216,7 +229,7 @@ class MetadataModel(nn.Module):
                 return self.module(*inputs, **kwargs)
             finally:
                 _TRACE_STACK.pop()
-        token = _SCOPE.set((*_SCOPE.get(), entry))
+        token = _open_eager_scope(entry)
         try:
             return self.module(*inputs, **kwargs)
         finally:
