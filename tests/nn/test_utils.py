@@ -70,7 +70,7 @@ def test_single_pass_and_custom_call():
         mdl(batch[0], batch[2])
 
     assert refit_running_beta(model, loader, call=call, layer_by_layer=False) == 2
-    assert sum(calls) == len(x)  # one pass for both layers
+    assert sum(calls) == 7 + len(x)  # the order-finding batch, then one pass for both layers
     seen = _eval_inputs(model, x, design)
     want = np.linalg.lstsq(design.numpy(), seen[1].numpy(), rcond=None)[0]
     np.testing.assert_allclose(model[1].running_beta.numpy(), want, atol=1e-10)
@@ -85,3 +85,46 @@ def test_no_mdn_layer_and_bad_batches():
     ):
         refit_running_beta(model, [x])
     assert model[1].momentum == before  # restored after a failure too
+
+
+class _Reordered(nn.Module):
+    """Declares its MDN layers in the reverse of the order its forward calls them."""
+
+    def __init__(self, design):
+        super().__init__()
+        self.late = MetadataNorm(4, design, keep=[0])
+        self.unused = MetadataNorm(6, design, keep=[0])
+        self.early = MetadataNorm(6, design, keep=[0])
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 4)
+
+    def forward(self, x, rows=None):  # rows=None: the layers take the metadata in scope
+        return self.late(self.fc2(torch.relu(self.early(self.fc1(x), rows))), rows)
+
+
+def test_layers_refitted_in_forward_order_and_uncalled_layers_untouched():
+    from metanorm.nn import MetadataModel
+
+    _, x, design, loader = _setup()
+    torch.manual_seed(1)
+    net = _Reordered(design).double()
+    net(x[:30], design[:30])
+    net.unused.running_beta.fill_(0.5)
+    unused = {k: v.clone() for k, v in net.unused.state_dict().items()}
+    # through a MetadataModel: the default call passes metadata= (a plain call would fail)
+    assert refit_running_beta(MetadataModel(net), loader) == 2
+    for key, value in net.unused.state_dict().items():
+        torch.testing.assert_close(value, unused[key], atol=0, rtol=0)
+    net.eval()
+    with torch.no_grad():
+        h1 = net.fc1(x)
+        h2 = net.fc2(torch.relu(net.early(h1, design)))
+    for layer, feats in ((net.early, h1), (net.late, h2)):
+        want = np.linalg.lstsq(design.numpy(), feats.numpy(), rcond=None)[0]
+        np.testing.assert_allclose(layer.running_beta.numpy(), want, atol=1e-10)
+
+
+def test_empty_loader_refits_nothing():
+    model, _, _, _ = _setup()
+    before = model[1].running_beta.clone()
+    assert refit_running_beta(model, []) == 0
+    torch.testing.assert_close(model[1].running_beta, before, atol=0, rtol=0)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from metanorm.nn.metadata_norm import MetadataNorm
+from metanorm.nn.scope import MetadataModel
 
 __all__ = ["refit_running_beta"]
 
@@ -22,7 +23,29 @@ def _default_call(model: nn.Module, batch: Any, device: torch.device | str | Non
     x, rows = batch[0], batch[-1]
     if device is not None:
         x, rows = x.to(device), rows.to(device)
-    model(x, rows)
+    if isinstance(model, MetadataModel):
+        model(x, metadata=rows)
+    else:
+        model(x, rows)
+
+
+def _forward_order(
+    model: nn.Module, layers: list[MetadataNorm], batch: Any, run: Callable[[nn.Module, Any], Any]
+) -> list[MetadataNorm]:
+    """The layers in the order one evaluation-mode call on ``batch`` reaches them."""
+    order: list[MetadataNorm] = []
+
+    def record(module: nn.Module, args: Any) -> None:
+        if isinstance(module, MetadataNorm) and module not in order:
+            order.append(module)
+
+    handles = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
 
 
 @torch.no_grad()
@@ -41,13 +64,14 @@ def refit_running_beta(
     full-data least-squares β of the features it sees, :math:`\Sigma^{-1} X^\top F`, instead of
     an average over batches taken while the weights were still changing.
 
-    With ``layer_by_layer`` (the default) the layers are refitted one at a time, in the order
-    ``model.modules()`` lists them (which must be their order in the forward pass): each layer is
+    With ``layer_by_layer`` (the default) the layers are refitted one at a time, in the order the
+    forward pass calls them (found by one evaluation-mode call on the first batch): each layer is
     reset and accumulates a cumulative average (``momentum=None``) over one pass in training
     mode while every other module is in evaluation mode, so the MDN layers before it already
     use their refitted β, as they will at evaluation. This costs one pass per MDN layer;
     ``layer_by_layer=False`` refits all of them in a single pass (each then sees features that
-    the layers before it residualised with batch estimates).
+    the layers before it residualised with batch estimates). Layers the forward pass does not
+    call are left as they are.
 
     Nothing trainable changes; BatchNorm and dropout stay in evaluation mode during the passes;
     the training flags of all modules are restored on return. The batch order does not matter.
@@ -56,12 +80,14 @@ def refit_running_beta(
         model: the model.
         loader: the training data, e.g. a :class:`~torch.utils.data.DataLoader`.
         call: ``call(model, batch)`` runs the model on one batch. Default: each batch is a tuple
-            ``(input, ..., design_rows)`` and the model is called as ``model(input, design_rows)``.
+            ``(input, ..., design_rows)`` and the model is called as ``model(input, design_rows)``,
+            or ``model(input, metadata=design_rows)`` for a :class:`~metanorm.nn.MetadataModel`.
         device: where to move ``input`` and ``design_rows`` (default call only).
         layer_by_layer: refit the layers one at a time (see above). Default: ``True``.
 
     Returns:
-        The number of MDN layers refitted (0 leaves the model untouched).
+        The number of MDN layers refitted (0 leaves the model untouched: no MDN layer with a
+        running β, an empty loader, or no such layer called).
 
     Examples::
 
@@ -83,6 +109,10 @@ def refit_running_beta(
     momenta = {layer: layer.momentum for layer in layers}
     try:
         model.eval()
+        first = next(iter(loader), None)
+        if first is None:
+            return 0
+        layers = _forward_order(model, layers, first, run)
         groups = [[layer] for layer in layers] if layer_by_layer else [layers]
         for group in groups:
             for layer in group:
