@@ -147,16 +147,24 @@ def _check_not_numeric_text(name: str, values: np.ndarray) -> None:
     """Refuses to guess that a column of numbers with a few strings ("?", "NA") is categorical.
 
     A column of text only, numeric-looking or not (site codes ``"1"``, ``"2"``), stays
-    categorical; a column that mixes numbers (or numeric text) with other text is refused.
+    categorical; a column that mixes numbers (or numeric text) with other text, or numbers
+    with numbers written as text, is refused.
 
     Raises:
         ValueError: naming the column and its non-numeric values.
     """
     vals = values.tolist()
     numeric = [_as_number(v) is not None for v in vals]
-    if all(numeric) or not any(numeric):
-        return
+    text = [isinstance(v, str | np.str_) for v in vals]
+    if not any(numeric) or (all(text) and all(numeric)):
+        return  # levels without numbers, or text codes such as "1", "2": categorical
     others = sorted({str(v) for v, ok in zip(vals, numeric, strict=True) if not ok})
+    if not others:  # numbers, some of them written as text
+        raise ValueError(
+            f"metadata column {name!r} mixes numbers and text "
+            f"({sorted({str(v) for v, t in zip(vals, text, strict=True) if t})[:10]} are "
+            f"text): convert it to numbers, or list {name!r} in categorical= to one-hot code it"
+        )
     raise ValueError(
         f"metadata column {name!r} looks numeric but holds {sum(not ok for ok in numeric)} "
         f"non-numeric value(s) {others[:10]}{' ...' if len(others) > 10 else ''}: turn them "

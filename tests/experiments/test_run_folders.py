@@ -214,6 +214,7 @@ def test_cli_interrupt_and_resume(tmp_path, monkeypatch, capsys):
     assert main(args) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted (SIGINT): 1 of 2 runs complete" in err[0]
+    assert f"report of those: {_io.partial_dir(out) / 'report.md'}" in err[0]
     assert err[0].endswith(" ".join(["resume with: metanorm", *args, "--resume"]))
     assert (_io.partial_dir(out) / "report.md").is_file()
     partial = json.loads((_io.partial_dir(out) / "summary.json").read_text())

@@ -328,6 +328,11 @@ def _run(args: argparse.Namespace) -> int:
         )
 
     made: list[dict[str, Any]] = []
+
+    def record(folder: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+        made.append(report(folder, results))
+        return made[-1]
+
     try:
         run_sweep(
             base,
@@ -339,13 +344,15 @@ def _run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.quiet,
             jobs=jobs,
-            report=lambda folder, results: made.append(report(folder, results)),
+            report=record,
         )
     except SweepInterrupted as stop:
         where = (
             f"report of those: {stop.folder / 'report.md'}"
-            if stop.results
+            if stop.report is not None
             else "no report (no run was complete)"
+            if not stop.results
+            else "the report failed (see the warning above)"
         )
         print(
             f"metanorm reproduce: interrupted ({stop.signal_name}): {len(stop.results)} of "

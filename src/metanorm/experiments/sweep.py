@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -284,7 +285,12 @@ def run_sweep(
     except (KeyboardInterrupt, _Terminated) as exc:
         name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
         completed = [r for _, r in sorted(_completed(work, configs).items())]
-        made = report(work, completed) if report is not None and completed else None
+        made = None
+        if report is not None and completed:
+            try:
+                made = report(work, completed)
+            except Exception as err:  # the interruption is what the caller must hear about
+                warnings.warn(f"the report of the completed runs failed: {err}", stacklevel=2)
         raise SweepInterrupted(work, completed, len(configs), name, made) from None
     except BaseException:
         if not _completed(work, configs):  # nothing worth resuming (e.g. bad data): no trace
