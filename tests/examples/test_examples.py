@@ -120,3 +120,13 @@ def test_example_runs_as_a_script():
     result = parse_result(proc.stdout)
     assert set(result) == {"bacc", "dcor2", "pvalue", "control_pvalue"}
     assert all(0.0 < p <= 1.0 for p in result["pvalue"].values())
+
+
+def test_monai_convert_trains_and_restores(monkeypatch, capsys):
+    pytest.importorskip("monai", reason="MONAI is not installed (pip install 'metanorm[monai]')")
+    args = ["--subjects", "12", "--side", "8", "--steps", "2", "--batch-size", "6"]
+    _, result = run_example("monai_convert.py", args, monkeypatch, capsys)
+    assert result["mdn_layers"] == 6  # layer4's five BatchNorms replaced, one inserted
+    assert result["restored_max_diff"] == 0.0  # the restored model gives the same logits
+    assert sorted(result["dcor2"]) == ["0", "1"]
+    assert all(math.isfinite(v) for v in result["dcor2"].values())
