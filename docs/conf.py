@@ -49,6 +49,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(Iterable|Iterator|Mapping|Sequence|Any|Protocol|TypeVar|Generic|Literal)"),
     (r"py:.*", r"(pytorch_lightning|lightning|monai|accelerate|matplotlib|dcor|fairlearn)(\..*)?"),
     (r"py:.*", r"(optional|default|int|float|bool|str|tuple|list|dict|None|callable|object)"),
+    (r"py:.*", r"(ProcessGroup|nn\.Module|copy\..*)"),
+    (r"py:class", r".*\._\w+"),  # private base classes (in "Bases:" lines) are not documented
 ]
 
 html_theme = "furo"

@@ -245,3 +245,19 @@ def test_bad_arguments(kwargs, match):
     args = {"num_features": 5, "num_metadata": 3} | kwargs
     with pytest.raises(ValueError, match=match):
         RecursiveMetadataNorm(**args)
+
+
+def test_recursive_and_penalty_layers_take_the_metadata_in_scope():
+    from metanorm.nn import MetadataModel, PenaltyMetadataNorm, RecursiveMetadataNorm
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.cat([torch.randn(12, 2, generator=g), torch.ones(12, 1)], 1).double()
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    for cls in (RecursiveMetadataNorm, PenaltyMetadataNorm):
+        explicit, scoped = cls(4, 3).double(), cls(4, 3).double()
+        want = explicit(x, rows)
+        got = MetadataModel(scoped)(x, metadata=rows)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(scoped.beta, explicit.beta, atol=1e-12, rtol=0)
+        with pytest.raises(TypeError, match="without metadata and none is in scope"):
+            cls(4, 3).double()(x)

@@ -126,7 +126,7 @@ def load_bladderbatch(path: str | os.PathLike[str] | None = None) -> BladderBatc
     """Loads bladderbatch (57 arrays × 22,283 probe sets, 5 batches, cancer status).
 
     Args:
-        path: where the data are; see :func:`find_bladderbatch`.
+        path: where the data are; see :func:`.find_bladderbatch`.
 
     Returns:
         A :class:`BladderBatch`.

@@ -133,7 +133,7 @@ def make_shaded_images(
     """The shaded-images stand-in for GS-PPB: real images, a binary label, a shade confounder.
 
     Two classes that a small CNN finds hard to tell apart (Fashion-MNIST shirt vs T-shirt by
-    default) get label 0 and 1. Each image is darkened by a shade c (:func:`apply_shade`) drawn as
+    default) get label 0 and 1. Each image is darkened by a shade c (:func:`.apply_shade`) drawn as
     in the synthetic experiment: associated with the label in train and validation (c ~ U(1, 4)
     for y = 0, U(3, 6) for y = 1: shade alone predicts y 83 % of the time), independent at test
     (U(1, 6)), and reversed in ``"test_reversed"``. Classes are balanced in every split. A model
@@ -152,11 +152,11 @@ def make_shaded_images(
             300 (MNIST 5k).
         reversed_test: also return ``"test_reversed"`` (the same test images, reversed shades).
         shade_mode: how the shade acts, ``"patch"`` (an additive corner swatch of intensity
-            c/6) or ``"contrast"`` (global darkening); see :func:`apply_shade`. Default:
+            c/6) or ``"contrast"`` (global darkening); see :func:`.apply_shade`. Default:
             ``"patch"``. Note: MDN removes the *linear* effect of c from the features; the
             multiplicative ``"contrast"`` shade makes the features depend on c × content,
             which a linear removal at one layer only partly removes (see the README).
-        strength: darkening per unit of shade for ``"contrast"``, see :func:`apply_shade`.
+        strength: darkening per unit of shade for ``"contrast"``, see :func:`.apply_shade`.
         seed: seed of every random choice (images, shades).
         path: the source's files: the Fashion-MNIST folder or the MNIST 5k CSV (default: where
             their packages install them; :mod:`~metanorm.datasets.fashion_mnist`,

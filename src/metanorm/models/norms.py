@@ -133,7 +133,7 @@ def register_norm(
         replace: replace an existing registration. Default: ``False`` (a ``ValueError``).
 
     Returns:
-        The :class:`NormSpec`.
+        The :class:`.NormSpec`.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"expected a non-empty str name, got {name!r}")
@@ -152,7 +152,7 @@ def list_norms() -> list[str]:
 
 
 def get_norm(name: str) -> NormSpec:
-    """The :class:`NormSpec` of ``name`` (or of one of its :data:`NORM_ALIASES`).
+    """The :class:`.NormSpec` of ``name`` (or of one of its :data:`NORM_ALIASES`).
 
     Raises:
         ValueError: ``name`` is not registered (the message lists the registered names).

@@ -33,6 +33,7 @@ from metanorm.linalg import remove_effect
 __all__ = [
     "NONFINITE_POLICIES",
     "NonFiniteEstimateError",
+    "StatisticsReducer",
     "batch_residual",
     "check_metadata",
     "metadata_norm",
@@ -389,7 +390,7 @@ def metadata_norm(
             (needed when ``momentum`` is None).
         training: estimate β from the batch (and update ``running_beta``); otherwise use
             ``running_beta``.
-        momentum: see :func:`update_running_beta`.
+        momentum: see :func:`~metanorm.nn.functional.update_running_beta`.
         on_nonfinite: ``"skip"`` (default), ``"warn"`` or ``"raise"``: what a training batch with
             a non-finite β̂ does besides leaving ``running_beta`` as it was: count itself in
             ``num_batches_skipped``; also warn; raise

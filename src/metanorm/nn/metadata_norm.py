@@ -80,7 +80,7 @@ class MetadataNorm(nn.Module):
         design: the whole training set's design, ``(N, K)`` tensor or array, or a
             :class:`metanorm.design.Design` (whose ``keep`` is then used by default). Only
             :math:`\Sigma^{-1}` and N are stored. ``None`` builds an empty layer of
-            ``num_metadata`` columns to restore with :meth:`load_state_dict`.
+            ``num_metadata`` columns to restore with :meth:`~torch.nn.Module.load_state_dict`.
         keep: indices (or, with a :class:`~metanorm.design.Design`, names) of the columns that
             are estimated but not removed. Default: ``()`` (or the design's ``keep``).
         momentum: the running-β momentum μ, or ``None`` for a cumulative average. Default: 0.1.
@@ -443,8 +443,8 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
     def initialize_parameters(self, input: Tensor, metadata: Tensor | None = None) -> None:
         """Sets ``num_features`` from the first input and materialises the running β.
 
-        Also after :meth:`load_state_dict` (which materialises the β) or without a running β:
-        ``num_features`` is always set from the first input.
+        Also after :meth:`~torch.nn.Module.load_state_dict` (which materialises the β) or
+        without a running β: ``num_features`` is always set from the first input.
         """
         if self.has_uninitialized_params() or self.num_features == 0:
             if not isinstance(input, Tensor) or input.dim() < 2:

@@ -68,7 +68,8 @@ class PenaltyMetadataNorm(_OnlineNormBase):
 
     Shape:
         - Input: :math:`(m, *)` with :math:`\prod * = D`; any m ≥ 1.
-        - Metadata: :math:`(m, K)`, the batch's design rows.
+        - Metadata: :math:`(m, K)`, the batch's design rows; omitted, the rows in scope of a
+          :class:`~metanorm.nn.MetadataModel` call (or :func:`~metanorm.nn.metadata_scope`).
         - Output: same shape and dtype as the input (float16/bfloat16 computed in float32).
 
     Examples::
@@ -147,7 +148,7 @@ class PenaltyMetadataNorm(_OnlineNormBase):
         resid = features - rows @ self.beta.detach().to(features.dtype)
         return resid.square().sum() / features.shape[0]
 
-    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
+    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
         """Removes the metadata effect, then (training) steps β; see the class docstring."""
         features, rows = self._prepare(input, metadata)
         with torch.autocast(features.device.type, enabled=False):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from metanorm._validation import describe
 from metanorm.linalg import remove_effect
 from metanorm.nn import functional as MF
+from metanorm.nn import scope as _scope
 from metanorm.nn.metadata_norm import _check_num_features, _resolve_keep
 
 __all__ = ["RecursiveMetadataNorm"]
@@ -107,6 +108,8 @@ class _OnlineNormBase(nn.Module):
                 f"from input of shape {tuple(input.shape)}"
             )
         m, k = input.shape[0], self.num_metadata
+        if metadata is None:  # called as layer(x) inside a MetadataModel / metadata_scope
+            metadata = _scope.metadata_for(self, input)
         MF.check_metadata(metadata, m, k)
         dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
         features = input.reshape(m, d).to(dtype)
@@ -176,7 +179,8 @@ class RecursiveMetadataNorm(_OnlineNormBase):
 
     Shape:
         - Input: :math:`(m, *)` with :math:`\prod * = D`; any m ≥ 1.
-        - Metadata: :math:`(m, K)`, the batch's design rows.
+        - Metadata: :math:`(m, K)`, the batch's design rows; omitted, the rows in scope of a
+          :class:`~metanorm.nn.MetadataModel` call (or :func:`~metanorm.nn.metadata_scope`).
         - Output: same shape and dtype as the input (float16/bfloat16 computed in float32).
 
     Examples::
@@ -256,7 +260,7 @@ class RecursiveMetadataNorm(_OnlineNormBase):
         """Same as :meth:`reset_running_stats` (the layer has no learned parameters)."""
         self.reset_running_stats()
 
-    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
+    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
         """Updates β (training) and removes the metadata effect; see the class docstring."""
         features, rows = self._prepare(input, metadata)
         with torch.autocast(features.device.type, enabled=False):

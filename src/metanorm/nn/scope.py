@@ -13,8 +13,8 @@ traces a :class:`MetadataModel`, the rows travel on a trace-time stack instead (
 trace ``ContextVar``), so the whole model compiles as one graph, ``fullgraph=True`` included.
 
 Gradient checkpointing recomputes a forward during the backward pass, outside the call that put
-the rows in scope: checkpoint through :func:`checkpoint`, which carries them into the
-recomputation.
+the rows in scope: checkpoint through :func:`~metanorm.nn.scope.checkpoint`, which carries them
+into the recomputation.
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ class MetadataModel(nn.Module):
     scatters ``metadata`` with the inputs) each see their own rows.
     :class:`~torch.nn.parallel.DistributedDataParallel`, :func:`torch.compile` (one graph,
     ``fullgraph=True`` works), ``state_dict``, :func:`copy.deepcopy` and pickling work as for
-    any module. For gradient checkpointing inside the model use :func:`checkpoint`.
+    any module. For gradient checkpointing inside the model use
+    :func:`~metanorm.nn.scope.checkpoint`.
 
     The wrapped model is the submodule ``module`` (so ``state_dict`` keys start with
     ``module.``); layers inserted by :func:`~metanorm.nn.convert_metadata_norm` are in
