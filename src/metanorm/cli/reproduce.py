@@ -202,7 +202,7 @@ def _cli_words(message: str) -> str:
     message = re.sub(r"\bpass (?:path|root)= (?:the |to the )?", "pass --data PATH, the ", message)
     message = re.sub(r"options\[['\"]data['\"]\]", "--data PATH", message)
     message = re.sub(r"\bpass (\w+)=", r"pass --option \1=", message)
-    return re.sub(r"\blower (\w+)\b", r"lower --option \1=...", message)
+    return re.sub(r"\blower ([a-z]+_[a-z_]+)\b", r"lower --option \1=...", message)
 
 
 def _resume_command(argv: list[str]) -> str:
