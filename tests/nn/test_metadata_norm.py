@@ -401,3 +401,13 @@ def test_metadata_sequential_routes_metadata(rng):
     # nested containers pass metadata down too
     outer = MetadataSequential(model, nn.Sigmoid())
     assert outer(inp, xt).shape == (64, 1)
+
+
+def test_design_as_list_of_lists_and_rows_on_the_meta_device():
+    rows = [[1.0, 0.2], [1.0, 0.5], [1.0, 0.9], [1.0, 0.1]]
+    layer = MetadataNorm(3, rows)
+    want = MetadataNorm(3, torch.tensor(rows, dtype=torch.float64))
+    torch.testing.assert_close(layer.gram_inverse, want.gram_inverse, atol=0, rtol=0)
+    assert int(layer.n_samples) == 4
+    with pytest.raises(ValueError, match="on the meta device"):
+        layer(torch.randn(4, 3), torch.empty(4, 2, device="meta"))

@@ -88,6 +88,11 @@ def check_metadata(metadata: Any, batch_size: int, num_columns: int) -> None:
         )
     if metadata.is_complex() or metadata.dtype == torch.bool:
         raise TypeError(f"expected real numeric design rows, got {describe(metadata)}")
+    if metadata.device.type == "meta":
+        raise ValueError(
+            "expected design rows on a device that holds data (cpu, cuda, ...), got "
+            f"{describe(metadata)} on the meta device"
+        )
     if metadata.dim() == 1 and num_columns == 1:
         metadata = metadata.unsqueeze(1)
     if metadata.dim() != 2 or metadata.shape[1] != num_columns:

@@ -210,7 +210,7 @@ class MetadataNorm(nn.Module):
                 keep = design.keep if keep is None else keep
             gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)
             k = gram_inverse.shape[0]
-            n = (design.matrix if isinstance(design, Design) else design).shape[0]
+            n = design.shape[0] if isinstance(design, Design) else len(design)
             if num_metadata is not None and num_metadata != k:
                 raise ValueError(
                     f"num_metadata={num_metadata!r} does not match the design's {k} columns"
