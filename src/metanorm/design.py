@@ -420,7 +420,8 @@ class DesignBuilder:
                 are unknown. The kept input columns may then be left out of ``data`` (an array
                 then holds the other columns, in order) or passed, in which case they are
                 ignored, not checked; their design columns are zeros. The result is only good
-                for :func:`remove_effect`, which multiplies kept columns by nothing.
+                for :func:`~metanorm.linalg.remove_effect`, which multiplies kept columns by
+                nothing.
                 Default: ``False``.
         """
         specs = self._fitted()

@@ -57,10 +57,11 @@ def inverse_gram(
     r"""Computes :math:`\Sigma^{-1} = (X^\top X + \lambda I)^{-1}` in float64.
 
     Args:
-        design: the whole training design, ``(N, K)`` array, tensor or :class:`Design`.
+        design: the whole training design, ``(N, K)`` array, tensor or
+            :class:`~metanorm.design.Design`.
         ridge: :math:`\lambda \ge 0`, added to the diagonal of :math:`X^\top X`. Use it only when
             the design is (nearly) collinear and the collinearity cannot be removed. Default: 0.
-        columns: column names for error messages (taken from a :class:`Design`).
+        columns: column names for error messages (taken from a :class:`~metanorm.design.Design`).
         max_condition: largest accepted condition number of the column-scaled
             :math:`X^\top X` when ``ridge == 0``. Default: ``1e10``.
 

@@ -22,6 +22,7 @@ from metanorm.experiments.report import write_report as write_report
 from metanorm.experiments.runner import PreparedRun as PreparedRun
 from metanorm.experiments.runner import prepare_run as prepare_run
 from metanorm.experiments.runner import run_experiment as run_experiment
+from metanorm.experiments.sweep import SweepInterrupted as SweepInterrupted
 from metanorm.experiments.sweep import run_sweep as run_sweep
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Experiment",
     "PreparedRun",
     "RunConfig",
+    "SweepInterrupted",
     "evaluate",
     "get_experiment",
     "list_experiments",

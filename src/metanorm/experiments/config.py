@@ -26,7 +26,7 @@ class RunConfig:
         lr: Adam learning rate (of the first epoch under a schedule).
         lr_schedule: ``"constant"``, or ``"cosine"``: epoch ``e`` of ``E`` (from 0) trains at
             ``lr · (1 + cos(π e / E)) / 2``, so the last epochs take small, steady steps (see
-            :func:`metanorm.experiments.engine.epoch_lr`).
+            ``metanorm.experiments.engine.epoch_lr``).
         seed: base seed of the data (its splits use seeds derived from it), the model's
             initialisation and the batch order.
         n_per_class: training samples per class, for experiments that generate or subsample data.
