@@ -1,6 +1,6 @@
 # The two commands a user needs (see README):
 #   make run    set up .venv (with the optional compiled op, native/) and run the main job
-#   make test   set up .venv, install the real test data, lint, type-check and run the tests
+#   make test   set up .venv, install the real test data, lint, type-check, build the docs, run the tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -50,7 +50,7 @@ docs: venv
 pytest: venv native
 	$(BIN)/python -m pytest -q
 
-test: venv data lint typecheck pytest
+test: venv data lint typecheck docs pytest
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache build native/build native/*.egg-info
