@@ -33,6 +33,13 @@ class Design:
         columns: the K column names.
         keep: indices of the columns that are estimated but not removed (labels, covariates of
             interest). Every other column, the intercept included, is removed.
+
+    Examples::
+
+        >>> import numpy as np
+        >>> d = Design(np.array([[0.0, 1.0], [1.0, 1.0]]), ("y", "intercept"), keep=(0,))
+        >>> d.shape, d.remove, d.tensor().dtype
+        ((2, 2), (1,), torch.float32)
     """
 
     matrix: np.ndarray

@@ -71,6 +71,14 @@ def inverse_gram(
     Raises:
         ValueError: if ``design`` is not finite, or :math:`X^\top X` is singular or ill-conditioned
             and ``ridge == 0``; the message names the columns involved.
+
+    Examples::
+
+        >>> import torch
+        >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+        >>> inverse_gram(X)
+        tensor([[ 0.8333, -0.5000],
+                [-0.5000,  0.5000]], dtype=torch.float64)
     """
     if isinstance(design, Design):
         columns = design.columns if columns is None else columns
@@ -149,6 +157,12 @@ def batch_statistics(design_rows: torch.Tensor, features: torch.Tensor) -> torch
         - design_rows: ``(m, K)``
         - features: ``(m, D)``
         - Output: ``(K, D)``
+
+    Examples::
+
+        >>> import torch
+        >>> batch_statistics(torch.ones(4, 2), torch.ones(4, 3)).shape
+        torch.Size([2, 3])
     """
     return design_rows.T @ features
 
@@ -166,6 +180,15 @@ def beta_from_statistics(
         xtf: :math:`X_b^\top F`, ``(K, D)``, from :func:`batch_statistics` (possibly summed).
         batch_size: m, the number of rows behind ``xtf``.
         n_samples: N, the number of rows behind ``gram_inverse``.
+
+    Examples::
+
+        >>> import torch
+        >>> X = torch.cat([torch.ones(6, 1), torch.arange(6.0).unsqueeze(1)], 1).double()
+        >>> F = 2 + 3 * X[:, 1:]                            # F = 2 + 3·x exactly
+        >>> beta = beta_from_statistics(inverse_gram(X), batch_statistics(X, F), 6, 6)
+        >>> torch.allclose(beta, torch.tensor([[2.0], [3.0]], dtype=torch.float64))
+        True
     """
     scale = n_samples / batch_size
     return (gram_inverse.to(xtf.dtype) * scale) @ xtf
@@ -185,6 +208,14 @@ def remove_effect(
         - beta: ``(K, D)``
         - remove_mask: ``(K,)`` bool
         - Output: ``(m, D)``
+
+    Examples::
+
+        >>> import torch
+        >>> rows = torch.tensor([[1.0, 2.0]])                # [label, site effect]
+        >>> beta = torch.tensor([[10.0], [1.0]])
+        >>> remove_effect(torch.tensor([[13.0]]), rows, beta, torch.tensor([False, True]))
+        tensor([[11.]])
     """
     return torch.addmm(features, design_rows * remove_mask.to(design_rows.dtype), beta, alpha=-1)
 
@@ -199,6 +230,14 @@ def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:
         - design: ``(N, K)``
         - features: ``(N, D)``
         - Output: ``(K, D)`` float64
+
+    Examples::
+
+        >>> import torch
+        >>> X = torch.cat([torch.ones(5, 1), torch.arange(5.0).unsqueeze(1)], 1)
+        >>> beta = fit_beta(X, 1 - 2 * X[:, 1:])
+        >>> torch.allclose(beta, torch.tensor([[1.0], [-2.0]], dtype=torch.float64))
+        True
     """
     columns = design.columns if isinstance(design, Design) else None
     gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)

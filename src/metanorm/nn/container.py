@@ -20,6 +20,13 @@ def takes_metadata(module: nn.Module) -> bool:
 
     That is :class:`MetadataNorm`, :class:`MetadataSequential`, and any module with a true class
     attribute ``takes_metadata``.
+
+    Examples::
+
+        >>> import torch
+        >>> from metanorm.nn import MetadataNorm
+        >>> takes_metadata(MetadataNorm(4, num_metadata=2)), takes_metadata(torch.nn.ReLU())
+        (True, False)
     """
     return isinstance(module, MetadataNorm | MetadataSequential) or bool(
         getattr(module, "takes_metadata", False)

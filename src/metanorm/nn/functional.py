@@ -80,6 +80,15 @@ def check_metadata(metadata: Any, batch_size: int, num_columns: int) -> None:
     Only the type and shape are checked (reading values would cost a host sync); a non-finite
     design row gives a non-finite estimate, which the running β never takes
     (see ``on_nonfinite``).
+
+    Examples::
+
+        >>> import torch
+        >>> check_metadata(torch.zeros(4, 3), batch_size=4, num_columns=3)
+        >>> check_metadata(torch.zeros(5, 3), batch_size=4, num_columns=3)
+        Traceback (most recent call last):
+            ...
+        ValueError: expected metadata with 4 rows (the batch size of the input), got 5
     """
     if not isinstance(metadata, Tensor):
         raise TypeError(
@@ -266,6 +275,18 @@ def batch_residual(
         ``(residual, beta, count)``: ``(m, D)``, ``(K, D)`` and the (summed) batch size as a
         float64 0-d tensor; ``beta`` and ``count`` carry no gradient. With a reducer, a summed
         batch size of 0 gives a zero ``beta`` (and an empty residual).
+
+    Examples::
+
+        >>> import torch
+        >>> from metanorm.linalg import inverse_gram
+        >>> X = torch.cat([torch.randn(40, 1), torch.ones(40, 1)], 1).double()
+        >>> F = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+        >>> out, beta, count = batch_residual(
+        ...     F, X[:8], inverse_gram(X), 40, torch.tensor([True, True]))
+        >>> out.shape, beta.shape, float(count)
+        (torch.Size([8, 5]), torch.Size([2, 5]), 8.0)
+        >>> out.sum().backward()                  # differentiable in the features
     """
     removed_rows = rows.detach() * remove_mask.to(rows.dtype)
     if reducer is not None and getattr(reducer, "packs_count", False):
@@ -314,6 +335,17 @@ def update_running_beta(
 
     Returns:
         A bool 0-d tensor: whether the estimate was finite (and so used, when ``count`` > 0).
+
+    Examples::
+
+        >>> import torch
+        >>> running, seen = torch.zeros(2, 3), torch.tensor(0)
+        >>> count = torch.tensor(10.0, dtype=torch.float64)
+        >>> bool(update_running_beta(running, torch.ones(2, 3), count, None,
+        ...                          num_samples_tracked=seen))
+        True
+        >>> running[0], int(seen)                 # the first batch: a cumulative average
+        (tensor([1., 1., 1.]), 10)
     """
     # x·0 is 0 for finite x and NaN for NaN/inf: one sum tells, and cannot overflow
     finite = torch.isfinite((beta * 0).sum())
@@ -409,6 +441,17 @@ def metadata_norm(
 
     Returns:
         A tensor of ``input``'s shape and dtype.
+
+    Examples::
+
+        >>> import torch
+        >>> from metanorm.linalg import inverse_gram
+        >>> X = torch.cat([torch.randn(40, 1), torch.ones(40, 1)], 1)
+        >>> running = torch.zeros(2, 6)
+        >>> out = metadata_norm(torch.randn(8, 6), X[:8], inverse_gram(X), 40,
+        ...                     torch.tensor([True, True]), running, training=True)
+        >>> out.shape
+        torch.Size([8, 6])
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"expected input to be a tensor, got {describe(input)}")

@@ -264,6 +264,16 @@ def revert_sync_metadata_norm(module: nn.Module) -> nn.Module:
 
     Returns:
         ``module`` with its synced layers replaced (a new object if ``module`` itself is one).
+
+    Examples::
+
+        >>> import torch
+        >>> from metanorm.nn import MetadataNorm, SyncMetadataNorm
+        >>> design = torch.cat([torch.randn(30, 1), torch.ones(30, 1)], 1)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), MetadataNorm(4, design))
+        >>> synced = SyncMetadataNorm.convert_sync_metadata_norm(model)
+        >>> type(synced[1]).__name__, type(revert_sync_metadata_norm(synced)[1]).__name__
+        ('SyncMetadataNorm', 'MetadataNorm')
     """
     if isinstance(module, SyncMetadataNorm):
         plain = _with_class(module, MetadataNorm)
