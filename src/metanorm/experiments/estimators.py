@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from metanorm.datasets import DesignDataset
 from metanorm.datasets.shifting import CONTINUAL_ASSOCIATIONS, make_shifting_stages
 from metanorm.design import Design
+from metanorm.experiments._io import write_text
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.engine import evaluate, train_one_epoch
 from metanorm.experiments.registry import Check, Experiment, register_experiment
@@ -419,8 +420,9 @@ def run_continual(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
-        (out / "report.md").write_text(continual_report(results))
+        # atomically, the results first: a kill never leaves a report without its results
+        write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=True))
+        write_text(out / "report.md", continual_report(results))
     return results
 
 
