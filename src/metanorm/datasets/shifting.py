@@ -19,17 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from metanorm.datasets._base import DataSplit
-from metanorm.datasets.synthetic import (
-    BLOB_SIZE,
-    IMAGE_SIZE,
-    NOISE_SD,
-    RANGES,
-    _rng,
-    gaussian_blob,
-)
+from metanorm.datasets.synthetic import RANGES, _rng, render_split
 
 __all__ = ["CONTINUAL_ASSOCIATIONS", "make_shifted_synthetic", "make_shifting_stages"]
 
@@ -73,19 +65,7 @@ def make_shifted_synthetic(
     mf = rng.uniform(low, high)
     centre = np.where(labels == 1, 3.5 + association, 3.5 - association)
     cf = rng.uniform(centre - 1.5, centre + 1.5)
-    k = gaussian_blob()
-    h = BLOB_SIZE
-    images = np.zeros((2 * n, 1, IMAGE_SIZE, IMAGE_SIZE))
-    images[:, 0, :h, :h] = mf[:, None, None] * k
-    images[:, 0, h:, h:] = mf[:, None, None] * k
-    images[:, 0, h:, :h] = cf[:, None, None] * k
-    images += rng.normal(0.0, NOISE_SD, size=images.shape)
-    return DataSplit(
-        images=torch.from_numpy(images.astype(np.float32)),
-        labels=torch.from_numpy(labels.astype(np.int64)),
-        metadata={"mf": mf, "cf": cf},
-        name=name,
-    )
+    return render_split(mf, cf, labels, rng, name)
 
 
 def make_shifting_stages(

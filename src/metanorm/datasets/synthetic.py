@@ -35,6 +35,7 @@ __all__ = [
     "gaussian_blob",
     "make_synthetic",
     "make_synthetic_splits",
+    "render_split",
 ]
 
 IMAGE_SIZE = 32
@@ -111,9 +112,27 @@ def make_synthetic(n_per_class: int = 1000, *, random_state: Any, name: str = "t
     high = np.array([RANGES[int(y)][1] for y in labels])
     mf = rng.uniform(low, high)
     cf = rng.uniform(low, high)
+    return render_split(mf, cf, labels, rng, name)
+
+
+def render_split(
+    mf: np.ndarray, cf: np.ndarray, labels: np.ndarray, rng: np.random.Generator, name: str
+) -> DataSplit:
+    """The synthetic images of given main effects and confounders, as a split.
+
+    Each image is the blob scaled by ``mf`` in the top-left and bottom-right quadrants and by
+    ``cf`` in the bottom-left one, plus N(0, ``NOISE_SD``²) pixel noise drawn from ``rng``.
+
+    Args:
+        mf: ``(n,)`` main effect per image.
+        cf: ``(n,)`` confounder per image.
+        labels: ``(n,)`` int labels.
+        rng: the generator of the pixel noise.
+        name: the split's name.
+    """
     k = gaussian_blob()
     h = BLOB_SIZE
-    images = np.zeros((2 * n, 1, IMAGE_SIZE, IMAGE_SIZE))
+    images = np.zeros((len(labels), 1, IMAGE_SIZE, IMAGE_SIZE))
     images[:, 0, :h, :h] = mf[:, None, None] * k  # top-left: main effect
     images[:, 0, h:, h:] = mf[:, None, None] * k  # bottom-right: main effect
     images[:, 0, h:, :h] = cf[:, None, None] * k  # bottom-left: confounder
