@@ -14,6 +14,7 @@ from metanorm.datasets.bladderbatch import BladderBatch as BladderBatch
 from metanorm.datasets.bladderbatch import load_bladderbatch as load_bladderbatch
 from metanorm.datasets.gs_ppb import load_gs_ppb as load_gs_ppb
 from metanorm.datasets.hvu import load_hvu as load_hvu
+from metanorm.datasets.mri_standin import make_multisite_mri_standin as make_multisite_mri_standin
 from metanorm.datasets.multisite_mri import load_multisite_mri as load_multisite_mri
 from metanorm.datasets.shaded_images import make_shaded_images as make_shaded_images
 from metanorm.datasets.two_site_digits import make_two_site_digits as make_two_site_digits
@@ -27,6 +28,7 @@ __all__ = [
     "load_gs_ppb",
     "load_hvu",
     "load_multisite_mri",
+    "make_multisite_mri_standin",
     "make_shaded_images",
     "make_two_site_digits",
 ]
