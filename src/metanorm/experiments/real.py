@@ -13,6 +13,7 @@ name                       data                                   metadata (desi
 ``gs-ppb``                 ``--data``: faces + metadata.csv       Fitzpatrick skin type (one-hot)
 ``hvu``                    ``--data``: clip features + CSV        scene tags (multi-hot)
 ``multisite-mri``          ``--data``: NIfTI + participants.csv   site, age, sex (dcor²: site)
+``multisite-mri-standin``  MNI152 GM template + atrophy, 3 sites  site, age, sex (dcor²: site)
 =========================  =====================================  ==============================
 
 Methods: ``batchnorm`` (the usual model, BatchNorm after every layer; the baseline) and ``mdn``
@@ -56,6 +57,7 @@ from metanorm.datasets import (
     load_gs_ppb,
     load_hvu,
     load_multisite_mri,
+    make_multisite_mri_standin,
     make_shaded_images,
     make_two_site_digits,
 )
@@ -110,6 +112,12 @@ def _two_sites(root: str | None, **kwargs: Any) -> Splits:
     return make_two_site_digits(**kwargs)
 
 
+def _mri_standin(root: str | None, **kwargs: Any) -> Splits:
+    if root is not None:
+        raise ValueError("experiment 'multisite-mri-standin' takes no data folder (--data)")
+    return make_multisite_mri_standin(**kwargs)
+
+
 def _hvu(root: str, **kwargs: Any) -> Splits:
     splits = load_hvu(root, **kwargs)
     if not any(c.startswith("scene=") for c in splits["train"].metadata):
@@ -145,6 +153,7 @@ _SOURCES: dict[str, _Source] = {
     "gs-ppb": _Source(load_gs_ppb, _image_model, ("skin_type",)),
     "hvu": _Source(_hvu, _mlp_model),
     "multisite-mri": _Source(load_multisite_mri, _volume_model, ("covariates",)),
+    "multisite-mri-standin": _Source(_mri_standin, _volume_model, ("covariates",)),
 }
 
 
@@ -160,12 +169,15 @@ def _option_keys(name: str) -> tuple[str, ...]:
         "shaded-mnist": make_shaded_images,
         "two-site-digits": make_two_site_digits,
         "hvu": load_hvu,
+        "multisite-mri-standin": make_multisite_mri_standin,
     }
     loader = wrapped.get(name, source.load)
     params = list(inspect.signature(loader).parameters.values())
     keys = [
         p.name
-        for p in params[0 if name.startswith(("shaded", "two-site")) else 1 :]
+        for p in params[
+            0 if name.startswith(("shaded", "two-site", "multisite-mri-standin")) else 1 :
+        ]
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("seed", "source")
     ]
     return tuple(sorted({*keys, *source.design_options, "data", "n_eval_per_class"}))
@@ -369,6 +381,19 @@ _SPECS: list[dict[str, Any]] = [
         "groups": _prefixed("site"),
         "configure": _mri_design,
         "defaults": {"epochs": 20, "batch_sizes": [16]},
+    },
+    {
+        "name": "multisite-mri-standin",
+        "description": "The multi-site MRI stand-in: nilearn's MNI152 grey-matter template with "
+        "age and diagnosis atrophy and three simulated scanners (scale, bias field, blur, noise); "
+        "P(diagnosis=1 | site) = 0.8/0.5/0.2 in train/val, balanced at test, reversed in "
+        "test_reversed; 32³ volumes, the small 3-D CNN. Design and dcor² as in multisite-mri.",
+        "metadata_columns": ("site", "age", "sex"),
+        "confounder": "site",
+        "categorical": ("site", "sex"),
+        "groups": _prefixed("site"),
+        "configure": _mri_design,
+        "defaults": {"epochs": 15, "batch_sizes": [16]},
     },
 ]
 
