@@ -4,6 +4,10 @@ A model here is called as ``model(images, design_rows)`` and returns ``(logits, 
 logit per sample means a binary task (``BCEWithLogits``, prediction ``logit > 0``); C logits mean
 C classes (cross-entropy, prediction ``argmax``). Loaders yield ``(images, labels, design_rows)``
 (:class:`metanorm.datasets.DesignDataset`).
+
+A model with a submodule ``objective`` (the alternatives to MDN,
+:mod:`metanorm.experiments.alternatives`) trains on ``model.objective(logits, features, labels,
+design_rows)`` instead of the task loss; evaluation is the same for every model.
 """
 
 from __future__ import annotations
@@ -73,17 +77,24 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Trains ``model`` for one pass over ``loader``.
 
+    The loss is the task loss, or ``model.objective(logits, features, labels, rows)`` when the
+    model has an ``objective`` submodule (see the module docstring).
+
     Returns:
         ``{"loss": mean training loss over samples, "time_s": wall-clock seconds of the pass,
         "samples": samples seen}``.
     """
     model.train()
+    objective = getattr(model, "objective", None)
     total, seen = 0.0, 0
     start = time.perf_counter()
     for images, labels, rows in loader:
         images, labels, rows = images.to(device), labels.to(device), rows.to(device)
-        logits, _ = model(images, rows)
-        loss, _ = loss_and_predictions(logits, labels)
+        logits, feats = model(images, rows)
+        if isinstance(objective, nn.Module):
+            loss = objective(logits, feats, labels, rows)
+        else:
+            loss, _ = loss_and_predictions(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

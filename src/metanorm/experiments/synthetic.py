@@ -30,15 +30,31 @@ from metanorm.datasets.synthetic import (
     make_synthetic_splits,
 )
 from metanorm.design import Design
+from metanorm.experiments.alternatives import attach_objective
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
 from metanorm.models import PaperCNN
 
-__all__ = ["METHODS", "SYNTHETIC", "cf_bins"]
+__all__ = ["COMPARE_METHODS", "METHODS", "SYNTHETIC", "SYNTHETIC_COMPARE", "cf_bins"]
 
 #: The methods of the synthetic experiment, the baseline first (names of
 #: :mod:`metanorm.models.norms`).
 METHODS: tuple[str, ...] = ("none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv")
+
+
+#: The methods of ``synthetic-compare``: the baseline, the alternatives to MDN
+#: (``docs/alternatives.md``) and MDN, all names of :mod:`metanorm.models.norms`.
+COMPARE_METHODS: tuple[str, ...] = (
+    "none",
+    "concat",
+    "brnet",
+    "brnet-cond",
+    "dann",
+    "dann-cond",
+    "groupdro",
+    "mdn-linear",
+    "mdn-conv",
+)
 
 
 def _splits(config: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
@@ -51,7 +67,8 @@ def _splits(config: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
 
 
 def _model(method: str, design: Design, config: RunConfig) -> nn.Module:
-    return PaperCNN(method, design, momentum=config.momentum)
+    model = PaperCNN(method, design, momentum=config.momentum)
+    return attach_objective(model, method, design, model.fc1.out_features)
 
 
 def cf_bins(split: DataSplit) -> np.ndarray:
@@ -143,6 +160,67 @@ SYNTHETIC = register_experiment(
         },
         reference=REFERENCE,
         checks=_checks,
+        options=("n_eval_per_class",),
+    )
+)
+
+
+def _compare_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
+    """The directions the issue expects, graded on the mean over seeds, per batch size."""
+    checks: list[Check] = []
+    by = {(r["method"], r["batch_size"]): r for r in rows}
+
+    def dc(r: dict[str, Any]) -> float:
+        vals = [v for k, v in r.items() if k.startswith("val_dcor2_") and not k.endswith("_std")]
+        return float(np.mean(vals))
+
+    for (m, bs), r in sorted(by.items()):
+        base = by.get(("none", bs))
+        if m == "concat":
+            checks.append(
+                Check(
+                    f"Concat bs={bs}: test bAcc ≥ 0.90",
+                    r["test_bacc"] >= 0.90,
+                    f"{r['test_bacc']:.3f}",
+                )
+            )
+        elif m in ("brnet", "brnet-cond", "dann", "dann-cond") and base is not None:
+            checks.append(
+                Check(
+                    f"{m} bs={bs}: mean val dcor² < Baseline's",
+                    dc(r) < dc(base),
+                    f"{dc(r):.3f} vs {dc(base):.3f}",
+                )
+            )
+    return checks
+
+
+SYNTHETIC_COMPARE = register_experiment(
+    Experiment(
+        name="synthetic-compare",
+        description="The synthetic experiment (as 'synthetic') with the alternatives to MDN: "
+        "concat (cf appended to the classifier's input), BR-Net and DANN (adversaries on cf, "
+        "marginal and label-conditional), Group DRO over label × cf-bin groups, beside the "
+        "baseline and MDN. See docs/alternatives.md.",
+        make_splits=_splits,
+        make_model=_model,
+        methods=COMPARE_METHODS,
+        metadata_columns=("cf",),
+        confounder="cf",
+        groups=cf_bins,
+        defaults={
+            "epochs": 5,
+            "lr": 1e-3,
+            "lr_schedule": "cosine",
+            "refit_running_beta": True,
+            "n_per_class": 300,
+            "batch_sizes": [200, 32],
+            "seeds": 3,
+            "options": {"n_eval_per_class": 500},
+        },
+        paper={},
+        reference=REFERENCE,
+        checks=_compare_checks,
         options=("n_eval_per_class",),
     )
 )

@@ -18,6 +18,11 @@ Lu et al., "Metadata Normalization", CVPR 2021 (arXiv 2104.09052), §4.1::
 ``mdn-conv``    ``MetadataNorm(16·28·28)``      ``MetadataNorm(32·24·24)``      ``MetadataNorm(84)``
 ==============  ==============================  ==============================  ================
 
+``concat`` (:data:`~metanorm.models.norms.NormSpec.concat_metadata`) adds no layer: the
+classifier fc2 takes ``[ReLU(fc1 features), c]``, ``c`` the batch's confounder columns of the
+design rows (:func:`~metanorm.models.norms.confounder_columns`, ``cf`` for ``[y, cf, 1]``; never
+the kept label). The returned features stay fc1's (84 wide), where dcor² is measured.
+
 (``"mdn"`` and ``"mdn-all"`` build the same layers as ``"mdn-linear"`` and ``"mdn-conv"``.)
 BatchNorm and GroupNorm sit where MDN-Conv puts MDN, so the comparison is slot for slot. A conv
 map is flattened for MDN (one β column per channel × position), as in the paper. The model's
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metanorm.models.norms import apply_norm, create_norm, get_norm
+from metanorm.models.norms import apply_norm, confounder_columns, create_norm, get_norm
 
 __all__ = ["PaperCNN"]
 
@@ -84,6 +89,8 @@ class PaperCNN(nn.Module):
         spec = get_norm(norm)
         if spec.needs_design and design is None:
             raise ValueError(f"norm={norm!r} needs the training design (design=...), got None")
+        if spec.concat_metadata and design is None:
+            raise ValueError(f"norm={norm!r} needs the training design (design=...), got None")
         if image_size < 9:
             raise ValueError(f"expected image_size >= 9 (two 5×5 convolutions), got {image_size}")
         self.norm = spec.name
@@ -92,7 +99,11 @@ class PaperCNN(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, c1, 5)
         self.conv2 = nn.Conv2d(c1, c2, 5)
         self.fc1 = nn.Linear(c2 * s2 * s2, hidden)
-        self.fc2 = nn.Linear(hidden, num_outputs)
+        #: design columns appended to fc2's input (``concat``), empty otherwise
+        self.concat_columns: tuple[int, ...] = (
+            tuple(confounder_columns(design)) if spec.concat_metadata else ()
+        )
+        self.fc2 = nn.Linear(hidden + len(self.concat_columns), num_outputs)
 
         def slot(kind: str, shape: tuple[int, ...]) -> nn.Module:
             return create_norm(
@@ -115,7 +126,16 @@ class PaperCNN(nn.Module):
         h = torch.relu(apply_norm(self.norm1, self.conv1(x), metadata))
         h = torch.relu(apply_norm(self.norm2, self.conv2(h), metadata))
         feats = apply_norm(self.norm3, self.fc1(h.flatten(1)), metadata)
-        return self.fc2(torch.relu(feats)), feats
+        head = torch.relu(feats)
+        if self.concat_columns:
+            if metadata is None:
+                raise ValueError(
+                    "norm='concat' appends the metadata to the features: call the model as "
+                    "model(x, metadata) with the batch's design rows, got metadata=None"
+                )
+            meta = metadata[:, list(self.concat_columns)].to(head.dtype)
+            head = torch.cat([head, meta], dim=1)
+        return self.fc2(head), feats
 
     def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)
         return f"norm={self.norm!r}"

@@ -23,7 +23,23 @@ name                    display name     hidden slots            features slot
 ``"pmdn"``              PMDN             the model's ``base``    PenaltyMetadataNorm
 ``"pmdn-all"``          PMDN-all         PenaltyMetadataNorm     PenaltyMetadataNorm
 ``"pmdn-conv"``         PMDN-Conv        PenaltyMetadataNorm     PenaltyMetadataNorm
+``"concat"``            Concat           the model's ``base``    — (metadata appended to it)
+``"brnet"``             BR-Net           the model's ``base``    — (objective ``"brnet"``)
+``"brnet-cond"``        BR-Net-cond      the model's ``base``    — (objective ``"brnet-cond"``)
+``"dann"``              DANN             the model's ``base``    — (objective ``"dann"``)
+``"dann-cond"``         DANN-cond        the model's ``base``    — (objective ``"dann-cond"``)
+``"groupdro"``          GroupDRO         the model's ``base``    — (objective ``"groupdro"``)
 ======================  ===============  ======================  =================================
+
+The last six are the alternatives to MDN that the comparison runs through the same engine.
+They add no norm layer (``needs_design`` is ``False``: that flag means MetadataNorm layers);
+what they change is carried by two :class:`NormSpec` fields: ``concat_metadata`` (the model
+appends the batch's confounder columns of the design, those neither kept nor the intercept, to
+the features before its classifier;
+:class:`~metanorm.models.PaperCNN` reads it) and ``objective`` (the name of a training
+objective — an adversary, a bias predictor or group weights — that the experiment harness builds,
+:mod:`metanorm.experiments.alternatives`, and the training loop calls in place of the plain task
+loss). The library and the models never import the harness: they only carry the name.
 
 ``base`` is the model's usual normalization, used where a method adds no MDN layer: ``"none"``
 for :class:`~metanorm.models.PaperCNN` (the paper's baseline has no norm layer), ``"batchnorm"``
@@ -71,6 +87,7 @@ __all__ = [
     "NormSpec",
     "apply_norm",
     "canonical_norm",
+    "confounder_columns",
     "create_norm",
     "get_norm",
     "list_norms",
@@ -100,6 +117,10 @@ class NormSpec:
             design, and the model the batch's design rows).
         canonical: the name of the method that builds the same layers (itself unless the name is
             a synonym, as ``"mdn-linear"`` is of ``"mdn"``).
+        objective: the name of the method's training objective
+            (:mod:`metanorm.experiments.alternatives`), or ``None`` for the plain task loss.
+        concat_metadata: the model appends the confounder columns of the batch's design rows to
+            the features before its classifier.
     """
 
     name: str
@@ -107,6 +128,8 @@ class NormSpec:
     factory: NormFactory
     needs_design: bool = False
     canonical: str = ""
+    objective: str | None = None
+    concat_metadata: bool = False
 
 
 _NORMS: dict[str, NormSpec] = {}
@@ -119,6 +142,8 @@ def register_norm(
     display_name: str | None = None,
     needs_design: bool = False,
     canonical: str | None = None,
+    objective: str | None = None,
+    concat_metadata: bool = False,
     replace: bool = False,
 ) -> NormSpec:
     """Registers a normalization method under ``name``.
@@ -130,6 +155,9 @@ def register_norm(
         display_name: the name in reports. Default: ``name``.
         needs_design: the method builds MetadataNorm layers. Default: ``False``.
         canonical: the registered method this one is a synonym of. Default: ``name``.
+        objective: the name of a training objective of the harness. Default: ``None``.
+        concat_metadata: the model appends the metadata to its classifier's input. Default:
+            ``False``.
         replace: replace an existing registration. Default: ``False`` (a ``ValueError``).
 
     Returns:
@@ -141,9 +169,37 @@ def register_norm(
         raise ValueError(f"a normalization method named {name!r} is already registered")
     if canonical is not None and canonical not in _NORMS:
         raise ValueError(f"canonical={canonical!r} is not a registered method: {list_norms()}")
-    spec = NormSpec(name, display_name or name, factory, needs_design, canonical or name)
+    spec = NormSpec(
+        name,
+        display_name or name,
+        factory,
+        needs_design,
+        canonical or name,
+        objective=objective,
+        concat_metadata=bool(concat_metadata),
+    )
     _NORMS[name] = spec
     return spec
+
+
+def confounder_columns(design: Any) -> list[int]:
+    """The columns of a design that a method removes or adjusts for: neither kept nor intercept.
+
+    For the synthetic design ``[y, cf, 1]`` (``y`` kept) that is ``[1]``, the ``cf`` column.
+
+    Raises:
+        TypeError: ``design`` is not a :class:`metanorm.design.Design`.
+
+    Examples::
+
+        >>> import numpy as np
+        >>> d = Design(np.ones((2, 3)), ("y", "cf", "intercept"), keep=(0,))
+        >>> confounder_columns(d)
+        [1]
+    """
+    if not isinstance(design, Design):
+        raise TypeError(f"expected a metanorm.design.Design, got {type(design).__name__}")
+    return [k for k, c in enumerate(design.columns) if k not in design.keep and c != "intercept"]
 
 
 def list_norms() -> list[str]:
@@ -363,3 +419,13 @@ for _name, _display in (("rmdn", "R-MDN"), ("pmdn", "PMDN")):
         needs_design=True,
         canonical=f"{_name}-all",
     )
+
+register_norm("concat", _placement(None, "none"), display_name="Concat", concat_metadata=True)
+for _name, _display in (
+    ("brnet", "BR-Net"),
+    ("brnet-cond", "BR-Net-cond"),
+    ("dann", "DANN"),
+    ("dann-cond", "DANN-cond"),
+    ("groupdro", "GroupDRO"),
+):
+    register_norm(_name, _placement(None, "none"), display_name=_display, objective=_name)
