@@ -215,3 +215,16 @@ def test_concat_feeds_cf_and_never_the_label(design):
     assert feats.shape == (4, 84)
     with pytest.raises(ValueError, match="metadata"):
         model(x)
+
+
+def test_plot_bacc_vs_dcor2(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the plots extra) is not installed")
+    from metanorm.experiments.alternatives import plot_bacc_vs_dcor2
+
+    rows = [
+        {"method": m, "batch_size": b, "test_bacc": a, "test_bacc_std": 0.01, "test_dcor2_0": d}
+        for m, a, d in (("none", 0.94, 0.3), ("mdn-conv", 0.84, 0.0))
+        for b in (200, 32)
+    ]
+    out = plot_bacc_vs_dcor2(rows, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -34,6 +34,8 @@ Settings and measured behaviour: ``docs/alternatives.md``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,7 @@ __all__ = [
     "grad_reverse",
     "make_objective",
     "pearson_r2",
+    "plot_bacc_vs_dcor2",
     "quantile_edges",
 ]
 
@@ -342,3 +345,60 @@ def attach_objective(model: nn.Module, method: str, design: Design, features: in
     if name is not None:
         model.objective = make_objective(name, design, features)
     return model
+
+
+def _mean_dcor2(row: dict[str, Any], split: str = "test") -> float:
+    vals = [
+        v
+        for k, v in row.items()
+        if k.startswith(f"{split}_dcor2_") and not k.endswith("_std") and v is not None
+    ]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def plot_bacc_vs_dcor2(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Scatter of test bAcc against the mean per-class test dcor², one point per method × batch.
+
+    Args:
+        rows: the summary rows of a sweep (``summary.json``'s ``"rows"``).
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "matplotlib is needed for the plots: pip install 'metanorm[plots]'"
+        ) from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from metanorm.models.norms import norm_display_name
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sizes = sorted({int(r["batch_size"]) for r in rows}, reverse=True)
+    for bs, marker in zip(sizes, "os^vD", strict=False):
+        sel = [r for r in rows if int(r["batch_size"]) == bs]
+        xs = [_mean_dcor2(r) for r in sel]
+        ys = [float(r["test_bacc"]) for r in sel]
+        errs = [float(r.get("test_bacc_std", 0.0)) for r in sel]
+        ax.errorbar(xs, ys, yerr=errs, fmt=marker, label=f"batch {bs}", capsize=2)
+        for r, x, y in zip(sel, xs, ys, strict=True):
+            ax.annotate(
+                norm_display_name(r["method"]),
+                (x, y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.axhline(0.944, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.833, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("test dcor²(fc1 features, cf), mean over the classes")
+    ax.set_ylabel("test balanced accuracy")
+    ax.legend(fontsize=8)
+    out = Path(path)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
