@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from metanorm.datasets.synthetic import gaussian_blob
 from metanorm.datasets.synthetic_regression import (
@@ -12,6 +13,15 @@ from metanorm.datasets.synthetic_regression import (
     regression_bounds,
 )
 from metanorm.experiments import regression as R
+
+
+@pytest.fixture
+def one_thread():
+    # the models are tiny: one thread is fastest, and far faster on a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _least_squares_mse(columns, target):
@@ -98,7 +108,7 @@ def test_binned_dcor2_matches_the_definition_per_bin():
         R.binned_dcor2(f[:8], c[:8], t[:8], bins=3)
 
 
-def test_tiny_synthetic_run_mdn_removes_cf_and_lands_near_the_cf_free_bound():
+def test_tiny_synthetic_run_mdn_removes_cf_and_lands_near_the_cf_free_bound(one_thread):
     r = R.run_synthetic_regression(
         n_train=400, n_test=400, epochs=25, batch_size=50, bins=3, seed=0
     )
@@ -113,7 +123,7 @@ def test_tiny_synthetic_run_mdn_removes_cf_and_lands_near_the_cf_free_bound():
     assert "| mdn |" in text and "0.111" in text
 
 
-def test_tiny_diabetes_run_and_cli_write_results(tmp_path):
+def test_tiny_diabetes_run_and_cli_write_results(tmp_path, one_thread):
     pytest.importorskip("sklearn", reason="the diabetes data ship with scikit-learn")
     code = R.main(["diabetes", "--out", str(tmp_path), "--folds", "3", "--epochs", "40"])
     assert code == 0

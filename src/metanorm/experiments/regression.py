@@ -289,7 +289,7 @@ def run_diabetes(
     epochs: int = 300,
     lr: float = 1e-2,
     hidden: int = 16,
-    weight_decay: float = 1e-3,
+    weight_decay: float = 0.1,
     bins: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -473,7 +473,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=None, help="synthetic: training images")
     p.add_argument("--folds", type=int, default=None, help="diabetes: CV folds")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these models are tiny, and on a busy machine more "
+        "threads are several times slower)",
+    )
     a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    torch.set_num_threads(a.threads)
     kwargs: dict[str, Any] = {"seed": a.seed}
     if a.epochs is not None:
         kwargs["epochs"] = a.epochs
