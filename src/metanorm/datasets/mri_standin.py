@@ -9,7 +9,7 @@ Subject model (every subject is the template, changed in intensity only, no defo
 - **ageing**: grey matter falls by ``age_effect`` (a fraction) per 30 years above 55,
   everywhere;
 - **diagnosis** (label 1): a further fall of ``diagnosis_effect`` in a fixed smooth regional
-  mask: Gaussian blobs (σ = 10 mm) on both medial temporal lobes (MNI (±26, −22, −14)) and the
+  mask: Gaussian blobs (σ = 16 mm) on both medial temporal lobes (MNI (±26, −22, −14)) and the
   precuneus (0, −58, 32);
 - **individual variation**: a smooth random multiplicative field (white noise on a 4³ grid,
   trilinearly upsampled, sd ``individual_sd``).
@@ -43,7 +43,7 @@ __all__ = ["load_gm_template", "make_multisite_mri_standin"]
 _ORIGIN_MM = (-98.0, -134.0, -72.0)
 _EXTENT_MM = (198.0, 234.0, 190.0)  # 99, 117, 95 voxels of 2 mm
 _REGIONS_MM = ((26.0, -22.0, -14.0), (-26.0, -22.0, -14.0), (0.0, -58.0, 32.0))
-_REGION_SIGMA_MM = 10.0
+_REGION_SIGMA_MM = 16.0
 
 
 @lru_cache(maxsize=1)
@@ -136,8 +136,8 @@ def make_multisite_mri_standin(
     association: Sequence[float] = (0.8, 0.5, 0.2),
     volume_shape: Sequence[int] = (32, 32, 32),
     age_effect: float = 0.1,
-    diagnosis_effect: float = 0.25,
-    individual_sd: float = 0.1,
+    diagnosis_effect: float = 0.4,
+    individual_sd: float = 0.05,
     site_scale: Sequence[float] = (1.0, 1.3, 0.75),
     site_bias: Sequence[float] = (0.0, 0.2, 0.4),
     site_blur: Sequence[float] = (0.0, 0.6, 1.2),
@@ -159,8 +159,8 @@ def make_multisite_mri_standin(
         volume_shape: ``(D, H, W)`` of the volumes. Default: ``(32, 32, 32)``.
         age_effect: fraction of grey matter lost per 30 years above 55. Default: 0.1.
         diagnosis_effect: fraction lost at the centre of the regional mask for diagnosis 1.
-            Default: 0.25.
-        individual_sd: sd of the smooth individual multiplicative field. Default: 0.1.
+            Default: 0.4.
+        individual_sd: sd of the smooth individual multiplicative field. Default: 0.05.
         site_scale: global intensity scale per site. Default: ``(1.0, 1.3, 0.75)``.
         site_bias: strength (norm of the polynomial coefficients) of the bias field per site.
             Default: ``(0.0, 0.2, 0.4)``.
