@@ -98,3 +98,12 @@ def test_reference_markdown_names_the_three_figures():
     text = B.reference_markdown()
     for v in ("0.944", "0.833", "0.611"):
         assert v in text
+
+
+def test_synthetic_reports_show_the_three_reference_accuracies():
+    from metanorm.experiments.registry import get_experiment
+
+    for name in ("synthetic", "synthetic-compare"):
+        text = get_experiment(name).reference
+        for value in ("0.944", "0.833", "0.611"):
+            assert value in text, (name, value)

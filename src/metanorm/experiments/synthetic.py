@@ -31,6 +31,7 @@ from metanorm.datasets.synthetic import (
 )
 from metanorm.design import Design
 from metanorm.experiments.alternatives import attach_objective
+from metanorm.experiments.bounds import reference_markdown
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
 from metanorm.models import PaperCNN
@@ -85,9 +86,10 @@ REFERENCE = f"""The authors' released code re-run on CPU (200 epochs, batch 200,
 | MDN-Linear | 0.79 | 0.004 / 0.000 |
 | MDN-Conv | 0.84 | 0.015 / 0.002 |
 
-Bayes accuracy from the main effect alone: {BAYES_ACCURACY_MF:.3f}; from main effect and
-confounder: {BAYES_ACCURACY_MF_CF:.3f}. A confounder-free model should sit near the first, a
-confounded one near the second. The paper also finds that smaller batches leave more metadata
+{reference_markdown()}
+
+A confounder-free model should sit near {BAYES_ACCURACY_MF:.3f}, a confounded one near
+{BAYES_ACCURACY_MF_CF:.3f}. The paper also finds that smaller batches leave more metadata
 dependence for every method."""
 
 
