@@ -4,7 +4,7 @@ A method of :mod:`metanorm.models.norms` whose :attr:`~metanorm.models.norms.Nor
 is set trains with one of the objectives here instead of the plain task loss. The experiment's
 ``make_model`` attaches it to the model (:func:`attach_objective`, as the submodule
 ``model.objective``, so that the run's optimizer trains its parameters too) and
-:func:`metanorm.experiments.engine.train_one_epoch` calls it on every training batch::
+:func:`~metanorm.experiments.train_one_epoch` calls it on every training batch::
 
     loss = model.objective(logits, features, labels, rows)
 
@@ -318,7 +318,7 @@ class GroupDROObjective(_Objective):
 
 
 def make_objective(name: str, design: Design, features: int, **settings: Any) -> nn.Module:
-    """The objective named ``name`` (a method's :attr:`NormSpec.objective`).
+    """The objective named ``name`` (a method's ``NormSpec.objective``).
 
     Args:
         name: ``"brnet"``, ``"brnet-cond"``, ``"dann"``, ``"dann-cond"`` or ``"groupdro"``.

@@ -5,8 +5,8 @@ main effect ``mf`` and the confounder ``cf`` are independent given ``y``, each U
 ``y = 0`` and U(3, 6) for ``y = 1``. Three reference accuracies (classes are balanced, so
 accuracy and balanced accuracy coincide):
 
-- :data:`BAYES_ACCURACY_MF_CF` = 17/18 ≈ 0.944: the Bayes classifier using ``mf`` and ``cf``;
-- :data:`BAYES_ACCURACY_MF` = 5/6 ≈ 0.833: the best classifier whose prediction is independent
+- ``BAYES_ACCURACY_MF_CF`` = 17/18 ≈ 0.944: the Bayes classifier using ``mf`` and ``cf``;
+- ``BAYES_ACCURACY_MF`` = 5/6 ≈ 0.833: the best classifier whose prediction is independent
   of ``cf`` *given the label* (it uses ``mf`` only), what label-conditional independence allows;
 - :data:`MARGINAL_INDEPENDENCE_BOUND` = 11/18 ≈ 0.611: the best accuracy of any (randomised)
   classifier whose prediction is *marginally* independent of ``cf``, i.e. ``P(ŷ = 1 | cf)`` does
