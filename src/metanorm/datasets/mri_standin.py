@@ -173,7 +173,7 @@ def make_multisite_mri_standin(
 
     Returns:
         ``{"train", "val", "test", "test_reversed"}`` → :class:`DataSplit`: volumes float32
-        ``(n, 1, D, H, W)``, labels int64 (the diagnosis), metadata ``{"site": str ("siteA",
+        ``(n, 1, D, H, W)``, labels int64 (the diagnosis), metadata ``{"site": str array ("siteA",
         ...), "age": float64, "sex": str ("F"/"M"), "diagnosis": int64, "subject": str}``.
 
     Raises:
@@ -229,7 +229,7 @@ def make_multisite_mri_standin(
         ).astype(np.int64)
         n = sites.size
         age = rng.uniform(55.0, 85.0, size=n)
-        sex = np.where(rng.random(n) < 0.5, "F", "M").astype(object)
+        sex = np.where(rng.random(n) < 0.5, "F", "M")
         loss = age_effect * torch.as_tensor((age - 55.0) / 30.0, dtype=torch.float32)
         loss = (
             loss.view(n, 1, 1, 1) + diagnosis_effect * torch.as_tensor(dx).view(n, 1, 1, 1) * region
@@ -248,11 +248,11 @@ def make_multisite_mri_standin(
             sd = flat.std(dim=1, keepdim=True).clamp_min(1e-8)
             vols = ((flat - flat.mean(dim=1, keepdim=True)) / sd).view_as(vols)
         metadata = {
-            "site": np.array([f"site{chr(65 + k)}" for k in sites], dtype=object),
+            "site": np.array([f"site{chr(65 + k)}" for k in sites]),
             "age": age,
             "sex": sex,
             "diagnosis": dx,
-            "subject": np.array([f"{split}-{i:04d}" for i in range(n)], dtype=object),
+            "subject": np.array([f"{split}-{i:04d}" for i in range(n)]),
         }
         return DataSplit(vols.unsqueeze(1).contiguous(), torch.as_tensor(dx), metadata, split)
 

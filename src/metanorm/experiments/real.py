@@ -393,7 +393,7 @@ _SPECS: list[dict[str, Any]] = [
         "categorical": ("site", "sex"),
         "groups": _prefixed("site"),
         "configure": _mri_design,
-        "defaults": {"epochs": 10, "batch_sizes": [16]},
+        "defaults": {"epochs": 12, "batch_sizes": [16], "lr_schedule": "cosine"},
     },
 ]
 
