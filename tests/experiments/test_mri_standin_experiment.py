@@ -28,13 +28,14 @@ def test_mri_standin_registered_and_prepared():
 def test_mri_standin_reproduce_end_to_end(tmp_path):
     out = tmp_path / "out"
     argv = ["reproduce", "multisite-mri-standin", "--out", str(out), "--epochs", "1"]
-    argv += ["--batch-sizes", "8", "--quiet", "--no-plots"]
+    argv += ["--batch-sizes", "8", "--quiet"]  # with the plots: they read the site column back
     argv += ["--option", "n_per_site=8", "--option", "n_eval_per_site=6"]
     argv += ["--option", "volume_shape=[16,16,16]"]
     assert main(argv) == 0
     report = (out / "report.md").read_text()
     assert "| MDN | 8 |" in report and "| BatchNorm | 8 |" in report
     assert "test_reversed" in report
+    assert (out / "features_pca.png").is_file()  # reads the string site column back
     run = out / "runs/bs8/mdn/seed0"
     final = json.loads((run / "final.json").read_text())
     assert set(final["eval_splits"]) == {"test", "test_reversed"}
