@@ -295,3 +295,16 @@ def test_unknown_and_missing_data(tmp_path):
         prepare("hvu")
     with pytest.raises(FileNotFoundError, match="HVU folder not found"):
         prepare("hvu", data=tmp_path / "missing")
+
+
+@needs_nibabel
+def test_mri_reproduce_with_plots_writes_loadable_features(tmp_path):
+    """Site names as object arrays: the features file must still load without pickle."""
+    data, out = tmp_path / "mri", tmp_path / "out"
+    write_mri(data, n=80)
+    argv = ["reproduce", "multisite-mri", "--data", str(data), "--out", str(out)]
+    argv += ["--epochs", "1", "--batch-sizes", "8", "--option", "volume_shape=[8,8,8]", "--quiet"]
+    assert main(argv) == 0
+    z = np.load(out / "runs/bs8/mdn/seed0/test_features.npz", allow_pickle=False)
+    assert z["confounder"].dtype.kind == "U"
+    assert (out / "features_pca.png").exists()

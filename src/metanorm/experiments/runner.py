@@ -380,6 +380,8 @@ class Run:
             if groups is not None
             else self.metrics[2].sum(1)
         )
+        if conf_values.dtype == object:  # e.g. site names: the npz must load without pickle
+            conf_values = conf_values.astype(str)
         labels = outputs["labels"].numpy()
         _io.atomic_write(
             self.out / "test_features.npz",
