@@ -17,6 +17,7 @@ refitted on the training set, layer by layer (:func:`metanorm.nn.utils.refit_run
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -198,31 +199,22 @@ def _compare_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
 
 
 SYNTHETIC_COMPARE = register_experiment(
-    Experiment(
+    dataclasses.replace(  # the synthetic experiment's data, model, metadata and reference
+        SYNTHETIC,
         name="synthetic-compare",
         description="The synthetic experiment (as 'synthetic') with the alternatives to MDN: "
         "concat (cf appended to the classifier's input), BR-Net and DANN (adversaries on cf, "
         "marginal and label-conditional), Group DRO over label × cf-bin groups, beside the "
         "baseline and MDN. See docs/alternatives.md.",
-        make_splits=_splits,
-        make_model=_model,
         methods=COMPARE_METHODS,
-        metadata_columns=("cf",),
-        confounder="cf",
-        groups=cf_bins,
         defaults={
-            "epochs": 5,
-            "lr": 1e-3,
-            "lr_schedule": "cosine",
-            "refit_running_beta": True,
+            **SYNTHETIC.defaults,
             "n_per_class": 300,
             "batch_sizes": [200, 32],
             "seeds": 3,
             "options": {"n_eval_per_class": 500},
         },
         paper={},
-        reference=REFERENCE,
         checks=_compare_checks,
-        options=("n_eval_per_class",),
     )
 )
