@@ -283,17 +283,7 @@ class MetadataNorm(nn.Module):
                     f"(num_features of a channel-wise layer), got {describe(input)}"
                 )
             return
-        if input.dim() < 2:
-            raise ValueError(
-                f"expected input of shape (m, *) with {self.num_features} features per sample, "
-                f"got {input.dim()}D input of shape {tuple(input.shape)}"
-            )
-        d = math.prod(input.shape[1:])
-        if d != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} features per sample (num_features), got "
-                f"{d} from input of shape {tuple(input.shape)}"
-            )
+        check_num_features(input, self.num_features)
 
     def _reducer(self) -> MF.StatisticsReducer | None:
         """Where the batch statistics meet (None: this process only)."""
@@ -456,6 +446,26 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
             if isinstance(self.running_beta, UninitializedBuffer):
                 self.running_beta.materialize((self.num_metadata, self.num_features))
                 self.running_beta.zero_()
+
+
+def check_num_features(input: Tensor, num_features: int) -> int:
+    """Raises ``ValueError`` unless ``input`` is ``(m, *)`` with ``num_features`` per sample.
+
+    Returns:
+        D, the number of features of one sample.
+    """
+    if input.dim() < 2:
+        raise ValueError(
+            f"expected input of shape (m, *) with {num_features} features per sample, "
+            f"got {input.dim()}D input of shape {tuple(input.shape)}"
+        )
+    d = math.prod(input.shape[1:])
+    if d != num_features:
+        raise ValueError(
+            f"expected {num_features} features per sample (num_features), got "
+            f"{d} from input of shape {tuple(input.shape)}"
+        )
+    return d
 
 
 def _check_num_features(num_features: Any) -> None:

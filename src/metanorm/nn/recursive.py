@@ -23,7 +23,7 @@ from metanorm._validation import describe
 from metanorm.linalg import remove_effect
 from metanorm.nn import functional as MF
 from metanorm.nn import scope as _scope
-from metanorm.nn.metadata_norm import _check_num_features, _resolve_keep
+from metanorm.nn.metadata_norm import _check_num_features, _resolve_keep, check_num_features
 
 __all__ = ["RecursiveMetadataNorm"]
 
@@ -96,17 +96,9 @@ class _OnlineNormBase(nn.Module):
             raise TypeError(f"expected input to be a tensor, got {describe(input)}")
         if not input.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {describe(input)}")
-        if input.dim() < 2 or input.shape[0] == 0:
-            raise ValueError(
-                f"expected input of shape (m, *) with m >= 1 and {self.num_features} features "
-                f"per sample, got {describe(input)}"
-            )
-        d = math.prod(input.shape[1:])
-        if d != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} features per sample (num_features), got {d} "
-                f"from input of shape {tuple(input.shape)}"
-            )
+        if input.dim() >= 1 and input.shape[0] == 0:
+            raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
+        d = check_num_features(input, self.num_features)
         m, k = input.shape[0], self.num_metadata
         if metadata is None:  # called as layer(x) inside a MetadataModel / metadata_scope
             metadata = _scope.metadata_for(self, input)
