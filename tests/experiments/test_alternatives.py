@@ -25,7 +25,7 @@ from metanorm.experiments.registry import get_experiment
 from metanorm.experiments.runner import prepare_run
 from metanorm.models.norms import confounder_columns, get_norm, list_norms
 
-ALTERNATIVES = ("concat", "brnet", "brnet-cond", "dann", "dann-cond", "groupdro")
+ALTERNATIVES = ("concat", "concat-input", "brnet", "brnet-cond", "dann", "dann-cond", "groupdro")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def design():
 def test_the_methods_are_in_the_one_registry():
     assert [n for n in list_norms() if n in ALTERNATIVES] == list(ALTERNATIVES)
     assert get_norm("concat").concat_metadata and get_norm("concat").objective is None
-    for name in ALTERNATIVES[1:]:
+    spec = get_norm("concat-input")
+    assert spec.input_metadata and not spec.concat_metadata and spec.objective is None
+    for name in ALTERNATIVES[2:]:
         assert get_norm(name).objective == name and not get_norm(name).needs_design
     compare = get_experiment("synthetic-compare")
     assert set(ALTERNATIVES) | {"none", "mdn-linear", "mdn-conv"} == set(compare.methods)

@@ -23,8 +23,10 @@ kept nor the intercept (:func:`~metanorm.models.norms.confounder_columns`: ``cf`
   within-class centred confounder and prediction (cf − E[cf | y] with the batch's class means).
 - :class:`DANNObjective` (``"dann"``, ``"dann-cond"``; Ganin & Lempitsky, ICML 2015): a head
   predicting the confounder's quantile bin (bins fixed from the training design) behind a
-  gradient reversal layer (:func:`grad_reverse`) with a constant ``weight``. ``-cond``: one head
-  per class, with bins from the quantiles of the confounder within that class.
+  gradient reversal layer (:func:`grad_reverse`) whose weight ramps up with the training
+  progress p ∈ [0, 1] (:func:`dann_lambda`, Ganin & Lempitsky's ``2 / (1 + exp(−10 p)) − 1``),
+  or stays constant (``schedule="constant"``). ``-cond``: one head per class, with bins from the
+  quantiles of the confounder within that class.
 - :class:`GroupDROObjective` (``"groupdro"``; Sagawa et al., ICLR 2020): groups label × confounder
   bin, exponentiated-gradient group weights ``q ← q · exp(η · loss_g)`` (normalised), loss
   ``Σ_g q_g · loss_g`` over the groups present in the batch.
@@ -34,6 +36,7 @@ Settings and measured behaviour: ``docs/alternatives.md``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ __all__ = [
     "DANNObjective",
     "GroupDROObjective",
     "attach_objective",
+    "dann_lambda",
     "grad_reverse",
     "make_objective",
     "pearson_r2",
@@ -203,19 +207,57 @@ class BRNetObjective(_Objective):
         return self.task(logits, labels) + self.weight * self.r2(target, adv, labels) + loss_bp
 
 
+def dann_lambda(progress: float, weight: float = 1.0, gamma: float = 10.0) -> float:
+    r"""Ganin & Lempitsky's reversal-weight ramp: ``weight · (2 / (1 + exp(−gamma · p)) − 1)``.
+
+    It rises from 0 at the start of training (``p = 0``) to almost ``weight`` at the end
+    (``p = 1``: ``0.99991 · weight`` for ``gamma = 10``), so that the adversary's gradient
+    reaches the encoder only once the head has learnt something.
+
+    Args:
+        progress: the training progress p, in [0, 1].
+        weight: the final weight. Default: 1.
+        gamma: the ramp's steepness (10 in the paper). Default: 10.
+
+    Examples::
+
+        >>> [round(dann_lambda(p), 4) for p in (0.0, 0.1, 0.5, 1.0)]
+        [0.0, 0.4621, 0.9866, 0.9999]
+    """
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"expected a training progress in [0, 1], got {progress!r}")
+    return weight * (2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0)
+
+
+#: The reversal-weight schedules of :class:`DANNObjective`.
+DANN_SCHEDULES: tuple[str, ...] = ("ramp", "constant")
+
+
 class DANNObjective(_Objective):
     """A confounder-bin head behind a gradient reversal layer; see the module docstring.
+
+    The reversal weight at a training step is ``dann_lambda(p, weight)`` with ``schedule="ramp"``
+    (the default; Ganin & Lempitsky), ``p = steps / total_steps`` the training progress: the
+    objective counts its own training steps (calls in training mode with gradients enabled, the
+    buffer :attr:`steps`), so the loop that trains it need not know; ``total_steps`` (the
+    run's epochs × batches per epoch) is set at construction or later (the experiment's
+    ``make_model`` sets it from the run's configuration). With ``schedule="constant"`` it is
+    ``weight`` throughout.
 
     Args:
         design: the training design.
         features: the features' width.
         conditional: one head (and bin edges) per class. Default: ``False``.
         bins: quantile bins of the confounder. Default: 4.
-        weight: the reversal weight λ (constant). Default: 1.
+        weight: the reversal weight λ (the ramp's final value). Default: 1.
         hidden: the head's hidden width. Default: 32.
+        schedule: ``"ramp"`` or ``"constant"``. Default: ``"ramp"``.
+        total_steps: the training steps the ramp spans (needed by ``"ramp"`` before the first
+            training step). Default: ``None``.
     """
 
     edges: Tensor
+    steps: Tensor
 
     def __init__(
         self,
@@ -226,9 +268,16 @@ class DANNObjective(_Objective):
         bins: int = 4,
         weight: float = 1.0,
         hidden: int = 32,
+        schedule: str = "ramp",
+        total_steps: int | None = None,
     ) -> None:
         super().__init__(design)
+        if schedule not in DANN_SCHEDULES:
+            raise ValueError(f"expected schedule in {DANN_SCHEDULES}, got {schedule!r}")
         self.conditional, self.weight, self.bins = conditional, weight, bins
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         if conditional:
             if self._train_labels is None:
                 raise ValueError("dann-cond needs the label as a kept design column")
@@ -243,10 +292,41 @@ class DANNObjective(_Objective):
             self.register_buffer("edges", quantile_edges(self._train_conf, bins)[None])
             self.heads = nn.ModuleList([_mlp(features, hidden, bins)])
 
+    @property
+    def total_steps(self) -> int | None:
+        """The training steps the ramp spans (``None``: not set)."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"expected total_steps to be a positive int or None, got {value!r}")
+        self._total_steps = value
+
+    def progress(self) -> float:
+        """The training progress ``min(steps / total_steps, 1)`` of the next step."""
+        if self.total_steps is None:
+            raise ValueError(
+                "DANN's λ ramp needs the training length: pass total_steps= (epochs × batches "
+                "per epoch) or set objective.total_steps, or use schedule='constant'"
+            )
+        return min(int(self.steps) / self.total_steps, 1.0)
+
+    def reverse_weight(self) -> float:
+        """The reversal weight λ of the next training step (see the class docstring)."""
+        if self.schedule == "constant":
+            return float(self.weight)
+        return dann_lambda(self.progress(), self.weight)
+
     def forward(self, logits: Tensor, features: Tensor, labels: Tensor, rows: Tensor) -> Tensor:
         """The batch's training loss (see the module docstring)."""
         conf = self.confounder(rows)
-        rev = grad_reverse(features.flatten(1), self.weight)
+        lam = self.reverse_weight()
+        if self.training and torch.is_grad_enabled():
+            self.steps += 1
+        rev = grad_reverse(features.flatten(1), lam)
         adv = features.new_zeros(())
         for c, head in enumerate(self.heads):
             sel = labels == c if self.conditional else torch.ones_like(labels, dtype=torch.bool)
@@ -254,6 +334,12 @@ class DANNObjective(_Objective):
             if target.numel():
                 adv = adv + F.cross_entropy(head(rev[sel]), target, reduction="sum")
         return self.task(logits, labels) + adv / len(labels)
+
+    def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)
+        return (
+            f"conditional={self.conditional}, bins={self.bins}, weight={self.weight}, "
+            f"schedule={self.schedule!r}, total_steps={self.total_steps}"
+        )
 
 
 class GroupDROObjective(_Objective):
@@ -339,25 +425,25 @@ def make_objective(name: str, design: Design, features: int, **settings: Any) ->
     return cls(design, features, conditional=suffix == "cond", **settings)
 
 
-def attach_objective(model: nn.Module, method: str, design: Design, features: int) -> nn.Module:
-    """Sets ``model.objective`` to the objective of ``method`` if it has one; returns ``model``."""
+def attach_objective(
+    model: nn.Module, method: str, design: Design, features: int, **settings: Any
+) -> nn.Module:
+    """Sets ``model.objective`` to the objective of ``method`` if it has one; returns ``model``.
+
+    ``settings``: keyword arguments of the objective's class (:func:`make_objective`).
+    """
     name = get_norm(method).objective
     if name is not None:
-        model.objective = make_objective(name, design, features)
+        model.objective = make_objective(name, design, features, **settings)
     return model
-
-
-def _mean_dcor2(row: dict[str, Any], split: str = "test") -> float:
-    vals = [
-        v
-        for k, v in row.items()
-        if k.startswith(f"{split}_dcor2_") and not k.endswith("_std") and v is not None
-    ]
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 def plot_bacc_vs_dcor2(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Scatter of test bAcc against the mean per-class test dcor², one point per method × batch.
+
+    The sweep's report draws this plot itself (``bacc_vs_dcor2.png``); this draws it again from
+    summary rows, with the synthetic task's reference accuracies
+    (:func:`metanorm.experiments.plots.plot_bacc_vs_dcor2`).
 
     Args:
         rows: the summary rows of a sweep (``summary.json``'s ``"rows"``).
@@ -366,39 +452,7 @@ def plot_bacc_vs_dcor2(rows: Sequence[dict[str, Any]], path: str | Path) -> Path
     Returns:
         ``path``.
     """
-    try:
-        import matplotlib
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError(
-            "matplotlib is needed for the plots: pip install 'metanorm[plots]'"
-        ) from exc
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from metanorm.experiments import plots
+    from metanorm.experiments.synthetic import REFERENCE_ACCURACIES
 
-    from metanorm.models.norms import norm_display_name
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    sizes = sorted({int(r["batch_size"]) for r in rows}, reverse=True)
-    for bs, marker in zip(sizes, "os^vD", strict=False):
-        sel = [r for r in rows if int(r["batch_size"]) == bs]
-        xs = [_mean_dcor2(r) for r in sel]
-        ys = [float(r["test_bacc"]) for r in sel]
-        errs = [float(r.get("test_bacc_std", 0.0)) for r in sel]
-        ax.errorbar(xs, ys, yerr=errs, fmt=marker, label=f"batch {bs}", capsize=2)
-        for r, x, y in zip(sel, xs, ys, strict=True):
-            ax.annotate(
-                norm_display_name(r["method"]),
-                (x, y),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    ax.axhline(0.944, color="grey", lw=0.8, ls="--")
-    ax.axhline(0.833, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("test dcor²(fc1 features, cf), mean over the classes")
-    ax.set_ylabel("test balanced accuracy")
-    ax.legend(fontsize=8)
-    out = Path(path)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return plots.plot_bacc_vs_dcor2(rows, path, confounder="cf", reference=REFERENCE_ACCURACIES)

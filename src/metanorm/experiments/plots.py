@@ -4,7 +4,14 @@
   first class, dashed: second), one panel per batch size;
 - ``val_bacc_per_epoch.png``: validation balanced accuracy per epoch, same layout;
 - ``features_pca.png``: the test set's features projected on their first two principal
-  components, one column per method, one row per class, coloured by the confounder.
+  components, one column per method, one row per class, coloured by the confounder;
+- ``bacc_vs_dcor2.png`` (a sweep of several methods): test bAcc against the test dcor² (the mean
+  over the classes), one point per method × batch size with error bars (± one std over the
+  seeds, on both axes), and the experiment's reference accuracies
+  (:data:`REFERENCE_ACCURACIES`) as horizontal lines: which methods remove the confounder, at
+  what cost in accuracy.
+
+Every file is written atomically (:mod:`metanorm.experiments._io`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,19 @@ from metanorm.experiments import _io
 from metanorm.experiments.registry import Experiment
 from metanorm.models.norms import norm_display_name
 
-__all__ = ["plot_all", "plot_feature_pca", "plot_per_epoch", "project_2d"]
+__all__ = [
+    "REFERENCE_ACCURACIES",
+    "plot_all",
+    "plot_bacc_vs_dcor2",
+    "plot_feature_pca",
+    "plot_per_epoch",
+    "project_2d",
+]
+
+#: Reference accuracies drawn as horizontal lines in ``bacc_vs_dcor2.png``, by experiment name:
+#: ``[(accuracy, label), ...]``. An experiment module adds its own (the synthetic ones: the
+#: Bayes accuracies with and without the confounder and the marginal-independence bound).
+REFERENCE_ACCURACIES: dict[str, list[tuple[float, str]]] = {}
 
 
 def _pyplot() -> Any:
@@ -159,10 +178,115 @@ def plot_feature_pca(
     plt.close(fig)
 
 
+def plot_bacc_vs_dcor2(
+    rows: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    methods: Sequence[str] | None = None,
+    confounder: str = "the confounder",
+    reference: Sequence[tuple[float, str]] = (),
+) -> Path:
+    """Test bAcc against the mean per-class test dcor², one point per method × batch size.
+
+    Args:
+        rows: summary rows (:func:`metanorm.experiments.summarize`, ``summary.json``'s
+            ``"rows"``): ``method``, ``batch_size``, ``test_bacc`` and, when present,
+            ``test_bacc_std``, ``test_mean_dcor2`` (+ ``_std``; else the mean of the
+            ``test_dcor2_<class>`` columns, without an error bar).
+        path: the PNG to write (atomically).
+        methods: the order of the methods (their colours). Default: the rows' order.
+        confounder: the confounder's name, for the axis label.
+        reference: ``[(accuracy, label)]`` drawn as horizontal lines.
+
+    Returns:
+        ``path``.
+    """
+    plt = _pyplot()
+    if not rows:
+        raise ValueError("expected at least one summary row, got none")
+    order = list(dict.fromkeys([*(methods or ()), *(r["method"] for r in rows)]))
+    order = [m for m in order if any(r["method"] == m for r in rows)]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sizes = sorted({int(r["batch_size"]) for r in rows}, reverse=True)
+    markers = "os^vDP*X"
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    for acc, label in reference:
+        ax.axhline(acc, color="grey", lw=0.8, ls="--", zorder=0)
+        ax.annotate(
+            f"{label} ({acc:.3f})",
+            (1.0, acc),
+            xycoords=("axes fraction", "data"),
+            xytext=(-3, 2),
+            textcoords="offset points",
+            ha="right",
+            fontsize=7,
+            color="grey",
+        )
+    for i, method in enumerate(order):
+        for j, bs in enumerate(sizes):
+            sel = [r for r in rows if r["method"] == method and int(r["batch_size"]) == bs]
+            if not sel:
+                continue
+            r = sel[0]
+            x, xerr = _mean_dcor2(r)
+            y, yerr = float(r["test_bacc"]), float(r.get("test_bacc_std") or 0.0)
+            ax.errorbar(
+                [x],
+                [y],
+                xerr=[xerr],
+                yerr=[yerr],
+                fmt=markers[j % len(markers)],
+                color=colors[i % len(colors)],
+                capsize=2,
+                ms=6,
+                label=norm_display_name(method) if j == 0 else None,
+            )
+            ax.annotate(
+                f"{norm_display_name(method)} ({bs})",
+                (x, y),
+                fontsize=6,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
+    # the marker legend: one entry per batch size
+    for j, bs in enumerate(sizes):
+        ax.plot([], [], markers[j % len(markers)], color="black", label=f"batch {bs}")
+    n_seeds = max(int(r.get("seeds", 1)) for r in rows)
+    bars = f"; bars: ± std over {n_seeds} seeds" if n_seeds > 1 else ""
+    ax.set_xlabel(f"test dcor²(features, {confounder}), mean over the classes")
+    ax.set_ylabel("test balanced accuracy")
+    ax.set_title(f"Accuracy against dependence on {confounder}{bars}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    out = Path(path)
+    _save(fig, out)
+    plt.close(fig)
+    return out
+
+
+def _mean_dcor2(row: dict[str, Any]) -> tuple[float, float]:
+    """``(mean, std)`` of the row's mean per-class test dcor² (std 0 when not given)."""
+    if row.get("test_mean_dcor2") is not None:
+        return float(row["test_mean_dcor2"]), float(row.get("test_mean_dcor2_std") or 0.0)
+    vals = [
+        float(v)
+        for k, v in row.items()
+        if k.startswith("test_dcor2_") and not k.endswith("_std") and v is not None
+    ]
+    return (float(np.mean(vals)) if vals else float("nan")), 0.0
+
+
 def plot_all(
-    out_dir: str | Path, results: Sequence[dict[str, Any]], experiment: Experiment
+    out_dir: str | Path,
+    results: Sequence[dict[str, Any]],
+    experiment: Experiment,
+    rows: Sequence[dict[str, Any]] | None = None,
 ) -> list[str]:
-    """Writes the three plots into ``out_dir``; returns their file names."""
+    """Writes the plots into ``out_dir``; returns their file names.
+
+    ``bacc_vs_dcor2.png`` is drawn when ``rows`` (the sweep's summary rows) are given and hold
+    more than one method.
+    """
     out = Path(out_dir)
     methods = list(experiment.methods) + sorted(
         {r["final"]["method"] for r in results} - set(experiment.methods)
@@ -192,4 +316,14 @@ def plot_all(
     plot_feature_pca(
         [(m, chosen[m]) for m in order], out / "features_pca.png", experiment.confounder
     )
-    return ["dcor2_per_epoch.png", "val_bacc_per_epoch.png", "features_pca.png"]
+    files = ["dcor2_per_epoch.png", "val_bacc_per_epoch.png", "features_pca.png"]
+    if rows and len({r["method"] for r in rows}) > 1:
+        plot_bacc_vs_dcor2(
+            rows,
+            out / "bacc_vs_dcor2.png",
+            methods=methods,
+            confounder=experiment.confounder,
+            reference=REFERENCE_ACCURACIES.get(experiment.name, ()),
+        )
+        files.append("bacc_vs_dcor2.png")
+    return files

@@ -34,7 +34,9 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Row keys: ``method``, ``batch_size``, ``seeds``, ``test_bacc`` (+ ``_std``), ``val_bacc``
     (+ ``_std``; the last epoch's), ``val_dcor2_<class>`` (+ ``_std``; the last epoch's),
-    ``test_dcor2_<class>``, ``test_recall_<class>``, ``test_group_accuracy_<group>``; for every
+    ``test_dcor2_<class>`` (+ ``_std``), ``test_mean_dcor2`` (+ ``_std``: per run the mean
+    over the classes of the test dcor², then the mean and std over seeds; what the plot of bAcc
+    against dcor² shows), ``test_recall_<class>``, ``test_group_accuracy_<group>``; for every
     further test split ``<split>`` (e.g. ``test_reversed``): ``<split>_bacc`` (+ ``_std``),
     ``<split>_dcor2_<class>`` (+ ``_std``), ``<split>_group_accuracy_<group>``;
     ``epoch_time_s`` (the median epoch time of a run, averaged over seeds) and ``time_ratio``
@@ -58,6 +60,9 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, src in (("val_dcor2", "val_dcor2"), ("test_dcor2", "test_dcor2")):
             for c in finals[0][src]:
                 row[f"{key}_{c}"], row[f"{key}_{c}_std"] = _mean_std([f[src][c] for f in finals])
+        row["test_mean_dcor2"], row["test_mean_dcor2_std"] = _mean_std(
+            [_class_mean(f["test_dcor2"]) for f in finals]
+        )
         for c in finals[0]["test_recall"]:
             row[f"test_recall_{c}"] = _mean_std([f["test_recall"][c] for f in finals])[0]
         for g in finals[0].get("test_group_accuracy", {}):
@@ -99,6 +104,12 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 ratios.append(float(np.median(np.asarray(t[:n]) / np.asarray(base[:n]))))
         row["time_ratio"] = float(np.mean(ratios)) if ratios else None
     return rows
+
+
+def _class_mean(per_class: dict[str, float | None]) -> float:
+    """The mean over the classes of a per-class metric, skipping undefined (None/NaN) ones."""
+    vals = [v for v in per_class.values() if v is not None and v == v]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def _extra_splits(final: dict[str, Any]) -> list[str]:
@@ -203,7 +214,7 @@ def write_report(
         try:
             from metanorm.experiments import plots as _plots
 
-            plot_files = _plots.plot_all(out, results, experiment)
+            plot_files = _plots.plot_all(out, results, experiment, rows)
         except ModuleNotFoundError as exc:
             plot_note = (
                 f"Plots skipped: {exc}. Install the plots extra "

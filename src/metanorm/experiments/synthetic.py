@@ -18,6 +18,7 @@ refitted on the training set, layer by layer (:func:`metanorm.nn.utils.refit_run
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,13 +32,23 @@ from metanorm.datasets.synthetic import (
     make_synthetic_splits,
 )
 from metanorm.design import Design
+from metanorm.experiments import plots
 from metanorm.experiments.alternatives import attach_objective
-from metanorm.experiments.bounds import reference_markdown
+from metanorm.experiments.bounds import MARGINAL_INDEPENDENCE_BOUND, reference_markdown
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
 from metanorm.models import PaperCNN
+from metanorm.models.norms import get_norm
 
-__all__ = ["COMPARE_METHODS", "METHODS", "SYNTHETIC", "SYNTHETIC_COMPARE", "cf_bins"]
+__all__ = [
+    "COMPARE_METHODS",
+    "METHODS",
+    "REFERENCE_ACCURACIES",
+    "SYNTHETIC",
+    "SYNTHETIC_COMPARE",
+    "cf_bins",
+    "objective_settings",
+]
 
 #: The methods of the synthetic experiment, the baseline first (names of
 #: :mod:`metanorm.models.norms`).
@@ -49,6 +60,7 @@ METHODS: tuple[str, ...] = ("none", "batchnorm", "groupnorm", "mdn-linear", "mdn
 COMPARE_METHODS: tuple[str, ...] = (
     "none",
     "concat",
+    "concat-input",
     "brnet",
     "brnet-cond",
     "dann",
@@ -68,9 +80,29 @@ def _splits(config: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
     )
 
 
+def objective_settings(method: str, design: Design, config: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of ``method``'s training objective for a run of ``config``.
+
+    DANN's (``dann``, ``dann-cond``): ``total_steps`` (the run's epochs × batches per epoch, the
+    span of the λ ramp) and the options ``dann_schedule`` (``"ramp"``, the default, or
+    ``"constant"``) and ``dann_weight`` (λ's final value, default 1), when given. The other
+    methods: none.
+    """
+    if get_norm(method).objective not in ("dann", "dann-cond"):
+        return {}
+    n = int(np.asarray(design.matrix).shape[0])
+    settings: dict[str, Any] = {"total_steps": config.epochs * math.ceil(n / config.batch_size)}
+    if "dann_schedule" in config.options:
+        settings["schedule"] = str(config.options["dann_schedule"])
+    if "dann_weight" in config.options:
+        settings["weight"] = float(config.options["dann_weight"])
+    return settings
+
+
 def _model(method: str, design: Design, config: RunConfig) -> nn.Module:
     model = PaperCNN(method, design, momentum=config.momentum)
-    return attach_objective(model, method, design, model.fc1.out_features)
+    settings = objective_settings(method, design, config)
+    return attach_objective(model, method, design, model.fc1.out_features, **settings)
 
 
 def cf_bins(split: DataSplit) -> np.ndarray:
@@ -92,6 +124,14 @@ REFERENCE = f"""The authors' released code re-run on CPU (200 epochs, batch 200,
 A confounder-free model should sit near {BAYES_ACCURACY_MF:.3f}, a confounded one near
 {BAYES_ACCURACY_MF_CF:.3f}. The paper also finds that smaller batches leave more metadata
 dependence for every method."""
+
+
+#: The reference accuracies of the synthetic task (the lines of the bAcc-against-dcor² plot).
+REFERENCE_ACCURACIES: list[tuple[float, str]] = [
+    (BAYES_ACCURACY_MF_CF, "Bayes with cf"),
+    (BAYES_ACCURACY_MF, "Bayes without cf"),
+    (MARGINAL_INDEPENDENCE_BOUND, "marginal-independence bound"),
+]
 
 
 def _checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
@@ -216,5 +256,9 @@ SYNTHETIC_COMPARE = register_experiment(
         },
         paper={},
         checks=_compare_checks,
+        options=("n_eval_per_class", "dann_schedule", "dann_weight"),
     )
 )
+
+plots.REFERENCE_ACCURACIES[SYNTHETIC.name] = REFERENCE_ACCURACIES
+plots.REFERENCE_ACCURACIES[SYNTHETIC_COMPARE.name] = REFERENCE_ACCURACIES

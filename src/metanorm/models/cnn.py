@@ -23,6 +23,12 @@ classifier fc2 takes ``[ReLU(fc1 features), c]``, ``c`` the batch's confounder c
 design rows (:func:`~metanorm.models.norms.confounder_columns`, ``cf`` for ``[y, cf, 1]``; never
 the kept label). The returned features stay fc1's (84 wide), where dcor² is measured.
 
+``concat-input`` (:data:`~metanorm.models.norms.NormSpec.input_metadata`) feeds the same columns
+to the first conv instead: each is a constant extra image channel, ``(c − mean) / std`` at every
+pixel (standardised with the training design's mean and standard deviation, so that the channel
+has the scale of the image's pixels rather than cf's raw 1..6), so conv1 takes
+``in_channels + 1`` channels for ``[y, cf, 1]``.
+
 (``"mdn"`` and ``"mdn-all"`` build the same layers as ``"mdn-linear"`` and ``"mdn-conv"``.)
 BatchNorm and GroupNorm sit where MDN-Conv puts MDN, so the comparison is slot for slot. A conv
 map is flattened for MDN (one β column per channel × position), as in the paper. The model's
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -72,6 +79,9 @@ class PaperCNN(nn.Module):
         ((4, 1), (4, 84))
     """
 
+    input_mean: Tensor
+    input_std: Tensor
+
     def __init__(
         self,
         norm: str = "none",
@@ -89,14 +99,23 @@ class PaperCNN(nn.Module):
         spec = get_norm(norm)
         if spec.needs_design and design is None:
             raise ValueError(f"norm={norm!r} needs the training design (design=...), got None")
-        if spec.concat_metadata and design is None:
+        if (spec.concat_metadata or spec.input_metadata) and design is None:
             raise ValueError(f"norm={norm!r} needs the training design (design=...), got None")
         if image_size < 9:
             raise ValueError(f"expected image_size >= 9 (two 5×5 convolutions), got {image_size}")
         self.norm = spec.name
         s1, s2 = image_size - 4, image_size - 8
         c1, c2 = 16, 32
-        self.conv1 = nn.Conv2d(in_channels, c1, 5)
+        #: design columns added to the input as constant channels (``concat-input``)
+        self.input_columns: tuple[int, ...] = (
+            tuple(confounder_columns(design)) if spec.input_metadata else ()
+        )
+        self.conv1 = nn.Conv2d(in_channels + len(self.input_columns), c1, 5)
+        if self.input_columns:
+            matrix = torch.as_tensor(np.asarray(design.matrix), dtype=torch.float64)
+            cols = matrix[:, list(self.input_columns)]
+            self.register_buffer("input_mean", cols.mean(0).float())
+            self.register_buffer("input_std", (cols.std(0, correction=0) + 1e-8).float())
         self.conv2 = nn.Conv2d(c1, c2, 5)
         self.fc1 = nn.Linear(c2 * s2 * s2, hidden)
         #: design columns appended to fc2's input (``concat``), empty otherwise
@@ -123,19 +142,28 @@ class PaperCNN(nn.Module):
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, fc1 features)``; see the class docstring."""
+        if self.input_columns:
+            meta = self._metadata(metadata)[:, list(self.input_columns)].to(x.dtype)
+            meta = (meta - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+            planes = meta[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+            x = torch.cat([x, planes], dim=1)
         h = torch.relu(apply_norm(self.norm1, self.conv1(x), metadata))
         h = torch.relu(apply_norm(self.norm2, self.conv2(h), metadata))
         feats = apply_norm(self.norm3, self.fc1(h.flatten(1)), metadata)
         head = torch.relu(feats)
         if self.concat_columns:
-            if metadata is None:
-                raise ValueError(
-                    "norm='concat' appends the metadata to the features: call the model as "
-                    "model(x, metadata) with the batch's design rows, got metadata=None"
-                )
-            meta = metadata[:, list(self.concat_columns)].to(head.dtype)
+            meta = self._metadata(metadata)[:, list(self.concat_columns)].to(head.dtype)
             head = torch.cat([head, meta], dim=1)
         return self.fc2(head), feats
+
+    def _metadata(self, metadata: Tensor | None) -> Tensor:
+        if metadata is None:
+            where = "to the features" if self.concat_columns else "to the input as channels"
+            raise ValueError(
+                f"norm={self.norm!r} adds the metadata {where}: call the model as "
+                "model(x, metadata) with the batch's design rows, got metadata=None"
+            )
+        return metadata
 
     def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)
         return f"norm={self.norm!r}"

@@ -24,6 +24,7 @@ name                    display name     hidden slots            features slot
 ``"pmdn-all"``          PMDN-all         PenaltyMetadataNorm     PenaltyMetadataNorm
 ``"pmdn-conv"``         PMDN-Conv        PenaltyMetadataNorm     PenaltyMetadataNorm
 ``"concat"``            Concat           the model's ``base``    — (metadata appended to it)
+``"concat-input"``      Concat-input     the model's ``base``    — (metadata as input channels)
 ``"brnet"``             BR-Net           the model's ``base``    — (objective ``"brnet"``)
 ``"brnet-cond"``        BR-Net-cond      the model's ``base``    — (objective ``"brnet-cond"``)
 ``"dann"``              DANN             the model's ``base``    — (objective ``"dann"``)
@@ -31,12 +32,14 @@ name                    display name     hidden slots            features slot
 ``"groupdro"``          GroupDRO         the model's ``base``    — (objective ``"groupdro"``)
 ======================  ===============  ======================  =================================
 
-The last six are the alternatives to MDN that the comparison runs through the same engine.
+The last seven are the alternatives to MDN that the comparison runs through the same engine.
 They add no norm layer (``needs_design`` is ``False``: that flag means MetadataNorm layers);
-what they change is carried by two :class:`NormSpec` fields: ``concat_metadata`` (the model
+what they change is carried by three :class:`NormSpec` fields: ``concat_metadata`` (the model
 appends the batch's confounder columns of the design, those neither kept nor the intercept, to
 the features before its classifier;
-:class:`~metanorm.models.PaperCNN` reads it) and ``objective`` (the name of a training
+:class:`~metanorm.models.PaperCNN` reads it), ``input_metadata`` (the model adds the same
+columns to its input image as constant extra channels; PaperCNN's first conv takes them) and
+``objective`` (the name of a training
 objective — an adversary, a bias predictor or group weights — that the experiment harness builds,
 :mod:`metanorm.experiments.alternatives`, and the training loop calls in place of the plain task
 loss). The library and the models never import the harness: they only carry the name.
@@ -121,6 +124,8 @@ class NormSpec:
             (:mod:`metanorm.experiments.alternatives`), or ``None`` for the plain task loss.
         concat_metadata: the model appends the confounder columns of the batch's design rows to
             the features before its classifier.
+        input_metadata: the model adds the confounder columns of the batch's design rows to
+            its input as constant extra channels (one per column).
     """
 
     name: str
@@ -130,6 +135,7 @@ class NormSpec:
     canonical: str = ""
     objective: str | None = None
     concat_metadata: bool = False
+    input_metadata: bool = False
 
 
 _NORMS: dict[str, NormSpec] = {}
@@ -144,6 +150,7 @@ def register_norm(
     canonical: str | None = None,
     objective: str | None = None,
     concat_metadata: bool = False,
+    input_metadata: bool = False,
     replace: bool = False,
 ) -> NormSpec:
     """Registers a normalization method under ``name``.
@@ -158,6 +165,8 @@ def register_norm(
         objective: the name of a training objective of the harness. Default: ``None``.
         concat_metadata: the model appends the metadata to its classifier's input. Default:
             ``False``.
+        input_metadata: the model adds the metadata to its input as constant channels.
+            Default: ``False``.
         replace: replace an existing registration. Default: ``False`` (a ``ValueError``).
 
     Returns:
@@ -177,6 +186,7 @@ def register_norm(
         canonical or name,
         objective=objective,
         concat_metadata=bool(concat_metadata),
+        input_metadata=bool(input_metadata),
     )
     _NORMS[name] = spec
     return spec
@@ -421,6 +431,9 @@ for _name, _display in (("rmdn", "R-MDN"), ("pmdn", "PMDN")):
     )
 
 register_norm("concat", _placement(None, "none"), display_name="Concat", concat_metadata=True)
+register_norm(
+    "concat-input", _placement(None, "none"), display_name="Concat-input", input_metadata=True
+)
 for _name, _display in (
     ("brnet", "BR-Net"),
     ("brnet-cond", "BR-Net-cond"),
