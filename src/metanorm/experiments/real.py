@@ -17,8 +17,13 @@ name                       data                                   metadata (desi
 =========================  =====================================  ==============================
 
 Methods: ``batchnorm`` (the usual model, BatchNorm after every layer; the baseline) and ``mdn``
-(BatchNorm in the convs, MetadataNorm on the penultimate layer); ``none`` and ``mdn-all`` (MDN
-after every layer) can be asked for with ``--methods``. Every test split is evaluated: the
+(BatchNorm in the convs, MetadataNorm on the penultimate layer); with ``--methods``: ``none``,
+``mdn-all`` (MDN after every layer), the alternatives to MDN ``concat``, ``brnet``,
+``brnet-cond``, ``dann``, ``dann-cond``, ``groupdro`` (``docs/alternatives.md``; their training
+objective is attached to the stand-in model by
+:func:`~metanorm.experiments.alternatives.attach_objective`), and the candidate fixes of
+``docs/failures.md`` ``mdn-cw``, ``mdn-poly``, ``mdn-scale``, ``mdn+brnet-cond``
+(:mod:`metanorm.models.interaction_norms`). Every test split is evaluated: the
 shaded and two-site experiments have ``test`` (confounder independent of / balanced with the
 label) and ``test_reversed`` (association reversed / minority cells only).
 
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,15 +68,31 @@ from metanorm.datasets import (
     make_two_site_digits,
 )
 from metanorm.design import Design
+from metanorm.experiments.alternatives import attach_objective
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
+from metanorm.models.interaction_norms import FAILURE_METHODS
 from metanorm.models.norms import get_norm
 from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 
 __all__ = ["LAYOUTS", "METHODS", "load_splits", "shade_bins"]
 
-#: Methods every real-data experiment accepts; the first two run by default.
-METHODS = ("batchnorm", "mdn", "none", "mdn-all")
+#: Methods every real-data experiment accepts; the first two run by default. After the MDN
+#: variants come the alternatives to MDN (``docs/alternatives.md``) and the candidate fixes for
+#: effects a linear removal cannot reach (``docs/failures.md``).
+METHODS = (
+    "batchnorm",
+    "mdn",
+    "none",
+    "mdn-all",
+    "concat",
+    "brnet",
+    "brnet-cond",
+    "dann",
+    "dann-cond",
+    "groupdro",
+    *FAILURE_METHODS,
+)
 
 #: The on-disk layout each user-data experiment expects under ``--data PATH``.
 LAYOUTS: dict[str, str] = {
@@ -247,8 +269,21 @@ def _make_splits(name: str) -> Callable[[RunConfig], Sequence[DataSplit]]:
 def _make_model(name: str) -> Callable[[str, Design, RunConfig], nn.Module]:
     def make_model(method: str, design: Design, config: RunConfig) -> nn.Module:
         splits = load_splits(name, config)
-        mdn_design = design if get_norm(method).needs_design else None
-        return _SOURCES[name].model(splits, method, mdn_design, config)
+        spec = get_norm(method)
+        uses_design = (
+            spec.needs_design or spec.concat_metadata or getattr(spec, "input_metadata", False)
+        )
+        model = _SOURCES[name].model(splits, method, design if uses_design else None, config)
+        fc = model.fc  # every stand-in's feature layer
+        if not isinstance(fc, nn.Linear):  # pragma: no cover - the stand-ins' contract
+            raise TypeError(f"expected the model's fc to be an nn.Linear, got {type(fc).__name__}")
+        model = attach_objective(model, method, design, fc.out_features)
+        objective = getattr(model, "objective", None)
+        if objective is not None and hasattr(objective, "total_steps"):
+            # DANN's λ ramp spans the run: epochs × batches per epoch
+            batches = math.ceil(design.shape[0] / config.batch_size)
+            objective.total_steps = config.epochs * batches
+        return model
 
     return make_model
 

@@ -22,6 +22,18 @@ Every model here has the same interface, so one training loop serves them all:
 
   The synthetic experiment's names are synonyms: ``"mdn-linear"`` builds ``"mdn"``,
   ``"mdn-conv"`` builds ``"mdn-all"``; the model's ``norm`` attribute holds the canonical name.
+  Every other registered method works too: the alternatives to MDN
+  (``docs/alternatives.md``) and the candidate fixes of ``docs/failures.md``
+  (:mod:`metanorm.models.interaction_norms`: ``"mdn-cw"``, ``"mdn-poly"``, ``"mdn-scale"``,
+  ``"mdn+brnet-cond"``).
+- Methods that feed the metadata to the model take ``design`` too and read the design rows'
+  confounder columns (:func:`~metanorm.models.norms.confounder_columns`: neither kept nor the
+  intercept; never the label): ``"concat"`` appends them to the classifier's input,
+  ``[ReLU(features), c]`` (the returned features stay the penultimate layer's, without them);
+  ``"concat-input"`` adds them to the input, as constant extra channels of an image or volume
+  and as extra columns of an MLP's input. The objective methods (``"brnet"``, ``"dann"``,
+  ...) build the same layers as the base model; the experiment harness attaches their
+  objective (:func:`metanorm.experiments.alternatives.attach_objective`).
 
   MDN models take ``design``: the **whole** training set's :class:`metanorm.design.Design` (label
   columns kept, metadata and intercept removed), from which each MDN layer stores Σ⁻¹ and N.
@@ -34,8 +46,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+import metanorm.models.interaction_norms  # noqa: F401  (registers the candidate fixes)
 from metanorm.design import Design
-from metanorm.models.norms import apply_norm, create_norm, get_norm
+from metanorm.models.norms import apply_norm, confounder_columns, create_norm, get_norm
 
 __all__ = ["StandInCNN", "StandInCNN3d", "StandInMLP"]
 
@@ -53,7 +66,9 @@ class _StandIn(nn.Module):
     ) -> None:
         super().__init__()
         spec = get_norm(norm)
-        if spec.needs_design and not isinstance(design, Design):
+        concat = spec.concat_metadata
+        to_input = bool(getattr(spec, "input_metadata", False))
+        if (spec.needs_design or concat or to_input) and not isinstance(design, Design):
             raise TypeError(
                 f"norm={norm!r} needs design=, the whole training set's metanorm.design.Design; "
                 f"got {type(design).__name__}"
@@ -64,6 +79,11 @@ class _StandIn(nn.Module):
         self.num_classes = num_classes
         self._design = design
         self._momentum = momentum
+        columns = tuple(confounder_columns(design)) if concat or to_input else ()
+        #: design columns appended to the classifier's input (``concat``), else empty
+        self.concat_columns: tuple[int, ...] = columns if concat else ()
+        #: design columns added to the model's input (``concat-input``), else empty
+        self.input_columns: tuple[int, ...] = columns if to_input else ()
 
     def _make_norm(self, slot: str, shape: tuple[int, ...]) -> nn.Module:
         """The layer of a ``"hidden"`` or ``"features"`` slot of per-sample ``shape``."""
@@ -76,9 +96,35 @@ class _StandIn(nn.Module):
             momentum=self._momentum,
         )
 
+    def _head(self, hidden: int) -> nn.Linear:
+        """The classifier, for ``hidden`` features plus any appended metadata columns."""
+        return nn.Linear(hidden + len(self.concat_columns), self.num_classes)
+
+    def _columns(self, metadata: Tensor | None, columns: tuple[int, ...], like: Tensor) -> Tensor:
+        if metadata is None:
+            raise ValueError(
+                f"norm={self.norm!r} feeds the metadata to the model: call it as "
+                "model(x, metadata) with the batch's design rows, got metadata=None"
+            )
+        return metadata[:, list(columns)].to(like.dtype)
+
+    def _with_input_metadata(self, x: Tensor, metadata: Tensor | None) -> Tensor:
+        """``x`` with the input metadata columns as constant channels (or columns)."""
+        if not self.input_columns:
+            return x
+        meta = self._columns(metadata, self.input_columns, x)
+        if x.dim() == 2:
+            return torch.cat([x, meta], dim=1)
+        planes = meta.reshape(*meta.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return torch.cat([x, planes], dim=1)
+
     def _classify(self, h: Tensor, metadata: Tensor | None) -> tuple[Tensor, Tensor]:
         features = apply_norm(self.fc_norm, self.fc(h), metadata)
-        return self.head(torch.relu(features)), features
+        head_in = torch.relu(features)
+        if self.concat_columns:
+            meta = self._columns(metadata, self.concat_columns, head_in)
+            head_in = torch.cat([head_in, meta], dim=1)
+        return self.head(head_in), features
 
     def extra_repr(self) -> str:
         return f"norm={self.norm!r}, num_classes={self.num_classes}"
@@ -129,17 +175,18 @@ class StandInCNN(_StandIn):
         if h % 4 or w % 4 or h < 4 or w < 4:
             raise ValueError(f"expected an image size divisible by 4, got {(h, w)}")
         c1, c2 = channels
-        self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=2)
+        self.conv1 = nn.Conv2d(in_channels + len(self.input_columns), c1, 5, padding=2)
         self.norm1 = self._make_norm("hidden", (c1, h, w))
         self.conv2 = nn.Conv2d(c1, c2, 5, padding=2)
         self.norm2 = self._make_norm("hidden", (c2, h // 2, w // 2))
         self.pool = nn.MaxPool2d(2)
         self.fc = nn.Linear(c2 * (h // 4) * (w // 4), hidden)
         self.fc_norm = self._make_norm("features", (hidden,))
-        self.head = nn.Linear(hidden, num_classes)
+        self.head = self._head(hidden)
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, features)``; see the class docstring."""
+        x = self._with_input_metadata(x, metadata)
         h = self.pool(torch.relu(apply_norm(self.norm1, self.conv1(x), metadata)))
         h = self.pool(torch.relu(apply_norm(self.norm2, self.conv2(h), metadata)))
         return self._classify(h.flatten(1), metadata)
@@ -178,15 +225,16 @@ class StandInMLP(_StandIn):
     ) -> None:
         super().__init__(norm, design, num_classes, momentum)
         h1, h2 = hidden
-        self.fc1 = nn.Linear(in_features, h1)
+        self.fc1 = nn.Linear(in_features + len(self.input_columns), h1)
         self.norm1 = self._make_norm("hidden", (h1,))
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(h1, h2)
         self.fc_norm = self._make_norm("features", (h2,))
-        self.head = nn.Linear(h2, num_classes)
+        self.head = self._head(h2)
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, features)``; see the class docstring."""
+        x = self._with_input_metadata(x, metadata)
         h = self.drop(torch.relu(apply_norm(self.norm1, self.fc1(x), metadata)))
         return self._classify(h, metadata)
 
@@ -230,7 +278,7 @@ class StandInCNN3d(_StandIn):
         if len(shape) != 3 or any(s % 8 or s < 8 for s in shape):
             raise ValueError(f"expected a (D, H, W) volume shape, each divisible by 8, got {shape}")
         blocks: list[nn.Module] = []
-        c_in = in_channels
+        c_in = in_channels + len(self.input_columns)
         for i, c in enumerate(channels):
             size = tuple(s // 2**i for s in shape)
             blocks.append(nn.Conv3d(c_in, c, 3, padding=1))
@@ -240,11 +288,11 @@ class StandInCNN3d(_StandIn):
         self.pool = nn.MaxPool3d(2)
         self.fc = nn.Linear(c_in, hidden)
         self.fc_norm = self._make_norm("features", (hidden,))
-        self.head = nn.Linear(hidden, num_classes)
+        self.head = self._head(hidden)
 
     def forward(self, x: Tensor, metadata: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(logits, features)``; see the class docstring."""
-        h = x
+        h = self._with_input_metadata(x, metadata)
         for conv, norm in zip(self.blocks[0::2], self.blocks[1::2], strict=True):
             h = self.pool(torch.relu(apply_norm(norm, conv(h), metadata)))
         return self._classify(h.mean(dim=(2, 3, 4)), metadata)

@@ -1,0 +1,355 @@
+r"""Candidate layers for metadata effects that a linear removal cannot reach (issue 14).
+
+MDN removes the part of a layer's features that is *linear* in the design's metadata columns.
+An effect of the form metadata × content — a contrast change ``x · s(c)``, a scanner's style —
+is not of that form: after a convolution the features are ``s(c) · g(x)`` (plus a bias), whose
+dependence on ``c`` varies with the content ``g(x)`` the network computes. Two layers here try
+to reach such effects; ``docs/failures.md`` measures them.
+
+- :class:`MetadataScaleNorm`: the multiplicative analogue of MDN. For a conv map it takes the
+  per-sample, per-channel spatial standard deviation ``σ`` (invariant to the channel's bias),
+  regresses ``log σ`` on the design rows with the paper's batch estimator
+  (``β̂ = (N/m) Σ⁻¹ X_bᵀ log σ``, Σ⁻¹ of the whole training design), and divides the map by
+  ``exp(X_b,R β̂_R)``, the metadata's part of the scale (``R``: the removed columns other than
+  the intercept, so the channel's typical scale is kept). An exactly multiplicative effect
+  ``f = exp(x_R β_R) · g`` is removed exactly; a running β (momentum, as MDN) is used in eval
+  mode. For ``(m, C)`` input (no positions) the scale is the per-sample standard deviation over
+  the C features, one per sample.
+- :class:`PolynomialMetadataNorm`: a :class:`~metanorm.nn.MetadataNorm` whose design is the
+  given one with the square of each non-binary removed column appended (removed too), so that
+  an effect quadratic in the metadata is regressed out as well. The layer squares the batch's
+  rows itself, so the model passes the usual ``(m, K)`` rows.
+
+Why not metadata × label columns: the only content known before training is the label, and a
+``c × y`` column cannot be *removed* (the label is unknown at evaluation; the kept columns are
+multiplied by nothing there), while *keeping* it only moves the removed slope from the pooled
+within-class slope to class 0's (or, centred, to the class average): the class-specific part of
+the effect stays in the features either way.
+
+Examples::
+
+    >>> import numpy as np, torch
+    >>> from metanorm.design import make_design
+    >>> rng = np.random.default_rng(0)
+    >>> d = make_design({"y": rng.integers(0, 2, 64), "c": rng.uniform(1, 6, 64)}, keep=["y"])
+    >>> layer = MetadataScaleNorm(4, d)
+    >>> layer(torch.randn(8, 4, 5, 5), d.tensor()[:8]).shape
+    torch.Size([8, 4, 5, 5])
+    >>> PolynomialMetadataNorm(6, d).design_columns
+    ('y', 'c', 'intercept', 'c^2')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from metanorm.design import Design
+from metanorm.models.norms import create_norm, get_norm, register_norm
+from metanorm.nn import MetadataNorm, MetadataSequential
+
+__all__ = ["FAILURE_METHODS", "MetadataScaleNorm", "PolynomialMetadataNorm", "squared_columns"]
+
+
+def _check_design(design: Any) -> Design:
+    if not isinstance(design, Design):
+        raise TypeError(
+            f"expected the training design as a metanorm.design.Design, got {type(design).__name__}"
+        )
+    return design
+
+
+def _metadata_columns(design: Design) -> list[int]:
+    """Removed columns other than the intercept (the metadata)."""
+    return [k for k in design.remove if design.columns[k] != "intercept"]
+
+
+def squared_columns(design: Design) -> list[int]:
+    """The metadata columns of ``design`` whose square is not collinear with the column itself.
+
+    That is every removed, non-intercept column with more than two distinct values (a one-hot or
+    binary column equals its square).
+
+    Examples::
+
+        >>> d = Design(np.array([[0, 1.5, 1, 1], [1, 2.0, 0, 1], [1, 3.0, 1, 1]]),
+        ...            ("y", "c", "site=b", "intercept"), keep=(0,))
+        >>> squared_columns(d)
+        [1]
+    """
+    _check_design(design)
+    return [k for k in _metadata_columns(design) if len(np.unique(design.matrix[:, k])) > 2]
+
+
+class PolynomialMetadataNorm(nn.Module):
+    r"""MetadataNorm over the design with the squares of its continuous metadata columns added.
+
+    Args:
+        num_features: D, the flattened per-sample size (as :class:`~metanorm.nn.MetadataNorm`).
+        design: the WHOLE training set's :class:`~metanorm.design.Design` (``[y, c, 1]``, ...).
+        momentum: running-β momentum. Default: 0.1.
+        **kwargs: further keyword arguments of :class:`~metanorm.nn.MetadataNorm`.
+
+    Shape:
+        - Input: ``(m, *)`` features and ``(m, K)`` design rows of the ORIGINAL design.
+        - Output: same shape as the features.
+
+    Raises:
+        TypeError: ``design`` is not a :class:`~metanorm.design.Design`.
+    """
+
+    takes_metadata = True
+
+    def __init__(
+        self, num_features: int, design: Design, momentum: float | None = 0.1, **kwargs: Any
+    ) -> None:
+        super().__init__()
+        design = _check_design(design)
+        self.squared: tuple[int, ...] = tuple(squared_columns(design))
+        names = tuple(f"{design.columns[k]}^2" for k in self.squared)
+        matrix = np.hstack([design.matrix, design.matrix[:, list(self.squared)] ** 2])
+        expanded = Design(matrix, design.columns + names, keep=design.keep)
+        self.design_columns: tuple[str, ...] = expanded.columns
+        self.num_columns = design.shape[1]
+        self.mdn = MetadataNorm(num_features, expanded, momentum=momentum, **kwargs)
+
+    def expand(self, metadata: Tensor) -> Tensor:
+        """The batch's rows with the squared columns appended, ``(m, K + len(squared))``."""
+        if metadata.dim() != 2 or metadata.shape[1] != self.num_columns:
+            raise ValueError(
+                f"expected design rows of shape (m, {self.num_columns}), got "
+                f"{tuple(metadata.shape)}"
+            )
+        if not self.squared:
+            return metadata
+        return torch.cat([metadata, metadata[:, list(self.squared)] ** 2], dim=1)
+
+    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
+        """Returns the residual of ``input`` (see the class docstring)."""
+        out: Tensor = self.mdn(input, self.expand(metadata))
+        return out
+
+    def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)
+        return f"squared={list(self.squared)}"
+
+
+class MetadataScaleNorm(nn.Module):
+    r"""Divides out the metadata's multiplicative effect on each channel's scale.
+
+    See the module docstring for the estimator.
+
+    Args:
+        num_channels: C, the channels of the input (dimension 1).
+        design: the WHOLE training set's :class:`~metanorm.design.Design`; the removed columns
+            other than the intercept are the metadata whose effect on the scale is divided out.
+        momentum: running-β momentum (``None``: the cumulative average). Default: 0.1.
+        eps: added to the variance before the log. Default: 1e-5.
+        ridge: added to the diagonal of ``XᵀX`` before it is inverted. Default: 0.
+
+    Shape:
+        - Input: ``(m, C, *)`` with at least one position, or ``(m, C)``; design rows ``(m, K)``.
+        - Output: same shape as the input.
+
+    Raises:
+        TypeError: ``design`` is not a :class:`~metanorm.design.Design`.
+        ValueError: a design without metadata columns, a singular ``XᵀX``, or inputs of the
+            wrong shape.
+    """
+
+    takes_metadata = True
+    sigma_inv: Tensor
+    running_beta: Tensor
+    num_batches_tracked: Tensor
+    removed: Tensor
+
+    def __init__(
+        self,
+        num_channels: int,
+        design: Design,
+        momentum: float | None = 0.1,
+        *,
+        eps: float = 1e-5,
+        ridge: float = 0.0,
+    ) -> None:
+        super().__init__()
+        design = _check_design(design)
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"expected num_channels to be a positive int, got {num_channels!r}")
+        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"expected momentum in [0, 1] or None, got {momentum!r}")
+        cols = _metadata_columns(design)
+        if not cols:
+            raise ValueError(f"the design {design.columns} has no metadata column to remove")
+        x = design.matrix
+        gram = x.T @ x + ridge * np.eye(x.shape[1])
+        if np.linalg.cond(gram) > 1e12:
+            raise ValueError(
+                f"the design's XᵀX is singular (columns {design.columns}); pass ridge > 0"
+            )
+        self.num_channels, self.momentum, self.eps = num_channels, momentum, eps
+        self.num_columns = x.shape[1]
+        self.n = float(x.shape[0])
+        self.register_buffer("sigma_inv", torch.as_tensor(np.linalg.inv(gram), dtype=torch.float32))
+        mask = torch.zeros(x.shape[1])
+        mask[cols] = 1.0
+        self.register_buffer("removed", mask)
+        self.register_buffer("running_beta", torch.zeros(x.shape[1], num_channels))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+    def log_scale(self, input: Tensor) -> Tensor:
+        """``log σ`` per sample and channel, ``(m, C)`` (``(m, 1)`` for ``(m, C)`` input)."""
+        if input.dim() > 2:
+            flat = input.flatten(2).float()
+            var = flat.var(dim=2, unbiased=False)
+        else:
+            var = input.float().var(dim=1, unbiased=False, keepdim=True)
+        return 0.5 * torch.log(var + self.eps)
+
+    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
+        """Returns ``input`` divided by the metadata's part of its scale."""
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"expected input of shape (m, {self.num_channels}, ...), got {tuple(input.shape)}"
+            )
+        if metadata.dim() != 2 or metadata.shape != (input.shape[0], self.num_columns):
+            raise ValueError(
+                f"expected design rows of shape ({input.shape[0]}, {self.num_columns}), got "
+                f"{tuple(metadata.shape)}"
+            )
+        rows = metadata.float()
+        if self.training:
+            s = self.log_scale(input)  # (m, C) or (m, 1)
+            beta = (self.n / input.shape[0]) * self.sigma_inv @ (rows.T @ s)  # (K, C or 1)
+            with torch.no_grad():
+                full = beta.detach().expand(-1, self.num_channels)
+                self.num_batches_tracked += 1
+                mu = (
+                    1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None
+                    else float(self.momentum)
+                )
+                self.running_beta.mul_(1.0 - mu).add_(mu * full)
+        else:
+            beta = self.running_beta if input.dim() > 2 else self.running_beta[:, :1]
+        shift = (rows * self.removed) @ beta  # (m, C) or (m, 1): the metadata's log-scale
+        factor = torch.exp(-shift).to(input.dtype)
+        return input * factor.reshape(*factor.shape, *([1] * (input.dim() - 2)))
+
+    def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)
+        return f"{self.num_channels}, momentum={self.momentum}, eps={self.eps}"
+
+
+# ------------------------------------------------------------------ registered methods
+#
+# Registered here, in the one registry of metanorm.models.norms (this module is imported by
+# metanorm.models.stand_in, so the names exist whenever metanorm.models is imported):
+#
+# ====================  ==========================================  =======================
+# name                  hidden slots (convs / first MLP layer)      features slot
+# ====================  ==========================================  =======================
+# "mdn-cw"              MetadataNorm(C, channelwise=True) on conv   MetadataNorm
+#                       maps (β of K×C); flattened MDN on vectors
+# "mdn-poly"            the model's base                            PolynomialMetadataNorm
+# "mdn-scale"           MetadataScaleNorm, then the model's base    MetadataNorm
+# "mdn+brnet-cond"      the model's base                            MetadataNorm, and the
+#                                                                   BR-Net-cond objective
+# ====================  ==========================================  =======================
+
+
+def _design_of(design: Any, name: str) -> Design:
+    if not isinstance(design, Design):
+        raise TypeError(
+            f"norm={name!r} needs design=, the whole training set's metanorm.design.Design; "
+            f"got {type(design).__name__}"
+        )
+    return design
+
+
+def _base_layer(shape: tuple[int, ...], slot: str, base: str, kwargs: dict[str, Any]) -> nn.Module:
+    if get_norm(base).needs_design:
+        raise ValueError(f"expected a base method without MDN layers, got {base!r}")
+    return create_norm(base, shape, slot=slot, base="none", groups=kwargs.get("groups", 4))
+
+
+def _mdn(shape: tuple[int, ...], design: Any, momentum: float | None, name: str) -> nn.Module:
+    return MetadataNorm(int(np.prod(shape)), _design_of(design, name), momentum=momentum)
+
+
+def _channelwise(
+    shape: tuple[int, ...],
+    *,
+    slot: str,
+    design: Any = None,
+    momentum: float | None = 0.1,
+    **_: Any,
+) -> nn.Module:
+    if slot == "hidden" and len(shape) > 1:
+        d = _design_of(design, "mdn-cw")
+        return MetadataNorm(shape[0], d, momentum=momentum, channelwise=True)
+    return _mdn(shape, design, momentum, "mdn-cw")
+
+
+def _polynomial(
+    shape: tuple[int, ...],
+    *,
+    slot: str,
+    base: str = "none",
+    design: Any = None,
+    momentum: float | None = 0.1,
+    **kwargs: Any,
+) -> nn.Module:
+    if slot == "hidden":
+        return _base_layer(shape, slot, base, kwargs)
+    d = _design_of(design, "mdn-poly")
+    return PolynomialMetadataNorm(int(np.prod(shape)), d, momentum=momentum)
+
+
+def _scale(
+    shape: tuple[int, ...],
+    *,
+    slot: str,
+    base: str = "none",
+    design: Any = None,
+    momentum: float | None = 0.1,
+    **kwargs: Any,
+) -> nn.Module:
+    if slot == "features":
+        return _mdn(shape, design, momentum, "mdn-scale")
+    d = _design_of(design, "mdn-scale")
+    return MetadataSequential(
+        MetadataScaleNorm(shape[0], d, momentum=momentum), _base_layer(shape, slot, base, kwargs)
+    )
+
+
+def _mdn_features(
+    shape: tuple[int, ...],
+    *,
+    slot: str,
+    base: str = "none",
+    design: Any = None,
+    momentum: float | None = 0.1,
+    **kwargs: Any,
+) -> nn.Module:
+    if slot == "hidden":
+        return _base_layer(shape, slot, base, kwargs)
+    return _mdn(shape, design, momentum, "mdn+brnet-cond")
+
+
+#: The candidate fixes of ``docs/failures.md``, registered in :mod:`metanorm.models.norms`.
+FAILURE_METHODS: tuple[str, ...] = ("mdn-cw", "mdn-poly", "mdn-scale", "mdn+brnet-cond")
+
+for _name, _factory, _display, _objective in (
+    ("mdn-cw", _channelwise, "MDN-channelwise", None),
+    ("mdn-poly", _polynomial, "MDN-poly", None),
+    ("mdn-scale", _scale, "MDN-scale", None),
+    ("mdn+brnet-cond", _mdn_features, "MDN+BR-Net-cond", "brnet-cond"),
+):
+    try:
+        get_norm(_name)
+    except ValueError:
+        register_norm(
+            _name, _factory, display_name=_display, needs_design=True, objective=_objective
+        )
