@@ -114,6 +114,7 @@ class _Source:
     load: Callable[..., Splits]  # (root or None, seed=, **loader options) -> splits
     model: ModelFactory
     design_options: tuple[str, ...] = ()  # options of the design, not of the loader
+    model_options: tuple[str, ...] = ()  # options of the model factory, not of the loader
 
 
 def _shaded(source: str) -> Callable[..., Splits]:
@@ -163,8 +164,24 @@ def _mlp_model(splits: Splits, method: str, design: Design | None, c: RunConfig)
     return StandInMLP(width, n_cls, method, design, dropout=0.2, momentum=c.momentum)
 
 
+#: The ``model`` option of the volume experiments: the stand-in 3-D CNN or MONAI's ResNet-18.
+VOLUME_MODELS = ("stand-in-cnn3d", "monai-resnet18")
+
+
 def _volume_model(splits: Splits, method: str, design: Design | None, c: RunConfig) -> nn.Module:
     shape = tuple(int(s) for s in splits["train"].images.shape[2:])
+    model = c.options.get("model", VOLUME_MODELS[0])
+    if model == "monai-resnet18":  # MONAI is optional: imported only here
+        from metanorm.models.monai_models import monai_resnet18
+
+        width = float(c.options.get("widen_factor", 1.0))
+        return monai_resnet18(
+            1, _num_classes(splits), shape, method, design, widen_factor=width, momentum=c.momentum
+        )
+    if model != VOLUME_MODELS[0]:
+        raise ValueError(f"expected the option model in {VOLUME_MODELS}, got {model!r}")
+    if "widen_factor" in c.options:
+        raise ValueError("the option widen_factor is for model=monai-resnet18")
     return StandInCNN3d(1, _num_classes(splits), shape, method, design, momentum=c.momentum)
 
 
@@ -174,8 +191,12 @@ _SOURCES: dict[str, _Source] = {
     "two-site-digits": _Source(_two_sites, _image_model),
     "gs-ppb": _Source(load_gs_ppb, _image_model, ("skin_type",)),
     "hvu": _Source(_hvu, _mlp_model),
-    "multisite-mri": _Source(load_multisite_mri, _volume_model, ("covariates",)),
-    "multisite-mri-standin": _Source(_mri_standin, _volume_model, ("covariates",)),
+    "multisite-mri": _Source(
+        load_multisite_mri, _volume_model, ("covariates",), ("model", "widen_factor")
+    ),
+    "multisite-mri-standin": _Source(
+        _mri_standin, _volume_model, ("covariates",), ("model", "widen_factor")
+    ),
 }
 
 
@@ -202,11 +223,13 @@ def _option_keys(name: str) -> tuple[str, ...]:
         ]
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("seed", "source")
     ]
-    return tuple(sorted({*keys, *source.design_options, "data", "n_eval_per_class"}))
+    extra = (*source.design_options, *source.model_options)
+    return tuple(sorted({*keys, *extra, "data", "n_eval_per_class"}))
 
 
 def _loader_options(name: str, options: dict[str, Any], n_per_class: int) -> dict[str, Any]:
-    skip = ("data", "n_eval_per_class", *_SOURCES[name].design_options)
+    source = _SOURCES[name]
+    skip = ("data", "n_eval_per_class", *source.design_options, *source.model_options)
     kw = {k: v for k, v in options.items() if k not in skip}
     if name.startswith("shaded"):
         kw.setdefault("n_train", 2 * n_per_class)
