@@ -75,6 +75,9 @@ def test_values(m, D, K, dtype):
     # the op through the dispatcher is the same function
     out2, P2 = torch.ops.metanorm.low_rank_residual(F, A, B)
     assert torch.equal(out, out2) and torch.equal(P, P2)
+    # and so is the eager shortcut that skips the dispatcher
+    out3, P3 = _native.low_rank_residual_fast(F, A, B)
+    assert torch.equal(out, out3) and torch.equal(P, P3)
 
 
 def test_non_contiguous_and_offset_inputs():

@@ -167,8 +167,8 @@ def test_compiled_op_path_matches_pytorch_path(setup, dtype, monkeypatch):
     grad = torch.randn(30, 70, dtype=torch.float64, generator=g).to(dtype)
     rows = x[:30].to(dtype)
     calls = []
-    op = _native.low_rank_residual
-    monkeypatch.setattr(_native, "low_rank_residual", lambda *a: calls.append(1) or op(*a))
+    op = _native.low_rank_residual_fast
+    monkeypatch.setattr(_native, "low_rank_residual_fast", lambda *a: calls.append(1) or op(*a))
     monkeypatch.setattr(MF, "NATIVE_MIN_ELEMENTS", 0)  # a small problem takes the op too
     results = {}
     for enabled in (True, False):

@@ -19,6 +19,7 @@ Nothing here reads a tensor's value on the host, so the layer compiles with
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Protocol
@@ -124,6 +125,18 @@ def _check_finite_metadata(metadata: Tensor) -> None:
         raise ValueError(f"expected finite metadata, got {bad} NaN or infinite value(s)")
 
 
+def _as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, skipping the call when it is a no-op (it costs microseconds)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _autocast_off(device_type: str) -> Any:
+    """A context with autocast off on ``device_type``; a no-op context when it is off already."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _LowRankResidual(torch.autograd.Function):
     r"""``F ↦ F − A·reduce(Bᵀ F)``, also returning ``P = reduce(Bᵀ F)`` (which carries no gradient).
 
@@ -137,19 +150,7 @@ class _LowRankResidual(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, a: Tensor, b: Tensor, reducer: StatisticsReducer | None
     ) -> tuple[Tensor, Tensor]:
-        with torch.autocast(x.device.type, enabled=False):
-            if (
-                reducer is None
-                and a.shape[1] <= NATIVE_MAX_COLUMNS
-                and x.numel() >= NATIVE_MIN_ELEMENTS
-                and _native.applies(x, a.shape[1])
-            ):
-                out, p = _native.low_rank_residual(x, a, b)
-            else:
-                p = b.T @ x
-                if reducer is not None:
-                    p = reducer.sum(p)
-                out = torch.addmm(x, a, p, alpha=-1)
+        out, p = _low_rank_map(x, a, b, reducer)
         ctx.save_for_backward(a, b)
         ctx.reducer = reducer
         ctx.mark_non_differentiable(p)
@@ -163,8 +164,29 @@ class _LowRankResidual(torch.autograd.Function):
         if grad_out is None:
             return None, None, None, None
         a, b = ctx.saved_tensors
-        grad, _ = _LowRankResidual.apply(grad_out, b, a, ctx.reducer)
+        if torch.is_grad_enabled():  # create_graph=True: the transpose is differentiable too
+            grad, _ = _LowRankResidual.apply(grad_out, b, a, ctx.reducer)
+        else:
+            grad, _ = _low_rank_map(grad_out, b, a, ctx.reducer)
         return grad, None, None, None
+
+
+def _low_rank_map(
+    x: Tensor, a: Tensor, b: Tensor, reducer: StatisticsReducer | None
+) -> tuple[Tensor, Tensor]:
+    """``(x − A·reduce(Bᵀx), reduce(Bᵀx))`` without autograd: the compiled op or two products."""
+    with _autocast_off(x.device.type):
+        if (
+            reducer is None
+            and a.shape[1] <= NATIVE_MAX_COLUMNS
+            and x.numel() >= NATIVE_MIN_ELEMENTS
+            and _native.applies(x, a.shape[1])
+        ):
+            return _native.low_rank_residual_fast(x, a, b)
+        p = b.T @ x
+        if reducer is not None:
+            p = reducer.sum(p)
+        return torch.addmm(x, a, p, alpha=-1), p
 
 
 def _weighted(weight: Tensor, p: Tensor) -> Tensor:
@@ -193,7 +215,7 @@ class _PackedResidual(torch.autograd.Function):
         n_samples: Tensor | float,
         reducer: StatisticsReducer,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             local = b.T @ x
             packed = torch.cat([local.reshape(-1), local.new_full((1,), x.shape[0])])
             packed = reducer.sum(packed)
@@ -228,7 +250,7 @@ class _ReducedTranspose(torch.autograd.Function):
     def forward(
         ctx: Any, g: Tensor, a: Tensor, b: Tensor, weight: Tensor, reducer: StatisticsReducer
     ) -> Tensor:
-        with torch.autocast(g.device.type, enabled=False):
+        with _autocast_off(g.device.type):
             p = reducer.sum(b.T @ g)
             out = torch.addmm(g, a, _weighted(weight, p), alpha=-1)
         ctx.save_for_backward(a, b, weight)
@@ -288,7 +310,7 @@ def batch_residual(
         (torch.Size([8, 5]), torch.Size([2, 5]), 8.0)
         >>> out.sum().backward()                  # differentiable in the features
     """
-    removed_rows = rows.detach() * remove_mask.to(rows.dtype)
+    removed_rows = rows.detach() * remove_mask  # a bool mask multiplies in rows' dtype
     if reducer is not None and getattr(reducer, "packs_count", False):
         out, beta, count = _PackedResidual.apply(
             features, removed_rows, rows.detach(), gram_inverse, n_samples, reducer
@@ -298,11 +320,11 @@ def batch_residual(
     if reducer is not None:
         count = reducer.sum(count)
         # M = 0 (every process empty): B is empty and β̂ is 0; keep W finite all the same
-        count_or_one = count.clamp_min(1.0)
+        scale = n_samples / count.clamp_min(1.0)
     else:
-        count_or_one = count
-    weight = gram_inverse.to(torch.float64) * (n_samples / count_or_one)  # symmetric (K, K)
-    b = (rows.detach().to(torch.float64) @ weight).to(features.dtype)
+        scale = n_samples / features.shape[0]
+    weight = _as_dtype(gram_inverse, torch.float64) * scale  # symmetric (K, K)
+    b = _as_dtype(_as_dtype(rows.detach(), torch.float64) @ weight, features.dtype)
     out, beta = _LowRankResidual.apply(features, removed_rows, b, reducer)
     return out, beta, count
 
@@ -310,7 +332,7 @@ def batch_residual(
 def update_running_beta(
     running_beta: Tensor,
     beta: Tensor,
-    count: Tensor,
+    count: Tensor | int,
     momentum: float | None,
     *,
     num_batches_tracked: Tensor | None = None,
@@ -329,9 +351,10 @@ def update_running_beta(
       the others (a short last batch) weighs in proportion to its size. With batches of one size
       this is ``max(μ, m / S)``. Without the counters, ``f = μ``.
 
-    A non-finite ``beta`` leaves every buffer as it was except ``num_batches_skipped`` (+1).
-    A ``count`` of 0 (an empty batch over every process of a synchronised layer) leaves every
-    buffer as it was. No value is read on the host.
+    ``count`` is the batch size m: a Python int in one process, or the summed batch size as a
+    0-d tensor (a synchronised layer). A non-finite ``beta`` leaves every buffer as it was
+    except ``num_batches_skipped`` (+1). A ``count`` of 0 (an empty batch over every process
+    of a synchronised layer) leaves every buffer as it was. No value is read on the host.
 
     Returns:
         A bool 0-d tensor: whether the estimate was finite (and so used, when ``count`` > 0).
@@ -348,32 +371,41 @@ def update_running_beta(
         (tensor([1., 1., 1.]), 10)
     """
     # x·0 is 0 for finite x and NaN for NaN/inf: one sum tells, and cannot overflow
-    finite = torch.isfinite((beta * 0).sum())
-    seen = count > 0
+    finite = (beta * 0).sum() == 0
+    dtype = running_beta.dtype
+    if isinstance(count, Tensor):
+        seen: Tensor | None = count > 0
+        used = finite & seen
+    elif count <= 0:
+        return finite
+    else:  # a batch size known on the host (one process): the batch counts
+        seen, used = None, finite
+    # factor: in the running β's dtype (counts stay exact in it up to 2²⁴ samples in float32)
     if num_samples_tracked is not None:
-        before = num_samples_tracked.to(torch.float64)
-        factor = count / (before + count).clamp_min(1.0)
+        samples = num_samples_tracked.to(dtype)
+        factor = _as_dtype(count / (samples + count), dtype)
         if momentum is not None:
             if num_batches_tracked is not None:
-                mean_size = before / num_batches_tracked.to(torch.float64).clamp_min(1.0)
-                weighted = momentum * count / mean_size.clamp_min(1.0)
+                # μ·m/m̄ with m̄ = S/B the mean size of the batches folded in before (0 before
+                # the first: the cumulative factor is 1 then)
+                weighted = (momentum * count) / samples.clamp_min(1) * num_batches_tracked
+                factor = torch.maximum(factor, _as_dtype(weighted, dtype).clamp_max(1.0))
             else:
-                weighted = torch.full_like(count, momentum)
-            factor = torch.maximum(factor, weighted).clamp_max(1.0)
+                factor = factor.clamp_min(momentum)
     elif momentum is None:
         raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
     else:
-        factor = torch.tensor(momentum, dtype=torch.float64, device=beta.device) * seen
-    used = finite & seen
+        factor = torch.full((), momentum, dtype=dtype, device=running_beta.device)
     with torch.no_grad():
-        target = torch.where(finite, beta.to(running_beta.dtype), running_beta)
-        running_beta.lerp_(target, factor.to(running_beta.dtype))
+        # a non-finite estimate gets factor 0 and its entries are zeroed (0·NaN would be NaN)
+        target = _as_dtype(beta, dtype).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        running_beta.lerp_(target, _as_dtype(factor * used, dtype))
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(used.to(num_batches_tracked.dtype))
+            num_batches_tracked.add_(used)
         if num_samples_tracked is not None:
-            num_samples_tracked.add_((count * used).to(num_samples_tracked.dtype))
+            num_samples_tracked.add_(_as_dtype(used * count, num_samples_tracked.dtype))
         if num_batches_skipped is not None:
-            num_batches_skipped.add_((~finite & seen).to(num_batches_skipped.dtype))
+            num_batches_skipped.add_(~finite if seen is None else ~finite & seen)
     return finite
 
 
@@ -468,17 +500,20 @@ def metadata_norm(
         raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
 
     compute_dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
-    with torch.autocast(input.device.type, enabled=False):
-        features = input.reshape(m, math.prod(input.shape[1:])).to(compute_dtype)
-        rows = metadata.reshape(m, k).to(device=features.device, dtype=compute_dtype)
-        mask = remove_mask.to(rows.device)
+    with _autocast_off(input.device.type):
+        flat = input if input.dim() == 2 else input.reshape(m, math.prod(input.shape[1:]))
+        features = _as_dtype(flat, compute_dtype)
+        rows = metadata.reshape(m, k)
+        if rows.device != features.device or rows.dtype != compute_dtype:
+            rows = rows.to(device=features.device, dtype=compute_dtype)
+        mask = remove_mask if remove_mask.device == rows.device else remove_mask.to(rows.device)
         if not training:
             if running_beta is None:
                 raise RuntimeError(
                     "evaluation needs a running β: build the layer with "
                     "track_running_stats=True, or keep it in training mode"
                 )
-            out = remove_effect(features, rows, running_beta.to(compute_dtype), mask)
+            out = remove_effect(features, rows, _as_dtype(running_beta, compute_dtype), mask)
         elif reducer is not None:
             # every process runs the differentiable map, so that each joins the backward
             # collective once; whether the output uses the running β depends on the summed M
@@ -486,7 +521,9 @@ def metadata_norm(
                 features, rows, gram_inverse, n_samples, mask, reducer=reducer
             )
             if running_beta is not None and m <= k:  # M > K is known already when m > K
-                fallback = remove_effect(features, rows, running_beta.to(compute_dtype), mask)
+                fallback = remove_effect(
+                    features, rows, _as_dtype(running_beta, compute_dtype), mask
+                )
                 out = torch.where(count > k, out, fallback)
         elif running_beta is None or m > k:
             out, beta, count = batch_residual(
@@ -496,7 +533,7 @@ def metadata_norm(
             # m ≤ K: too few rows for the batch estimate to residualise this batch well, so the
             # output uses the running β, as in evaluation; the (unbiased, noisy) estimate is
             # still folded in below, with a factor in proportion to m
-            out = remove_effect(features, rows, running_beta.to(compute_dtype), mask)
+            out = remove_effect(features, rows, _as_dtype(running_beta, compute_dtype), mask)
             with torch.no_grad():
                 _, beta, count = batch_residual(
                     features, rows, gram_inverse, n_samples, mask, reducer=reducer
@@ -505,7 +542,7 @@ def metadata_norm(
             finite = update_running_beta(
                 running_beta,
                 beta,
-                count,
+                count if reducer is not None else m,  # one process: m, known on the host
                 momentum,
                 num_batches_tracked=num_batches_tracked,
                 num_samples_tracked=num_samples_tracked,
@@ -513,4 +550,6 @@ def metadata_norm(
             )
             if on_nonfinite != "skip":
                 _report_nonfinite(finite, rows, on_nonfinite)
-    return out.reshape(input.shape).to(input.dtype)
+    if out.shape != input.shape:
+        out = out.reshape(input.shape)
+    return _as_dtype(out, input.dtype)
