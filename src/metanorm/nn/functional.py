@@ -320,7 +320,7 @@ def batch_residual(
     if reducer is not None:
         count = reducer.sum(count)
         # M = 0 (every process empty): B is empty and β̂ is 0; keep W finite all the same
-        scale = n_samples / count.clamp_min(1.0)
+        scale: Tensor | float = n_samples / count.clamp_min(1.0)
     else:
         scale = n_samples / features.shape[0]
     weight = _as_dtype(gram_inverse, torch.float64) * scale  # symmetric (K, K)
@@ -374,8 +374,9 @@ def update_running_beta(
     finite = (beta * 0).sum() == 0
     dtype = running_beta.dtype
     if isinstance(count, Tensor):
-        seen: Tensor | None = count > 0
-        used = finite & seen
+        positive = count > 0
+        seen: Tensor | None = positive
+        used = finite & positive
     elif count <= 0:
         return finite
     else:  # a batch size known on the host (one process): the batch counts
