@@ -352,9 +352,10 @@ def update_running_beta(
       this is ``max(μ, m / S)``. Without the counters, ``f = μ``.
 
     ``count`` is the batch size m: a Python int in one process, or the summed batch size as a
-    0-d tensor (a synchronised layer). A non-finite ``beta`` leaves every buffer as it was
-    except ``num_batches_skipped`` (+1). A ``count`` of 0 (an empty batch over every process
-    of a synchronised layer) leaves every buffer as it was. No value is read on the host.
+    0-d tensor (a synchronised layer). A non-finite ``beta`` (or one whose sum overflows its
+    dtype) leaves every buffer as it was except ``num_batches_skipped`` (+1). A ``count`` of 0
+    (an empty batch over every process of a synchronised layer) leaves every buffer as it was.
+    No value is read on the host.
 
     Returns:
         A bool 0-d tensor: whether the estimate was finite (and so used, when ``count`` > 0).
@@ -370,8 +371,10 @@ def update_running_beta(
         >>> running[0], int(seen)                 # the first batch: a cumulative average
         (tensor([1., 1., 1.]), 10)
     """
-    # x·0 is 0 for finite x and NaN for NaN/inf: one sum tells, and cannot overflow
-    finite = (beta * 0).sum() == 0
+    # one sum tells: s − s is 0 for a finite sum and NaN for NaN/inf (a sum that overflows,
+    # beyond any useful estimate, counts as non-finite too)
+    total = beta.sum()
+    finite = (total - total) == 0
     dtype = running_beta.dtype
     if isinstance(count, Tensor):
         positive = count > 0
