@@ -407,7 +407,10 @@ def update_running_beta(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(used)
         if num_samples_tracked is not None:
-            num_samples_tracked.add_(_as_dtype(used * count, num_samples_tracked.dtype))
+            if isinstance(count, Tensor):
+                num_samples_tracked.add_(_as_dtype(used * count, num_samples_tracked.dtype))
+            else:
+                num_samples_tracked.add_(used, alpha=count)
         if num_batches_skipped is not None:
             num_batches_skipped.add_(~finite if seen is None else ~finite & seen)
     return finite
@@ -554,6 +557,6 @@ def metadata_norm(
             )
             if on_nonfinite != "skip":
                 _report_nonfinite(finite, rows, on_nonfinite)
-    if out.shape != input.shape:
+    if input.dim() != 2:
         out = out.reshape(input.shape)
     return _as_dtype(out, input.dtype)
