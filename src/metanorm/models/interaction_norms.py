@@ -9,7 +9,9 @@ to reach such effects; ``docs/failures.md`` measures them.
 - :class:`MetadataScaleNorm`: the multiplicative analogue of MDN. For a conv map it takes the
   per-sample, per-channel spatial standard deviation ``σ`` (invariant to the channel's bias),
   regresses ``log σ`` on the design rows with the paper's batch estimator
-  (``β̂ = (N/m) Σ⁻¹ X_bᵀ log σ``, Σ⁻¹ of the whole training design), and divides the map by
+  (``β̂ = (N/m) Σ⁻¹ X_bᵀ (log σ − its batch mean)``, Σ⁻¹ of the whole training design; the
+  centring changes only the intercept's coefficient in expectation and removes most of the
+  estimator's noise, as ``log σ`` is far from 0), and divides the map by
   ``exp(X_b,R β̂_R)``, the metadata's part of the scale (``R``: the removed columns other than
   the intercept, so the channel's typical scale is kept). An exactly multiplicative effect
   ``f = exp(x_R β_R) · g`` is removed exactly; a running β (momentum, as MDN) is used in eval
@@ -222,6 +224,9 @@ class MetadataScaleNorm(nn.Module):
         rows = metadata.float()
         if self.training:
             s = self.log_scale(input)  # (m, C) or (m, 1)
+            # centred on the batch mean: in expectation that changes only the intercept's
+            # coefficient (never removed), and it keeps log σ's large mean out of the noise
+            s = s - s.mean(dim=0, keepdim=True)
             beta = (self.n / input.shape[0]) * self.sigma_inv @ (rows.T @ s)  # (K, C or 1)
             with torch.no_grad():
                 full = beta.detach().expand(-1, self.num_channels)
