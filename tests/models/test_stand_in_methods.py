@@ -236,6 +236,13 @@ def test_channelwise_and_scale_methods_put_their_layers_in_the_conv_slots():
     assert isinstance(sc.norm1[0], MetadataScaleNorm)
     assert isinstance(sc.norm1[1], torch.nn.BatchNorm2d)
     assert isinstance(sc.fc_norm, MetadataNorm)
+    # the layers before a scale division lose their bias (s · W x reaches it exactly)
+    assert sc.conv1.bias is None and sc.conv2.bias is None and sc.fc.bias is not None
+    assert cw.conv1.bias is not None
+    mlp = StandInMLP(5, 2, "mdn-scale", d, hidden=(8, 6))
+    assert mlp.fc1.bias is None and isinstance(mlp.norm1[0], MetadataScaleNorm)
+    vol = StandInCNN3d(1, 2, (8, 8, 8), "mdn-scale", d, hidden=6, channels=(2, 2, 2))
+    assert all(conv.bias is None for conv in vol.blocks[0::2])
     with pytest.raises(TypeError, match="design"):
         StandInCNN(1, 2, 8, "mdn-scale")
     with pytest.raises(TypeError, match="design"):

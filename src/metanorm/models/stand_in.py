@@ -46,8 +46,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-import metanorm.models.interaction_norms  # noqa: F401  (registers the candidate fixes)
 from metanorm.design import Design
+from metanorm.models.interaction_norms import MetadataScaleNorm  # (registers the fixes)
 from metanorm.models.norms import apply_norm, confounder_columns, create_norm, get_norm
 
 __all__ = ["StandInCNN", "StandInCNN3d", "StandInMLP"]
@@ -85,9 +85,18 @@ class _StandIn(nn.Module):
         #: design columns added to the model's input (``concat-input``), else empty
         self.input_columns: tuple[int, ...] = columns if to_input else ()
 
-    def _make_norm(self, slot: str, shape: tuple[int, ...]) -> nn.Module:
-        """The layer of a ``"hidden"`` or ``"features"`` slot of per-sample ``shape``."""
-        return create_norm(
+    def _make_norm(
+        self, slot: str, shape: tuple[int, ...], layer: nn.Module | None = None
+    ) -> nn.Module:
+        """The layer of a ``"hidden"`` or ``"features"`` slot of per-sample ``shape``.
+
+        When the slot divides out a scale (``MetadataScaleNorm``, ``"mdn-scale"``), the
+        ``layer`` before it loses its bias: a
+        multiplicative effect on the input, ``s · x``, then reaches the slot as exactly
+        ``s · (W x)`` (with the bias, the division would leave ``b / s``, a metadata-dependent
+        offset); the BatchNorm after the scale layer has its own shift.
+        """
+        norm = create_norm(
             self.norm,
             shape,
             slot=slot,
@@ -95,6 +104,10 @@ class _StandIn(nn.Module):
             base="batchnorm",
             momentum=self._momentum,
         )
+        scaled = any(isinstance(m, MetadataScaleNorm) for m in norm.modules())
+        if scaled and layer is not None and getattr(layer, "bias", None) is not None:
+            layer.register_parameter("bias", None)
+        return norm
 
     def _head(self, hidden: int) -> nn.Linear:
         """The classifier, for ``hidden`` features plus any appended metadata columns."""
@@ -176,9 +189,9 @@ class StandInCNN(_StandIn):
             raise ValueError(f"expected an image size divisible by 4, got {(h, w)}")
         c1, c2 = channels
         self.conv1 = nn.Conv2d(in_channels + len(self.input_columns), c1, 5, padding=2)
-        self.norm1 = self._make_norm("hidden", (c1, h, w))
+        self.norm1 = self._make_norm("hidden", (c1, h, w), self.conv1)
         self.conv2 = nn.Conv2d(c1, c2, 5, padding=2)
-        self.norm2 = self._make_norm("hidden", (c2, h // 2, w // 2))
+        self.norm2 = self._make_norm("hidden", (c2, h // 2, w // 2), self.conv2)
         self.pool = nn.MaxPool2d(2)
         self.fc = nn.Linear(c2 * (h // 4) * (w // 4), hidden)
         self.fc_norm = self._make_norm("features", (hidden,))
@@ -226,7 +239,7 @@ class StandInMLP(_StandIn):
         super().__init__(norm, design, num_classes, momentum)
         h1, h2 = hidden
         self.fc1 = nn.Linear(in_features + len(self.input_columns), h1)
-        self.norm1 = self._make_norm("hidden", (h1,))
+        self.norm1 = self._make_norm("hidden", (h1,), self.fc1)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(h1, h2)
         self.fc_norm = self._make_norm("features", (h2,))
@@ -281,8 +294,9 @@ class StandInCNN3d(_StandIn):
         c_in = in_channels + len(self.input_columns)
         for i, c in enumerate(channels):
             size = tuple(s // 2**i for s in shape)
-            blocks.append(nn.Conv3d(c_in, c, 3, padding=1))
-            blocks.append(self._make_norm("hidden", (c, *size)))
+            conv = nn.Conv3d(c_in, c, 3, padding=1)
+            blocks.append(conv)
+            blocks.append(self._make_norm("hidden", (c, *size), conv))
             c_in = c
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.MaxPool3d(2)
