@@ -28,7 +28,7 @@ def test_mri_standin_registered_and_prepared():
 def test_mri_standin_reproduce_end_to_end(tmp_path):
     out = tmp_path / "out"
     argv = ["reproduce", "multisite-mri-standin", "--out", str(out), "--epochs", "1"]
-    argv += ["--batch-sizes", "8", "--quiet"]  # with the plots: they read the site column back
+    argv += ["--batch-sizes", "8", "--seeds", "1", "--quiet"]  # the plots read the site column
     argv += ["--option", "n_per_site=8", "--option", "n_eval_per_site=6"]
     argv += ["--option", "volume_shape=[16,16,16]"]
     assert main(argv) == 0

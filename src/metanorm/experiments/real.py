@@ -445,13 +445,14 @@ _SPECS: list[dict[str, Any]] = [
         "description": "The multi-site MRI stand-in: nilearn's MNI152 grey-matter template with "
         "age and diagnosis atrophy and three simulated scanners (scale, bias field, blur, noise); "
         "P(diagnosis=1 | site) = 0.8/0.5/0.2 in train/val, balanced at test, reversed in "
-        "test_reversed; 32³ volumes, the small 3-D CNN. Design and dcor² as in multisite-mri.",
+        "test_reversed; 32³ volumes, the small 3-D CNN (--option model=monai-resnet18: MONAI's "
+        "3-D ResNet-18). Design and dcor² as in multisite-mri.",
         "metadata_columns": ("site", "age", "sex"),
         "confounder": "site",
         "categorical": ("site", "sex"),
         "groups": _prefixed("site"),
         "configure": _mri_design,
-        "defaults": {"epochs": 12, "batch_sizes": [16], "lr_schedule": "cosine"},
+        "defaults": {"epochs": 12, "batch_sizes": [16], "lr_schedule": "cosine", "seeds": 3},
     },
 ]
 
