@@ -1,6 +1,6 @@
 r"""Regression targets: MDN (target kept in the design) and the alternatives to MDN, against none.
 
-The experiment engine (:mod:`metanorm.experiments.engine`) trains classifiers, so regression
+The experiment engine (``metanorm.experiments.engine``) trains classifiers, so regression
 has this standalone runner (``python -m metanorm.experiments.regression synthetic|diabetes``),
 which writes ``results.json``, ``report.md`` and (synthetic, with matplotlib) ``r2_vs_dcor2.png``
 into ``--out``.
@@ -473,7 +473,7 @@ def run_synthetic_regression(
         group_bins: target bins of the objectives (the conditional variants' groups, Group
             DRO's). Default: 4.
         seed: the first seed. Default: 0.
-        law: the data's :class:`~metanorm.datasets.synthetic_regression.RegressionLaw`.
+        law: the data's ``RegressionLaw`` (:mod:`metanorm.datasets.synthetic_regression`).
 
     Returns:
         ``{"task", "config", "bounds", "reference_dcor2", "runs", "rows"}``: ``runs`` one dict
@@ -761,7 +761,7 @@ def plot_r2_vs_dcor2(
     """Scatter of test R² against the mean within-bin dcor², one point per method × batch size.
 
     Error bars: the std over seeds of both. Horizontal lines: the exact R² bounds with and
-    without cf (``bounds``, :func:`~metanorm.datasets.synthetic_regression.regression_bounds`
+    without cf (``bounds``, ``regression_bounds()`` of :mod:`metanorm.datasets.synthetic_regression`
     as a dict). Written atomically.
 
     Args:

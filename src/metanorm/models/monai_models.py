@@ -221,5 +221,5 @@ def monai_resnet18(
     design: Design | None = None,
     **kwargs: Any,
 ) -> MonaiResNet3d:
-    """:class:`MonaiResNet3d` (the factory registered as ``"monai-resnet18"``)."""
+    """The :class:`MonaiResNet3d` that ``--option model=monai-resnet18`` builds."""
     return MonaiResNet3d(in_channels, num_classes, volume_shape, norm, design, **kwargs)
