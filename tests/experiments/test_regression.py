@@ -110,11 +110,13 @@ def test_binned_dcor2_matches_the_definition_per_bin():
 
 def test_tiny_diabetes_run_and_cli_write_results(tmp_path, one_thread):
     pytest.importorskip("sklearn", reason="the diabetes data ship with scikit-learn")
-    code = R.main(["diabetes", "--out", str(tmp_path), "--folds", "3", "--epochs", "40"])
+    argv = ["diabetes", "--out", str(tmp_path), "--folds", "3", "--epochs", "40"]
+    code = R.main([*argv, "--methods", "none", "mdn", "brnet-cond"])
     assert code == 0
     r = json.loads((tmp_path / "results.json").read_text())
     assert "| linear | residualizer |" in (tmp_path / "report.md").read_text()
     rows = {(row["model"], row["method"]): row for row in r["rows"]}
+    assert list(rows)[2:] == [("mlp", "none"), ("mlp", "mdn"), ("mlp", "brnet-cond")]
     dc = {k: np.mean(v["dcor2_bins"]) for k, v in rows.items()}
     assert dc[("linear", "residualizer")] < 0.5 * dc[("linear", "none")]
     assert dc[("mlp", "mdn")] < dc[("mlp", "none")]
