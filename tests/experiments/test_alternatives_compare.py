@@ -17,7 +17,7 @@ from metanorm.experiments import RunConfig
 from metanorm.experiments.alternatives import DANNObjective, dann_lambda
 from metanorm.experiments.engine import train_one_epoch
 from metanorm.experiments.runner import prepare_run
-from metanorm.experiments.synthetic import objective_settings
+from metanorm.experiments.synthetic import DANN_WEIGHT, objective_settings
 from metanorm.models import PaperCNN
 
 
@@ -100,8 +100,9 @@ def test_the_experiment_gives_dann_its_run_length():
         train_one_epoch(run.model, loader, opt)
     assert int(obj.steps) == obj.total_steps  # the ramp ends with the training
     assert obj.progress() == 1.0
-    const = prepare_run(config.replace(options={"dann_schedule": "constant"}))
+    const = prepare_run(config.replace(method="dann", options={"dann_schedule": "constant"}))
     assert const.model.objective.schedule == "constant"
+    assert const.model.objective.weight == DANN_WEIGHT  # the experiment's default weight
 
 
 def test_concat_input_adds_a_standardised_cf_channel(design):

@@ -239,7 +239,7 @@ class DANNObjective(_Objective):
     The reversal weight at a training step is ``dann_lambda(p, weight)`` with ``schedule="ramp"``
     (the default; Ganin & Lempitsky), ``p = steps / total_steps`` the training progress: the
     objective counts its own training steps (calls in training mode with gradients enabled, the
-    buffer :attr:`steps`), so the loop that trains it need not know; ``total_steps`` (the
+    buffer ``steps``), so the loop that trains it need not know; ``total_steps`` (the
     run's epochs × batches per epoch) is set at construction or later (the experiment's
     ``make_model`` sets it from the run's configuration). With ``schedule="constant"`` it is
     ``weight`` throughout.
@@ -443,7 +443,7 @@ def plot_bacc_vs_dcor2(rows: Sequence[dict[str, Any]], path: str | Path) -> Path
 
     The sweep's report draws this plot itself (``bacc_vs_dcor2.png``); this draws it again from
     summary rows, with the synthetic task's reference accuracies
-    (:func:`metanorm.experiments.plots.plot_bacc_vs_dcor2`).
+    (``metanorm.experiments.plots.plot_bacc_vs_dcor2``).
 
     Args:
         rows: the summary rows of a sweep (``summary.json``'s ``"rows"``).

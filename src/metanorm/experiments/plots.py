@@ -209,7 +209,7 @@ def plot_bacc_vs_dcor2(
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     sizes = sorted({int(r["batch_size"]) for r in rows}, reverse=True)
     markers = "os^vDP*X"
-    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    fig, ax = plt.subplots(figsize=(8.0, 5.5))
     for acc, label in reference:
         ax.axhline(acc, color="grey", lw=0.8, ls="--", zorder=0)
         ax.annotate(
@@ -238,15 +238,9 @@ def plot_bacc_vs_dcor2(
                 fmt=markers[j % len(markers)],
                 color=colors[i % len(colors)],
                 capsize=2,
-                ms=6,
+                ms=7,
+                alpha=0.85,
                 label=norm_display_name(method) if j == 0 else None,
-            )
-            ax.annotate(
-                f"{norm_display_name(method)} ({bs})",
-                (x, y),
-                fontsize=6,
-                xytext=(4, 3),
-                textcoords="offset points",
             )
     # the marker legend: one entry per batch size
     for j, bs in enumerate(sizes):
