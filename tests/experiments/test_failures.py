@@ -4,10 +4,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from layouts import needs_fashion, needs_two_sites
 
 from metanorm.experiments.failures import METHODS, STUDIES, main, run_failures, summarize
 from metanorm.experiments.real import METHODS as REAL_METHODS
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train faster on one thread (and do not contend with other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _final(method, seed, reversed_bacc, dcor2):

@@ -19,6 +19,15 @@ from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 from metanorm.nn import MetadataNorm
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train faster on one thread (and do not contend with other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def design(n=64, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
