@@ -3,8 +3,9 @@
 Tiny: 16³ volumes, widen_factor 0.125 (channels 8 … 64), nothing downloads.
 """
 
-import subprocess
+import ast
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,9 +126,19 @@ def test_standin_experiment_builds_the_monai_model_from_the_option():
         prepare_run(RunConfig("multisite-mri-standin", options={**opts, "widen_factor": 0.5}))
 
 
-def test_the_library_does_not_import_monai():
-    code = (
-        "import sys, metanorm, metanorm.nn, metanorm.models; "
-        "sys.exit('monai' in sys.modules)"
-    )
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+def test_no_module_imports_monai_at_import_time():
+    # MONAI is optional: only function bodies may import it (checked on the source, cheaply)
+    import metanorm
+
+    root = Path(metanorm.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module-level statements only
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(n == "monai" or n.startswith("monai.") for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []

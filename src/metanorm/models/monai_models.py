@@ -92,8 +92,9 @@ class MonaiResNet3d(nn.Module):
         design: the whole training set's :class:`metanorm.design.Design` (MDN and ``concat``).
         hidden: the feature layer's width (MONAI's ``fc``). Default: 64, as the stand-in CNN.
         widen_factor: MONAI's ``widen_factor``: channels ``64, 128, 256, 512`` × this.
-            Default: 1 (the full ResNet-18; about 0.3 s per 32³ volume per training step on
-            two CPU cores, so ``0.25`` is the practical choice there).
+            Default: 1 (the full ResNet-18: one training step of 16 volumes of 32³ took 29 s
+            on a busy 2-core CPU, 3.5 s at ``0.25``; see
+            ``docs/experiments/multisite-mri-standin.md``).
         momentum: MDN running-β momentum. Default: 0.1.
 
     Shape:
