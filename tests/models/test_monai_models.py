@@ -142,3 +142,13 @@ def test_no_module_imports_monai_at_import_time():
             if any(n == "monai" or n.startswith("monai.") for n in names):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_the_model_registry_builds_it_by_name():
+    from metanorm.models import create_model, list_models
+
+    assert "monai-resnet18" in list_models()
+    model = create_model(
+        "monai-resnet18", in_channels=1, num_classes=3, volume_shape=SHAPE, widen_factor=0.125
+    )
+    assert isinstance(model, MonaiResNet3d) and model.head.out_features == 3

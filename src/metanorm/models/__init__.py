@@ -3,7 +3,9 @@
 Every model's ``forward(x, metadata=None)`` returns ``(logits, features)``: the features are what
 the bias metric (dcor²) is measured on. ``paper-cnn``: the synthetic experiment's CNN
 (:mod:`metanorm.models.cnn`); ``stand-in-cnn``, ``stand-in-mlp``, ``stand-in-cnn3d``: the
-real-data experiments' models (:mod:`metanorm.models.stand_in`). Every model takes its
+real-data experiments' models (:mod:`metanorm.models.stand_in`); ``monai-resnet18``: MONAI's
+3-D ResNet-18 with MDN placed by :func:`metanorm.nn.convert_metadata_norm`
+(:mod:`metanorm.models.monai_models`; needs the ``monai`` extra). Every model takes its
 normalization by name, from the one registry of :mod:`metanorm.models.norms`
 (:func:`create_norm`, :func:`register_norm`, :func:`list_norms`).
 """
@@ -38,11 +40,20 @@ __all__ = [
     "register_norm",
 ]
 
+
+def _monai_resnet18(*args: Any, **kwargs: Any) -> nn.Module:
+    # MONAI is an optional extra: imported when the model is built, not with this package
+    from metanorm.models.monai_models import monai_resnet18
+
+    return monai_resnet18(*args, **kwargs)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "paper-cnn": PaperCNN,
     "stand-in-cnn": StandInCNN,
     "stand-in-mlp": StandInMLP,
     "stand-in-cnn3d": StandInCNN3d,
+    "monai-resnet18": _monai_resnet18,
 }
 
 
