@@ -60,7 +60,7 @@ __all__ = [
     "summarize",
 ]
 
-#: The methods of the study: the baseline first, MDN, the candidate fixes, the alternatives.
+#: The methods of the study, the baseline first, then MDN, the candidate fixes and the alternatives.
 METHODS: tuple[str, ...] = (
     "batchnorm",
     "mdn",

@@ -18,8 +18,9 @@ name                       data                                   metadata (desi
 
 Methods: ``batchnorm`` (the usual model, BatchNorm after every layer; the baseline) and ``mdn``
 (BatchNorm in the convs, MetadataNorm on the penultimate layer); with ``--methods``: ``none``,
-``mdn-all`` (MDN after every layer), the alternatives to MDN ``concat``, ``brnet``,
-``brnet-cond``, ``dann``, ``dann-cond``, ``groupdro`` (``docs/alternatives.md``; their training
+``mdn-all`` (MDN after every layer), the alternatives to MDN ``concat``, ``concat-input``,
+``brnet``, ``brnet-cond``, ``dann``, ``dann-cond``, ``groupdro`` (``docs/alternatives.md``; their
+training
 objective is attached to the stand-in model by
 :func:`~metanorm.experiments.alternatives.attach_objective`), and the candidate fixes of
 ``docs/failures.md`` ``mdn-cw``, ``mdn-poly``, ``mdn-scale``, ``mdn+brnet-cond``
@@ -86,6 +87,7 @@ METHODS = (
     "none",
     "mdn-all",
     "concat",
+    "concat-input",
     "brnet",
     "brnet-cond",
     "dann",
