@@ -93,9 +93,12 @@ def register(sub: Any) -> None:
         "--methods",
         nargs="+",
         metavar="M",
-        help="normalization methods to run (default: the experiment's; synthetic: none "
-        "(or baseline), batchnorm (bn), groupnorm (gn), mdn-linear, mdn-conv; the real-data "
-        "experiments: batchnorm, mdn, and on request none, mdn-all)",
+        help="methods to run, names of the one method registry (default: the experiment's; "
+        "synthetic: none (or baseline), batchnorm (bn), groupnorm (gn), mdn-linear, mdn-conv; "
+        "the real-data experiments: batchnorm, mdn). synthetic-compare and the real-data "
+        "experiments also take the alternatives concat, concat-input, brnet, brnet-cond, dann, "
+        "dann-cond, groupdro; the real-data experiments also none, mdn-all, mdn-cw, mdn-poly, "
+        "mdn-scale, mdn+brnet-cond",
     )
     p.add_argument(
         "--batch-sizes",
