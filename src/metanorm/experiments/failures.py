@@ -47,7 +47,7 @@ from metanorm.experiments.report import write_report
 from metanorm.experiments.runner import load_result
 from metanorm.experiments.sweep import run_dir, run_sweep
 from metanorm.models.interaction_norms import FAILURE_METHODS
-from metanorm.models.norms import norm_display_name
+from metanorm.models.norms import FEATURE_ALTERNATIVES, norm_display_name
 
 __all__ = [
     "METHODS",
@@ -66,12 +66,7 @@ METHODS: tuple[str, ...] = (
     "mdn",
     "mdn-all",
     *FAILURE_METHODS,
-    "concat",
-    "brnet",
-    "brnet-cond",
-    "dann",
-    "dann-cond",
-    "groupdro",
+    *FEATURE_ALTERNATIVES,
 )
 
 #: The split whose bAcc is the headline (the confounder's association with the label reversed).

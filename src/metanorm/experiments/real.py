@@ -73,7 +73,7 @@ from metanorm.experiments.alternatives import attach_objective
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
 from metanorm.models.interaction_norms import FAILURE_METHODS
-from metanorm.models.norms import get_norm
+from metanorm.models.norms import ALTERNATIVES, get_norm
 from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 
 __all__ = ["LAYOUTS", "METHODS", "load_splits", "shade_bins"]
@@ -86,13 +86,7 @@ METHODS = (
     "mdn",
     "none",
     "mdn-all",
-    "concat",
-    "concat-input",
-    "brnet",
-    "brnet-cond",
-    "dann",
-    "dann-cond",
-    "groupdro",
+    *ALTERNATIVES,
     *FAILURE_METHODS,
 )
 

@@ -80,7 +80,12 @@ from metanorm.experiments.alternatives import (
     GroupDROObjective,
 )
 from metanorm.metrics import distance_correlation_sqr
-from metanorm.models.norms import canonical_norm, get_norm, norm_display_name
+from metanorm.models.norms import (
+    FEATURE_ALTERNATIVES,
+    canonical_norm,
+    get_norm,
+    norm_display_name,
+)
 from metanorm.nn import MetadataNorm
 from metanorm.nn.utils import refit_running_beta
 
@@ -106,12 +111,7 @@ TASKS: tuple[str, ...] = ("synthetic", "diabetes")
 METHODS: tuple[str, ...] = (
     "none",
     "mdn",
-    "concat",
-    "brnet",
-    "brnet-cond",
-    "dann",
-    "dann-cond",
-    "groupdro",
+    *FEATURE_ALTERNATIVES,
 )
 
 

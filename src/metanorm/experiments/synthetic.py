@@ -38,7 +38,7 @@ from metanorm.experiments.bounds import MARGINAL_INDEPENDENCE_BOUND, reference_m
 from metanorm.experiments.config import RunConfig
 from metanorm.experiments.registry import Check, Experiment, register_experiment
 from metanorm.models import PaperCNN
-from metanorm.models.norms import get_norm
+from metanorm.models.norms import ALTERNATIVES, get_norm
 
 __all__ = [
     "COMPARE_METHODS",
@@ -60,13 +60,7 @@ METHODS: tuple[str, ...] = ("none", "batchnorm", "groupnorm", "mdn-linear", "mdn
 #: (``docs/alternatives.md``) and MDN, all names of :mod:`metanorm.models.norms`.
 COMPARE_METHODS: tuple[str, ...] = (
     "none",
-    "concat",
-    "concat-input",
-    "brnet",
-    "brnet-cond",
-    "dann",
-    "dann-cond",
-    "groupdro",
+    *ALTERNATIVES,
     "mdn-linear",
     "mdn-conv",
 )

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from metanorm.design import Design
-from metanorm.models.norms import confounder_columns, get_norm
+from metanorm.models.norms import FEATURE_ALTERNATIVES, confounder_columns, get_norm
 from metanorm.nn import MetadataModel, MetadataNorm, convert_metadata_norm
 
 __all__ = ["MONAI_METHODS", "MonaiResNet3d", "monai_resnet18"]
@@ -57,12 +57,7 @@ MONAI_METHODS: tuple[str, ...] = (
     "none",
     "mdn",
     "mdn-all",
-    "concat",
-    "brnet",
-    "brnet-cond",
-    "dann",
-    "dann-cond",
-    "groupdro",
+    *FEATURE_ALTERNATIVES,
 )
 
 

@@ -85,6 +85,8 @@ from metanorm.nn.penalty import PenaltyMetadataNorm
 from metanorm.nn.recursive import RecursiveMetadataNorm
 
 __all__ = [
+    "ALTERNATIVES",
+    "FEATURE_ALTERNATIVES",
     "NORM_ALIASES",
     "SLOTS",
     "NormSpec",
@@ -442,3 +444,18 @@ for _name, _display in (
     ("groupdro", "GroupDRO"),
 ):
     register_norm(_name, _placement(None, "none"), display_name=_display, objective=_name)
+
+#: The alternatives to MDN (``docs/alternatives.md``), in report order.
+ALTERNATIVES: tuple[str, ...] = (
+    "concat",
+    "concat-input",
+    "brnet",
+    "brnet-cond",
+    "dann",
+    "dann-cond",
+    "groupdro",
+)
+#: The alternatives that need nothing of the model's input (every model takes them).
+FEATURE_ALTERNATIVES: tuple[str, ...] = tuple(
+    m for m in ALTERNATIVES if not _NORMS[m].input_metadata
+)
