@@ -34,6 +34,7 @@ __all__ = [
     "plot_feature_pca",
     "plot_per_epoch",
     "project_2d",
+    "pyplot",
 ]
 
 #: Reference accuracies drawn as horizontal lines in ``bacc_vs_dcor2.png``, by experiment name:
@@ -42,7 +43,8 @@ __all__ = [
 REFERENCE_ACCURACIES: dict[str, list[tuple[float, str]]] = {}
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or a clear error without it."""
     try:
         import matplotlib
     except ModuleNotFoundError as exc:
@@ -89,7 +91,7 @@ def plot_per_epoch(
     methods: Sequence[str],
 ) -> None:
     """One panel per batch size; a line per method and per column starting with ``prefix``."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     hist = _mean_histories(results)
@@ -144,7 +146,7 @@ def plot_feature_pca(
     run_dirs: Sequence[tuple[str, Path]], path: str | Path, confounder: str
 ) -> None:
     """Test features in 2-D, one column per ``(method, run folder)``, one row per class."""
-    plt = _pyplot()
+    plt = pyplot()
     data = []
     for method, d in run_dirs:
         with np.load(Path(d) / "test_features.npz", allow_pickle=False) as z:
@@ -201,7 +203,7 @@ def plot_bacc_vs_dcor2(
     Returns:
         ``path``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if not rows:
         raise ValueError("expected at least one summary row, got none")
     order = list(dict.fromkeys([*(methods or ()), *(r["method"] for r in rows)]))

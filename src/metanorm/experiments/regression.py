@@ -79,6 +79,7 @@ from metanorm.experiments.alternatives import (
     DANNObjective,
     GroupDROObjective,
 )
+from metanorm.experiments.plots import pyplot
 from metanorm.metrics import distance_correlation_sqr
 from metanorm.models.norms import (
     FEATURE_ALTERNATIVES,
@@ -788,14 +789,7 @@ def plot_r2_vs_dcor2(
     Returns:
         ``path``.
     """
-    try:
-        import matplotlib
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError(
-            "matplotlib is needed for the plots: pip install 'metanorm[plots]'"
-        ) from exc
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     sizes = sorted({int(r["batch_size"]) for r in rows}, reverse=True)
