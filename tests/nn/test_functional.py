@@ -63,7 +63,8 @@ def test_float32_matches_float64(setup):
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
 
 
-def test_update_running_beta_factors_and_nonfinite(setup):
+@pytest.mark.parametrize("count_kind", ["tensor", "int"])  # summed (synced) or host batch size
+def test_update_running_beta_factors_and_nonfinite(setup, count_kind):
     running = torch.zeros(3, 2, dtype=torch.float64)
     tracked, samples, skipped = torch.tensor(0), torch.tensor(0), torch.tensor(0)
     counters = {
@@ -79,7 +80,10 @@ def test_update_running_beta_factors_and_nonfinite(setup):
         return min(1.0, max(m / (s + m), momentum * m / max(mean, 1.0)))
 
     b1, b2 = torch.ones(3, 2, dtype=torch.float64), 4 * torch.ones(3, 2, dtype=torch.float64)
-    size = lambda m: torch.tensor(float(m), dtype=torch.float64)  # noqa: E731
+    if count_kind == "tensor":
+        size = lambda m: torch.tensor(float(m), dtype=torch.float64)  # noqa: E731
+    else:
+        size = int
     MF.update_running_beta(running, b1, size(10), 0.1, **counters)
     torch.testing.assert_close(running, b1)  # first factor 1: no bias towards zero
     MF.update_running_beta(running, b2, size(30), 0.1, **counters)  # cumulative: 30/40
