@@ -6,6 +6,12 @@ baseline variants and picks one at run time. Environment variables:
 
 - ``METANORM_NATIVE_ARCH``: add ``-march=<value>`` (e.g. ``native``; the build then runs only
   on CPUs like the one that built it).
+- ``METANORM_NATIVE_OPENMP``: ``1`` to compile with ``-fopenmp``, ``0`` without. By default it is
+  on for Linux builds against a torch whose intra-op backend is OpenMP: ``at::parallel_for`` in
+  an extension is inline code that runs serially unless the extension itself is compiled with
+  OpenMP. The module then uses the libgomp that torch has already loaded (same soname), so one
+  thread pool serves both and ``torch.set_num_threads`` applies. (Apple's clang has no
+  ``-fopenmp``: macOS builds are serial unless told otherwise.)
 """
 
 import os
@@ -30,6 +36,13 @@ args = ["-O3", "-fno-wrapv", "-Wno-psabi"]
 arch = os.environ.get("METANORM_NATIVE_ARCH", "").strip()
 if arch:
     args.append(f"-march={arch}")
+link_args: list[str] = []
+openmp = os.environ.get("METANORM_NATIVE_OPENMP", "").strip()
+if openmp == "1" or (
+    not openmp and sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+):
+    args.append("-fopenmp")
+    link_args.append("-fopenmp")
 
 
 class Build(BuildExtension.with_options(use_ninja=False)):  # type: ignore[misc]
@@ -48,6 +61,7 @@ setup(
             ["csrc/low_rank.cpp"],
             depends=["csrc/low_rank_kernel.h"],
             extra_compile_args=args,
+            extra_link_args=link_args,
         )
     ],
     cmdclass={"build_ext": Build},

@@ -80,6 +80,32 @@ def test_values(m, D, K, dtype):
     assert torch.equal(out, out3) and torch.equal(P, P3)
 
 
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+    reason="the default build uses OpenMP only on Linux against an OpenMP torch",
+)
+def test_built_with_openmp():
+    # without -fopenmp, at::parallel_for in the extension is serial: the kernel would run on
+    # one thread whatever torch.set_num_threads says
+    from metanorm_native import _C
+
+    assert _C.OPENMP is True
+
+
+def test_same_result_on_any_number_of_threads():
+    # each thread takes whole column chunks, so the split changes no sum
+    F, A, B = _inputs(33, 5 * 1024 + 17, 5, torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out1, P1 = _native.low_rank_residual(F, A, B)
+        torch.set_num_threads(2)
+        out2, P2 = _native.low_rank_residual(F, A, B)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(out1, out2) and torch.equal(P1, P2)
+
+
 def test_non_contiguous_and_offset_inputs():
     F, A, B = _inputs(30, 2 * 515, 4, torch.float32)
     Fv = F[:, ::2]  # non-contiguous

@@ -183,6 +183,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "metanorm's optional compiled CPU kernel (metanorm_native)";
   module.attr("MAX_COLUMNS") = kMaxColumns;
   module.attr("ISA") = isa_name(kIsa);
+#ifdef _OPENMP
+  module.attr("OPENMP") = true;  // at::parallel_for splits the column chunks over threads
+#else
+  module.attr("OPENMP") = false;  // at::parallel_for runs serially in this build
+#endif
   module.def("low_rank_residual", &low_rank_residual,
              "(F, A, B, streaming=True) -> (F - A (B^T F), B^T F) for contiguous float32/float64 "
              "CPU tensors, F (m, D), A and B (m, K), 1 <= K <= MAX_COLUMNS; streaming: "

@@ -43,12 +43,12 @@ __all__ = [
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-#: Widest design the optional compiled op is used for: measured faster than PyTorch's products
-#: at K = 3 and 5, slower at K = 16 (benchmarks/README.md, native/README.md).
-NATIVE_MAX_COLUMNS = 8
-#: Smallest feature map (m·D elements) it is used for: below, its call overhead costs more than
-#: it saves (measured slower at (m, D) = (200, 84)).
-NATIVE_MIN_ELEMENTS = 1 << 16
+#: Widest design the optional compiled op is used for (all it takes; measured faster than
+#: PyTorch's products up to K = 16, native/README.md).
+NATIVE_MAX_COLUMNS = 16
+#: Smallest feature map (m·D elements) it is used for: below, its call overhead costs as much as
+#: it saves (measured even at (m, D) = (200, 84), faster from (200, 128)).
+NATIVE_MIN_ELEMENTS = 1 << 15
 
 #: What a training step does with a non-finite β estimate (the running β keeps its value in all).
 NONFINITE_POLICIES = ("skip", "warn", "raise")
