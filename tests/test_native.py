@@ -261,3 +261,90 @@ def test_import_is_silent_with_the_kernel():
     result = _run("import metanorm._native as nat; assert nat.available(); print('ok')")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok" and result.stderr == ""
+
+
+def _update_both(running, beta, m, momentum, counters):
+    """The update on the compiled op and on the PyTorch path, from the same state."""
+    from metanorm.nn import functional as MF
+
+    r1, c1 = running.clone(), [c.clone() for c in counters]
+    r2, c2 = running.clone(), [c.clone() for c in counters]
+    f1 = _native.running_update(r1, beta, m, momentum, *c1)
+    previous = _native.set_enabled(False)
+    try:
+        f2 = MF.update_running_beta(
+            r2,
+            beta,
+            m,
+            momentum,
+            num_batches_tracked=c2[0],
+            num_samples_tracked=c2[1],
+            num_batches_skipped=c2[2],
+        )
+    finally:
+        _native.set_enabled(previous)
+    return (r1, c1, f1), (r2, c2, f2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_running_update_matches_the_pytorch_update(dtype, momentum):
+    g = torch.Generator().manual_seed(3)
+    running = torch.zeros(5, 1031, dtype=dtype)
+    counters = [torch.tensor(0), torch.tensor(0), torch.tensor(0)]
+    for step, m in enumerate([64, 64, 3, 200, 64, 1, 64, 17]):
+        beta = torch.randn(5, 1031, generator=g, dtype=dtype) * (step + 1)
+        if step == 4:
+            beta[2, 7] = float("nan")
+        if step == 6:
+            beta = beta.T.contiguous().T  # not contiguous
+        (r1, c1, f1), (r2, c2, f2) = _update_both(running, beta, m, momentum, counters)
+        assert f1.dtype == torch.bool and f1.shape == () and bool(f1) == bool(f2)
+        assert [int(c) for c in c1] == [int(c) for c in c2]
+        # the same operations in the same order; lerp may differ by its fused multiply-add
+        scale = max(float(running.abs().max()), float(beta.nan_to_num().abs().max()))
+        torch.testing.assert_close(r1, r2, rtol=0, atol=4 * torch.finfo(dtype).eps * scale)
+        running, counters = r1, c1
+    assert int(counters[2]) == 1 and int(counters[0]) == 7
+    assert int(counters[1]) == 64 * 4 + 3 + 200 + 1 + 17 - 64
+
+
+def test_running_update_overflowing_sum_is_not_finite():
+    beta = torch.full((2, 40), 3e38, dtype=torch.float32)  # finite entries, sum overflows
+    counters = [torch.tensor(1), torch.tensor(10), torch.tensor(0)]
+    (r1, c1, f1), (r2, c2, f2) = _update_both(torch.ones(2, 40), beta, 10, 0.1, counters)
+    assert not bool(f1) and not bool(f2)
+    assert torch.equal(r1, torch.ones(2, 40)) and torch.equal(r2, r1)
+    assert [int(c) for c in c1] == [int(c) for c in c2] == [1, 10, 1]
+
+
+def test_running_update_opcheck():
+    running = torch.randn(3, 40)
+    args = (running, torch.randn(3, 40), 8, 0.1, torch.tensor(2), torch.tensor(16), torch.tensor(0))
+    torch.library.opcheck(torch.ops.metanorm.running_update.default, args)
+    args = (
+        running,
+        torch.randn(3, 40),
+        8,
+        None,
+        torch.tensor(2),
+        torch.tensor(16),
+        torch.tensor(0),
+    )
+    torch.library.opcheck(torch.ops.metanorm.running_update.default, args)
+
+
+def test_running_update_refuses_bad_inputs():
+    c = [torch.tensor(0), torch.tensor(0), torch.tensor(0)]
+    r = torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match="one shape"):
+        _native.running_update(r, torch.zeros(3, 5), 2, 0.1, *c)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _native.running_update(r, torch.zeros(3, 4, dtype=torch.float64), 2, 0.1, *c)
+    with pytest.raises(RuntimeError, match="positive batch size"):
+        _native.running_update(r, torch.zeros(3, 4), 0, 0.1, *c)
+    with pytest.raises(RuntimeError, match="num_samples_tracked must be a CPU int64"):
+        _native.running_update(r, torch.zeros(3, 4), 2, 0.1, c[0], torch.tensor(0.0), c[2])
+    assert not _native.updates(r, torch.zeros(3, 4), c[0], None, c[2])
+    assert not _native.updates(r.T, torch.zeros(4, 3), *c)
+    assert _native.updates(r, torch.zeros(3, 4), *c)

@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -177,6 +178,82 @@ std::tuple<at::Tensor, at::Tensor> low_rank_residual(const at::Tensor& F, const 
   return {out, P};
 }
 
+// The running-beta update of metanorm.nn.functional.update_running_beta for one process (the
+// batch size m known on the host) with all three counters, in one pass over beta:
+//   finite = sum(beta) is finite (in beta's dtype);
+//   f = m / (S + m), and with a momentum mu: f = max(f, min(1, mu m B / max(S, 1)))
+//       (S samples and B batches folded in before);
+//   if finite: running <- lerp(running, beta, f), B += 1, S += m; else skipped += 1.
+// The factor follows the order of the PyTorch operations; lerp is torch's formula (torch's
+// vectorised lerp fuses the multiply-add: the result may differ in the last bit).
+template <typename T>
+bool running_update_impl(T* running, const T* beta, int64_t n, int64_t count, double momentum,
+                         bool cumulative, int64_t* batches, int64_t* samples, int64_t* skipped) {
+  constexpr int kAcc = 16;  // independent partial sums (they vectorise; one would not)
+  T acc[kAcc] = {};
+  int64_t i = 0;
+  for (; i + kAcc <= n; i += kAcc)
+    for (int j = 0; j < kAcc; ++j) acc[j] += beta[i + j];
+  T total = 0;
+  for (; i < n; ++i) total += beta[i];
+  for (int j = 0; j < kAcc; ++j) total += acc[j];
+  if (!std::isfinite(total)) {
+    *skipped += 1;
+    return false;
+  }
+  const T s = static_cast<T>(*samples), c = static_cast<T>(count);
+  T f = (T(1) / (s + c)) * c;
+  if (!cumulative) {
+    const T w = (T(1) / std::max(s, T(1))) * static_cast<T>(momentum * count) *
+                static_cast<T>(*batches);
+    f = std::max(f, std::min(w, T(1)));
+  }
+  if (std::abs(f) < T(0.5)) {
+    // (no std::fma: in the baseline build it is a slow library call)
+    for (int64_t j = 0; j < n; ++j) running[j] += f * (beta[j] - running[j]);
+  } else {
+    const T g = T(1) - f;
+    for (int64_t j = 0; j < n; ++j) running[j] = beta[j] - (beta[j] - running[j]) * g;
+  }
+  *batches += 1;
+  *samples += count;
+  return true;
+}
+
+void check_counter(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 0,
+              "running_update: ", name, " must be a CPU int64 0-d tensor, got ", t.scalar_type(),
+              " of shape ", t.sizes(), " on ", t.device());
+}
+
+// Returns whether beta was finite (a bool 0-d tensor); updates running and the counters in place.
+at::Tensor running_update(at::Tensor running, const at::Tensor& beta, int64_t count,
+                          double momentum, bool cumulative, at::Tensor batches,
+                          at::Tensor samples, at::Tensor skipped) {
+  TORCH_CHECK(running.device().is_cpu() && beta.device().is_cpu(),
+              "running_update: CPU tensors expected");
+  TORCH_CHECK(running.sizes() == beta.sizes(), "running_update: running ", running.sizes(),
+              " and beta ", beta.sizes(), " must have one shape");
+  TORCH_CHECK(running.scalar_type() == beta.scalar_type() &&
+                  (running.scalar_type() == at::kFloat || running.scalar_type() == at::kDouble),
+              "running_update: float32 or float64 running and beta of one dtype expected, got ",
+              running.scalar_type(), " and ", beta.scalar_type());
+  TORCH_CHECK(running.is_contiguous(), "running_update: a contiguous running tensor expected");
+  TORCH_CHECK(count > 0, "running_update: a positive batch size expected, got ", count);
+  check_counter(batches, "num_batches_tracked");
+  check_counter(samples, "num_samples_tracked");
+  check_counter(skipped, "num_batches_skipped");
+  const at::Tensor b = beta.contiguous();
+  bool finite = false;
+  AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "running_update", [&] {
+    finite = running_update_impl<scalar_t>(
+        running.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), running.numel(), count, momentum,
+        cumulative, batches.data_ptr<int64_t>(), samples.data_ptr<int64_t>(),
+        skipped.data_ptr<int64_t>());
+  });
+  return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -194,4 +271,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "non-temporal stores for the output. Not differentiable.",
              pybind11::arg("F"), pybind11::arg("A"), pybind11::arg("B"),
              pybind11::arg("streaming") = true);
+  module.def("running_update", &running_update,
+             "(running, beta, count, momentum, cumulative, num_batches_tracked, "
+             "num_samples_tracked, num_batches_skipped) -> finite: the running-beta update of "
+             "metanorm.nn.functional.update_running_beta (one process, all counters), in place",
+             pybind11::arg("running"), pybind11::arg("beta"), pybind11::arg("count"),
+             pybind11::arg("momentum"), pybind11::arg("cumulative"),
+             pybind11::arg("num_batches_tracked"), pybind11::arg("num_samples_tracked"),
+             pybind11::arg("num_batches_skipped"));
 }

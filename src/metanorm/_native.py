@@ -1,18 +1,25 @@
 """The optional compiled CPU kernel (the separate distribution ``metanorm-native``).
 
-metanorm never needs it for correctness: it computes exactly the maths of two PyTorch matrix
-products, ``out = F - A (Bᵀ F)`` and ``P = Bᵀ F``, in one cache-friendly pass (1.1-1.9× faster
-on large CPU batches with few design columns). Build it after torch with
-``pip install --no-build-isolation ./native`` (``make native``).
+metanorm never needs it for correctness. It computes exactly the maths of PyTorch operations
+the layer otherwise runs, in fewer passes over memory:
+
+- ``low_rank_residual``: two matrix products, ``out = F - A (Bᵀ F)`` and ``P = Bᵀ F``, in one
+  cache-friendly pass (split over torch's intra-op threads);
+- ``running_update``: the running-β update of
+  :func:`metanorm.nn.functional.update_running_beta` for one process, in one pass.
+
+Build it after torch with ``pip install --no-build-isolation ./native`` (``make native``).
 
 Nothing is loaded when this module is imported: the extension is looked for the first time
-:func:`available`, :func:`applies`, :data:`MAX_COLUMNS` or the op is used. Not installed: these
-say so silently. Installed but broken (built against another torch, say): one
+:func:`available`, :func:`applies`, :func:`updates`, :data:`MAX_COLUMNS` or an op is used. Not
+installed: these say so silently. Installed but broken (built against another torch, say): one
 :class:`RuntimeWarning` then, and metanorm carries on without it.
 
-The op ``torch.ops.metanorm.low_rank_residual`` is registered with :mod:`torch.library` (with a
-fake implementation, so ``torch.compile(fullgraph=True)`` traces through it) whether or not the
-kernel is installed; without the kernel, calling it raises :class:`RuntimeError`.
+The ops ``torch.ops.metanorm.low_rank_residual`` and ``torch.ops.metanorm.running_update`` are
+registered with :mod:`torch.library` (with fake implementations, so ``torch.compile`` can trace
+them) whether or not the kernel is installed; without the kernel, calling one raises
+:class:`RuntimeError`. The ``*_fast`` functions call the kernel directly, without the
+dispatcher's tens of microseconds a call.
 """
 
 import warnings
@@ -29,7 +36,10 @@ __all__ = [
     "enabled",
     "low_rank_residual",
     "low_rank_residual_fast",
+    "running_update",
+    "running_update_fast",
     "set_enabled",
+    "updates",
 ]
 
 MAX_COLUMNS: int  # 16 with the kernel, 0 without; set on first use (see __getattr__)
@@ -172,3 +182,121 @@ def _(features: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     out = features.new_empty((features.shape[0], features.shape[1]))
     estimate = features.new_empty((a.shape[1], features.shape[1]))
     return out, estimate
+
+
+def updates(running_beta: Tensor, beta: Tensor, *counters: Tensor | None) -> bool:
+    """Whether :func:`running_update` can take these tensors (plain attribute checks).
+
+    True outside ``torch.compile`` when the kernel is available and enabled, ``running_beta``
+    and ``beta`` are CPU float32/float64 tensors of one shape and dtype (``running_beta``
+    contiguous) and every counter is a CPU int64 0-d tensor.
+    """
+    if not _enabled or torch.compiler.is_compiling() or not available():
+        return False
+    if not (
+        running_beta.device.type == "cpu"
+        and running_beta.dtype in _FLOATING
+        and beta.dtype == running_beta.dtype
+        and beta.device.type == "cpu"
+        and beta.shape == running_beta.shape
+        and running_beta.is_contiguous()
+    ):
+        return False
+    return all(
+        c is not None and c.device.type == "cpu" and c.dtype == torch.long and c.dim() == 0
+        for c in counters
+    )
+
+
+def running_update_fast(
+    running_beta: Tensor,
+    beta: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor,
+    num_samples_tracked: Tensor,
+    num_batches_skipped: Tensor,
+) -> Tensor:
+    """:func:`running_update`, calling the kernel directly (eager mode; see :func:`updates`)."""
+    if _kernel is None:
+        raise RuntimeError("metanorm::running_update needs the compiled kernel (metanorm_native)")
+    cumulative = momentum is None
+    return _kernel.running_update(
+        running_beta,
+        beta,
+        count,
+        0.0 if momentum is None else momentum,
+        cumulative,
+        num_batches_tracked,
+        num_samples_tracked,
+        num_batches_skipped,
+    )
+
+
+@torch.library.custom_op(
+    "metanorm::running_update",
+    mutates_args=(
+        "running_beta",
+        "num_batches_tracked",
+        "num_samples_tracked",
+        "num_batches_skipped",
+    ),
+    device_types="cpu",
+)
+def running_update(
+    running_beta: Tensor,
+    beta: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor,
+    num_samples_tracked: Tensor,
+    num_batches_skipped: Tensor,
+) -> Tensor:
+    """:func:`metanorm.nn.functional.update_running_beta` for one process, in one pass.
+
+    The same update as the PyTorch function with an int batch size ``count`` and all three
+    counters (the factor to the float rounding of its operations): ``running_beta`` and the
+    counters are updated in place, and the returned bool 0-d tensor says whether ``beta`` was
+    finite (its sum, in its dtype).
+
+    Args:
+        running_beta: ``(K, D)`` contiguous CPU float32/float64.
+        beta: the batch estimate, same shape and dtype.
+        count: the batch size m, ≥ 1.
+        momentum: μ, or ``None`` for the cumulative average.
+        num_batches_tracked: CPU int64 0-d, the batches folded in (+1 when used).
+        num_samples_tracked: CPU int64 0-d, the samples behind them (+m when used).
+        num_batches_skipped: CPU int64 0-d, the batches not used (+1 when not finite).
+
+    Raises:
+        RuntimeError: without the kernel, or for inputs it does not take.
+    """
+    kernel = _load()
+    if kernel is None:
+        raise RuntimeError(
+            "metanorm::running_update needs the compiled kernel (metanorm_native), which is "
+            "not available: pip install --no-build-isolation ./native"
+        )
+    return running_update_fast(
+        running_beta,
+        beta,
+        count,
+        momentum,
+        num_batches_tracked,
+        num_samples_tracked,
+        num_batches_skipped,
+    )
+
+
+@running_update.register_fake
+def _(
+    running_beta: Tensor,
+    beta: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor,
+    num_samples_tracked: Tensor,
+    num_batches_skipped: Tensor,
+) -> Tensor:
+    torch._check(beta.shape == running_beta.shape, lambda: "running_beta and beta: one shape")
+    return running_beta.new_empty((), dtype=torch.bool)

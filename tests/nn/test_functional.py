@@ -63,8 +63,19 @@ def test_float32_matches_float64(setup):
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
 
 
+@pytest.fixture(params=["pytorch", "native"])
+def update_path(request, monkeypatch):
+    """The running update on PyTorch operations, or on the optional compiled op (if built)."""
+    from metanorm import _native
+
+    if request.param == "native" and not _native.available():
+        pytest.skip("metanorm_native is not built (make native)")
+    monkeypatch.setattr(_native, "_enabled", request.param == "native")
+    return request.param
+
+
 @pytest.mark.parametrize("count_kind", ["tensor", "int"])  # summed (synced) or host batch size
-def test_update_running_beta_factors_and_nonfinite(setup, count_kind):
+def test_update_running_beta_factors_and_nonfinite(setup, count_kind, update_path):
     running = torch.zeros(3, 2, dtype=torch.float64)
     tracked, samples, skipped = torch.tensor(0), torch.tensor(0), torch.tensor(0)
     counters = {

@@ -371,6 +371,25 @@ def update_running_beta(
         >>> running[0], int(seen)                 # the first batch: a cumulative average
         (tensor([1., 1., 1.]), 10)
     """
+    if (
+        not isinstance(count, Tensor)
+        and count > 0
+        and num_batches_tracked is not None
+        and num_samples_tracked is not None
+        and num_batches_skipped is not None
+        and _native.updates(
+            running_beta, beta, num_batches_tracked, num_samples_tracked, num_batches_skipped
+        )
+    ):  # the same update in one pass, on the optional compiled op (eager, CPU)
+        return _native.running_update_fast(
+            running_beta,
+            beta,
+            count,
+            momentum,
+            num_batches_tracked,
+            num_samples_tracked,
+            num_batches_skipped,
+        )
     # one sum tells: s − s is 0 for a finite sum and NaN for NaN/inf (a sum that overflows,
     # beyond any useful estimate, counts as non-finite too)
     total = beta.sum()
