@@ -23,33 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_layer import calibrate, interleaved
 
 SHAPES = [(200, 18432, 3), (200, 84, 3), (256, 4096, 16), (64, 25088, 5)]
-
-
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # untimed: warms the caches after the other variant ran
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
-def _compare(
-    variants: dict[str, Callable[[], object]], rounds: int, target: float
-) -> dict[str, list[float]]:
-    slowest = max(_time(fn, 2) for fn in variants.values())
-    repeats = max(2, min(1000, round(target / max(slowest, 1e-7))))
-    names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            times[n].append(_time(variants[n], repeats))
-    return times
 
 
 def main() -> None:
@@ -76,17 +55,21 @@ def main() -> None:
             F = torch.randn(m, d, generator=gen, dtype=dtype)
             A = torch.randn(m, k, generator=gen, dtype=dtype)
             B = torch.randn(m, k, generator=gen, dtype=dtype) / m
-            variants = {
-                "op": lambda F=F, A=A, B=B: _C.low_rank_residual(F, A, B),
-                "torch": lambda F=F, A=A, B=B: torch.addmm(F, A, B.T @ F, alpha=-1),
-            }
+
+            def op(F=F, A=A, B=B) -> None:
+                _C.low_rank_residual(F, A, B)
+
+            def products(F=F, A=A, B=B) -> None:
+                torch.addmm(F, A, B.T @ F, alpha=-1)
+
+            variants = {"op": op, "torch": products}
             results.append(_report("low_rank_residual", (m, d, k), dtype, variants, args))
     for k, d in [(3, 18432), (3, 84), (16, 4096), (5, 25088)]:
         beta = torch.randn(k, d, generator=gen)
         running = torch.zeros(k, d)
         counters = [torch.tensor(10), torch.tensor(1000), torch.tensor(0)]
 
-        def op(beta=beta, running=running, counters=counters) -> None:
+        def update(beta=beta, running=running, counters=counters) -> None:
             _native.running_update_fast(running, beta, 100, 0.1, *counters)
 
         def pytorch(beta=beta, running=running, counters=counters) -> None:
@@ -105,7 +88,7 @@ def main() -> None:
             fn()
             _native.set_enabled(previous)
 
-        variants = {"op": op, "torch": torch_path}
+        variants = {"op": update, "torch": torch_path}
         results.append(_report("running_update", (k, d), torch.float32, variants, args))
     if args.json:
         with open(args.json, "w") as fh:
@@ -116,10 +99,10 @@ def _report(
     name: str,
     shape: tuple[int, ...],
     dtype: torch.dtype,
-    variants: dict[str, Callable[[], object]],
+    variants: dict[str, Callable[[], None]],
     args: argparse.Namespace,
 ) -> dict[str, object]:
-    times = _compare(variants, args.rounds, args.target)
+    times = interleaved(variants, args.rounds, calibrate(variants, args.target))
     ratio = statistics.median(t / o for t, o in zip(times["torch"], times["op"], strict=True))
     dt = str(dtype).removeprefix("torch.")
     print(
