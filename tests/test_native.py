@@ -318,6 +318,14 @@ def test_running_update_overflowing_sum_is_not_finite():
     assert [int(c) for c in c1] == [int(c) for c in c2] == [1, 10, 1]
 
 
+def test_running_update_bumps_versions():
+    running, beta = torch.zeros(3, 40), torch.randn(3, 40)
+    counters = [torch.tensor(0), torch.tensor(0), torch.tensor(0)]
+    before = [t._version for t in (running, *counters)]
+    _native.running_update_fast(running, beta, 8, 0.1, *counters)
+    assert all(t._version > v for t, v in zip((running, *counters), before, strict=True))
+
+
 def test_running_update_opcheck():
     running = torch.randn(3, 40)
     args = (running, torch.randn(3, 40), 8, 0.1, torch.tensor(2), torch.tensor(16), torch.tensor(0))

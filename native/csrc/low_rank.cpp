@@ -251,6 +251,10 @@ at::Tensor running_update(at::Tensor running, const at::Tensor& beta, int64_t co
         cumulative, batches.data_ptr<int64_t>(), samples.data_ptr<int64_t>(),
         skipped.data_ptr<int64_t>());
   });
+  // written through raw pointers: bump the version counters as in-place torch ops do, so that
+  // autograd still refuses a saved tensor that was changed since
+  for (const at::Tensor* t : {&running, &batches, &samples, &skipped})
+    t->unsafeGetTensorImpl()->bump_version();
   return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
 }
 
