@@ -35,6 +35,15 @@
 #define METANORM_X86 0
 #endif
 
+// Keeps a vector in a register. Without it GCC (baseline flags plus target attributes) folds the
+// load of each F vector into the K multiply-adds that use it, loading F K times per row instead
+// of once (tile_estimate measured 8% slower on one thread, 20% more CPU time in the layer's step).
+#if METANORM_X86
+#define METANORM_IN_REGISTER(x) __asm__("" : "+v"(x))
+#else
+#define METANORM_IN_REGISTER(x) ((void)0)
+#endif
+
 namespace {
 
 // widest A/B the register tiles hold; MKL's GEMM is faster beyond (measured: even at K = 24,

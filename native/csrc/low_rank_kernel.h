@@ -1,7 +1,8 @@
 // The kernel body of low_rank.cpp, included once per instruction set inside its own namespace
 // (no include guard on purpose, and no #include: low_rank.cpp includes everything first).
 //
-// The including file defines, in the enclosing namespace:
+// The including file defines METANORM_IN_REGISTER(x) (keeps a vector in a register) and, in the
+// enclosing namespace:
 //   METANORM_TARGET      the function attribute of this variant (e.g. target("avx2,fma"))
 //   kVecBytes            the vector width in bytes (16, 32 or 64)
 //   kRegisters           the vector registers the register tiles may use (16 or 32)
@@ -45,7 +46,10 @@ METANORM_TARGET inline void tile_estimate(const T* F, int64_t D, const T* B, int
     for (int v = 0; v < JV; ++v) acc[k][v] = r0 == 0 ? V{} : load<T>(P + k * D + c + L * v);
   for (int64_t i = r0; i < r1; ++i) {
     V f[JV];
-    for (int v = 0; v < JV; ++v) f[v] = load<T>(F + i * D + c + L * v);
+    for (int v = 0; v < JV; ++v) {
+      f[v] = load<T>(F + i * D + c + L * v);
+      METANORM_IN_REGISTER(f[v]);
+    }
     const T* b = B + i * KG;
     for (int k = 0; k < KG; ++k) {
       const T s = b[k];
