@@ -365,11 +365,13 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     from pathlib import Path
 
-    from metanorm.experiments.report import results_table
+    from metanorm.experiments.report import results_table, timing_lines
 
     written = made[-1]
     print(results_table(written["rows"]))
     for c in written["checks"]:
         print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    for line in timing_lines(written["rows"]):
+        print(f"timing (information){line[1:]}")
     print(f"report: {Path(out) / Path(written['report']).name}")
     return 1 if args.strict and not written["passed"] else 0
