@@ -158,18 +158,6 @@ def _train(method: str, epochs: int = 3) -> dict:
     return ev
 
 
-@pytest.fixture(scope="module")
-def baseline():
-    return _train("none")
-
-
-def test_concat_uses_cf(baseline):
-    ev = _train("concat")
-    assert np.isfinite(ev["train_loss"])
-    # cf handed to the classifier: the confounded (Bayes 0.944) accuracy, not the mf-only one
-    assert ev["balanced_accuracy"] >= 0.88 and baseline["balanced_accuracy"] >= 0.88
-
-
 def _brnet_features_dcor2(method: str, seed: int = 0, steps: int = 150) -> float:
     """Mean within-class dcor² between cf and a linear encoder's features after full-batch training.
 
@@ -248,6 +236,9 @@ def test_groupdro_upweights_the_minority_groups():
 
 
 def test_concat_feeds_cf_and_never_the_label(design):
+    # Concat's use of cf is tested on the wiring, not on a trained accuracy: after 3 epochs on 150
+    # images per class the test bAcc over seeds 0-11 ranged 0.68-0.94 for concat and 0.60-0.95 for
+    # the baseline (AMD EPYC, 1 thread), too wide for a bar that says anything about cf.
     from metanorm.models import PaperCNN
 
     torch.manual_seed(0)
