@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,11 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind in "fc":
         return ~np.isfinite(values)
     if values.dtype == object:
+        try:  # look at each distinct value once (a column of a few levels is the usual case)
+            if not any(_missing_scalar(v) for v in dict.fromkeys(values.tolist())):
+                return np.zeros(values.shape, dtype=bool)
+        except TypeError:  # unhashable values
+            pass
         return np.array([_missing_scalar(v) for v in values], dtype=bool)
     if values.dtype.kind == "M":  # datetime64: NaT
         return np.isnat(values)
@@ -471,9 +477,7 @@ class DesignBuilder:
                         f"quantity, convert it to numbers; if it really is a categorical "
                         f"variable, list {name!r} in categorical="
                     )
-                counts: dict[Any, int] = {}
-                for x in values:
-                    counts[x] = counts.get(x, 0) + 1
+                counts = Counter(values)
                 drop_ref = self.intercept or not first_cat
                 first_cat = False
                 coded = levels[1:] if drop_ref else levels
@@ -603,13 +607,13 @@ class DesignBuilder:
                     )
                 block = np.zeros((n, len(s.levels)))
                 lookup = {lv: j for j, lv in enumerate(s.levels)}
-                mean_row = np.asarray(s.frequencies, dtype=np.float64)
-                for i, x in enumerate(vals):
-                    j = lookup.get(x)
-                    if j is not None:
-                        block[i, j] = 1.0
-                    elif self.handle_unknown == "mean" and x not in known:
-                        block[i] = mean_row
+                if s.dropped is not None:
+                    lookup[s.dropped] = -1  # the reference level: a row of zeros
+                idx = np.fromiter((lookup.get(x, -2) for x in vals), dtype=np.intp, count=n)
+                hit = np.flatnonzero(idx >= 0)
+                block[hit, idx[hit]] = 1.0
+                if self.handle_unknown == "mean":
+                    block[idx == -2] = np.asarray(s.frequencies, dtype=np.float64)
                 blocks.append(block)
             else:
                 if _all_numbers(v):

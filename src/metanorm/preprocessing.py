@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ try:
     from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
     from sklearn.utils.metadata_routing import MetadataRequest
     from sklearn.utils.validation import check_is_fitted, validate_data
+    from threadpoolctl import ThreadpoolController
 except ImportError as exc:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError(
         "metanorm.preprocessing needs scikit-learn >= 1.6; install it with "
@@ -69,6 +71,22 @@ def _as_names(value: Any, what: str) -> tuple[str | int, ...]:
 _FEW_COLUMNS = 4
 # rows per block in the passes over X: about 1 MiB of float64 per block
 _BLOCK_BYTES = 1 << 20
+
+
+_CONTROLLER: Any = None
+
+
+def _one_blas_thread() -> Any:
+    """A context with BLAS on one thread, for the block products.
+
+    They have K (a few) rows or columns and are bound by memory; OpenBLAS's threads,
+    synchronised at every call, made them up to 1000 times slower on a loaded 2-core machine
+    (measured: 0.4 s per 1 MiB block).
+    """
+    global _CONTROLLER
+    if _CONTROLLER is None:  # finding the loaded libraries takes ~15 ms: once per process
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def _is_pandas(obj: Any) -> bool:
@@ -180,13 +198,14 @@ def _cross_product(design: np.ndarray, X: Any) -> np.ndarray:
     acc = np.zeros((D.shape[1], X.shape[1]))
     step = _block_rows(X.shape[1])
     buf = None if X.dtype == np.float64 else np.empty((min(step, n), X.shape[1]))
-    for start in range(0, n, step):
-        block = X[start : start + step]
-        if buf is not None:
-            b = buf[: len(block)]
-            b[...] = block
-            block = b
-        acc += D[start : start + step].T @ block
+    with _one_blas_thread():
+        for start in range(0, n, step):
+            block = X[start : start + step]
+            if buf is not None:
+                b = buf[: len(block)]
+                b[...] = block
+                block = b
+            acc += D[start : start + step].T @ block
     if not np.isfinite(acc).all():
         _check_finite(X)  # names the entry; finite values whose products overflow pass it
         raise ValueError(
@@ -194,6 +213,26 @@ def _cross_product(design: np.ndarray, X: Any) -> np.ndarray:
             f"reach {float(np.abs(X).max()):.3g})"
         )
     return acc[:k]
+
+
+def _inverse_gram(design: Design, ridge: float) -> np.ndarray:
+    """:func:`metanorm.linalg.inverse_gram` of the design, from its K×K Cholesky factor.
+
+    A K×K matrix ``L.T`` with ``(L.T)ᵀ L.T = XᵀX`` has the same Gram matrix, so the checks and
+    messages (collinear columns named) are the same, without passing the N×K design through
+    torch again. A Gram matrix that is not positive definite takes the full design, for the
+    diagnosis.
+    """
+    x = design.matrix
+    with _one_blas_thread():
+        gram = x.T @ x
+    try:
+        factor = np.linalg.cholesky(gram).T if np.isfinite(gram).all() else None
+    except np.linalg.LinAlgError:
+        factor = None
+    if factor is None or x.shape[0] < x.shape[1]:
+        return linalg.inverse_gram(design, ridge=ridge).numpy()
+    return linalg.inverse_gram(factor, ridge=ridge, columns=design.columns).numpy()
 
 
 def _residual(
@@ -214,13 +253,14 @@ def _residual(
     b = beta.astype(dtype, copy=False)
     step = _block_rows(X.shape[1])
     tmp = np.empty((min(step, max(X.shape[0], 1)), X.shape[1]), dtype=dtype)
-    for start in range(0, X.shape[0], step):
-        stop = min(start + step, X.shape[0])
-        t = tmp[: stop - start]
-        np.matmul(r[start:stop], b, out=t)
-        np.subtract(X[start:stop], t, out=out[start:stop])
-        if check and not np.isfinite(np.add.reduce(out[start:stop], axis=None)):
-            _check_finite(out[start:stop], offset=start)
+    with _one_blas_thread():
+        for start in range(0, X.shape[0], step):
+            stop = min(start + step, X.shape[0])
+            t = tmp[: stop - start]
+            np.matmul(r[start:stop], b, out=t)
+            np.subtract(X[start:stop], t, out=out[start:stop])
+            if check and not np.isfinite(np.add.reduce(out[start:stop], axis=None)):
+                _check_finite(out[start:stop], offset=start)
     return out
 
 
@@ -482,7 +522,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 f"metadata columns, or pass ridge > 0"
             )
         self._warn_single_rows(builder, metadata)
-        gram_inverse = linalg.inverse_gram(design, ridge=float(self.ridge)).numpy()
+        gram_inverse = _inverse_gram(design, float(self.ridge))
         beta = gram_inverse @ _cross_product(design.matrix, X)
         mask = np.zeros(design.shape[1], dtype=bool)
         mask[list(design.remove)] = True
@@ -567,8 +607,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         for name, kind in builder.input_kinds.items():
             if kind != "categorical" or name in kept or name not in cols:
                 continue
-            levels, counts = np.unique(np.asarray(cols[name]).astype(str), return_counts=True)
-            single = levels[counts == 1].tolist()
+            single = sorted(str(v) for v, c in Counter(cols[name].tolist()).items() if c == 1)
             if single:
                 warnings.warn(
                     f"metadata column {name!r} has level(s) {single} with a single training row: "
