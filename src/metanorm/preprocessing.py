@@ -216,22 +216,18 @@ def _cross_product(design: np.ndarray, X: Any) -> np.ndarray:
 
 
 def _inverse_gram(design: Design, ridge: float) -> np.ndarray:
-    """:func:`metanorm.linalg.inverse_gram` of the design, from its K×K Cholesky factor.
+    """:func:`metanorm.linalg.inverse_gram` of the design, from the K×K factor R of its QR.
 
-    A K×K matrix ``L.T`` with ``(L.T)ᵀ L.T = XᵀX`` has the same Gram matrix, so the checks and
-    messages (collinear columns named) are the same, without passing the N×K design through
-    torch again. A Gram matrix that is not positive definite takes the full design, for the
-    diagnosis.
+    ``RᵀR = XᵀX`` (R from Householder QR is backward stable, so a collinear design keeps a
+    near-zero pivot and is still diagnosed, which a Cholesky factor of XᵀX does not guarantee):
+    the checks and messages (collinear columns named) are those of the full design, without
+    passing the N×K design through torch.
     """
     x = design.matrix
-    with _one_blas_thread():
-        gram = x.T @ x
-    try:
-        factor = np.linalg.cholesky(gram).T if np.isfinite(gram).all() else None
-    except np.linalg.LinAlgError:
-        factor = None
-    if factor is None or x.shape[0] < x.shape[1]:
+    if x.shape[0] <= x.shape[1] or not np.isfinite(x).all():
         return linalg.inverse_gram(design, ridge=ridge).numpy()
+    with _one_blas_thread():
+        factor = np.linalg.qr(x, mode="r")
     return linalg.inverse_gram(factor, ridge=ridge, columns=design.columns).numpy()
 
 

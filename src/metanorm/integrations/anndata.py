@@ -58,7 +58,7 @@ def regress_out(
     handles one gene at a time and cannot mix with continuous ones).
 
     Args:
-        adata: an :class:`anndata.AnnData`.
+        adata: an ``anndata.AnnData``.
         keys: ``adata.obs`` columns to regress out, e.g. ``["n_counts", "percent_mito"]`` or
             ``"batch"``. Columns of ``category``, string or bool dtype are one-hot coded; a
             batch coded as integers must be made categorical first
