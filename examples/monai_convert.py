@@ -38,7 +38,9 @@ volumes = torch.randn(n, 1, args.side, args.side, args.side)
 volumes += torch.as_tensor(0.5 * site + 0.02 * (age - 60), dtype=torch.float32).view(n, 1, 1, 1, 1)
 volumes[y == 1, :, : args.side // 2] += 0.3  # the diagnosis effect
 
-design = mn.make_design({"y": y, "site": site.astype(str), "age": age}, keep=["y"])
+design = mn.make_design(
+    {"y": y, "site": site.astype(str), "age": age}, keep=["y"], categorical=["site"]
+)
 rows = design.tensor()  # (n, K) design rows: y kept; site, age and the intercept removed
 
 net = resnet18(spatial_dims=3, n_input_channels=1, num_classes=2, pretrained=False)
