@@ -367,8 +367,15 @@ class FolderLock:
 
     def _flock(self, fcntl: Any) -> bool:
         for _ in range(100):
+            created = True
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, file_mode())
+                except FileExistsError:
+                    created = False
+                    fd = os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:  # deleted between the two opens: try again
+                continue
             except OSError as exc:
                 raise _named(exc, self.path) from exc
             try:
@@ -382,7 +389,9 @@ class FolderLock:
                 ) from None
             except OSError as exc:
                 os.close(fd)
-                if exc.errno in _NO_FLOCK:
+                if exc.errno in _NO_FLOCK:  # the O_EXCL lock file takes over
+                    if created:
+                        self.path.unlink(missing_ok=True)
                     return False
                 raise _named(exc, self.path) from exc
             # the previous holder deletes the file when it lets go: lock the file that is there
