@@ -126,7 +126,7 @@ def test_kill_9_of_a_two_job_sweep_and_a_second_sweep_on_the_same_folder(tmp_pat
         while [c for c in workers if _alive(c)] and time.monotonic() < killed + 5:
             time.sleep(0.05)
         assert [c for c in workers if _alive(c)] == []
-        print(f"workers gone {time.monotonic() - killed:.2f} s after the kill")
+        os.write(2, f"workers gone {time.monotonic() - killed:.2f} s after the kill\n".encode())
     finally:
         if proc.poll() is None:
             proc.kill()
