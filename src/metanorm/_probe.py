@@ -165,7 +165,7 @@ def _thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _ridge_loo_fit(a: Tensor, y: Tensor) -> Tensor:
     """Ridge coefficients of centred ``y`` on centred, standardised ``a`` (intercept fitted).
 
-    The penalty is the one of :data:`RIDGE_GRID` with the least exact leave-one-out error
+    The penalty is the one of ``RIDGE_GRID`` with the least exact leave-one-out error
     (stable where features outnumber samples, unlike generalised cross-validation).
     """
     u, s, vh = _thin_svd(a)
@@ -267,7 +267,7 @@ def probe(
     - ``probe_r2``: the held-out partial R² (``folds``-fold cross-validation) of a ridge
       regression of the metadata on the standardised output, with the class regressed out of
       both sides (each fold's class means and penalty taken from its training part; the penalty
-      by leave-one-out error over :data:`RIDGE_GRID`); ``probe_r2_by_class`` holds the same probe
+      by exact leave-one-out error over a grid); ``probe_r2_by_class`` holds the same probe
       fitted within each class alone.
 
     dcor² is averaged over the classes. Conditioning on the class matters: after an MDN layer
