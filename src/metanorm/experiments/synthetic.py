@@ -1,4 +1,4 @@
-"""The paper's synthetic experiment (SPEC §5), registered as ``"synthetic"``.
+"""The paper's synthetic experiment (Lu et al., CVPR 2021, §4.1), registered as ``"synthetic"``.
 
 Data: :func:`metanorm.datasets.synthetic.make_synthetic_splits` (train, validation and test from
 independent seeds derived from ``config.seed``; ``n_per_class`` images per label in each). Model:
