@@ -5,7 +5,7 @@ pooled features before the classifier (where the paper puts it); the converted m
 ``model(x, metadata=rows)``. Random volumes stand in for MRI: the site shifts their intensity.
 
     pip install "metanorm[monai]"
-    python examples/monai_convert.py --subjects 48 --steps 6
+    python examples/monai_convert.py --subjects 36 --steps 4
 """
 
 import argparse
@@ -21,9 +21,9 @@ import metanorm as mn
 from metanorm.metrics import grouped_distance_correlation_sqr
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--subjects", type=int, default=48)
+parser.add_argument("--subjects", type=int, default=36)
 parser.add_argument("--side", type=int, default=16, help="volume side (voxels)")
-parser.add_argument("--steps", type=int, default=6)
+parser.add_argument("--steps", type=int, default=4)
 parser.add_argument("--batch-size", type=int, default=12)
 args = parser.parse_args()
 torch.manual_seed(0)
