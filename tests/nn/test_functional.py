@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metanorm import _native, linalg
+from metanorm import linalg
 from metanorm.nn import MetadataNorm
 from metanorm.nn import functional as MF
 
@@ -63,19 +63,8 @@ def test_float32_matches_float64(setup):
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
 
 
-@pytest.fixture(params=["pytorch", "native"])
-def update_path(request, monkeypatch):
-    """The running update on PyTorch operations, or on the optional compiled op (if built)."""
-    from metanorm import _native
-
-    if request.param == "native" and not _native.available():
-        pytest.skip("metanorm_native is not built (make native)")
-    monkeypatch.setattr(_native, "_enabled", request.param == "native")
-    return request.param
-
-
 @pytest.mark.parametrize("count_kind", ["tensor", "int"])  # summed (synced) or host batch size
-def test_update_running_beta_factors_and_nonfinite(setup, count_kind, update_path):
+def test_update_running_beta_factors_and_nonfinite(setup, count_kind):
     running = torch.zeros(3, 2, dtype=torch.float64)
     tracked, samples, skipped = torch.tensor(0), torch.tensor(0), torch.tensor(0)
     counters = {
@@ -172,29 +161,3 @@ def test_reducer_seam_gives_the_union_batch(setup):
     torch.testing.assert_close(beta_a, beta, atol=1e-12, rtol=0)
     torch.testing.assert_close(out_a, out[:7], atol=1e-12, rtol=0)
     torch.testing.assert_close(grad_a, want_grad[:7], atol=1e-12, rtol=0)
-
-
-@pytest.mark.skipif(not _native.available(), reason="the optional compiled op is not installed")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_op_path_matches_pytorch_path(setup, dtype, monkeypatch):
-    x, gram_inverse, mask, g = setup
-    feats = torch.randn(30, 70, dtype=torch.float64, generator=g).to(dtype).requires_grad_()
-    grad = torch.randn(30, 70, dtype=torch.float64, generator=g).to(dtype)
-    rows = x[:30].to(dtype)
-    calls = []
-    op = _native.low_rank_residual_fast
-    monkeypatch.setattr(_native, "low_rank_residual_fast", lambda *a: calls.append(1) or op(*a))
-    monkeypatch.setattr(MF, "NATIVE_MIN_ELEMENTS", 0)  # a small problem takes the op too
-    results = {}
-    for enabled in (True, False):
-        previous = _native.set_enabled(enabled)
-        try:
-            out, beta, _ = MF.batch_residual(feats, rows, gram_inverse, 60, mask)
-            (dx,) = torch.autograd.grad(out, feats, grad)
-        finally:
-            _native.set_enabled(previous)
-        results[enabled] = (out, beta, dx)
-    assert len(calls) == 2  # forward and backward, with the op enabled only
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 0}
-    for a, b in zip(results[True], results[False], strict=True):
-        torch.testing.assert_close(a, b, **tol)

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from metanorm import _native
 from metanorm._validation import describe
 from metanorm.linalg import remove_effect
 
@@ -42,13 +41,6 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-#: Widest design the optional compiled op is used for (all it takes; measured faster than
-#: PyTorch's products up to K = 16, native/README.md).
-NATIVE_MAX_COLUMNS = 16
-#: Smallest feature map (m·D elements) it is used for: below, its call overhead costs as much as
-#: it saves (measured even at (m, D) = (200, 84), faster from (200, 128)).
-NATIVE_MIN_ELEMENTS = 1 << 15
 
 #: What a training step does with a non-finite β estimate (the running β keeps its value in all).
 NONFINITE_POLICIES = ("skip", "warn", "raise")
@@ -142,8 +134,7 @@ class _LowRankResidual(torch.autograd.Function):
 
     For fixed A and B the map is linear in F and its transpose is the same map with A and B
     swapped, ``G ↦ G − B·reduce(Aᵀ G)``: the backward is this function again, so double backward
-    works. On the CPU it runs on the optional compiled op of :mod:`metanorm._native` when that
-    is installed (one process only); otherwise on two matrix products.
+    works. Two matrix products.
     """
 
     @staticmethod
@@ -174,15 +165,8 @@ class _LowRankResidual(torch.autograd.Function):
 def _low_rank_map(
     x: Tensor, a: Tensor, b: Tensor, reducer: StatisticsReducer | None
 ) -> tuple[Tensor, Tensor]:
-    """``(x − A·reduce(Bᵀx), reduce(Bᵀx))`` without autograd: the compiled op or two products."""
+    """``(x − A·reduce(Bᵀx), reduce(Bᵀx))`` without autograd: two products."""
     with _autocast_off(x.device.type):
-        if (
-            reducer is None
-            and a.shape[1] <= NATIVE_MAX_COLUMNS
-            and x.numel() >= NATIVE_MIN_ELEMENTS
-            and _native.applies(x, a.shape[1])
-        ):
-            return _native.low_rank_residual_fast(x, a, b)
         p = b.T @ x
         if reducer is not None:
             p = reducer.sum(p)
@@ -371,25 +355,6 @@ def update_running_beta(
         >>> running[0], int(seen)                 # the first batch: a cumulative average
         (tensor([1., 1., 1.]), 10)
     """
-    if (
-        not isinstance(count, Tensor)
-        and count > 0
-        and num_batches_tracked is not None
-        and num_samples_tracked is not None
-        and num_batches_skipped is not None
-        and _native.updates(
-            running_beta, beta, num_batches_tracked, num_samples_tracked, num_batches_skipped
-        )
-    ):  # the same update in one pass, on the optional compiled op (eager, CPU)
-        return _native.running_update_fast(
-            running_beta,
-            beta,
-            count,
-            momentum,
-            num_batches_tracked,
-            num_samples_tracked,
-            num_batches_skipped,
-        )
     # one sum tells: s − s is 0 for a finite sum and NaN for NaN/inf (a sum that overflows,
     # beyond any useful estimate, counts as non-finite too)
     total = beta.sum()
