@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from metanorm.design import Design
-from metanorm.models.interaction_norms import MetadataScaleNorm, PolynomialMetadataNorm
+from metanorm.models.interaction_norms import PolynomialMetadataNorm
 from metanorm.nn import (
     MetadataNorm,
+    MetadataScaleNorm,
     PenaltyMetadataNorm,
     RecursiveMetadataNorm,
     SyncMetadataNorm,
@@ -41,7 +42,7 @@ def _restore(name: str) -> nn.Module:
         layer = RecursiveMetadataNorm(**init)
     elif name == "penalty":
         layer = PenaltyMetadataNorm(**init)
-    elif name == "scale":
+    elif name == "scale":  # written by the harness's layer (metanorm.models.interaction_norms)
         layer = MetadataScaleNorm(init["num_channels"], _design())
     elif name == "polynomial":
         layer = PolynomialMetadataNorm(init["num_features"], _design())

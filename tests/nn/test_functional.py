@@ -126,15 +126,13 @@ def test_layer_in_a_model_trains(setup):
 class _OtherShard:
     """A reducer that adds a second shard's sums: two processes simulated in one.
 
-    The training map sums the batch size, then the estimate BᵀF (B = X·(N/M)Σ⁻¹), then the
-    backward statistic Aᵀ G, in that order.
+    The training map sums [XᵀF, m] (one flat tensor) in the forward pass, then the backward
+    statistic Aᵀ G, in that order.
     """
 
-    def __init__(self, rows, feats, grad, mask, gram_inverse, n, total):
-        weight = gram_inverse * (n / total)
+    def __init__(self, rows, feats, grad, mask):
         self.parts = [
-            torch.tensor(float(len(rows)), dtype=torch.float64),
-            (rows @ weight).T @ feats,
+            torch.cat([(rows.T @ feats).reshape(-1), torch.tensor([float(len(rows))])]),
             (rows * mask).T @ grad,
         ]
         self.calls = 0
@@ -154,10 +152,10 @@ def test_reducer_seam_gives_the_union_batch(setup):
     out, beta, _ = MF.batch_residual(feats, x[:20], gram_inverse, 60, mask)
     (want_grad,) = torch.autograd.grad(out, feats, grad)
     shard = feats[:7].detach().clone().requires_grad_()
-    other = _OtherShard(x[7:20], feats[7:20].detach(), grad[7:20], mask, gram_inverse, 60, 20)
+    other = _OtherShard(x[7:20], feats[7:20].detach(), grad[7:20], mask)
     out_a, beta_a, count = MF.batch_residual(shard, x[:7], gram_inverse, 60, mask, reducer=other)
     (grad_a,) = torch.autograd.grad(out_a, shard, grad[:7])
-    assert other.calls == 3 and float(count) == 20
+    assert other.calls == 2 and float(count) == 20
     torch.testing.assert_close(beta_a, beta, atol=1e-12, rtol=0)
     torch.testing.assert_close(out_a, out[:7], atol=1e-12, rtol=0)
     torch.testing.assert_close(grad_a, want_grad[:7], atol=1e-12, rtol=0)
