@@ -45,7 +45,7 @@ from metanorm.design import Design
 from metanorm.models.norms import create_norm, get_norm, register_norm
 from metanorm.nn import MetadataNorm, MetadataScaleNorm, MetadataSequential
 
-__all__ = ["FAILURE_METHODS", "MetadataScaleNorm", "PolynomialMetadataNorm", "squared_columns"]
+__all__ = ["FAILURE_METHODS", "PolynomialMetadataNorm", "squared_columns"]
 
 
 def _check_design(design: Any) -> Design:

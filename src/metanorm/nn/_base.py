@@ -358,9 +358,11 @@ class _MetadataNormBase(nn.Module):
             if dist.get_world_size(group) > 1:
                 k = self.num_metadata
                 d = -1 if xty is None else xty.shape[1]
-                widths = torch.tensor([d], dtype=torch.float64)
-                dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=group)
-                width = int(widths)
+                # the widest shard (an empty one has none) and the most batches of a rank (one
+                # step of the union is a batch on every rank)
+                most = torch.tensor([d, batches], dtype=torch.float64)
+                dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+                width = int(most[0])
                 device = self.remove_mask.device
                 if xtx is None:
                     xtx = torch.zeros(k, k, dtype=torch.float64, device=device)
@@ -369,13 +371,13 @@ class _MetadataNormBase(nn.Module):
                     [
                         xtx.reshape(-1),
                         xty.reshape(-1),
-                        torch.tensor([count, batches], dtype=torch.float64, device=xtx.device),
+                        torch.tensor([count], dtype=torch.float64, device=xtx.device),
                     ]
                 )
                 dist.all_reduce(packed, group=group)
                 xtx = packed[: k * k].view(k, k)
-                xty = packed[k * k : -2].view(k, width)
-                count, batches = int(packed[-2]), int(packed[-1])
+                xty = packed[k * k : -1].view(k, width)
+                count, batches = int(packed[-1]), int(most[1])
         if xty is None or count == 0:
             return False
         with torch.no_grad():

@@ -162,7 +162,7 @@ class RecursiveMetadataNorm(_MetadataNormBase):
             self.beta.zero_()
 
     def reset_parameters(self) -> None:
-        """Same as :meth:`reset_running_stats` (the layer has no learned parameters)."""
+        """Same as ``reset_running_stats()`` (the layer has no learned parameters)."""
         self.reset_running_stats()
 
     def _estimate(

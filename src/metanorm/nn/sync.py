@@ -90,29 +90,7 @@ class _SyncMixin(_MetadataNormBase):
 
     @classmethod
     def convert_sync_metadata_norm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Swaps every MDN layer in ``module`` for its synchronised class.
-
-        As :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: children are replaced in
-        place, and the (possibly new) root is returned. Each layer becomes the synchronised
-        class of its estimator (:class:`MetadataNorm` → :class:`SyncMetadataNorm`,
-        :class:`~metanorm.nn.RecursiveMetadataNorm` → :class:`SyncRecursiveMetadataNorm`,
-        :class:`~metanorm.nn.PenaltyMetadataNorm` → :class:`SyncPenaltyMetadataNorm`,
-        :class:`~metanorm.nn.MetadataScaleNorm` → :class:`SyncMetadataScaleNorm`), whichever
-        class this is called on, sharing its buffers (the same tensors) and every attribute;
-        hooks carry over. Layers that are synced already are left as they are.
-
-        Args:
-            module: a model, or a single layer.
-            process_group: the group the layers synchronise over. Default: the whole world.
-
-        Returns:
-            ``module`` with its MDN layers synced (a new object if ``module`` itself is one).
-
-        Raises:
-            ValueError: a lazy layer has not run yet (its β has no shape).
-            TypeError: a subclass of an MDN layer that has no synchronised class (its
-                behaviour would be dropped).
-        """
+        """Swaps every MDN layer for its synchronised class (see :class:`SyncMetadataNorm`)."""
         return _convert(module, process_group)
 
 
@@ -180,6 +158,33 @@ class SyncMetadataNorm(_SyncMixin, MetadataNorm):
     ) -> None:
         super().__init__(num_features, design, keep, momentum, **kwargs)
         self.process_group = process_group
+
+    @classmethod
+    def convert_sync_metadata_norm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Swaps every MDN layer in ``module`` for its synchronised class.
+
+        As :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: children are replaced in
+        place, and the (possibly new) root is returned. Each layer becomes the synchronised
+        class of its estimator (:class:`MetadataNorm` → :class:`SyncMetadataNorm`,
+        :class:`~metanorm.nn.RecursiveMetadataNorm` → :class:`SyncRecursiveMetadataNorm`,
+        :class:`~metanorm.nn.PenaltyMetadataNorm` → :class:`SyncPenaltyMetadataNorm`,
+        :class:`~metanorm.nn.MetadataScaleNorm` → :class:`SyncMetadataScaleNorm`), whichever
+        class this is called on, sharing its buffers (the same tensors) and every attribute;
+        hooks carry over. Layers that are synced already are left as they are.
+
+        Args:
+            module: a model, or a single layer.
+            process_group: the group the layers synchronise over. Default: the whole world.
+
+        Returns:
+            ``module`` with its MDN layers synced (a new object if ``module`` itself is one).
+
+        Raises:
+            ValueError: a lazy layer has not run yet (its β has no shape).
+            TypeError: a subclass of an MDN layer that has no synchronised class (its
+                behaviour would be dropped).
+        """
+        return _convert(module, process_group)
 
     @classmethod
     def from_design_statistics(
