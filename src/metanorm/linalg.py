@@ -40,6 +40,7 @@ __all__ = [
     "fit_beta",
     "inverse_gram",
     "remove_effect",
+    "weighted_rows",
 ]
 
 #: Largest accepted condition number of the column-scaled XᵀX before it counts as singular.
@@ -218,7 +219,7 @@ def batch_weight(
         tensor([[2., 0.],
                 [0., 2.]], dtype=torch.float64)
     """
-    weight = gram_inverse.to(torch.float64)
+    weight = gram_inverse if gram_inverse.dtype == torch.float64 else gram_inverse.double()
     if isinstance(batch_size, torch.Tensor):
         count = batch_size.to(torch.float64)
         return weight * torch.where(count > 0, n_samples / count.clamp_min(1.0), 0.0)
@@ -239,6 +240,18 @@ def apply_weight(weight: torch.Tensor, statistics: torch.Tensor) -> torch.Tensor
     if statistics.dtype == torch.float64:
         return weight @ statistics
     return (weight @ statistics.to(torch.float64)).to(statistics.dtype)
+
+
+def weighted_rows(design_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    r"""``X_b W`` (m×K) formed in float64, in the rows' dtype: :math:`\hat\beta = (X_bW)^\top F`.
+
+    Examples::
+
+        >>> import torch
+        >>> weighted_rows(torch.ones(4, 2), 2 * torch.eye(2, dtype=torch.float64))[0]
+        tensor([2., 2.])
+    """
+    return apply_weight(weight, design_rows.T).T
 
 
 def remove_effect(

@@ -243,10 +243,11 @@ class _MetadataNormBase(nn.Module):
         MF.check_metadata(metadata, input.shape[0], self.num_metadata)
         dtype = torch.float32 if input.dtype in MF._LOW_PRECISION else input.dtype
         m, k = input.shape[0], self.num_metadata
-        rows = metadata.reshape(m, k)
+        rows = metadata if metadata.dim() == 2 else metadata.reshape(m, k)
         if rows.device != input.device or rows.dtype != dtype:
             rows = rows.to(device=input.device, dtype=dtype)
-        rows = rows.detach()
+        if rows.requires_grad:
+            rows = rows.detach()
         with autocast_off(input.device.type):
             out = self._normalize(MF._as_dtype(input, dtype), rows, reducer)
         return MF._as_dtype(out, input.dtype)

@@ -42,15 +42,20 @@ def autocast_off(device_type: str) -> Any:
 
 
 class Transpose(torch.autograd.Function):
-    """``G ↦ G − A·W·reduce(Bᵀ G)`` for a fixed symmetric float64 W; its own transpose."""
+    """``G ↦ G − A·W·reduce(Bᵀ G)`` for a fixed symmetric float64 W; its own transpose.
+
+    ``weight=None`` is the identity (W already folded into A or B).
+    """
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, a: Tensor, b: Tensor, weight: Tensor, reducer: Any) -> Tensor:
+    def forward(
+        ctx: Any, g: Tensor, a: Tensor, b: Tensor, weight: Tensor | None, reducer: Any
+    ) -> Tensor:
         with autocast_off(g.device.type):
             p = b.T @ g
             if reducer is not None:
                 p = reducer.sum(p)
-            out = remove_effect(g, a, apply_weight(weight, p), None)
+            out = remove_effect(g, a, p if weight is None else apply_weight(weight, p), None)
         ctx.save_for_backward(a, b, weight)
         ctx.reducer = reducer
         ctx.grad_shape = g.shape
@@ -68,17 +73,18 @@ class Transpose(torch.autograd.Function):
 
 
 class BatchResidual(torch.autograd.Function):
-    r"""One process: ``F ↦ (F − A·β̂, β̂)`` with :math:`\hat\beta = W B^\top F`.
+    r"""One process: ``F ↦ (F − A·β̂, β̂)`` with :math:`\hat\beta = B^\top F`, B = X_b·W.
 
+    B carries W (:func:`metanorm.linalg.weighted_rows`), so each direction is two thin products;
     β̂ carries no gradient; the backward pass is :class:`Transpose` (A and B swapped).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         with autocast_off(x.device.type):
-            beta = apply_weight(weight, b.T @ x)
+            beta = b.T @ x
             out = remove_effect(x, a, beta, None)
-        ctx.save_for_backward(a, b, weight)
+        ctx.save_for_backward(a, b)
         ctx.mark_non_differentiable(beta)
         ctx.set_materialize_grads(False)
         return out, beta
@@ -86,11 +92,11 @@ class BatchResidual(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_out: Tensor | None, grad_beta: Tensor | None
-    ) -> tuple[Tensor | None, None, None, None]:
+    ) -> tuple[Tensor | None, None, None]:
         if grad_out is None:
-            return None, None, None, None
-        a, b, weight = ctx.saved_tensors
-        return Transpose.apply(grad_out, b, a, weight, None), None, None, None
+            return None, None, None
+        a, b = ctx.saved_tensors
+        return Transpose.apply(grad_out, b, a, None, None), None, None
 
 
 class SyncBatchResidual(torch.autograd.Function):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from metanorm.design import Design
-from metanorm.linalg import inverse_gram, remove_effect
+from metanorm.linalg import batch_weight, inverse_gram, remove_effect, weighted_rows
 from metanorm.nn import functional as MF
 from metanorm.nn._base import (  # noqa: F401 (check_num_features: its old home)
     _LazyMixin,
@@ -17,7 +17,7 @@ from metanorm.nn._base import (  # noqa: F401 (check_num_features: its old home)
     check_num_features,
     resolve_keep,
 )
-from metanorm.nn._functions import StatisticsReducer
+from metanorm.nn._functions import BatchResidual, StatisticsReducer
 
 __all__ = ["LazyMetadataNorm", "MetadataNorm"]
 
@@ -259,16 +259,19 @@ class MetadataNorm(_MetadataNormBase):
                 out = torch.where(count > k, out, fallback)
                 if self.num_batches_fallback is not None:
                     self.num_batches_fallback.add_((count <= k) & (count > 0))
-        elif running is None or m > k or not self.training:
-            out, beta, _ = MF.batch_residual(features, rows, gram_inverse, n, mask)
         else:
-            # m ≤ K: the output uses the running β (see the class docstring); the unbiased,
-            # noisy estimate is still folded in below, with a factor in proportion to m
-            out = remove_effect(features, rows, MF._as_dtype(running, features.dtype), mask)
-            with torch.no_grad():
-                _, beta, _ = MF.batch_residual(features, rows, gram_inverse, n, mask)
-            if self.num_batches_fallback is not None:
-                self.num_batches_fallback.add_(1)
+            # one process: the batch map with W = (N/m)Σ⁻¹ folded into the rows
+            b = weighted_rows(rows, batch_weight(gram_inverse, n, m))
+            removed = rows * mask
+            if running is None or m > k or not self.training:
+                out, beta = BatchResidual.apply(features, removed, b)
+            else:
+                # m ≤ K: the output uses the running β (see the class docstring); the unbiased,
+                # noisy estimate is still folded in below, with a factor in proportion to m
+                out = remove_effect(features, removed, MF._as_dtype(running, features.dtype), None)
+                beta = b.T @ features.detach()
+                if self.num_batches_fallback is not None:
+                    self.num_batches_fallback.add_(1)
         if self.training and running is not None:
             finite = MF.update_running_beta(
                 running,
