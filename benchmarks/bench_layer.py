@@ -23,6 +23,7 @@ adding it to an old one. Variants:
             direction cannot go below
   plain     the paper's formula in plain float32 autograd, β = (N/m)·Σ⁻¹·XᵀF, out = F − X_R·β
             (X_R: the design rows with the kept column zeroed); autograd derives the backward
+  mdn_bf16, bn_bf16  (``--bf16``) MDN and BatchNorm on bfloat16 input under ``torch.autocast``
   floor     the floor of this design in PyTorch: a bare autograd Function with the two thin
             products per direction (β = Bᵀ F, F − A β; G − B (Aᵀ G)) and one in-place
             ``lerp_`` of a running β, no checks and no counters
@@ -83,11 +84,22 @@ def step_fn(
     return step
 
 
+#: where the shapes run (``--device``); CUDA timings synchronise before and after
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_calls(fn: Callable[[], None], repeats: int) -> float:
     """Mean seconds per call over ``repeats`` calls."""
+    _sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    _sync()
     return (time.perf_counter() - start) / repeats
 
 
@@ -151,7 +163,7 @@ def floor_layer(design: Tensor, rows: Tensor, d: int, keep: int = 0) -> Callable
     b = (rows.to(torch.float64) @ weight).float()
     a = rows.clone()
     a[:, keep] = 0
-    running = torch.zeros(rows.shape[1], d)
+    running = torch.zeros(rows.shape[1], d, device=rows.device)
 
     def layer(f: Tensor) -> Tensor:
         out, beta = _Floor.apply(f, a, b)
@@ -192,20 +204,20 @@ def plain_formula(design: Tensor, rows: Tensor, keep: int = 0) -> Callable[[Tens
 
 
 def bench_shape(
-    m: int, d: int, k: int, rounds: int, target: float, compile_: bool
+    m: int, d: int, k: int, rounds: int, target: float, compile_: bool, bf16: bool = False
 ) -> dict[str, object]:
     from metanorm.nn import MetadataNorm
 
-    t = make_inputs(m, d, k)
+    t = {name: v.to(DEVICE) for name, v in make_inputs(m, d, k).items()}
     x = t["x"].requires_grad_()
     rows, g = t["rows"], t["g"]
-    mdn = MetadataNorm(d, t["design"], keep=[0])
-    bn = nn.BatchNorm1d(d)
+    mdn = MetadataNorm(d, t["design"], keep=[0]).to(DEVICE)
+    bn = nn.BatchNorm1d(d).to(DEVICE)
     plain = plain_formula(t["design"], rows)
     fns: dict[str, Callable[[], None]] = {"mdn": step_fn(mdn, x, g, rows)}
     compile_s = None
     if compile_:
-        compiled = torch.compile(MetadataNorm(d, t["design"], keep=[0]), dynamic=False)
+        compiled = torch.compile(MetadataNorm(d, t["design"], keep=[0]).to(DEVICE), dynamic=False)
         start = time.perf_counter()
         for _ in range(3):  # compiles forward and backward graphs
             step_fn(compiled, x, g, rows)()
@@ -220,6 +232,19 @@ def bench_shape(
     fns["copy"] = step_fn(torch.clone, x, g)
     fns["plain"] = step_fn(plain, x, g)
     fns["floor"] = step_fn(floor_layer(t["design"], rows, d), x, g)
+    if bf16:  # bfloat16 input under autocast (MDN computes in float32 inside)
+        xb = x.detach().bfloat16().requires_grad_()
+        gb = g.bfloat16()
+
+        def autocast(fn: Callable[[], None]) -> Callable[[], None]:
+            def step() -> None:
+                with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                    fn()
+
+            return step
+
+        fns["mdn_bf16"] = autocast(step_fn(mdn, xb, gb, rows))
+        fns["bn_bf16"] = autocast(step_fn(bn, xb, gb))
     ops = {
         "mdn": count_ops(fns["mdn"]),
         "floor": count_ops(fns["floor"]),
@@ -237,6 +262,7 @@ def bench_shape(
         "floor/bn": ("floor", "bn"),
         "compiled/floor": ("compiled", "floor"),
         "compiled/mdn": ("compiled", "mdn"),
+        "mdn_bf16/bn_bf16": ("mdn_bf16", "bn_bf16"),
         "compiled/bn": ("compiled", "bn"),
         "compiled/copy": ("compiled", "copy"),
     }
@@ -309,7 +335,11 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the figures to this path")
     p.add_argument("--cnn", action="store_true", help="time the paper's CNN step instead")
     p.add_argument("--batch", type=int, default=200, help="--cnn: batch size (default 200)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--bf16", action="store_true", help="also time bfloat16 under autocast")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.cnn:
         bench_cnn(args)
@@ -318,13 +348,13 @@ def main() -> None:
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + "
-        f"backward(g); best / median of {args.rounds} interleaved rounds; ratios: median of "
-        "per-round ratios (ratio of best times in brackets)"
+        f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, float32, "
+        f"forward + backward(g); best / median of {args.rounds} interleaved rounds; ratios: "
+        "median of per-round ratios (ratio of best times in brackets)"
     )
     results = []
     for m, d, k in shapes:
-        res = bench_shape(m, d, k, args.rounds, args.target, not args.no_compile)
+        res = bench_shape(m, d, k, args.rounds, args.target, not args.no_compile, args.bf16)
         results.append(res)
         best, med = res["best_ms"], res["median_ms"]
         rm, rb = res["ratio_median"], res["ratio_best"]
