@@ -159,3 +159,31 @@ def test_reducer_seam_gives_the_union_batch(setup):
     torch.testing.assert_close(beta_a, beta, atol=1e-12, rtol=0)
     torch.testing.assert_close(out_a, out[:7], atol=1e-12, rtol=0)
     torch.testing.assert_close(grad_a, want_grad[:7], atol=1e-12, rtol=0)
+
+
+def test_the_policies_of_earlier_versions_still_apply_with_a_deprecation_warning(setup):
+    """metadata_norm(..., num_samples_tracked=..., on_nonfinite=...) as earlier versions took it:
+    the module's result, with a DeprecationWarning."""
+    x, gram_inverse, mask, g = setup
+    feats = torch.randn(20, 4, dtype=torch.float64, generator=g)
+    layer = MetadataNorm(4, x, keep=[0], momentum=None, dtype=torch.float64)
+    running = torch.zeros(3, 4, dtype=torch.float64)
+    counters = {name: torch.tensor(0) for name in ("num_batches_tracked", "num_samples_tracked")}
+    for i in range(0, 20, 10):
+        with pytest.warns(DeprecationWarning, match="no longer applies the module's policies"):
+            out = MF.metadata_norm(
+                feats[i : i + 10],
+                x[i : i + 10],
+                layer.gram_inverse,
+                60,
+                layer.remove_mask,
+                running,
+                True,
+                None,
+                on_nonfinite="skip",
+                **counters,
+            )
+        torch.testing.assert_close(out, layer(feats[i : i + 10], x[i : i + 10]))
+    torch.testing.assert_close(running, layer.running_beta)
+    with pytest.raises(TypeError, match="expected training to be a bool"):
+        MF.metadata_norm(feats, x[:20], gram_inverse, 60, mask, running, torch.tensor(0))

@@ -299,6 +299,7 @@ def metadata_norm(
     running_beta: Tensor | None = None,
     training: bool = True,
     momentum: float | Tensor = 0.1,
+    **deprecated: Any,
 ) -> Tensor:
     r"""Regresses the removed design columns out of ``input``.
 
@@ -322,6 +323,10 @@ def metadata_norm(
         training: estimate β from the batch (and update ``running_beta``); otherwise use
             ``running_beta``. Default: ``True``.
         momentum: the factor of the running update (a float or a 0-d tensor). Default: 0.1.
+        **deprecated: the module's policies that earlier versions took here
+            (``num_batches_tracked``, ``num_samples_tracked``, ``num_batches_skipped``,
+            ``on_nonfinite``, ``reducer``): still applied as before, with a
+            ``DeprecationWarning``; use :class:`~metanorm.nn.MetadataNorm`.
 
     Returns:
         A tensor of ``input``'s shape and dtype.
@@ -342,6 +347,18 @@ def metadata_norm(
             f"expected training to be a bool, got {describe(training)}: metadata_norm takes "
             "(input, metadata, gram_inverse, n_samples, remove_mask, running_beta, training, "
             "momentum); the counters and policies are the module's (metanorm.nn.MetadataNorm)"
+        )
+    if deprecated:
+        return _legacy_metadata_norm(
+            input,
+            metadata,
+            gram_inverse,
+            n_samples,
+            remove_mask,
+            running_beta,
+            training,
+            momentum,
+            **deprecated,
         )
     if momentum is None:
         raise ValueError(
@@ -374,6 +391,73 @@ def metadata_norm(
                         ),
                     )
     return _unflatten(out, input, flat_shape)
+
+
+_LEGACY = (
+    "num_batches_tracked",
+    "num_samples_tracked",
+    "num_batches_skipped",
+    "on_nonfinite",
+    "reducer",
+)
+
+
+def _legacy_metadata_norm(
+    input: Tensor,
+    metadata: Tensor,
+    gram_inverse: Tensor,
+    n_samples: float | Tensor,
+    remove_mask: Tensor,
+    running_beta: Tensor | None,
+    training: bool,
+    momentum: Any,
+    **options: Any,
+) -> Tensor:
+    """The functional of earlier versions, which applied the module's policies."""
+    unknown = sorted(set(options) - set(_LEGACY))
+    if unknown:
+        raise TypeError(f"metadata_norm() got unexpected keyword arguments {unknown}")
+    warnings.warn(
+        f"metadata_norm({', '.join(sorted(options))}=...) is deprecated: the functional no "
+        "longer applies the module's policies (counters, on_nonfinite, m <= K, processes); "
+        "use metanorm.nn.MetadataNorm, or pass the running update's factor as momentum",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    on_nonfinite = options.get("on_nonfinite", "skip")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"expected on_nonfinite in {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+    samples = options.get("num_samples_tracked")
+    if training and running_beta is not None and momentum is None and samples is None:
+        raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
+    reducer = options.get("reducer")
+    features, rows, reshape = _flatten(input, metadata, gram_inverse.shape[0])
+    m, k = features.shape[0], gram_inverse.shape[0]
+    with autocast_off(features.device.type):
+        mask = remove_mask.to(rows.device)
+        if not training:
+            return metadata_norm(
+                input, metadata, gram_inverse, n_samples, remove_mask, running_beta, False
+            )
+        out, beta, count = batch_residual(
+            features, rows, gram_inverse, n_samples, mask, reducer=reducer
+        )
+        if running_beta is not None:
+            if m <= k:
+                fallback = remove_effect(features, rows, _as_dtype(running_beta, out.dtype), mask)
+                out = torch.where(count > k, out, fallback) if reducer is not None else fallback
+            finite = update_running_beta(
+                running_beta,
+                beta,
+                count if reducer is not None else m,
+                momentum,
+                num_batches_tracked=options.get("num_batches_tracked"),
+                num_samples_tracked=samples,
+                num_batches_skipped=options.get("num_batches_skipped"),
+            )
+            if on_nonfinite != "skip":
+                report_nonfinite(finite, rows, on_nonfinite)
+    return _unflatten(out, input, reshape)
 
 
 def _flatten(input: Any, metadata: Any, k: int) -> tuple[Tensor, Tensor, bool]:
