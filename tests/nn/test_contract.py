@@ -356,3 +356,15 @@ def test_batches_of_four_against_eight_columns_still_give_least_squares_over_an_
     coef, *_ = np.linalg.lstsq(x.numpy(), f.numpy(), rcond=None)
     np.testing.assert_allclose(layer.running_beta.numpy(), coef, atol=1e-10)
     assert int(layer.num_batches_fallback) == n // 4 == int(layer.num_batches_tracked)
+
+
+def test_refit_can_leave_other_estimators_as_they_are():
+    model = nn.ModuleList([_train(ESTIMATORS["batch"][0]()), _train(ESTIMATORS["recursive"][0]())])
+    before = model[1].beta.clone()
+
+    def call(mdl, batch):
+        for layer in mdl:
+            layer(*batch)
+
+    assert refit_running_beta(model, _loader(), call=call, estimators=MetadataNorm) == 1
+    torch.testing.assert_close(model[1].beta, before, atol=0, rtol=0)

@@ -20,6 +20,7 @@ from metanorm.linalg import remove_effect
 from metanorm.nn._base import _LazyMixin, _MetadataNormBase
 from metanorm.nn._base import check_number as _check_number
 from metanorm.nn._functions import StatisticsReducer
+from metanorm.nn.functional import check_metadata
 
 __all__ = [
     "OPTIMIZERS",
@@ -164,6 +165,8 @@ class PenaltyMetadataNorm(_MetadataNormBase):
 
         A 0-d tensor in the compute dtype, differentiable in ``input`` (not in β).
         """
+        self._check_input_dim(input)
+        check_metadata(metadata, input.shape[0], self.num_metadata)
         features = input.reshape(input.shape[0], -1)
         if features.dtype in (torch.float16, torch.bfloat16):
             features = features.float()

@@ -59,6 +59,7 @@ def refit_running_beta(
     call: Callable[[nn.Module, Any], Any] | None = None,
     device: torch.device | str | None = None,
     layer_by_layer: bool = True,
+    estimators: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
 ) -> int:
     r"""Refits the evaluation β of every MDN layer by least squares over a data set.
 
@@ -95,6 +96,9 @@ def refit_running_beta(
             or ``model(input, metadata=design_rows)`` for a :class:`~metanorm.nn.MetadataModel`.
         device: where to move ``input`` and ``design_rows`` (default call only).
         layer_by_layer: refit the layers one at a time (see above). Default: ``True``.
+        estimators: refit only layers of these classes (``isinstance``), e.g.
+            ``MetadataNorm`` to leave a recursive layer's forgetting memory as it is. Default:
+            every MDN estimator.
 
     Returns:
         The number of MDN layers refitted (0 leaves the model untouched: no MDN layer with a
@@ -110,7 +114,13 @@ def refit_running_beta(
         >>> refit_running_beta(model, data)
         1
     """
-    layers = [m for m in model.modules() if isinstance(m, _MetadataNormBase) and m._refittable()]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, _MetadataNormBase)
+        and m._refittable()
+        and (estimators is None or isinstance(m, estimators))
+    ]
     if not layers:
         return 0
     run = call if call is not None else (lambda mdl, batch: _default_call(mdl, batch, device))
