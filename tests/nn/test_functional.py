@@ -187,3 +187,28 @@ def test_the_policies_of_earlier_versions_still_apply_with_a_deprecation_warning
     torch.testing.assert_close(running, layer.running_beta)
     with pytest.raises(TypeError, match="expected training to be a bool"):
         MF.metadata_norm(feats, x[:20], gram_inverse, 60, mask, running, torch.tensor(0))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_the_cpu_update_and_the_device_update_agree(momentum):
+    """Eager CPU tensors take the update that reads its scalars; a GPU or torch.compile takes the
+    one that reads nothing. Both follow the same rule, a non-finite batch included."""
+    g = torch.Generator().manual_seed(0)
+    states = []
+    for update in (MF._update_on_cpu, "device"):
+        running = torch.zeros(3, 4, dtype=torch.float64)
+        counters = [torch.tensor(0), torch.tensor(0), torch.tensor(0)]
+        g.manual_seed(0)
+        for step, m in enumerate((10, 30, 20, 20, 5, 60)):
+            beta = torch.randn(3, 4, generator=g, dtype=torch.float64)
+            if step == 3:
+                beta[1, 2] = float("nan")
+            if update == "device":
+                finite = torch.isfinite(beta.sum())
+                MF._update_one_process(running, beta, finite, m, momentum, *counters)
+            else:
+                finite = update(running, beta, m, momentum, *counters)
+            assert bool(finite) == (step != 3)
+        states.append((running, [int(c) for c in counters]))
+    torch.testing.assert_close(states[0][0], states[1][0], atol=1e-12, rtol=0)
+    assert states[0][1] == states[1][1] == [5, 125, 1]

@@ -5,8 +5,10 @@ computes the batch estimate and residual in training (and folds the estimate int
 ``running_beta`` with the factor it is given), or subtracts ``running_beta`` in evaluation. The
 policies (the running-average factor from the counters, a batch of m ≤ K, non-finite batches,
 which process group) are the module's. The algebra is :mod:`metanorm.linalg`'s and the autograd
-Functions are in ``metanorm.nn._functions``. Nothing here reads a tensor's value on the host,
-so the layer compiles with ``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
+Functions are in ``metanorm.nn._functions``. Nothing here waits for a device: on a GPU and
+under :func:`torch.compile` no value is read on the host, so the layer compiles with
+``fullgraph=True`` and can be captured in a CUDA graph; only the running update of CPU tensors
+in eager mode reads its scalars, which are in host memory already.
 """
 
 from __future__ import annotations
@@ -187,7 +189,9 @@ def update_running_beta(
     0-d tensor (a synchronised layer). A non-finite ``beta`` (or one whose sum overflows its
     dtype) leaves every buffer as it was except ``num_batches_skipped`` (+1). A ``count`` of 0
     (an empty batch over every process of a synchronised layer) leaves every buffer as it was.
-    No value is read on the host.
+    No value is read on the host, except for CPU tensors in eager mode with all three counters
+    (their values are in host memory: the update is then three operations instead of about
+    seventeen, by the same rule).
 
     Returns:
         A bool 0-d tensor: whether the estimate was finite (and so used, when ``count`` > 0).
@@ -203,6 +207,24 @@ def update_running_beta(
         >>> running[0], int(seen)                 # the first batch: a cumulative average
         (tensor([1., 1., 1.]), 10)
     """
+    if (
+        not isinstance(count, Tensor)
+        and count > 0
+        and running_beta.device.type == "cpu"
+        and num_batches_tracked is not None
+        and num_samples_tracked is not None
+        and num_batches_skipped is not None
+        and not torch.compiler.is_compiling()
+    ):
+        return _update_on_cpu(
+            running_beta,
+            beta,
+            count,
+            momentum,
+            num_batches_tracked,
+            num_samples_tracked,
+            num_batches_skipped,
+        )
     # one sum tells: an estimate with a NaN/inf entry (or whose sum overflows, beyond any useful
     # estimate) has a non-finite sum
     finite = torch.isfinite(beta.sum())
@@ -250,6 +272,36 @@ def update_running_beta(
         if num_batches_skipped is not None:
             num_batches_skipped.add_(~finite & positive)
     return finite
+
+
+@torch.no_grad()
+def _update_on_cpu(
+    running_beta: Tensor,
+    beta: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor,
+    num_samples_tracked: Tensor,
+    num_batches_skipped: Tensor,
+) -> Tensor:
+    """The same update for CPU tensors in eager mode, its scalars read (no device to wait for).
+
+    A CPU tensor's value is in host memory: reading the estimate's sum and the counters costs
+    no synchronisation, and the update is then three small operations instead of seventeen.
+    Everywhere else (a GPU, ``torch.compile``, a summed batch size) the update reads nothing.
+    """
+    finite = math.isfinite(float(beta.sum()))
+    if finite:
+        samples, batches = int(num_samples_tracked), int(num_batches_tracked)
+        factor = count / (samples + count)
+        if momentum is not None:
+            factor = max(factor, min(1.0, momentum * count / max(samples, 1) * batches))
+        running_beta.lerp_(_as_dtype(beta, running_beta.dtype), factor)
+        num_batches_tracked.add_(1)
+        num_samples_tracked.add_(count)
+    else:
+        num_batches_skipped.add_(1)
+    return torch.tensor(finite)
 
 
 @torch.no_grad()
