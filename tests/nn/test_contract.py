@@ -19,6 +19,7 @@ from torch import nn
 
 from metanorm.nn import (
     LazyMetadataNorm,
+    LazyMetadataScaleNorm,
     LazyPenaltyMetadataNorm,
     LazyRecursiveMetadataNorm,
     MetadataNorm,
@@ -32,7 +33,6 @@ from metanorm.nn import (
     convert_metadata_norm,
     revert_sync_metadata_norm,
 )
-from metanorm.nn.scale import LazyMetadataScaleNorm
 from metanorm.nn.utils import refit_running_beta
 
 N, K, C, H = 96, 3, 4, 3  # rows, design columns, channels, spatial size (D = C·H·H = 36)

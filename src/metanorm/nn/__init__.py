@@ -19,6 +19,7 @@ from metanorm.nn.penalty import PenaltyMetadataNorm as PenaltyMetadataNorm
 from metanorm.nn.penalty import split_parameters as split_parameters
 from metanorm.nn.recursive import LazyRecursiveMetadataNorm as LazyRecursiveMetadataNorm
 from metanorm.nn.recursive import RecursiveMetadataNorm as RecursiveMetadataNorm
+from metanorm.nn.scale import LazyMetadataScaleNorm as LazyMetadataScaleNorm
 from metanorm.nn.scale import MetadataScaleNorm as MetadataScaleNorm
 from metanorm.nn.scope import MetadataModel as MetadataModel
 from metanorm.nn.scope import current_metadata as current_metadata
@@ -32,6 +33,7 @@ from metanorm.nn.sync import revert_sync_metadata_norm as revert_sync_metadata_n
 
 __all__ = [
     "LazyMetadataNorm",
+    "LazyMetadataScaleNorm",
     "LazyPenaltyMetadataNorm",
     "LazyRecursiveMetadataNorm",
     "MetadataModel",
