@@ -1,5 +1,5 @@
 # The two commands a user needs (see README):
-#   make run    set up .venv (with the optional compiled op, native/) and run the main job
+#   make run    set up .venv and run the main job
 #   make test   set up .venv, install the real test data, lint, type-check, build the docs, run the tests
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 OUT    ?= runs/synthetic
 RUN_ARGS ?=
 
-.PHONY: run test venv native data lint typecheck pytest portability docs clean
+.PHONY: run test venv data lint typecheck pytest portability docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +22,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
-# the optional compiled CPU kernel (native/, a separate distribution built against the installed
-# torch; metanorm never needs it for correctness). Rebuilt only when its sources change.
-$(VENV)/.native: native/csrc/low_rank.cpp native/csrc/low_rank_kernel.h native/setup.py native/pyproject.toml native/metanorm_native/__init__.py $(VENV)/.installed
-	$(BIN)/pip install -q --no-build-isolation ./native
-	touch $@
-
-native: $(VENV)/.native
-
-run: venv native
+run: venv
 	$(BIN)/metanorm reproduce synthetic --out $(OUT) $(RUN_ARGS)
 
 data: venv
@@ -47,7 +39,7 @@ typecheck: venv
 docs: venv
 	$(BIN)/python -m sphinx -b html -W --keep-going -n -q docs site
 
-pytest: venv native
+pytest: venv
 	$(BIN)/python -m pytest -q
 
 test: venv data lint typecheck docs pytest
@@ -62,4 +54,4 @@ portability: venv data
 	$(PORTABLE_NUMERICS) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABILITY_TESTS)
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache build native/build native/*.egg-info
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache build

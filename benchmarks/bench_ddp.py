@@ -17,8 +17,6 @@ values). Variants:
              ``SyncMetadataNorm.convert_sync_metadata_norm``: β̂ of the union batch
   mdn        the same MDN-Conv model, plain ``MetadataNorm`` (each process estimates β̂ from its
              own batch)
-  mdn-torch  ``mdn`` with the optional compiled CPU op (``metanorm._native``) turned off: the
-             PyTorch products that the synced layer always uses (the op serves one process only)
   batchnorm  BatchNorm in the same slots, each process on its own batch
   sync-bn    the same, converted with ``nn.SyncBatchNorm.convert_sync_batchnorm`` (skipped:
              DDP refuses SyncBatchNorm on CPU modules, "SyncBatchNorm layers only work with GPU
@@ -52,12 +50,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from metanorm import _native
 from metanorm.models.cnn import PaperCNN
 from metanorm.nn import MetadataNorm, SyncMetadataNorm
 from metanorm.nn import sync as sync_module
 
-VARIANTS = ("sync-mdn", "mdn", "mdn-torch", "batchnorm", "sync-bn")
+VARIANTS = ("sync-mdn", "mdn", "batchnorm", "sync-bn")
 # no buffer broadcast in the forward pass (the synced running β agrees without one); newer torch
 # renames broadcast_buffers to forward_sync_buffers
 _NO_BUFFER_SYNC = (
@@ -126,15 +123,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace, rdv: str, out: str)
 
     def step(variant: str) -> None:
         _, ddp, opt = runs[variant]
-        previous = _native.set_enabled(variant != "mdn-torch")
-        try:
-            logits, _ = ddp(x, rows)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits.squeeze(1), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        finally:
-            _native.set_enabled(previous)
+        logits, _ = ddp(x, rows)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.squeeze(1), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
     for variant in runs:
         step(variant)
@@ -227,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         expected += layer_bytes
         print(f"  {name:<6} D = {d:>6}: {layer_bytes:>8} bytes ({layer_bytes / 1024:.1f} KiB)")
     print(f"DDP's gradient all-reduce per step (every variant): {res['param_bytes']} bytes")
-    print(f"optional compiled CPU op available: {_native.available()}")
     if expected != per["bytes"]:
         print(f"warning: counted {per['bytes']} bytes, expected {expected}", file=sys.stderr)
     if args.json:

@@ -1,5 +1,5 @@
-"""This checkout's MetadataNorm against another checkout's (e.g. the compiled-kernel build), side
-by side in one run.
+"""This checkout's MetadataNorm against another checkout's (an earlier commit), side by side in
+one run.
 
 Usage::
 
@@ -13,17 +13,16 @@ training step, ``x.grad = None; layer(x, rows).backward(g)`` with a fixed random
 gradient g, eager. The coordinator asks them in turn, so only one process runs at a time; the
 order of the variants rotates each round. Variants:
 
-  new           this checkout's layer (on the optional compiled op of native/ when installed)
-  new-pytorch   this checkout's layer on PyTorch operations only (``metanorm._native``
-                turned off); shown when the op is installed
+  new           this checkout's layer
+  old           the baseline's layer as it is (a baseline without ``metanorm.glm``)
   old-kernel    the baseline's layer on its compiled CPU kernel (only if the baseline's
                 ``metanorm.glm.has_cpu_kernel()`` is True)
   old-fallback  the baseline's layer on its PyTorch fallback (``glm.set_cpu_kernel(False)``)
 
 Before timing, the workers' outputs and input gradients are compared (weighted float64 sums),
 so the variants are known to compute the same thing. Reported per shape: best and median times
-and, for each variant against ``old-kernel``, the median of the per-round ratios and the ratio
-of the best times.
+and, for each variant against ``old-kernel`` (else ``old-fallback``, else ``old``), the median
+of the per-round ratios and the ratio of the best times.
 """
 
 from __future__ import annotations
@@ -61,18 +60,17 @@ def _worker_setup(req: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     x, rows, g = t["x"].requires_grad_(), t["rows"], t["g"]
     layer = mnn.MetadataNorm(d, t["design"], keep=[0])
 
-    if req["role"] == "new":
-        from metanorm import _native
+    try:
+        from metanorm import glm  # the kernel-era layout
+    except ImportError:
+        glm = None
+    if req["role"] == "new" or glm is None:
 
-        def prepare(native: bool) -> None:
-            _native.set_enabled(native)
+        def prepare(flag: bool) -> None:
+            pass
 
-        flags = {"new": True, **({"new-pytorch": False} if _native.available() else {})}
+        flags = {req["role"]: True}
     else:
-        try:
-            from metanorm import glm  # the kernel-era layout
-        except ImportError as exc:
-            raise SystemExit(f"the baseline has no metanorm.glm: {exc}") from exc
 
         def prepare(kernel: bool) -> None:
             glm.set_cpu_kernel(kernel)
@@ -201,7 +199,7 @@ def compare_shape(
             times[v].append(
                 owner[v].ask(op="time", variant=v, repeats=repeats, clock=args.clock)["t"]
             )
-    base = "old-kernel" if "old-kernel" in times else "old-fallback"
+    base = next(v for v in ("old-kernel", "old-fallback", "old") if v in times)
     ratio_median, ratio_best = {}, {}
     for v in names:
         if v == base:

@@ -11,8 +11,13 @@ removed columns. Shared by :class:`metanorm.nn.MetadataNorm`,
 - :func:`batch_statistics` and :func:`beta_from_statistics` split the batch estimate
   :math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F` into a sum over samples and a solve, so that
   statistics summed over processes give the same :math:`\hat\beta` as one large batch;
+- :func:`batch_weight` is the factor :math:`W = (N/m)\,\Sigma^{-1}` of the batch estimate
+  (:math:`\hat\beta = W X_b^\top F`) and :func:`apply_weight` applies a float64 W to statistics
+  of another dtype;
 - :func:`remove_effect` subtracts the removed columns' part; :func:`fit_beta` is the full-data
   closed form.
+
+The layers of :mod:`metanorm.nn` build their estimates from these functions only.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from metanorm.design import Design
 
 __all__ = [
     "MAX_CONDITION",
+    "apply_weight",
     "batch_statistics",
+    "batch_weight",
     "beta_from_statistics",
     "fit_beta",
     "inverse_gram",
     "remove_effect",
+    "weighted_rows",
 ]
 
 #: Largest accepted condition number of the column-scaled XᵀX before it counts as singular.
@@ -173,7 +181,7 @@ def beta_from_statistics(
     batch_size: int | float | torch.Tensor,
     n_samples: int | float | torch.Tensor,
 ) -> torch.Tensor:
-    r""":math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F`, in the dtype of ``xtf``.
+    r""":math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F`, in the dtype of ``xtf`` (W in float64).
 
     Args:
         gram_inverse: :math:`\Sigma^{-1}`, ``(K, K)`` (cast to ``xtf``'s dtype).
@@ -190,17 +198,72 @@ def beta_from_statistics(
         >>> torch.allclose(beta, torch.tensor([[2.0], [3.0]], dtype=torch.float64))
         True
     """
-    scale = n_samples / batch_size
-    return (gram_inverse.to(xtf.dtype) * scale) @ xtf
+    return apply_weight(batch_weight(gram_inverse, n_samples, batch_size), xtf)
+
+
+def batch_weight(
+    gram_inverse: torch.Tensor,
+    n_samples: int | float | torch.Tensor,
+    batch_size: int | float | torch.Tensor,
+) -> torch.Tensor:
+    r"""The batch estimator's factor :math:`W = (N/m)\,\Sigma^{-1}`, float64 ``(K, K)``.
+
+    ``batch_size`` may be a 0-d tensor (a batch size summed over processes, read on the device);
+    a batch size of 0 gives W = 0 (an empty union batch estimates β = 0), never a division by
+    zero.
+
+    Examples::
+
+        >>> import torch
+        >>> batch_weight(torch.eye(2, dtype=torch.float64), 10, 5)
+        tensor([[2., 0.],
+                [0., 2.]], dtype=torch.float64)
+    """
+    weight = gram_inverse if gram_inverse.dtype == torch.float64 else gram_inverse.double()
+    if isinstance(batch_size, torch.Tensor):
+        count = batch_size.to(torch.float64)
+        return weight * torch.where(count > 0, n_samples / count.clamp_min(1.0), 0.0)
+    if batch_size <= 0:
+        return weight * 0.0
+    return weight * (n_samples / batch_size)  # n_samples may be a tensor: no host read
+
+
+def apply_weight(weight: torch.Tensor, statistics: torch.Tensor) -> torch.Tensor:
+    r"""``W @ statistics``, the (K, K) float64 ``W`` applied in float64, in ``statistics``' dtype.
+
+    Examples::
+
+        >>> import torch
+        >>> apply_weight(2 * torch.eye(2, dtype=torch.float64), torch.ones(2, 3)).dtype
+        torch.float32
+    """
+    if statistics.dtype == torch.float64:
+        return weight @ statistics
+    return (weight @ statistics.to(torch.float64)).to(statistics.dtype)
+
+
+def weighted_rows(design_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    r"""``X_b W`` (m×K) formed in float64, in the rows' dtype: :math:`\hat\beta = (X_bW)^\top F`.
+
+    Examples::
+
+        >>> import torch
+        >>> weighted_rows(torch.ones(4, 2), 2 * torch.eye(2, dtype=torch.float64))[0]
+        tensor([2., 2.])
+    """
+    return apply_weight(weight, design_rows.T).T
 
 
 def remove_effect(
     features: torch.Tensor,
     design_rows: torch.Tensor,
     beta: torch.Tensor,
-    remove_mask: torch.Tensor,
+    remove_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     r"""``features − X_b[:, R] β[R, :]``, R being the columns where ``remove_mask`` is true.
+
+    ``remove_mask=None`` removes every column (the rows are then taken as given: pass rows
+    already masked, :math:`X_{b,R}`, to skip the multiplication).
 
     Shape:
         - features: ``(m, D)``
@@ -217,7 +280,9 @@ def remove_effect(
         >>> remove_effect(torch.tensor([[13.0]]), rows, beta, torch.tensor([False, True]))
         tensor([[11.]])
     """
-    return torch.addmm(features, design_rows * remove_mask.to(design_rows.dtype), beta, alpha=-1)
+    if remove_mask is not None:
+        design_rows = design_rows * remove_mask.to(design_rows.dtype)
+    return torch.addmm(features, design_rows, beta, alpha=-1)
 
 
 def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:

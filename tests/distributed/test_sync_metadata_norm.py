@@ -1,4 +1,4 @@
-"""SyncMetadataNorm on 2 gloo processes against one process holding the union batch.
+"""The synced MDN layers on 2 gloo processes against one process holding the union batch.
 
 One spawn of 2 processes (module fixture ``results``) runs every scenario and returns what each
 rank saw; the oracle is a plain MetadataNorm in this process, fed the union batches.
@@ -19,10 +19,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from metanorm.models.cnn import PaperCNN
 from metanorm.nn import (
     MetadataNorm,
+    MetadataScaleNorm,
+    PenaltyMetadataNorm,
+    RecursiveMetadataNorm,
     SyncMetadataNorm,
+    SyncMetadataScaleNorm,
+    SyncPenaltyMetadataNorm,
+    SyncRecursiveMetadataNorm,
     global_design_statistics,
     revert_sync_metadata_norm,
 )
+from metanorm.nn.utils import refit_running_beta
 
 pytestmark = requires_gloo
 
@@ -66,6 +73,25 @@ def _layer(cls, dtype, momentum, **kw):
 
 def _channelwise(cls):
     return cls(SHAPE[0], _design(), keep=[0], channelwise=True, dtype=torch.float64)
+
+
+ESTIMATORS = ("recursive", "penalty", "scale")
+
+
+def _estimator(name, dtype, synced=False):
+    """A layer of another estimator on the (2, 3) maps (scale: 2 channels)."""
+    if name == "recursive":
+        cls = SyncRecursiveMetadataNorm if synced else RecursiveMetadataNorm
+        return cls(6, K, keep=[0], forgetting=0.99, dtype=dtype)
+    if name == "penalty":
+        cls = SyncPenaltyMetadataNorm if synced else PenaltyMetadataNorm
+        return cls(6, K, keep=[0], lr=0.05, dtype=dtype)
+    cls = SyncMetadataScaleNorm if synced else MetadataScaleNorm
+    return cls(SHAPE[0], _design(), keep=[0], momentum=0.1, dtype=dtype)
+
+
+def _state(layer):
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
 
 
 def _buffers(layer):
@@ -160,6 +186,23 @@ def _scenarios(rank, world_size):
     res["singleton"] = all(
         torch.equal(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1], strict=True)
     ) and torch.equal(alone.running_beta, plain.running_beta)
+    # 1d. every other estimator: its synced class on the rank's share of each union batch, and
+    # a refit over the rank's shard of a loader (sums all-reduced)
+    for ename in ESTIMATORS:
+        for dname, dtype in DTYPES.items():
+            layer = _estimator(ename, dtype, synced=True)
+            outs, grads = _run_steps(layer, SPLITS["uneven"], dtype, rank)
+            res["estimator", ename, dname] = {
+                "outs": outs,
+                "grads": grads,
+                "state": _state(layer),
+            }
+        layer = _estimator(ename, torch.float64, synced=True)
+        _run_steps(layer, SPLITS["even"], torch.float64, rank)
+        loader = [_batch(10 + step, 12, torch.float64)[:2] for step in range(3)]
+        part = slice(0, 5) if rank == 0 else slice(5, 12)
+        refit_running_beta(layer, [(f[part], r[part]) for f, r in loader])
+        res["refit", ename] = _state(layer)
     short = dist.new_group(timeout=datetime.timedelta(seconds=3))
     # 2. a NaN feature on rank 1 only: every rank skips the estimate
     layer = _layer(SyncMetadataNorm, torch.float64, 0.1)
@@ -298,6 +341,40 @@ def test_channelwise_layer_matches_the_union_batch(results):
             torch.testing.assert_close(got["grads"][step], want_grads[step][part], **EXACT)
         for name, want in _buffers(layer).items():
             torch.testing.assert_close(got["buffers"][name], want, **EXACT)
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("ename", ESTIMATORS)
+def test_every_estimator_synced_matches_the_union_batch(results, ename, dname):
+    """RLS (XᵀX, XᵀF and m summed), PMDN (its gradient statistics summed) and the scale layer
+    (Xᵀ log σ, Σ log σ, Σ x and m summed) take the step of the union batch on every rank."""
+    dtype = DTYPES[dname]
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dname == "float64" else {"atol": 1e-5, "rtol": 1e-5}
+    layer = _estimator(ename, dtype)
+    outs, grads = _run_steps(layer, SPLITS["uneven"], dtype)
+    m0 = SPLITS["uneven"][0]
+    for rank in (0, 1):
+        got = results[rank]["estimator", ename, dname]
+        part = slice(0, m0) if rank == 0 else slice(m0, None)
+        for a, b in zip(got["outs"], outs, strict=True):
+            torch.testing.assert_close(a, b[part], **tol)
+        for a, b in zip(got["grads"], grads, strict=True):
+            torch.testing.assert_close(a, b[part], **tol)
+        for name, value in _state(layer).items():
+            torch.testing.assert_close(got["state"][name], value, **tol)
+
+
+@pytest.mark.parametrize("ename", ESTIMATORS)
+def test_refit_under_ddp_gives_every_rank_the_union_refit(results, ename):
+    """refit_running_beta all-reduces its sums: each rank gets the state of a refit over the
+    union of the shards (checked against the same refit in one process)."""
+    layer = _estimator(ename, torch.float64)
+    _run_steps(layer, SPLITS["even"], torch.float64)
+    refit_running_beta(layer, [_batch(10 + step, 12, torch.float64)[:2] for step in range(3)])
+    for rank in (0, 1):
+        got = results[rank]["refit", ename]
+        for name, value in _state(layer).items():
+            torch.testing.assert_close(got[name], value, atol=1e-10, rtol=1e-10)
 
 
 def test_a_group_of_one_process_is_a_metadata_norm(results):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metanorm import _native, linalg
+from metanorm import linalg
 from metanorm.nn import MetadataNorm
 from metanorm.nn import functional as MF
 
@@ -63,19 +63,8 @@ def test_float32_matches_float64(setup):
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
 
 
-@pytest.fixture(params=["pytorch", "native"])
-def update_path(request, monkeypatch):
-    """The running update on PyTorch operations, or on the optional compiled op (if built)."""
-    from metanorm import _native
-
-    if request.param == "native" and not _native.available():
-        pytest.skip("metanorm_native is not built (make native)")
-    monkeypatch.setattr(_native, "_enabled", request.param == "native")
-    return request.param
-
-
 @pytest.mark.parametrize("count_kind", ["tensor", "int"])  # summed (synced) or host batch size
-def test_update_running_beta_factors_and_nonfinite(setup, count_kind, update_path):
+def test_update_running_beta_factors_and_nonfinite(setup, count_kind):
     running = torch.zeros(3, 2, dtype=torch.float64)
     tracked, samples, skipped = torch.tensor(0), torch.tensor(0), torch.tensor(0)
     counters = {
@@ -137,15 +126,13 @@ def test_layer_in_a_model_trains(setup):
 class _OtherShard:
     """A reducer that adds a second shard's sums: two processes simulated in one.
 
-    The training map sums the batch size, then the estimate BᵀF (B = X·(N/M)Σ⁻¹), then the
-    backward statistic Aᵀ G, in that order.
+    The training map sums [XᵀF, m] (one flat tensor) in the forward pass, then the backward
+    statistic Aᵀ G, in that order.
     """
 
-    def __init__(self, rows, feats, grad, mask, gram_inverse, n, total):
-        weight = gram_inverse * (n / total)
+    def __init__(self, rows, feats, grad, mask):
         self.parts = [
-            torch.tensor(float(len(rows)), dtype=torch.float64),
-            (rows @ weight).T @ feats,
+            torch.cat([(rows.T @ feats).reshape(-1), torch.tensor([float(len(rows))])]),
             (rows * mask).T @ grad,
         ]
         self.calls = 0
@@ -165,36 +152,63 @@ def test_reducer_seam_gives_the_union_batch(setup):
     out, beta, _ = MF.batch_residual(feats, x[:20], gram_inverse, 60, mask)
     (want_grad,) = torch.autograd.grad(out, feats, grad)
     shard = feats[:7].detach().clone().requires_grad_()
-    other = _OtherShard(x[7:20], feats[7:20].detach(), grad[7:20], mask, gram_inverse, 60, 20)
+    other = _OtherShard(x[7:20], feats[7:20].detach(), grad[7:20], mask)
     out_a, beta_a, count = MF.batch_residual(shard, x[:7], gram_inverse, 60, mask, reducer=other)
     (grad_a,) = torch.autograd.grad(out_a, shard, grad[:7])
-    assert other.calls == 3 and float(count) == 20
+    assert other.calls == 2 and float(count) == 20
     torch.testing.assert_close(beta_a, beta, atol=1e-12, rtol=0)
     torch.testing.assert_close(out_a, out[:7], atol=1e-12, rtol=0)
     torch.testing.assert_close(grad_a, want_grad[:7], atol=1e-12, rtol=0)
 
 
-@pytest.mark.skipif(not _native.available(), reason="the optional compiled op is not installed")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_op_path_matches_pytorch_path(setup, dtype, monkeypatch):
+def test_the_policies_of_earlier_versions_still_apply_with_a_deprecation_warning(setup):
+    """metadata_norm(..., num_samples_tracked=..., on_nonfinite=...) as earlier versions took it:
+    the module's result, with a DeprecationWarning."""
     x, gram_inverse, mask, g = setup
-    feats = torch.randn(30, 70, dtype=torch.float64, generator=g).to(dtype).requires_grad_()
-    grad = torch.randn(30, 70, dtype=torch.float64, generator=g).to(dtype)
-    rows = x[:30].to(dtype)
-    calls = []
-    op = _native.low_rank_residual_fast
-    monkeypatch.setattr(_native, "low_rank_residual_fast", lambda *a: calls.append(1) or op(*a))
-    monkeypatch.setattr(MF, "NATIVE_MIN_ELEMENTS", 0)  # a small problem takes the op too
-    results = {}
-    for enabled in (True, False):
-        previous = _native.set_enabled(enabled)
-        try:
-            out, beta, _ = MF.batch_residual(feats, rows, gram_inverse, 60, mask)
-            (dx,) = torch.autograd.grad(out, feats, grad)
-        finally:
-            _native.set_enabled(previous)
-        results[enabled] = (out, beta, dx)
-    assert len(calls) == 2  # forward and backward, with the op enabled only
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 0}
-    for a, b in zip(results[True], results[False], strict=True):
-        torch.testing.assert_close(a, b, **tol)
+    feats = torch.randn(20, 4, dtype=torch.float64, generator=g)
+    layer = MetadataNorm(4, x, keep=[0], momentum=None, dtype=torch.float64)
+    running = torch.zeros(3, 4, dtype=torch.float64)
+    counters = {name: torch.tensor(0) for name in ("num_batches_tracked", "num_samples_tracked")}
+    for i in range(0, 20, 10):
+        with pytest.warns(DeprecationWarning, match="no longer applies the module's policies"):
+            out = MF.metadata_norm(
+                feats[i : i + 10],
+                x[i : i + 10],
+                layer.gram_inverse,
+                60,
+                layer.remove_mask,
+                running,
+                True,
+                None,
+                on_nonfinite="skip",
+                **counters,
+            )
+        torch.testing.assert_close(out, layer(feats[i : i + 10], x[i : i + 10]))
+    torch.testing.assert_close(running, layer.running_beta)
+    with pytest.raises(TypeError, match="expected training to be a bool"):
+        MF.metadata_norm(feats, x[:20], gram_inverse, 60, mask, running, torch.tensor(0))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_the_cpu_update_and_the_device_update_agree(momentum):
+    """Eager CPU tensors take the update that reads its scalars; a GPU or torch.compile takes the
+    one that reads nothing. Both follow the same rule, a non-finite batch included."""
+    g = torch.Generator().manual_seed(0)
+    states = []
+    for update in (MF._update_on_cpu, "device"):
+        running = torch.zeros(3, 4, dtype=torch.float64)
+        counters = [torch.tensor(0), torch.tensor(0), torch.tensor(0)]
+        g.manual_seed(0)
+        for step, m in enumerate((10, 30, 20, 20, 5, 60)):
+            beta = torch.randn(3, 4, generator=g, dtype=torch.float64)
+            if step == 3:
+                beta[1, 2] = float("nan")
+            if update == "device":
+                finite = torch.isfinite(beta.sum())
+                MF._update_one_process(running, beta, finite, m, momentum, *counters)
+            else:
+                finite = update(running, beta, m, momentum, *counters)
+            assert bool(finite) == (step != 3)
+        states.append((running, [int(c) for c in counters]))
+    torch.testing.assert_close(states[0][0], states[1][0], atol=1e-12, rtol=0)
+    assert states[0][1] == states[1][1] == [5, 125, 1]

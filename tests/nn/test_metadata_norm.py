@@ -156,6 +156,7 @@ def test_state_dict_round_trip(rng):
         "num_batches_tracked",
         "num_samples_tracked",
         "num_batches_skipped",
+        "num_batches_fallback",
     }
     assert sd["gram_inverse"].dtype == torch.float64
     b = MetadataNorm(7, np.eye(5), keep=[])  # another design: everything is restored

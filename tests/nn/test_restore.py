@@ -62,7 +62,7 @@ def test_checkpoint_of_version_1_loads():
     torch.testing.assert_close(out, saved["expected"], atol=1e-12, rtol=0)
     assert layer.keep == tuple(saved["keep"]) and int(layer.num_batches_skipped) == 0
     assert set(layer.state_dict()) >= {"gram_inverse", "num_batches_skipped"}
-    assert layer.state_dict()._metadata[""]["version"] == 2
+    assert layer.state_dict()._metadata[""]["version"] == MetadataNorm._version
 
 
 def test_lazy_layer_infers_num_features_and_becomes_metadata_norm():

@@ -1,9 +1,10 @@
-"""PyTorch Lightning: a ``LayerSync`` plugin that syncs MetadataNorm (and BatchNorm) under DDP.
+"""PyTorch Lightning: a ``LayerSync`` plugin that syncs the MDN layers (and BatchNorm) under DDP.
 
 Lightning takes one ``LayerSync`` plugin per ``Trainer``; its built-in one
 (``sync_batchnorm=True``) converts BatchNorm only. :class:`MetadataNormSync` converts both:
-every :class:`~metanorm.nn.MetadataNorm` to :class:`~metanorm.nn.SyncMetadataNorm` (β estimated
-from the union of the processes' batches) and every BatchNorm to
+every MDN layer to its synchronised class (:class:`~metanorm.nn.MetadataNorm` to
+:class:`~metanorm.nn.SyncMetadataNorm`, β estimated from the union of the processes' batches;
+the recursive, penalty and scale layers likewise) and every BatchNorm to
 :class:`torch.nn.SyncBatchNorm`, when ``fit`` sets up a DDP strategy; Lightning reverts them
 when ``fit`` ends, so the module holds plain layers again afterwards::
 
@@ -68,7 +69,7 @@ class MetadataNormSync(_LayerSync):
     """A Lightning ``LayerSync`` plugin for MetadataNorm and BatchNorm layers.
 
     ``apply`` (called by Lightning's DDP strategies when ``fit`` starts, before the model is
-    wrapped) converts every :class:`~metanorm.nn.MetadataNorm` with
+    wrapped) converts every MDN layer to its synchronised class with
     :meth:`SyncMetadataNorm.convert_sync_metadata_norm` and, with ``batch_norm=True``, every
     BatchNorm with :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`; ``revert`` (called when
     ``fit`` ends) turns them back into plain layers. The layers keep their parameters and

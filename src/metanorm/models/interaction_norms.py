@@ -6,17 +6,9 @@ is not of that form: after a convolution the features are ``s(c) · g(x)`` (plus
 dependence on ``c`` varies with the content ``g(x)`` the network computes. Two layers here try
 to reach such effects; ``docs/failures.md`` measures them.
 
-- :class:`MetadataScaleNorm`: the multiplicative analogue of MDN. For a conv map it takes the
-  per-sample, per-channel spatial standard deviation ``σ`` (invariant to the channel's bias),
-  regresses ``log σ`` on the design rows with the paper's batch estimator
-  (``β̂ = (N/m) Σ⁻¹ X_bᵀ (log σ − its batch mean)``, Σ⁻¹ of the whole training design; the
-  centring changes only the intercept's coefficient in expectation and removes most of the
-  estimator's noise, as ``log σ`` is far from 0), and divides the map by
-  ``exp(X_b,R β̂_R)``, the metadata's part of the scale (``R``: the removed columns other than
-  the intercept, so the channel's typical scale is kept). An exactly multiplicative effect
-  ``f = exp(x_R β_R) · g`` is removed exactly; a running β (momentum, as MDN) is used in eval
-  mode. For ``(m, C)`` input (no positions) the scale is the per-sample standard deviation over
-  the C features, one per sample.
+- :class:`metanorm.nn.MetadataScaleNorm` (re-exported here): the multiplicative analogue of
+  MDN, which divides out the metadata's part of each channel's scale (``log σ`` regressed on
+  the design rows with the paper's batch estimator).
 - :class:`PolynomialMetadataNorm`: a :class:`~metanorm.nn.MetadataNorm` whose design is the
   given one with the square of each non-binary removed column appended (removed too), so that
   an effect quadratic in the metadata is regressed out as well. The layer squares the batch's
@@ -51,9 +43,9 @@ from torch import Tensor, nn
 
 from metanorm.design import Design
 from metanorm.models.norms import create_norm, get_norm, register_norm
-from metanorm.nn import MetadataNorm, MetadataSequential
+from metanorm.nn import MetadataNorm, MetadataScaleNorm, MetadataSequential
 
-__all__ = ["FAILURE_METHODS", "MetadataScaleNorm", "PolynomialMetadataNorm", "squared_columns"]
+__all__ = ["FAILURE_METHODS", "PolynomialMetadataNorm", "squared_columns"]
 
 
 def _check_design(design: Any) -> Design:
@@ -136,115 +128,6 @@ class PolynomialMetadataNorm(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)
         return f"squared={list(self.squared)}"
-
-
-class MetadataScaleNorm(nn.Module):
-    r"""Divides out the metadata's multiplicative effect on each channel's scale.
-
-    See the module docstring for the estimator.
-
-    Args:
-        num_channels: C, the channels of the input (dimension 1).
-        design: the WHOLE training set's :class:`~metanorm.design.Design`; the removed columns
-            other than the intercept are the metadata whose effect on the scale is divided out.
-        momentum: running-β momentum (``None``: the cumulative average). Default: 0.1.
-        eps: added to the variance before the log. Default: 1e-5.
-        ridge: added to the diagonal of ``XᵀX`` before it is inverted. Default: 0.
-
-    Shape:
-        - Input: ``(m, C, *)`` with at least one position, or ``(m, C)``; design rows ``(m, K)``.
-        - Output: same shape as the input.
-
-    Raises:
-        TypeError: ``design`` is not a :class:`~metanorm.design.Design`.
-        ValueError: a design without metadata columns, a singular ``XᵀX``, or inputs of the
-            wrong shape.
-    """
-
-    takes_metadata = True
-    sigma_inv: Tensor
-    running_beta: Tensor
-    num_batches_tracked: Tensor
-    removed: Tensor
-
-    def __init__(
-        self,
-        num_channels: int,
-        design: Design,
-        momentum: float | None = 0.1,
-        *,
-        eps: float = 1e-5,
-        ridge: float = 0.0,
-    ) -> None:
-        super().__init__()
-        design = _check_design(design)
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"expected num_channels to be a positive int, got {num_channels!r}")
-        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"expected momentum in [0, 1] or None, got {momentum!r}")
-        cols = _metadata_columns(design)
-        if not cols:
-            raise ValueError(f"the design {design.columns} has no metadata column to remove")
-        x = design.matrix
-        gram = x.T @ x + ridge * np.eye(x.shape[1])
-        if np.linalg.cond(gram) > 1e12:
-            raise ValueError(
-                f"the design's XᵀX is singular (columns {design.columns}); pass ridge > 0"
-            )
-        self.num_channels, self.momentum, self.eps = num_channels, momentum, eps
-        self.num_columns = x.shape[1]
-        self.n = float(x.shape[0])
-        self.register_buffer("sigma_inv", torch.as_tensor(np.linalg.inv(gram), dtype=torch.float32))
-        mask = torch.zeros(x.shape[1])
-        mask[cols] = 1.0
-        self.register_buffer("removed", mask)
-        self.register_buffer("running_beta", torch.zeros(x.shape[1], num_channels))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
-
-    def log_scale(self, input: Tensor) -> Tensor:
-        """``log σ`` per sample and channel, ``(m, C)`` (``(m, 1)`` for ``(m, C)`` input)."""
-        if input.dim() > 2:
-            flat = input.flatten(2).float()
-            var = flat.var(dim=2, unbiased=False)
-        else:
-            var = input.float().var(dim=1, unbiased=False, keepdim=True)
-        return 0.5 * torch.log(var + self.eps)
-
-    def forward(self, input: Tensor, metadata: Tensor) -> Tensor:
-        """Returns ``input`` divided by the metadata's part of its scale."""
-        if input.dim() < 2 or input.shape[1] != self.num_channels:
-            raise ValueError(
-                f"expected input of shape (m, {self.num_channels}, ...), got {tuple(input.shape)}"
-            )
-        if metadata.dim() != 2 or metadata.shape != (input.shape[0], self.num_columns):
-            raise ValueError(
-                f"expected design rows of shape ({input.shape[0]}, {self.num_columns}), got "
-                f"{tuple(metadata.shape)}"
-            )
-        rows = metadata.float()
-        if self.training:
-            s = self.log_scale(input)  # (m, C) or (m, 1)
-            # centred on the batch mean: in expectation that changes only the intercept's
-            # coefficient (never removed), and it keeps log σ's large mean out of the noise
-            s = s - s.mean(dim=0, keepdim=True)
-            beta = (self.n / input.shape[0]) * self.sigma_inv @ (rows.T @ s)  # (K, C or 1)
-            with torch.no_grad():
-                full = beta.detach().expand(-1, self.num_channels)
-                self.num_batches_tracked += 1
-                mu = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None
-                    else float(self.momentum)
-                )
-                self.running_beta.mul_(1.0 - mu).add_(mu * full)
-        else:
-            beta = self.running_beta if input.dim() > 2 else self.running_beta[:, :1]
-        shift = (rows * self.removed) @ beta  # (m, C) or (m, 1): the metadata's log-scale
-        factor = torch.exp(-shift).to(input.dtype)
-        return input * factor.reshape(*factor.shape, *([1] * (input.dim() - 2)))
-
-    def extra_repr(self) -> str:  # noqa: D102 (nn.Module hook)
-        return f"{self.num_channels}, momentum={self.momentum}, eps={self.eps}"
 
 
 # ------------------------------------------------------------------ registered methods

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
 
-from metanorm.nn.metadata_norm import LazyMetadataNorm
+from metanorm.design import Design
+from metanorm.nn.metadata_norm import LazyMetadataNorm, MetadataNorm
+from metanorm.nn.penalty import LazyPenaltyMetadataNorm, PenaltyMetadataNorm
+from metanorm.nn.recursive import LazyRecursiveMetadataNorm, RecursiveMetadataNorm
+from metanorm.nn.scale import LazyMetadataScaleNorm, MetadataScaleNorm
 from metanorm.nn.scope import MetadataModel, _ApplyInserted
 
 __all__ = ["convert_metadata_norm"]
@@ -29,6 +33,7 @@ def convert_metadata_norm(
     *,
     replace: Iterable[str | type[nn.Module]] | str | type[nn.Module] = (),
     after: Iterable[str] | str = (),
+    layer: type[nn.Module] | Callable[..., nn.Module] = LazyMetadataNorm,
     **layer_options: Any,
 ) -> MetadataModel:
     r"""Puts MDN layers into ``model`` and wraps it to be called as ``model(x, metadata=rows)``.
@@ -52,7 +57,13 @@ def convert_metadata_norm(
         after: qualified module names; an MDN layer is inserted after each (applied to its
             output, which must be a tensor). A module called several times in one forward
             pass is followed by the layer each time.
-        **layer_options: passed to :class:`~metanorm.nn.LazyMetadataNorm` (``keep``,
+        layer: the estimator: an MDN layer class (:class:`~metanorm.nn.MetadataNorm`,
+            :class:`~metanorm.nn.RecursiveMetadataNorm`, :class:`~metanorm.nn.PenaltyMetadataNorm`,
+            :class:`~metanorm.nn.MetadataScaleNorm`, or their lazy classes: each is built lazy,
+            the recursive and penalty layers with ``num_metadata`` and ``keep`` from the
+            design), or a factory called as ``layer(design, **layer_options)`` that returns a
+            module taking ``(input, metadata)``. Default: :class:`~metanorm.nn.LazyMetadataNorm`.
+        **layer_options: passed to the layer (for :class:`~metanorm.nn.LazyMetadataNorm`: ``keep``,
             ``momentum``, ``channelwise``, ``ridge``, ``on_nonfinite``, ...). By default each
             layer's buffers are put on the device of the module it replaces or follows.
 
@@ -90,6 +101,7 @@ def convert_metadata_norm(
     if not replace_list and not after_list:
         raise ValueError("nothing to convert: pass replace= (names or types) and/or after= (names)")
 
+    build = _factory(layer)
     modules = dict(target.named_modules(remove_duplicate=False))
     to_replace: dict[str, nn.Module] = {}
     for entry in replace_list:
@@ -118,9 +130,7 @@ def convert_metadata_norm(
     for name in names:
         old = to_replace[name]
         if id(old) not in new_layers:
-            new_layers[id(old)] = LazyMetadataNorm(
-                design, **_with_device(layer_options, old, target)
-            )
+            new_layers[id(old)] = build(design, **_with_device(layer_options, old, target))
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name], child, new_layers[id(old)])
 
@@ -134,11 +144,41 @@ def convert_metadata_norm(
         if key in wrapped.inserted:
             raise ValueError(f"an MDN layer is already inserted after {name!r}")
         module = modules[name]
-        wrapped.inserted[key] = LazyMetadataNorm(
-            design, **_with_device(layer_options, module, target)
-        )
+        wrapped.inserted[key] = build(design, **_with_device(layer_options, module, target))
         module.register_forward_hook(_ApplyInserted(key, name))
     return wrapped
+
+
+_LAZY: dict[type, type] = {
+    MetadataNorm: LazyMetadataNorm,
+    RecursiveMetadataNorm: LazyRecursiveMetadataNorm,
+    PenaltyMetadataNorm: LazyPenaltyMetadataNorm,
+    MetadataScaleNorm: LazyMetadataScaleNorm,
+}
+
+
+def _factory(layer: Any) -> Callable[..., nn.Module]:
+    """``build(design, **options)`` for ``layer=`` (a class or a factory)."""
+    if isinstance(layer, type):
+        lazy = _LAZY.get(layer, layer)
+        if lazy in (LazyRecursiveMetadataNorm, LazyPenaltyMetadataNorm):
+
+            def online(design: Any, **options: Any) -> nn.Module:
+                if isinstance(design, Design):
+                    options.setdefault("keep", design.keep)
+                width = design.shape[1] if hasattr(design, "shape") else len(design[0])
+                return lazy(int(width), **options)
+
+            return online
+        if lazy in _LAZY.values():
+            return lazy
+        raise TypeError(
+            f"expected layer= to be an MDN layer class ({', '.join(c.__name__ for c in _LAZY)}) "
+            f"or a factory layer(design, **options), got the class {layer.__name__}"
+        )
+    if callable(layer):
+        return layer
+    raise TypeError(f"expected layer= to be an MDN layer class or a factory, got {layer!r}")
 
 
 def _check_name(name: str, modules: dict[str, nn.Module], argument: str) -> None:

@@ -1,35 +1,33 @@
-r"""Stateless form of Metadata Normalization, and the stages it is made of.
+r"""Stateless form of Metadata Normalization, as ``torch.nn.functional.batch_norm`` is of BatchNorm.
 
-See :class:`metanorm.nn.MetadataNorm` for the maths and the arguments. The functional holds no
-state: it updates the buffers it is given, in place, as ``F.batch_norm`` does.
-
-A training step runs these stages, each written once, in plain PyTorch operations:
-
-1. batch statistics :math:`X_b^\top F` (K×D) and the batch size m;
-2. a reduce point (the identity in one process; a sum over processes in a synchronised layer);
-3. the estimate :math:`\hat\beta = (N/m)\,\Sigma^{-1} X_b^\top F`;
-4. the running update of :math:`\beta_{run}` (never with a non-finite estimate);
-5. the residual :math:`F - X_{b,R}\,\hat\beta_R`.
-
-Stages 1, 2, 3 and 5 are one autograd function with a hand-written backward (the transposed map,
-one read of the upstream gradient), so the layer costs two passes over the features per direction.
-Nothing here reads a tensor's value on the host, so the layer compiles with
-``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
+See :class:`metanorm.nn.MetadataNorm` for the maths. :func:`metadata_norm` decides nothing: it
+computes the batch estimate and residual in training (and folds the estimate into
+``running_beta`` with the factor it is given), or subtracts ``running_beta`` in evaluation. The
+policies (the running-average factor from the counters, a batch of m ≤ K, non-finite batches,
+which process group) are the module's. The algebra is :mod:`metanorm.linalg`'s and the autograd
+Functions are in ``metanorm.nn._functions``. Nothing here waits for a device: on a GPU and
+under :func:`torch.compile` no value is read on the host, so the layer compiles with
+``fullgraph=True`` and can be captured in a CUDA graph; only the running update of CPU tensors
+in eager mode reads its scalars, which are in host memory already.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from metanorm import _native
 from metanorm._validation import describe
-from metanorm.linalg import remove_effect
+from metanorm.linalg import batch_weight, remove_effect, weighted_rows
+from metanorm.nn._functions import (
+    BatchResidual,
+    StatisticsReducer,
+    SyncBatchResidual,
+    autocast_off,
+)
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -43,36 +41,12 @@ __all__ = [
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-#: Widest design the optional compiled op is used for (all it takes; measured faster than
-#: PyTorch's products up to K = 16, native/README.md).
-NATIVE_MAX_COLUMNS = 16
-#: Smallest feature map (m·D elements) it is used for: below, its call overhead costs as much as
-#: it saves (measured even at (m, D) = (200, 84), faster from (200, 128)).
-NATIVE_MIN_ELEMENTS = 1 << 15
-
 #: What a training step does with a non-finite β estimate (the running β keeps its value in all).
 NONFINITE_POLICIES = ("skip", "warn", "raise")
 
 
 class NonFiniteEstimateError(ValueError):
     """A training batch gave a NaN or infinite β estimate (NaN/inf features, fp16 overflow)."""
-
-
-class StatisticsReducer(Protocol):
-    r"""Where the batch statistics of several processes meet (stage 2).
-
-    ``sum`` returns the sum of a tensor over the processes (an all-reduce). The training map calls
-    it three times per step: on the batch size m and on the (K, D) estimate in the forward pass,
-    and on the (K, D) backward statistic. A reducer with a true attribute ``packs_count`` is
-    called twice instead, once per direction: in the forward pass on one flat tensor holding
-    :math:`X_b^\top F` (K·D values, the design rows not yet scaled by (N/M)Σ⁻¹) followed by m;
-    in the backward pass on the (K, D) statistic (this is what
-    :class:`metanorm.nn.SyncMetadataNorm` uses). A single process needs none (``reducer=None``).
-    """
-
-    def sum(self, tensor: Tensor) -> Tensor:
-        """The sum of ``tensor`` over the processes."""
-        ...
 
 
 def check_metadata(metadata: Any, batch_size: int, num_columns: int) -> None:
@@ -107,8 +81,8 @@ def check_metadata(metadata: Any, batch_size: int, num_columns: int) -> None:
         metadata = metadata.unsqueeze(1)
     if metadata.dim() != 2 or metadata.shape[1] != num_columns:
         raise ValueError(
-            f"expected metadata of shape ({batch_size}, {num_columns}) (one design row of K = "
-            f"{num_columns} columns per sample), got {describe(metadata)}"
+            f"expected metadata of shape ({batch_size}, {num_columns}) (design rows: one row of "
+            f"K = {num_columns} columns per sample), got {describe(metadata)}"
         )
     if metadata.shape[0] != batch_size:
         raise ValueError(
@@ -130,142 +104,7 @@ def _as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _autocast_off(device_type: str) -> Any:
-    """A context with autocast off on ``device_type``; a no-op context when it is off already."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-class _LowRankResidual(torch.autograd.Function):
-    r"""``F ↦ F − A·reduce(Bᵀ F)``, also returning ``P = reduce(Bᵀ F)`` (which carries no gradient).
-
-    For fixed A and B the map is linear in F and its transpose is the same map with A and B
-    swapped, ``G ↦ G − B·reduce(Aᵀ G)``: the backward is this function again, so double backward
-    works. On the CPU it runs on the optional compiled op of :mod:`metanorm._native` when that
-    is installed (one process only); otherwise on two matrix products.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, a: Tensor, b: Tensor, reducer: StatisticsReducer | None
-    ) -> tuple[Tensor, Tensor]:
-        out, p = _low_rank_map(x, a, b, reducer)
-        ctx.save_for_backward(a, b)
-        ctx.reducer = reducer
-        ctx.mark_non_differentiable(p)
-        ctx.set_materialize_grads(False)
-        return out, p
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_out: Tensor | None, grad_p: Tensor | None
-    ) -> tuple[Tensor | None, None, None, None]:
-        if grad_out is None:
-            return None, None, None, None
-        a, b = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the transpose is differentiable too
-            grad, _ = _LowRankResidual.apply(grad_out, b, a, ctx.reducer)
-        else:
-            grad, _ = _low_rank_map(grad_out, b, a, ctx.reducer)
-        return grad, None, None, None
-
-
-def _low_rank_map(
-    x: Tensor, a: Tensor, b: Tensor, reducer: StatisticsReducer | None
-) -> tuple[Tensor, Tensor]:
-    """``(x − A·reduce(Bᵀx), reduce(Bᵀx))`` without autograd: the compiled op or two products."""
-    with _autocast_off(x.device.type):
-        if (
-            reducer is None
-            and a.shape[1] <= NATIVE_MAX_COLUMNS
-            and x.numel() >= NATIVE_MIN_ELEMENTS
-            and _native.applies(x, a.shape[1])
-        ):
-            return _native.low_rank_residual_fast(x, a, b)
-        p = b.T @ x
-        if reducer is not None:
-            p = reducer.sum(p)
-        return torch.addmm(x, a, p, alpha=-1), p
-
-
-def _weighted(weight: Tensor, p: Tensor) -> Tensor:
-    """``W·P`` with the (K, K) float64 ``W`` applied in float64, in ``p``'s dtype."""
-    return (weight @ p.to(torch.float64)).to(p.dtype)
-
-
-class _PackedResidual(torch.autograd.Function):
-    r"""The training map over processes: ``F ↦ F − A·W·reduce(Bᵀ F)``, one collective a direction.
-
-    ``B`` are the design rows (unscaled) and ``A`` their removed columns. The forward pass sums
-    :math:`B^\top F` and the batch size m in ONE flat tensor, then forms
-    :math:`W = (N/M)\,\Sigma^{-1}` from the summed M (a 0 M gives W = 0: an empty union batch
-    is returned as it came). Returns ``(out, β̂ = W·reduce(BᵀF), M)``; β̂ and M carry no
-    gradient. The backward pass is :class:`_ReducedTranspose`: ``G ↦ G − B·W·reduce(Aᵀ G)``
-    (W is symmetric), i.e. the gradient of the sum of all processes' losses.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        a: Tensor,
-        b: Tensor,
-        gram_inverse: Tensor,
-        n_samples: Tensor | float,
-        reducer: StatisticsReducer,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        with _autocast_off(x.device.type):
-            local = b.T @ x
-            packed = torch.cat([local.reshape(-1), local.new_full((1,), x.shape[0])])
-            packed = reducer.sum(packed)
-            p = packed[:-1].view(local.shape)
-            count = packed[-1].to(torch.float64)
-            scale = torch.where(count > 0, n_samples / count.clamp_min(1.0), 0.0)
-            weight = gram_inverse.to(torch.float64) * scale
-            beta = _weighted(weight, p)
-            out = torch.addmm(x, a, beta, alpha=-1)
-        ctx.save_for_backward(a, b, weight)
-        ctx.reducer = reducer
-        ctx.grad_shape = x.shape
-        ctx.mark_non_differentiable(beta, count)
-        ctx.set_materialize_grads(False)
-        return out, beta, count
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_out: Tensor | None, grad_beta: Tensor | None, grad_count: Tensor | None
-    ) -> tuple[Tensor | None, None, None, None, None, None]:
-        a, b, weight = ctx.saved_tensors
-        if grad_out is None:  # still join the other processes' collective
-            grad_out = weight.new_zeros(ctx.grad_shape, dtype=a.dtype)
-        grad = _ReducedTranspose.apply(grad_out, b, a, weight, ctx.reducer)
-        return grad, None, None, None, None, None
-
-
-class _ReducedTranspose(torch.autograd.Function):
-    """``G ↦ G − A·W·reduce(Bᵀ G)`` for a fixed symmetric W: its own transpose (double backward)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, g: Tensor, a: Tensor, b: Tensor, weight: Tensor, reducer: StatisticsReducer
-    ) -> Tensor:
-        with _autocast_off(g.device.type):
-            p = reducer.sum(b.T @ g)
-            out = torch.addmm(g, a, _weighted(weight, p), alpha=-1)
-        ctx.save_for_backward(a, b, weight)
-        ctx.reducer = reducer
-        ctx.grad_shape = g.shape
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor | None) -> tuple[Tensor | None, None, None, None, None]:
-        a, b, weight = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = weight.new_zeros(ctx.grad_shape, dtype=a.dtype)
-        grad = _ReducedTranspose.apply(grad_out, b, a, weight, ctx.reducer)
-        return grad, None, None, None, None
+_autocast_off = autocast_off
 
 
 def batch_residual(
@@ -310,22 +149,17 @@ def batch_residual(
         (torch.Size([8, 5]), torch.Size([2, 5]), 8.0)
         >>> out.sum().backward()                  # differentiable in the features
     """
-    removed_rows = rows.detach() * remove_mask  # a bool mask multiplies in rows' dtype
-    if reducer is not None and getattr(reducer, "packs_count", False):
-        out, beta, count = _PackedResidual.apply(
-            features, removed_rows, rows.detach(), gram_inverse, n_samples, reducer
+    rows = rows.detach()
+    removed_rows = rows * remove_mask  # a bool mask multiplies in rows' dtype
+    if reducer is not None:
+        out, beta, count = SyncBatchResidual.apply(
+            features, removed_rows, rows, gram_inverse, n_samples, reducer
         )
         return out, beta, count
-    count = torch.full((), features.shape[0], dtype=torch.float64, device=features.device)
-    if reducer is not None:
-        count = reducer.sum(count)
-        # M = 0 (every process empty): B is empty and β̂ is 0; keep W finite all the same
-        scale: Tensor | float = n_samples / count.clamp_min(1.0)
-    else:
-        scale = n_samples / features.shape[0]
-    weight = _as_dtype(gram_inverse, torch.float64) * scale  # symmetric (K, K)
-    b = _as_dtype(_as_dtype(rows.detach(), torch.float64) @ weight, features.dtype)
-    out, beta = _LowRankResidual.apply(features, removed_rows, b, reducer)
+    m = features.shape[0]
+    count = torch.full((), m, dtype=torch.float64, device=features.device)
+    b = weighted_rows(rows, batch_weight(gram_inverse, n_samples, m))
+    out, beta = BatchResidual.apply(features, removed_rows, b)
     return out, beta, count
 
 
@@ -355,7 +189,9 @@ def update_running_beta(
     0-d tensor (a synchronised layer). A non-finite ``beta`` (or one whose sum overflows its
     dtype) leaves every buffer as it was except ``num_batches_skipped`` (+1). A ``count`` of 0
     (an empty batch over every process of a synchronised layer) leaves every buffer as it was.
-    No value is read on the host.
+    No value is read on the host, except for CPU tensors in eager mode with all three counters
+    (their values are in host memory: the update is then three operations instead of about
+    seventeen, by the same rule).
 
     Returns:
         A bool 0-d tensor: whether the estimate was finite (and so used, when ``count`` > 0).
@@ -374,14 +210,13 @@ def update_running_beta(
     if (
         not isinstance(count, Tensor)
         and count > 0
+        and running_beta.device.type == "cpu"
         and num_batches_tracked is not None
         and num_samples_tracked is not None
         and num_batches_skipped is not None
-        and _native.updates(
-            running_beta, beta, num_batches_tracked, num_samples_tracked, num_batches_skipped
-        )
-    ):  # the same update in one pass, on the optional compiled op (eager, CPU)
-        return _native.running_update_fast(
+        and not torch.compiler.is_compiling()
+    ):
+        return _update_on_cpu(
             running_beta,
             beta,
             count,
@@ -390,19 +225,26 @@ def update_running_beta(
             num_samples_tracked,
             num_batches_skipped,
         )
-    # one sum tells: s − s is 0 for a finite sum and NaN for NaN/inf (a sum that overflows,
-    # beyond any useful estimate, counts as non-finite too)
-    total = beta.sum()
-    finite = (total - total) == 0
+    # one sum tells: an estimate with a NaN/inf entry (or whose sum overflows, beyond any useful
+    # estimate) has a non-finite sum
+    finite = torch.isfinite(beta.sum())
     dtype = running_beta.dtype
-    if isinstance(count, Tensor):
-        positive = count > 0
-        seen: Tensor | None = positive
-        used = finite & positive
-    elif count <= 0:
+    if not isinstance(count, Tensor):
+        if count <= 0:
+            return finite
+        _update_one_process(
+            running_beta,
+            beta,
+            finite,
+            count,
+            momentum,
+            num_batches_tracked,
+            num_samples_tracked,
+            num_batches_skipped,
+        )
         return finite
-    else:  # a batch size known on the host (one process): the batch counts
-        seen, used = None, finite
+    positive = count > 0
+    used = finite & positive
     # factor: in the running β's dtype (counts stay exact in it up to 2²⁴ samples in float32)
     if num_samples_tracked is not None:
         samples = num_samples_tracked.to(dtype)
@@ -426,30 +268,78 @@ def update_running_beta(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(used)
         if num_samples_tracked is not None:
-            if isinstance(count, Tensor):
-                num_samples_tracked.add_(_as_dtype(used * count, num_samples_tracked.dtype))
-            else:
-                num_samples_tracked.add_(used, alpha=count)
+            num_samples_tracked.add_(_as_dtype(used * count, num_samples_tracked.dtype))
         if num_batches_skipped is not None:
-            num_batches_skipped.add_(~finite if seen is None else ~finite & seen)
+            num_batches_skipped.add_(~finite & positive)
     return finite
 
 
-def _report_nonfinite(finite: Tensor, rows: Tensor, on_nonfinite: str) -> None:
-    """The ``"warn"`` and ``"raise"`` policies: one host sync to read ``finite``."""
-    if bool(finite):
-        return
-    _check_finite_metadata(rows)
-    msg = (
-        "the batch's β estimate is not finite (NaN or infinite features, or an overflow in low "
-        "precision); the running β keeps its previous value"
-    )
-    if on_nonfinite == "raise":
-        raise NonFiniteEstimateError(
-            msg + ". Pass on_nonfinite='skip' to count such batches in num_batches_skipped "
-            "and go on instead"
-        )
-    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+@torch.no_grad()
+def _update_on_cpu(
+    running_beta: Tensor,
+    beta: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor,
+    num_samples_tracked: Tensor,
+    num_batches_skipped: Tensor,
+) -> Tensor:
+    """The same update for CPU tensors in eager mode, its scalars read (no device to wait for).
+
+    A CPU tensor's value is in host memory: reading the estimate's sum and the counters costs
+    no synchronisation, and the update is then three small operations instead of seventeen.
+    Everywhere else (a GPU, ``torch.compile``, a summed batch size) the update reads nothing.
+    """
+    finite = math.isfinite(float(beta.sum()))
+    if finite:
+        samples, batches = int(num_samples_tracked), int(num_batches_tracked)
+        factor = count / (samples + count)
+        if momentum is not None:
+            factor = max(factor, min(1.0, momentum * count / max(samples, 1) * batches))
+        running_beta.lerp_(_as_dtype(beta, running_beta.dtype), factor)
+        num_batches_tracked.add_(1)
+        num_samples_tracked.add_(count)
+    else:
+        num_batches_skipped.add_(1)
+    return torch.tensor(finite)
+
+
+@torch.no_grad()
+def _update_one_process(
+    running_beta: Tensor,
+    beta: Tensor,
+    finite: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_samples_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+) -> None:
+    """The running update for a batch size known on the host: the same rule in fewer operations."""
+    dtype = running_beta.dtype
+    factor: Tensor | float
+    if num_samples_tracked is not None:
+        samples = num_samples_tracked.to(dtype)
+        factor = (samples + count).reciprocal_().mul_(count)  # m / (S + m)
+        if momentum is not None:
+            if num_batches_tracked is not None:
+                weighted = (num_batches_tracked * (momentum * count)).div_(samples.clamp_min(1))
+                factor = torch.maximum(factor, _as_dtype(weighted, dtype)).clamp_max_(1.0)
+            else:
+                factor = factor.clamp_min_(momentum)
+    elif momentum is None:
+        raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
+    else:
+        factor = momentum
+    # a non-finite estimate moves nothing: the target is then the running β itself
+    target = torch.where(finite, _as_dtype(beta, dtype), running_beta)
+    running_beta.lerp_(target, factor)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(finite)
+    if num_samples_tracked is not None:
+        num_samples_tracked.add_(finite, alpha=count)
+    if num_batches_skipped is not None:
+        num_batches_skipped.add_(~finite)
 
 
 def metadata_norm(
@@ -459,19 +349,21 @@ def metadata_norm(
     n_samples: float | Tensor,
     remove_mask: Tensor,
     running_beta: Tensor | None = None,
-    num_batches_tracked: Tensor | None = None,
-    num_samples_tracked: Tensor | None = None,
     training: bool = True,
-    momentum: float | None = 0.1,
-    on_nonfinite: str = "skip",
-    num_batches_skipped: Tensor | None = None,
-    *,
-    reducer: StatisticsReducer | None = None,
+    momentum: float | Tensor = 0.1,
+    **deprecated: Any,
 ) -> Tensor:
     r"""Regresses the removed design columns out of ``input``.
 
-    See :class:`~metanorm.nn.MetadataNorm` for details. The computation runs in float32 for
-    float16/bfloat16 input (autocast is turned off inside) and the result has the input's dtype.
+    See :class:`~metanorm.nn.MetadataNorm` for details. In training, the batch estimate
+    :math:`\hat\beta = (N/m)\,\Sigma^{-1}X_b^\top F` gives the output
+    :math:`F - X_{b,R}\hat\beta_R` (any m ≥ 1) and, if ``running_beta`` is given, is folded into
+    it in place, ``running_beta ← running_beta + momentum·(β̂ − running_beta)``, unless it is not
+    finite (then ``running_beta`` keeps its value). In evaluation the output is
+    :math:`F - X_{b,R}\beta_{run,R}`. The computation runs in float32 for float16/bfloat16
+    input (autocast is turned off inside) and the result has the input's dtype. The module's
+    policies (the factor from the counters, ``momentum=None``, batches of m ≤ K, the non-finite
+    policy, synchronisation over processes) are not applied here.
 
     Args:
         input: features ``(m, *)``; flattened per sample to ``(m, D)``.
@@ -480,22 +372,13 @@ def metadata_norm(
         n_samples: N, the number of training rows behind ``gram_inverse``.
         remove_mask: ``(K,)`` bool, true for the columns whose effect is removed.
         running_beta: ``(K, D)`` buffer in full-data scale, updated in place when ``training``.
-        num_batches_tracked: long 0-d buffer counting the updates of ``running_beta``.
-        num_samples_tracked: long 0-d buffer counting the samples behind those updates
-            (needed when ``momentum`` is None).
         training: estimate β from the batch (and update ``running_beta``); otherwise use
-            ``running_beta``.
-        momentum: see :func:`~metanorm.nn.functional.update_running_beta`.
-        on_nonfinite: ``"skip"`` (default), ``"warn"`` or ``"raise"``: what a training batch with
-            a non-finite β̂ does besides leaving ``running_beta`` as it was: count itself in
-            ``num_batches_skipped``; also warn; raise
-            :class:`NonFiniteEstimateError`. ``"warn"`` and ``"raise"`` read one flag on the
-            host each training step.
-        num_batches_skipped: long 0-d buffer counting the batches whose estimate was not used.
-        reducer: sums the batch statistics over processes; ``None`` in one process. With a
-            reducer, an empty local batch (m = 0) is accepted (it still joins the sums), and a
-            training output uses the running β when the SUMMED batch size M is ≤ K (chosen on
-            the device; every process still runs the batch map and joins its backward sum).
+            ``running_beta``. Default: ``True``.
+        momentum: the factor of the running update (a float or a 0-d tensor). Default: 0.1.
+        **deprecated: the module's policies that earlier versions took here
+            (``num_batches_tracked``, ``num_samples_tracked``, ``num_batches_skipped``,
+            ``on_nonfinite``, ``reducer``): still applied as before, with a
+            ``DeprecationWarning``; use :class:`~metanorm.nn.MetadataNorm`.
 
     Returns:
         A tensor of ``input``'s shape and dtype.
@@ -511,71 +394,161 @@ def metadata_norm(
         >>> out.shape
         torch.Size([8, 6])
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"expected input to be a tensor, got {describe(input)}")
-    if not input.is_floating_point():
-        raise TypeError(f"expected a floating-point input, got {describe(input)}")
-    if input.dim() < 1 or (input.shape[0] == 0 and reducer is None):
-        raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"expected on_nonfinite in {NONFINITE_POLICIES}, got {on_nonfinite!r}")
-    m = input.shape[0]
-    k = gram_inverse.shape[0]
-    check_metadata(metadata, m, k)
-    if training and running_beta is not None and momentum is None and num_samples_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
-
-    compute_dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
-    with _autocast_off(input.device.type):
-        flat = input if input.dim() == 2 else input.reshape(m, math.prod(input.shape[1:]))
-        features = _as_dtype(flat, compute_dtype)
-        rows = metadata.reshape(m, k)
-        if rows.device != features.device or rows.dtype != compute_dtype:
-            rows = rows.to(device=features.device, dtype=compute_dtype)
-        mask = remove_mask if remove_mask.device == rows.device else remove_mask.to(rows.device)
+    if not isinstance(training, bool):
+        raise TypeError(
+            f"expected training to be a bool, got {describe(training)}: metadata_norm takes "
+            "(input, metadata, gram_inverse, n_samples, remove_mask, running_beta, training, "
+            "momentum); the counters and policies are the module's (metanorm.nn.MetadataNorm)"
+        )
+    if deprecated:
+        return _legacy_metadata_norm(
+            input,
+            metadata,
+            gram_inverse,
+            n_samples,
+            remove_mask,
+            running_beta,
+            training,
+            momentum,
+            **deprecated,
+        )
+    if momentum is None:
+        raise ValueError(
+            "momentum=None (cumulative average) needs num_samples_tracked: use the module "
+            "(metanorm.nn.MetadataNorm), which keeps the counters, or pass the factor"
+        )
+    features, rows, flat_shape = _flatten(input, metadata, gram_inverse.shape[0])
+    with autocast_off(features.device.type):
+        mask = remove_mask.to(rows.device)
         if not training:
             if running_beta is None:
                 raise RuntimeError(
                     "evaluation needs a running β: build the layer with "
                     "track_running_stats=True, or keep it in training mode"
                 )
-            out = remove_effect(features, rows, _as_dtype(running_beta, compute_dtype), mask)
-        elif reducer is not None:
-            # every process runs the differentiable map, so that each joins the backward
-            # collective once; whether the output uses the running β depends on the summed M
-            out, beta, count = batch_residual(
-                features, rows, gram_inverse, n_samples, mask, reducer=reducer
-            )
-            if running_beta is not None and m <= k:  # M > K is known already when m > K
-                fallback = remove_effect(
-                    features, rows, _as_dtype(running_beta, compute_dtype), mask
-                )
-                out = torch.where(count > k, out, fallback)
-        elif running_beta is None or m > k:
-            out, beta, count = batch_residual(
-                features, rows, gram_inverse, n_samples, mask, reducer=reducer
-            )
+            out = remove_effect(features, rows, _as_dtype(running_beta, features.dtype), mask)
         else:
-            # m ≤ K: too few rows for the batch estimate to residualise this batch well, so the
-            # output uses the running β, as in evaluation; the (unbiased, noisy) estimate is
-            # still folded in below, with a factor in proportion to m
-            out = remove_effect(features, rows, _as_dtype(running_beta, compute_dtype), mask)
-            with torch.no_grad():
-                _, beta, count = batch_residual(
-                    features, rows, gram_inverse, n_samples, mask, reducer=reducer
-                )
-        if training and running_beta is not None:
+            out, beta, _ = batch_residual(features, rows, gram_inverse, n_samples, mask)
+            if running_beta is not None:
+                with torch.no_grad():
+                    total = beta.sum()
+                    finite = (total - total) == 0
+                    target = _as_dtype(beta, running_beta.dtype).nan_to_num(0.0, 0.0, 0.0)
+                    running_beta.lerp_(
+                        target,
+                        finite
+                        * _as_dtype(
+                            torch.as_tensor(momentum, device=running_beta.device),
+                            running_beta.dtype,
+                        ),
+                    )
+    return _unflatten(out, input, flat_shape)
+
+
+_LEGACY = (
+    "num_batches_tracked",
+    "num_samples_tracked",
+    "num_batches_skipped",
+    "on_nonfinite",
+    "reducer",
+)
+
+
+def _legacy_metadata_norm(
+    input: Tensor,
+    metadata: Tensor,
+    gram_inverse: Tensor,
+    n_samples: float | Tensor,
+    remove_mask: Tensor,
+    running_beta: Tensor | None,
+    training: bool,
+    momentum: Any,
+    **options: Any,
+) -> Tensor:
+    """The functional of earlier versions, which applied the module's policies."""
+    unknown = sorted(set(options) - set(_LEGACY))
+    if unknown:
+        raise TypeError(f"metadata_norm() got unexpected keyword arguments {unknown}")
+    warnings.warn(
+        f"metadata_norm({', '.join(sorted(options))}=...) is deprecated: the functional no "
+        "longer applies the module's policies (counters, on_nonfinite, m <= K, processes); "
+        "use metanorm.nn.MetadataNorm, or pass the running update's factor as momentum",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    on_nonfinite = options.get("on_nonfinite", "skip")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"expected on_nonfinite in {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+    samples = options.get("num_samples_tracked")
+    if training and running_beta is not None and momentum is None and samples is None:
+        raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
+    reducer = options.get("reducer")
+    features, rows, reshape = _flatten(input, metadata, gram_inverse.shape[0])
+    m, k = features.shape[0], gram_inverse.shape[0]
+    with autocast_off(features.device.type):
+        mask = remove_mask.to(rows.device)
+        if not training:
+            return metadata_norm(
+                input, metadata, gram_inverse, n_samples, remove_mask, running_beta, False
+            )
+        out, beta, count = batch_residual(
+            features, rows, gram_inverse, n_samples, mask, reducer=reducer
+        )
+        if running_beta is not None:
+            if m <= k:
+                fallback = remove_effect(features, rows, _as_dtype(running_beta, out.dtype), mask)
+                out = torch.where(count > k, out, fallback) if reducer is not None else fallback
             finite = update_running_beta(
                 running_beta,
                 beta,
-                count if reducer is not None else m,  # one process: m, known on the host
+                count if reducer is not None else m,
                 momentum,
-                num_batches_tracked=num_batches_tracked,
-                num_samples_tracked=num_samples_tracked,
-                num_batches_skipped=num_batches_skipped,
+                num_batches_tracked=options.get("num_batches_tracked"),
+                num_samples_tracked=samples,
+                num_batches_skipped=options.get("num_batches_skipped"),
             )
             if on_nonfinite != "skip":
-                _report_nonfinite(finite, rows, on_nonfinite)
-    if input.dim() != 2:
+                report_nonfinite(finite, rows, on_nonfinite)
+    return _unflatten(out, input, reshape)
+
+
+def _flatten(input: Any, metadata: Any, k: int) -> tuple[Tensor, Tensor, bool]:
+    """Checks the call; ``(features (m, D), rows (m, K))`` in the compute dtype."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"expected input to be a tensor, got {describe(input)}")
+    if not input.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {describe(input)}")
+    if input.dim() < 1 or input.shape[0] == 0:
+        raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
+    m = input.shape[0]
+    check_metadata(metadata, m, k)
+    dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
+    flat = input if input.dim() == 2 else input.reshape(m, math.prod(input.shape[1:]))
+    features = _as_dtype(flat, dtype)
+    rows = metadata.reshape(m, k)
+    if rows.device != features.device or rows.dtype != dtype:
+        rows = rows.to(device=features.device, dtype=dtype)
+    return features, rows, input.dim() != 2
+
+
+def _unflatten(out: Tensor, input: Tensor, reshape: bool) -> Tensor:
+    if reshape:
         out = out.reshape(input.shape)
     return _as_dtype(out, input.dtype)
+
+
+def report_nonfinite(finite: Tensor, rows: Tensor, on_nonfinite: str) -> None:
+    """The ``"warn"`` and ``"raise"`` policies: one host sync to read ``finite``."""
+    if bool(finite):
+        return
+    _check_finite_metadata(rows)
+    msg = (
+        "the batch's β estimate is not finite (NaN or infinite features, or an overflow in low "
+        "precision); the running β keeps its previous value"
+    )
+    if on_nonfinite == "raise":
+        raise NonFiniteEstimateError(
+            msg + ". Pass on_nonfinite='skip' to count such batches in num_batches_skipped "
+            "and go on instead"
+        )
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
-from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer
+from torch import Tensor
 
-from metanorm._validation import describe
 from metanorm.design import Design
-from metanorm.linalg import inverse_gram
+from metanorm.linalg import batch_weight, inverse_gram, remove_effect, weighted_rows
 from metanorm.nn import functional as MF
-from metanorm.nn import scope as _scope
+from metanorm.nn._base import (  # noqa: F401 (check_num_features: its old home)
+    _LazyMixin,
+    _MetadataNormBase,
+    check_num_features,
+    resolve_keep,
+)
+from metanorm.nn._functions import BatchResidual, StatisticsReducer
 
 __all__ = ["LazyMetadataNorm", "MetadataNorm"]
 
 
-class MetadataNorm(nn.Module):
+class MetadataNorm(_MetadataNormBase):
     r"""Removes the effect of metadata from a layer's features, batch by batch.
 
     Method described in `Metadata Normalization <https://arxiv.org/abs/2104.09052>`__
@@ -51,8 +53,13 @@ class MetadataNorm(nn.Module):
     :func:`metanorm.nn.utils.refit_running_beta` before evaluating.
 
     A training batch of m ≤ K samples is too small for its own estimate to residualise it: its
-    output uses the running β (as in evaluation); its estimate is still folded into the
-    running β as above.
+    output uses the running β (as in evaluation; on a fresh layer, β = 0: the input unchanged),
+    because its own least-squares fit would leave a residual orthogonal to the rows' span with
+    as many constraints as rows. Its estimate is still folded into the running β, weighted by
+    m: with :math:`\Sigma^{-1}` of the whole design, :math:`(N/m)\Sigma^{-1}X_b^\top F` is
+    unbiased for any m ≥ 1, only noisier. Such batches are counted in
+    ``num_batches_fallback``; when most training batches since the last check fell back, the
+    layer warns once, at :meth:`~torch.nn.Module.eval` (no host sync in the forward pass).
 
     **Channel-wise β** (``channelwise=True``): for large conv maps, where a K×C·H·W β is too
     big, one β column per channel is shared over the positions, as BatchNorm shares its
@@ -111,6 +118,8 @@ class MetadataNorm(nn.Module):
         num_batches_tracked: long buffer (0-d), training batches behind the running β.
         num_samples_tracked: long buffer (0-d), training samples behind the running β.
         num_batches_skipped: long buffer (0-d), training batches whose estimate was not finite.
+        num_batches_fallback: long buffer (0-d), training batches of m ≤ K whose output used
+            the running β.
 
     Shape:
         - Input: :math:`(m, *)` with :math:`\prod * = D`; any m ≥ 1 (a short last batch works).
@@ -141,7 +150,8 @@ class MetadataNorm(nn.Module):
         torch.Size([20, 16, 32, 32])
     """
 
-    _version = 2
+    _version = 3
+    _falls_back = True
     __constants__: ClassVar[list[str]] = [
         "num_features",
         "num_metadata",
@@ -149,17 +159,10 @@ class MetadataNorm(nn.Module):
         "track_running_stats",
         "channelwise",
     ]
-    num_features: int
-    num_metadata: int
     momentum: float | None
-    channelwise: bool
     gram_inverse: Tensor
     n_samples: Tensor
-    remove_mask: Tensor
     running_beta: Tensor | None
-    num_batches_tracked: Tensor | None
-    num_samples_tracked: Tensor | None
-    num_batches_skipped: Tensor | None
 
     def __init__(
         self,
@@ -176,20 +179,7 @@ class MetadataNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        _check_num_features(num_features)
-        if momentum is not None and (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, int | float)
-            or not 0.0 <= momentum <= 1.0
-        ):
-            raise ValueError(f"expected momentum in [0, 1] or None, got {momentum!r}")
-        if on_nonfinite not in MF.NONFINITE_POLICIES:
-            raise ValueError(
-                f"expected on_nonfinite in {MF.NONFINITE_POLICIES}, got {on_nonfinite!r}"
-            )
-        if not isinstance(channelwise, bool):
-            raise TypeError(f"expected channelwise to be a bool, got {channelwise!r}")
+        _check_momentum(momentum)
         columns: tuple[str, ...] | None = None
         if design is None:
             if (
@@ -215,120 +205,98 @@ class MetadataNorm(nn.Module):
                 raise ValueError(
                     f"num_metadata={num_metadata!r} does not match the design's {k} columns"
                 )
-        keep_idx = _resolve_keep(keep or (), k, columns)
-        if len(keep_idx) == k:
-            raise ValueError(f"keep lists all {k} design columns: nothing would be removed")
-
-        self.num_features = num_features
-        self.num_metadata = k
+        super().__init__(
+            num_features,
+            k,
+            keep,
+            columns=columns,
+            channelwise=channelwise,
+            on_nonfinite=on_nonfinite,
+            track_running_stats=track_running_stats,
+            device=device,
+        )
         self.momentum = momentum
-        self.track_running_stats = track_running_stats
         self.ridge = ridge
-        self.on_nonfinite = on_nonfinite
-        self.channelwise = channelwise
-        self.columns = columns
         self.has_design = design is not None
-        mask = torch.ones(k, dtype=torch.bool, device=device)
-        mask[list(keep_idx)] = False
         self.register_buffer("gram_inverse", gram_inverse.to(device))
         self.register_buffer(
             "n_samples", torch.tensor(float(n), dtype=torch.float64, device=device)
         )
-        self.register_buffer("remove_mask", mask)
-        if track_running_stats:
-            self.register_buffer(
-                "running_beta",
-                self._new_running_beta(k, num_features, device, dtype or torch.float32),
-            )
-            for name in ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped"):
-                self.register_buffer(name, torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            for name in (
-                "running_beta",
-                "num_batches_tracked",
-                "num_samples_tracked",
-                "num_batches_skipped",
-            ):
-                self.register_buffer(name, None)
+        self.register_buffer(
+            "running_beta",
+            self._per_feature(device, dtype or torch.float32) if track_running_stats else None,
+        )
 
-    def _new_running_beta(
-        self, k: int, d: int, device: torch.device | str | None, dtype: torch.dtype
-    ) -> Tensor:
-        return torch.zeros(k, d, device=device, dtype=dtype)
-
-    @property
-    def keep(self) -> tuple[int, ...]:
-        """Indices of the kept design columns."""
-        return tuple((~self.remove_mask).nonzero().flatten().tolist())
-
-    def reset_running_stats(self) -> None:
-        """Zeroes the running β and the batch counters."""
+    def _reset_estimate(self) -> None:
         if self.running_beta is not None:
             self.running_beta.zero_()
-        for counter in (
-            self.num_batches_tracked,
-            self.num_samples_tracked,
-            self.num_batches_skipped,
-        ):
-            if counter is not None:
-                counter.zero_()
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"expected input to be a tensor, got {type(input).__name__}")
-        if self.channelwise:
-            if input.dim() < 2 or input.shape[1] != self.num_features:
-                raise ValueError(
-                    f"expected input of shape (m, C, *) with C = {self.num_features} channels "
-                    f"(num_features of a channel-wise layer), got {describe(input)}"
-                )
-            return
-        check_num_features(input, self.num_features)
-
-    def _reducer(self) -> MF.StatisticsReducer | None:
-        """Where the batch statistics meet (None: this process only)."""
-        return None
-
-    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
-        """Removes the metadata effect; see the class docstring.
-
-        Args:
-            input: the features, ``(m, *)`` (channel-wise: ``(m, C, *)``).
-            metadata: the batch's design rows ``(m, K)``. ``None`` (or omitted): the rows in
-                scope (see :class:`metanorm.nn.MetadataModel`).
-        """
+    def _ready(self) -> None:
         if not self.has_design:
             raise RuntimeError(
                 f"this {type(self).__name__} was built without a design (num_metadata="
                 f"{self.num_metadata}): restore it with load_state_dict, or build it with "
                 "design= (the whole training design)"
             )
-        self._check_input_dim(input)
-        if metadata is None:
-            metadata = _scope.metadata_for(self, input)
-        if not self.channelwise:
-            return self._normalize(input, metadata)
-        # one β column per channel: regress the spatial means, subtract at every position
-        pooled = input.mean(dim=tuple(range(2, input.dim()))) if input.dim() > 2 else input
-        shift = self._normalize(pooled, metadata) - pooled
-        return input + shift.reshape(shift.shape + (1,) * (input.dim() - 2))
 
-    def _normalize(self, input: Tensor, metadata: Tensor) -> Tensor:
-        return MF.metadata_norm(
-            input,
-            metadata,
-            self.gram_inverse,
-            self.n_samples,
-            self.remove_mask,
-            self.running_beta,
-            self.num_batches_tracked,
-            self.num_samples_tracked,
-            self.training or self.running_beta is None,
-            self.momentum,
-            self.on_nonfinite,
-            self.num_batches_skipped,
-            reducer=self._reducer(),
-        )
+    def _estimate(
+        self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None
+    ) -> Tensor:
+        mask = self.remove_mask
+        running = self.running_beta
+        if not self.training and running is not None:
+            return remove_effect(features, rows, MF._as_dtype(running, features.dtype), mask)
+        m, k = features.shape[0], self.num_metadata
+        gram_inverse, n = self.gram_inverse, self.n_samples
+        if reducer is not None:
+            # every process runs the differentiable map, so that each joins the backward
+            # collective once; whether the output uses the running β depends on the summed M
+            out, beta, count = MF.batch_residual(
+                features, rows, gram_inverse, n, mask, reducer=reducer
+            )
+            if running is not None and m <= k:  # M > K is known already when m > K
+                fallback = remove_effect(features, rows, MF._as_dtype(running, out.dtype), mask)
+                out = torch.where(count > k, out, fallback)
+                if self.num_batches_fallback is not None:
+                    self.num_batches_fallback.add_((count <= k) & (count > 0))
+        else:
+            # one process: the batch map with W = (N/m)Σ⁻¹ folded into the rows
+            b = weighted_rows(rows, batch_weight(gram_inverse, n, m))
+            removed = rows * mask
+            if running is None or m > k or not self.training:
+                out, beta = BatchResidual.apply(features, removed, b)
+            else:
+                # m ≤ K: the output uses the running β (see the class docstring); the unbiased,
+                # noisy estimate is still folded in below, with a factor in proportion to m
+                out = remove_effect(features, removed, MF._as_dtype(running, features.dtype), None)
+                beta = b.T @ features.detach()
+                if self.num_batches_fallback is not None:
+                    self.num_batches_fallback.add_(1)
+        if self.training and running is not None:
+            finite = MF.update_running_beta(
+                running,
+                beta,
+                count if reducer is not None else m,  # one process: m, known on the host
+                self.momentum,
+                num_batches_tracked=self.num_batches_tracked,
+                num_samples_tracked=self.num_samples_tracked,
+                num_batches_skipped=self.num_batches_skipped,
+            )
+            self._report(finite, rows)
+        return out
+
+    def _refittable(self) -> bool:
+        return self.running_beta is not None
+
+    def _load_refit(self, xtx: Tensor, xty: Tensor, count: int) -> None:
+        assert self.running_beta is not None
+        beta = (self.gram_inverse.to(xty.device) @ xty) * (self.n_samples.to(xty.device) / count)
+        self.running_beta.copy_(beta)
+
+    def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        # 0.1.0.dev0 (version 1) called Σ⁻¹ "kernel"
+        if prefix + "kernel" in state_dict:
+            state_dict[prefix + "gram_inverse"] = state_dict.pop(prefix + "kernel")
 
     def _load_from_state_dict(
         self,
@@ -340,16 +308,6 @@ class MetadataNorm(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        version = local_metadata.get("version")
-        if version is None or version < 2:
-            # 0.1.0.dev0 (version 1) called Σ⁻¹ "kernel" and had no skipped-batch counter
-            if prefix + "kernel" in state_dict:
-                state_dict[prefix + "gram_inverse"] = state_dict.pop(prefix + "kernel")
-            if self.num_batches_skipped is not None:
-                state_dict.setdefault(
-                    prefix + "num_batches_skipped",
-                    torch.tensor(0, dtype=torch.long, device=self.num_batches_skipped.device),
-                )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -366,7 +324,7 @@ class MetadataNorm(nn.Module):
         )
 
 
-class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
+class LazyMetadataNorm(_LazyMixin, MetadataNorm):
     r"""A :class:`MetadataNorm` whose ``num_features`` is inferred from its first input.
 
     The running β is an uninitialised buffer until the first call, which sets ``num_features``
@@ -420,79 +378,14 @@ class LazyMetadataNorm(LazyModuleMixin, MetadataNorm):
         )
         self.num_features = 0
 
-    def _new_running_beta(
-        self, k: int, d: int, device: torch.device | str | None, dtype: torch.dtype
-    ) -> Tensor:
-        return UninitializedBuffer(device=device, dtype=dtype)  # type: ignore[call-arg]
 
-    def reset_running_stats(self) -> None:
-        """Zeroes the running β and the counters (once the β is materialised)."""
-        if not self.has_uninitialized_params():
-            super().reset_running_stats()
-
-    def initialize_parameters(self, input: Tensor, metadata: Tensor | None = None) -> None:
-        """Sets ``num_features`` from the first input and materialises the running β.
-
-        Also after :meth:`~torch.nn.Module.load_state_dict` (which materialises the β) or
-        without a running β: ``num_features`` is always set from the first input.
-        """
-        if self.has_uninitialized_params() or self.num_features == 0:
-            if not isinstance(input, Tensor) or input.dim() < 2:
-                raise ValueError(
-                    "expected input of shape (m, *) to infer num_features from, got "
-                    f"{describe(input)}"
-                )
-            self.num_features = input.shape[1] if self.channelwise else math.prod(input.shape[1:])
-            if isinstance(self.running_beta, UninitializedBuffer):
-                self.running_beta.materialize((self.num_metadata, self.num_features))
-                self.running_beta.zero_()
+def _check_momentum(momentum: Any) -> None:
+    if momentum is not None and (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, int | float)
+        or not 0.0 <= momentum <= 1.0
+    ):
+        raise ValueError(f"expected momentum in [0, 1] or None, got {momentum!r}")
 
 
-def check_num_features(input: Tensor, num_features: int) -> int:
-    """Raises ``ValueError`` unless ``input`` is ``(m, *)`` with ``num_features`` per sample.
-
-    Returns:
-        D, the number of features of one sample.
-    """
-    if input.dim() < 2:
-        raise ValueError(
-            f"expected input of shape (m, *) with {num_features} features per sample, "
-            f"got {input.dim()}D input of shape {tuple(input.shape)}"
-        )
-    d = math.prod(input.shape[1:])
-    if d != num_features:
-        raise ValueError(
-            f"expected {num_features} features per sample (num_features), got "
-            f"{d} from input of shape {tuple(input.shape)}"
-        )
-    return d
-
-
-def _check_num_features(num_features: Any) -> None:
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"expected num_features to be a positive int, got {num_features!r}")
-
-
-def _resolve_keep(
-    keep: Iterable[int | str], k: int, columns: tuple[str, ...] | None
-) -> tuple[int, ...]:
-    out: list[int] = []
-    for c in keep:
-        if isinstance(c, str):
-            if columns is None or c not in columns:
-                raise ValueError(
-                    f"keep column {c!r} not found; "
-                    + (
-                        f"the design has columns {list(columns)}"
-                        if columns
-                        else "names need a metanorm.design.Design; pass indices for a plain matrix"
-                    )
-                )
-            out.append(columns.index(c))
-        elif isinstance(c, int) and not isinstance(c, bool):
-            if not -k <= c < k:
-                raise ValueError(f"keep index {c} out of range for a design of {k} columns")
-            out.append(c % k)
-        else:
-            raise TypeError(f"expected keep entries to be ints or column names, got {c!r}")
-    return tuple(sorted(set(out)))
+_resolve_keep = resolve_keep  # the name other modules imported

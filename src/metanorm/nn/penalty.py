@@ -17,15 +17,24 @@ import torch
 from torch import Tensor, nn
 
 from metanorm.linalg import remove_effect
-from metanorm.nn.recursive import _check_number, _OnlineNormBase
+from metanorm.nn._base import _LazyMixin, _MetadataNormBase
+from metanorm.nn._base import check_number as _check_number
+from metanorm.nn._functions import StatisticsReducer
+from metanorm.nn.functional import check_metadata
 
-__all__ = ["OPTIMIZERS", "PenaltyMetadataNorm", "penalty_parameters", "split_parameters"]
+__all__ = [
+    "OPTIMIZERS",
+    "LazyPenaltyMetadataNorm",
+    "PenaltyMetadataNorm",
+    "penalty_parameters",
+    "split_parameters",
+]
 
 #: The built-in optimisers of :class:`PenaltyMetadataNorm`'s β.
 OPTIMIZERS = ("adam", "sgd")
 
 
-class PenaltyMetadataNorm(_OnlineNormBase):
+class PenaltyMetadataNorm(_MetadataNormBase):
     r"""Removes the effect of metadata with a β fitted by its own least-squares loss.
 
     PMDN (Vento et al., "A Penalty Approach for Normalizing Feature Distributions to Build
@@ -84,7 +93,7 @@ class PenaltyMetadataNorm(_OnlineNormBase):
         >>> penalty = layer.penalty(torch.randn(64, 84), rows)   # L(β), for monitoring
     """
 
-    _version = 1
+    _version = 2
     __constants__: ClassVar[list[str]] = ["num_features", "num_metadata", "lr", "optimizer"]
     beta: nn.Parameter
     exp_avg: Tensor
@@ -100,10 +109,21 @@ class PenaltyMetadataNorm(_OnlineNormBase):
         *,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        on_nonfinite: str = "skip",
+        channelwise: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, num_metadata, keep, device)
+        if isinstance(keep, str | bytes):
+            raise TypeError(f"expected keep to be a sequence of column indices, got {keep!r}")
+        super().__init__(
+            num_features,
+            num_metadata,
+            keep,
+            channelwise=channelwise,
+            on_nonfinite=on_nonfinite,
+            device=device,
+        )
         self.lr = _check_number("lr", lr, 0.0, math.inf, open_low=True)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"expected optimizer in {OPTIMIZERS}, got {optimizer!r}")
@@ -116,22 +136,18 @@ class PenaltyMetadataNorm(_OnlineNormBase):
             raise ValueError(f"expected betas in [0, 1), got {betas!r}")
         self.betas = (b1, b2)
         self.eps = _check_number("eps", eps, 0.0, math.inf, open_low=True)
-        shape = (num_metadata, num_features)
-        kw: dict[str, Any] = {"dtype": dtype or torch.float32, "device": device}
-        self.beta = nn.Parameter(torch.zeros(shape, **kw), requires_grad=False)
-        self.register_buffer("exp_avg", torch.zeros(shape, **kw))
-        self.register_buffer("exp_avg_sq", torch.zeros(shape, **kw))
+        dtype = dtype or torch.float32
+        self.beta = self._per_feature(device, dtype, parameter=True)  # type: ignore[assignment]
+        self.register_buffer("exp_avg", self._per_feature(device, dtype))
+        self.register_buffer("exp_avg_sq", self._per_feature(device, dtype))
 
     def reset_running_stats(self) -> None:
         """Resets the optimiser's state (moments and step count), keeping β."""
+        super().reset_running_stats()
+
+    def _reset_estimate(self) -> None:
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
-        for counter in (
-            self.num_batches_tracked,
-            self.num_samples_tracked,
-            self.num_batches_skipped,
-        ):
-            counter.zero_()
 
     def reset_parameters(self) -> None:
         """β = 0 and a fresh optimiser state."""
@@ -139,37 +155,44 @@ class PenaltyMetadataNorm(_OnlineNormBase):
             self.beta.zero_()
         self.reset_running_stats()
 
+    def _load_refit(self, xtx: Tensor, xty: Tensor, count: int) -> None:
+        # the minimiser of the penalty over the data set: least squares
+        self.beta.copy_(torch.linalg.lstsq(xtx, xty).solution)
+        self._reset_estimate()
+
     def penalty(self, input: Tensor, metadata: Tensor) -> Tensor:
         r"""The penalty :math:`\frac1m\lVert F - X_b\beta\rVert_F^2` of a batch (no step taken).
 
         A 0-d tensor in the compute dtype, differentiable in ``input`` (not in β).
         """
-        features, rows = self._prepare(input, metadata)
+        self._check_input_dim(input)
+        check_metadata(metadata, input.shape[0], self.num_metadata)
+        features = input.reshape(input.shape[0], -1)
+        if features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()
+        rows = metadata.reshape(input.shape[0], self.num_metadata).to(features)
         resid = features - rows @ self.beta.detach().to(features.dtype)
         return resid.square().sum() / features.shape[0]
 
-    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
-        """Removes the metadata effect, then (training) steps β; see the class docstring."""
-        features, rows = self._prepare(input, metadata)
-        with torch.autocast(features.device.type, enabled=False):
-            mask = self.remove_mask.to(rows.device)
-            beta = self.beta.detach().to(features.dtype)
-            if self.training:
-                beta = beta.clone()  # the step below changes self.beta in place
-            out = remove_effect(features, rows, beta, mask)
-            if self.training:
-                self._step(features.detach(), rows)
-        return out.reshape(input.shape).to(input.dtype)
+    def _estimate(
+        self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None
+    ) -> Tensor:
+        beta = self.beta.detach().to(features.dtype)
+        if self.training:
+            beta = beta.clone()  # the step below changes self.beta in place
+        out = remove_effect(features, rows, beta, self.remove_mask)
+        if self.training:
+            self._step(features.detach(), rows, reducer)
+        return out
 
     @torch.no_grad()
-    def _step(self, features: Tensor, rows: Tensor) -> None:
+    def _step(self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None) -> None:
         """One step of β's optimiser on the batch's penalty."""
         beta = self.beta.to(torch.float64)
         x64 = rows.to(torch.float64)
         gram = x64.T @ x64
         xtf = (rows.T @ features).to(torch.float64)
         count = torch.full((), rows.shape[0], dtype=torch.float64, device=rows.device)
-        reducer = self._reducer()
         if reducer is not None:
             count, gram, xtf = reducer.sum(count), reducer.sum(gram), reducer.sum(xtf)
         grad = (gram @ beta - xtf) * (2.0 / count)
@@ -179,6 +202,7 @@ class PenaltyMetadataNorm(_OnlineNormBase):
             new = beta - self.lr * grad
         else:
             b1, b2 = self.betas
+            assert self.num_batches_tracked is not None
             step = (self.num_batches_tracked + finite.to(torch.long)).to(torch.float64)
             m1 = self.exp_avg.to(torch.float64).lerp(grad, 1 - b1)
             m2 = self.exp_avg_sq.to(torch.float64).mul(b2).addcmul(grad, grad, value=1 - b2)
@@ -192,7 +216,12 @@ class PenaltyMetadataNorm(_OnlineNormBase):
                 torch.where(finite, m2.to(self.exp_avg_sq.dtype), self.exp_avg_sq)
             )
         self.beta.copy_(torch.where(finite, new.to(self.beta.dtype), self.beta))
-        self._count(finite, count)
+        assert self.num_batches_tracked is not None and self.num_samples_tracked is not None
+        assert self.num_batches_skipped is not None
+        self.num_batches_tracked.add_(finite.to(torch.long))
+        self.num_samples_tracked.add_((count * finite).to(torch.long))
+        self.num_batches_skipped.add_((~finite).to(torch.long))
+        self._report(finite, rows)
 
     def extra_repr(self) -> str:
         """The constructor arguments shown in ``repr``."""
@@ -200,6 +229,29 @@ class PenaltyMetadataNorm(_OnlineNormBase):
             f"{self.num_features}, {self.num_metadata}, keep={list(self.keep)}, lr={self.lr}, "
             f"optimizer={self.optimizer!r}"
         )
+
+
+class LazyPenaltyMetadataNorm(_LazyMixin, PenaltyMetadataNorm):
+    r"""A :class:`PenaltyMetadataNorm` whose ``num_features`` is inferred from its first input.
+
+    Args:
+        num_metadata: K, the number of design columns.
+        **kwargs: the other arguments of :class:`PenaltyMetadataNorm`.
+
+    Examples::
+
+        >>> import torch
+        >>> layer = LazyPenaltyMetadataNorm(2)
+        >>> layer(torch.randn(5, 3), torch.randn(5, 2)).shape
+        torch.Size([5, 3])
+        >>> type(layer).__name__, tuple(layer.beta.shape)
+        ('PenaltyMetadataNorm', (2, 3))
+    """
+
+    cls_to_become = PenaltyMetadataNorm
+
+    def __init__(self, num_metadata: int, **kwargs: Any) -> None:
+        super().__init__(0, num_metadata, **kwargs)
 
 
 def penalty_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

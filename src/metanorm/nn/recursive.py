@@ -5,9 +5,6 @@ Recursive MDN (R-MDN; Shah et al., ICML 2025) replaces the paper's batch estimat
 recursive least squares (RLS) with a forgetting factor: no precomputed :math:`\Sigma`, no N, any
 batch size down to one, and a design that need not be known before the stream starts.
 ``docs/estimators.md`` has the maths, the choice of regulariser and measured figures.
-
-Also home of :class:`_OnlineNormBase`, the checks and buffers shared with
-:class:`metanorm.nn.PenaltyMetadataNorm`.
 """
 
 from __future__ import annotations
@@ -17,105 +14,18 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from metanorm._validation import describe
 from metanorm.linalg import remove_effect
-from metanorm.nn import functional as MF
-from metanorm.nn import scope as _scope
-from metanorm.nn.metadata_norm import _check_num_features, _resolve_keep, check_num_features
+from metanorm.nn._base import _LazyMixin, _MetadataNormBase, check_number
+from metanorm.nn._functions import StatisticsReducer
 
-__all__ = ["RecursiveMetadataNorm"]
+__all__ = ["LazyRecursiveMetadataNorm", "RecursiveMetadataNorm"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
-    """``value`` as a float in ``(low, high]`` (``open_low``) or ``[low, high]``."""
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"expected {name} in {bracket}{low}, {high}], got {value!r}")
-    return float(value)
+_check_number = check_number  # the name other modules imported
 
 
-class _OnlineNormBase(nn.Module):
-    """Shared by the estimators that keep their own β (no Σ⁻¹, no N): checks and the mask."""
-
-    takes_metadata: ClassVar[bool] = True
-    num_features: int
-    num_metadata: int
-    remove_mask: Tensor
-    num_batches_tracked: Tensor
-    num_samples_tracked: Tensor
-    num_batches_skipped: Tensor
-
-    def __init__(
-        self,
-        num_features: int,
-        num_metadata: int,
-        keep: Iterable[int],
-        device: torch.device | str | None,
-    ) -> None:
-        super().__init__()
-        _check_num_features(num_features)
-        if isinstance(num_metadata, bool) or not isinstance(num_metadata, int) or num_metadata < 1:
-            raise ValueError(
-                f"expected num_metadata (K, the design's columns) to be a positive int, "
-                f"got {num_metadata!r}"
-            )
-        if isinstance(keep, str | bytes):
-            raise TypeError(f"expected keep to be a sequence of column indices, got {keep!r}")
-        keep_idx = _resolve_keep(keep or (), num_metadata, None)
-        if len(keep_idx) == num_metadata:
-            raise ValueError(
-                f"keep lists all {num_metadata} design columns: nothing would be removed"
-            )
-        self.num_features = num_features
-        self.num_metadata = num_metadata
-        mask = torch.ones(num_metadata, dtype=torch.bool, device=device)
-        mask[list(keep_idx)] = False
-        self.register_buffer("remove_mask", mask)
-        for name in ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped"):
-            self.register_buffer(name, torch.tensor(0, dtype=torch.long, device=device))
-
-    @property
-    def keep(self) -> tuple[int, ...]:
-        """Indices of the kept design columns."""
-        return tuple((~self.remove_mask).nonzero().flatten().tolist())
-
-    def _reducer(self) -> MF.StatisticsReducer | None:
-        """Where the batch statistics of several processes meet (None: this process only)."""
-        return None
-
-    def _prepare(self, input: Any, metadata: Any) -> tuple[Tensor, Tensor]:
-        """Checks the call; returns ``(features (m, D), rows (m, K))`` in the compute dtype."""
-        if not isinstance(input, Tensor):
-            raise TypeError(f"expected input to be a tensor, got {describe(input)}")
-        if not input.is_floating_point():
-            raise TypeError(f"expected a floating-point input, got {describe(input)}")
-        if input.dim() >= 1 and input.shape[0] == 0:
-            raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
-        d = check_num_features(input, self.num_features)
-        m, k = input.shape[0], self.num_metadata
-        if metadata is None:  # called as layer(x) inside a MetadataModel / metadata_scope
-            metadata = _scope.metadata_for(self, input)
-        MF.check_metadata(metadata, m, k)
-        dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
-        features = input.reshape(m, d).to(dtype)
-        rows = metadata.reshape(m, k).to(device=features.device, dtype=dtype).detach()
-        return features, rows
-
-    def _count(self, finite: Tensor, m: Tensor) -> None:
-        """Adds one step to the counters (``finite``: 0-d bool; ``m``: the step's rows)."""
-        self.num_batches_tracked.add_(finite.to(torch.long))
-        self.num_samples_tracked.add_((m * finite).to(torch.long))
-        self.num_batches_skipped.add_((~finite).to(torch.long))
-
-
-class RecursiveMetadataNorm(_OnlineNormBase):
+class RecursiveMetadataNorm(_MetadataNormBase):
     r"""Removes the effect of metadata with a recursive least-squares estimate of β.
 
     Recursive MDN (Shah et al., ICML 2025), a follow-up of
@@ -190,7 +100,7 @@ class RecursiveMetadataNorm(_OnlineNormBase):
         >>> layer.reset_running_stats()           # a new stage: forget everything
     """
 
-    _version = 1
+    _version = 2
     __constants__: ClassVar[list[str]] = [
         "num_features",
         "num_metadata",
@@ -211,10 +121,21 @@ class RecursiveMetadataNorm(_OnlineNormBase):
         reg: float = 1e-4,
         *,
         grad_through_beta: bool = False,
+        on_nonfinite: str = "skip",
+        channelwise: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, num_metadata, keep, device)
+        if isinstance(keep, str | bytes):
+            raise TypeError(f"expected keep to be a sequence of column indices, got {keep!r}")
+        super().__init__(
+            num_features,
+            num_metadata,
+            keep,
+            channelwise=channelwise,
+            on_nonfinite=on_nonfinite,
+            device=device,
+        )
         self.forgetting = _check_number("forgetting", forgetting, 0.0, 1.0, open_low=True)
         self.delta = _check_number("delta", delta, 0.0, math.inf, open_low=True)
         self.reg = _check_number("reg", reg, 0.0, math.inf, open_low=False)
@@ -223,9 +144,7 @@ class RecursiveMetadataNorm(_OnlineNormBase):
         self.register_buffer(
             "covariance", torch.eye(k, dtype=torch.float64, device=device) / self.delta
         )
-        self.register_buffer(
-            "beta", torch.zeros(k, num_features, dtype=dtype or torch.float32, device=device)
-        )
+        self.register_buffer("beta", self._per_feature(device, dtype or torch.float32))
 
     def reset_covariance(self) -> None:
         r"""Resets P to :math:`I/\delta` and keeps β.
@@ -236,34 +155,44 @@ class RecursiveMetadataNorm(_OnlineNormBase):
         with torch.no_grad():
             self.covariance.copy_(torch.eye(self.num_metadata, dtype=torch.float64) / self.delta)
 
-    def reset_running_stats(self) -> None:
-        r"""A fresh start (a new stage): :math:`P = I/\delta`, β = 0 and the counters zeroed."""
+    def _reset_estimate(self) -> None:
+        r"""A fresh start (a new stage): :math:`P = I/\delta` and β = 0."""
         self.reset_covariance()
         with torch.no_grad():
             self.beta.zero_()
-        for counter in (
-            self.num_batches_tracked,
-            self.num_samples_tracked,
-            self.num_batches_skipped,
-        ):
-            counter.zero_()
 
     def reset_parameters(self) -> None:
-        """Same as :meth:`reset_running_stats` (the layer has no learned parameters)."""
+        """Same as ``reset_running_stats()`` (the layer has no learned parameters)."""
         self.reset_running_stats()
 
-    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
-        """Updates β (training) and removes the metadata effect; see the class docstring."""
-        features, rows = self._prepare(input, metadata)
-        with torch.autocast(features.device.type, enabled=False):
-            mask = self.remove_mask.to(rows.device)
-            beta = self._update(features, rows) if self.training else self.beta.to(features.dtype)
-            out = remove_effect(features, rows, beta, mask)
-        return out.reshape(input.shape).to(input.dtype)
+    def _estimate(
+        self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None
+    ) -> Tensor:
+        if self.training:
+            beta = self._update(features, rows, reducer)
+        else:
+            beta = self.beta.to(features.dtype)
+        return remove_effect(features, rows, beta, self.remove_mask)
 
-    def _update(self, features: Tensor, rows: Tensor) -> Tensor:
+    def _load_refit(self, xtx: Tensor, xty: Tensor, count: int) -> None:
+        # one pass with λ = 1 from the prior: A = δI + ΣXᵀX + Sρ I, β = A⁻¹ ΣXᵀF
+        eye = torch.eye(self.num_metadata, dtype=torch.float64, device=xtx.device)
+        info = xtx + (self.delta + self.reg * count) * eye
+        p = torch.linalg.inv(info)
+        p = (p + p.T) / 2
+        self.covariance.copy_(p)
+        self.beta.copy_(p @ xty)
+
+    def _count(self, finite: Tensor, m: Tensor) -> None:
+        """Adds one step to the counters (``finite``: 0-d bool; ``m``: the step's rows)."""
+        assert self.num_batches_tracked is not None and self.num_samples_tracked is not None
+        assert self.num_batches_skipped is not None
+        self.num_batches_tracked.add_(finite.to(torch.long))
+        self.num_samples_tracked.add_((m * finite).to(torch.long))
+        self.num_batches_skipped.add_((~finite).to(torch.long))
+
+    def _update(self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None) -> Tensor:
         """One RLS step: updates the buffers; returns β_new in the features' dtype."""
-        reducer = self._reducer()
         if reducer is not None and self.grad_through_beta:
             raise ValueError(
                 "grad_through_beta=True is not supported across processes (the gradient would "
@@ -301,6 +230,7 @@ class RecursiveMetadataNorm(_OnlineNormBase):
             self.covariance.copy_(torch.where(finite, p_new, self.covariance))
             self.beta.copy_(torch.where(finite, beta_new.to(self.beta.dtype), self.beta))
             self._count(finite, count)
+        self._report(finite, rows)
         out = beta_new.to(features.dtype)
         if self.grad_through_beta:
             # the value of beta_new, the gradient of its P_new X_bᵀ F term (straight through)
@@ -314,3 +244,29 @@ class RecursiveMetadataNorm(_OnlineNormBase):
             f"forgetting={self.forgetting}, delta={self.delta}, reg={self.reg}"
             + (", grad_through_beta=True" if self.grad_through_beta else "")
         )
+
+
+class LazyRecursiveMetadataNorm(_LazyMixin, RecursiveMetadataNorm):
+    r"""A :class:`RecursiveMetadataNorm` whose ``num_features`` is inferred from its first input.
+
+    As :class:`~metanorm.nn.LazyMetadataNorm`: β is uninitialised until the first call, which
+    sets ``num_features`` and makes the module a :class:`RecursiveMetadataNorm`.
+
+    Args:
+        num_metadata: K, the number of design columns.
+        **kwargs: the other arguments of :class:`RecursiveMetadataNorm`.
+
+    Examples::
+
+        >>> import torch
+        >>> layer = LazyRecursiveMetadataNorm(2)
+        >>> layer(torch.randn(5, 3, 2), torch.randn(5, 2)).shape
+        torch.Size([5, 3, 2])
+        >>> type(layer).__name__, layer.num_features
+        ('RecursiveMetadataNorm', 6)
+    """
+
+    cls_to_become = RecursiveMetadataNorm
+
+    def __init__(self, num_metadata: int, **kwargs: Any) -> None:
+        super().__init__(0, num_metadata, **kwargs)

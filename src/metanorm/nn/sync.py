@@ -30,14 +30,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from metanorm._validation import as_2d_tensor, check_finite
 from metanorm.design import Design
 from metanorm.linalg import inverse_gram
-from metanorm.nn import functional as MF
-from metanorm.nn.metadata_norm import LazyMetadataNorm, MetadataNorm, _resolve_keep
+from metanorm.nn._base import _MetadataNormBase, resolve_keep
+from metanorm.nn._functions import StatisticsReducer
+from metanorm.nn.metadata_norm import MetadataNorm
+from metanorm.nn.penalty import PenaltyMetadataNorm
+from metanorm.nn.recursive import RecursiveMetadataNorm
+from metanorm.nn.scale import MetadataScaleNorm
 
-__all__ = ["SyncMetadataNorm", "global_design_statistics", "revert_sync_metadata_norm"]
+__all__ = [
+    "SyncMetadataNorm",
+    "SyncMetadataScaleNorm",
+    "SyncPenaltyMetadataNorm",
+    "SyncRecursiveMetadataNorm",
+    "global_design_statistics",
+    "revert_sync_metadata_norm",
+]
 
 
 def _distributed() -> bool:
@@ -52,12 +64,7 @@ def _all_reduce_sum(tensor: Tensor, group: Any) -> Tensor:
 
 
 class _ProcessGroupReducer:
-    """The reduce point of :mod:`metanorm.nn.functional` as an all-reduce over a process group.
-
-    ``packs_count``: the forward pass sums XᵀF and m in one collective (two in all per step).
-    """
-
-    packs_count = True
+    """The reduce point of the layers: an all-reduce over a process group."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -67,7 +74,27 @@ class _ProcessGroupReducer:
         return _all_reduce_sum(tensor, self.group)
 
 
-class SyncMetadataNorm(MetadataNorm):
+class _SyncMixin(_MetadataNormBase):
+    """The process group of a synchronised layer; the reduce point in training."""
+
+    process_group: Any
+
+    def _reducer(self) -> StatisticsReducer | None:
+        """An all-reduce over the process group in training; None in one process or in eval."""
+        if not self.training or not _distributed():
+            return None
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        if dist.get_world_size(group) == 1:
+            return None
+        return _ProcessGroupReducer(group)
+
+    @classmethod
+    def convert_sync_metadata_norm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Swaps every MDN layer for its synchronised class (see :class:`SyncMetadataNorm`)."""
+        return _convert(module, process_group)
+
+
+class SyncMetadataNorm(_SyncMixin, MetadataNorm):
     r"""A :class:`~metanorm.nn.MetadataNorm` whose batch estimate spans every process.
 
     In training, each process's batch statistics are summed over ``process_group`` before the
@@ -132,23 +159,18 @@ class SyncMetadataNorm(MetadataNorm):
         super().__init__(num_features, design, keep, momentum, **kwargs)
         self.process_group = process_group
 
-    def _reducer(self) -> MF.StatisticsReducer | None:
-        """An all-reduce over the process group in training; None in one process or in eval."""
-        if not self.training or not _distributed():
-            return None
-        group = dist.group.WORLD if self.process_group is None else self.process_group
-        if dist.get_world_size(group) == 1:
-            return None
-        return _ProcessGroupReducer(group)
-
     @classmethod
     def convert_sync_metadata_norm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Swaps every :class:`MetadataNorm` in ``module`` for a :class:`SyncMetadataNorm`.
+        """Swaps every MDN layer in ``module`` for its synchronised class.
 
         As :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: children are replaced in
-        place, and the (possibly new) root is returned. Each synced layer shares its buffers
-        (the same tensors) and every attribute with the layer it replaces; hooks carry over.
-        Layers that are synced already are left as they are.
+        place, and the (possibly new) root is returned. Each layer becomes the synchronised
+        class of its estimator (:class:`MetadataNorm` → :class:`SyncMetadataNorm`,
+        :class:`~metanorm.nn.RecursiveMetadataNorm` → :class:`SyncRecursiveMetadataNorm`,
+        :class:`~metanorm.nn.PenaltyMetadataNorm` → :class:`SyncPenaltyMetadataNorm`,
+        :class:`~metanorm.nn.MetadataScaleNorm` → :class:`SyncMetadataScaleNorm`), whichever
+        class this is called on, sharing its buffers (the same tensors) and every attribute;
+        hooks carry over. Layers that are synced already are left as they are.
 
         Args:
             module: a model, or a single layer.
@@ -158,29 +180,11 @@ class SyncMetadataNorm(MetadataNorm):
             ``module`` with its MDN layers synced (a new object if ``module`` itself is one).
 
         Raises:
-            ValueError: a :class:`LazyMetadataNorm` has not run yet (its β has no shape).
-            TypeError: a subclass of :class:`MetadataNorm` other than the lazy one, whose
-                behaviour this class would drop.
+            ValueError: a lazy layer has not run yet (its β has no shape).
+            TypeError: a subclass of an MDN layer that has no synchronised class (its
+                behaviour would be dropped).
         """
-        if isinstance(module, MetadataNorm) and not isinstance(module, SyncMetadataNorm):
-            if isinstance(module, LazyMetadataNorm):
-                raise ValueError(
-                    "expected an initialised MetadataNorm, got a LazyMetadataNorm that has not "
-                    "run yet: run one batch through the model before converting it"
-                )
-            if type(module) is not MetadataNorm:
-                raise TypeError(
-                    f"expected MetadataNorm layers, got a {type(module).__name__} (a subclass "
-                    "this conversion would turn into a plain synced layer)"
-                )
-            synced = _with_class(module, cls)
-            synced.process_group = process_group
-            return synced
-        for name, child in module.named_children():
-            converted = cls.convert_sync_metadata_norm(child, process_group)
-            if converted is not child:
-                module.add_module(name, converted)
-        return module
+        return _convert(module, process_group)
 
     @classmethod
     def from_design_statistics(
@@ -234,7 +238,7 @@ class SyncMetadataNorm(MetadataNorm):
         k = gram.shape[0]
         check_finite(gram.to(torch.float64), "gram")
         gram_inverse = inverse_gram(_square_root(gram), ridge=ridge, columns=names)
-        keep_idx = _resolve_keep(keep or (), k, names)
+        keep_idx = resolve_keep(keep or (), k, names)
         if len(keep_idx) == k:
             raise ValueError(f"keep lists all {k} design columns: nothing would be removed")
         layer = cls(
@@ -257,7 +261,7 @@ class SyncMetadataNorm(MetadataNorm):
 
 
 def revert_sync_metadata_norm(module: nn.Module) -> nn.Module:
-    """Swaps every :class:`SyncMetadataNorm` in ``module`` back for a :class:`MetadataNorm`.
+    """Swaps every synchronised MDN layer in ``module`` back for its plain class.
 
     The inverse of :meth:`SyncMetadataNorm.convert_sync_metadata_norm` (for a checkpoint, or for
     evaluation in one process): each layer keeps its buffers (the same tensors) and attributes.
@@ -275,8 +279,8 @@ def revert_sync_metadata_norm(module: nn.Module) -> nn.Module:
         >>> type(synced[1]).__name__, type(revert_sync_metadata_norm(synced)[1]).__name__
         ('SyncMetadataNorm', 'MetadataNorm')
     """
-    if isinstance(module, SyncMetadataNorm):
-        plain = _with_class(module, MetadataNorm)
+    if isinstance(module, _SyncMixin):
+        plain = _with_class(module, _PLAIN[type(module)])
         del plain.process_group
         return plain
     for name, child in module.named_children():
@@ -346,6 +350,107 @@ def global_design_statistics(
     packed = torch.cat([gram.reshape(-1), n.reshape(1)])
     dist.all_reduce(packed, group=group)
     return packed[:-1].reshape(k, k), packed[-1]
+
+
+class SyncRecursiveMetadataNorm(_SyncMixin, RecursiveMetadataNorm):
+    r"""A :class:`~metanorm.nn.RecursiveMetadataNorm` whose update spans every process.
+
+    In training, :math:`X_b^\top X_b`, :math:`X_b^\top F` and m are summed over
+    ``process_group`` before the RLS step, so every process takes the step of the union batch
+    and its state stays identical on all processes. ``grad_through_beta=True`` is refused.
+
+    Args:
+        num_features, num_metadata, keep: as for :class:`~metanorm.nn.RecursiveMetadataNorm`.
+        process_group: the processes to synchronise over. Default: the whole world.
+        **kwargs: the other arguments of :class:`~metanorm.nn.RecursiveMetadataNorm`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_metadata: int,
+        keep: Iterable[int] = (),
+        *,
+        process_group: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features, num_metadata, keep, **kwargs)
+        self.process_group = process_group
+
+
+class SyncPenaltyMetadataNorm(_SyncMixin, PenaltyMetadataNorm):
+    r"""A :class:`~metanorm.nn.PenaltyMetadataNorm` whose optimiser step spans every process.
+
+    In training, the penalty's gradient statistics (:math:`X_b^\top X_b`, :math:`X_b^\top F`,
+    m) are summed over ``process_group``, so every process takes the same step on β.
+
+    Args:
+        num_features, num_metadata, keep: as for :class:`~metanorm.nn.PenaltyMetadataNorm`.
+        process_group: the processes to synchronise over. Default: the whole world.
+        **kwargs: the other arguments of :class:`~metanorm.nn.PenaltyMetadataNorm`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_metadata: int,
+        keep: Iterable[int] = (),
+        *,
+        process_group: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features, num_metadata, keep, **kwargs)
+        self.process_group = process_group
+
+
+class SyncMetadataScaleNorm(_SyncMixin, MetadataScaleNorm):
+    r"""A :class:`~metanorm.nn.MetadataScaleNorm` whose estimate is that of the union batch.
+
+    Args:
+        num_channels, design: as for :class:`~metanorm.nn.MetadataScaleNorm`.
+        process_group: the processes to synchronise over. Default: the whole world.
+        **kwargs: the other arguments of :class:`~metanorm.nn.MetadataScaleNorm`.
+    """
+
+    def __init__(
+        self, num_channels: int, design: Any = None, *, process_group: Any = None, **kwargs: Any
+    ) -> None:
+        super().__init__(num_channels, design, **kwargs)
+        self.process_group = process_group
+
+
+_SYNCED: dict[type, type] = {
+    MetadataNorm: SyncMetadataNorm,
+    RecursiveMetadataNorm: SyncRecursiveMetadataNorm,
+    PenaltyMetadataNorm: SyncPenaltyMetadataNorm,
+    MetadataScaleNorm: SyncMetadataScaleNorm,
+}
+_PLAIN: dict[type, type] = {synced: plain for plain, synced in _SYNCED.items()}
+
+
+def _convert(module: nn.Module, process_group: Any) -> nn.Module:
+    if isinstance(module, _MetadataNormBase) and not isinstance(module, _SyncMixin):
+        if isinstance(module, LazyModuleMixin):
+            raise ValueError(
+                f"expected an initialised MDN layer, got a {type(module).__name__} that has not "
+                "run yet: run one batch through the model before converting it"
+            )
+        synced_cls = _SYNCED.get(type(module))
+        if synced_cls is None:
+            raise TypeError(
+                "expected MDN layers with a synchronised class ("
+                + ", ".join(c.__name__ for c in _SYNCED)
+                + f"), got a {type(module).__name__} (a subclass this conversion would turn "
+                "into a plain synced layer)"
+            )
+        synced = _with_class(module, synced_cls)
+        synced.process_group = process_group
+        return synced
+    for name, child in module.named_children():
+        converted = _convert(child, process_group)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module
 
 
 def _square_root(gram: Tensor) -> Tensor:

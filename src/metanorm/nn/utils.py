@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metanorm.nn.metadata_norm import MetadataNorm
+from metanorm.nn._base import _MetadataNormBase
 from metanorm.nn.scope import MetadataModel
 
 __all__ = ["refit_running_beta"]
@@ -30,13 +30,16 @@ def _default_call(model: nn.Module, batch: Any, device: torch.device | str | Non
 
 
 def _forward_order(
-    model: nn.Module, layers: list[MetadataNorm], batch: Any, run: Callable[[nn.Module, Any], Any]
-) -> list[MetadataNorm]:
+    model: nn.Module,
+    layers: list[_MetadataNormBase],
+    batch: Any,
+    run: Callable[[nn.Module, Any], Any],
+) -> list[_MetadataNormBase]:
     """The layers in the order one evaluation-mode call on ``batch`` reaches them."""
-    order: list[MetadataNorm] = []
+    order: list[_MetadataNormBase] = []
 
     def record(module: nn.Module, args: Any) -> None:
-        if isinstance(module, MetadataNorm) and module not in order:
+        if isinstance(module, _MetadataNormBase) and module not in order:
             order.append(module)
 
     handles = [layer.register_forward_pre_hook(record) for layer in layers]
@@ -56,22 +59,31 @@ def refit_running_beta(
     call: Callable[[nn.Module, Any], Any] | None = None,
     device: torch.device | str | None = None,
     layer_by_layer: bool = True,
+    estimators: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
 ) -> int:
-    r"""Recomputes the running β of every :class:`~metanorm.nn.MetadataNorm` from a data set.
+    r"""Refits the evaluation β of every MDN layer by least squares over a data set.
 
     The counterpart of :func:`torch.optim.swa_utils.update_bn` for MDN: after training (or after
     each epoch), one pass over the training data with the final weights gives each layer the
-    full-data least-squares β of the features it sees, :math:`\Sigma^{-1} X^\top F`, instead of
-    an average over batches taken while the weights were still changing.
+    full-data least-squares β of the features it sees, instead of an average over batches taken
+    while the weights were still changing. Each layer sums :math:`X^\top X` and
+    :math:`X^\top F` over the pass (float64) and sets its state in closed form:
+    :class:`~metanorm.nn.MetadataNorm` and :class:`~metanorm.nn.MetadataScaleNorm` (on
+    :math:`\log\sigma`) the running β :math:`(N/S)\,\Sigma^{-1}X^\top F` (S rows seen: the
+    cumulative average of the batch estimates), :class:`~metanorm.nn.RecursiveMetadataNorm`
+    :math:`P = (X^\top X + (\delta + S\rho) I)^{-1}` and :math:`\beta = P X^\top F` (one pass
+    with λ = 1), :class:`~metanorm.nn.PenaltyMetadataNorm` β the least-squares solution (its
+    optimiser's moments reset). Under :mod:`torch.distributed` the sums are all-reduced over
+    the layer's process group (the world by default), so every process gets the same state;
+    every process must then call this with its shard of the data.
 
     With ``layer_by_layer`` (the default) the layers are refitted one at a time, in the order the
-    forward pass calls them (found by one evaluation-mode call on the first batch): each layer is
-    reset and accumulates a cumulative average (``momentum=None``) over one pass in training
-    mode while every other module is in evaluation mode, so the MDN layers before it already
-    use their refitted β, as they will at evaluation. This costs one pass per MDN layer;
-    ``layer_by_layer=False`` refits all of them in a single pass (each then sees features that
-    the layers before it residualised with batch estimates). Layers the forward pass does not
-    call are left as they are.
+    forward pass calls them (found by one evaluation-mode call on the first batch): each layer
+    accumulates its sums over one pass while every module is in evaluation mode, so the MDN
+    layers before it already use their refitted β, as they will at evaluation. This costs one
+    pass per MDN layer; ``layer_by_layer=False`` refits all of them in a single pass (each then
+    sees features that the layers before it residualised with their old β). Layers the forward
+    pass does not call are left as they are.
 
     Nothing trainable changes; BatchNorm and dropout stay in evaluation mode during the passes;
     the training flags of all modules are restored on return. The batch order does not matter.
@@ -84,6 +96,9 @@ def refit_running_beta(
             or ``model(input, metadata=design_rows)`` for a :class:`~metanorm.nn.MetadataModel`.
         device: where to move ``input`` and ``design_rows`` (default call only).
         layer_by_layer: refit the layers one at a time (see above). Default: ``True``.
+        estimators: refit only layers of these classes (``isinstance``), e.g.
+            ``MetadataNorm`` to leave a recursive layer's forgetting memory as it is. Default:
+            every MDN estimator.
 
     Returns:
         The number of MDN layers refitted (0 leaves the model untouched: no MDN layer with a
@@ -100,13 +115,16 @@ def refit_running_beta(
         1
     """
     layers = [
-        m for m in model.modules() if isinstance(m, MetadataNorm) and m.running_beta is not None
+        m
+        for m in model.modules()
+        if isinstance(m, _MetadataNormBase)
+        and m._refittable()
+        and (estimators is None or isinstance(m, estimators))
     ]
     if not layers:
         return 0
     run = call if call is not None else (lambda mdl, batch: _default_call(mdl, batch, device))
     flags = {module: module.training for module in model.modules()}
-    momenta = {layer: layer.momentum for layer in layers}
     try:
         model.eval()
         first = next(iter(loader), None)
@@ -116,17 +134,16 @@ def refit_running_beta(
         groups = [[layer] for layer in layers] if layer_by_layer else [layers]
         for group in groups:
             for layer in group:
-                layer.reset_running_stats()
-                layer.momentum = None
-                layer.train()
-            for batch in loader:
-                run(model, batch)
-            for layer in group:
-                layer.momentum = momenta[layer]
-                layer.eval()
+                layer._begin_refit()
+            try:
+                for batch in loader:
+                    run(model, batch)
+            finally:
+                for layer in group:
+                    layer._end_refit()
     finally:
-        for layer, momentum in momenta.items():
-            layer.momentum = momentum
+        for layer in layers:
+            layer._refit_sums = None
         for module, flag in flags.items():
             module.training = flag
     return len(layers)

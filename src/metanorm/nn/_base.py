@@ -1,0 +1,453 @@
+r"""The base of every MDN layer (the role of ``torch.nn.modules.batchnorm._NormBase``).
+
+:class:`_MetadataNormBase` holds what the estimators share: the number of design columns and the
+kept → removed mask, the counters, the input and design-row checks, the metadata in scope,
+channel-wise pooling, the dtype and autocast policy, the non-finite policy, the process-group
+hook (``_reducer``), ``reset_running_stats``, versioned ``state_dict`` migrations, the refit
+protocol of :func:`metanorm.nn.utils.refit_running_beta`, and the warning when most training
+batches were too small for their own estimate. A layer says how it estimates β from a batch and
+folds it into its state (``_estimate``), and how a refit over a data set sets that state
+(``_load_refit``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from metanorm._validation import describe
+from metanorm.nn import functional as MF
+from metanorm.nn import scope as _scope
+from metanorm.nn._functions import StatisticsReducer, autocast_off
+
+__all__: list[str] = []
+
+_COUNTERS = ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped")
+#: The counter of training batches whose output fell back to the running β (m ≤ K).
+_FALLBACK = "num_batches_fallback"
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
+    """``value`` as a float in ``(low, high]`` (``open_low``) or ``[low, high]``."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"expected {name} in {bracket}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_num_features(input: Tensor, num_features: int) -> int:
+    """Raises ``ValueError`` unless ``input`` is ``(m, *)`` with ``num_features`` per sample.
+
+    Returns:
+        D, the number of features of one sample.
+    """
+    if input.dim() < 2:
+        raise ValueError(
+            f"expected input of shape (m, *) with {num_features} features per sample, "
+            f"got {input.dim()}D input of shape {tuple(input.shape)}"
+        )
+    d = math.prod(input.shape[1:])
+    if d != num_features:
+        raise ValueError(
+            f"expected {num_features} features per sample (num_features), got "
+            f"{d} from input of shape {tuple(input.shape)}"
+        )
+    return d
+
+
+def _check_positive_int(name: str, value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected {name} ({what}) to be a positive int, got {value!r}")
+    return value
+
+
+def resolve_keep(
+    keep: Iterable[int | str], k: int, columns: tuple[str, ...] | None
+) -> tuple[int, ...]:
+    """Column indices of ``keep`` (indices, or names of ``columns``), sorted, validated."""
+    if isinstance(keep, str):
+        keep = (keep,)  # one column name
+    out: list[int] = []
+    for c in keep:
+        if isinstance(c, str):
+            if columns is None or c not in columns:
+                raise ValueError(
+                    f"keep column {c!r} not found; "
+                    + (
+                        f"the design has columns {list(columns)}"
+                        if columns
+                        else "names need a metanorm.design.Design; pass indices for a plain matrix"
+                    )
+                )
+            out.append(columns.index(c))
+        elif isinstance(c, int) and not isinstance(c, bool):
+            if not -k <= c < k:
+                raise ValueError(f"keep index {c} out of range for a design of {k} columns")
+            out.append(c % k)
+        else:
+            raise TypeError(f"expected keep entries to be ints or column names, got {c!r}")
+    return tuple(sorted(set(out)))
+
+
+class _MetadataNormBase(nn.Module):
+    """Shared by every MDN estimator; see the module docstring."""
+
+    takes_metadata: ClassVar[bool] = True
+    #: whether a training batch of m ≤ K falls back to the running β (the batch estimators)
+    _falls_back: ClassVar[bool] = False
+    num_features: int
+    num_metadata: int
+    channelwise: bool
+    on_nonfinite: str
+    remove_mask: Tensor
+    num_batches_tracked: Tensor | None
+    num_samples_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
+    num_batches_fallback: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        num_metadata: int,
+        keep: Iterable[int | str] | None = (),
+        *,
+        columns: tuple[str, ...] | None = None,
+        channelwise: bool = False,
+        on_nonfinite: str = "skip",
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not (self._is_lazy() and num_features == 0):
+            _check_positive_int("num_features", num_features, "D, the features per sample")
+        _check_positive_int("num_metadata", num_metadata, "K, the design's columns")
+        if on_nonfinite not in MF.NONFINITE_POLICIES:
+            raise ValueError(
+                f"expected on_nonfinite in {MF.NONFINITE_POLICIES}, got {on_nonfinite!r}"
+            )
+        if not isinstance(channelwise, bool):
+            raise TypeError(f"expected channelwise to be a bool, got {channelwise!r}")
+        keep_idx = resolve_keep(keep or (), num_metadata, columns)
+        if len(keep_idx) == num_metadata:
+            raise ValueError(
+                f"keep lists all {num_metadata} design columns: nothing would be removed"
+            )
+        self.num_features = num_features
+        self.num_metadata = num_metadata
+        self.channelwise = channelwise
+        self.on_nonfinite = on_nonfinite
+        self.track_running_stats = track_running_stats
+        self.columns = columns
+        mask = torch.ones(num_metadata, dtype=torch.bool, device=device)
+        mask[list(keep_idx)] = False
+        self.register_buffer("remove_mask", mask)
+        for name in (*_COUNTERS, _FALLBACK):
+            value = torch.tensor(0, dtype=torch.long, device=device)
+            self.register_buffer(name, value if track_running_stats else None)
+        self._refit_sums: list[Any] | None = None
+        self._fallback_seen = (0, 0)
+
+    # ---------------------------------------------------------------- construction helpers
+
+    @classmethod
+    def _is_lazy(cls) -> bool:
+        return issubclass(cls, LazyModuleMixin)
+
+    def _per_feature(
+        self,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+        *,
+        parameter: bool = False,
+    ) -> Tensor:
+        """A zero ``(K, D)`` tensor (uninitialised in a lazy layer, shaped at the first call)."""
+        if self._is_lazy():
+            if parameter:
+                return UninitializedParameter(  # type: ignore[call-arg]
+                    requires_grad=False, device=device, dtype=dtype
+                )
+            return UninitializedBuffer(device=device, dtype=dtype)  # type: ignore[call-arg]
+        tensor = torch.zeros(self.num_metadata, self.num_features, device=device, dtype=dtype)
+        return nn.Parameter(tensor, requires_grad=False) if parameter else tensor
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def keep(self) -> tuple[int, ...]:
+        """Indices of the kept design columns."""
+        return tuple((~self.remove_mask).nonzero().flatten().tolist())
+
+    def _reset_estimate(self) -> None:
+        """Resets the estimator's own state (β and what it needs)."""
+
+    def reset_running_stats(self) -> None:
+        """Resets the estimate (see the layer) and zeroes the counters."""
+        self._reset_estimate()
+        for name in (*_COUNTERS, _FALLBACK):
+            counter = getattr(self, name)
+            if counter is not None:
+                counter.zero_()
+        self._fallback_seen = (0, 0)
+
+    def _reducer(self) -> StatisticsReducer | None:
+        """Where the batch statistics of several processes meet (None: this process only)."""
+        return None
+
+    def _ready(self) -> None:
+        """Raises if the layer cannot run (e.g. built without a design and not restored)."""
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_input_dim(self, input: Any) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"expected input to be a tensor, got {describe(input)}")
+        if not input.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got {describe(input)}")
+        if self.channelwise:
+            if input.dim() < 2 or input.shape[1] != self.num_features:
+                raise ValueError(
+                    f"expected input of shape (m, C, *) with C = {self.num_features} channels "
+                    f"(num_features of a channel-wise layer), got {describe(input)}"
+                )
+            return
+        check_num_features(input, self.num_features)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
+        """Removes the metadata effect; see the class docstring.
+
+        Args:
+            input: the features, ``(m, *)`` (channel-wise: ``(m, C, *)``).
+            metadata: the batch's design rows ``(m, K)``. ``None`` (or omitted): the rows in
+                scope (see :class:`metanorm.nn.MetadataModel`).
+        """
+        self._ready()
+        self._check_input_dim(input)
+        if metadata is None:
+            metadata = _scope.metadata_for(self, input)
+        reducer = self._reducer() if self.training else None
+        if input.shape[0] == 0 and reducer is None:
+            raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
+        MF.check_metadata(metadata, input.shape[0], self.num_metadata)
+        dtype = torch.float32 if input.dtype in MF._LOW_PRECISION else input.dtype
+        m, k = input.shape[0], self.num_metadata
+        rows = metadata if metadata.dim() == 2 else metadata.reshape(m, k)
+        if rows.device != input.device or rows.dtype != dtype:
+            rows = rows.to(device=input.device, dtype=dtype)
+        if rows.requires_grad:
+            rows = rows.detach()
+        with autocast_off(input.device.type):
+            out = self._normalize(MF._as_dtype(input, dtype), rows, reducer)
+        return MF._as_dtype(out, input.dtype)
+
+    def _normalize(self, input: Tensor, rows: Tensor, reducer: StatisticsReducer | None) -> Tensor:
+        """The layer's map on ``(m, *)`` input in the compute dtype: flattens or pools."""
+        m = input.shape[0]
+        if self.channelwise:
+            # one β column per channel: regress the spatial means, subtract at every position
+            pooled = input.mean(dim=tuple(range(2, input.dim()))) if input.dim() > 2 else input
+            shift = self._dispatch(pooled, rows, reducer) - pooled
+            return input + shift.reshape(shift.shape + (1,) * (input.dim() - 2))
+        flat = input if input.dim() == 2 else input.reshape(m, math.prod(input.shape[1:]))
+        out = self._dispatch(flat, rows, reducer)
+        return out if input.dim() == 2 else out.reshape(input.shape)
+
+    def _dispatch(
+        self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None
+    ) -> Tensor:
+        if self._refit_sums is not None:
+            self._accumulate(self._refit_target(features), rows)
+            was = self.training
+            self.training = False
+            try:
+                return self._estimate(features, rows, None)
+            finally:
+                self.training = was
+        return self._estimate(features, rows, reducer)
+
+    def _estimate(
+        self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None
+    ) -> Tensor:
+        """The layer's output for ``(m, D)`` features (training: also updates the state)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- non-finite batches
+
+    def _report(self, finite: Tensor, rows: Tensor) -> None:
+        if self.on_nonfinite != "skip":
+            MF.report_nonfinite(finite, rows, self.on_nonfinite)
+
+    # ---------------------------------------------------------------- m ≤ K
+
+    def train(self, mode: bool = True) -> _MetadataNormBase:
+        """Sets the training mode; leaving training checks how many batches fell back."""
+        if not mode and self.training:
+            self._check_fallback()
+        return super().train(mode)
+
+    def _check_fallback(self) -> None:
+        """Warns once if most training batches since the last check used the running β."""
+        tracked, fallback = self.num_batches_tracked, self.num_batches_fallback
+        if not self._falls_back or tracked is None or fallback is None:
+            return
+        if tracked.device.type == "meta":
+            return
+        now = (int(tracked), int(fallback))  # read at eval(), not in the forward pass
+        before = self._fallback_seen
+        self._fallback_seen = now
+        batches, fell_back = now[0] - before[0], now[1] - before[1]
+        if batches > 0 and 2 * fell_back > batches and not getattr(self, "_fallback_warned", 0):
+            self._fallback_warned = 1
+            warnings.warn(
+                f"{type(self).__name__}: {fell_back} of the last {batches} training batches had "
+                f"no more rows than the design has columns (m <= K = {self.num_metadata}); their "
+                "outputs used the running β instead of their own estimate (their estimates "
+                "still entered it). Remedies: synchronise the layer over processes "
+                "(SyncMetadataNorm), the recursive estimator (RecursiveMetadataNorm), or "
+                "channel-wise β over larger batches",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # ---------------------------------------------------------------- refit
+
+    def _refittable(self) -> bool:
+        return True
+
+    def _infer_num_features(self, input: Tensor) -> int:
+        """``num_features`` of a lazy layer from its first input."""
+        return input.shape[1] if self.channelwise else math.prod(input.shape[1:])
+
+    def _refit_target(self, features: Tensor) -> Tensor:
+        """What the refit regresses on the design rows (the features by default)."""
+        return features
+
+    def _begin_refit(self) -> None:
+        self._check_fallback()
+        self._refit_sums = [None, None, 0, 0]
+
+    def _accumulate(self, target: Tensor, rows: Tensor) -> None:
+        sums = self._refit_sums
+        assert sums is not None
+        x = rows.to(torch.float64)
+        xtx, xty = x.T @ x, x.T @ target.to(torch.float64)
+        sums[0] = xtx if sums[0] is None else sums[0] + xtx
+        sums[1] = xty if sums[1] is None else sums[1] + xty
+        sums[2] += rows.shape[0]
+        sums[3] += 1
+
+    def _end_refit(self, process_group: Any = None) -> bool:
+        """Sets the state from the sums (all-reduced under torch.distributed); False if none."""
+        sums, self._refit_sums = self._refit_sums, None
+        if sums is None:
+            return False
+        xtx, xty, count, batches = sums
+        if dist.is_available() and dist.is_initialized():
+            group = process_group or getattr(self, "process_group", None) or dist.group.WORLD
+            if dist.get_world_size(group) > 1:
+                k = self.num_metadata
+                d = -1 if xty is None else xty.shape[1]
+                # the widest shard (an empty one has none) and the most batches of a rank (one
+                # step of the union is a batch on every rank)
+                most = torch.tensor([d, batches], dtype=torch.float64)
+                dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+                width = int(most[0])
+                device = self.remove_mask.device
+                if xtx is None:
+                    xtx = torch.zeros(k, k, dtype=torch.float64, device=device)
+                    xty = torch.zeros(k, width, dtype=torch.float64, device=device)
+                packed = torch.cat(
+                    [
+                        xtx.reshape(-1),
+                        xty.reshape(-1),
+                        torch.tensor([count], dtype=torch.float64, device=xtx.device),
+                    ]
+                )
+                dist.all_reduce(packed, group=group)
+                xtx = packed[: k * k].view(k, k)
+                xty = packed[k * k : -1].view(k, width)
+                count, batches = int(packed[-1]), int(most[1])
+        if xty is None or count == 0:
+            return False
+        with torch.no_grad():
+            self._load_refit(xtx, xty, count)
+            for name, value in (
+                ("num_batches_tracked", batches),
+                ("num_samples_tracked", count),
+                ("num_batches_skipped", 0),
+                (_FALLBACK, 0),
+            ):
+                counter = getattr(self, name)
+                if counter is not None:
+                    counter.fill_(value)
+        self._fallback_seen = (batches, 0)
+        return True
+
+    def _load_refit(self, xtx: Tensor, xty: Tensor, count: int) -> None:
+        """Sets the estimate from ΣXᵀX, ΣXᵀY (float64) and the number of rows."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        """Renames a checkpoint's keys of an earlier ``_version`` (the layer's own)."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version") or 1
+        if version < self._version:
+            self._migrate(state_dict, prefix, version)
+            for name in (*_COUNTERS, _FALLBACK):
+                counter = getattr(self, name, None)
+                if counter is not None and prefix + name not in state_dict:
+                    state_dict[prefix + name] = torch.zeros_like(counter)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class _LazyMixin(LazyModuleMixin, _MetadataNormBase):
+    """Infers ``num_features`` at the first call and materialises the ``(K, D)`` state."""
+
+    def reset_running_stats(self) -> None:
+        """Resets the estimate and the counters (once the state is materialised)."""
+        if not self.has_uninitialized_params():
+            super().reset_running_stats()
+
+    def initialize_parameters(self, input: Tensor, metadata: Tensor | None = None) -> None:
+        """Sets ``num_features`` from the first input and materialises the ``(K, D)`` state."""
+        if self.has_uninitialized_params() or self.num_features == 0:
+            if not isinstance(input, Tensor) or input.dim() < 2:
+                raise ValueError(
+                    "expected input of shape (m, *) to infer num_features from, got "
+                    f"{describe(input)}"
+                )
+            self.num_features = self._infer_num_features(input)
+            self._materialize((self.num_metadata, self.num_features))
+
+    def _materialize(self, shape: tuple[int, ...]) -> None:
+        with torch.no_grad():
+            for tensor in (*self.buffers(recurse=False), *self.parameters(recurse=False)):
+                if isinstance(tensor, UninitializedBuffer | UninitializedParameter):
+                    tensor.materialize(shape)
+                    tensor.zero_()
