@@ -25,6 +25,7 @@ from ``dcor`` on degenerate input, is in ``docs/metrics.md``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -235,6 +236,7 @@ def distance_correlation_sqr(
     y: Any,
     *,
     unbiased: bool = False,
+    categorical: bool | None = None,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
@@ -250,9 +252,15 @@ def distance_correlation_sqr(
         x: samples of the first variable, one row per sample: numpy array, tensor (any device) or
             nested sequence. Trailing dimensions are flattened (a conv feature map of shape
             (n, C, H, W) is a sample of C·H·W values).
-        y: samples of the second variable, same number of rows.
+        y: samples of the second variable (the metadata), same number of rows. Text columns and
+            pandas ``category`` columns are one-hot coded (one indicator per level).
         unbiased: the bias-corrected (U-centred) estimator, which can be slightly negative and
-            needs n > 3. Default: ``False``.
+            needs n > 3. Default: ``False`` (the name and default of the ``dcor`` package); pass
+            it explicitly.
+        categorical: ``True`` one-hot codes numeric codes of ``y`` too (integer site codes 0, 1,
+            2 taken as numbers give a different dCor² than the sites one-hot coded); ``False``
+            takes numbers as numbers without the warning that ``None`` (default) gives for a
+            numeric column of 3 to 10 distinct integers.
         block_size: rows per tile. Default: chosen from ``max_memory``.
         max_memory: memory budget in bytes for the tiles when ``block_size`` is None.
             Default: 256 MiB.
@@ -280,7 +288,7 @@ def distance_correlation_sqr(
         >>> round(distance_correlation_sqr(x, x[:, 0] ** 2), 2) > 0.1
         True
     """
-    a, b = as_sample_pair(x, y, device)
+    a, b = as_sample_pair(x, y, device, categorical=categorical)
     return dcor_of_samples(a, b, unbiased=unbiased, block_size=block_size, max_memory=max_memory)
 
 
@@ -290,6 +298,7 @@ def grouped_distance_correlation_sqr(
     groups: Any,
     *,
     unbiased: bool = False,
+    categorical: bool | None = None,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
@@ -300,20 +309,21 @@ def grouped_distance_correlation_sqr(
 
     Args:
         x: features, one row per sample.
-        y: metadata, same number of rows.
+        y: metadata, same number of rows; text and ``category`` columns are one-hot coded.
         groups: one label per row (numbers or strings); the keys of the result, in sorted order.
-        unbiased: see :func:`distance_correlation_sqr`.
+        unbiased: see :func:`distance_correlation_sqr`; pass it explicitly.
+        categorical: see :func:`distance_correlation_sqr`.
         block_size: see :func:`distance_correlation_sqr`.
         max_memory: see :func:`distance_correlation_sqr`.
         device: see :func:`distance_correlation_sqr`.
 
     Returns:
-        ``{group: dCor²}`` with plain Python keys.
+        ``{group: dCor²}`` with plain Python keys. A group too small for the estimator (3 samples
+        or fewer with ``unbiased=True``) gets NaN, and one warning lists every such group.
 
     Raises:
         ValueError: as :func:`distance_correlation_sqr`; also when ``groups`` does not have one
-            entry per row, or (``unbiased=True``) when a group has 3 samples or fewer (the
-            message lists them).
+            entry per row.
 
     Shape:
         - x: (n,), (n, p) or (n, \*)
@@ -328,23 +338,28 @@ def grouped_distance_correlation_sqr(
         >>> sorted(grouped_distance_correlation_sqr(x, x**2, [0, 1] * 4))
         [0, 1]
     """
-    a, b = as_sample_pair(x, y, device)
+    a, b = as_sample_pair(x, y, device, categorical=categorical)
     g = as_labels(groups, "groups", a.shape[0])
     levels, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
-    if unbiased:
-        small = [
-            f"{label_key(lv)!r} ({c} samples)"
-            for lv, c in zip(levels, counts, strict=True)
-            if c <= 3
-        ]
-        if small:
-            raise ValueError(
-                "the bias-corrected (unbiased=True) estimator needs more than 3 samples per "
-                f"group, got {', '.join(small)}"
-            )
+    min_samples = 4 if unbiased else 1
+    small = [
+        f"{label_key(lv)!r} ({c} samples)"
+        for lv, c in zip(levels, counts, strict=True)
+        if c < min_samples
+    ]
+    if small:
+        warnings.warn(
+            "the bias-corrected (unbiased=True) estimator needs more than 3 samples per group; "
+            f"NaN for group(s) {', '.join(small)}",
+            UserWarning,
+            stacklevel=2,
+        )
     out: dict[Any, float] = {}
     inv = torch.from_numpy(inverse.reshape(-1)).to(a.device)
     for i, level in enumerate(levels):
+        if counts[i] < min_samples:
+            out[label_key(level)] = math.nan
+            continue
         sel = (inv == i).nonzero().squeeze(1)
         out[label_key(level)] = dcor_of_samples(
             a[sel], b[sel], unbiased=unbiased, block_size=block_size, max_memory=max_memory

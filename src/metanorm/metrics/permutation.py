@@ -122,6 +122,7 @@ def distance_correlation_test(
     num_permutations: int = DEFAULT_PERMUTATIONS,
     random_state: int | np.random.Generator | torch.Generator | None = None,
     unbiased: bool = False,
+    categorical: bool | None = None,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
@@ -145,7 +146,10 @@ def distance_correlation_test(
             0.005).
         random_state: seed (int), ``numpy.random.Generator`` or ``torch.Generator``; the same
             seed gives the same p-value. Default: None (fresh randomness).
-        unbiased: use the bias-corrected estimator as the statistic. Default: ``False``.
+        unbiased: use the bias-corrected estimator as the statistic. Default: ``False``; pass
+            it explicitly.
+        categorical: how ``y`` is coded, see
+            :func:`~metanorm.metrics.distance_correlation_sqr`.
         block_size: rows per tile. Default: chosen from ``max_memory``.
         max_memory: memory budget in bytes for the tiles. Default: 256 MiB.
         device: where to compute. Default: the device of ``x`` (or ``y``) when a tensor.
@@ -175,7 +179,7 @@ def distance_correlation_test(
         raise TypeError(f"expected num_permutations to be an int, got {num_permutations!r}")
     if num_permutations < 1:
         raise ValueError(f"expected num_permutations >= 1, got {num_permutations}")
-    a, b = as_sample_pair(x, y, device)
+    a, b = as_sample_pair(x, y, device, categorical=categorical)
     n = a.shape[0]
     check_num_samples(n, unbiased)
     block = resolve_block(n, block_size, max_memory, LIVE_TILES)
