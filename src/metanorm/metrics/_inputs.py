@@ -201,7 +201,7 @@ def as_metadata(
 
 def _warn_if_codes(t: Tensor, name: str) -> None:
     """Warns about numeric columns that look like integer codes of a few categories."""
-    if t.shape[0] < 30 or t.shape[1] > 64:
+    if t.shape[0] < 30 or t.shape[1] > 8:
         return
     lo, hi = FEW_INTEGER_LEVELS
     suspects = []

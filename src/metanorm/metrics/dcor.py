@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,39 +35,15 @@ from torch import Tensor
 from metanorm.metrics._distance import (
     DEFAULT_MAX_MEMORY,
     LIVE_TILES,
-    CentredPoints,
-    add_row_sums,
     resolve_block,
-    row_sums_1d,
-    upper_tiles,
 )
+from metanorm.metrics._exact import ExactSums, centred_stats, exact_sums
 from metanorm.metrics._inputs import as_labels, as_sample_pair, label_key
 
 __all__ = ["distance_correlation_sqr", "grouped_distance_correlation_sqr"]
 
 # Distance variances below this times (mean distance)² are rounding noise, i.e. zero.
 _ZERO_VARIANCE_EPS = 256 * float(np.finfo(np.float64).eps)
-
-#: ``on_tile(a_tile, rows, cols, weight)``: called by :func:`blocked_sums` on every x tile.
-TileHook = Callable[[Tensor, slice, slice, float], None]
-
-
-class DcorSums(NamedTuple):
-    """The sums over all pairs from which both estimators follow (see :func:`blocked_sums`)."""
-
-    #: Number of samples.
-    n: int
-    #: :math:`\sum_{ij} a_{ij} \tilde B_{ij}`.
-    s_ab: float
-    #: :math:`\sum_{ij} a_{ij}^2`.
-    s_aa: float
-    #: :math:`\sum_{ij} \tilde B_{ij}^2`.
-    s_bb: float
-    #: Row sums of the x distances, ``(n,)``.
-    ra: Tensor
-    #: Row sums of the y distances, ``(n,)``.
-    rb: Tensor
-
 
 def check_num_samples(n: int, unbiased: bool) -> None:
     """Raises ``ValueError`` when ``n`` samples are too few for the chosen estimator.
@@ -100,110 +75,6 @@ def order_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return (y, x) if x.shape[1] < y.shape[1] else (x, y)
 
 
-def blocked_sums(
-    x: Tensor,
-    y: Tensor,
-    *,
-    unbiased: bool,
-    block: int,
-    on_tile: TileHook | None = None,
-) -> DcorSums:
-    """The sums of dCor² over all pairs, in two passes over tiles of ``block`` rows.
-
-    The ``y`` distances are centred exactly (double-centred, or U-centred when ``unbiased``).
-
-    Args:
-        x: float64 samples ``(n, p)``.
-        y: float64 samples ``(n, q)``; put the variable with fewer columns here.
-        unbiased: U-centre instead of double-centre.
-        block: rows per tile.
-        on_tile: called with every tile of the ``x`` distances, its rows, its columns and its
-            weight (2 for an off-diagonal tile, which stands for its mirror image too).
-
-    Returns:
-        :class:`DcorSums`.
-    """
-    n = x.shape[0]
-    px, py = CentredPoints(x), CentredPoints(y)
-    dev = px.x.device
-    f64 = torch.float64
-
-    # pass 1: row sums of the y distances
-    tiles = upper_tiles(n, block)
-    if py.x.shape[1] == 1:
-        rb = row_sums_1d(py.x[:, 0])
-    else:
-        rb = torch.zeros(n, dtype=f64, device=dev)
-        for rows, cols, _ in tiles:
-            add_row_sums(rb, py.tile(rows, cols), rows, cols)
-    tb = rb.sum()
-    if unbiased:
-        row, const = rb / (n - 2), tb / ((n - 1) * (n - 2))
-    else:
-        row, const = rb / n, tb / (n * n)
-    row_c = row - const  # B~_ij = b_ij - row_i - row_j + const
-
-    # pass 2: cross sums
-    ra = torch.zeros(n, dtype=f64, device=dev)
-    zero = torch.zeros((), dtype=f64, device=dev)
-    s_ab, s_bb = zero.clone(), zero.clone()
-    # sum_ij |x_i - x_j|^2 = 2n sum_i |x_i - mean|^2 (px.x is centred): no tile pass needed
-    s_aa = 2.0 * n * px.x.square().sum()
-    for rows, cols, weight in tiles:
-        at = px.tile(rows, cols)
-        bt = py.tile(rows, cols)
-        bt -= row_c[rows, None]
-        bt -= row[None, cols]
-        if unbiased and rows == cols:
-            bt.diagonal().zero_()  # U-centred matrices have a zero diagonal
-        fa, fb = at.reshape(-1), bt.reshape(-1)
-        s_ab += weight * torch.dot(fa, fb)
-        s_bb += weight * torch.dot(fb, fb)
-        del bt, fb
-        add_row_sums(ra, at, rows, cols)
-        if on_tile is not None:
-            on_tile(at, rows, cols, weight)
-    return DcorSums(n, float(s_ab), float(s_aa), float(s_bb), ra, rb)
-
-
-def _stats_from_sums(sums: DcorSums, unbiased: bool) -> tuple[float, float, float]:
-    """(dCov², dVar²_x, dVar²_y) of the chosen estimator."""
-    n = sums.n
-    ra = sums.ra
-    ta = float(ra.sum())
-    sra2 = float(torch.dot(ra, ra))
-    if unbiased:
-        c1 = n * (n - 3)
-        cov = sums.s_ab / c1
-        var_y = sums.s_bb / c1
-        var_x = (
-            sums.s_aa / c1
-            - 2.0 * sra2 / (n * (n - 2) * (n - 3))
-            + ta * ta / (n * (n - 1) * (n - 2) * (n - 3))
-        )
-    else:
-        cov = sums.s_ab / n**2
-        var_y = sums.s_bb / n**2
-        var_x = sums.s_aa / n**2 - 2.0 * sra2 / n**3 + ta * ta / n**4
-    return cov, var_x, var_y
-
-
-def dcor_from_sums(sums: DcorSums, unbiased: bool) -> float:
-    """dCor² from :func:`blocked_sums`; ``0.0`` when a distance variance is zero up to rounding."""
-    cov, var_x, var_y = _stats_from_sums(sums, unbiased)
-    n2 = float(sums.n) ** 2
-    mean_a, mean_b = float(sums.ra.sum()) / n2, float(sums.rb.sum()) / n2
-    # A variance is a difference of sums of size mean² (rounding ~ eps * mean²); below that
-    # level it is zero (a constant variable, or a U-centred matrix that vanishes exactly).
-    eps = _ZERO_VARIANCE_EPS
-    if mean_a == 0.0 or mean_b == 0.0:  # all distances zero: a constant variable
-        return 0.0
-    if abs(var_x) <= eps * mean_a**2 or abs(var_y) <= eps * mean_b**2:
-        return 0.0
-    denom = math.sqrt(abs(var_x * var_y))
-    return 0.0 if denom == 0.0 else cov / denom
-
-
 def dcor_of_samples(
     x: Tensor,
     y: Tensor,
@@ -226,9 +97,37 @@ def dcor_of_samples(
     """
     n = x.shape[0]
     check_num_samples(n, unbiased)
-    block = resolve_block(n, block_size, max_memory, LIVE_TILES)
+    block = square_block(n, block_size, max_memory)
     x, y = order_pair(x, y)
-    return dcor_from_sums(blocked_sums(x, y, unbiased=unbiased, block=block), unbiased)
+    sums, _ = exact_sums(x, y, block=block)
+    return dcor_from_exact(sums, unbiased)
+
+
+def square_block(n: int, block_size: int | None, max_memory: int) -> int:
+    """Side of the square tiles: ``block_size``, else at most 1024 and within ``max_memory``."""
+    if block_size is not None:
+        return resolve_block(n, block_size, max_memory, LIVE_TILES)
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+        raise ValueError(
+            f"expected max_memory to be a positive number of bytes, got {max_memory!r}"
+        )
+    # a few float64 tiles alive at once; 1024 keeps them near the cache
+    side = math.isqrt(max(1, max_memory // (8 * LIVE_TILES)))
+    return max(1, min(n, 1024, side))
+
+
+def dcor_from_exact(sums: ExactSums, unbiased: bool) -> float:
+    """dCor² from complete :class:`ExactSums`; ``0.0`` when a distance variance is zero."""
+    cov, var_x, var_y = centred_stats(sums, unbiased)
+    n2 = float(sums.n) ** 2
+    mean_a, mean_b = float(sums.ra.sum()) / n2, float(sums.rb.sum()) / n2
+    eps = _ZERO_VARIANCE_EPS
+    if mean_a == 0.0 or mean_b == 0.0:  # all distances zero: a constant variable
+        return 0.0
+    if abs(var_x) <= eps * mean_a**2 or abs(var_y) <= eps * mean_b**2:
+        return 0.0
+    denom = math.sqrt(abs(var_x * var_y))
+    return 0.0 if denom == 0.0 else cov / denom
 
 
 def distance_correlation_sqr(
