@@ -39,11 +39,89 @@ from metanorm.metrics._distance import (
 )
 from metanorm.metrics._exact import ExactSums, centred_stats, exact_sums
 from metanorm.metrics._inputs import as_labels, as_sample_pair, label_key
+from metanorm.metrics._projection import projection_terms
 
-__all__ = ["distance_correlation_sqr", "grouped_distance_correlation_sqr"]
+__all__ = ["DcorEstimate", "distance_correlation_sqr", "grouped_distance_correlation_sqr"]
+
+#: Default number of random projections of ``method="projection"``.
+DEFAULT_PROJECTIONS = 100
+
+_METHODS = ("exact", "projection", "auto")
+
+
+class DcorEstimate(float):
+    """A dCor² value (a ``float``) that carries how it was estimated.
+
+    Attributes:
+        standard_error: the jackknife standard error over projections (``method="projection"``);
+            0.0 for the exact estimator (no Monte Carlo error; the sampling error of the data is
+            another matter).
+        method: ``"exact"`` or ``"projection"``.
+        unbiased: which estimator.
+        num_projections: number of projections (0 for the exact estimator).
+    """
+
+    standard_error: float
+    method: str
+    unbiased: bool
+    num_projections: int
+
+    def __new__(
+        cls,
+        value: float,
+        *,
+        standard_error: float = 0.0,
+        method: str = "exact",
+        unbiased: bool = False,
+        num_projections: int = 0,
+    ) -> DcorEstimate:
+        """A value with its standard error and the estimator that gave it."""
+        out = super().__new__(cls, value)
+        out.standard_error = standard_error
+        out.method = method
+        out.unbiased = unbiased
+        out.num_projections = num_projections
+        return out
+
+    def __reduce__(self) -> Any:
+        kw = {
+            "standard_error": self.standard_error,
+            "method": self.method,
+            "unbiased": self.unbiased,
+            "num_projections": self.num_projections,
+        }
+        return (_rebuild_estimate, (float(self), kw))
+
+
+def _rebuild_estimate(value: float, kw: dict[str, Any]) -> DcorEstimate:
+    return DcorEstimate(value, **kw)
+
+
+def check_method(method: str, num_projections: int | None, seed: int | None) -> tuple[str, int]:
+    """Validates ``method`` and ``num_projections``; ``"auto"`` is the exact estimator."""
+    if method not in _METHODS:
+        raise ValueError(f"expected method to be one of {_METHODS}, got {method!r}")
+    if num_projections is not None and (
+        isinstance(num_projections, bool)
+        or not isinstance(num_projections, int)
+        or num_projections < 2
+    ):
+        raise ValueError(
+            f"expected num_projections to be an integer >= 2 (the standard error needs two), "
+            f"got {num_projections!r}"
+        )
+    if method != "projection" and num_projections is not None:
+        raise ValueError(
+            f"num_projections applies to method='projection' only, got method={method!r}"
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"expected seed to be an int, got {seed!r}")
+    return ("exact" if method == "auto" else method), (num_projections or DEFAULT_PROJECTIONS)
+
 
 # Distance variances below this times (mean distance)² are rounding noise, i.e. zero.
 _ZERO_VARIANCE_EPS = 256 * float(np.finfo(np.float64).eps)
+
 
 def check_num_samples(n: int, unbiased: bool) -> None:
     """Raises ``ValueError`` when ``n`` samples are too few for the chosen estimator.
@@ -136,11 +214,21 @@ def distance_correlation_sqr(
     *,
     unbiased: bool = False,
     categorical: bool | None = None,
+    method: str = "exact",
+    num_projections: int | None = None,
+    seed: int | None = None,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
 ) -> float:
     r"""Squared distance correlation between the rows of ``x`` and ``y``.
+
+    ``method="exact"`` (the default; ``"auto"`` is the same) visits every pair in O(n²·(p+q))
+    time. ``method="projection"`` estimates it by random projections (Huang & Huo 2022): the
+    average of ``num_projections`` one-dimensional dCov² terms, each exact in O(n log n), so
+    n = 10⁶ is practical. It is unbiased for the chosen estimator's dCov² and dVar²; the ratio
+    carries a jackknife standard error over the projections (``result.standard_error``), which
+    shrinks as ``num_projections`` grows.
 
     The biased estimator (``unbiased=False``) equals ``dcor.distance_correlation_sqr``; the
     bias-corrected one (``unbiased=True``, the estimator the paper reports) equals
@@ -160,6 +248,10 @@ def distance_correlation_sqr(
             2 taken as numbers give a different dCor² than the sites one-hot coded); ``False``
             takes numbers as numbers without the warning that ``None`` (default) gives for a
             numeric column of 3 to 10 distinct integers.
+        method: ``"exact"``, ``"projection"`` or ``"auto"`` (exact). Default: ``"exact"``.
+        num_projections: directions drawn for each variable with ``method="projection"``.
+            Default: 100.
+        seed: seed of the directions. Default: 0 (the same value on every call).
         block_size: rows per tile. Default: chosen from ``max_memory``.
         max_memory: memory budget in bytes for the tiles when ``block_size`` is None.
             Default: 256 MiB.
@@ -167,7 +259,8 @@ def distance_correlation_sqr(
             the CPU.
 
     Returns:
-        The estimate as a Python float; ``0.0`` when ``x`` or ``y`` is constant.
+        The estimate, a :class:`DcorEstimate` (a ``float`` with ``standard_error``, ``method``,
+        ``unbiased`` and ``num_projections``); ``0.0`` when ``x`` or ``y`` is constant.
 
     Raises:
         ValueError: on a row-count mismatch, NaN/inf values, no rows, or n ≤ 3 with
@@ -187,8 +280,29 @@ def distance_correlation_sqr(
         >>> round(distance_correlation_sqr(x, x[:, 0] ** 2), 2) > 0.1
         True
     """
+    how, num = check_method(method, num_projections, seed)
     a, b = as_sample_pair(x, y, device, categorical=categorical)
-    return dcor_of_samples(a, b, unbiased=unbiased, block_size=block_size, max_memory=max_memory)
+    if how == "projection":
+        return projection_dcor(a, b, unbiased=unbiased, num_projections=num, seed=seed or 0)
+    value = dcor_of_samples(a, b, unbiased=unbiased, block_size=block_size, max_memory=max_memory)
+    return DcorEstimate(value, unbiased=unbiased)
+
+
+def projection_dcor(
+    a: Tensor, b: Tensor, *, unbiased: bool, num_projections: int, seed: int
+) -> DcorEstimate:
+    """dCor² of checked float64 samples by random projections (:func:`distance_correlation_sqr`)."""
+    check_num_samples(a.shape[0], unbiased)
+    a, b = _unit_scale(a), _unit_scale(b)
+    terms, _ = projection_terms(a, b, unbiased=unbiased, num_projections=num_projections, seed=seed)
+    value, se = terms.jackknife()
+    return DcorEstimate(
+        value,
+        standard_error=se,
+        method="projection",
+        unbiased=unbiased,
+        num_projections=num_projections,
+    )
 
 
 def grouped_distance_correlation_sqr(
