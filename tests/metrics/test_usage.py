@@ -95,3 +95,11 @@ def test_balanced_accuracy_refuses_probabilities_accepts_integral_floats():
         balanced_accuracy_score(y, p)  # scikit-learn refuses them too
     hard = (p > 0.5).astype(np.float32)
     assert balanced_accuracy(y, hard) == pytest.approx(balanced_accuracy_score(y, hard))
+
+
+def test_accumulating_metric_refuses_text_metadata():
+    from metanorm.metrics import DistanceCorrelationSqr
+
+    metric = DistanceCorrelationSqr(unbiased=True)
+    with pytest.raises(TypeError, match="one-hot code them with the same levels"):
+        metric.update(np.zeros((4, 2)), ["a", "b", "a", "c"])

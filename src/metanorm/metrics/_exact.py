@@ -150,7 +150,7 @@ def exact_sums(
     ra = torch.zeros(n, dtype=f64, device=dev)
     s_ab = torch.zeros((), dtype=f64, device=dev)
     if y.shape[1] == 1:
-        yv, order = torch.sort(y[:, 0] - y[:, 0].mean())
+        yv, order = torch.sort(y[:, 0] - y[:, 0].mean(), stable=True)
         px = Points(x[order])
         rb = row_sums_1d(yv)
         s_bb = float(2.0 * n * yv.square().sum())

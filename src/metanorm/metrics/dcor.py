@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from metanorm.metrics._distance import (
 )
 from metanorm.metrics._exact import ExactSums, centred_stats, exact_sums
 from metanorm.metrics._inputs import as_labels, as_sample_pair, label_key
-from metanorm.metrics._projection import projection_terms
+from metanorm.metrics._projection import ProjectionTerms, projection_terms
 
 __all__ = ["DcorEstimate", "distance_correlation_sqr", "grouped_distance_correlation_sqr"]
 
@@ -160,6 +161,7 @@ def dcor_of_samples(
     unbiased: bool = False,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    share: Share | None = None,
 ) -> float:
     """dCor² of checked float64 samples (from :func:`~metanorm.metrics._inputs.as_sample_pair`).
 
@@ -169,6 +171,9 @@ def dcor_of_samples(
         unbiased: see :func:`distance_correlation_sqr`.
         block_size: see :func:`distance_correlation_sqr`.
         max_memory: see :func:`distance_correlation_sqr`.
+        share: ``(part, parts, all_reduce)``: compute the tiles ``part::parts`` only and add
+            the partial sums of all parts with ``all_reduce`` (an in-place sum over processes
+            that all hold the same rows).
 
     Returns:
         The estimate as a Python float.
@@ -177,8 +182,21 @@ def dcor_of_samples(
     check_num_samples(n, unbiased)
     block = square_block(n, block_size, max_memory)
     x, y = order_pair(x, y)
-    sums, _ = exact_sums(x, y, block=block)
+    if share is None:
+        sums, _ = exact_sums(x, y, block=block)
+        return dcor_from_exact(sums, unbiased)
+    part, parts, all_reduce = share
+    sums, _ = exact_sums(x, y, block=block, part=part, parts=parts)
+    packed = [sums.s_ab.reshape(1), sums.ra] + ([sums.rb] if sums.rb_partial else [])
+    total = torch.cat(packed)
+    all_reduce(total)
+    rb = total[1 + n :] if sums.rb_partial else sums.rb
+    sums = sums._replace(s_ab=total[0], ra=total[1 : 1 + n], rb=rb, rb_partial=False)
     return dcor_from_exact(sums, unbiased)
+
+
+#: ``(part, parts, all_reduce)``: a share of the work and how to add up the shares.
+Share = tuple[int, int, Callable[[Tensor], None]]
 
 
 def square_block(n: int, block_size: int | None, max_memory: int) -> int:
@@ -289,12 +307,37 @@ def distance_correlation_sqr(
 
 
 def projection_dcor(
-    a: Tensor, b: Tensor, *, unbiased: bool, num_projections: int, seed: int
+    a: Tensor,
+    b: Tensor,
+    *,
+    unbiased: bool,
+    num_projections: int,
+    seed: int,
+    share: Share | None = None,
 ) -> DcorEstimate:
-    """dCor² of checked float64 samples by random projections (:func:`distance_correlation_sqr`)."""
+    """dCor² of checked float64 samples by random projections (:func:`distance_correlation_sqr`).
+
+    With ``share`` (see :func:`dcor_of_samples`) each process computes the projections
+    ``part::parts`` and the per-projection terms of all of them are added up.
+    """
     check_num_samples(a.shape[0], unbiased)
-    a, b = _unit_scale(a), _unit_scale(b)
-    terms, _ = projection_terms(a, b, unbiased=unbiased, num_projections=num_projections, seed=seed)
+    a, b = order_pair(a, b)
+    part, parts = (0, 1) if share is None else share[:2]
+    terms, mine = projection_terms(
+        a,
+        b,
+        unbiased=unbiased,
+        num_projections=num_projections,
+        seed=seed,
+        part=part,
+        parts=parts,
+    )
+    if share is not None:
+        table = torch.zeros(3, num_projections, dtype=torch.float64, device=a.device)
+        idx = mine.to(a.device)
+        table[0, idx], table[1, idx], table[2, idx] = terms.cov, terms.var_x, terms.var_y
+        share[2](table)
+        terms = ProjectionTerms(table[0], table[1], table[2], terms.cp, terms.cq)
     value, se = terms.jackknife()
     return DcorEstimate(
         value,
@@ -312,6 +355,9 @@ def grouped_distance_correlation_sqr(
     *,
     unbiased: bool = False,
     categorical: bool | None = None,
+    method: str = "exact",
+    num_projections: int | None = None,
+    seed: int | None = None,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
@@ -326,6 +372,9 @@ def grouped_distance_correlation_sqr(
         groups: one label per row (numbers or strings); the keys of the result, in sorted order.
         unbiased: see :func:`distance_correlation_sqr`; pass it explicitly.
         categorical: see :func:`distance_correlation_sqr`.
+        method: see :func:`distance_correlation_sqr`.
+        num_projections: see :func:`distance_correlation_sqr`.
+        seed: see :func:`distance_correlation_sqr`.
         block_size: see :func:`distance_correlation_sqr`.
         max_memory: see :func:`distance_correlation_sqr`.
         device: see :func:`distance_correlation_sqr`.
@@ -351,8 +400,41 @@ def grouped_distance_correlation_sqr(
         >>> sorted(grouped_distance_correlation_sqr(x, x**2, [0, 1] * 4))
         [0, 1]
     """
+    how, num = check_method(method, num_projections, seed)
     a, b = as_sample_pair(x, y, device, categorical=categorical)
     g = as_labels(groups, "groups", a.shape[0])
+    return grouped_of_samples(
+        a,
+        b,
+        g,
+        unbiased=unbiased,
+        method=how,
+        num_projections=num,
+        seed=seed or 0,
+        block_size=block_size,
+        max_memory=max_memory,
+        stacklevel=3,
+    )
+
+
+def grouped_of_samples(
+    a: Tensor,
+    b: Tensor,
+    g: np.ndarray,
+    *,
+    unbiased: bool,
+    method: str = "exact",
+    num_projections: int = DEFAULT_PROJECTIONS,
+    seed: int = 0,
+    block_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    share: Share | None = None,
+    stacklevel: int = 2,
+) -> dict[Any, float]:
+    """:func:`grouped_distance_correlation_sqr` of checked samples and labels.
+
+    ``share``: see :func:`dcor_of_samples`.
+    """
     levels, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
     min_samples = 4 if unbiased else 1
     small = [
@@ -365,7 +447,7 @@ def grouped_distance_correlation_sqr(
             "the bias-corrected (unbiased=True) estimator needs more than 3 samples per group; "
             f"NaN for group(s) {', '.join(small)}",
             UserWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     out: dict[Any, float] = {}
     inv = torch.from_numpy(inverse.reshape(-1)).to(a.device)
@@ -374,7 +456,23 @@ def grouped_distance_correlation_sqr(
             out[label_key(level)] = math.nan
             continue
         sel = (inv == i).nonzero().squeeze(1)
-        out[label_key(level)] = dcor_of_samples(
-            a[sel], b[sel], unbiased=unbiased, block_size=block_size, max_memory=max_memory
-        )
+        if method == "projection":
+            out[label_key(level)] = projection_dcor(
+                a[sel],
+                b[sel],
+                unbiased=unbiased,
+                num_projections=num_projections,
+                seed=seed,
+                share=share,
+            )
+        else:
+            value = dcor_of_samples(
+                a[sel],
+                b[sel],
+                unbiased=unbiased,
+                block_size=block_size,
+                max_memory=max_memory,
+                share=share,
+            )
+            out[label_key(level)] = DcorEstimate(value, unbiased=unbiased)
     return out
