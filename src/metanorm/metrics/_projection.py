@@ -76,27 +76,36 @@ def cross_sums_1d(x: Tensor, y: Tensor) -> Tensor:
     ox = torch.argsort(xs, dim=1)
     pos = torch.arange(n, device=dev).expand(num, n)
     rank = torch.empty_like(ox).scatter_(1, ox, pos)  # x rank of each sample, in y order
-    w = torch.stack([torch.ones_like(xs), xs, ys, xs * ys], -1)  # (K, n, 4)
-    sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=x.dtype, device=dev)
+    # channels first, (4, K, n): the weights (1, x, y, xy) of each sample
+    w = torch.stack([torch.ones_like(xs), xs, ys, xs * ys])
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=x.dtype, device=dev).view(4, 1, 1)
+    flip = [3, 2, 1, 0]
     # sum_{i<j} |x_i - x_j| (y_j - y_i) = sum_j 2 coef_j . D_j - coef_j . T_j with
-    # coef_j = (x_j y_j, -y_j, -x_j, 1) and T_j the prefix sums of w before j
-    before = torch.cumsum(w, 1) - w
-    total = -(w.flip(-1) * sign * before).sum((1, 2))
+    # coef_j = (x_j y_j, -y_j, -x_j, 1) = sign * flip(w_j) and T_j the prefix sums of w before j
+    before = torch.cumsum(w, 2) - w
+    total = -(w[flip] * sign * before).sum((0, 2))
+    del before
+    zero = torch.zeros((), dtype=x.dtype, device=dev)
     levels = max(1, (n - 1).bit_length())
     for level in range(levels - 1, -1, -1):
         upper = (rank >> level) & 1
-        lower_w = w * (1 - upper).unsqueeze(-1).to(w.dtype)
-        ex = torch.cumsum(lower_w, 1) - lower_w
+        is_upper = upper.bool()
+        # inclusive prefix sums of the lower halves' weights; an upper sample adds nothing to
+        # its own, so at an upper sample they are the sums over the samples before it
+        cs = torch.cumsum(torch.where(is_upper, zero, w), 2)
         start = (rank >> (level + 1)) << (level + 1)  # where the sample's group starts
-        rel = ex - torch.gather(ex, 1, start.unsqueeze(-1).expand(num, n, 4))
-        total += 2.0 * ((w.flip(-1) * sign * rel).sum(-1) * upper.to(w.dtype)).sum(1)
+        prev = (start - 1).clamp_(min=0)
+        off = torch.gather(cs, 2, prev.expand(4, num, n)) * (start > 0)
+        rel = cs.sub_(off)  # sums within the group, up to and including the sample
+        coef = torch.where(is_upper, w[flip], zero).mul_(sign)
+        total += 2.0 * (coef * rel).sum((0, 2))
         # stable split of each group: its lower half first, both in y order
-        zeros_before = rel[..., 0].round().long()
+        zeros_upto = rel[0].round_().long()  # lower samples of the group up to this one
         size_lower = torch.clamp(n - start, max=1 << level)
         new = torch.where(
-            upper.bool(), start + size_lower + (pos - start - zeros_before), start + zeros_before
+            is_upper, start + size_lower + (pos - start - zeros_upto), start + zeros_upto - 1
         )
-        w = torch.empty_like(w).scatter_(1, new.unsqueeze(-1).expand(num, n, 4), w)
+        w = torch.empty_like(w).scatter_(2, new.expand(4, num, n), w)
         rank = torch.empty_like(rank).scatter_(1, new, rank)
     return 2.0 * total
 
