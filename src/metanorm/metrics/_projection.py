@@ -55,12 +55,56 @@ def row_sums_1d_batched(v: Tensor) -> Tensor:
     return torch.empty_like(v).scatter_(1, order, sums)
 
 
-def cross_sums_1d(x: Tensor, y: Tensor) -> Tensor:
+def _levels(w: Tensor, rank: Tensor, top: int, bottom: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Adds up the dominance terms of the levels ``top - 1`` down to ``bottom`` (see module doc).
+
+    Args:
+        w: weights ``(4, K, m)`` in the current order (groups by the rank bits above ``top``).
+        rank: ranks ``(K, m)``, in ``[0, m)``, same order.
+        top: one more than the first level.
+        bottom: the last level.
+
+    Returns:
+        ``(K,)``: ``sum_j 2 coef_j . D_j`` over these levels, and ``w`` and ``rank`` in the
+        order they leave (groups by the rank bits from ``bottom`` up).
+    """
+    _, num, m = w.shape
+    dev, dtype = w.device, w.dtype
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype, device=dev).view(4, 1, 1)
+    flip = [3, 2, 1, 0]
+    zero = torch.zeros((), dtype=dtype, device=dev)
+    pos = torch.arange(m, device=dev).expand(num, m)
+    total = torch.zeros(num, dtype=dtype, device=dev)
+    for level in range(top - 1, bottom - 1, -1):
+        upper = (rank >> level) & 1
+        is_upper = upper.bool()
+        # inclusive prefix sums of the lower halves' weights; an upper sample adds nothing to
+        # its own, so at an upper sample they are the sums over the samples before it
+        cs = torch.cumsum(torch.where(is_upper, zero, w), 2)
+        start = (rank >> (level + 1)) << (level + 1)  # where the sample's group starts
+        prev = (start - 1).clamp_(min=0)
+        off = torch.gather(cs, 2, prev.expand(4, num, m)) * (start > 0)
+        rel = cs.sub_(off)  # sums within the group, up to and including the sample
+        coef = torch.where(is_upper, w[flip], zero).mul_(sign)
+        total += 2.0 * (coef * rel).sum((0, 2))
+        # stable split of each group: its lower half first, both in y order
+        zeros_upto = rel[0].round_().long()  # lower samples of the group up to this one
+        size_lower = torch.clamp(m - start, max=1 << level)
+        new = torch.where(
+            is_upper, start + size_lower + (pos - start - zeros_upto), start + zeros_upto - 1
+        )
+        w = torch.empty_like(w).scatter_(2, new.expand(4, num, m), w)
+        rank = torch.empty_like(rank).scatter_(1, new, rank)
+    return total, w, rank
+
+
+def cross_sums_1d(x: Tensor, y: Tensor, segment: int = 2**15) -> Tensor:
     r""":math:`\sum_{ij} |x_{ki} - x_{kj}|\,|y_{ki} - y_{kj}|` for every row ``k``, in O(n log n).
 
     Args:
         x: float64 ``(K, n)``.
         y: float64 ``(K, n)``.
+        segment: samples per segment for the lower levels (a power of 2; cache-sized).
 
     Returns:
         ``(K,)``.
@@ -85,28 +129,18 @@ def cross_sums_1d(x: Tensor, y: Tensor) -> Tensor:
     before = torch.cumsum(w, 2) - w
     total = -(w[flip] * sign * before).sum((0, 2))
     del before
-    zero = torch.zeros((), dtype=x.dtype, device=dev)
     levels = max(1, (n - 1).bit_length())
-    for level in range(levels - 1, -1, -1):
-        upper = (rank >> level) & 1
-        is_upper = upper.bool()
-        # inclusive prefix sums of the lower halves' weights; an upper sample adds nothing to
-        # its own, so at an upper sample they are the sums over the samples before it
-        cs = torch.cumsum(torch.where(is_upper, zero, w), 2)
-        start = (rank >> (level + 1)) << (level + 1)  # where the sample's group starts
-        prev = (start - 1).clamp_(min=0)
-        off = torch.gather(cs, 2, prev.expand(4, num, n)) * (start > 0)
-        rel = cs.sub_(off)  # sums within the group, up to and including the sample
-        coef = torch.where(is_upper, w[flip], zero).mul_(sign)
-        total += 2.0 * (coef * rel).sum((0, 2))
-        # stable split of each group: its lower half first, both in y order
-        zeros_upto = rel[0].round_().long()  # lower samples of the group up to this one
-        size_lower = torch.clamp(n - start, max=1 << level)
-        new = torch.where(
-            is_upper, start + size_lower + (pos - start - zeros_upto), start + zeros_upto - 1
-        )
-        w = torch.empty_like(w).scatter_(2, new.expand(4, num, n), w)
-        rank = torch.empty_like(rank).scatter_(1, new, rank)
+    seg_bits = max(1, segment.bit_length() - 1)
+    if levels <= seg_bits:
+        return 2.0 * (total + _levels(w, rank, levels, 0)[0])
+    # the top levels over everything; after them the groups are contiguous segments of
+    # 2**seg_bits samples, each of which goes through the remaining levels while in the cache
+    top, w, rank = _levels(w, rank, levels, seg_bits)
+    total += top
+    size = 1 << seg_bits
+    for s in range(0, n, size):
+        e = min(s + size, n)
+        total += _levels(w[:, :, s:e].contiguous(), rank[:, s:e] - s, seg_bits, 0)[0]
     return 2.0 * total
 
 
