@@ -135,3 +135,16 @@ def test_categorical_codes_and_small_groups(files, tmp_path, capsys):
     assert code == 0
     res = json.loads(capsys.readouterr().out.replace("NaN", "null"))
     assert res["groups"]["tiny"] is None and res["groups"]["big"] is not None
+
+
+def test_projection_method(files, capsys):
+    d, x, cf, _ = files
+    argv = ["dcor", str(d / "feat.npy"), str(d / "meta.pt"), "--unbiased", "--json"]
+    assert main([*argv, "--method", "projection", "--projections", "8", "--seed", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    want = distance_correlation_sqr(
+        x, cf, unbiased=True, method="projection", num_projections=8, seed=1
+    )
+    assert res["method"] == "projection" and res["dcor2"] == pytest.approx(float(want))
+    assert res["standard_error"] == pytest.approx(want.standard_error)
+    assert main([*argv, "--method", "projection", "--permutations", "9"]) == 2

@@ -57,7 +57,22 @@ def register(sub: Any) -> None:
         metavar="B",
         help="also give a permutation p-value with B permutations (default: 0, none)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the permutations (default: 0)")
+    p.add_argument(
+        "--method",
+        choices=("exact", "projection"),
+        default="exact",
+        help="exact (default; O(n²)) or random projections (O(K n log n), with a standard error)",
+    )
+    p.add_argument(
+        "--projections",
+        type=int,
+        default=None,
+        metavar="K",
+        help="directions for --method projection (default: 100)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the permutations and projections (default: 0)"
+    )
     p.add_argument(
         "--block-size", type=int, default=None, metavar="ROWS", help="rows per distance tile"
     )
@@ -190,9 +205,15 @@ def run(args: argparse.Namespace) -> int:
         "block_size": args.block_size,
         "categorical": categorical,
     }
+    if args.method == "projection" and args.permutations:
+        raise ValueError("expected --permutations 0 with --method projection (exact only)")
+    est_kw: dict[str, Any] = {"method": args.method}
+    if args.method == "projection":
+        est_kw.update(num_projections=args.projections, seed=args.seed)
     text_meta = meta.dtype.kind in "US"
     result: dict[str, Any] = {
         "estimator": estimator,
+        "method": args.method,
         "unbiased": bool(args.unbiased),
         "metadata": "one-hot" if args.categorical or text_meta else "numeric",
         "n": int(n),
@@ -204,8 +225,12 @@ def run(args: argparse.Namespace) -> int:
                 f"expected LABELS to have {n} rows like FEATURES, got {groups.shape[0]} "
                 f"({args.groups})"
             )
-        values = grouped_distance_correlation_sqr(feats, meta, groups, **kw)
-        result["groups"] = {str(k): v for k, v in values.items()}
+        values = grouped_distance_correlation_sqr(feats, meta, groups, **kw, **est_kw)
+        result["groups"] = {str(k): float(v) for k, v in values.items()}
+        if args.method == "projection":
+            result["standard_errors"] = {
+                str(k): getattr(v, "standard_error", float("nan")) for k, v in values.items()
+            }
         if args.permutations:
             g = np.asarray(groups).reshape(n, -1)[:, 0]
             result["pvalues"] = {
@@ -227,7 +252,10 @@ def run(args: argparse.Namespace) -> int:
             )
             result["dcor2"], result["pvalue"] = test.statistic, test.pvalue
         else:
-            result["dcor2"] = distance_correlation_sqr(feats, meta, **kw)
+            value = distance_correlation_sqr(feats, meta, **kw, **est_kw)
+            result["dcor2"] = float(value)
+            if args.method == "projection":
+                result["standard_error"] = value.standard_error
     if args.permutations:
         result["permutations"], result["seed"] = args.permutations, args.seed
     if args.json:
@@ -245,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  group {k:<{width}s}  {v: .6f}{extra}")
     else:
         extra = f"   p = {result['pvalue']:.4g}" if "pvalue" in result else ""
+        if "standard_error" in result:
+            extra += f" ± {result['standard_error']:.6f} (SE, {args.method})"
         print(f"  dcor2 = {result['dcor2']:.6f}{extra}")
     if args.permutations:
         print(f"  (permutation p-value: {args.permutations} permutations, seed {args.seed})")

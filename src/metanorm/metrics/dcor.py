@@ -238,7 +238,7 @@ def distance_correlation_sqr(
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
-) -> float:
+) -> DcorEstimate:
     r"""Squared distance correlation between the rows of ``x`` and ``y``.
 
     ``method="exact"`` (the default; ``"auto"`` is the same) visits every pair in O(n²·(p+q))
