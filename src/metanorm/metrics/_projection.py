@@ -205,6 +205,17 @@ def dcov_1d(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
     return torch.cat(out)
 
 
+def _scale(t: Tensor) -> Tensor:
+    """``1 / max |t|`` (1 for a zero tensor), without an ``|t|``-sized temporary.
+
+    dCov² terms of rescaled variables change by a common factor and their ratio not at all;
+    scaling keeps the squared values away from overflow. The factor depends on the data only,
+    so every process and every share of the projections uses the same one.
+    """
+    top = torch.maximum(t.amax(), -t.amin())
+    return 1.0 / torch.where(top > 0, top, torch.ones_like(top))
+
+
 def _directions(dim: int, num: int, gen: torch.Generator, device: torch.device) -> Tensor:
     u = torch.randn(dim, num, generator=gen, dtype=torch.float64)
     return (u / u.norm(dim=0, keepdim=True)).to(device)
@@ -241,8 +252,10 @@ def projection_terms(
     u, u2 = _directions(p, num_projections, gen, dev), _directions(p, num_projections, gen, dev)
     mine = torch.arange(part, num_projections, parts)
     idx = mine.to(dev)
-    zx = (x @ u[:, idx]).T.contiguous()  # (k, n)
-    zx2 = (x @ u2[:, idx]).T.contiguous()
+    sx = _scale(x)
+    zx = ((x @ u[:, idx]).T * sx).contiguous()  # (k, n)
+    zx2 = ((x @ u2[:, idx]).T * sx).contiguous()
+    y = y * _scale(y)
     if q == 1:
         zy = y[:, 0].expand(idx.numel(), n).contiguous()
         var_y = dcov_1d(y[:, 0][None], y[:, 0][None], unbiased).expand(idx.numel())

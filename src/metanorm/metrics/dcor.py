@@ -321,7 +321,9 @@ def projection_dcor(
     ``part::parts`` and the per-projection terms of all of them are added up.
     """
     check_num_samples(a.shape[0], unbiased)
-    a, b = order_pair(a, b)
+    if a.shape[1] < b.shape[1]:  # symmetric; a one-column variable goes second (no projection)
+        a, b = b, a
+    # no rescaled copy of the samples (n = 10^6 rows are big): the projections are rescaled
     part, parts = (0, 1) if share is None else share[:2]
     terms, mine = projection_terms(
         a,
