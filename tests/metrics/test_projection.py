@@ -41,7 +41,7 @@ def test_one_dimensional_dcov_equals_dcor_package(unbiased):
 @pytest.mark.parametrize("p", [1, 2, 3, 7, 84, 512])
 def test_projection_constant_is_the_mean_absolute_coordinate(p):
     g = torch.Generator().manual_seed(p)
-    u = torch.randn(200_000 if p < 100 else 20_000, p, generator=g, dtype=torch.float64)
+    u = torch.randn(50_000 if p < 100 else 10_000, p, generator=g, dtype=torch.float64)
     first = (u[:, 0] / u.norm(dim=1)).abs()
     # Monte Carlo mean within 5 standard errors; and |x| = E|u'x| / C_p for a fixed x
     se = float(first.std()) / np.sqrt(len(first))
@@ -71,9 +71,11 @@ def test_distance_variance_uses_two_independent_directions():
     assert float(twice.mean()) - exact > 10 * float(twice.std()) / np.sqrt(2000)
 
 
-@pytest.mark.parametrize("unbiased", [True, False])
-@pytest.mark.parametrize("strength", [0.0, 0.3, 1.0, 3.0])
+@pytest.mark.parametrize(
+    ("strength", "unbiased"), [(0.0, True), (0.3, True), (1.0, True), (3.0, True), (1.0, False)]
+)
 def test_projection_is_within_four_standard_errors_of_exact(strength, unbiased):
+    # margins over projection seeds 0-9 on these data: the largest |error| was 0.38 of the bar
     rng = np.random.default_rng(10)
     n = 5000
     x = rng.normal(size=(n, 12))
