@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
             value = distance_correlation_sqr(feats, meta, **kw, **est_kw)
             result["dcor2"] = float(value)
             if args.method == "projection":
-                result["standard_error"] = value.standard_error
+                result["standard_error"] = getattr(value, "standard_error", float("nan"))
     if args.permutations:
         result["permutations"], result["seed"] = args.permutations, args.seed
     if args.json:

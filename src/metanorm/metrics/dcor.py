@@ -54,10 +54,9 @@ class DcorEstimate(float):
     """A dCor² value (a ``float``) that carries how it was estimated.
 
     Attributes:
-        standard_error: the jackknife standard error over projections (``method="projection"``);
-            0.0 for the exact estimator (no Monte Carlo error; the sampling error of the data is
-            another matter).
-        method: ``"exact"`` or ``"projection"``.
+        standard_error: the jackknife standard error over the projections (the Monte Carlo
+            error; the sampling error of the data is another matter).
+        method: ``"projection"``.
         unbiased: which estimator.
         num_projections: number of projections (0 for the exact estimator).
     """
@@ -238,7 +237,7 @@ def distance_correlation_sqr(
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
-) -> DcorEstimate:
+) -> float:
     r"""Squared distance correlation between the rows of ``x`` and ``y``.
 
     ``method="exact"`` (the default; ``"auto"`` is the same) visits every pair in O(n²·(p+q))
@@ -246,7 +245,9 @@ def distance_correlation_sqr(
     average of ``num_projections`` one-dimensional dCov² terms, each exact in O(n log n), so
     n = 10⁶ is practical. It is unbiased for the chosen estimator's dCov² and dVar²; the ratio
     carries a jackknife standard error over the projections (``result.standard_error``), which
-    shrinks as ``num_projections`` grows.
+    shrinks as ``num_projections`` grows. In high dimension the spread over directions can be
+    large: check the standard error, and compare with the exact estimator on a random subsample
+    (``docs/metrics.md`` has an example where the subsample wins).
 
     The biased estimator (``unbiased=False``) equals ``dcor.distance_correlation_sqr``; the
     bias-corrected one (``unbiased=True``, the estimator the paper reports) equals
@@ -277,8 +278,9 @@ def distance_correlation_sqr(
             the CPU.
 
     Returns:
-        The estimate, a :class:`DcorEstimate` (a ``float`` with ``standard_error``, ``method``,
-        ``unbiased`` and ``num_projections``); ``0.0`` when ``x`` or ``y`` is constant.
+        The estimate as a Python float (``0.0`` when ``x`` or ``y`` is constant); with
+        ``method="projection"`` a :class:`DcorEstimate`, a ``float`` that also carries
+        ``standard_error``, ``method``, ``unbiased`` and ``num_projections``.
 
     Raises:
         ValueError: on a row-count mismatch, NaN/inf values, no rows, or n ≤ 3 with
@@ -303,7 +305,7 @@ def distance_correlation_sqr(
     if how == "projection":
         return projection_dcor(a, b, unbiased=unbiased, num_projections=num, seed=seed or 0)
     value = dcor_of_samples(a, b, unbiased=unbiased, block_size=block_size, max_memory=max_memory)
-    return DcorEstimate(value, unbiased=unbiased)
+    return value
 
 
 def projection_dcor(
@@ -476,5 +478,5 @@ def grouped_of_samples(
                 max_memory=max_memory,
                 share=share,
             )
-            out[label_key(level)] = DcorEstimate(value, unbiased=unbiased)
+            out[label_key(level)] = value
     return out

@@ -36,7 +36,6 @@ from metanorm.metrics.accuracy import (
     group_counts,
 )
 from metanorm.metrics.dcor import (
-    DcorEstimate,
     Share,
     check_method,
     dcor_of_samples,
@@ -298,7 +297,7 @@ class DistanceCorrelationSqr:
             max_memory=self.max_memory,
             share=share,
         )
-        return DcorEstimate(value, unbiased=self.unbiased)
+        return value
 
     def reset(self) -> None:
         """Forgets all accumulated batches."""
