@@ -140,3 +140,17 @@ def test_same_permutation_stream_as_before():
     drawn = __import__("metanorm.metrics.permutation", fromlist=["x"])._permutations(8, 2, 0)
     want = np.random.default_rng(0).permuted(np.broadcast_to(np.arange(8), (2, 8)), axis=1)
     assert (drawn == want).all()
+
+
+def test_continuous_route_with_two_threads_equals_one():
+    # with several torch threads the tiles are shared by Python threads (one torch thread each)
+    x, rng = data(n=300, seed=9)
+    y = x[:, 0] ** 2 + rng.normal(size=300)
+    one = distance_correlation_test(x, y, num_permutations=30, random_state=2, unbiased=True)
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    two = distance_correlation_test(
+        x, y, num_permutations=30, random_state=2, unbiased=True, block_size=64
+    )
+    assert torch.get_num_threads() == 2
+    assert two.pvalue == one.pvalue
+    assert two.statistic == pytest.approx(one.statistic, rel=1e-12)

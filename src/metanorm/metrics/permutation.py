@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -77,7 +79,8 @@ class _PermutedCrossSums:
             self.num_levels = levels.shape[0]
             self.level_dist = exact_distances(levels, levels)  # K×K
             self.codes = codes.reshape(-1)[perms]  # (P, n): level of y_{pi(i)}
-        elif self.one_column:
+        self.small_ops = not self.discrete and self.one_column
+        if not self.discrete and self.one_column:
             # |s - t| = 2 max(s, t) - s - t: the tiles accumulate sum_ij a_ij max(z_i, z_j) and
             # finish() subtracts sum_ij a_ij (z_i + z_j) = 2 sum_i ra_i z_i
             self.z = y[:, 0][perms]  # (P, n): y_{pi(i)}
@@ -150,15 +153,37 @@ def permuted_sums(
     px, py = Points(x), Points(y)
     cross = _PermutedCrossSums(py.x, perms, max_memory)
     dev = px.x.device
-    ra = torch.zeros(n, dtype=torch.float64, device=dev)
     ones = torch.ones(min(block, n), dtype=torch.float64, device=dev)
-    for rows, cols in square_tiles(n, block):
-        at = px.tile(rows, cols)
-        k, w = at.shape
-        ra[rows] += torch.mv(at, ones[:w])
-        if rows != cols:
-            ra[cols] += torch.mv(at.T, ones[:k])
-        cross(at, rows, cols, 1.0 if rows == cols else 2.0)
+    tiles = square_tiles(n, block)
+    workers = torch.get_num_threads() if dev.type == "cpu" and cross.small_ops else 1
+
+    def run(part: int) -> tuple[Tensor, _PermutedCrossSums]:
+        mine = copy.copy(cross)
+        mine.out = torch.zeros_like(cross.out)
+        ra_part = torch.zeros(n, dtype=torch.float64, device=dev)
+        for rows, cols in tiles[part::workers]:
+            at = px.tile(rows, cols)
+            k, w = at.shape
+            ra_part[rows] += torch.mv(at, ones[:w])
+            if rows != cols:
+                ra_part[cols] += torch.mv(at.T, ones[:k])
+            mine(at, rows, cols, 1.0 if rows == cols else 2.0)
+        return ra_part, mine
+
+    if workers > 1:
+        # many small operations: one thread each over its share of the tiles, instead of
+        # intra-op threads meeting at a barrier after every ~0.1 ms operation
+        def one_thread(part: int) -> tuple[Tensor, _PermutedCrossSums]:
+            torch.set_num_threads(1)
+            return run(part)
+
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one_thread, range(workers)))
+        torch.set_num_threads(workers)
+    else:
+        parts = [run(0)]
+    ra = torch.stack([p[0] for p in parts]).sum(0)
+    cross.out = torch.stack([p[1].out for p in parts]).sum(0)
     if y.shape[1] == 1:
         rb = row_sums_1d(py.x[:, 0])
     else:
