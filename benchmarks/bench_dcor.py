@@ -8,6 +8,12 @@ builds the same data but computes nothing. Sections:
   b  n = 50,000, d = 84 vs a 1-column y (completes; peak memory, time)
   c  n = 1k, 2k, 4k, 8k, 16k at d = 64: the time grows as n²·d
   d  the permutation test at n = 10,000, d = 84: a binary and a continuous 1-column y
+  f  method="projection" at large n (default 10⁶, d = 512, 1-column y, dependent and
+     independent): time, estimate and jackknife SE, beside the exact estimator on random
+     subsamples sized to take about the same time (SD over 4 subsamples)
+  e  exact dCor² against its floor, measured in the same process: torch.mm over the tiles the
+     estimator computes plus one square root over them (n = 20k, 50k; d = 84, 512; 1 and 2
+     threads; a 1-column y)
 
 Usage::
 
@@ -41,7 +47,7 @@ def worker(spec: dict) -> dict:
     """Runs one measurement in this process."""
     import numpy as np  # noqa: F401
 
-    if spec["impl"] in ("ours", "baseline_ours", "test"):
+    if spec["impl"] in ("ours", "baseline_ours", "test", "floor", "projection"):
         import torch
 
         torch.set_num_threads(spec["threads"])
@@ -62,6 +68,10 @@ def worker(spec: dict) -> dict:
     elif spec["impl"] == "dcor":
         f = dcor.u_distance_correlation_sqr if spec["unbiased"] else dcor.distance_correlation_sqr
         value = float(f(x, y))
+    elif spec["impl"] == "projection":
+        return projection_worker(spec)
+    elif spec["impl"] == "floor":
+        return floor_worker(spec, x, y)
     elif spec["impl"] == "test":
         res = mm.distance_correlation_test(
             x, y, num_permutations=spec["permutations"], random_state=0, unbiased=True
@@ -70,6 +80,100 @@ def worker(spec: dict) -> dict:
     elapsed = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"time": elapsed, "value": value, "pvalue": pvalue, "peak_mib": peak_kib / 1024}
+
+
+def floor_worker(spec: dict, x, y) -> dict:
+    """Times the estimator and its floor alternately in this process (best of ``repeat``)."""
+    import torch
+
+    import metanorm.metrics as mm
+    from metanorm.metrics._exact import square_tiles
+    from metanorm.metrics.dcor import square_block
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    n = xt.shape[0]
+    block = square_block(n, None, mm.DEFAULT_MAX_MEMORY)
+    tiles = square_tiles(n, block)
+    xa = xt.abs()  # non-negative products, so the square root takes the ordinary path
+
+    def floor() -> None:
+        for r, c in tiles:
+            torch.mm(xa[r], xa[c].T).sqrt_()
+
+    floors, ours, value = [], [], 0.0
+    for _ in range(spec.get("repeat", 2)):
+        t0 = time.perf_counter()
+        floor()
+        floors.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        value = mm.distance_correlation_sqr(xt, yt, unbiased=True)
+        ours.append(time.perf_counter() - t0)
+    return {
+        "time": min(ours),
+        "floor": min(floors),
+        "value": value,
+        "block": block,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def projection_worker(spec: dict) -> dict:
+    """Projection estimate at large n beside exact ones on subsamples of about the same time."""
+    import numpy as np
+    import torch
+
+    import metanorm.metrics as mm
+
+    n, d = spec["n"], spec["d"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, generator=g, dtype=torch.float64)
+    y = noise if spec["y"] == "independent" else x[:, 0] + x[:, 1] ** 2 + noise
+    t0 = time.perf_counter()
+    est = mm.distance_correlation_sqr(
+        x, y, unbiased=True, method="projection", num_projections=spec["k"], seed=0
+    )
+    t_proj = time.perf_counter() - t0
+    # exact on a subsample: its time grows as m², so pick m from a timed pilot
+    m0 = 4000
+    t0 = time.perf_counter()
+    mm.distance_correlation_sqr(x[:m0], y[:m0], unbiased=True)
+    t_pilot = time.perf_counter() - t0
+    m = int(min(n, m0 * (t_proj / t_pilot) ** 0.5))
+    rng = np.random.default_rng(1)
+    values, times = [], []
+    for _ in range(4):
+        rows = torch.from_numpy(rng.choice(n, size=m, replace=False))
+        t0 = time.perf_counter()
+        values.append(float(mm.distance_correlation_sqr(x[rows], y[rows], unbiased=True)))
+        times.append(time.perf_counter() - t0)
+    return {
+        "time": t_proj,
+        "value": float(est),
+        "se": est.standard_error,
+        "m": m,
+        "sub_time": float(np.mean(times)),
+        "sub_mean": float(np.mean(values)),
+        "sub_sd": float(np.std(values, ddof=1)),
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def section_f(n: int, d: int, k: int, threads: int) -> None:
+    print(f"\n(f) projection, n = {n}, d = {d}, 1-column y, {k} projections, threads = {threads}")
+    for kind in ("dependent", "independent"):
+        spec = {"impl": "projection", "n": n, "d": d, "k": k, "y": kind, "threads": threads}
+        r = measure(spec)
+        if "error" in r:
+            print(f"  {kind}: failed: {r['error']}")
+            continue
+        print(
+            f"  {kind:11s} projection {r['time']:6.1f} s: {r['value']:.5f} ± {r['se']:.5f} (SE)"
+            f" | exact on {r['m']} random rows, {r['sub_time']:5.1f} s each: mean "
+            f"{r['sub_mean']:.5f}, SD {r['sub_sd']:.5f} over 4 subsamples | peak "
+            f"{r['peak_mib']:.0f} MiB",
+            flush=True,
+        )
 
 
 def measure(spec: dict) -> dict:
@@ -164,10 +268,39 @@ def section_d(threads: int, binary_perms: int, continuous_perms: int) -> None:
         )
 
 
+def section_e(sizes: list[tuple[int, int]], thread_counts: list[int]) -> None:
+    print("\n(e) exact dCor² (unbiased) against its floor, same process, best of 2 each")
+    print(f"  {'n':>6s} {'d':>4s} {'threads':>7s} {'ours (s)':>9s} {'floor (s)':>9s} {'ratio':>6s}")
+    for n, d in sizes:
+        for threads in thread_counts:
+            r = measure({"impl": "floor", "n": n, "d": d, "threads": threads, "repeat": 2})
+            if "error" in r:
+                print(f"  {n:6d} {d:4d} {threads:7d} failed: {r['error']}")
+                continue
+            ratio = r["time"] / r["floor"]
+            bar = "meets" if ratio <= 2 else "MISSES"
+            print(
+                f"  {n:6d} {d:4d} {threads:7d} {r['time']:9.2f} {r['floor']:9.2f} {ratio:6.2f}"
+                f"  ({bar} <= 2x; tile side {r['block']})",
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--sections", nargs="+", default=["a", "b", "c", "d"], choices="abcd")
+    p.add_argument(
+        "--sections", nargs="+", default=["a", "b", "c", "d", "e", "f"], choices="abcdef"
+    )
+    p.add_argument("--projection-n", type=int, default=1_000_000)
+    p.add_argument("--projection-d", type=int, default=512)
+    p.add_argument("--projections", type=int, default=16)
+    p.add_argument(
+        "--floor-sizes",
+        nargs="+",
+        default=["20000x84", "20000x512", "50000x84", "50000x512"],
+        help="n x d pairs of section e",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--binary-permutations", type=int, default=199)
     p.add_argument("--continuous-permutations", type=int, default=49)
@@ -190,6 +323,11 @@ def main() -> None:
         section_c(threads)
     if "d" in args.sections:
         section_d(threads, args.binary_permutations, args.continuous_permutations)
+    if "f" in args.sections:
+        section_f(args.projection_n, args.projection_d, args.projections, threads)
+    if "e" in args.sections:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.floor_sizes]
+        section_e(sizes, sorted({1, threads}) if args.threads is None else [threads])
 
 
 if __name__ == "__main__":

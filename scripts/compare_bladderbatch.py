@@ -173,7 +173,9 @@ def cv_accuracy(
             per_repeat.append(balanced_accuracy_score(y, preds))
             b2 = (m["batch"] == 2).to_numpy()
             batch2.append(balanced_accuracy_score(y[b2], preds[b2]))
-            vals = grouped_distance_correlation_sqr(oof, onehot, m["status"].to_numpy())
+            vals = grouped_distance_correlation_sqr(
+                oof, onehot, m["status"].to_numpy(), unbiased=False
+            )
             oof_dcor.append({str(k): float(v) for k, v in vals.items()})
     return {
         "bacc_mean": float(np.mean(per_repeat)),

@@ -102,3 +102,49 @@ def test_text_labels_without_header(files, capsys):
     assert main([*argv, "--groups", str(d / "nohead.csv")]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["groups"] == pytest.approx(grouped_distance_correlation_sqr(x, cf, cls), rel=1e-12)
+
+
+def test_prints_the_estimator_and_codes_text_metadata(files, tmp_path, capsys):
+    d, x, _, cls = files
+    (tmp_path / "site.csv").write_text("site\n" + "\n".join(cls) + "\n")
+    assert main(["dcor", str(d / "feat.npy"), str(tmp_path / "site.csv"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    onehot = (cls[:, None] == np.array(["a", "b"])).astype(float)
+    want = distance_correlation_sqr(x, onehot, unbiased=False)
+    assert res["unbiased"] is False and res["metadata"] == "one-hot"
+    assert res["dcor2"] == pytest.approx(want, rel=1e-12)
+    assert main(["dcor", str(d / "feat.npy"), str(d / "meta.pt")]) == 0
+    assert "unbiased=False" in capsys.readouterr().out
+    assert main(["dcor", str(d / "feat.npy"), str(d / "meta.pt"), "--unbiased"]) == 0
+    assert "unbiased=True" in capsys.readouterr().out
+
+
+def test_categorical_codes_and_small_groups(files, tmp_path, capsys):
+    d, x, _, _ = files
+    codes = np.arange(60) % 3
+    np.save(tmp_path / "codes.npy", codes)
+    argv = ["dcor", str(d / "feat.npy"), str(tmp_path / "codes.npy"), "--json", "--unbiased"]
+    assert main([*argv, "--categorical"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    want = distance_correlation_sqr(x, np.eye(3)[codes], unbiased=True)
+    assert res["metadata"] == "one-hot" and res["dcor2"] == pytest.approx(want, rel=1e-12)
+    groups = np.array(["big"] * 57 + ["tiny"] * 3)
+    np.save(tmp_path / "groups.npy", groups)
+    with pytest.warns(UserWarning, match="tiny"):
+        code = main([*argv, "--categorical", "--groups", str(tmp_path / "groups.npy")])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out.replace("NaN", "null"))
+    assert res["groups"]["tiny"] is None and res["groups"]["big"] is not None
+
+
+def test_projection_method(files, capsys):
+    d, x, cf, _ = files
+    argv = ["dcor", str(d / "feat.npy"), str(d / "meta.pt"), "--unbiased", "--json"]
+    assert main([*argv, "--method", "projection", "--projections", "8", "--seed", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    want = distance_correlation_sqr(
+        x, cf, unbiased=True, method="projection", num_projections=8, seed=1
+    )
+    assert res["method"] == "projection" and res["dcor2"] == pytest.approx(float(want))
+    assert res["standard_error"] == pytest.approx(want.standard_error)
+    assert main([*argv, "--method", "projection", "--permutations", "9"]) == 2

@@ -47,6 +47,12 @@ def batches(lo, hi, size=8):
 def _metrics(**kw):
     return {
         "dcor": DistanceCorrelationSqr(**kw),
+        "pdcor": DistanceCorrelationSqr(
+            unbiased=True, method="projection", num_projections=6, seed=2, **kw
+        ),
+        "pgrouped": GroupedDistanceCorrelationSqr(
+            unbiased=False, method="projection", num_projections=4, seed=5, **kw
+        ),
         "udcor": DistanceCorrelationSqr(unbiased=True, block_size=5, **kw),
         "grouped": GroupedDistanceCorrelationSqr(unbiased=True, **kw),
         "bacc": BalancedAccuracy(**kw),
@@ -59,6 +65,8 @@ def _feed(metrics, part, data):
     x, cf, y_true, y_pred, sites = data
     for s in part:
         metrics["dcor"].update(x[s], cf[s])
+        metrics["pdcor"].update(x[s], cf[s])
+        metrics["pgrouped"].update(x[s], cf[s], y_true[s])
         metrics["udcor"].update(x[s], cf[s])
         metrics["grouped"].update(x[s], cf[s], y_true[s])
         metrics["bacc"].update(torch.from_numpy(y_true[s]), y_pred[s])
@@ -76,6 +84,26 @@ def _scenarios(rank, world_size):
     _feed(local, part, data)
     out["synced"] = {k: m.compute() for k, m in synced.items()}
     out["local"] = {k: m.compute() for k, m in local.items()}
+    # the tile work is shared: each rank computes about half of the tiles
+    from metanorm.metrics import _exact
+
+    calls = []
+    tile = _exact.Points.tile
+
+    def counted(self, rows, cols):
+        calls.append((rows.start, cols.start))
+        return tile(self, rows, cols)
+
+    _exact.Points.tile = counted
+    try:
+        rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, N)
+        meta = torch.randn(rows.stop - rows.start, 2, generator=torch.Generator().manual_seed(rank))
+        wide = DistanceCorrelationSqr(unbiased=True, block_size=4)
+        wide.update(data[0].reshape(N, -1)[rows], meta)
+        out["shared_value"] = wide.compute()
+    finally:
+        _exact.Points.tile = tile
+    out["tiles"] = calls
     # compute() leaves the local state alone: computing again gives the same
     out["num_samples_after"] = synced["dcor"].num_samples
     out["again"] = synced["udcor"].compute()
@@ -128,14 +156,39 @@ def test_ranks_agree_with_one_process_over_all_rows(results):
     for r in range(WORLD):
         got = results[r]["synced"]
         assert list(got) == list(expected)
-        for key in ("dcor", "udcor", "bacc", "bacc_adj"):
-            assert got[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15), key
-        for key in ("grouped", "gacc"):
+        for key in ("dcor", "udcor", "pdcor", "bacc", "bacc_adj"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-10, abs=1e-15), key
+        assert got["pdcor"].standard_error == pytest.approx(
+            expected["pdcor"].standard_error, rel=1e-10
+        )
+        for key in ("grouped", "pgrouped", "gacc"):
             assert list(got[key]) == list(expected[key]), key
             for g in expected[key]:
-                assert got[key][g] == pytest.approx(expected[key][g], rel=1e-12, abs=1e-15)
+                assert got[key][g] == pytest.approx(expected[key][g], rel=1e-10, abs=1e-15)
     # both ranks return exactly the same numbers
     assert results[0]["synced"] == results[1]["synced"]
+
+
+def test_each_rank_computes_its_share_of_the_tiles(results):
+    from metanorm.metrics._exact import square_tiles
+
+    # x tiles and y tiles (2-column metadata): 2 calls per tile; 47 rows in blocks of 4
+    everything = sorted(2 * [(r.start, c.start) for r, c in square_tiles(N, 4)])
+    mine = [results[r]["tiles"] for r in range(WORLD)]
+    assert sorted(mine[0] + mine[1]) == everything
+    assert abs(len(mine[0]) - len(mine[1])) <= 2
+    # and the value is that of one process over all the rows
+    x, *_ = make_data()
+    y = torch.cat(
+        [
+            torch.randn(n, 2, generator=torch.Generator().manual_seed(r))
+            for r, n in enumerate((SPLIT, N - SPLIT))
+        ]
+    )
+    want = DistanceCorrelationSqr(unbiased=True, sync_on_compute=False)
+    want.update(x.reshape(N, -1), y)
+    for r in range(WORLD):
+        assert results[r]["shared_value"] == pytest.approx(want.compute(), rel=1e-10)
 
 
 def test_synced_values_match_the_reference_packages(results):

@@ -183,8 +183,11 @@ def test_grouped_errors():
     x = np.zeros((10, 2))
     with pytest.raises(ValueError, match="10 entries"):
         grouped_distance_correlation_sqr(x, x, [0] * 9)
-    with pytest.raises(ValueError, match=r"1 \(2 samples\)"):
-        grouped_distance_correlation_sqr(x, x, [0] * 8 + [1] * 2, unbiased=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 2))
+    with pytest.warns(UserWarning, match=r"1 \(2 samples\)"):
+        out = grouped_distance_correlation_sqr(x, x, [0] * 8 + [1] * 2, unbiased=True)
+    assert np.isnan(out[1]) and out[0] == pytest.approx(reference(x[:8], x[:8], True), rel=RTOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

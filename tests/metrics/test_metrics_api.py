@@ -10,15 +10,23 @@ def test_exports():
     assert set(mn.metrics.__all__) == {
         "DEFAULT_MAX_MEMORY",
         "BalancedAccuracy",
+        "DcorEstimate",
+        "Interval",
         "DistanceCorrelationSqr",
         "DistanceCorrelationTestResult",
         "GroupAccuracy",
         "GroupedDistanceCorrelationSqr",
         "balanced_accuracy",
+        "balanced_accuracy_interval",
+        "bootstrap_interval",
         "distance_correlation_sqr",
         "distance_correlation_test",
+        "equalized_odds_difference",
         "group_accuracy",
+        "group_accuracy_intervals",
+        "grouped_dcor_intervals",
         "grouped_distance_correlation_sqr",
+        "worst_group_accuracy",
     }
     for name in mn.metrics.__all__:
         assert getattr(mn.metrics, name) is not None

@@ -1,5 +1,6 @@
 """The permutation test: sane p-values, seeded, both routes (few levels, continuous)."""
 
+import dcor
 import numpy as np
 import pytest
 import torch
@@ -98,3 +99,58 @@ def test_errors():
         distance_correlation_test(x, x, num_permutations=9.5)
     with pytest.raises(ValueError, match="more than 3"):
         distance_correlation_test(x[:3], x[:3], unbiased=True)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("kind", ["continuous", "levels", "multicolumn"])
+def test_permuted_statistics_equal_dcor_of_the_permuted_data(kind, unbiased):
+    # every permuted statistic, not only the p-value, against dCor² of the permuted rows
+    from metanorm.metrics.permutation import _permutations, permutation_statistics
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(70, 6))
+    if kind == "continuous":
+        y = x[:, :1] ** 2 + rng.normal(size=(70, 1))
+    elif kind == "levels":
+        y = rng.integers(0, 3, size=(70, 1)).astype(float)
+    else:
+        y = x[:, :2] * 0.3 + rng.normal(size=(70, 2))
+    drawn = _permutations(70, 15, 4)  # the stream of random_state=4
+    perms = torch.from_numpy(np.concatenate([np.arange(70)[None], drawn]))
+    stat, values, _, _ = permutation_statistics(
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        perms,
+        unbiased=unbiased,
+        block=16,
+        max_memory=2**20,
+    )
+    assert stat == pytest.approx(distance_correlation_sqr(x, y, unbiased=unbiased), rel=1e-12)
+    for p, v in zip(perms.numpy(), values.tolist(), strict=True):
+        want = (
+            dcor.u_distance_correlation_sqr(x, y[p])
+            if unbiased
+            else (dcor.distance_correlation_sqr(x, y[p]))
+        )
+        assert v == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_same_permutation_stream_as_before():
+    # random_state=0 draws numpy's default_rng(0).permuted rows: the stream is part of the API
+    drawn = __import__("metanorm.metrics.permutation", fromlist=["x"])._permutations(8, 2, 0)
+    want = np.random.default_rng(0).permuted(np.broadcast_to(np.arange(8), (2, 8)), axis=1)
+    assert (drawn == want).all()
+
+
+def test_continuous_route_with_two_threads_equals_one():
+    # with several torch threads the tiles are shared by Python threads (one torch thread each)
+    x, rng = data(n=300, seed=9)
+    y = x[:, 0] ** 2 + rng.normal(size=300)
+    one = distance_correlation_test(x, y, num_permutations=30, random_state=2, unbiased=True)
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    two = distance_correlation_test(
+        x, y, num_permutations=30, random_state=2, unbiased=True, block_size=64
+    )
+    assert torch.get_num_threads() == 2
+    assert two.pvalue == one.pvalue
+    assert two.statistic == pytest.approx(one.statistic, rel=1e-12)

@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
         description="Prints the squared distance correlation between FEATURES (one row per "
         "sample) and METADATA (same rows), overall or within each group of --groups. Files are "
         ".npy, .pt (a saved tensor) or .csv (comma-separated; a first line of column names is "
-        "skipped; LABELS may be text).",
+        "skipped; METADATA and LABELS may be text).",
     )
     p.add_argument("features", type=Path, metavar="FEATURES", help="(n, p) features file")
     p.add_argument("metadata", type=Path, metavar="METADATA", help="(n, q) metadata file")
@@ -41,7 +41,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--unbiased",
         action="store_true",
-        help="bias-corrected estimator (the paper's; can be slightly negative; needs n > 3)",
+        help="bias-corrected estimator (the paper's; can be slightly negative; needs n > 3); "
+        "default: the biased V-statistic (unbiased=False, as the dcor package)",
+    )
+    p.add_argument(
+        "--categorical",
+        action="store_true",
+        help="one-hot code METADATA's numeric columns (site or scanner codes); text columns "
+        "are always one-hot coded",
     )
     p.add_argument(
         "--permutations",
@@ -50,7 +57,22 @@ def register(sub: Any) -> None:
         metavar="B",
         help="also give a permutation p-value with B permutations (default: 0, none)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the permutations (default: 0)")
+    p.add_argument(
+        "--method",
+        choices=("exact", "projection"),
+        default="exact",
+        help="exact (default; O(n²)) or random projections (O(K n log n), with a standard error)",
+    )
+    p.add_argument(
+        "--projections",
+        type=int,
+        default=None,
+        metavar="K",
+        help="directions for --method projection (default: 100)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the permutations and projections (default: 0)"
+    )
     p.add_argument(
         "--block-size", type=int, default=None, metavar="ROWS", help="rows per distance tile"
     )
@@ -151,10 +173,23 @@ def load_array(path: Path, *, labels: bool = False) -> np.ndarray:
     return data
 
 
+def _load_metadata(path: Path) -> np.ndarray:
+    """Numbers, or (in a .csv file) text such as site names, which the metric one-hot codes."""
+    try:
+        return load_array(path)
+    except ValueError as exc:
+        if path.suffix.lower() != ".csv":
+            raise
+        text = load_array(path, labels=True)
+        if text.dtype.kind not in "US":
+            raise exc from None
+        return text
+
+
 def run(args: argparse.Namespace) -> int:
     """Computes and prints the value(s); returns 0."""
     feats = load_array(args.features)
-    meta = load_array(args.metadata)
+    meta = _load_metadata(args.metadata)
     n = feats.shape[0]
     if meta.shape[0] != n:
         raise ValueError(
@@ -164,8 +199,25 @@ def run(args: argparse.Namespace) -> int:
     if args.permutations < 0:
         raise ValueError(f"expected --permutations >= 0, got {args.permutations}")
     estimator = "unbiased" if args.unbiased else "biased"
-    kw: dict[str, Any] = {"unbiased": args.unbiased, "block_size": args.block_size}
-    result: dict[str, Any] = {"estimator": estimator, "n": int(n)}
+    categorical = True if args.categorical else None
+    kw: dict[str, Any] = {
+        "unbiased": args.unbiased,
+        "block_size": args.block_size,
+        "categorical": categorical,
+    }
+    if args.method == "projection" and args.permutations:
+        raise ValueError("expected --permutations 0 with --method projection (exact only)")
+    est_kw: dict[str, Any] = {"method": args.method}
+    if args.method == "projection":
+        est_kw.update(num_projections=args.projections, seed=args.seed)
+    text_meta = meta.dtype.kind in "US"
+    result: dict[str, Any] = {
+        "estimator": estimator,
+        "method": args.method,
+        "unbiased": bool(args.unbiased),
+        "metadata": "one-hot" if args.categorical or text_meta else "numeric",
+        "n": int(n),
+    }
     if args.groups is not None:
         groups = load_array(args.groups, labels=True)
         if groups.shape[0] != n:
@@ -173,19 +225,25 @@ def run(args: argparse.Namespace) -> int:
                 f"expected LABELS to have {n} rows like FEATURES, got {groups.shape[0]} "
                 f"({args.groups})"
             )
-        values = grouped_distance_correlation_sqr(feats, meta, groups, **kw)
-        result["groups"] = {str(k): v for k, v in values.items()}
+        values = grouped_distance_correlation_sqr(feats, meta, groups, **kw, **est_kw)
+        result["groups"] = {str(k): float(v) for k, v in values.items()}
+        if args.method == "projection":
+            result["standard_errors"] = {
+                str(k): getattr(v, "standard_error", float("nan")) for k, v in values.items()
+            }
         if args.permutations:
             g = np.asarray(groups).reshape(n, -1)[:, 0]
             result["pvalues"] = {
-                str(k): distance_correlation_test(
+                str(k): float("nan")
+                if v != v  # a group too small for the estimator: NaN, as its value
+                else distance_correlation_test(
                     feats[g == k],
                     meta[g == k],
                     num_permutations=args.permutations,
                     random_state=args.seed,
                     **kw,
                 ).pvalue
-                for k in values
+                for k, v in values.items()
             }
     else:
         if args.permutations:
@@ -194,14 +252,20 @@ def run(args: argparse.Namespace) -> int:
             )
             result["dcor2"], result["pvalue"] = test.statistic, test.pvalue
         else:
-            result["dcor2"] = distance_correlation_sqr(feats, meta, **kw)
+            value = distance_correlation_sqr(feats, meta, **kw, **est_kw)
+            result["dcor2"] = float(value)
+            if args.method == "projection":
+                result["standard_error"] = getattr(value, "standard_error", float("nan"))
     if args.permutations:
         result["permutations"], result["seed"] = args.permutations, args.seed
     if args.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    print(f"squared distance correlation ({estimator} estimator), n = {n}")
+    name = (
+        "bias-corrected (unbiased=True)" if args.unbiased else "biased V-statistic (unbiased=False)"
+    )
+    print(f"squared distance correlation, {name} estimator, n = {n}, metadata {result['metadata']}")
     if "groups" in result:
         width = max(len(k) for k in result["groups"])
         for k, v in result["groups"].items():
@@ -209,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  group {k:<{width}s}  {v: .6f}{extra}")
     else:
         extra = f"   p = {result['pvalue']:.4g}" if "pvalue" in result else ""
+        if "standard_error" in result:
+            extra += f" ± {result['standard_error']:.6f} (SE, {args.method})"
         print(f"  dcor2 = {result['dcor2']:.6f}{extra}")
     if args.permutations:
         print(f"  (permutation p-value: {args.permutations} permutations, seed {args.seed})")

@@ -23,7 +23,23 @@ def _pair_labels(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
             f"expected y_true and y_pred to have the same length, got {t.shape[0]} and {p.shape[0]}"
         )
     check_same_label_kind(t, p, ("y_true", "y_pred"))
+    for arr, name in ((t, "y_true"), (p, "y_pred")):
+        _check_integral(arr, name)
     return t, p
+
+
+def _check_integral(arr: np.ndarray, name: str) -> None:
+    """Refuses float labels that are not whole numbers (scores or probabilities, not classes)."""
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return
+    frac = arr != np.round(arr)
+    if frac.any():
+        i = int(np.argmax(frac))
+        raise ValueError(
+            f"expected {name} to hold class labels, got non-integral values ({int(frac.sum())} "
+            f"of {arr.size}, e.g. {arr[i]!r} at position {i}); for scores or probabilities pass "
+            "the predicted classes, e.g. probs.argmax(1) or (p > 0.5).long()"
+        )
 
 
 def _hit_counts(key: np.ndarray, hit: np.ndarray) -> Counts:
@@ -96,7 +112,9 @@ def balanced_accuracy(y_true: Any, y_pred: Any, *, adjusted: bool = False) -> fl
 
     Raises:
         ValueError: on empty input, a length mismatch, labels that are not 1-D, missing labels,
-            or text labels on one side and numbers on the other (as scikit-learn).
+            non-integral float labels (probabilities or scores instead of classes; integral
+            floats such as ``(p > 0.5).float()`` are fine), or text labels on one side and
+            numbers on the other (as scikit-learn).
 
     Shape:
         - y_true: (n,) or (n, 1)

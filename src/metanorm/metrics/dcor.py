@@ -25,8 +25,9 @@ from ``dcor`` on degenerate input, is in ``docs/metrics.md``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,38 +36,91 @@ from torch import Tensor
 from metanorm.metrics._distance import (
     DEFAULT_MAX_MEMORY,
     LIVE_TILES,
-    CentredPoints,
-    add_row_sums,
     resolve_block,
-    row_sums_1d,
-    upper_tiles,
 )
+from metanorm.metrics._exact import ExactSums, centred_stats, exact_sums
 from metanorm.metrics._inputs import as_labels, as_sample_pair, label_key
+from metanorm.metrics._projection import ProjectionTerms, projection_terms
 
-__all__ = ["distance_correlation_sqr", "grouped_distance_correlation_sqr"]
+__all__ = ["DcorEstimate", "distance_correlation_sqr", "grouped_distance_correlation_sqr"]
+
+#: Default number of random projections of ``method="projection"``.
+DEFAULT_PROJECTIONS = 100
+
+_METHODS = ("exact", "projection", "auto")
+
+
+class DcorEstimate(float):
+    """A dCor² value (a ``float``) that carries how it was estimated.
+
+    Attributes:
+        standard_error: the jackknife standard error over the projections (the Monte Carlo
+            error; the sampling error of the data is another matter).
+        method: ``"projection"``.
+        unbiased: which estimator.
+        num_projections: number of projections (0 for the exact estimator).
+    """
+
+    standard_error: float
+    method: str
+    unbiased: bool
+    num_projections: int
+
+    def __new__(
+        cls,
+        value: float,
+        *,
+        standard_error: float = 0.0,
+        method: str = "exact",
+        unbiased: bool = False,
+        num_projections: int = 0,
+    ) -> DcorEstimate:
+        """A value with its standard error and the estimator that gave it."""
+        out = super().__new__(cls, value)
+        out.standard_error = standard_error
+        out.method = method
+        out.unbiased = unbiased
+        out.num_projections = num_projections
+        return out
+
+    def __reduce__(self) -> Any:
+        kw = {
+            "standard_error": self.standard_error,
+            "method": self.method,
+            "unbiased": self.unbiased,
+            "num_projections": self.num_projections,
+        }
+        return (_rebuild_estimate, (float(self), kw))
+
+
+def _rebuild_estimate(value: float, kw: dict[str, Any]) -> DcorEstimate:
+    return DcorEstimate(value, **kw)
+
+
+def check_method(method: str, num_projections: int | None, seed: int | None) -> tuple[str, int]:
+    """Validates ``method`` and ``num_projections``; ``"auto"`` is the exact estimator."""
+    if method not in _METHODS:
+        raise ValueError(f"expected method to be one of {_METHODS}, got {method!r}")
+    if num_projections is not None and (
+        isinstance(num_projections, bool)
+        or not isinstance(num_projections, int)
+        or num_projections < 2
+    ):
+        raise ValueError(
+            f"expected num_projections to be an integer >= 2 (the standard error needs two), "
+            f"got {num_projections!r}"
+        )
+    if method != "projection" and num_projections is not None:
+        raise ValueError(
+            f"num_projections applies to method='projection' only, got method={method!r}"
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"expected seed to be an int, got {seed!r}")
+    return ("exact" if method == "auto" else method), (num_projections or DEFAULT_PROJECTIONS)
+
 
 # Distance variances below this times (mean distance)² are rounding noise, i.e. zero.
 _ZERO_VARIANCE_EPS = 256 * float(np.finfo(np.float64).eps)
-
-#: ``on_tile(a_tile, rows, cols, weight)``: called by :func:`blocked_sums` on every x tile.
-TileHook = Callable[[Tensor, slice, slice, float], None]
-
-
-class DcorSums(NamedTuple):
-    """The sums over all pairs from which both estimators follow (see :func:`blocked_sums`)."""
-
-    #: Number of samples.
-    n: int
-    #: :math:`\sum_{ij} a_{ij} \tilde B_{ij}`.
-    s_ab: float
-    #: :math:`\sum_{ij} a_{ij}^2`.
-    s_aa: float
-    #: :math:`\sum_{ij} \tilde B_{ij}^2`.
-    s_bb: float
-    #: Row sums of the x distances, ``(n,)``.
-    ra: Tensor
-    #: Row sums of the y distances, ``(n,)``.
-    rb: Tensor
 
 
 def check_num_samples(n: int, unbiased: bool) -> None:
@@ -99,110 +153,6 @@ def order_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return (y, x) if x.shape[1] < y.shape[1] else (x, y)
 
 
-def blocked_sums(
-    x: Tensor,
-    y: Tensor,
-    *,
-    unbiased: bool,
-    block: int,
-    on_tile: TileHook | None = None,
-) -> DcorSums:
-    """The sums of dCor² over all pairs, in two passes over tiles of ``block`` rows.
-
-    The ``y`` distances are centred exactly (double-centred, or U-centred when ``unbiased``).
-
-    Args:
-        x: float64 samples ``(n, p)``.
-        y: float64 samples ``(n, q)``; put the variable with fewer columns here.
-        unbiased: U-centre instead of double-centre.
-        block: rows per tile.
-        on_tile: called with every tile of the ``x`` distances, its rows, its columns and its
-            weight (2 for an off-diagonal tile, which stands for its mirror image too).
-
-    Returns:
-        :class:`DcorSums`.
-    """
-    n = x.shape[0]
-    px, py = CentredPoints(x), CentredPoints(y)
-    dev = px.x.device
-    f64 = torch.float64
-
-    # pass 1: row sums of the y distances
-    tiles = upper_tiles(n, block)
-    if py.x.shape[1] == 1:
-        rb = row_sums_1d(py.x[:, 0])
-    else:
-        rb = torch.zeros(n, dtype=f64, device=dev)
-        for rows, cols, _ in tiles:
-            add_row_sums(rb, py.tile(rows, cols), rows, cols)
-    tb = rb.sum()
-    if unbiased:
-        row, const = rb / (n - 2), tb / ((n - 1) * (n - 2))
-    else:
-        row, const = rb / n, tb / (n * n)
-    row_c = row - const  # B~_ij = b_ij - row_i - row_j + const
-
-    # pass 2: cross sums
-    ra = torch.zeros(n, dtype=f64, device=dev)
-    zero = torch.zeros((), dtype=f64, device=dev)
-    s_ab, s_bb = zero.clone(), zero.clone()
-    # sum_ij |x_i - x_j|^2 = 2n sum_i |x_i - mean|^2 (px.x is centred): no tile pass needed
-    s_aa = 2.0 * n * px.x.square().sum()
-    for rows, cols, weight in tiles:
-        at = px.tile(rows, cols)
-        bt = py.tile(rows, cols)
-        bt -= row_c[rows, None]
-        bt -= row[None, cols]
-        if unbiased and rows == cols:
-            bt.diagonal().zero_()  # U-centred matrices have a zero diagonal
-        fa, fb = at.reshape(-1), bt.reshape(-1)
-        s_ab += weight * torch.dot(fa, fb)
-        s_bb += weight * torch.dot(fb, fb)
-        del bt, fb
-        add_row_sums(ra, at, rows, cols)
-        if on_tile is not None:
-            on_tile(at, rows, cols, weight)
-    return DcorSums(n, float(s_ab), float(s_aa), float(s_bb), ra, rb)
-
-
-def _stats_from_sums(sums: DcorSums, unbiased: bool) -> tuple[float, float, float]:
-    """(dCov², dVar²_x, dVar²_y) of the chosen estimator."""
-    n = sums.n
-    ra = sums.ra
-    ta = float(ra.sum())
-    sra2 = float(torch.dot(ra, ra))
-    if unbiased:
-        c1 = n * (n - 3)
-        cov = sums.s_ab / c1
-        var_y = sums.s_bb / c1
-        var_x = (
-            sums.s_aa / c1
-            - 2.0 * sra2 / (n * (n - 2) * (n - 3))
-            + ta * ta / (n * (n - 1) * (n - 2) * (n - 3))
-        )
-    else:
-        cov = sums.s_ab / n**2
-        var_y = sums.s_bb / n**2
-        var_x = sums.s_aa / n**2 - 2.0 * sra2 / n**3 + ta * ta / n**4
-    return cov, var_x, var_y
-
-
-def dcor_from_sums(sums: DcorSums, unbiased: bool) -> float:
-    """dCor² from :func:`blocked_sums`; ``0.0`` when a distance variance is zero up to rounding."""
-    cov, var_x, var_y = _stats_from_sums(sums, unbiased)
-    n2 = float(sums.n) ** 2
-    mean_a, mean_b = float(sums.ra.sum()) / n2, float(sums.rb.sum()) / n2
-    # A variance is a difference of sums of size mean² (rounding ~ eps * mean²); below that
-    # level it is zero (a constant variable, or a U-centred matrix that vanishes exactly).
-    eps = _ZERO_VARIANCE_EPS
-    if mean_a == 0.0 or mean_b == 0.0:  # all distances zero: a constant variable
-        return 0.0
-    if abs(var_x) <= eps * mean_a**2 or abs(var_y) <= eps * mean_b**2:
-        return 0.0
-    denom = math.sqrt(abs(var_x * var_y))
-    return 0.0 if denom == 0.0 else cov / denom
-
-
 def dcor_of_samples(
     x: Tensor,
     y: Tensor,
@@ -210,6 +160,7 @@ def dcor_of_samples(
     unbiased: bool = False,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    share: Share | None = None,
 ) -> float:
     """dCor² of checked float64 samples (from :func:`~metanorm.metrics._inputs.as_sample_pair`).
 
@@ -219,15 +170,59 @@ def dcor_of_samples(
         unbiased: see :func:`distance_correlation_sqr`.
         block_size: see :func:`distance_correlation_sqr`.
         max_memory: see :func:`distance_correlation_sqr`.
+        share: ``(part, parts, all_reduce)``: compute the tiles ``part::parts`` only and add
+            the partial sums of all parts with ``all_reduce`` (an in-place sum over processes
+            that all hold the same rows).
 
     Returns:
         The estimate as a Python float.
     """
     n = x.shape[0]
     check_num_samples(n, unbiased)
-    block = resolve_block(n, block_size, max_memory, LIVE_TILES)
+    block = square_block(n, block_size, max_memory)
     x, y = order_pair(x, y)
-    return dcor_from_sums(blocked_sums(x, y, unbiased=unbiased, block=block), unbiased)
+    if share is None:
+        sums, _ = exact_sums(x, y, block=block)
+        return dcor_from_exact(sums, unbiased)
+    part, parts, all_reduce = share
+    sums, _ = exact_sums(x, y, block=block, part=part, parts=parts)
+    packed = [sums.s_ab.reshape(1), sums.ra] + ([sums.rb] if sums.rb_partial else [])
+    total = torch.cat(packed)
+    all_reduce(total)
+    rb = total[1 + n :] if sums.rb_partial else sums.rb
+    sums = sums._replace(s_ab=total[0], ra=total[1 : 1 + n], rb=rb, rb_partial=False)
+    return dcor_from_exact(sums, unbiased)
+
+
+#: ``(part, parts, all_reduce)``: a share of the work and how to add up the shares.
+Share = tuple[int, int, Callable[[Tensor], None]]
+
+
+def square_block(n: int, block_size: int | None, max_memory: int) -> int:
+    """Side of the square tiles: ``block_size``, else at most 1024 and within ``max_memory``."""
+    if block_size is not None:
+        return resolve_block(n, block_size, max_memory, LIVE_TILES)
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+        raise ValueError(
+            f"expected max_memory to be a positive number of bytes, got {max_memory!r}"
+        )
+    # a few float64 tiles alive at once; 1024 keeps them near the cache
+    side = math.isqrt(max(1, max_memory // (8 * LIVE_TILES)))
+    return max(1, min(n, 1024, side))
+
+
+def dcor_from_exact(sums: ExactSums, unbiased: bool) -> float:
+    """dCor² from complete :class:`ExactSums`; ``0.0`` when a distance variance is zero."""
+    cov, var_x, var_y = centred_stats(sums, unbiased)
+    n2 = float(sums.n) ** 2
+    mean_a, mean_b = float(sums.ra.sum()) / n2, float(sums.rb.sum()) / n2
+    eps = _ZERO_VARIANCE_EPS
+    if mean_a == 0.0 or mean_b == 0.0:  # all distances zero: a constant variable
+        return 0.0
+    if abs(var_x) <= eps * mean_a**2 or abs(var_y) <= eps * mean_b**2:
+        return 0.0
+    denom = math.sqrt(abs(var_x * var_y))
+    return 0.0 if denom == 0.0 else cov / denom
 
 
 def distance_correlation_sqr(
@@ -235,11 +230,24 @@ def distance_correlation_sqr(
     y: Any,
     *,
     unbiased: bool = False,
+    categorical: bool | None = None,
+    method: str = "exact",
+    num_projections: int | None = None,
+    seed: int | None = None,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
 ) -> float:
     r"""Squared distance correlation between the rows of ``x`` and ``y``.
+
+    ``method="exact"`` (the default; ``"auto"`` is the same) visits every pair in O(n²·(p+q))
+    time. ``method="projection"`` estimates it by random projections (Huang & Huo 2022): the
+    average of ``num_projections`` one-dimensional dCov² terms, each exact in O(n log n), so
+    n = 10⁶ is practical. It is unbiased for the chosen estimator's dCov² and dVar²; the ratio
+    carries a jackknife standard error over the projections (``result.standard_error``), which
+    shrinks as ``num_projections`` grows. In high dimension the spread over directions can be
+    large: check the standard error, and compare with the exact estimator on a random subsample
+    (``docs/metrics.md`` has an example where the subsample wins).
 
     The biased estimator (``unbiased=False``) equals ``dcor.distance_correlation_sqr``; the
     bias-corrected one (``unbiased=True``, the estimator the paper reports) equals
@@ -250,9 +258,19 @@ def distance_correlation_sqr(
         x: samples of the first variable, one row per sample: numpy array, tensor (any device) or
             nested sequence. Trailing dimensions are flattened (a conv feature map of shape
             (n, C, H, W) is a sample of C·H·W values).
-        y: samples of the second variable, same number of rows.
+        y: samples of the second variable (the metadata), same number of rows. Text columns and
+            pandas ``category`` columns are one-hot coded (one indicator per level).
         unbiased: the bias-corrected (U-centred) estimator, which can be slightly negative and
-            needs n > 3. Default: ``False``.
+            needs n > 3. Default: ``False`` (the name and default of the ``dcor`` package); pass
+            it explicitly.
+        categorical: ``True`` one-hot codes numeric codes of ``y`` too (integer site codes 0, 1,
+            2 taken as numbers give a different dCor² than the sites one-hot coded); ``False``
+            takes numbers as numbers without the warning that ``None`` (default) gives for a
+            numeric column of 3 to 10 distinct integers.
+        method: ``"exact"``, ``"projection"`` or ``"auto"`` (exact). Default: ``"exact"``.
+        num_projections: directions drawn for each variable with ``method="projection"``.
+            Default: 100.
+        seed: seed of the directions. Default: 0 (the same value on every call).
         block_size: rows per tile. Default: chosen from ``max_memory``.
         max_memory: memory budget in bytes for the tiles when ``block_size`` is None.
             Default: 256 MiB.
@@ -260,7 +278,9 @@ def distance_correlation_sqr(
             the CPU.
 
     Returns:
-        The estimate as a Python float; ``0.0`` when ``x`` or ``y`` is constant.
+        The estimate as a Python float (``0.0`` when ``x`` or ``y`` is constant); with
+        ``method="projection"`` a :class:`DcorEstimate`, a ``float`` that also carries
+        ``standard_error``, ``method``, ``unbiased`` and ``num_projections``.
 
     Raises:
         ValueError: on a row-count mismatch, NaN/inf values, no rows, or n ≤ 3 with
@@ -280,8 +300,56 @@ def distance_correlation_sqr(
         >>> round(distance_correlation_sqr(x, x[:, 0] ** 2), 2) > 0.1
         True
     """
-    a, b = as_sample_pair(x, y, device)
-    return dcor_of_samples(a, b, unbiased=unbiased, block_size=block_size, max_memory=max_memory)
+    how, num = check_method(method, num_projections, seed)
+    a, b = as_sample_pair(x, y, device, categorical=categorical)
+    if how == "projection":
+        return projection_dcor(a, b, unbiased=unbiased, num_projections=num, seed=seed or 0)
+    value = dcor_of_samples(a, b, unbiased=unbiased, block_size=block_size, max_memory=max_memory)
+    return value
+
+
+def projection_dcor(
+    a: Tensor,
+    b: Tensor,
+    *,
+    unbiased: bool,
+    num_projections: int,
+    seed: int,
+    share: Share | None = None,
+) -> DcorEstimate:
+    """dCor² of checked float64 samples by random projections (:func:`distance_correlation_sqr`).
+
+    With ``share`` (see :func:`dcor_of_samples`) each process computes the projections
+    ``part::parts`` and the per-projection terms of all of them are added up.
+    """
+    check_num_samples(a.shape[0], unbiased)
+    if a.shape[1] < b.shape[1]:  # symmetric; a one-column variable goes second (no projection)
+        a, b = b, a
+    # no rescaled copy of the samples (n = 10^6 rows are big): the projections are rescaled
+    part, parts = (0, 1) if share is None else share[:2]
+    terms, mine = projection_terms(
+        a,
+        b,
+        unbiased=unbiased,
+        num_projections=num_projections,
+        seed=seed,
+        part=part,
+        parts=parts,
+    )
+    if share is not None:
+        table = torch.zeros(3, num_projections, dtype=torch.float64, device=a.device)
+        idx = mine.to(a.device)
+        table[0, idx], table[1, idx], table[2, idx] = terms.cov, terms.var_x, terms.var_y
+        share[2](table)
+        terms = ProjectionTerms(table[0], table[1], table[2], terms.cp, terms.cq)
+    value, se = terms.jackknife()
+    return DcorEstimate(
+        value,
+        standard_error=se,
+        method="projection",
+        unbiased=unbiased,
+        num_projections=num_projections,
+    )
 
 
 def grouped_distance_correlation_sqr(
@@ -290,6 +358,10 @@ def grouped_distance_correlation_sqr(
     groups: Any,
     *,
     unbiased: bool = False,
+    categorical: bool | None = None,
+    method: str = "exact",
+    num_projections: int | None = None,
+    seed: int | None = None,
     block_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
@@ -300,20 +372,24 @@ def grouped_distance_correlation_sqr(
 
     Args:
         x: features, one row per sample.
-        y: metadata, same number of rows.
+        y: metadata, same number of rows; text and ``category`` columns are one-hot coded.
         groups: one label per row (numbers or strings); the keys of the result, in sorted order.
-        unbiased: see :func:`distance_correlation_sqr`.
+        unbiased: see :func:`distance_correlation_sqr`; pass it explicitly.
+        categorical: see :func:`distance_correlation_sqr`.
+        method: see :func:`distance_correlation_sqr`.
+        num_projections: see :func:`distance_correlation_sqr`.
+        seed: see :func:`distance_correlation_sqr`.
         block_size: see :func:`distance_correlation_sqr`.
         max_memory: see :func:`distance_correlation_sqr`.
         device: see :func:`distance_correlation_sqr`.
 
     Returns:
-        ``{group: dCor²}`` with plain Python keys.
+        ``{group: dCor²}`` with plain Python keys. A group too small for the estimator (3 samples
+        or fewer with ``unbiased=True``) gets NaN, and one warning lists every such group.
 
     Raises:
         ValueError: as :func:`distance_correlation_sqr`; also when ``groups`` does not have one
-            entry per row, or (``unbiased=True``) when a group has 3 samples or fewer (the
-            message lists them).
+            entry per row.
 
     Shape:
         - x: (n,), (n, p) or (n, \*)
@@ -328,25 +404,79 @@ def grouped_distance_correlation_sqr(
         >>> sorted(grouped_distance_correlation_sqr(x, x**2, [0, 1] * 4))
         [0, 1]
     """
-    a, b = as_sample_pair(x, y, device)
+    how, num = check_method(method, num_projections, seed)
+    a, b = as_sample_pair(x, y, device, categorical=categorical)
     g = as_labels(groups, "groups", a.shape[0])
+    return grouped_of_samples(
+        a,
+        b,
+        g,
+        unbiased=unbiased,
+        method=how,
+        num_projections=num,
+        seed=seed or 0,
+        block_size=block_size,
+        max_memory=max_memory,
+        stacklevel=3,
+    )
+
+
+def grouped_of_samples(
+    a: Tensor,
+    b: Tensor,
+    g: np.ndarray,
+    *,
+    unbiased: bool,
+    method: str = "exact",
+    num_projections: int = DEFAULT_PROJECTIONS,
+    seed: int = 0,
+    block_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    share: Share | None = None,
+    stacklevel: int = 2,
+) -> dict[Any, float]:
+    """:func:`grouped_distance_correlation_sqr` of checked samples and labels.
+
+    ``share``: see :func:`dcor_of_samples`.
+    """
     levels, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
-    if unbiased:
-        small = [
-            f"{label_key(lv)!r} ({c} samples)"
-            for lv, c in zip(levels, counts, strict=True)
-            if c <= 3
-        ]
-        if small:
-            raise ValueError(
-                "the bias-corrected (unbiased=True) estimator needs more than 3 samples per "
-                f"group, got {', '.join(small)}"
-            )
+    min_samples = 4 if unbiased else 1
+    small = [
+        f"{label_key(lv)!r} ({c} samples)"
+        for lv, c in zip(levels, counts, strict=True)
+        if c < min_samples
+    ]
+    if small:
+        warnings.warn(
+            "the bias-corrected (unbiased=True) estimator needs more than 3 samples per group; "
+            f"NaN for group(s) {', '.join(small)}",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
     out: dict[Any, float] = {}
     inv = torch.from_numpy(inverse.reshape(-1)).to(a.device)
     for i, level in enumerate(levels):
+        if counts[i] < min_samples:
+            out[label_key(level)] = math.nan
+            continue
         sel = (inv == i).nonzero().squeeze(1)
-        out[label_key(level)] = dcor_of_samples(
-            a[sel], b[sel], unbiased=unbiased, block_size=block_size, max_memory=max_memory
-        )
+        if method == "projection":
+            out[label_key(level)] = projection_dcor(
+                a[sel],
+                b[sel],
+                unbiased=unbiased,
+                num_projections=num_projections,
+                seed=seed,
+                share=share,
+            )
+        else:
+            value = dcor_of_samples(
+                a[sel],
+                b[sel],
+                unbiased=unbiased,
+                block_size=block_size,
+                max_memory=max_memory,
+                share=share,
+            )
+            out[label_key(level)] = value
     return out

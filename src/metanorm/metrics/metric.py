@@ -11,8 +11,10 @@ Under :mod:`torch.distributed` (initialised, world size above 1) ``compute()`` g
 needs from every rank of ``process_group`` first, as torchmetrics' ``dist_reduce_fx`` does, so
 each rank returns the value of one process over all the data: the count dictionaries are summed
 over the union of the labels the ranks have seen, and dCor² gathers the rows (ranks may hold
-different numbers). The local state is left as it was. ``compute()`` is then a collective: every
-rank of the group must call it. ``sync_on_compute=False`` turns this off.
+different numbers), then shares the work: each rank computes 1/W of the distance tiles (or of
+the projections, ``method="projection"``) and one all-reduce adds up the partial sums. The local
+state is left as it was. ``compute()`` is then a collective: every rank of the group must call
+it. ``sync_on_compute=False`` turns this off.
 """
 
 from __future__ import annotations
@@ -26,14 +28,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 from metanorm.metrics._distance import DEFAULT_MAX_MEMORY
-from metanorm.metrics._inputs import as_labels, as_sample_pair
+from metanorm.metrics._inputs import _columns, _is_text_or_category, as_labels, as_sample_pair
 from metanorm.metrics.accuracy import (
     Counts,
     balanced_accuracy_from_counts,
     class_counts,
     group_counts,
 )
-from metanorm.metrics.dcor import dcor_of_samples, grouped_distance_correlation_sqr
+from metanorm.metrics.dcor import (
+    Share,
+    check_method,
+    dcor_of_samples,
+    grouped_of_samples,
+    projection_dcor,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -48,6 +56,18 @@ __all__ = [
 
 def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
+
+
+def _numeric_metadata(y: Any) -> Any:
+    """Refuses text or categorical metadata: one-hot codes per batch would not line up."""
+    if _is_text_or_category(y) or any(_is_text_or_category(c) for c in (_columns(y) or [])):
+        raise TypeError(
+            "expected y (metadata) to be numeric in an accumulating metric: text or categorical "
+            "columns would be one-hot coded batch by batch, with levels that differ between "
+            "batches; one-hot code them with the same levels for every batch first (or call "
+            "distance_correlation_sqr on the whole data, which codes them)"
+        )
+    return _detach(y)
 
 
 def _merge(total: Counts, new: Counts) -> None:
@@ -118,6 +138,19 @@ def _gather_rows(
     return [r[:, :p] for r in rows], [r[:, p:] for r in rows]
 
 
+def _share(group: ProcessGroup | None, device: torch.device) -> Share:
+    """This rank's share of the work and an in-place all-reduce (sum) on ``device`` tensors."""
+    comm = _comm_device(group, device)
+
+    def all_reduce(t: Tensor) -> None:
+        c = t.to(comm)
+        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
+        if c is not t:
+            t.copy_(c)
+
+    return dist.get_rank(group), dist.get_world_size(group), all_reduce
+
+
 def _sorted_keys(keys: list[Hashable]) -> list[Hashable]:
     try:
         return sorted(keys)  # type: ignore[type-var]
@@ -148,12 +181,17 @@ class DistanceCorrelationSqr:
 
     Args:
         unbiased: the bias-corrected estimator (needs more than 3 rows in total).
-            Default: ``False``.
+            Default: ``False``; pass it explicitly.
+        method: ``"exact"`` (or ``"auto"``) or ``"projection"``, as
+            :func:`~metanorm.metrics.distance_correlation_sqr`. Default: ``"exact"``.
+        num_projections: directions for ``method="projection"``. Default: 100.
+        seed: seed of the directions. Default: 0.
         block_size: rows per tile in ``compute()``. Default: chosen from ``max_memory``.
         max_memory: tile memory budget in bytes. Default: 256 MiB.
         device: where ``compute()`` runs. Default: the device of the first batch.
         sync_on_compute: when :mod:`torch.distributed` is initialised, ``compute()`` gathers the
-            rows of every rank of ``process_group`` and returns the value over all of them (a
+            rows of every rank of ``process_group``, computes 1/W of the tiles (or projections)
+            on each rank, adds the partial sums and returns the value over all rows (a
             collective: call it on every rank). Default: ``True``.
         process_group: the ranks to gather from. Default: the default (whole world) group.
 
@@ -178,12 +216,17 @@ class DistanceCorrelationSqr:
         self,
         *,
         unbiased: bool = False,
+        method: str = "exact",
+        num_projections: int | None = None,
+        seed: int | None = None,
         block_size: int | None = None,
         max_memory: int = DEFAULT_MAX_MEMORY,
         device: torch.device | str | None = None,
         sync_on_compute: bool = True,
         process_group: ProcessGroup | None = None,
     ) -> None:
+        self.method, self.num_projections = check_method(method, num_projections, seed)
+        self.seed = seed or 0
         self.unbiased = unbiased
         self.block_size = block_size
         self.max_memory = max_memory
@@ -207,7 +250,7 @@ class DistanceCorrelationSqr:
 
     def update(self, x: Any, y: Any) -> None:
         """Adds a batch: ``x`` (m, p) features and ``y`` (m, q) metadata of the same m samples."""
-        a, b = as_sample_pair(_detach(x), _detach(y), self.device)
+        a, b = as_sample_pair(_detach(x), _numeric_metadata(y), self.device)
         self._check_batch(a, b)
         self._x.append(a)
         self._y.append(b)
@@ -228,16 +271,33 @@ class DistanceCorrelationSqr:
         xs, ys = _gather_rows(x, y, self.process_group, self._compute_device())
         return torch.cat(xs), torch.cat(ys)
 
+    def _work_share(self, device: torch.device) -> Share | None:
+        if not _syncing(self.sync_on_compute, self.process_group):
+            return None
+        return _share(self.process_group, device)
+
     def compute(self) -> float:
         """dCor² of all accumulated rows (of all ranks, see ``sync_on_compute``)."""
         x, y = self._all_rows()
-        return dcor_of_samples(
+        share = self._work_share(x.device)
+        if self.method == "projection":
+            return projection_dcor(
+                x,
+                y,
+                unbiased=self.unbiased,
+                num_projections=self.num_projections,
+                seed=self.seed,
+                share=share,
+            )
+        value = dcor_of_samples(
             x,
             y,
             unbiased=self.unbiased,
             block_size=self.block_size,
             max_memory=self.max_memory,
+            share=share,
         )
+        return value
 
     def reset(self) -> None:
         """Forgets all accumulated batches."""
@@ -257,8 +317,11 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
     ``unbiased=True``.
 
     Args:
-        unbiased: the bias-corrected estimator (each group needs more than 3 rows).
-            Default: ``False``.
+        unbiased: the bias-corrected estimator (a group of 3 rows or fewer gets NaN, with a
+            warning). Default: ``False``; pass it explicitly.
+        method: as :class:`DistanceCorrelationSqr`. Default: ``"exact"``.
+        num_projections: as :class:`DistanceCorrelationSqr`. Default: 100.
+        seed: as :class:`DistanceCorrelationSqr`. Default: 0.
         block_size: rows per tile. Default: chosen from ``max_memory``.
         max_memory: tile memory budget in bytes. Default: 256 MiB.
         device: where ``compute()`` runs. Default: the device of the first batch.
@@ -282,6 +345,9 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
         self,
         *,
         unbiased: bool = False,
+        method: str = "exact",
+        num_projections: int | None = None,
+        seed: int | None = None,
         block_size: int | None = None,
         max_memory: int = DEFAULT_MAX_MEMORY,
         device: torch.device | str | None = None,
@@ -290,6 +356,9 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
     ) -> None:
         super().__init__(
             unbiased=unbiased,
+            method=method,
+            num_projections=num_projections,
+            seed=seed,
             block_size=block_size,
             max_memory=max_memory,
             device=device,
@@ -300,7 +369,7 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
 
     def update(self, x: Any, y: Any, groups: Any) -> None:  # type: ignore[override]
         """Adds a batch with one group label per row."""
-        a, b = as_sample_pair(_detach(x), _detach(y), self.device)
+        a, b = as_sample_pair(_detach(x), _numeric_metadata(y), self.device)
         self._check_batch(a, b)
         g = as_labels(groups, "groups", a.shape[0])
         self._x.append(a)
@@ -316,13 +385,17 @@ class GroupedDistanceCorrelationSqr(DistanceCorrelationSqr):
             local = np.concatenate(self._groups) if self._groups else None
             parts = _gather_objects(local, self.process_group)
             groups = np.concatenate([g for g in parts if g is not None])
-        return grouped_distance_correlation_sqr(
+        return grouped_of_samples(
             x,
             y,
             groups,
             unbiased=self.unbiased,
+            method=self.method,
+            num_projections=self.num_projections,
+            seed=self.seed,
             block_size=self.block_size,
             max_memory=self.max_memory,
+            share=self._work_share(x.device),
         )
 
     def reset(self) -> None:
