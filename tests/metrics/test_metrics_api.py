@@ -26,6 +26,7 @@ def test_exports():
         "group_accuracy_intervals",
         "grouped_dcor_intervals",
         "grouped_distance_correlation_sqr",
+        "subsampling_interval",
         "worst_group_accuracy",
     }
     for name in mn.metrics.__all__:

@@ -10,7 +10,7 @@ Functions:
 - :func:`balanced_accuracy` and :func:`group_accuracy` (:mod:`metanorm.metrics.accuracy`);
 - :func:`worst_group_accuracy`, :func:`equalized_odds_difference` and bootstrap intervals:
   :func:`balanced_accuracy_interval`, :func:`group_accuracy_intervals`,
-  :func:`grouped_dcor_intervals`, :func:`bootstrap_interval`
+  :func:`grouped_dcor_intervals`, :func:`bootstrap_interval`, :func:`subsampling_interval`
   (:mod:`metanorm.metrics.intervals`).
 
 Accumulating forms for evaluation loops (:mod:`metanorm.metrics.metric`), each with
@@ -32,6 +32,7 @@ from metanorm.metrics.intervals import (
     equalized_odds_difference,
     group_accuracy_intervals,
     grouped_dcor_intervals,
+    subsampling_interval,
     worst_group_accuracy,
 )
 from metanorm.metrics.metric import (
@@ -61,5 +62,6 @@ __all__ = [
     "group_accuracy_intervals",
     "grouped_dcor_intervals",
     "grouped_distance_correlation_sqr",
+    "subsampling_interval",
     "worst_group_accuracy",
 ]

@@ -3,8 +3,9 @@
 - :func:`worst_group_accuracy` and :func:`equalized_odds_difference` (the definitions of
   fairlearn's ``MetricFrame(...).group_min()`` and ``equalized_odds_difference``);
 - :func:`bootstrap_interval`: a percentile bootstrap interval of any statistic of the rows, and
-  the ready-made :func:`balanced_accuracy_interval`, :func:`group_accuracy_intervals` and
-  :func:`grouped_dcor_intervals`.
+  the ready-made :func:`balanced_accuracy_interval` and :func:`group_accuracy_intervals`;
+- :func:`subsampling_interval` and :func:`grouped_dcor_intervals`: for distance statistics, which
+  a bootstrap's repeated rows bias, intervals from half-samples without repeats.
 
 Resampling draws the rows with replacement (within each group for the per-group statistics, so
 every resample keeps the group sizes) from ``numpy.random.default_rng(seed)``; the interval is
@@ -31,6 +32,7 @@ __all__ = [
     "equalized_odds_difference",
     "group_accuracy_intervals",
     "grouped_dcor_intervals",
+    "subsampling_interval",
     "worst_group_accuracy",
 ]
 
@@ -228,9 +230,10 @@ def grouped_dcor_intervals(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[Any, Interval]:
-    """Per-group dCor² (exact) with percentile bootstrap intervals (rows resampled in the group).
+    """Per-group dCor² (exact) with subsampling intervals (half of the group's rows, no repeats).
 
-    Each resample costs one exact dCor² of the group, so the default is 200 resamples.
+    A bootstrap with repeated rows biases distance statistics (see :func:`subsampling_interval`).
+    Each subsample costs one exact dCor² of half the group, so the default is 200 subsamples.
 
     Args:
         x: features, one row per sample.
@@ -260,7 +263,61 @@ def grouped_dcor_intervals(
             idx = torch.from_numpy(rows).to(ag.device)
             return dcor_of_samples(ag[idx], bg[idx], unbiased=unbiased)
 
-        out[label_key(level)] = bootstrap_interval(
+        out[label_key(level)] = subsampling_interval(
             stat, ag.shape[0], num_resamples=num_resamples, confidence=confidence, seed=seed
         )
     return out
+
+
+def subsampling_interval(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    *,
+    num_resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    r"""Subsampling interval (Politis & Romano) of ``statistic(rows)``: half-samples, no repeats.
+
+    A bootstrap resample repeats rows, and a repeated row is a pair at distance 0: distance
+    statistics such as dCor² are strongly biased on such resamples (under independence the
+    resampled bias-corrected dCor² sits far above the estimate). Subsampling draws
+    :math:`m = \lfloor n/2 \rfloor` distinct rows; with :math:`\hat\theta` the estimate and
+    :math:`q_a` the quantiles of :math:`\theta^*_m - \hat\theta`, the interval is
+    :math:`[\hat\theta - \sqrt{m/n}\, q_{1-\alpha/2},\; \hat\theta - \sqrt{m/n}\, q_{\alpha/2}]`
+    (the :math:`\sqrt n` rate of a dependent pair; under independence the statistic converges
+    faster, so the interval is conservative there).
+
+    Args:
+        statistic: maps an index array (distinct rows) to a number.
+        n: number of rows (at least 8).
+        num_resamples: number of subsamples. Default: 200.
+        confidence: level of the interval. Default: 0.95.
+        seed: seed of ``numpy.random.default_rng``. Default: 0.
+
+    Returns:
+        :class:`Interval` (its ``num_resamples`` is the number of subsamples).
+    """
+    _check(num_resamples, confidence)
+    if n < 8:
+        raise ValueError(f"expected at least 8 rows for a subsampling interval, got {n}")
+    rng = np.random.default_rng(seed)
+    m = n // 2
+    estimate = float(statistic(np.arange(n)))
+    values = np.empty(num_resamples)
+    for b in range(num_resamples):
+        values[b] = statistic(np.sort(rng.choice(n, size=m, replace=False)))
+    alpha = (1.0 - confidence) / 2.0
+    finite = values[np.isfinite(values)] - estimate
+    if not finite.size:
+        return Interval(estimate, np.nan, np.nan, confidence, num_resamples, seed)
+    q_low, q_high = np.quantile(finite, [alpha, 1.0 - alpha])
+    scale = float(np.sqrt(m / n))
+    return Interval(
+        estimate,
+        float(estimate - scale * q_high),
+        float(estimate - scale * q_low),
+        confidence,
+        num_resamples,
+        seed,
+    )
