@@ -123,3 +123,17 @@ def test_refuses_to_overwrite(sweep, capsys):
     assert rc == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (sweep / "report.md").read_bytes() == before
+
+
+def test_report_shows_intervals_of_the_test_metrics(sweep):
+    text = (sweep / "report.md").read_text()
+    section = text.split("## 95 % intervals")[1].split("\n## ")[0]
+    assert "| Baseline | 30 |" in section and "half-samples" in section
+    final = json.loads((sweep / "runs/bs30/mdn-conv/seed0/final.json").read_text())
+    iv = final["test_intervals"]
+    low, high = iv["balanced_accuracy"]
+    assert low <= final["test_balanced_accuracy"] <= high and iv["confidence"] == 0.95
+    assert f"{final['test_balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}]" in section
+    assert iv["resamples"] == {"balanced_accuracy": 1000, "dcor2": 100}
+    for c, pair in iv["dcor2"].items():  # 40 test images per class: defined intervals
+        assert pair[0] <= final["test_dcor2"][c] <= pair[1]

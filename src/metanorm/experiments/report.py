@@ -163,6 +163,43 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def interval_table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the 95 % test intervals of the first seed's runs (``final.json``)."""
+    finals = [r["final"] for r in results if "test_intervals" in r["final"]]
+    if not finals:
+        return ""
+    first = min(int(f["seed"]) for f in finals)
+    finals = [f for f in finals if int(f["seed"]) == first]
+    classes = list(finals[0]["test_intervals"]["dcor2"])
+    head = [
+        "method",
+        "batch",
+        "test bAcc [95 %]",
+        *[f"test dcor² class {c} [95 %]" for c in classes],
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(value: float | None, iv: list[float] | None) -> str:
+        if iv is None or value is None or value != value:
+            return "n/a"
+        return f"{value:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]"
+
+    for f in finals:
+        iv = f["test_intervals"]
+        cells = [norm_display_name(f["method"]), str(f["batch_size"])]
+        cells.append(cell(f["test_balanced_accuracy"], iv["balanced_accuracy"]))
+        cells += [cell(f["test_dcor2"].get(c), iv["dcor2"].get(c)) for c in classes]
+        lines.append("| " + " | ".join(cells) + " |")
+    res = finals[0]["test_intervals"]["resamples"]
+    lines += [
+        "",
+        f"Seed {first}'s runs. bAcc: percentile bootstrap, {res['balanced_accuracy']} resamples "
+        f"within classes; dcor²: subsampling, {res['dcor2']} half-samples without repeats (a "
+        "bootstrap's repeated rows bias distance statistics); resampling seed 0.",
+    ]
+    return "\n".join(lines)
+
+
 def timing_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """One line per method with a paired epoch-time ratio: information, never a PASS/FAIL check."""
     return [
@@ -260,6 +297,9 @@ def write_report(
         results_table(rows),
         "",
     ]
+    intervals = interval_table(results)
+    if intervals:
+        lines += ["## 95 % intervals", "", intervals, ""]
     if experiment.reference:
         lines += ["## The authors' figures", "", experiment.reference, ""]
     if checks:

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from metanorm import metrics
 from metanorm.datasets import DataSplit, DesignDataset
 from metanorm.design import Design, DesignBuilder
 from metanorm.experiments import _io
@@ -229,6 +230,50 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     return PreparedRun(config, experiment, splits, builder, design, rows, metrics, model)
 
 
+#: Resamples of the test intervals in ``final.json`` (bAcc: bootstrap; dcor²: subsamples).
+INTERVAL_RESAMPLES = {"balanced_accuracy": 1000, "dcor2": 100}
+
+
+def test_intervals(
+    outputs: dict[str, Any], confounder: Any, dcor2: dict[str, float]
+) -> dict[str, Any]:
+    """95 % intervals of the test bAcc and of each class's dcor² (seed 0, stated resamples).
+
+    bAcc: percentile bootstrap with rows resampled within classes; dcor²: subsampling (half of
+    the class's rows, no repeats: a bootstrap's repeated rows bias distance statistics). Classes
+    whose dcor² is undefined (NaN) get ``None``.
+    """
+    labels = outputs["labels"].numpy()
+    bacc = metrics.balanced_accuracy_interval(
+        labels,
+        outputs["predictions"].numpy(),
+        num_resamples=INTERVAL_RESAMPLES["balanced_accuracy"],
+    )
+    defined = [c for c, v in dcor2.items() if v == v]
+    per_class: dict[str, list[float] | None] = {c: None for c in dcor2}
+    if defined:
+        conf = torch.as_tensor(np.asarray(confounder), dtype=torch.float64)
+        conf = conf[:, None] if conf.dim() == 1 else conf
+        keys = np.array([str(v.item() if hasattr(v, "item") else v) for v in labels])
+        keep = np.isin(keys, defined)
+        intervals = metrics.grouped_dcor_intervals(
+            outputs["features"][torch.from_numpy(keep)].double(),
+            conf[torch.from_numpy(keep)],
+            keys[keep],
+            unbiased=True,
+            num_resamples=INTERVAL_RESAMPLES["dcor2"],
+        )
+        for c, iv in intervals.items():
+            per_class[str(c)] = None if iv.low != iv.low else [iv.low, iv.high]
+    return {
+        "confidence": 0.95,
+        "seed": 0,
+        "balanced_accuracy": [bacc.low, bacc.high],
+        "dcor2": per_class,
+        "resamples": dict(INTERVAL_RESAMPLES),
+    }
+
+
 class Run:
     """One run, step by step.
 
@@ -382,6 +427,7 @@ class Run:
             "epoch_time_s_median": float(np.median(times)),
             "epoch_time_s_mean": float(np.mean(times)),
             "train_time_s": float(np.sum(times)),
+            "test_intervals": test_intervals(outputs, self.metrics[2], test_ev["dcor2"]),
         }
         _io.write_torch(
             self.out / "checkpoint.pt",

@@ -246,7 +246,8 @@ def grouped_dcor_intervals(
         seed: seed of the resampling (every group uses it). Default: 0.
 
     Returns:
-        ``{group: Interval}``, groups in sorted order.
+        ``{group: Interval}``, groups in sorted order; a group of fewer than 8 rows gets NaN
+        bounds.
     """
     a, b = as_sample_pair(x, y, None, categorical=categorical)
     g = as_labels(groups, "groups", a.shape[0])
@@ -254,9 +255,12 @@ def grouped_dcor_intervals(
     for level in np.unique(g):
         sel = torch.from_numpy(np.flatnonzero(g == level)).to(a.device)
         ag, bg = a[sel], b[sel]
-        if unbiased and ag.shape[0] <= 3:  # as grouped_distance_correlation_sqr: NaN
+        if ag.shape[0] < 8:  # too few rows for half-samples: NaN (the estimate if defined)
             nan = float("nan")
-            out[label_key(level)] = Interval(nan, nan, nan, confidence, num_resamples, seed)
+            est = (
+                nan if unbiased and ag.shape[0] <= 3 else dcor_of_samples(ag, bg, unbiased=unbiased)
+            )
+            out[label_key(level)] = Interval(est, nan, nan, confidence, num_resamples, seed)
             continue
 
         def stat(rows: np.ndarray, ag: torch.Tensor = ag, bg: torch.Tensor = bg) -> float:
