@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 OUT    ?= runs/synthetic
 RUN_ARGS ?=
 
-.PHONY: run test venv data lint typecheck pytest docs clean
+.PHONY: run test venv data lint typecheck pytest portability docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ pytest: venv
 	$(BIN)/python -m pytest -q
 
 test: venv data lint typecheck docs pytest
+
+# the tests under other numerics than this CPU's own: ATen's generic kernels, oneDNN limited to
+# SSE4.1 (convolutions), MKL's compatible code path (BLAS), with 1 and with 2 threads. What passes
+# here and under `make pytest` holds on other machines (AMD AVX2, Intel AVX-512, other BLAS paths).
+PORTABLE_NUMERICS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
+PORTABILITY_TESTS ?=
+portability: venv data
+	$(PORTABLE_NUMERICS) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABILITY_TESTS)
+	$(PORTABLE_NUMERICS) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABILITY_TESTS)
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache build

@@ -37,9 +37,10 @@ def main():
     )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--permutations", type=int, default=199)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the models")
     args = parser.parse_args()
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
     train_loader = DataLoader(make_data(args.samples, g), batch_size=64, shuffle=True)
     val_loader = DataLoader(make_data(args.samples, g), batch_size=256)
     model = nn.Sequential(

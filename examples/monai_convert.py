@@ -5,7 +5,7 @@ pooled features before the classifier (where the paper puts it); the converted m
 ``model(x, metadata=rows)``. Random volumes stand in for MRI: the site shifts their intensity.
 
     pip install "metanorm[monai]"
-    python examples/monai_convert.py --subjects 48 --steps 6
+    python examples/monai_convert.py --subjects 36 --steps 4
 """
 
 import argparse
@@ -21,9 +21,9 @@ import metanorm as mn
 from metanorm.metrics import grouped_distance_correlation_sqr
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--subjects", type=int, default=48)
+parser.add_argument("--subjects", type=int, default=36)
 parser.add_argument("--side", type=int, default=16, help="volume side (voxels)")
-parser.add_argument("--steps", type=int, default=6)
+parser.add_argument("--steps", type=int, default=4)
 parser.add_argument("--batch-size", type=int, default=12)
 args = parser.parse_args()
 torch.manual_seed(0)
@@ -38,7 +38,9 @@ volumes = torch.randn(n, 1, args.side, args.side, args.side)
 volumes += torch.as_tensor(0.5 * site + 0.02 * (age - 60), dtype=torch.float32).view(n, 1, 1, 1, 1)
 volumes[y == 1, :, : args.side // 2] += 0.3  # the diagnosis effect
 
-design = mn.make_design({"y": y, "site": site.astype(str), "age": age}, keep=["y"])
+design = mn.make_design(
+    {"y": y, "site": site.astype(str), "age": age}, keep=["y"], categorical=["site"]
+)
 rows = design.tensor()  # (n, K) design rows: y kept; site, age and the intercept removed
 
 net = resnet18(spatial_dims=3, n_input_channels=1, num_classes=2, pretrained=False)

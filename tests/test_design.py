@@ -15,7 +15,7 @@ def test_builder_codes_categorical_and_continuous():
             "age": [20.0, 30.0, 40.0, 50.0, 60.0, 70.0],
         }
     )
-    b = DesignBuilder(keep=["y"])
+    b = DesignBuilder(keep=["y"], categorical=["site"])
     d = b.fit_transform(data)
     assert d.columns == ("y", "site=b", "site=c", "age", "intercept")
     assert d.keep == (0,) and d.remove == (1, 2, 3, 4)
@@ -27,10 +27,11 @@ def test_builder_codes_categorical_and_continuous():
     np.testing.assert_array_equal(m[:, 0], data.y)  # the kept label is coded raw by default
     np.testing.assert_array_equal(m[:, 4], 1)
     # a kept column is standardised only when named
-    named = DesignBuilder(keep=["y"], standardize=["y"]).fit_transform(data).matrix
+    named = DesignBuilder(keep=["y"], categorical=["site"], standardize=["y"])
+    named = named.fit_transform(data).matrix
     np.testing.assert_allclose(named[:, 0], (data.y - data.y.mean()) / data.y.std(ddof=0))
     np.testing.assert_array_equal(named[:, 3], data.age)
-    by_position = make_design(data, keep=["y"], standardize=[2]).matrix
+    by_position = make_design(data, keep=["y"], categorical=[1], standardize=[2]).matrix
     np.testing.assert_allclose(by_position[:, 3], m[:, 3])
     np.testing.assert_array_equal(by_position[:, 0], data.y)
     # new rows use the training levels, mean and scale
@@ -55,7 +56,9 @@ def test_builder_plain_matrix_and_numeric_categorical():
 
 
 def test_keep_intercept_and_categorical_keep():
-    d = make_design({"g": np.array(["a", "b", "c", "a"])}, keep=["g"], keep_intercept=True)
+    d = make_design(
+        {"g": np.array(["a", "b", "c", "a"])}, keep=["g"], categorical=["g"], keep_intercept=True
+    )
     assert d.keep == (0, 1, 2)
 
 

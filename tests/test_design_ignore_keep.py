@@ -17,7 +17,7 @@ def _meta() -> dict[str, np.ndarray]:
 
 
 def test_kept_columns_may_be_left_out_or_are_ignored() -> None:
-    b = DesignBuilder(keep=["y"]).fit(_meta())
+    b = DesignBuilder(keep=["y"], categorical=["site"]).fit(_meta())
     full = b.transform(_meta())
     assert b.keep_columns == ("y",)
     assert b.input_kinds == {"y": "continuous", "site": "categorical", "age": "continuous"}
@@ -42,7 +42,7 @@ def test_kept_columns_may_be_left_out_or_are_ignored() -> None:
 
 
 def test_without_ignore_keep_the_label_is_required() -> None:
-    b = DesignBuilder(keep=["y"]).fit(_meta())
+    b = DesignBuilder(keep=["y"], categorical=["site"]).fit(_meta())
     meta = _meta()
     with pytest.raises(ValueError, match="expected metadata columns"):
         b.transform({"site": meta["site"], "age": meta["age"]})

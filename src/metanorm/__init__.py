@@ -10,6 +10,10 @@ from metanorm import design as design
 from metanorm import linalg as linalg
 from metanorm import metrics as metrics
 from metanorm import nn as nn
+from metanorm._probe import ProbeRecord as ProbeRecord
+from metanorm._probe import ProbeResult as ProbeResult
+from metanorm._probe import plot_probe as plot_probe
+from metanorm._probe import probe as probe
 from metanorm.design import Design as Design
 from metanorm.design import DesignBuilder as DesignBuilder
 from metanorm.design import make_design as make_design
@@ -26,10 +30,14 @@ __all__ = [
     "DesignBuilder",
     "MetadataNorm",
     "MetadataSequential",
+    "ProbeRecord",
+    "ProbeResult",
     "__version__",
     "design",
     "linalg",
     "make_design",
     "metrics",
     "nn",
+    "plot_probe",
+    "probe",
 ]

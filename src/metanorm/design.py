@@ -10,6 +10,8 @@ estimated but not removed; every other column, the intercept included, is remove
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,10 @@ from metanorm._validation import describe
 __all__ = ["INTERCEPT", "Design", "DesignBuilder", "make_design"]
 
 INTERCEPT = "intercept"
+HANDLE_UNKNOWN = ("error", "mean", "ignore")
+# an automatically detected categorical column with more levels than this (or than half the rows)
+# is refused unless named in categorical= (catches subject IDs)
+MAX_AUTO_LEVELS = 50
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class _ColumnSpec:
     scale: float = 1.0
     levels: list[Any] = field(default_factory=list)
     dropped: Any = None  # the reference level left out (None: all levels coded)
+    frequencies: list[float] = field(default_factory=list)  # training share of each coded level
 
 
 def _sorted_levels(values: np.ndarray) -> list[Any]:
@@ -103,6 +110,11 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind in "fc":
         return ~np.isfinite(values)
     if values.dtype == object:
+        try:  # look at each distinct value once (a column of a few levels is the usual case)
+            if not any(_missing_scalar(v) for v in dict.fromkeys(values.tolist())):
+                return np.zeros(values.shape, dtype=bool)
+        except TypeError:  # unhashable values
+            pass
         return np.array([_missing_scalar(v) for v in values], dtype=bool)
     if values.dtype.kind == "M":  # datetime64: NaT
         return np.isnat(values)
@@ -142,6 +154,29 @@ def _as_number(v: Any) -> float | None:
     return None
 
 
+def _is_integer_column(values: np.ndarray) -> bool:
+    """Integer dtype, or an object column of integers only (not bools)."""
+    if values.dtype.kind in "iu":
+        return True
+    return values.dtype == object and all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+        for v in values.tolist()
+    )
+
+
+def _not_numeric(name: str, values: np.ndarray) -> str:
+    """The message for a non-numeric column that is not categorical."""
+    vals = values.tolist() if values.dtype.kind in "OUST" else []
+    parses = bool(vals) and all(_as_number(v) is not None for v in vals)
+    hint = (
+        f"its values are numbers written as text: convert it with pd.to_numeric if they are "
+        f"quantities, or list {name!r} in categorical= if they are codes"
+        if parses
+        else f"list {name!r} in categorical= to one-hot code it"
+    )
+    return f"metadata column {name!r} is not numeric ({values.dtype}); {hint}"
+
+
 def _all_numbers(values: np.ndarray) -> bool:
     """Whether an object column holds real numbers only (not text, not bools)."""
     return values.dtype == object and all(
@@ -151,26 +186,30 @@ def _all_numbers(values: np.ndarray) -> bool:
 
 
 def _check_not_numeric_text(name: str, values: np.ndarray) -> None:
-    """Refuses to guess that a column of numbers with a few strings ("?", "NA") is categorical.
+    """Refuses to guess what a column of numbers written as text, or numbers and text, means.
 
-    A column of text only, numeric-looking or not (site codes ``"1"``, ``"2"``), stays
-    categorical; a column that mixes numbers (or numeric text) with other text, or numbers
-    with numbers written as text, is refused.
+    Text codes such as ``"1"``, ``"2"`` may be site codes (zero-padded ``"007"`` is not the number
+    7) or numbers read from a file as text: the column is refused and the user says which, with
+    ``pd.to_numeric`` or ``categorical=``. A column that mixes numbers (or numeric text) with
+    other text ("?", "NA") is refused too.
 
     Raises:
-        ValueError: naming the column and its non-numeric values.
+        ValueError: naming the column and the values concerned.
     """
     vals = values.tolist()
     numeric = [_as_number(v) is not None for v in vals]
     text = [isinstance(v, str | np.str_) for v in vals]
-    if not any(numeric) or (all(text) and all(numeric)):
-        return  # levels without numbers, or text codes such as "1", "2": categorical
+    if not any(numeric):
+        return  # levels without numbers: categorical
     others = sorted({str(v) for v, ok in zip(vals, numeric, strict=True) if not ok})
-    if not others:  # numbers, some of them written as text
+    if not others:  # numbers, some or all of them written as text
+        shown = sorted({str(v) for v, t in zip(vals, text, strict=True) if t})
+        what = "holds numbers written as text" if all(text) else "mixes numbers and text"
         raise ValueError(
-            f"metadata column {name!r} mixes numbers and text "
-            f"({sorted({str(v) for v, t in zip(vals, text, strict=True) if t})[:10]} are "
-            f"text): convert it to numbers, or list {name!r} in categorical= to one-hot code it"
+            f"metadata column {name!r} {what} ({shown[:10]}{' ...' if len(shown) > 10 else ''}):"
+            f" convert it with pd.to_numeric (or .astype(float)) if the values are quantities, "
+            f"or list {name!r} in categorical= to one-hot code them as codes (parsing would turn "
+            f"a zero-padded code such as '007' into the number 7)"
         )
     raise ValueError(
         f"metadata column {name!r} looks numeric but holds {sum(not ok for ok in numeric)} "
@@ -185,12 +224,24 @@ def metadata_columns(data: Any) -> dict[str, np.ndarray]:
 
     Arrays and tensors get positional names ``x0, x1, ...``.
     """
+    return _columns_and_categories(data)[0]
+
+
+def _is_category(v: Any) -> bool:
+    """Whether ``v`` is a pandas ``category`` column (Series or Categorical)."""
+    return getattr(getattr(v, "dtype", None), "name", None) == "category"
+
+
+def _columns_and_categories(data: Any) -> tuple[dict[str, np.ndarray], set[str]]:
+    """:func:`metadata_columns` and the names of the columns of pandas ``category`` dtype."""
     if hasattr(data, "columns") and hasattr(data, "__getitem__") and hasattr(data, "to_numpy"):
-        return {str(c): np.asarray(data[c].to_numpy()) for c in data.columns}
+        category = {str(c) for c in data.columns if _is_category(data[c])}
+        return {str(c): np.asarray(data[c].to_numpy()) for c in data.columns}, category
     if isinstance(data, Mapping):
         for k, v in data.items():
             if isinstance(v, torch.Tensor):
                 _check_data_device(v, f"metadata column {k!r}")
+        category = {str(k) for k, v in data.items() if _is_category(v)}
         cols = {
             str(k): np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
             for k, v in data.items()
@@ -198,7 +249,7 @@ def metadata_columns(data: Any) -> dict[str, np.ndarray]:
         for k, v in cols.items():
             if v.ndim != 1:
                 raise ValueError(f"expected column {k!r} to be 1-D, got {describe(v)}")
-        return cols
+        return cols, category
     if isinstance(data, torch.Tensor):
         _check_data_device(data, "metadata")
         data = data.detach().cpu().numpy()
@@ -207,12 +258,14 @@ def metadata_columns(data: Any) -> dict[str, np.ndarray]:
             f"expected metadata as an array, a tensor, a mapping of columns or a DataFrame, "
             f"got {describe(data)}"
         )
+    if _is_category(data):  # a categorical Series
+        return {"x0": np.asarray(data)}, {"x0"}
     arr = np.asarray(data)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
         raise ValueError(f"expected metadata to be 1-D or 2-D, got {describe(arr)}")
-    return {f"x{j}": arr[:, j] for j in range(arr.shape[1])}
+    return {f"x{j}": arr[:, j] for j in range(arr.shape[1])}, set()
 
 
 def _match_columns(
@@ -266,8 +319,24 @@ class DesignBuilder:
     neither the full-data nor MDN's batch residual, and conditions :math:`\Sigma` better), and the
     *kept* columns (labels) are coded raw: centring a kept 0/1 label would move a constant between
     the kept part and the removed intercept and change MDN's batch estimate. Levels, means and
-    scales are recorded at ``fit``; an unseen level or a missing value at ``transform`` is a
-    ``ValueError``.
+    scales are recorded at ``fit``; a missing value at ``transform`` is a ``ValueError``, and a
+    level not seen at ``fit`` is handled as ``handle_unknown`` says.
+
+    Column types are never guessed silently (when ``categorical`` is ``None``):
+
+    - columns of pandas ``category`` dtype are one-hot coded, whatever the type of their
+      categories (also when ``categorical`` is given and does not list them);
+    - a text, object or category column with more than 50 distinct values, or with at least N/2
+      of them (two rows or fewer per value, as a subject ID repeated over two visits), is
+      refused unless listed in ``categorical`` (columns with two values are exempt): one-hot
+      coding an ID would add one design column per subject;
+    - numbers written as text (``"1"``, ``"007"``) are refused by name: convert them with
+      ``pd.to_numeric`` if they are quantities, or list the column in ``categorical`` if they are
+      codes (parsing would turn a zero-padded site code into a number);
+    - an integer column with 3 to 10 distinct values is coded as one continuous column with a
+      ``UserWarning`` that suggests ``categorical`` (site codes 0/1/2 are rarely a quantity);
+      passing ``categorical`` explicitly says the other columns are continuous and silences it;
+    - a column named ``"intercept"`` beside the intercept is refused.
 
     Args:
         keep: input columns (names or positions) that are estimated but not removed: labels, or
@@ -280,6 +349,14 @@ class DesignBuilder:
         intercept: add a constant column. Default: ``True``.
         keep_intercept: keep (do not remove) the intercept's effect, so the output keeps the
             features' mean. Default: ``False`` (the paper removes it).
+        handle_unknown: what :meth:`transform` does with a categorical level not seen at
+            :meth:`fit` (a new site or scanner at evaluation), after scikit-learn's
+            ``OneHotEncoder``: ``"error"`` raises a ``ValueError``; ``"mean"`` codes the row
+            with the training frequency of each level, so that the *average* training-level
+            effect is removed (the result does not depend on which level is the dropped
+            reference); ``"ignore"`` codes the row with zeros, which with an intercept means
+            the reference (first sorted) level, an arbitrary choice. ``"mean"`` is the sound
+            one (see the guide "Evaluating on a new site"). Default: ``"error"``.
 
     Examples::
 
@@ -302,7 +379,13 @@ class DesignBuilder:
         standardize: bool | Iterable[str | int] = True,
         intercept: bool = True,
         keep_intercept: bool = False,
+        handle_unknown: str = "error",
     ) -> None:
+        if handle_unknown not in HANDLE_UNKNOWN:
+            raise ValueError(
+                f"expected handle_unknown to be one of {HANDLE_UNKNOWN}, got {handle_unknown!r}"
+            )
+        self.handle_unknown = handle_unknown
         self.keep = tuple(keep)
         self.categorical = None if categorical is None else tuple(categorical)
         self.standardize: bool | tuple[str | int, ...] = (
@@ -315,8 +398,15 @@ class DesignBuilder:
 
     # -- fitting ------------------------------------------------------------------------------
     def fit(self, data: Any) -> DesignBuilder:
-        """Records column kinds, levels, means and scales from the training metadata."""
-        cols = metadata_columns(data)
+        """Records column kinds, levels, means and scales from the training metadata.
+
+        Raises:
+            ValueError: a missing value, a column of numbers written as text, an automatically
+                detected categorical column with too many levels, a column named
+                ``"intercept"`` beside the intercept; each message names the column.
+            TypeError: a non-numeric column that is not categorical.
+        """
+        cols, category = _columns_and_categories(data)
         names = list(cols)
         if not names:
             raise ValueError("expected at least one metadata column, got none")
@@ -326,18 +416,40 @@ class DesignBuilder:
                 raise ValueError(f"column {k!r} has {len(v)} rows, expected {n}")
         if n == 0:
             raise ValueError(f"expected at least one row of metadata to fit, got 0 rows of {names}")
+        if self.intercept and INTERCEPT in names:
+            raise ValueError(
+                f"a metadata column is named {INTERCEPT!r}, the name of the design's constant "
+                f"column: rename it (e.g. data.rename(columns={{'intercept': 'intercept_'}})), "
+                f"or pass intercept=False if it is a constant column you built yourself"
+            )
         self._keep_names = _resolve_names(self.keep, names, "keep")
         if self.categorical is None:
-            # an object column of numbers only is continuous (as scikit-learn reads it)
-            cols = {k: v.astype(np.float64) if _all_numbers(v) else v for k, v in cols.items()}
+            self._warn_integer_codes(
+                {k: v for k, v in cols.items() if k not in category},
+                [k for k, v in cols.items() if v.dtype.kind in "bT"],
+            )
+        # an object column of numbers only is continuous (as scikit-learn reads it)
+        cols = {
+            k: v.astype(np.float64) if k not in category and _all_numbers(v) else v
+            for k, v in cols.items()
+        }
+        named = (
+            []
+            if self.categorical is None
+            else _resolve_names(self.categorical, names, "categorical")
+        )
+        if self.categorical is None:
             cat = [
-                k for k, v in cols.items() if v.dtype.kind in "OUSbT" or v.dtype.name == "category"
+                k
+                for k, v in cols.items()
+                if k in category or v.dtype.kind in "OUSbT" or v.dtype.name == "category"
             ]
             for k in cat:
-                if cols[k].dtype.kind in "OUST" and not _is_missing(cols[k]).any():
-                    _check_not_numeric_text(k, cols[k])
-        else:
-            cat = _resolve_names(self.categorical, names, "categorical")
+                v = cols[k]
+                if k not in category and v.dtype.kind in "OUST" and not _is_missing(v).any():
+                    _check_not_numeric_text(k, v)
+        else:  # category dtype is categorical whether listed or not
+            cat = named + [k for k in names if k in category and k not in named]
         if isinstance(self.standardize, bool):
             scaled = [n for n in names if n not in self._keep_names] if self.standardize else []
         else:
@@ -352,23 +464,35 @@ class DesignBuilder:
                     f"value(s); impute or drop those rows first"
                 )
             if name in cat:
+                values = v.tolist()
                 levels = _sorted_levels(v)
+                many = len(levels) > MAX_AUTO_LEVELS or len(levels) >= n / 2
+                if name not in named and len(levels) > 2 and many:
+                    raise ValueError(
+                        f"metadata column {name!r} has {len(levels)} distinct values in {n} rows "
+                        f"(more than {MAX_AUTO_LEVELS}, or two rows or fewer per value): one-hot "
+                        f"coding it "
+                        f"would add {len(levels) - 1} design columns. If it is an identifier "
+                        f"(subject, scan, file), leave it out of the metadata; if it is a "
+                        f"quantity, convert it to numbers; if it really is a categorical "
+                        f"variable, list {name!r} in categorical="
+                    )
+                counts = Counter(values)
                 drop_ref = self.intercept or not first_cat
                 first_cat = False
+                coded = levels[1:] if drop_ref else levels
                 specs.append(
                     _ColumnSpec(
                         name,
                         "categorical",
-                        levels=levels[1:] if drop_ref else levels,
+                        levels=coded,
                         dropped=levels[0] if drop_ref else None,
+                        frequencies=[counts[lv] / n for lv in coded],
                     )
                 )
             else:
                 if v.dtype.kind not in "biuf":
-                    raise TypeError(
-                        f"metadata column {name!r} is not numeric ({v.dtype}); "
-                        f"list it in categorical= to one-hot code it"
-                    )
+                    raise TypeError(_not_numeric(name, v))
                 x = v.astype(np.float64)
                 mean, scale = 0.0, 1.0
                 if name in scaled:
@@ -381,6 +505,23 @@ class DesignBuilder:
                 specs.append(_ColumnSpec(name, "continuous", mean=mean, scale=scale))
         self._specs = specs
         return self
+
+    @staticmethod
+    def _warn_integer_codes(cols: dict[str, np.ndarray], cat: list[str]) -> None:
+        """One warning naming the integer columns with 3 to 10 values read as continuous."""
+        coded = [
+            k
+            for k, v in cols.items()
+            if k not in cat and _is_integer_column(v) and 3 <= len(set(v.tolist())) <= 10
+        ]
+        if coded:
+            warnings.warn(
+                f"metadata column(s) {coded} hold 3 to 10 distinct integers and are coded as one "
+                f"continuous column each; if they are codes (site, scanner, batch), list them in "
+                f"categorical= (passing categorical= explicitly also silences this warning)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -457,17 +598,22 @@ class DesignBuilder:
                 known = set(s.levels) | ({s.dropped} if s.dropped is not None else set())
                 vals = v.tolist()
                 unseen = sorted({str(x) for x in vals if x not in known})
-                if unseen:
+                if unseen and self.handle_unknown == "error":
                     raise ValueError(
                         f"metadata column {s.name!r} has level(s) {unseen} not seen at fit; "
-                        f"known levels: {sorted(map(str, known))}"
+                        f"known levels: {sorted(map(str, known))}. To code new levels (a new "
+                        f"site or scanner at evaluation), build the design with "
+                        f"handle_unknown='mean' (the training levels' average effect)"
                     )
                 block = np.zeros((n, len(s.levels)))
                 lookup = {lv: j for j, lv in enumerate(s.levels)}
-                for i, x in enumerate(vals):
-                    j = lookup.get(x)
-                    if j is not None:
-                        block[i, j] = 1.0
+                if s.dropped is not None:
+                    lookup[s.dropped] = -1  # the reference level: a row of zeros
+                idx = np.fromiter((lookup.get(x, -2) for x in vals), dtype=np.intp, count=n)
+                hit = np.flatnonzero(idx >= 0)
+                block[hit, idx[hit]] = 1.0
+                if self.handle_unknown == "mean":
+                    block[idx == -2] = np.asarray(s.frequencies, dtype=np.float64)
                 blocks.append(block)
             else:
                 if _all_numbers(v):
@@ -498,7 +644,7 @@ class DesignBuilder:
         return (
             f"DesignBuilder(keep={self.keep!r}, categorical={self.categorical!r}, "
             f"standardize={self.standardize}, intercept={self.intercept}, "
-            f"keep_intercept={self.keep_intercept})"
+            f"keep_intercept={self.keep_intercept}, handle_unknown={self.handle_unknown!r})"
         )
 
 
@@ -510,6 +656,7 @@ def make_design(
     standardize: bool | Iterable[str | int] = True,
     intercept: bool = True,
     keep_intercept: bool = False,
+    handle_unknown: str = "error",
 ) -> Design:
     """Builds a :class:`Design` in one call; see :class:`DesignBuilder` for the arguments.
 
@@ -527,4 +674,5 @@ def make_design(
         standardize=standardize,
         intercept=intercept,
         keep_intercept=keep_intercept,
+        handle_unknown=handle_unknown,
     ).fit_transform(data)

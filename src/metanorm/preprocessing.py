@@ -16,26 +16,28 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from metanorm import linalg
-from metanorm.design import Design, DesignBuilder, metadata_columns
+from metanorm.design import HANDLE_UNKNOWN, Design, DesignBuilder, metadata_columns
 
 try:
+    import scipy.sparse as sp
     from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
     from sklearn.utils.metadata_routing import MetadataRequest
     from sklearn.utils.validation import check_is_fitted, validate_data
+    from threadpoolctl import ThreadpoolController
 except ImportError as exc:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError(
         "metanorm.preprocessing needs scikit-learn >= 1.6; install it with "
         "pip install 'metanorm[sklearn]'"
     ) from exc
 
-__all__ = ["MetadataResidualizer", "metadata_scorer"]
+__all__ = ["MetadataResidualizer", "expected_failed_checks", "metadata_scorer"]
 
 _ROUTING_HINT = (
     "Inside a Pipeline or cross-validation, enable metadata routing "
@@ -63,6 +65,199 @@ def _as_names(value: Any, what: str) -> tuple[str | int, ...]:
     raise TypeError(
         f"expected {what} to be a column name, an index or a list of them, got {value!r}"
     )
+
+
+# a metadata table with more columns than this, used whole (no columns=), gets a warning
+_FEW_COLUMNS = 4
+# rows per block in the passes over X: about 1 MiB of float64 per block
+_BLOCK_BYTES = 1 << 20
+
+
+_CONTROLLER: Any = None
+
+
+def _one_blas_thread() -> Any:
+    """A context with BLAS on one thread, for the block products.
+
+    They have K (a few) rows or columns and are bound by memory; OpenBLAS's threads,
+    synchronised at every call, made them up to 1000 times slower on a loaded 2-core machine
+    (measured: 0.4 s per 1 MiB block).
+    """
+    global _CONTROLLER
+    if _CONTROLLER is None:  # finding the loaded libraries takes ~15 ms: once per process
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+def _is_pandas(obj: Any) -> bool:
+    return type(obj).__module__.split(".")[0] == "pandas" and hasattr(obj, "index")
+
+
+def _aligned(X: Any, metadata: Any, method: str) -> Any:
+    """``metadata`` reordered to ``X``'s index when both are pandas objects with the same labels.
+
+    Raises:
+        ValueError: when both are pandas objects and their index labels differ.
+    """
+    if not (_is_pandas(X) and _is_pandas(metadata)):
+        return metadata
+    xi, mi = X.index, metadata.index
+    if xi.equals(mi):
+        return metadata
+    if xi.is_unique and mi.is_unique and len(xi) == len(mi):
+        order = mi.get_indexer(xi)
+        if (order >= 0).all():
+            return metadata.iloc[order]
+    missing = [str(v) for v in xi[~xi.isin(mi)][:5]]
+    raise ValueError(
+        f"X and metadata are pandas objects whose indexes differ in {method} (X's labels "
+        f"{missing or '(duplicated)'} ... are not matched one to one in the metadata's index): "
+        f"rows would be paired by position, possibly with the wrong metadata. Give both the same "
+        f"index (metadata.set_index(X.index) if the rows are known to be in the same order, or "
+        f"metadata.loc[X.index] to select them by label)"
+    )
+
+
+def _subset(metadata: Any, columns: tuple[str | int, ...], keep: tuple[str | int, ...]) -> Any:
+    """The ``columns`` of ``metadata`` (names or positions), then the named ``keep`` columns.
+
+    Kept columns that are absent are left out (they are not needed at transform).
+    """
+    if hasattr(metadata, "columns") and hasattr(metadata, "iloc"):  # a DataFrame
+        labels = list(metadata.columns)
+        names = [str(c) for c in labels]
+    elif isinstance(metadata, Mapping):
+        labels = list(metadata)
+        names = [str(c) for c in labels]
+    else:
+        metadata = metadata_columns(metadata)
+        labels = names = list(metadata)
+    chosen: list[int] = []
+    for c in columns:
+        if isinstance(c, str):
+            if c not in names:
+                raise ValueError(f"columns entry {c!r} not found; the metadata have {names}")
+            j = names.index(c)
+        else:
+            if not 0 <= c < len(names):
+                raise ValueError(
+                    f"columns index {c} out of range: the metadata have {len(names)} columns"
+                )
+            j = c
+        if j not in chosen:
+            chosen.append(j)
+    for k in keep:
+        if isinstance(k, str) and k in names and names.index(k) not in chosen:
+            chosen.append(names.index(k))
+    picked = [labels[j] for j in chosen]
+    if hasattr(metadata, "columns") and hasattr(metadata, "iloc"):
+        return metadata[picked]
+    return {str(c): metadata[c] for c in picked}
+
+
+def _block_rows(n_features: int) -> int:
+    return max(8, _BLOCK_BYTES // (8 * max(n_features, 1)))
+
+
+def _check_finite(X: Any, offset: int = 0) -> None:
+    """Raises a ValueError naming the first non-finite entry of ``X``, if there is one."""
+    if sp.issparse(X):
+        bad = np.flatnonzero(~np.isfinite(X.data))
+        if bad.size:
+            raise ValueError(
+                f"expected finite features (no NaN or inf), got {bad.size} NaN/inf stored "
+                f"value(s) in the sparse X"
+            )
+        return
+    step = _block_rows(X.shape[1])
+    for start in range(0, X.shape[0], step):
+        block = X[start : start + step]
+        ok = np.isfinite(block)
+        if not ok.all():
+            i, j = np.argwhere(~ok)[0]
+            raise ValueError(
+                f"expected finite features (no NaN or inf), got {block[i, j]} in X at row "
+                f"{offset + start + i}, column {j} ({int((~ok).sum())} non-finite value(s) in rows "
+                f"{offset + start}...{offset + start + len(block) - 1})"
+            )
+
+
+def _cross_product(design: np.ndarray, X: Any) -> np.ndarray:
+    """``designᵀ X`` in float64, ``(K, D)``, and the check that ``X`` is finite.
+
+    Dense ``X`` is read once, in blocks of rows converted to float64 (no copy of ``X``); the
+    product's row of ones (the intercept, or one added here) carries any NaN or inf of ``X`` into
+    the result, so that a finite result proves ``X`` finite. Sparse ``X`` is multiplied as it is.
+    """
+    n, k = design.shape
+    has_ones = bool(np.any(np.all(design == 1.0, axis=0)))
+    D = design if has_ones else np.hstack([design, np.ones((n, 1))])
+    if sp.issparse(X):
+        _check_finite(X)
+        return np.asarray((X.T @ D).T)[:k]
+    acc = np.zeros((D.shape[1], X.shape[1]))
+    step = _block_rows(X.shape[1])
+    buf = None if X.dtype == np.float64 else np.empty((min(step, n), X.shape[1]))
+    with _one_blas_thread():
+        for start in range(0, n, step):
+            block = X[start : start + step]
+            if buf is not None:
+                b = buf[: len(block)]
+                b[...] = block
+                block = b
+            acc += D[start : start + step].T @ block
+    if not np.isfinite(acc).all():
+        _check_finite(X)  # names the entry; finite values whose products overflow pass it
+        raise ValueError(
+            "the features' products with the design overflow float64: rescale X (its values "
+            f"reach {float(np.abs(X).max()):.3g})"
+        )
+    return acc[:k]
+
+
+def _inverse_gram(design: Design, ridge: float) -> np.ndarray:
+    """:func:`metanorm.linalg.inverse_gram` of the design, from the K×K factor R of its QR.
+
+    ``RᵀR = XᵀX`` (R from Householder QR is backward stable, so a collinear design keeps a
+    near-zero pivot and is still diagnosed, which a Cholesky factor of XᵀX does not guarantee):
+    the checks and messages (collinear columns named) are those of the full design, without
+    passing the N×K design through torch.
+    """
+    x = design.matrix
+    if x.shape[0] <= x.shape[1] or not np.isfinite(x).all():
+        return linalg.inverse_gram(design, ridge=ridge).numpy()
+    with _one_blas_thread():
+        factor = np.linalg.qr(x, mode="r")
+    return linalg.inverse_gram(factor, ridge=ridge, columns=design.columns).numpy()
+
+
+def _residual(
+    X: Any, rows: np.ndarray, beta: np.ndarray, *, out: np.ndarray | None = None, check: bool
+) -> np.ndarray:
+    """``X − rows @ beta`` in ``X``'s dtype, in blocks of rows (into ``out`` when given).
+
+    Sparse ``X`` gives a dense result. With ``check``, a non-finite result is traced back to the
+    entry of ``X`` that caused it (β is finite).
+    """
+    dtype = X.dtype
+    if sp.issparse(X):
+        out = X.toarray()
+        X = out
+    elif out is None:
+        out = np.empty(X.shape, dtype=dtype)
+    r = rows.astype(dtype, copy=False)
+    b = beta.astype(dtype, copy=False)
+    step = _block_rows(X.shape[1])
+    tmp = np.empty((min(step, max(X.shape[0], 1)), X.shape[1]), dtype=dtype)
+    with _one_blas_thread():
+        for start in range(0, X.shape[0], step):
+            stop = min(start + step, X.shape[0])
+            t = tmp[: stop - start]
+            np.matmul(r[start:stop], b, out=t)
+            np.subtract(X[start:stop], t, out=out[start:stop])
+            if check and not np.isfinite(np.add.reduce(out[start:stop], axis=None)):
+                _check_finite(out[start:stop], offset=start)
+    return out
 
 
 class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
@@ -109,7 +304,10 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         keep: metadata columns (names, or positions for an array) that are estimated but not
             removed: labels, covariates of interest. Default: ``()``.
         categorical: metadata columns to one-hot code. Default ``None``: columns of string,
-            object, category or bool dtype. Integer-coded sites or batches must be listed here.
+            object, category or bool dtype (with the typing rules of
+            :class:`~metanorm.design.DesignBuilder`: too many levels, numbers written as text and
+            integer codes are flagged). Integer-coded sites or batches must be listed here;
+            ``category`` columns are always one-hot coded.
         standardize: which continuous metadata columns to standardise with the training mean
             and standard deviation: ``True`` (every removed one; kept columns stay raw), ``False``
             (none), or the columns (names or positions) to standardise, kept ones included if
@@ -119,8 +317,20 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         intercept: add a constant column to the design. Default: ``True``.
         keep_intercept: keep the intercept's effect, so that the output keeps the features'
             training mean. Default: ``False``, as the layer and the paper.
+        columns: the metadata columns (names, or positions) whose effect is regressed out; the
+            ``keep`` columns named outside it are added to the design. Positions in ``keep``,
+            ``categorical`` and ``standardize`` then refer to the selected columns. Default
+            ``None``: every column, with a ``UserWarning`` naming them when there are more than
+            four (a whole table would also regress out labels and identifiers).
         ridge: :math:`\lambda \ge 0` added to the diagonal of :math:`X^\top X`. Use it for a
             collinear design that cannot be fixed by dropping a column. Default: 0.
+        handle_unknown: a categorical level not seen at fit (a new site at evaluation):
+            ``"error"``, ``"mean"`` (remove the training levels' average effect, the sound
+            choice) or ``"ignore"`` (code it as the reference level); see
+            :class:`~metanorm.design.DesignBuilder`. Default: ``"error"``.
+        copy: ``False`` lets :meth:`transform` and :meth:`fit_transform` write the result into
+            ``X`` when it is a writable float32/float64 array (as scanpy's ``regress_out``);
+            otherwise a new array is returned. Default: ``True``.
 
     Attributes:
         n_features_in_: D, the number of features seen at fit.
@@ -132,8 +342,20 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         n_metadata_in_: number of metadata columns seen at fit.
         metadata_names_in_: their names (``x0, x1, ...`` for an array).
 
+    **Speed and memory.** ``X`` is not copied or converted: :math:`X^\top F` is accumulated in
+    float64 over blocks of rows converted on the fly (so a float32 ``X`` gives the same β as a
+    float64 one, up to summation order), the K×K system is solved in float64, the finiteness
+    check rides on the same pass, and the residual is written block by block in ``X``'s dtype.
+    Beyond the output, the extra memory is the design (N×K) and two blocks of about 1 MiB.
+    Sparse ``X`` (CSR/CSC) is multiplied as it is; the result is dense.
+
+    **Pandas inputs** are matched on their index: when ``X`` and ``metadata`` are both pandas
+    objects with the same index labels in another order, the metadata are reordered to ``X``'s;
+    different labels are an error (rows would be paired by position).
+
     Shape:
-        - X: ``(n_samples, n_features)``, float32 or float64 (kept in the output), no NaN.
+        - X: ``(n_samples, n_features)``, float32 or float64 (kept in the output), or a CSR/CSC
+          sparse matrix; finite.
         - metadata: ``(n_samples, n_metadata)``: DataFrame, 2-D array, or dict of 1-D columns.
         - Output: same shape and dtype as X.
 
@@ -160,18 +382,24 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         self,
         *,
         keep: Iterable[str | int] | str | int = (),
+        columns: Iterable[str | int] | str | int | None = None,
         categorical: Iterable[str | int] | str | int | None = None,
         standardize: bool | Iterable[str | int] | str = True,
         intercept: bool = True,
         keep_intercept: bool = False,
         ridge: float = 0.0,
+        handle_unknown: str = "error",
+        copy: bool = True,
     ) -> None:
         self.keep = keep
+        self.columns = columns
         self.categorical = categorical
         self.standardize = standardize
         self.intercept = intercept
         self.keep_intercept = keep_intercept
         self.ridge = ridge
+        self.handle_unknown = handle_unknown
+        self.copy = copy
 
     # -- helpers ------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -183,12 +411,19 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 f"{self.standardize!r}"
             )
         self._standardize_arg()
-        for name in ("intercept", "keep_intercept"):
+        if self.columns is not None:
+            _as_names(self.columns, "columns")
+        for name in ("intercept", "keep_intercept", "copy"):
             value = getattr(self, name)
             if not isinstance(value, bool | np.bool_):
                 raise TypeError(f"expected {name} to be a bool, got {value!r}")
         if self.keep_intercept and not self.intercept:
             raise ValueError("keep_intercept=True needs intercept=True (there is no intercept)")
+        if self.handle_unknown not in HANDLE_UNKNOWN:
+            raise ValueError(
+                f"expected handle_unknown to be one of {HANDLE_UNKNOWN}, got "
+                f"{self.handle_unknown!r}"
+            )
         r = self.ridge
         if (
             isinstance(r, bool)
@@ -219,27 +454,36 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 f"an array so that they are split with X"
             )
 
-    # -- scikit-learn API ---------------------------------------------------------------------
-    def fit(self, X: Any, y: Any = None, *, metadata: Any = None) -> MetadataResidualizer:
-        """Codes the metadata and fits β on the training rows.
+    def _validate(self, X: Any, reset: bool) -> Any:
+        """``X`` as a float32/float64 array (or CSR/CSC matrix), not copied when it is one."""
+        return validate_data(
+            self,
+            X,
+            reset=reset,
+            accept_sparse=("csr", "csc"),
+            dtype=[np.float64, np.float32],
+            ensure_all_finite=False,  # checked in the pass that computes the products
+        )
 
-        Args:
-            X: training features, ``(n_samples, n_features)``.
-            y: ignored (put labels in ``metadata`` and list them in ``keep``).
-            metadata: the training rows' metadata, with the kept columns (labels) too.
+    def _select(self, metadata: Any, fitting: bool) -> Any:
+        """The metadata columns the design uses: ``columns`` plus ``keep``, or all of them."""
+        if self.columns is None:
+            if fitting:
+                names = list(metadata_columns(metadata))
+                if len(names) > _FEW_COLUMNS:
+                    warnings.warn(
+                        f"the design uses every one of the {len(names)} metadata columns "
+                        f"{names}: each one's effect is removed unless listed in keep. Pass "
+                        f"columns=[...] to choose the columns to regress out (this also "
+                        f"silences the warning)",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+            return metadata
+        return _subset(metadata, _as_names(self.columns, "columns"), _as_names(self.keep, "keep"))
 
-        Returns:
-            self.
-
-        Raises:
-            ValueError: without metadata, with a row count that does not match ``X``, NaN in
-                metadata, or a singular design (the message names the collinear columns).
-        """
-        self._check_params()
-        X = validate_data(self, X, dtype=[np.float64, np.float32])
-        if metadata is None:
-            raise self._missing("fit")
-        builder = DesignBuilder(
+    def _builder(self) -> DesignBuilder:
+        return DesignBuilder(
             keep=_as_names(self.keep, "keep"),
             categorical=None
             if self.categorical is None
@@ -247,7 +491,18 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             standardize=self._standardize_arg(),
             intercept=bool(self.intercept),
             keep_intercept=bool(self.keep_intercept),
+            handle_unknown=self.handle_unknown,
         )
+
+    def _fit(self, X: Any, metadata: Any) -> tuple[Any, Design]:
+        """Fits β; returns the validated ``X`` and the training design."""
+        self._check_params()
+        metadata = _aligned(X, metadata, "fit")
+        X = self._validate(X, reset=True)
+        if metadata is None:
+            raise self._missing("fit")
+        metadata = self._select(metadata, fitting=True)
+        builder = self._builder()
         design = builder.fit_transform(metadata)
         self._check_rows(design, X.shape[0], "fit")
         if not design.remove:
@@ -263,52 +518,83 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 f"metadata columns, or pass ridge > 0"
             )
         self._warn_single_rows(builder, metadata)
-        beta = linalg.fit_beta(
-            design, torch.tensor(X, dtype=torch.float64), ridge=float(self.ridge)
-        )
+        gram_inverse = _inverse_gram(design, float(self.ridge))
+        beta = gram_inverse @ _cross_product(design.matrix, X)
         mask = np.zeros(design.shape[1], dtype=bool)
         mask[list(design.remove)] = True
         self.design_builder_ = builder
         self.design_columns_ = design.columns
         self.remove_mask_ = mask
-        self.coef_ = beta.cpu().numpy()
+        self.coef_ = beta
         self.metadata_names_in_ = np.asarray(list(builder.input_kinds), dtype=object)
         self.n_metadata_in_ = len(self.metadata_names_in_)
+        return X, design
+
+    def _apply(self, X: Any, design: Design, X_in: Any, *, check: bool) -> np.ndarray:
+        rows = design.matrix[:, self.remove_mask_]
+        beta = self.coef_[self.remove_mask_]
+        in_place = not self.copy and X is X_in and not sp.issparse(X) and X.flags.writeable
+        return _residual(X, rows, beta, out=X if in_place else None, check=check)
+
+    # -- scikit-learn API ---------------------------------------------------------------------
+    def fit(self, X: Any, y: Any = None, *, metadata: Any = None) -> MetadataResidualizer:
+        """Codes the metadata and fits β on the training rows.
+
+        Args:
+            X: training features, ``(n_samples, n_features)``: a float array (not copied) or a
+                CSR/CSC sparse matrix.
+            y: ignored (put labels in ``metadata`` and list them in ``keep``).
+            metadata: the training rows' metadata, with the kept columns (labels) too.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: without metadata, with a row count that does not match ``X``, NaN or
+                inf in ``X`` or the metadata, pandas indexes that differ, or a singular design
+                (the message names the collinear columns).
+        """
+        self._fit(X, metadata)
         return self
 
     def transform(self, X: Any, *, metadata: Any = None) -> np.ndarray:
         """Removes the fitted metadata effect from ``X``.
 
         Args:
-            X: features, ``(n_samples, n_features_in_)``.
+            X: features, ``(n_samples, n_features_in_)``, dense or CSR/CSC sparse.
             metadata: the rows' metadata. The kept columns (labels) may be left out; if given,
                 they are ignored.
 
         Returns:
-            ``X − X_R β_R``, same shape and dtype as ``X``.
+            ``X − X_R β_R``, a dense array of the same shape and dtype as ``X`` (``X`` itself,
+            overwritten, when ``copy=False`` and ``X`` is a writable float array).
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        metadata = _aligned(X, metadata, "transform")
+        X_in = X
+        X = self._validate(X, reset=False)
         if metadata is None:
             raise self._missing("transform")
+        metadata = self._select(metadata, fitting=False)
         design = self.design_builder_.transform(metadata, ignore_keep=True)
         self._check_rows(design, X.shape[0], "transform")
-        out = linalg.remove_effect(
-            torch.tensor(X, dtype=torch.float64),
-            torch.tensor(design.matrix, dtype=torch.float64),
-            torch.tensor(self.coef_, dtype=torch.float64),
-            torch.tensor(self.remove_mask_),
-        )
-        return out.numpy().astype(X.dtype, copy=False)
+        return self._apply(X, design, X_in, check=True)
 
     def fit_transform(self, X: Any, y: Any = None, *, metadata: Any = None) -> np.ndarray:
-        """``fit(X, y, metadata=metadata)`` then ``transform(X, metadata=metadata)``."""
-        return self.fit(X, y, metadata=metadata).transform(X, metadata=metadata)
+        """``fit(X, y, metadata=metadata).transform(X, metadata=metadata)``, with less work.
+
+        The design is coded once and ``X`` is read twice: once for the products with the
+        design (and the finiteness check), once for the residual.
+        """
+        X_in = X
+        X, design = self._fit(X, metadata)
+        return self._apply(X, design, X_in, check=False)  # X was checked by the fit
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         if tags.transformer_tags is not None:
             tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        tags.input_tags.sparse = True
         return tags
 
     def _warn_single_rows(self, builder: DesignBuilder, metadata: Any) -> None:
@@ -317,8 +603,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         for name, kind in builder.input_kinds.items():
             if kind != "categorical" or name in kept or name not in cols:
                 continue
-            levels, counts = np.unique(np.asarray(cols[name]).astype(str), return_counts=True)
-            single = levels[counts == 1].tolist()
+            single = sorted(str(v) for v, c in Counter(cols[name].tolist()).items() if c == 1)
             if single:
                 warnings.warn(
                     f"metadata column {name!r} has level(s) {single} with a single training row: "
@@ -408,3 +693,78 @@ def metadata_scorer(
     if not callable(score_func):
         raise TypeError(f"expected score_func to be callable, got {score_func!r}")
     return _MetadataScorer(score_func, response_method, 1 if greater_is_better else -1, kwargs)
+
+
+_NO_METADATA = (
+    "the check fits without metadata; MetadataResidualizer needs them and raises a ValueError "
+    "(by design: it never returns X uncorrected)"
+)
+# scikit-learn's checks that fit or transform, which the missing metadata make fail
+_NEEDS_FIT = (
+    "check_dict_unchanged",
+    "check_dont_overwrite_parameters",
+    "check_dtype_object",
+    "check_estimators_dtypes",
+    "check_estimators_fit_returns_self",
+    "check_estimators_nan_inf",
+    "check_estimators_overwrite_params",
+    "check_estimators_pickle",
+    "check_f_contiguous_array_estimator",
+    "check_fit2d_predict1d",
+    "check_fit_check_is_fitted",
+    "check_fit_idempotent",
+    "check_fit_score_takes_y",
+    "check_methods_sample_order_invariance",
+    "check_methods_subset_invariance",
+    "check_n_features_in",
+    "check_n_features_in_after_fitting",
+    "check_pipeline_consistency",
+    "check_positive_only_tag_during_fit",
+    "check_readonly_memmap_input",
+    "check_transformer_data_not_an_array",
+    "check_transformer_general",
+    "check_transformer_preserve_dtypes",
+    "check_estimator_sparse_array",
+    "check_estimator_sparse_matrix",
+    "check_estimator_sparse_tag",
+)
+
+
+def expected_failed_checks(estimator: Any = None) -> dict[str, str]:
+    """scikit-learn's estimator checks that :class:`MetadataResidualizer` fails, and why.
+
+    scikit-learn's checks call ``fit(X, y)`` and ``transform(X)`` with no way to pass metadata,
+    and the residualizer refuses to run without them (it never returns features uncorrected),
+    so every check that fits fails with the missing-metadata ``ValueError``. The API checks
+    (parameters, cloning, repr, tags, errors before fitting) pass. scikit-learn (>= 1.6) takes
+    this list through its own mechanism, the ``expected_failed_checks`` argument of
+    :func:`~sklearn.utils.estimator_checks.check_estimator` and
+    :func:`~sklearn.utils.estimator_checks.parametrize_with_checks`; the project's tests also
+    run every check, with nothing expected to fail, on a subclass that derives metadata from
+    each row.
+
+    Args:
+        estimator: ignored (the list does not depend on the parameters); present so that the
+            function can be passed as ``parametrize_with_checks(expected_failed_checks=...)``.
+
+    Returns:
+        ``{check name: reason}``.
+
+    Examples::
+
+        >>> from sklearn.utils.estimator_checks import check_estimator
+        >>> failed = expected_failed_checks()
+        >>> "check_transformer_general" in failed, "check_get_params_invariance" in failed
+        (True, False)
+        >>> # check_estimator(MetadataResidualizer(), expected_failed_checks=failed)
+    """
+    out = dict.fromkeys(_NEEDS_FIT, _NO_METADATA)
+    out["check_fit2d_1sample"] = (
+        "the check expects the one-sample error message; without metadata the missing-metadata "
+        "error comes first"
+    )
+    out["check_fit2d_1feature"] = (
+        "the check expects a fit on one feature to succeed or name n_features; without metadata "
+        "the missing-metadata error comes first"
+    )
+    return out

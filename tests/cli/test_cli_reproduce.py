@@ -97,7 +97,10 @@ def test_report_contents(sweep):
     text = (sweep / "report.md").read_text()
     assert "| Baseline | 30 |" in text and "| MDN-Conv | 30 |" in text
     assert "The authors' figures" in text and "0.944" in text
-    assert "## Checks" in text and "MDN-Conv bs=30: epoch time" in text
+    assert "## Checks" in text and "epoch time" not in text.split("## Checks")[1].split("##")[0]
+    # epoch times are timing information beside the checks, never a PASS/FAIL line
+    timing = text.split("## Timing (information, not a check)")[1].split("##")[0]
+    assert "- MDN-Conv bs=30: epoch" in timing and "× the Baseline's" in timing
     assert "![features_pca.png](features_pca.png)" in text
     summary = json.loads((sweep / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}

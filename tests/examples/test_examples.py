@@ -34,7 +34,7 @@ def parse_result(out: str) -> dict:
 
 def test_own_tensors_mdn_removes_site_and_age(monkeypatch, capsys):
     out, result = run_example(
-        "own_tensors.py", ["--samples", "400", "--epochs", "3"], monkeypatch, capsys
+        "own_tensors.py", ["--samples", "800", "--epochs", "3"], monkeypatch, capsys
     )
     base, mdn = result["baseline"], result["mdn"]
     for r in (base, mdn):
@@ -44,22 +44,29 @@ def test_own_tensors_mdn_removes_site_and_age(monkeypatch, capsys):
         # the leak is strong in the baseline's features; MDN removes most of it
         assert base["dcor2"][c] > 0.3
         assert mdn["dcor2"][c] < 0.5 * base["dcor2"][c]
-    # the baseline leans on site and age, which do not go with the label at test (measured at
-    # these arguments: bAcc 0.50 against MDN's 0.61)
-    assert mdn["bacc"] > base["bacc"] + 0.03
+    # the baseline leans on site and age, which do not go with the label at test. Measured at
+    # these arguments over --seed 0-9 (AMD EPYC, 1 thread): MDN's bAcc minus the baseline's
+    # 0.134 0.195 0.067 0.123 0.123 0.093 0.125 0.162 0.095 0.156; MDN's dcor² over the baseline's
+    # at most 0.315; the baseline's dcor² at least 0.568. Bars: the worst values with a margin of
+    # 0.05 (at 400 samples the bAcc gain fell to 0.018 on one seed: too noisy for a bar)
+    assert mdn["bacc"] > base["bacc"] + 0.015
     assert f"{mdn['bacc']:.3f}" in out  # the human-readable lines print the same numbers
 
 
 def test_measure_bias_finds_the_confounder(monkeypatch, capsys):
     args = ["--samples", "400", "--epochs", "3", "--permutations", "39"]
     out, result = run_example("measure_bias.py", args, monkeypatch, capsys)
-    assert 0.5 < result["bacc"] <= 1.0
+    # the example is about the bias, not the accuracy: over --seed 0-9 the 3-epoch model's bAcc
+    # ranged 0.50-0.84, and its within-class dcor² 0.19-0.63 (bar 0.1)
+    assert 0.0 <= result["bacc"] <= 1.0
     for c in ("0", "1"):
         assert result["dcor2"][c] > 0.1
         assert result["pvalue"][c] == pytest.approx(
             1 / 40
         )  # the smallest p-value with 39 permutations
-        assert result["control_pvalue"][c] > 0.05  # inputs that carry no cf within a class
+        # the control: inputs that carry no cf within a class. It does not depend on training,
+        # only on the seeded data and permutations, so it is the same on any machine
+        assert result["control_pvalue"][c] > 0.05
         assert f"{result['dcor2'][c]:.3f}" in out
 
 

@@ -20,9 +20,10 @@ from metanorm.experiments.alternatives import (
     pearson_r2,
     quantile_edges,
 )
-from metanorm.experiments.engine import evaluate, train_one_epoch
+from metanorm.experiments.engine import evaluate, loss_and_predictions, train_one_epoch
 from metanorm.experiments.registry import get_experiment
 from metanorm.experiments.runner import prepare_run
+from metanorm.metrics import distance_correlation_sqr
 from metanorm.models.norms import confounder_columns, get_norm, list_norms
 
 ALTERNATIVES = ("concat", "concat-input", "brnet", "brnet-cond", "dann", "dann-cond", "groupdro")
@@ -157,23 +158,57 @@ def _train(method: str, epochs: int = 3) -> dict:
     return ev
 
 
-@pytest.fixture(scope="module")
-def baseline():
-    return _train("none")
+def _brnet_features_dcor2(method: str, seed: int = 0, steps: int = 150) -> float:
+    """Mean within-class dcor² between cf and a linear encoder's features after full-batch training.
+
+    The encoder reads 8 columns: mf, cf (both shifted by 2·y) and 6 noise columns. "none" trains
+    encoder and head on the task loss alone; "brnet"/"brnet-cond" add BR-Net's adversarial game.
+    """
+    rng = np.random.default_rng(seed)
+    n = 400
+    y = rng.integers(0, 2, n)
+    cf = rng.uniform(1, 4, n) + 2 * y
+    mf = rng.uniform(1, 4, n) + 2 * y
+    raw = np.column_stack([mf, cf, rng.normal(size=(n, 6))]) + 0.1 * rng.normal(size=(n, 8))
+    design = make_design({"y": y, "cf": cf}, keep=["y"])
+    rows, labels = design.tensor().float(), torch.as_tensor(y)
+    x = torch.as_tensor((raw - raw.mean(0)) / raw.std(0), dtype=torch.float32)
+    torch.manual_seed(seed)
+    enc, head = torch.nn.Linear(8, 6), torch.nn.Linear(6, 1)
+    obj = (
+        None if method == "none" else BRNetObjective(design, 6, conditional=method == "brnet-cond")
+    )
+    params = [*enc.parameters(), *head.parameters(), *(obj.parameters() if obj else [])]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(steps):
+        f = enc(x)
+        logits = head(f)
+        loss = obj(logits, f, labels, rows) if obj else loss_and_predictions(logits, labels)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        f = enc(x).double()
+    cft = torch.as_tensor(cf)
+    per_class = [
+        float(distance_correlation_sqr(f[labels == c], cft[labels == c, None], unbiased=True))
+        for c in (0, 1)
+    ]
+    return float(np.mean(per_class))
 
 
-def test_concat_uses_cf(baseline):
-    ev = _train("concat")
-    assert np.isfinite(ev["train_loss"])
-    # cf handed to the classifier: the confounded (Bayes 0.944) accuracy, not the mf-only one
-    assert ev["balanced_accuracy"] >= 0.88 and baseline["balanced_accuracy"] >= 0.88
-
-
-@pytest.mark.parametrize("method", ["brnet", "brnet-cond"])
-def test_brnet_lowers_dcor2(method, baseline):
-    ev = _train(method)
-    assert np.isfinite(ev["train_loss"])
-    assert ev["mean_dcor2"] < 0.8 * baseline["mean_dcor2"], (ev["dcor2"], baseline["dcor2"])
+# BR-Net's claim, on features where training is deterministic given the seed (full batch, fixed
+# data): its adversarial game takes the encoder's within-class dependence on cf far below what the
+# task loss alone leaves. Ratio brnet / none and brnet-cond / none over seeds 0-11 (AMD EPYC, 1
+# thread): brnet 0.035 0.070 0.035 0.016 0.058 0.049 0.061 0.061 0.016 0.074 0.054 0.039 (worst
+# 0.074); brnet-cond 0.032 0.142 0.068 0.024 0.045 0.026 0.035 0.129 0.051 0.096 0.212 0.091 (worst
+# 0.212). Bars: the worst plus 0.05. (The 3-epoch CNN run of the synthetic task does not make this
+# claim on every seed: brnet/none ranged 0.54-3.3 over seeds 0-11, brnet-cond 0.31-1.41.)
+@pytest.mark.parametrize(("method", "bar"), [("brnet", 0.124), ("brnet-cond", 0.262)])
+def test_brnet_lowers_dcor2(method, bar):
+    base = _brnet_features_dcor2("none")
+    assert base > 0.2  # the task loss alone leaves cf in the features (0.33-0.54 over 12 seeds)
+    assert _brnet_features_dcor2(method) < bar * base
 
 
 def test_dann_trains():
@@ -201,6 +236,9 @@ def test_groupdro_upweights_the_minority_groups():
 
 
 def test_concat_feeds_cf_and_never_the_label(design):
+    # Concat's use of cf is tested on the wiring, not on a trained accuracy: after 3 epochs on 150
+    # images per class the test bAcc over seeds 0-11 ranged 0.68-0.94 for concat and 0.60-0.95 for
+    # the baseline (AMD EPYC, 1 thread), too wide for a bar that says anything about cf.
     from metanorm.models import PaperCNN
 
     torch.manual_seed(0)

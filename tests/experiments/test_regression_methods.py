@@ -11,6 +11,16 @@ from metanorm.experiments import regression as R
 from metanorm.experiments.alternatives import pearson_r2
 
 
+# The bars below hold on the mean over 3 seeds (the fixture's), set from ten such means (first seeds
+# 0, 3, ..., 27; AMD EPYC, 1 thread), the worst of them plus a margin of 0.05:
+#   mdn/none dcor²        0.447 0.349 0.288 0.384 0.391 0.395 0.391 0.350 0.294 0.384 (bar < 0.5)
+#   mdn MSE / mf bound    0.950 0.940 1.159 0.991 1.024 0.989 0.992 1.075 1.235 0.961 (bar > 0.85)
+#   concat MSE / mf bound 0.623 0.641 0.688 0.843 0.694 0.692 0.635 0.692 0.615 0.656 (bar < 0.9)
+#   brnet-cond/none dcor² 0.574 0.576 0.509 0.551 0.547 0.628 0.526 0.548 0.678 0.527 (bar < 0.73)
+#   lowest test R² of any method: 0.344 at worst (bar > 0.2)
+# One seed is not enough for these claims: over seeds 0-9 alone mdn/none reached 0.475, the mdn
+# MSE ratio 0.765, concat's MSE ratio 1.2, and marginal BR-Net's dcor² ratio 1.08 (so marginal
+# BR-Net's claim is not made here: see test_alternatives.py for a deterministic one).
 @pytest.fixture(scope="module")
 def tiny_run():
     # the models are tiny: one thread is fastest, and deterministic
@@ -18,7 +28,7 @@ def tiny_run():
     torch.set_num_threads(1)
     try:
         yield R.run_synthetic_regression(
-            n_train=400, n_test=300, epochs=30, batch_sizes=(100,), seeds=1, bins=3, seed=0
+            n_train=400, n_test=300, epochs=30, batch_sizes=(100,), seeds=3, bins=3, seed=0
         )
     finally:
         torch.set_num_threads(n)
@@ -29,7 +39,7 @@ def test_every_method_trains_and_is_reported(tiny_run):
     assert list(rows) == list(R.METHODS)
     for r in tiny_run["runs"]:
         assert np.isfinite(r["test_mse"]) and np.isfinite(r["dcor2_bins"]).all()
-        assert r["epoch_time_s"] > 0 and r["batch_size"] == 100 and r["seed"] == 0
+        assert r["epoch_time_s"] > 0 and r["batch_size"] == 100 and r["seed"] in (0, 1, 2)
     for r in rows.values():  # no method is worse than predicting the training mean
         assert r["test_r2"] > 0.2, r
     text = R.regression_report(tiny_run)
@@ -40,15 +50,14 @@ def test_mdn_removes_cf_and_lands_near_the_cf_free_bound(tiny_run):
     rows = {r["method"]: r for r in tiny_run["rows"]}
     b = tiny_run["bounds"]
     assert rows["mdn"]["dcor2"] < 0.5 * rows["none"]["dcor2"]
-    # a model of mf alone cannot beat the cf-free bound (up to test-set noise, sd ≈ 0.02)
+    # a model of mf alone cannot beat the cf-free bound (up to test-set noise)
     assert rows["mdn"]["test_mse"] > 0.85 * b["mse_mf"]
 
 
 def test_concat_uses_the_metadata(tiny_run):
     rows = {r["method"]: r for r in tiny_run["rows"]}
-    # given cf exactly, concat beats the baseline, which reads cf from the noisy pixels
-    assert rows["concat"]["test_r2"] > rows["none"]["test_r2"]
-    assert rows["concat"]["test_mse"] < 0.15  # near the confounded bound 0.111, below 0.2
+    # given cf exactly, concat beats the cf-free bound (0.200; the confounded bound is 0.111)
+    assert rows["concat"]["test_mse"] < 0.9 * tiny_run["bounds"]["mse_mf"]
 
 
 def test_concat_prediction_depends_on_the_cf_column():
@@ -64,8 +73,7 @@ def test_concat_prediction_depends_on_the_cf_column():
 
 def test_brnet_lowers_the_within_bin_dependence_on_cf(tiny_run):
     rows = {r["method"]: r for r in tiny_run["rows"]}
-    assert rows["brnet-cond"]["dcor2"] < 0.7 * rows["none"]["dcor2"]
-    assert rows["brnet"]["dcor2"] < rows["none"]["dcor2"]
+    assert rows["brnet-cond"]["dcor2"] < 0.73 * rows["none"]["dcor2"]
 
 
 def _objective_design(n=40):

@@ -224,7 +224,9 @@ def test_covariate_confounded_with_site_errors_or_uses_ridge() -> None:
     np.testing.assert_allclose(out, F - X @ beta, atol=1e-8)
     # a label fully confounded with a site cannot be kept apart from it either
     with pytest.raises(ValueError, match="collinear"):
-        MetadataResidualizer(keep=["y"]).fit(F, metadata=meta.assign(site=meta.y.astype(str)))
+        MetadataResidualizer(keep=["y"]).fit(
+            F, metadata=meta.assign(site=meta.y.map({0: "a", 1: "b"}))
+        )
 
 
 def test_unseen_category_at_transform_is_a_clear_error() -> None:
@@ -292,7 +294,8 @@ def test_missing_or_mismatched_metadata_never_pass_x_through() -> None:
 
 def test_pandas_output_and_feature_names() -> None:
     F, meta = _data()
-    Fdf = pd.DataFrame(F, columns=[f"g{j}" for j in range(F.shape[1])], index=meta.index + 100)
+    meta = meta.set_axis(meta.index + 100)
+    Fdf = pd.DataFrame(F, columns=[f"g{j}" for j in range(F.shape[1])], index=meta.index)
     res = MetadataResidualizer(keep=["y"]).set_output(transform="pandas")
     out = res.fit_transform(Fdf, metadata=meta)
     assert isinstance(out, pd.DataFrame)

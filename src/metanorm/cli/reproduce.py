@@ -15,6 +15,10 @@ from typing import Any
 #: The exit status of a sweep stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
 
+#: The exit status of a sweep stopped by a file system error (read-only folder, full disk): 2,
+#: as for the other errors a user can fix.
+EXIT_OS_ERROR = 2
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -218,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
     """Runs the sweep and writes the report; returns 0 (1 with --strict and a failed check).
 
     On Ctrl-C or SIGTERM: the report of the completed runs, one line saying how to resume, and
-    :data:`EXIT_INTERRUPTED`.
+    :data:`EXIT_INTERRUPTED`. A file system error (a read-only folder, a full disk) is one line
+    naming the path and the cause, with :data:`EXIT_OS_ERROR`; the previous results in ``--out``
+    are intact. Another sweep on the same ``--out`` is refused the same way as other errors.
     """
     try:
         return _run(args)
@@ -226,6 +232,13 @@ def run(args: argparse.Namespace) -> int:
         if exc.args and isinstance(exc.args[0], str):
             exc.args = (_cli_words(exc.args[0]), *exc.args[1:])
         raise
+    except OSError as exc:
+        if exc.errno is None:  # a message of ours (e.g. FileExistsError): main prints it
+            raise
+        from metanorm.experiments._io import describe_oserror
+
+        print(f"metanorm reproduce: error: {describe_oserror(exc)}", file=sys.stderr)
+        return EXIT_OS_ERROR
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -365,11 +378,13 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     from pathlib import Path
 
-    from metanorm.experiments.report import results_table
+    from metanorm.experiments.report import results_table, timing_lines
 
     written = made[-1]
     print(results_table(written["rows"]))
     for c in written["checks"]:
         print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    for line in timing_lines(written["rows"]):
+        print(f"timing (information){line[1:]}")
     print(f"report: {Path(out) / Path(written['report']).name}")
     return 1 if args.strict and not written["passed"] else 0

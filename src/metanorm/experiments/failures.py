@@ -1,4 +1,4 @@
-r"""Where MDN fails today: every method on the two stand-ins where MDN does not help (issue 14).
+r"""Where MDN fails today: every method on the two stand-ins where MDN does not help.
 
 On the project's own stand-ins MDN removes an additive shade but neither a multiplicative one
 (``shaded-fashion-mnist`` with ``shade_mode=contrast``) nor the scanner style of

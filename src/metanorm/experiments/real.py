@@ -1,4 +1,4 @@
-"""The real-data experiments, registered for ``metanorm reproduce NAME`` (SPEC §6).
+"""The paper's real-data experiments and their stand-ins, for ``metanorm reproduce NAME``.
 
 Each is an :class:`~metanorm.experiments.Experiment` over a data set of :mod:`metanorm.datasets`
 and a stand-in model of :mod:`metanorm.models.stand_in`, so that it runs through the same engine,

@@ -163,6 +163,16 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def timing_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per method with a paired epoch-time ratio: information, never a PASS/FAIL check."""
+    return [
+        f"- {norm_display_name(r['method'])} bs={r['batch_size']}: epoch "
+        f"{r['epoch_time_s']:.2f} s, {r['time_ratio']:.2f}× the Baseline's"
+        for r in rows
+        if r.get("time_ratio") is not None and r["method"] != "none"
+    ]
+
+
 def group_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of the accuracy per group (e.g. confounder bin, site) on every test split."""
     groups = _classes(rows, "test_group_accuracy_")
@@ -260,6 +270,18 @@ def write_report(
         ]
         lines += [f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in checks]
         lines.append("")
+    timing = timing_lines(rows)
+    if timing:
+        lines += [
+            "## Timing (information, not a check)",
+            "",
+            "Epoch times depend on the machine and on what else runs on it, so they are reported, "
+            "never graded: the methods train in round robin and each ratio pairs epochs measured "
+            "under the same load.",
+            "",
+            *timing,
+            "",
+        ]
     gt = group_table(rows)
     if gt:
         lines += ["## Accuracy per group on each test split", "", gt, ""]

@@ -7,12 +7,13 @@ A run folder holds:
 - ``epochs.csv``: one row per epoch (training loss, validation loss/accuracy/bAcc, per-class
   validation dcor², epoch time), rewritten after every epoch;
 - ``final.json``: the test metrics (bAcc, per-class recall, per-class dcor², accuracy per group)
-  and the last epoch's validation metrics, written last: its presence marks a complete run;
-  ``eval_splits`` holds the same metrics for every test split by name (``test`` first, then any
-  further test split such as ``test_reversed``);
+  and the last epoch's validation metrics; ``eval_splits`` holds the same metrics for every test
+  split by name (``test`` first, then any further test split such as ``test_reversed``);
 - ``checkpoint.pt``: the model's ``state_dict`` (MDN buffers included) and the config;
 - ``test_features.npz``: the test set's features, labels, confounder (one value per sample, for
-  the plots) and ``metric`` (the matrix dcor² was measured against).
+  the plots) and ``metric`` (the matrix dcor² was measured against);
+- ``manifest.json``: the size and SHA-256 of each file above, written last: its presence marks a
+  complete run, and :func:`load_result` checks every file against it (:class:`RunCorrupted`).
 
 Every file is written atomically. An existing, non-empty run folder is refused unless
 ``overwrite=True``; :func:`run_experiment` then builds the new run in ``OUT.partial`` beside it
@@ -57,8 +58,11 @@ from metanorm.experiments.registry import Experiment, get_experiment
 from metanorm.nn.utils import refit_running_beta
 
 __all__ = [
+    "RUN_FILES",
+    "RUN_MANIFEST",
     "PreparedRun",
     "Run",
+    "RunCorrupted",
     "check_run_dir",
     "epoch_summary",
     "load_result",
@@ -66,9 +70,28 @@ __all__ = [
     "run_experiment",
     "seed_everything",
     "split_groups",
+    "verify_run",
 ]
 
 EVAL_BATCH = 500
+
+#: The last file of a complete run folder: the size and SHA-256 of every file in :data:`RUN_FILES`.
+RUN_MANIFEST = "manifest.json"
+
+#: The files of a complete run folder, in the order they are written.
+RUN_FILES = ("config.json", "epochs.csv", "checkpoint.pt", "test_features.npz", "final.json")
+
+
+class RunCorrupted(ValueError):
+    """A file of a complete run folder is not what the run wrote (see :func:`verify_run`).
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}; the run's results cannot be trusted")
+        self.path = path
 
 
 def seed_everything(seed: int) -> None:
@@ -271,7 +294,7 @@ class Run:
             "environment": _environment(self.device),
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in ("final.json", "epochs.csv", "checkpoint.pt", "test_features.npz"):
+        for stale in (RUN_MANIFEST, *reversed(RUN_FILES)):  # the manifest first: not complete
             (self.out / stale).unlink(missing_ok=True)
         _io.write_json(self.out / "config.json", resolved)
 
@@ -390,6 +413,18 @@ class Run:
             ),
         )
         _io.write_json(self.out / "final.json", final)
+        _io.write_json(
+            self.out / RUN_MANIFEST,
+            {
+                "files": {
+                    name: {
+                        "bytes": (self.out / name).stat().st_size,
+                        "sha256": _io.sha256(self.out / name),
+                    }
+                    for name in RUN_FILES
+                }
+            },
+        )
         return {
             "config": config.to_dict(),
             "history": self.history,
@@ -451,26 +486,78 @@ def _csv_value(text: str) -> Any:
         return text
 
 
+def verify_run(out_dir: str | os.PathLike[str]) -> bool:
+    """Checks a run folder's files against its ``manifest.json``.
+
+    Args:
+        out_dir: a run folder.
+
+    Returns:
+        ``True`` when the run is complete and every file has the size and SHA-256 recorded in
+        its manifest; ``False`` when the run is not complete (no ``manifest.json``).
+
+    Raises:
+        RunCorrupted: a file is missing, truncated or changed (a random-byte checkpoint, an
+            edited ``final.json``, ...), or the manifest itself is unreadable; the message names
+            the file.
+    """
+    folder = Path(out_dir)
+    manifest_path = folder / RUN_MANIFEST
+    try:
+        text = manifest_path.read_text()
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunCorrupted(manifest_path, f"unreadable ({exc})") from None
+    try:
+        files = json.loads(text)["files"]
+        recorded = {
+            name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in RUN_FILES
+        }
+    except (ValueError, KeyError, TypeError):
+        raise RunCorrupted(manifest_path, "not a run manifest (damaged)") from None
+    for name, (size, digest) in recorded.items():
+        path = folder / name
+        try:
+            found = path.stat().st_size
+        except OSError:
+            raise RunCorrupted(path, "missing (the manifest lists it)") from None
+        if found != size:
+            raise RunCorrupted(
+                path, f"{found} bytes where the run wrote {size} (truncated or changed)"
+            )
+        if _io.sha256(path) != digest:
+            raise RunCorrupted(path, "its SHA-256 differs from the one the run recorded (changed)")
+    return True
+
+
 def load_result(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The result of a complete run folder, as :func:`run_experiment` returned it.
+
+    Every file is checked against the run's ``manifest.json`` first (:func:`verify_run`).
 
     Args:
         out_dir: a run folder.
 
     Returns:
         ``{"config", "history", "final", "out_dir"}`` read from ``config.json``, ``epochs.csv``
-        and ``final.json``; ``None`` when the run is not complete (no readable ``final.json``).
+        and ``final.json``; ``None`` when the run is not complete (no ``manifest.json``).
+
+    Raises:
+        RunCorrupted: a file of the complete run is missing, truncated or changed (naming it).
     """
     folder = Path(out_dir)
+    if not verify_run(folder):
+        return None
     try:
         final = json.loads((folder / "final.json").read_text())
         config = json.loads((folder / "config.json").read_text())["config"]
         with open(folder / "epochs.csv", newline="") as f:
             history = [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunCorrupted(folder, f"unreadable although its manifest matches ({exc})") from None
     if not isinstance(final, dict) or not isinstance(config, dict):
-        return None
+        raise RunCorrupted(folder / "final.json", "not a run's result")
     return {"config": config, "history": history, "final": final, "out_dir": str(folder)}
 
 
