@@ -18,6 +18,10 @@ from typing import Any
 from torch import nn
 
 from metanorm.design import Design
+from metanorm.nn.location_scale import (
+    LazyMetadataLocationScaleNorm,
+    MetadataLocationScaleNorm,
+)
 from metanorm.nn.metadata_norm import LazyMetadataNorm, MetadataNorm
 from metanorm.nn.penalty import LazyPenaltyMetadataNorm, PenaltyMetadataNorm
 from metanorm.nn.recursive import LazyRecursiveMetadataNorm, RecursiveMetadataNorm
@@ -154,6 +158,7 @@ _LAZY: dict[type, type] = {
     RecursiveMetadataNorm: LazyRecursiveMetadataNorm,
     PenaltyMetadataNorm: LazyPenaltyMetadataNorm,
     MetadataScaleNorm: LazyMetadataScaleNorm,
+    MetadataLocationScaleNorm: LazyMetadataLocationScaleNorm,
 }
 
 
