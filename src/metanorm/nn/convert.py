@@ -63,8 +63,9 @@ def convert_metadata_norm(
             pass is followed by the layer each time.
         layer: the estimator: an MDN layer class (:class:`~metanorm.nn.MetadataNorm`,
             :class:`~metanorm.nn.RecursiveMetadataNorm`, :class:`~metanorm.nn.PenaltyMetadataNorm`,
-            :class:`~metanorm.nn.MetadataScaleNorm`, or their lazy classes: each is built lazy,
-            the recursive and penalty layers with ``num_metadata`` and ``keep`` from the
+            :class:`~metanorm.nn.MetadataScaleNorm`,
+            :class:`~metanorm.nn.MetadataLocationScaleNorm`, or their lazy classes: each is
+            built lazy, the recursive and penalty layers with ``num_metadata`` and ``keep`` from the
             design), or a factory called as ``layer(design, **layer_options)`` that returns a
             module taking ``(input, metadata)``. Default: :class:`~metanorm.nn.LazyMetadataNorm`.
         **layer_options: passed to the layer (for :class:`~metanorm.nn.LazyMetadataNorm`: ``keep``,

@@ -170,7 +170,9 @@ class SyncMetadataNorm(_SyncMixin, MetadataNorm):
         class of its estimator (:class:`MetadataNorm` → :class:`SyncMetadataNorm`,
         :class:`~metanorm.nn.RecursiveMetadataNorm` → :class:`SyncRecursiveMetadataNorm`,
         :class:`~metanorm.nn.PenaltyMetadataNorm` → :class:`SyncPenaltyMetadataNorm`,
-        :class:`~metanorm.nn.MetadataScaleNorm` → :class:`SyncMetadataScaleNorm`), whichever
+        :class:`~metanorm.nn.MetadataScaleNorm` → :class:`SyncMetadataScaleNorm`,
+        :class:`~metanorm.nn.MetadataLocationScaleNorm` →
+        :class:`SyncMetadataLocationScaleNorm`), whichever
         class this is called on, sharing its buffers (the same tensors) and every attribute;
         hooks carry over. Layers that are synced already are left as they are.
 
