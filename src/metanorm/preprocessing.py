@@ -260,6 +260,44 @@ def _residual(
     return out
 
 
+def _log_scale_fit(
+    design: np.ndarray, squares: np.ndarray, *, max_iter: int = 100, tol: float = 1e-10
+) -> np.ndarray:
+    r"""γ (K×D) of the log-linear scale model :math:`E[q_{id}] = \exp(2x_i\gamma_d)`: Gaussian ML.
+
+    Minimises :math:`\sum_i x_i\gamma_d + \tfrac12 q_{id}\exp(-2x_i\gamma_d)` per feature (the
+    negative log-likelihood of :math:`r \sim N(0, \exp(2x\gamma))` with :math:`q = r^2`), a
+    convex function, by Newton's method with step halving, from the least-squares fit of
+    :math:`\tfrac12\log q`. With a design of one-hot levels and an intercept the optimum is
+    the per-level mean of q (each level's variance).
+    """
+    q = squares + 1e-12 * squares.mean(axis=0, keepdims=True) + np.finfo(np.float64).tiny
+    gamma, *_ = np.linalg.lstsq(design, 0.5 * np.log(q), rcond=None)
+
+    def objective(g: np.ndarray) -> np.ndarray:
+        eta = design @ g
+        return np.sum(eta + 0.5 * q * np.exp(-2.0 * eta), axis=0)
+
+    current = objective(gamma)
+    for _ in range(max_iter):
+        w = q * np.exp(-2.0 * (design @ gamma))
+        grad = design.T @ (1.0 - w)  # (K, D)
+        hess = 2.0 * np.einsum("nk,nd,nl->dkl", design, w, design)  # (D, K, K)
+        step = np.linalg.solve(hess, grad.T[:, :, None])[:, :, 0].T
+        t = np.ones(q.shape[1])
+        for _ in range(60):  # halve the step of each feature whose objective did not fall
+            trial = gamma - t * step
+            value = objective(trial)
+            worse = ~(value <= current)
+            if not worse.any():
+                break
+            t = np.where(worse, t / 2, t)
+        gamma, current = trial, value
+        if np.max(np.abs(t * step)) < tol:
+            break
+    return gamma
+
+
 class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     r"""Removes the linear effect of metadata from features, fitted on training rows only.
 
@@ -286,6 +324,27 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     This is exactly what :class:`metanorm.nn.MetadataNorm` computes in evaluation mode once its
     running β is the full-data β (``momentum=None`` after one epoch), with the same defaults: the
     intercept is removed (the output is centred, like the layer's), unless ``keep_intercept``.
+
+    **Scale** (``scale=True``): ComBat's location-scale model without its empirical Bayes.
+    After β, the residual of every column :math:`r = F - X\beta` is taken as
+    :math:`\exp(X\gamma)\,\varepsilon`, and γ (K×D) is the Gaussian maximum-likelihood fit of
+    that log-linear scale model per feature (Newton's method), on the squared residuals
+    divided by :math:`1 - h_{ii}` (:math:`h_{ii}` the leverage of each row, so that they are
+    unbiased for :math:`\exp(2x_i\gamma)`). For a design of one-hot levels (sites) and an
+    intercept this is each level's residual variance with ``n − 1`` in the denominator, the
+    per-level variance of ComBat (neuroCombat with ``eb=False``, its output then equal to this
+    one up to a per-feature affine map); unlike a per-level variance it also takes continuous
+    metadata (age, a scanner's field strength), whose scale effect is then log-linear. The
+    ML fit is chosen over the regression of :math:`\log|r|` because that regression's
+    per-level means are means of logs, which differ from the log of the variance by a
+    sampling error of their own at finite n (equal only in expectation). Transform:
+
+    .. math::
+        \mathrm{transform}(F', X') = (F' - X'_R\beta_R) \odot \exp(-X'_S\gamma_S)
+
+    S the removed columns other than the intercept (the features' typical scale is kept), the
+    kept columns' location staying in the residual and divided with it (labels are not read
+    at transform). Fitting keeps an N×D float64 residual in memory.
 
     **Labels are needed at fit only.** The kept columns are multiplied by nothing at
     :meth:`transform`, so test rows need only the removed metadata: pass the same columns as at
@@ -331,6 +390,8 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         copy: ``False`` lets :meth:`transform` and :meth:`fit_transform` write the result into
             ``X`` when it is a writable float32/float64 array (as scanpy's ``regress_out``);
             otherwise a new array is returned. Default: ``True``.
+        scale: also remove the metadata's effect on each feature's scale (see above); dense
+            ``X`` only. Default: ``False``.
 
     Attributes:
         n_features_in_: D, the number of features seen at fit.
@@ -339,6 +400,9 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         design_columns_: names of the K design columns, e.g. ``('y', 'site=b', 'intercept')``.
         remove_mask_: bool array ``(K,)``, true for the removed design columns.
         coef_: β, float64 array ``(K, D)``.
+        scale_coef_: γ, float64 array ``(K, D)`` (with ``scale=True``).
+        scale_mask_: bool array ``(K,)``, the columns whose scale is divided out (with
+            ``scale=True``).
         n_metadata_in_: number of metadata columns seen at fit.
         metadata_names_in_: their names (``x0, x1, ...`` for an array).
 
@@ -390,6 +454,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         ridge: float = 0.0,
         handle_unknown: str = "error",
         copy: bool = True,
+        scale: bool = False,
     ) -> None:
         self.keep = keep
         self.columns = columns
@@ -400,6 +465,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         self.ridge = ridge
         self.handle_unknown = handle_unknown
         self.copy = copy
+        self.scale = scale
 
     # -- helpers ------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -413,7 +479,7 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         self._standardize_arg()
         if self.columns is not None:
             _as_names(self.columns, "columns")
-        for name in ("intercept", "keep_intercept", "copy"):
+        for name in ("intercept", "keep_intercept", "copy", "scale"):
             value = getattr(self, name)
             if not isinstance(value, bool | np.bool_):
                 raise TypeError(f"expected {name} to be a bool, got {value!r}")
@@ -526,15 +592,33 @@ class MetadataResidualizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         self.design_columns_ = design.columns
         self.remove_mask_ = mask
         self.coef_ = beta
+        if self.scale:
+            self._fit_scale(X, design.matrix, gram_inverse, beta)
         self.metadata_names_in_ = np.asarray(list(builder.input_kinds), dtype=object)
         self.n_metadata_in_ = len(self.metadata_names_in_)
         return X, design
+
+    def _fit_scale(
+        self, X: Any, matrix: np.ndarray, gram_inverse: np.ndarray, beta: np.ndarray
+    ) -> None:
+        if sp.issparse(X):
+            raise TypeError("scale=True needs dense X (the residual's scale is dense anyway)")
+        residual = _residual(X.astype(np.float64, copy=False), matrix, beta, check=False)
+        leverage = np.einsum("nk,kl,nl->n", matrix, gram_inverse, matrix)
+        squares = residual**2 / np.clip(1.0 - leverage, 1e-12, None)[:, None]
+        constant = np.all(matrix == matrix[:1], axis=0)
+        self.scale_coef_ = _log_scale_fit(matrix, squares)
+        self.scale_mask_ = self.remove_mask_ & ~constant
 
     def _apply(self, X: Any, design: Design, X_in: Any, *, check: bool) -> np.ndarray:
         rows = design.matrix[:, self.remove_mask_]
         beta = self.coef_[self.remove_mask_]
         in_place = not self.copy and X is X_in and not sp.issparse(X) and X.flags.writeable
-        return _residual(X, rows, beta, out=X if in_place else None, check=check)
+        out = _residual(X, rows, beta, out=X if in_place else None, check=check)
+        if self.scale:
+            log_factor = design.matrix[:, self.scale_mask_] @ self.scale_coef_[self.scale_mask_]
+            out *= np.exp(-log_factor).astype(out.dtype, copy=False)
+        return out
 
     # -- scikit-learn API ---------------------------------------------------------------------
     def fit(self, X: Any, y: Any = None, *, metadata: Any = None) -> MetadataResidualizer:

@@ -18,10 +18,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from metanorm.models.cnn import PaperCNN
 from metanorm.nn import (
+    MetadataLocationScaleNorm,
     MetadataNorm,
     MetadataScaleNorm,
     PenaltyMetadataNorm,
     RecursiveMetadataNorm,
+    SyncMetadataLocationScaleNorm,
     SyncMetadataNorm,
     SyncMetadataScaleNorm,
     SyncPenaltyMetadataNorm,
@@ -75,7 +77,7 @@ def _channelwise(cls):
     return cls(SHAPE[0], _design(), keep=[0], channelwise=True, dtype=torch.float64)
 
 
-ESTIMATORS = ("recursive", "penalty", "scale")
+ESTIMATORS = ("recursive", "penalty", "scale", "location-scale")
 
 
 def _estimator(name, dtype, synced=False):
@@ -86,6 +88,9 @@ def _estimator(name, dtype, synced=False):
     if name == "penalty":
         cls = SyncPenaltyMetadataNorm if synced else PenaltyMetadataNorm
         return cls(6, K, keep=[0], lr=0.05, dtype=dtype)
+    if name == "location-scale":
+        cls = SyncMetadataLocationScaleNorm if synced else MetadataLocationScaleNorm
+        return cls(SHAPE[0], _design(), keep=[0], momentum=0.1, num_positions=SHAPE[1], dtype=dtype)
     cls = SyncMetadataScaleNorm if synced else MetadataScaleNorm
     return cls(SHAPE[0], _design(), keep=[0], momentum=0.1, dtype=dtype)
 
@@ -346,8 +351,9 @@ def test_channelwise_layer_matches_the_union_batch(results):
 @pytest.mark.parametrize("dname", list(DTYPES))
 @pytest.mark.parametrize("ename", ESTIMATORS)
 def test_every_estimator_synced_matches_the_union_batch(results, ename, dname):
-    """RLS (XᵀX, XᵀF and m summed), PMDN (its gradient statistics summed) and the scale layer
-    (Xᵀ log σ, Σ log σ, Σ x and m summed) take the step of the union batch on every rank."""
+    """RLS (XᵀX, XᵀF and m summed), PMDN (its gradient statistics summed), the scale layer
+    (Xᵀ log σ, Σ log σ, Σ x and m summed) and the location-scale layer (XᵀF and m, then the
+    residual's Xᵀ s, Σ s and Σ x) take the step of the union batch on every rank."""
     dtype = DTYPES[dname]
     tol = {"atol": 1e-12, "rtol": 1e-12} if dname == "float64" else {"atol": 1e-5, "rtol": 1e-5}
     layer = _estimator(ename, dtype)

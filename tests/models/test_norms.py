@@ -67,6 +67,7 @@ def test_every_name_users_type_is_registered():
         "mdn-poly",
         "mdn-scale",
         "mdn+brnet-cond",
+        "mdn-ls",
     ]
     assert canonical_norm("rmdn-conv") == "rmdn-all" and norm_display_name("pmdn") == "PMDN"
 

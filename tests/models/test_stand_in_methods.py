@@ -262,3 +262,23 @@ def test_channelwise_and_scale_methods_put_their_layers_in_the_conv_slots():
         StandInCNN(1, 2, 8, "mdn-scale")
     with pytest.raises(TypeError, match="design"):
         StandInMLP(5, 2, "concat")
+
+
+def test_location_scale_method_puts_its_layer_in_the_conv_slots_and_trains():
+    from metanorm.models.interaction_norms import FAILURE_METHODS
+    from metanorm.nn import MetadataLocationScaleNorm
+
+    d = design()
+    ls = StandInCNN(1, 2, 8, "mdn-ls", d, hidden=6, channels=(2, 3))
+    assert isinstance(ls.norm1[0], MetadataLocationScaleNorm)
+    assert isinstance(ls.norm1[1], torch.nn.BatchNorm2d) and isinstance(ls.fc_norm, MetadataNorm)
+    assert ls.conv1.bias is not None  # the location stage removes a bias's metadata part
+    mlp = StandInMLP(5, 2, "mdn-ls", d, hidden=(8, 6))
+    assert mlp.norm1[0].num_positions == 1
+    assert "mdn-ls" not in FAILURE_METHODS  # registered, not run by default
+    x = torch.randn(16, 1, 8, 8)
+    rows = d.tensor()[:16]
+    logits = ls(x, rows)
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    logits.sum().backward()
+    assert logits.shape == (16, 2) and ls.conv1.weight.grad is not None

@@ -1,7 +1,7 @@
 """The contract every MDN estimator keeps: one test per feature, parametrized over all of them.
 
 Estimators: the batch GLM (flattened and channel-wise), recursive least squares, the penalty
-layer and the scale layer. Features: restoring without the design, the lazy class,
+layer, the scale layer and the location-scale layer. Features: restoring without the design, the lazy class,
 ``convert_metadata_norm(..., layer=)`` and restoring the converted model, Sync convert/revert,
 ``refit_running_beta`` in closed form, the Lightning plugin, ``torch.compile(fullgraph=True)``
 in training and evaluation, autocast, non-finite batches, m ≤ K.
@@ -18,14 +18,17 @@ import torch
 from torch import nn
 
 from metanorm.nn import (
+    LazyMetadataLocationScaleNorm,
     LazyMetadataNorm,
     LazyMetadataScaleNorm,
     LazyPenaltyMetadataNorm,
     LazyRecursiveMetadataNorm,
+    MetadataLocationScaleNorm,
     MetadataNorm,
     MetadataScaleNorm,
     PenaltyMetadataNorm,
     RecursiveMetadataNorm,
+    SyncMetadataLocationScaleNorm,
     SyncMetadataNorm,
     SyncMetadataScaleNorm,
     SyncPenaltyMetadataNorm,
@@ -94,6 +97,13 @@ ESTIMATORS = {
         lambda: LazyMetadataScaleNorm(DESIGN, keep=[0]),
         SyncMetadataScaleNorm,
         lambda: MetadataScaleNorm(C, num_metadata=K),
+    ),
+    "location-scale": (
+        lambda **kw: MetadataLocationScaleNorm(C, DESIGN, keep=[0], num_positions=H * H, **kw),
+        MetadataLocationScaleNorm,
+        lambda: LazyMetadataLocationScaleNorm(DESIGN, keep=[0]),
+        SyncMetadataLocationScaleNorm,
+        lambda: MetadataLocationScaleNorm(C, num_metadata=K, num_positions=H * H),
     ),
 }
 NAMES = list(ESTIMATORS)
@@ -215,14 +225,22 @@ def test_refit_is_closed_form_least_squares_over_the_loader(name):
     assert refit_running_beta(layer, loader) == 1
     x = torch.cat([b[1] for b in loader]).double().numpy()
     f = torch.cat([b[0] for b in loader]).double()
-    if name == "scale":
+    if name == "location-scale":  # two passes: β on the features, γ on the residual's log-scale
+        beta, *_ = np.linalg.lstsq(x, f.reshape(N, -1).numpy(), rcond=None)
+        r = torch.from_numpy(f.reshape(N, -1).numpy() - x @ beta).reshape(N, C, -1)
+        target = torch.cat(
+            [f.reshape(N, -1), 0.5 * torch.log(r.var(2, unbiased=False) + layer.eps)], 1
+        )
+    elif name == "scale":
         target = 0.5 * torch.log(f.flatten(2).var(2, unbiased=False) + layer.eps)
     elif name == "channelwise":
         target = f.mean(dim=(2, 3))
     else:
         target = f.reshape(N, -1)
     coef, *_ = np.linalg.lstsq(x, target.numpy(), rcond=None)  # the oracle: numpy least squares
-    state = {"recursive": "beta", "penalty": "beta"}.get(name, "running_beta")
+    state = {"recursive": "beta", "penalty": "beta", "location-scale": "running_state"}.get(
+        name, "running_beta"
+    )
     got = getattr(layer, state).double().numpy()
     # the loader holds the whole design (S = N): (N/S)Σ⁻¹XᵀF is least squares; RLS has its
     # prior δ = 0.01 against XᵀX of ~N, the penalty layer is least squares
@@ -285,7 +303,9 @@ def test_compile_fullgraph_train_and_eval_equal_eager(name):
     )
 
 
-@pytest.mark.parametrize("name", ["batch", "recursive", "penalty", "scale"])  # one per family
+@pytest.mark.parametrize(
+    "name", ["batch", "recursive", "penalty", "scale", "location-scale"]
+)  # one per family
 def test_compile_inductor_fullgraph_train_step(name):
     build, *_ = ESTIMATORS[name]
     eager = _train(build(), steps=2)
@@ -298,7 +318,7 @@ def test_compile_inductor_fullgraph_train_step(name):
         torch.testing.assert_close(layer.state_dict()[key], value, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["batch", "scale"])
+@pytest.mark.parametrize("name", ["batch", "scale", "location-scale"])
 def test_small_batches_fall_back_are_counted_and_warn_once_at_eval(name):
     build, *_ = ESTIMATORS[name]
     layer = build()

@@ -1,7 +1,8 @@
 """An evaluation-mode model with MDN layers exports (torch.export, ONNX) and equals eager.
 
 The design rows are a second input of the exported program. Every estimator is in the model:
-the batch GLM (flattened and channel-wise), the scale layer, RLS and the penalty layer.
+the batch GLM (flattened and channel-wise), the scale layer, the location-scale layer, RLS and
+the penalty layer.
 """
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from metanorm.nn import (
+    MetadataLocationScaleNorm,
     MetadataNorm,
     MetadataScaleNorm,
     MetadataSequential,
@@ -31,6 +33,7 @@ def _model():
     model = MetadataSequential(
         nn.Conv2d(1, 4, 3, padding=1),
         MetadataScaleNorm(4, design, keep=[0]),
+        MetadataLocationScaleNorm(4, design, keep=[0], num_positions=36),
         MetadataNorm(4, design, keep=[0], channelwise=True),
         nn.ReLU(),
         nn.Flatten(),

@@ -79,8 +79,9 @@ from metanorm.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 __all__ = ["LAYOUTS", "METHODS", "load_splits", "shade_bins"]
 
 #: Methods every real-data experiment accepts; the first two run by default. After the MDN
-#: variants come the alternatives to MDN (``docs/alternatives.md``) and the candidate fixes for
-#: effects a linear removal cannot reach (``docs/failures.md``).
+#: variants come the alternatives to MDN (``docs/alternatives.md``), the candidate fixes for
+#: effects a linear removal cannot reach (``docs/failures.md``) and the location-scale layer
+#: (``mdn-ls``, ``docs/estimators.md``; no study runs it by default).
 METHODS = (
     "batchnorm",
     "mdn",
@@ -88,6 +89,7 @@ METHODS = (
     "mdn-all",
     *ALTERNATIVES,
     *FAILURE_METHODS,
+    "mdn-ls",
 )
 
 #: The on-disk layout each user-data experiment expects under ``--data PATH``.

@@ -43,7 +43,12 @@ from torch import Tensor, nn
 
 from metanorm.design import Design
 from metanorm.models.norms import create_norm, get_norm, register_norm
-from metanorm.nn import MetadataNorm, MetadataScaleNorm, MetadataSequential
+from metanorm.nn import (
+    MetadataLocationScaleNorm,
+    MetadataNorm,
+    MetadataScaleNorm,
+    MetadataSequential,
+)
 
 __all__ = ["FAILURE_METHODS", "PolynomialMetadataNorm", "squared_columns"]
 
@@ -144,7 +149,12 @@ class PolynomialMetadataNorm(nn.Module):
 # "mdn-scale"           MetadataScaleNorm, then the model's base    MetadataNorm
 # "mdn+brnet-cond"      the model's base                            MetadataNorm, and the
 #                                                                   BR-Net-cond objective
+# "mdn-ls"              MetadataLocationScaleNorm, then the         MetadataNorm
+#                       model's base
 # ====================  ==========================================  =======================
+#
+# "mdn-ls" is registered for every experiment but is not one of FAILURE_METHODS (not run by
+# default).
 
 
 def _design_of(design: Any, name: str) -> Design:
@@ -212,6 +222,24 @@ def _scale(
     )
 
 
+def _location_scale(
+    shape: tuple[int, ...],
+    *,
+    slot: str,
+    base: str = "none",
+    design: Any = None,
+    momentum: float | None = 0.1,
+    **kwargs: Any,
+) -> nn.Module:
+    if slot == "features":
+        return _mdn(shape, design, momentum, "mdn-ls")
+    d = _design_of(design, "mdn-ls")
+    layer = MetadataLocationScaleNorm(
+        shape[0], d, momentum=momentum, num_positions=int(np.prod(shape[1:]))
+    )
+    return MetadataSequential(layer, _base_layer(shape, slot, base, kwargs))
+
+
 def _mdn_features(
     shape: tuple[int, ...],
     *,
@@ -234,6 +262,7 @@ for _name, _factory, _display, _objective in (
     ("mdn-poly", _polynomial, "MDN-poly", None),
     ("mdn-scale", _scale, "MDN-scale", None),
     ("mdn+brnet-cond", _mdn_features, "MDN+BR-Net-cond", "brnet-cond"),
+    ("mdn-ls", _location_scale, "MDN-LS", None),
 ):
     try:
         get_norm(_name)

@@ -12,6 +12,10 @@ from metanorm.nn.container import takes_metadata as takes_metadata
 from metanorm.nn.convert import convert_metadata_norm as convert_metadata_norm
 from metanorm.nn.functional import NonFiniteEstimateError as NonFiniteEstimateError
 from metanorm.nn.functional import metadata_norm as metadata_norm
+from metanorm.nn.location_scale import (
+    LazyMetadataLocationScaleNorm as LazyMetadataLocationScaleNorm,
+)
+from metanorm.nn.location_scale import MetadataLocationScaleNorm as MetadataLocationScaleNorm
 from metanorm.nn.metadata_norm import LazyMetadataNorm as LazyMetadataNorm
 from metanorm.nn.metadata_norm import MetadataNorm as MetadataNorm
 from metanorm.nn.penalty import LazyPenaltyMetadataNorm as LazyPenaltyMetadataNorm
@@ -24,6 +28,7 @@ from metanorm.nn.scale import MetadataScaleNorm as MetadataScaleNorm
 from metanorm.nn.scope import MetadataModel as MetadataModel
 from metanorm.nn.scope import current_metadata as current_metadata
 from metanorm.nn.scope import metadata_scope as metadata_scope
+from metanorm.nn.sync import SyncMetadataLocationScaleNorm as SyncMetadataLocationScaleNorm
 from metanorm.nn.sync import SyncMetadataNorm as SyncMetadataNorm
 from metanorm.nn.sync import SyncMetadataScaleNorm as SyncMetadataScaleNorm
 from metanorm.nn.sync import SyncPenaltyMetadataNorm as SyncPenaltyMetadataNorm
@@ -32,10 +37,12 @@ from metanorm.nn.sync import global_design_statistics as global_design_statistic
 from metanorm.nn.sync import revert_sync_metadata_norm as revert_sync_metadata_norm
 
 __all__ = [
+    "LazyMetadataLocationScaleNorm",
     "LazyMetadataNorm",
     "LazyMetadataScaleNorm",
     "LazyPenaltyMetadataNorm",
     "LazyRecursiveMetadataNorm",
+    "MetadataLocationScaleNorm",
     "MetadataModel",
     "MetadataNorm",
     "MetadataScaleNorm",
@@ -43,6 +50,7 @@ __all__ = [
     "NonFiniteEstimateError",
     "PenaltyMetadataNorm",
     "RecursiveMetadataNorm",
+    "SyncMetadataLocationScaleNorm",
     "SyncMetadataNorm",
     "SyncMetadataScaleNorm",
     "SyncPenaltyMetadataNorm",

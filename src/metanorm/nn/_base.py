@@ -106,6 +106,8 @@ class _MetadataNormBase(nn.Module):
     takes_metadata: ClassVar[bool] = True
     #: whether a training batch of m ≤ K falls back to the running β (the batch estimators)
     _falls_back: ClassVar[bool] = False
+    #: passes over the loader a refit takes (a two-stage estimate: 2); see ``_begin_refit``
+    _refit_passes: ClassVar[int] = 1
     num_features: int
     num_metadata: int
     channelwise: bool
@@ -334,7 +336,8 @@ class _MetadataNormBase(nn.Module):
         """What the refit regresses on the design rows (the features by default)."""
         return features
 
-    def _begin_refit(self) -> None:
+    def _begin_refit(self, stage: int = 0) -> None:
+        """Starts refit pass ``stage`` (0, ..., ``_refit_passes`` - 1)."""
         self._check_fallback()
         self._refit_sums = [None, None, 0, 0]
 

@@ -18,6 +18,10 @@ from typing import Any
 from torch import nn
 
 from metanorm.design import Design
+from metanorm.nn.location_scale import (
+    LazyMetadataLocationScaleNorm,
+    MetadataLocationScaleNorm,
+)
 from metanorm.nn.metadata_norm import LazyMetadataNorm, MetadataNorm
 from metanorm.nn.penalty import LazyPenaltyMetadataNorm, PenaltyMetadataNorm
 from metanorm.nn.recursive import LazyRecursiveMetadataNorm, RecursiveMetadataNorm
@@ -59,8 +63,9 @@ def convert_metadata_norm(
             pass is followed by the layer each time.
         layer: the estimator: an MDN layer class (:class:`~metanorm.nn.MetadataNorm`,
             :class:`~metanorm.nn.RecursiveMetadataNorm`, :class:`~metanorm.nn.PenaltyMetadataNorm`,
-            :class:`~metanorm.nn.MetadataScaleNorm`, or their lazy classes: each is built lazy,
-            the recursive and penalty layers with ``num_metadata`` and ``keep`` from the
+            :class:`~metanorm.nn.MetadataScaleNorm`,
+            :class:`~metanorm.nn.MetadataLocationScaleNorm`, or their lazy classes: each is
+            built lazy, the recursive and penalty layers with ``num_metadata`` and ``keep`` from the
             design), or a factory called as ``layer(design, **layer_options)`` that returns a
             module taking ``(input, metadata)``. Default: :class:`~metanorm.nn.LazyMetadataNorm`.
         **layer_options: passed to the layer (for :class:`~metanorm.nn.LazyMetadataNorm`: ``keep``,
@@ -154,6 +159,7 @@ _LAZY: dict[type, type] = {
     RecursiveMetadataNorm: LazyRecursiveMetadataNorm,
     PenaltyMetadataNorm: LazyPenaltyMetadataNorm,
     MetadataScaleNorm: LazyMetadataScaleNorm,
+    MetadataLocationScaleNorm: LazyMetadataLocationScaleNorm,
 }
 
 

@@ -37,12 +37,14 @@ from metanorm.design import Design
 from metanorm.linalg import inverse_gram
 from metanorm.nn._base import _MetadataNormBase, resolve_keep
 from metanorm.nn._functions import StatisticsReducer
+from metanorm.nn.location_scale import MetadataLocationScaleNorm
 from metanorm.nn.metadata_norm import MetadataNorm
 from metanorm.nn.penalty import PenaltyMetadataNorm
 from metanorm.nn.recursive import RecursiveMetadataNorm
 from metanorm.nn.scale import MetadataScaleNorm
 
 __all__ = [
+    "SyncMetadataLocationScaleNorm",
     "SyncMetadataNorm",
     "SyncMetadataScaleNorm",
     "SyncPenaltyMetadataNorm",
@@ -168,7 +170,9 @@ class SyncMetadataNorm(_SyncMixin, MetadataNorm):
         class of its estimator (:class:`MetadataNorm` → :class:`SyncMetadataNorm`,
         :class:`~metanorm.nn.RecursiveMetadataNorm` → :class:`SyncRecursiveMetadataNorm`,
         :class:`~metanorm.nn.PenaltyMetadataNorm` → :class:`SyncPenaltyMetadataNorm`,
-        :class:`~metanorm.nn.MetadataScaleNorm` → :class:`SyncMetadataScaleNorm`), whichever
+        :class:`~metanorm.nn.MetadataScaleNorm` → :class:`SyncMetadataScaleNorm`,
+        :class:`~metanorm.nn.MetadataLocationScaleNorm` →
+        :class:`SyncMetadataLocationScaleNorm`), whichever
         class this is called on, sharing its buffers (the same tensors) and every attribute;
         hooks carry over. Layers that are synced already are left as they are.
 
@@ -419,11 +423,31 @@ class SyncMetadataScaleNorm(_SyncMixin, MetadataScaleNorm):
         self.process_group = process_group
 
 
+class SyncMetadataLocationScaleNorm(_SyncMixin, MetadataLocationScaleNorm):
+    r"""A :class:`~metanorm.nn.MetadataLocationScaleNorm` whose estimates are the union batch's.
+
+    β and γ are estimated from the statistics summed over the processes (two collectives per
+    direction: the location's, then the residual log-scale's).
+
+    Args:
+        num_channels, design: as for :class:`~metanorm.nn.MetadataLocationScaleNorm`.
+        process_group: the processes to synchronise over. Default: the whole world.
+        **kwargs: the other arguments of :class:`~metanorm.nn.MetadataLocationScaleNorm`.
+    """
+
+    def __init__(
+        self, num_channels: int, design: Any = None, *, process_group: Any = None, **kwargs: Any
+    ) -> None:
+        super().__init__(num_channels, design, **kwargs)
+        self.process_group = process_group
+
+
 _SYNCED: dict[type, type] = {
     MetadataNorm: SyncMetadataNorm,
     RecursiveMetadataNorm: SyncRecursiveMetadataNorm,
     PenaltyMetadataNorm: SyncPenaltyMetadataNorm,
     MetadataScaleNorm: SyncMetadataScaleNorm,
+    MetadataLocationScaleNorm: SyncMetadataLocationScaleNorm,
 }
 _PLAIN: dict[type, type] = {synced: plain for plain, synced in _SYNCED.items()}
 

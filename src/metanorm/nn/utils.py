@@ -133,14 +133,17 @@ def refit_running_beta(
         layers = _forward_order(model, layers, first, run)
         groups = [[layer] for layer in layers] if layer_by_layer else [layers]
         for group in groups:
-            for layer in group:
-                layer._begin_refit()
-            try:
-                for batch in loader:
-                    run(model, batch)
-            finally:
-                for layer in group:
-                    layer._end_refit()
+            # a two-stage estimator (location then scale) takes a second pass
+            for stage in range(max(layer._refit_passes for layer in group)):
+                active = [layer for layer in group if stage < layer._refit_passes]
+                for layer in active:
+                    layer._begin_refit(stage)
+                try:
+                    for batch in loader:
+                        run(model, batch)
+                finally:
+                    for layer in active:
+                        layer._end_refit()
     finally:
         for layer in layers:
             layer._refit_sums = None
