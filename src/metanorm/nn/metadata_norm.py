@@ -262,7 +262,7 @@ class MetadataNorm(_MetadataNormBase):
         else:
             # one process: the batch map with W = (N/m)Σ⁻¹ folded into the rows
             b = weighted_rows(rows, batch_weight(gram_inverse, n, m))
-            removed = rows * mask
+            removed = torch.where(mask, rows, 0.0)  # kept columns never enter
             if running is None or m > k or not self.training:
                 out, beta = BatchResidual.apply(features, removed, b)
             else:

@@ -225,10 +225,11 @@ class RecursiveMetadataNorm(_MetadataNormBase):
             innovation = stat - gram @ beta
         p_new = (p_new + p_new.T) / 2
         beta_new = beta + p_new @ innovation
-        finite = torch.isfinite((beta_new * 0).sum() + p_new.sum())
+        stored = beta_new.to(self.beta.dtype)  # finite in float64 may overflow float32
+        finite = torch.isfinite((stored * 0).sum() + p_new.sum())
         with torch.no_grad():
             self.covariance.copy_(torch.where(finite, p_new, self.covariance))
-            self.beta.copy_(torch.where(finite, beta_new.to(self.beta.dtype), self.beta))
+            self.beta.copy_(torch.where(finite, stored, self.beta))
             self._count(finite, count)
         self._report(finite, rows)
         out = beta_new.to(features.dtype)
