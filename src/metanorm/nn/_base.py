@@ -440,6 +440,8 @@ class _MetadataNormBase(nn.Module):
         error_msgs: list[str],
     ) -> None:
         version = local_metadata.get("version") or 1
+        # a Σ⁻¹ under an older name, cast by the migration below (old formats held float32)
+        legacy_inverse = prefix + "gram_inverse" not in state_dict
         if version < self._version:
             self._migrate(state_dict, prefix, version)
             for name in (*_COUNTERS, _FALLBACK):
@@ -449,7 +451,7 @@ class _MetadataNormBase(nn.Module):
         own_design = self._has_own_design()
         self._check_loaded_state(state_dict, prefix)
         if own_design:
-            self._check_loaded_design(state_dict, prefix, local_metadata, version)
+            self._check_loaded_design(state_dict, prefix, local_metadata, legacy_inverse)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -599,7 +601,7 @@ class _MetadataNormBase(nn.Module):
         state_dict: dict[str, Any],
         prefix: str,
         local_metadata: dict[str, Any],
-        version: int,
+        legacy_inverse: bool = False,
     ) -> None:
         r"""Refuses a checkpoint of another design: column names, N, mask, and Σ/N.
 
@@ -607,7 +609,8 @@ class _MetadataNormBase(nn.Module):
         Σ/N (from Σ⁻¹, in float64) to a relative :data:`GRAM_RTOL` of its diagonal scale
         (:math:`|\Delta_{ij}| \le \text{rtol}\sqrt{G_{ii}G_{jj}}`), as bits differ across
         machines and thread counts; a Σ⁻¹ saved in a lower precision (an old format) is
-        compared to that precision (float32 for an older ``_version``, whose migration casts).
+        compared to that precision (float32 for a Σ⁻¹ under an older name, which the migration
+        casts).
         """
         here = f"this layer's ({self._layer_name(prefix)})"
 
@@ -652,7 +655,7 @@ class _MetadataNormBase(nn.Module):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         error = float(((g_theirs - g_ours).abs() / (scale[:, None] * scale[None, :])).max())
         rtol = GRAM_RTOL
-        saved = torch.float32 if version < self._version else inverse.dtype
+        saved = torch.float32 if legacy_inverse else inverse.dtype
         if saved != torch.float64:
             cond = float(torch.linalg.cond(g_ours / (scale[:, None] * scale[None, :])))
             rtol = max(rtol, 10 * torch.finfo(saved).eps * cond)

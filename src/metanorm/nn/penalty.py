@@ -55,7 +55,9 @@ class PenaltyMetadataNorm(_MetadataNormBase):
     separates it from the network's parameters all the same. On fixed features β converges to
     the least-squares β; while the network trains it follows the features with a lag set by
     ``lr``. Evaluation uses the current β, with no step. The optimiser's state is in buffers
-    (``state_dict``).
+    (``state_dict``). A step whose gradient, β or moments would not be finite (NaN/inf input,
+    or a step size that diverges) is skipped and counted in ``num_batches_skipped`` (reported
+    at ``eval()``/``state_dict()``): β never becomes NaN or inf.
 
     Args:
         num_features: D, the number of features of one sample after flattening.

@@ -58,6 +58,11 @@ class RecursiveMetadataNorm(_MetadataNormBase):
     :math:`\beta_{new}` held fixed), unless ``grad_through_beta=True``, which back-propagates
     through the update's :math:`P_{new}X_b^\top F` term.
 
+    A step whose update is not finite (NaN/inf input, or a β beyond its dtype's range) leaves
+    P and β as they were and is counted in ``num_batches_skipped``, reported at ``eval()``,
+    ``state_dict()`` or a refit; P stays float64 through ``.half()``/``.to(dtype)``; kept
+    columns, checkpoints and untrained layers behave as for :class:`~metanorm.nn.MetadataNorm`.
+
     Args:
         num_features: D, the number of features of one sample after flattening.
         num_metadata: K, the number of design columns.

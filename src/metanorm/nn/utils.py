@@ -168,7 +168,11 @@ def refit_running_beta(
     used: dict[str, int] = {}
     run = call if call is not None else (lambda mdl, batch: _default_call(mdl, batch, device))
     flags = {module: module.training for module in model.modules()}
+    # the refit gives the layers their state: no "never trained" warning from this eval()
+    warned = {layer: getattr(layer, "_untrained_warned", False) for layer in layers}
     try:
+        for layer in layers:
+            layer._untrained_warned = True
         model.eval()
         first = next(iter(loader), None)
         if first is None:
@@ -195,8 +199,10 @@ def refit_running_beta(
                     "consumed); pass a list of the batches"
                 )
     finally:
-        for layer in layers:
+        for layer, was in warned.items():
             layer._refit_sums = None
+            if layer.num_batches_tracked is None or int(layer.num_batches_tracked) == 0:
+                layer._untrained_warned = was
         for module, flag in flags.items():
             module.training = flag
     return RefitResult({k: v for k, v in used.items() if v > 0})
