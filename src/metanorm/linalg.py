@@ -262,6 +262,8 @@ def remove_effect(
 ) -> torch.Tensor:
     r"""``features − X_b[:, R] β[R, :]``, R being the columns where ``remove_mask`` is true.
 
+    The other (kept) columns do not enter at all: NaN or inf in them leaves the output finite.
+
     ``remove_mask=None`` removes every column (the rows are then taken as given: pass rows
     already masked, :math:`X_{b,R}`, to skip the multiplication).
 
@@ -281,7 +283,8 @@ def remove_effect(
         tensor([[11.]])
     """
     if remove_mask is not None:
-        design_rows = design_rows * remove_mask.to(design_rows.dtype)
+        # where, not a product: a NaN/inf in a kept column (an unknown label) never enters
+        design_rows = torch.where(remove_mask, design_rows, 0.0)
     return torch.addmm(features, design_rows, beta, alpha=-1)
 
 

@@ -159,7 +159,9 @@ def test_state_dict_round_trip(rng):
         "num_batches_fallback",
     }
     assert sd["gram_inverse"].dtype == torch.float64
-    b = MetadataNorm(7, np.eye(5), keep=[])  # another design: everything is restored
+    with pytest.raises(ValueError, match="another design"):  # a layer on another design
+        MetadataNorm(7, np.eye(5), keep=[]).load_state_dict(sd)
+    b = MetadataNorm(7, num_metadata=5)  # no design: everything is restored
     b.load_state_dict(sd)
     a.eval()
     b.eval()

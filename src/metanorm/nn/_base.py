@@ -8,6 +8,12 @@ protocol of :func:`metanorm.nn.utils.refit_running_beta`, and the warning when m
 batches were too small for their own estimate. A layer says how it estimates β from a batch and
 folds it into its state (``_estimate``), and how a refit over a data set sets that state
 (``_load_refit``).
+
+Reliability hooks, each in its own method: ``_apply`` keeps the float64 design statistics
+through casts, ``_warn_skipped`` and ``_warn_untrained`` report at ``eval()``/``state_dict()``/
+refit/load what a forward pass cannot report without a host sync, and
+``_check_loaded_state``/``_check_loaded_design`` refuse a checkpoint that is corrupt or belongs
+to another design.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ __all__: list[str] = []
 _COUNTERS = ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped")
 #: The counter of training batches whose output fell back to the running β (m ≤ K).
 _FALLBACK = "num_batches_fallback"
+#: Buffers a cast of the module (``.half()``, ``.to(dtype)``) leaves in their dtype: Σ⁻¹, N and
+#: the recursive layer's P, float64 statistics that a lower precision would corrupt.
+_PINNED_DTYPE = ("gram_inverse", "n_samples", "covariance")
+#: The buffers that say which design a layer belongs to (compared when a checkpoint is loaded).
+_DESIGN_BUFFERS = ("gram_inverse", "n_samples", "remove_mask")
+#: Relative tolerance of the Gram Σ/N comparison at load (bits differ across machines).
+GRAM_RTOL = 1e-9
 
 
 def check_number(name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
@@ -159,6 +172,7 @@ class _MetadataNormBase(nn.Module):
             self.register_buffer(name, value if track_running_stats else None)
         self._refit_sums: list[Any] | None = None
         self._fallback_seen = (0, 0)
+        self._skipped_reported = 0
 
     # ---------------------------------------------------------------- construction helpers
 
@@ -201,6 +215,7 @@ class _MetadataNormBase(nn.Module):
             if counter is not None:
                 counter.zero_()
         self._fallback_seen = (0, 0)
+        self._skipped_reported = 0
 
     def _reducer(self) -> StatisticsReducer | None:
         """Where the batch statistics of several processes meet (None: this process only)."""
@@ -249,6 +264,7 @@ class _MetadataNormBase(nn.Module):
         if rows.device != input.device or rows.dtype != dtype:
             rows = rows.to(device=input.device, dtype=dtype)
         if rows.requires_grad:
+            self._refuse_grad_rows()
             rows = rows.detach()
         with autocast_off(input.device.type):
             out = self._normalize(MF._as_dtype(input, dtype), rows, reducer)
@@ -294,9 +310,16 @@ class _MetadataNormBase(nn.Module):
     # ---------------------------------------------------------------- m ≤ K
 
     def train(self, mode: bool = True) -> _MetadataNormBase:
-        """Sets the training mode; leaving training checks how many batches fell back."""
+        """Sets the training mode; leaving training reports skipped and fallen-back batches.
+
+        Switching to evaluation reads the counters (no forward pass has to): it warns once per
+        new count of skipped non-finite batches, when most batches fell back to the running β,
+        and when the layer never trained.
+        """
         if not mode and self.training:
             self._check_fallback()
+            self._warn_skipped()
+            self._warn_untrained()
         return super().train(mode)
 
     def _check_fallback(self) -> None:
@@ -339,6 +362,7 @@ class _MetadataNormBase(nn.Module):
     def _begin_refit(self, stage: int = 0) -> None:
         """Starts refit pass ``stage`` (0, ..., ``_refit_passes`` - 1)."""
         self._check_fallback()
+        self._warn_skipped()
         self._refit_sums = [None, None, 0, 0]
 
     def _accumulate(self, target: Tensor, rows: Tensor) -> None:
@@ -396,6 +420,7 @@ class _MetadataNormBase(nn.Module):
                 if counter is not None:
                     counter.fill_(value)
         self._fallback_seen = (batches, 0)
+        self._skipped_reported = 0
         return True
 
     def _load_refit(self, xtx: Tensor, xty: Tensor, count: int) -> None:
@@ -418,15 +443,254 @@ class _MetadataNormBase(nn.Module):
         error_msgs: list[str],
     ) -> None:
         version = local_metadata.get("version") or 1
+        # a Σ⁻¹ under an older name, cast by the migration below (old formats held float32)
+        legacy_inverse = prefix + "gram_inverse" not in state_dict
         if version < self._version:
             self._migrate(state_dict, prefix, version)
             for name in (*_COUNTERS, _FALLBACK):
                 counter = getattr(self, name, None)
                 if counter is not None and prefix + name not in state_dict:
                     state_dict[prefix + name] = torch.zeros_like(counter)
+        own_design = self._has_own_design()
+        self._check_loaded_state(state_dict, prefix)
+        if own_design:
+            self._check_loaded_design(state_dict, prefix, local_metadata, legacy_inverse)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._after_load(state_dict, prefix, local_metadata, own_design)
+
+    # ---------------------------------------------------------------- reliability: casts
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``Module._apply`` that keeps Σ⁻¹, N and P in their dtype (float64) through casts.
+
+        ``.half()``, ``.float()``, ``.double()`` and ``.to(dtype)`` cast every floating buffer;
+        Σ⁻¹ in float16 loses its digits and N > 65504 becomes inf (as torchmetrics' ``Metric``
+        does for its states, the cast is undone for them: they only move device). The running β
+        (and the penalty layer's β and moments) follow the cast, as BatchNorm's running
+        statistics do; the layer computes in float32 at least whatever their dtype.
+        """
+        pinned = {id(t) for name in _PINNED_DTYPE if (t := self._buffers.get(name)) is not None}
+        if not pinned:
+            return super()._apply(fn, recurse)
+
+        def keep_dtype(tensor: Tensor) -> Tensor:
+            out = fn(tensor)
+            if id(tensor) in pinned and isinstance(out, Tensor) and out.dtype != tensor.dtype:
+                out = tensor.to(device=out.device)
+            return out
+
+        return super()._apply(keep_dtype, recurse)
+
+    # ---------------------------------------------------------------- reliability: reports
+
+    def _layer_name(self, prefix: str = "") -> str:
+        name = prefix.rstrip(".")
+        what = f"{type(self).__name__}({self.num_features} features, K = {self.num_metadata})"
+        return f"{what} at {name!r}" if name else what
+
+    @staticmethod
+    def _readable(tensor: Tensor | None) -> bool:
+        """Whether a counter can be read (not absent, lazy or on the meta device)."""
+        return (
+            tensor is not None
+            and not isinstance(tensor, UninitializedBuffer)
+            and tensor.device.type != "meta"
+        )
+
+    def _warn_skipped(self, prefix: str = "") -> None:
+        """Warns once per new count of training batches skipped for a non-finite estimate.
+
+        Called where reading a counter costs nothing (``eval()``, ``state_dict()``, a refit),
+        never in the forward pass.
+        """
+        skipped = self.num_batches_skipped
+        if not self._readable(skipped):
+            return
+        assert skipped is not None
+        count = int(skipped)
+        reported = getattr(self, "_skipped_reported", 0)
+        self._skipped_reported = count
+        if count > reported:
+            warnings.warn(
+                f"{self._layer_name(prefix)}: {count} training batch(es) skipped so far "
+                f"({count - reported} new): their β estimate was not finite (NaN or infinite "
+                "features or metadata, or an overflow in low precision). The layer's state "
+                "kept its previous value; those batches' outputs were NaN/inf where the bad "
+                "values entered (as BatchNorm's). Check the data, or pass "
+                "on_nonfinite='raise' to stop at the first such batch",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _never_trained(self) -> bool:
+        """Whether the layer's evaluation state is its initial one (no batch, zero β)."""
+        if self._is_lazy() and any(
+            isinstance(t, UninitializedBuffer | UninitializedParameter)
+            for t in (*self._buffers.values(), *self._parameters.values())
+        ):
+            return True
+        tracked = self.num_batches_tracked
+        if not self._readable(tracked) or int(tracked) != 0:  # type: ignore[arg-type]
+            return False
+        for name in ("running_beta", "beta"):
+            state = getattr(self, name, None)
+            if isinstance(state, Tensor):
+                return self._readable(state) and not bool(state.detach().any())
+        return False
+
+    def _warn_untrained(self, prefix: str = "") -> None:
+        """Warns once if the layer is put to evaluation (or loaded) without ever training."""
+        if getattr(self, "_untrained_warned", False) or not self._never_trained():
+            return
+        self._untrained_warned = True
+        warnings.warn(
+            f"{self._layer_name(prefix)} is used for evaluation but never trained: no training "
+            "batch reached it and its β is zero, so it returns its input unchanged. Train it, "
+            "restore it with load_state_dict, or refit it with "
+            "metanorm.nn.utils.refit_running_beta before evaluating",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _refuse_grad_rows(self) -> None:
+        """Raises for design rows that require a gradient (none would reach them)."""
+        if torch.is_grad_enabled():
+            raise ValueError(
+                f"expected design rows without requires_grad, got metadata with "
+                f"requires_grad=True: {type(self).__name__} treats the metadata as data and "
+                "back-propagates to the features only, so the rows would get no gradient. "
+                "Pass metadata.detach()"
+            )
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        """Saves the state; records the design's column names; reports skipped batches."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if self.columns is not None and metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["columns"] = list(self.columns)
+        self._warn_skipped(prefix)
+
+    # ---------------------------------------------------------------- reliability: checkpoints
+
+    def _has_own_design(self) -> bool:
+        """Whether the layer was built on a design (not one taken from a checkpoint)."""
+        return bool(getattr(self, "has_design", False)) and not getattr(
+            self, "_design_from_checkpoint", False
+        )
+
+    def _check_loaded_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Refuses a checkpoint whose floating state (β, Σ⁻¹, P, moments) is not finite."""
+        for name in (*self._parameters, *self._buffers):
+            value = state_dict.get(prefix + name)
+            if (
+                isinstance(value, Tensor)
+                and value.is_floating_point()
+                and value.device.type != "meta"
+                and not isinstance(value, UninitializedBuffer | UninitializedParameter)
+            ):
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    raise ValueError(
+                        f"refusing to load {prefix}{name} into {self._layer_name(prefix)}: the "
+                        f"checkpoint's value holds {bad} NaN or infinite entr"
+                        f"{'y' if bad == 1 else 'ies'} (a corrupt or diverged state). Load an "
+                        "earlier checkpoint, or drop the entry to keep this layer's value"
+                    )
+
+    def _check_loaded_design(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        legacy_inverse: bool = False,
+    ) -> None:
+        r"""Refuses a checkpoint of another design: column names, N, mask, and Σ/N.
+
+        Names (when both sides have them), N and the removed mask compare exactly; the Gram
+        Σ/N (from Σ⁻¹, in float64) to a relative :data:`GRAM_RTOL` of its diagonal scale
+        (:math:`|\Delta_{ij}| \le \text{rtol}\sqrt{G_{ii}G_{jj}}`), as bits differ across
+        machines and thread counts; a Σ⁻¹ saved in a lower precision (an old format) is
+        compared to that precision (float32 for a Σ⁻¹ under an older name, which the migration
+        casts).
+        """
+        here = f"this layer's ({self._layer_name(prefix)})"
+
+        def refuse(what: str, theirs: Any, ours: Any) -> None:
+            raise ValueError(
+                f"the checkpoint was saved by a layer built on another design: {what} differ "
+                f"(checkpoint: {theirs}; {here}: {ours}). Loading it would change what the "
+                "layer removes. For transfer learning, build the layer with num_metadata= (no "
+                "design) to take the checkpoint's design, or drop the design buffers "
+                f"({', '.join(prefix + b for b in _DESIGN_BUFFERS)}) from the state dict and "
+                "load with strict=False to keep this layer's design"
+            )
+
+        theirs = local_metadata.get("columns")
+        if theirs is not None and self.columns is not None and tuple(theirs) != self.columns:
+            refuse("the column names", list(theirs), list(self.columns))
+        inv_key, n_key, mask_key = (prefix + b for b in _DESIGN_BUFFERS)
+        n_ours = float(self.n_samples)  # type: ignore[arg-type]
+        if isinstance(state_dict.get(n_key), Tensor):
+            n_theirs = float(state_dict[n_key])
+            if n_theirs != n_ours:
+                refuse("the number of design rows N", f"{n_theirs:g}", f"{n_ours:g}")
+        mask = state_dict.get(mask_key)
+        if (
+            isinstance(mask, Tensor)
+            and mask.shape == self.remove_mask.shape
+            and not torch.equal(mask.cpu().bool(), self.remove_mask.cpu())
+        ):
+            keep_theirs = (~mask.cpu().bool()).nonzero().flatten().tolist()
+            refuse("the kept columns", keep_theirs, list(self.keep))
+        inverse = state_dict.get(inv_key)
+        ours_inv: Tensor = self.gram_inverse  # type: ignore[assignment]
+        if not isinstance(inverse, Tensor) or inverse.shape != ours_inv.shape or n_ours <= 0:
+            return
+        n = float(state_dict[n_key]) if isinstance(state_dict.get(n_key), Tensor) else n_ours
+        try:
+            g_theirs = torch.linalg.inv(inverse.detach().cpu().to(torch.float64)) / n
+        except RuntimeError:
+            refuse("the Gram matrices", "a singular Σ⁻¹", "an invertible one")
+        g_ours = torch.linalg.inv(ours_inv.detach().cpu().to(torch.float64)) / n_ours
+        scale = torch.diagonal(g_ours).abs().sqrt()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        error = float(((g_theirs - g_ours).abs() / (scale[:, None] * scale[None, :])).max())
+        rtol = GRAM_RTOL
+        saved = torch.float32 if legacy_inverse else inverse.dtype
+        if saved != torch.float64:
+            cond = float(torch.linalg.cond(g_ours / (scale[:, None] * scale[None, :])))
+            rtol = max(rtol, 10 * torch.finfo(saved).eps * cond)
+        if not error <= rtol:
+            refuse(
+                f"the Gram matrices Σ/N (largest scaled difference {error:.3g}, tolerance "
+                f"{rtol:.3g})",
+                "its Σ/N",
+                "the Σ/N of this layer's design",
+            )
+
+    def _after_load(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        own_design: bool,
+    ) -> None:
+        """After a load: adopts the checkpoint's design names, and warns if it never trained."""
+        if not own_design and isinstance(state_dict.get(prefix + "gram_inverse"), Tensor):
+            self._design_from_checkpoint = True
+            if self.columns is None and local_metadata.get("columns") is not None:
+                self.columns = tuple(local_metadata["columns"])
+        skipped = self.num_batches_skipped
+        if self._readable(skipped):
+            self._skipped_reported = int(skipped)  # type: ignore[arg-type]
+        if any(
+            key.startswith(prefix) and key[len(prefix) :] in ("running_beta", "beta")
+            for key in state_dict
+        ):
+            self._untrained_warned = False
+            self._warn_untrained(prefix)
 
 
 class _LazyMixin(LazyModuleMixin, _MetadataNormBase):

@@ -150,7 +150,7 @@ def batch_residual(
         >>> out.sum().backward()                  # differentiable in the features
     """
     rows = rows.detach()
-    removed_rows = rows * remove_mask  # a bool mask multiplies in rows' dtype
+    removed_rows = torch.where(remove_mask, rows, 0.0)  # kept columns never enter
     if reducer is not None:
         out, beta, count = SyncBatchResidual.apply(
             features, removed_rows, rows, gram_inverse, n_samples, reducer

@@ -75,6 +75,28 @@ class MetadataNorm(_MetadataNormBase):
     :func:`metanorm.nn.metadata_scope` block. That lets an MDN layer sit in a model whose
     ``forward(x)`` cannot pass metadata. With none in scope it raises a ``TypeError``.
 
+    **Non-finite values** are handled as :class:`torch.nn.BatchNorm1d` handles them: NaN in,
+    NaN out. A NaN or inf feature or design row in a training batch makes that batch's estimate
+    (and so its output, for every row) non-finite; the running β and the counters other than
+    ``num_batches_skipped`` keep their values (see ``on_nonfinite``), and the skipped batches
+    are reported by a warning naming the layer and the count at the next
+    :meth:`~torch.nn.Module.eval`, :meth:`~torch.nn.Module.state_dict` or
+    :func:`~metanorm.nn.utils.refit_running_beta` (where reading a counter costs no host sync
+    in the forward pass). Kept columns never enter the output: NaN in them at evaluation
+    (an unknown label) leaves the output finite. Design rows that require a gradient are
+    refused (the layer passes gradients to the features only).
+
+    **Casts and checkpoints.** ``.half()``, ``.to(dtype)`` and ``.double()`` leave
+    :math:`\Sigma^{-1}` and N in float64 (N stays exact beyond 65504 rows); the running β
+    follows the cast, as BatchNorm's running statistics do. FSDP's
+    ``MixedPrecision(buffer_dtype=...)`` casts every floating buffer itself, bypassing this:
+    list the MDN classes in its ``_module_classes_to_ignore`` (as it does for BatchNorm), or
+    leave ``buffer_dtype`` unset. A layer built with a design refuses a state dict saved by a
+    layer of another design (column names, N and the kept columns exactly, Σ/N to a relative
+    1e-9), naming both; build with ``num_metadata=`` to take the checkpoint's design. A
+    checkpoint holding a NaN or infinite running β or Σ⁻¹ is refused. A layer put to
+    evaluation (or loaded) without ever training warns once.
+
     .. note::
         ``momentum=None`` gives the cumulative average of every batch seen, as in
         :class:`torch.nn.BatchNorm1d`, each batch weighted by its size. After one epoch over
@@ -262,7 +284,7 @@ class MetadataNorm(_MetadataNormBase):
         else:
             # one process: the batch map with W = (N/m)Σ⁻¹ folded into the rows
             b = weighted_rows(rows, batch_weight(gram_inverse, n, m))
-            removed = rows * mask
+            removed = torch.where(mask, rows, 0.0)  # kept columns never enter
             if running is None or m > k or not self.training:
                 out, beta = BatchResidual.apply(features, removed, b)
             else:

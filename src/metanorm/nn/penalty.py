@@ -55,7 +55,9 @@ class PenaltyMetadataNorm(_MetadataNormBase):
     separates it from the network's parameters all the same. On fixed features β converges to
     the least-squares β; while the network trains it follows the features with a lag set by
     ``lr``. Evaluation uses the current β, with no step. The optimiser's state is in buffers
-    (``state_dict``).
+    (``state_dict``). A step whose gradient, β or moments would not be finite (NaN/inf input,
+    or a step size that diverges) is skipped and counted in ``num_batches_skipped`` (reported
+    at ``eval()``/``state_dict()``): β never becomes NaN or inf.
 
     Args:
         num_features: D, the number of features of one sample after flattening.
@@ -198,12 +200,13 @@ class PenaltyMetadataNorm(_MetadataNormBase):
         grad = (gram @ beta - xtf) * (2.0 / count)
         finite = torch.isfinite((grad * 0).sum())
         grad = torch.where(finite, grad, torch.zeros_like(grad))
+        m1 = m2 = None
         if self.optimizer == "sgd":
             new = beta - self.lr * grad
         else:
             b1, b2 = self.betas
             assert self.num_batches_tracked is not None
-            step = (self.num_batches_tracked + finite.to(torch.long)).to(torch.float64)
+            step = (self.num_batches_tracked + 1).to(torch.float64)
             m1 = self.exp_avg.to(torch.float64).lerp(grad, 1 - b1)
             m2 = self.exp_avg_sq.to(torch.float64).mul(b2).addcmul(grad, grad, value=1 - b2)
             bc1 = 1 - b1**step
@@ -211,11 +214,16 @@ class PenaltyMetadataNorm(_MetadataNormBase):
             new = beta - self.lr * (m1 / bc1.clamp_min(1e-300)) / (
                 (m2 / bc2.clamp_min(1e-300)).sqrt() + self.eps
             )
-            self.exp_avg.copy_(torch.where(finite, m1.to(self.exp_avg.dtype), self.exp_avg))
-            self.exp_avg_sq.copy_(
-                torch.where(finite, m2.to(self.exp_avg_sq.dtype), self.exp_avg_sq)
-            )
-        self.beta.copy_(torch.where(finite, new.to(self.beta.dtype), self.beta))
+        # a step that diverges (β or a moment not finite in its dtype) is skipped and counted,
+        # as a non-finite gradient is: β never leaves the finite range
+        stored = new.to(self.beta.dtype)
+        finite = finite & torch.isfinite((stored * 0).sum())
+        if m1 is not None and m2 is not None:
+            m1, m2 = m1.to(self.exp_avg.dtype), m2.to(self.exp_avg_sq.dtype)
+            finite = finite & torch.isfinite((m1 * 0).sum() + (m2 * 0).sum())
+            self.exp_avg.copy_(torch.where(finite, m1, self.exp_avg))
+            self.exp_avg_sq.copy_(torch.where(finite, m2, self.exp_avg_sq))
+        self.beta.copy_(torch.where(finite, stored, self.beta))
         assert self.num_batches_tracked is not None and self.num_samples_tracked is not None
         assert self.num_batches_skipped is not None
         self.num_batches_tracked.add_(finite.to(torch.long))

@@ -58,6 +58,11 @@ class RecursiveMetadataNorm(_MetadataNormBase):
     :math:`\beta_{new}` held fixed), unless ``grad_through_beta=True``, which back-propagates
     through the update's :math:`P_{new}X_b^\top F` term.
 
+    A step whose update is not finite (NaN/inf input, or a β beyond its dtype's range) leaves
+    P and β as they were and is counted in ``num_batches_skipped``, reported at ``eval()``,
+    ``state_dict()`` or a refit; P stays float64 through ``.half()``/``.to(dtype)``; kept
+    columns, checkpoints and untrained layers behave as for :class:`~metanorm.nn.MetadataNorm`.
+
     Args:
         num_features: D, the number of features of one sample after flattening.
         num_metadata: K, the number of design columns.
@@ -225,10 +230,11 @@ class RecursiveMetadataNorm(_MetadataNormBase):
             innovation = stat - gram @ beta
         p_new = (p_new + p_new.T) / 2
         beta_new = beta + p_new @ innovation
-        finite = torch.isfinite((beta_new * 0).sum() + p_new.sum())
+        stored = beta_new.to(self.beta.dtype)  # finite in float64 may overflow float32
+        finite = torch.isfinite((stored * 0).sum() + p_new.sum())
         with torch.no_grad():
             self.covariance.copy_(torch.where(finite, p_new, self.covariance))
-            self.beta.copy_(torch.where(finite, beta_new.to(self.beta.dtype), self.beta))
+            self.beta.copy_(torch.where(finite, stored, self.beta))
             self._count(finite, count)
         self._report(finite, rows)
         out = beta_new.to(features.dtype)

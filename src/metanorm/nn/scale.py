@@ -191,7 +191,7 @@ class MetadataScaleNorm(_MetadataNormBase):
             beta = running
         else:
             beta = self._train_estimate(input, rows, reducer, running)
-        shift = (rows * self.remove_mask) @ beta.to(rows.dtype)
+        shift = torch.where(self.remove_mask, rows, 0.0) @ beta.to(rows.dtype)
         factor = torch.exp(-shift)
         return input * factor.reshape(*factor.shape, *([1] * (input.dim() - 2)))
 

@@ -214,7 +214,9 @@ class SyncMetadataNorm(_SyncMixin, MetadataNorm):
 
         Args:
             num_features: D, as for :class:`MetadataNorm`.
-            gram: :math:`X^\top X`, ``(K, K)`` (symmetric positive semi-definite).
+            gram: :math:`X^\top X`, ``(K, K)`` (symmetric positive semi-definite: a matrix
+                that is not symmetric, or has a negative eigenvalue beyond rounding, is refused
+                with a message saying so).
             n_samples: N, the number of design rows behind ``gram``.
             keep: kept columns, indices (or names, with ``columns``). Default: none.
             momentum: as for :class:`MetadataNorm`.
@@ -241,6 +243,7 @@ class SyncMetadataNorm(_SyncMixin, MetadataNorm):
         names = None if columns is None else tuple(columns)
         k = gram.shape[0]
         check_finite(gram.to(torch.float64), "gram")
+        _check_gram(gram, names)
         gram_inverse = inverse_gram(_square_root(gram), ridge=ridge, columns=names)
         keep_idx = resolve_keep(keep or (), k, names)
         if len(keep_idx) == k:
@@ -475,6 +478,47 @@ def _convert(module: nn.Module, process_group: Any) -> nn.Module:
         if converted is not child:
             module.add_module(name, converted)
     return module
+
+
+#: Relative tolerance of the symmetry and semi-definiteness checks of a Gram (rounding of sums
+#: over processes and of float32 statistics stays far below it).
+_GRAM_TOL = 1e-6
+
+
+def _check_gram(gram: Tensor, names: tuple[str, ...] | None) -> None:
+    r"""Raises ``ValueError`` unless ``gram`` is symmetric positive semi-definite (to rounding).
+
+    :math:`X^\top X` is both by construction: a matrix that is not was not built as one (a
+    transposed or partial sum, another statistic), and is refused rather than symmetrised or
+    reported as collinear columns.
+    """
+    g = gram.detach().to(torch.float64)
+    k = g.shape[0]
+    label = [f"column {j}" for j in range(k)] if names is None else [repr(c) for c in names]
+    top = float(g.abs().max())
+    if top == 0:
+        return  # all zeros: inverse_gram names the zero columns
+    asym = (g - g.T).abs()
+    worst = float(asym.max())
+    if worst > _GRAM_TOL * top:
+        i, j = divmod(int(asym.argmax()), k)
+        raise ValueError(
+            f"expected gram to be symmetric (XᵀX), got entries ({i}, {j}) = "
+            f"{float(g[i, j]):.6g} and ({j}, {i}) = {float(g[j, i]):.6g} ({label[i]}, "
+            f"{label[j]}): a Gram matrix summed from design rows is symmetric; check how it "
+            "was built (global_design_statistics builds it)"
+        )
+    evals, evecs = torch.linalg.eigh((g + g.T) / 2)
+    lowest = float(evals[0])
+    if lowest < -_GRAM_TOL * float(evals[-1]):
+        weight = evecs[:, 0].abs()
+        involved = (weight > 0.1 * float(weight.max())).nonzero().flatten().tolist()
+        raise ValueError(
+            f"expected gram to be positive semi-definite (XᵀX), got an indefinite matrix: its "
+            f"smallest eigenvalue is {lowest:.6g} (largest {float(evals[-1]):.6g}), along "
+            f"{', '.join(label[j] for j in involved)}. No design has such a Gram: it is not "
+            "a sum of XᵀX over design rows (a difference of sums, or another statistic?)"
+        )
 
 
 def _square_root(gram: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -11,7 +11,28 @@ from torch import nn
 from metanorm.nn._base import _MetadataNormBase
 from metanorm.nn.scope import MetadataModel
 
-__all__ = ["refit_running_beta"]
+__all__ = ["RefitResult", "refit_running_beta"]
+
+
+class RefitResult(int):
+    """The number of layers :func:`refit_running_beta` refitted, with the rows each one used.
+
+    An ``int`` (the count of layers, as before), with ``samples``: the qualified module name
+    of each refitted layer → the number of design rows its refit summed over (on this
+    process, under :mod:`torch.distributed`).
+    """
+
+    samples: dict[str, int]
+
+    def __new__(cls, samples: dict[str, int]) -> RefitResult:
+        """A count of ``len(samples)`` layers."""
+        out = super().__new__(cls, len(samples))
+        out.samples = dict(samples)
+        return out
+
+    def __repr__(self) -> str:
+        """As an int (doctests and logs show the count)."""
+        return int.__repr__(self)
 
 
 def _default_call(model: nn.Module, batch: Any, device: torch.device | str | None) -> None:
@@ -100,9 +121,22 @@ def refit_running_beta(
             ``MetadataNorm`` to leave a recursive layer's forgetting memory as it is. Default:
             every MDN estimator.
 
+    The loader must be re-iterable (a :class:`~torch.utils.data.DataLoader`, a list): each
+    layer takes its own pass. A one-shot iterator (a generator, ``iter(loader)``) would feed the
+    first pass only, so it is refused with a ``TypeError``; pass ``list(...)`` of it. Every pass
+    must see the same rows: a pass that sees another number of rows than the first raises a
+    ``RuntimeError`` (the layers refitted before it keep their new state). Skipped non-finite
+    training batches are reported (a warning per layer) before the counters restart.
+
     Returns:
-        The number of MDN layers refitted (0 leaves the model untouched: no MDN layer with a
-        running β, an empty loader, or no such layer called).
+        A :class:`RefitResult`: an ``int``, the number of MDN layers refitted (0 leaves the
+        model untouched: no MDN layer with a running β, an empty loader, or no such layer
+        called), whose ``samples`` maps each refitted layer's qualified name to the number of
+        rows it used.
+
+    Raises:
+        TypeError: ``loader`` is a one-shot iterator.
+        RuntimeError: the passes saw different numbers of rows.
 
     Examples::
 
@@ -122,14 +156,27 @@ def refit_running_beta(
         and (estimators is None or isinstance(m, estimators))
     ]
     if not layers:
-        return 0
+        return RefitResult({})
+    if isinstance(loader, Iterator) or iter(loader) is loader:
+        raise TypeError(
+            f"expected a re-iterable loader (a DataLoader, a list of batches), got a one-shot "
+            f"{type(loader).__name__}: the refit takes one pass per layer, so every layer but "
+            "the first would see no batch. Pass list(loader) (it holds the batches in memory) "
+            "or the DataLoader itself"
+        )
+    names = {module: name for name, module in model.named_modules()}
+    used: dict[str, int] = {}
     run = call if call is not None else (lambda mdl, batch: _default_call(mdl, batch, device))
     flags = {module: module.training for module in model.modules()}
+    # the refit gives the layers their state: no "never trained" warning from this eval()
+    warned = {layer: getattr(layer, "_untrained_warned", False) for layer in layers}
     try:
+        for layer in layers:
+            layer._untrained_warned = True
         model.eval()
         first = next(iter(loader), None)
         if first is None:
-            return 0
+            return RefitResult({})
         layers = _forward_order(model, layers, first, run)
         groups = [[layer] for layer in layers] if layer_by_layer else [layers]
         for group in groups:
@@ -142,11 +189,25 @@ def refit_running_beta(
                     for batch in loader:
                         run(model, batch)
                 finally:
+                    counts = [
+                        0 if lyr._refit_sums is None else lyr._refit_sums[2] for lyr in active
+                    ]
                     for layer in active:
                         layer._end_refit()
+                for layer, count in zip(active, counts, strict=True):
+                    used[names.get(layer, type(layer).__name__)] = int(count)
+                if len(set(used.values())) > 1:
+                    raise RuntimeError(
+                        f"the refit's passes over the loader saw different numbers of rows "
+                        f"({used}): the loader does not give the same data on each pass (a "
+                        "sampler without replacement of a varying size, or an iterable that is "
+                        "consumed); pass a list of the batches"
+                    )
     finally:
-        for layer in layers:
+        for layer, was in warned.items():
             layer._refit_sums = None
+            if layer.num_batches_tracked is None or int(layer.num_batches_tracked) == 0:
+                layer._untrained_warned = was
         for module, flag in flags.items():
             module.training = flag
-    return len(layers)
+    return RefitResult({k: v for k, v in used.items() if v > 0})
