@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from metanorm.cli import main
+from metanorm.experiments import RunConfig
+from metanorm.experiments.runner import prepare_run
 from metanorm.models import PaperCNN
 
 TINY = ["--n-per-class", "40", "--epochs", "2", "--batch-sizes", "30", "--threads", "1", "--quiet"]
@@ -77,12 +79,16 @@ def test_run_folder_contents_are_sane(sweep):
     # the checkpoint restores the model, MDN buffers included
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ckpt["design_columns"] == ["y", "cf", "intercept"]
-    design = torch.zeros(80, 3)
-    design[:, 2] = 1
-    design[:40, 0] = 1
-    design[:, 1] = torch.linspace(-1, 1, 80)
-    model = PaperCNN("mdn-conv", design)
+    # into the same model rebuilt from the run's config (its own training design) ...
+    model = prepare_run(RunConfig.from_dict(cfg["config"])).model
     model.load_state_dict(ckpt["model"])
+    # ... while a model built on another design refuses it (it would change what is removed)
+    other = torch.zeros(80, 3)
+    other[:, 2] = 1
+    other[:40, 0] = 1
+    other[:, 1] = torch.linspace(-1, 1, 80)
+    with pytest.raises(ValueError, match="another design"):
+        PaperCNN("mdn-conv", other).load_state_dict(ckpt["model"])
     # the default refit: after the last epoch each running β comes from one pass over the
     # 80 training images (one batch of at most 500)
     assert cfg["config"]["refit_running_beta"] is True
