@@ -157,7 +157,7 @@ def _lightning_net(design):
     return nn.ModuleDict(
         {
             "fc1": nn.Linear(4, 6),
-            "mdn": MetadataNorm(6, design),
+            "mdn": MetadataNorm(6, design, keep=()),
             "fc2": nn.Linear(6, 1),
             "bn_fc": nn.Linear(4, 3),
             "bn": nn.BatchNorm1d(3),

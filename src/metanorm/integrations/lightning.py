@@ -99,7 +99,7 @@ class MetadataNormSync(_LayerSync):
         >>> from metanorm.nn import MetadataNorm
         >>> design = torch.cat([torch.randn(40, 1), torch.ones(40, 1)], dim=1)
         >>> model = torch.nn.Sequential(
-        ...     torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), MetadataNorm(8, design)
+        ...     torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), MetadataNorm(8, design, keep=())
         ... )
         >>> plugin = MetadataNormSync()
         >>> [type(m).__name__ for m in plugin.apply(model)]

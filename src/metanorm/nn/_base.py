@@ -13,6 +13,7 @@ folds it into its state (``_estimate``), and how a refit over a data set sets th
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -24,6 +25,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from metanorm._validation import describe
+from metanorm.design import Design
 from metanorm.nn import functional as MF
 from metanorm.nn import scope as _scope
 from metanorm.nn._functions import StatisticsReducer, autocast_off
@@ -33,6 +35,10 @@ __all__: list[str] = []
 _COUNTERS = ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped")
 #: The counter of training batches whose output fell back to the running β (m ≤ K).
 _FALLBACK = "num_batches_fallback"
+#: Design sanity: the relative gap between the training rows' and the design's second moments
+#: above which the layer warns (refit: raises), and the rows per column needed before checking.
+DESIGN_GAP_TOLERANCE = 0.25
+DESIGN_CHECK_ROWS_PER_COLUMN = 10
 
 
 def check_number(name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
@@ -98,6 +104,54 @@ def resolve_keep(
         else:
             raise TypeError(f"expected keep entries to be ints or column names, got {c!r}")
     return tuple(sorted(set(out)))
+
+
+def _check_keep(
+    design: Any, keep: Iterable[int | str] | None
+) -> tuple[Iterable[int | str], tuple[str, ...] | None]:
+    """The kept columns and column names of a layer built from ``design`` with ``keep=``.
+
+    A :class:`~metanorm.design.Design` carries its columns' roles: its ``keep`` is used, and a
+    ``keep=`` that names other columns is a ``ValueError`` (naming both). A plain matrix has no
+    roles: without ``keep=`` no column is kept, with a ``FutureWarning`` (an explicit ``keep=()``
+    silences it); a later release will require ``keep=`` there.
+    """
+    if isinstance(design, Design):
+        k, columns = design.shape[1], design.columns
+        if keep is not None:
+            given = resolve_keep(keep, k, columns)
+            if given != tuple(sorted(design.keep)):
+                raise ValueError(
+                    f"keep={_names(given, columns)} contradicts the design's own keep="
+                    f"{_names(design.keep, columns)}: a Design carries its columns' roles; drop "
+                    "keep= (the design's is used) or build the design with the columns to keep, "
+                    "e.g. make_design(data, keep=[...])"
+                )
+        return design.keep, columns
+    if design is not None and keep is None:
+        warnings.warn(
+            "a design given as a plain matrix has no column roles, so no column is kept: a "
+            "label among its columns would be removed with the metadata. Pass the "
+            "metanorm.design.Design itself (its keep is used), or keep= explicitly (keep=() for "
+            "none); a plain matrix without keep= will be an error in a future release",
+            FutureWarning,
+            stacklevel=_caller_level(),
+        )
+    return keep or (), None
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside ``metanorm.nn`` (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        ("metanorm.nn", "torch.nn.modules")
+    ):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
+def _names(indices: Iterable[int], columns: tuple[str, ...] | None) -> list[Any]:
+    return [columns[i] if columns is not None else i for i in indices]
 
 
 class _MetadataNormBase(nn.Module):
@@ -444,6 +498,38 @@ class _LazyMixin(LazyModuleMixin, _MetadataNormBase):
                 )
             self.num_features = self._infer_num_features(input)
             self._materialize((self.num_metadata, self.num_features))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        lazy = [
+            name
+            for name, tensor in (*self._buffers.items(), *self._parameters.items())
+            if isinstance(tensor, UninitializedBuffer | UninitializedParameter)
+        ]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._width_from_state(lazy)
+
+    def _width_from_state(self, lazy: list[str]) -> None:
+        """Sets ``num_features`` from the ``(K, D)`` state a checkpoint materialised."""
+        if self.num_features != 0:
+            return
+        for name in lazy:
+            tensor = getattr(self, name, None)
+            if isinstance(tensor, Tensor) and not isinstance(
+                tensor, UninitializedBuffer | UninitializedParameter
+            ):
+                self.num_features = int(tensor.shape[1])
+                return
 
     def _materialize(self, shape: tuple[int, ...]) -> None:
         with torch.no_grad():

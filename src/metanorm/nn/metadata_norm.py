@@ -12,6 +12,7 @@ from metanorm.design import Design
 from metanorm.linalg import batch_weight, inverse_gram, remove_effect, weighted_rows
 from metanorm.nn import functional as MF
 from metanorm.nn._base import (  # noqa: F401 (check_num_features: its old home)
+    _check_keep,
     _LazyMixin,
     _MetadataNormBase,
     check_num_features,
@@ -195,9 +196,7 @@ class MetadataNorm(_MetadataNormBase):
             k, n = num_metadata, 0
             gram_inverse = torch.zeros(k, k, dtype=torch.float64)
         else:
-            if isinstance(design, Design):
-                columns = design.columns
-                keep = design.keep if keep is None else keep
+            keep, columns = _check_keep(design, keep)
             gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)
             k = gram_inverse.shape[0]
             n = design.shape[0] if isinstance(design, Design) else len(design)
@@ -334,15 +333,17 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
     Run one batch before :func:`torch.compile` or building an optimizer.
 
     Args:
-        design: the whole training set's design (see :class:`MetadataNorm`).
-        keep, momentum, track_running_stats, ridge, on_nonfinite, channelwise, device, dtype: as
-            for :class:`MetadataNorm`.
+        design: the whole training set's design (see :class:`MetadataNorm`); ``None`` (with
+            ``num_metadata``) builds an empty layer to restore with
+            :meth:`~torch.nn.Module.load_state_dict`, which also sets ``num_features``.
+        keep, momentum, num_metadata, track_running_stats, ridge, on_nonfinite, channelwise,
+            device, dtype: as for :class:`MetadataNorm`.
 
     Examples::
 
         >>> import torch
         >>> design = torch.cat([torch.randn(50, 1), torch.ones(50, 1)], dim=1)
-        >>> layer = LazyMetadataNorm(design)
+        >>> layer = LazyMetadataNorm(design, keep=())
         >>> layer(torch.randn(10, 4, 3, 3), design[:10]).shape
         torch.Size([10, 4, 3, 3])
         >>> type(layer).__name__, layer.num_features
@@ -353,10 +354,11 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
 
     def __init__(
         self,
-        design: Any,
+        design: Any = None,
         keep: Iterable[int | str] | None = None,
         momentum: float | None = 0.1,
         *,
+        num_metadata: int | None = None,
         track_running_stats: bool = True,
         ridge: float = 0.0,
         on_nonfinite: str = "skip",
@@ -369,6 +371,7 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
             design,
             keep,
             momentum,
+            num_metadata=num_metadata,
             track_running_stats=track_running_stats,
             ridge=ridge,
             on_nonfinite=on_nonfinite,

@@ -19,7 +19,7 @@ from metanorm._validation import describe
 from metanorm.design import Design
 from metanorm.linalg import apply_weight, batch_weight, inverse_gram
 from metanorm.nn import functional as MF
-from metanorm.nn._base import _LazyMixin, _MetadataNormBase, check_number
+from metanorm.nn._base import _check_keep, _LazyMixin, _MetadataNormBase, check_number
 from metanorm.nn._functions import AllReduceSum, StatisticsReducer
 
 __all__ = ["LazyMetadataScaleNorm", "MetadataScaleNorm"]
@@ -118,9 +118,8 @@ class MetadataScaleNorm(_MetadataNormBase):
             gram_inverse = torch.zeros(k, k, dtype=torch.float64)
             constant: list[int] = []
         else:
+            keep, columns = _check_keep(design, keep)
             if isinstance(design, Design):
-                columns = design.columns
-                keep = design.keep if keep is None else keep
                 matrix = torch.as_tensor(design.matrix, dtype=torch.float64)
             else:
                 matrix = torch.as_tensor(design, dtype=torch.float64)
@@ -269,14 +268,16 @@ class LazyMetadataScaleNorm(_LazyMixin, MetadataScaleNorm):
     r"""A :class:`MetadataScaleNorm` whose ``num_channels`` is inferred from its first input.
 
     Args:
-        design: the whole training set's design (see :class:`MetadataScaleNorm`).
+        design: the whole training set's design (see :class:`MetadataScaleNorm`); ``None``
+            (with ``num_metadata=``) builds an empty layer to restore with
+            :meth:`~torch.nn.Module.load_state_dict`, which also sets ``num_channels``.
         **kwargs: the other arguments of :class:`MetadataScaleNorm`.
 
     Examples::
 
         >>> import torch
         >>> design = torch.cat([torch.rand(40, 1), torch.ones(40, 1)], dim=1)
-        >>> layer = LazyMetadataScaleNorm(design)
+        >>> layer = LazyMetadataScaleNorm(design, keep=())
         >>> layer(torch.randn(8, 3, 4, 4), design[:8]).shape
         torch.Size([8, 3, 4, 4])
         >>> type(layer).__name__, layer.num_channels
@@ -285,5 +286,5 @@ class LazyMetadataScaleNorm(_LazyMixin, MetadataScaleNorm):
 
     cls_to_become = MetadataScaleNorm
 
-    def __init__(self, design: Any, **kwargs: Any) -> None:
+    def __init__(self, design: Any = None, **kwargs: Any) -> None:
         super().__init__(0, design, **kwargs)

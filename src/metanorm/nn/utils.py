@@ -109,7 +109,7 @@ def refit_running_beta(
         >>> import torch
         >>> from metanorm.nn import MetadataNorm, MetadataSequential
         >>> design = torch.cat([torch.randn(40, 1), torch.ones(40, 1)], dim=1)
-        >>> model = MetadataSequential(torch.nn.Linear(3, 5), MetadataNorm(5, design))
+        >>> model = MetadataSequential(torch.nn.Linear(3, 5), MetadataNorm(5, design, keep=()))
         >>> data = [(torch.randn(20, 3), design[:20]), (torch.randn(20, 3), design[20:])]
         >>> refit_running_beta(model, data)
         1
