@@ -8,19 +8,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from metanorm._validation import describe
 from metanorm.nn._base import _MetadataNormBase
 from metanorm.nn.scope import MetadataModel
 
 __all__ = ["refit_running_beta"]
 
 
-def _default_call(model: nn.Module, batch: Any, device: torch.device | str | None) -> None:
+_CALL_HINT = (
+    "pass call= to run other batches, e.g. call=lambda model, batch: "
+    "model(batch['image'], metadata=batch['rows']) (a MetadataModel) or "
+    "call=lambda model, batch: model(batch[0], batch[1]) (rows in the middle)"
+)
+
+
+def _default_call(
+    model: nn.Module, batch: Any, device: torch.device | str | None, widths: set[int]
+) -> None:
     if not isinstance(batch, list | tuple) or len(batch) < 2:
         raise TypeError(
-            "expected each batch to be a tuple (input, ..., design_rows), got "
-            f"{type(batch).__name__}; pass call=lambda model, batch: ... to run other batches"
+            "refit_running_beta's default call: expected each batch to be a tuple (input, ..., "
+            f"design_rows), the design rows last, got {describe(batch)}; {_CALL_HINT}"
         )
     x, rows = batch[0], batch[-1]
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] not in widths:
+        want = " or ".join(str(k) for k in sorted(widths))
+        raise ValueError(
+            "refit_running_beta's default call takes the last element of each batch as the "
+            f"design rows, (m, K) with K = {want} (the MDN layers' columns); the last of this "
+            f"batch of {len(batch)} is {describe(rows)}. Put the rows last, (input, ..., "
+            f"design_rows), or {_CALL_HINT}"
+        )
     if device is not None:
         x, rows = x.to(device), rows.to(device)
     if isinstance(model, MetadataModel):
@@ -92,8 +110,10 @@ def refit_running_beta(
         model: the model.
         loader: the training data, e.g. a :class:`~torch.utils.data.DataLoader`.
         call: ``call(model, batch)`` runs the model on one batch. Default: each batch is a tuple
-            ``(input, ..., design_rows)`` and the model is called as ``model(input, design_rows)``,
-            or ``model(input, metadata=design_rows)`` for a :class:`~metanorm.nn.MetadataModel`.
+            ``(input, ..., design_rows)``, the design rows **last**, and the model is called as
+            ``model(input, design_rows)``, or ``model(input, metadata=design_rows)`` for a
+            :class:`~metanorm.nn.MetadataModel`; other batches (a dict, the rows elsewhere)
+            need ``call=``, and the default call says so.
         device: where to move ``input`` and ``design_rows`` (default call only).
         layer_by_layer: refit the layers one at a time (see above). Default: ``True``.
         estimators: refit only layers of these classes (``isinstance``), e.g.
@@ -123,7 +143,8 @@ def refit_running_beta(
     ]
     if not layers:
         return 0
-    run = call if call is not None else (lambda mdl, batch: _default_call(mdl, batch, device))
+    widths = {layer.num_metadata for layer in layers}
+    run = call if call is not None else (lambda mdl, b: _default_call(mdl, b, device, widths))
     flags = {module: module.training for module in model.modules()}
     try:
         model.eval()
