@@ -461,6 +461,8 @@ def test_ddp_training_matches_one_process_on_the_union_batches(results, name, sp
         for key, want in model.named_parameters():
             torch.testing.assert_close(got["params"][key], want.detach(), atol=1e-10, rtol=0)
         for key, want in model.named_buffers():
+            if "design_rows" in key:  # each process checks its own rows against the design
+                continue
             torch.testing.assert_close(got["buffers"][key], want, atol=1e-10, rtol=0)
     assert int(model.norm1.num_batches_tracked) == STEPS
 

@@ -253,6 +253,13 @@ class _MetadataNormBase(nn.Module):
             if counter is not None:
                 counter.zero_()
         self._fallback_seen = (0, 0)
+        self._reset_design_sanity()
+
+    def _reset_design_sanity(self) -> None:
+        for name in ("design_rows_gram", "design_rows_seen"):
+            tensor = getattr(self, name, None)
+            if tensor is not None:
+                tensor.zero_()
 
     def _reducer(self) -> StatisticsReducer | None:
         """Where the batch statistics of several processes meet (None: this process only)."""
@@ -303,6 +310,8 @@ class _MetadataNormBase(nn.Module):
         if rows.requires_grad:
             rows = rows.detach()
         with autocast_off(input.device.type):
+            if self.training and self._refit_sums is None:
+                self._accumulate_design_sanity(rows)
             out = self._normalize(MF._as_dtype(input, dtype), rows, reducer)
         return MF._as_dtype(out, input.dtype)
 
@@ -349,6 +358,7 @@ class _MetadataNormBase(nn.Module):
         """Sets the training mode; leaving training checks how many batches fell back."""
         if not mode and self.training:
             self._check_fallback()
+            self._warn_design_mismatch()
         return super().train(mode)
 
     def _check_fallback(self) -> None:
@@ -375,6 +385,94 @@ class _MetadataNormBase(nn.Module):
                 stacklevel=3,
             )
 
+    # ---------------------------------------------------------------- design sanity
+
+    def _init_design_sanity(self, device: torch.device | str | None) -> None:
+        """Registers the training rows' ΣX_bᵀX_b and row count (device buffers, not saved)."""
+        k = self.num_metadata
+        zeros = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.register_buffer("design_rows_gram", zeros, persistent=False)
+        # a long counter: adding a Python int to a 0-d float64 buffer is lost under torch.compile
+        self.register_buffer(
+            "design_rows_seen", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
+        self._design_warned = False
+
+    def _accumulate_design_sanity(self, rows: Tensor) -> None:
+        """Adds a training batch's X_bᵀX_b and m (one K×K product on the device, no sync)."""
+        gram = getattr(self, "design_rows_gram", None)
+        seen = getattr(self, "design_rows_seen", None)
+        if gram is None or seen is None or rows.device.type == "meta":
+            return
+        with torch.no_grad():
+            gram.add_(rows.T @ rows)
+            seen.add_(rows.shape[0])
+
+    def _design_gap(self, gram: Tensor, rows: float) -> tuple[float, float, list[Any]] | None:
+        r"""How far the rows seen are from the layer's design, or ``None`` if not checkable.
+
+        The gap is :math:`\lVert S^{-1/2}(G/M - \Sigma/N)S^{-1/2}\rVert_F /
+        \lVert S^{-1/2}(\Sigma/N)S^{-1/2}\rVert_F`, with G/M the rows' mean outer product,
+        :math:`\Sigma/N` the design's and S the diagonal of :math:`\Sigma/N` (each column scaled
+        by its root mean square in the design, so that units do not matter). Returns the gap,
+        the tolerance (0.25 plus three times the sampling noise :math:`\sqrt{1/N + 1/M}`) and
+        the columns that differ most.
+        """
+        gram_inverse = getattr(self, "gram_inverse", None)
+        n_samples = getattr(self, "n_samples", None)
+        k = self.num_metadata
+        if gram_inverse is None or n_samples is None or gram_inverse.device.type == "meta":
+            return None
+        n = float(n_samples)
+        if n <= 0 or rows < DESIGN_CHECK_ROWS_PER_COLUMN * k:
+            return None
+        eye = torch.eye(k, dtype=torch.float64)
+        sigma = torch.linalg.inv(gram_inverse.detach().double().cpu())
+        sigma = sigma - float(getattr(self, "ridge", 0.0)) * eye
+        reference = sigma / n
+        scale = reference.diagonal().clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+        outer = scale[:, None] * scale[None, :]
+        diff = (gram.detach().double().cpu() / rows - reference) * outer
+        gap = float(diff.norm() / (reference * outer).norm())
+        tolerance = DESIGN_GAP_TOLERANCE + 3.0 * math.sqrt(1.0 / n + 1.0 / rows)
+        per_column = diff.norm(dim=0)
+        order = per_column.argsort(descending=True).tolist()
+        worst = [j for j in order[:3] if per_column[j] >= 0.5 * per_column[order[0]]]
+        return gap, tolerance, _names(worst, self.columns)
+
+    def _design_message(self, gap: float, tolerance: float, worst: list[Any], rows: int) -> str:
+        return (
+            f"{type(self).__name__}: the design rows it was given do not describe the layer's "
+            f"design: over {rows} rows, their mean outer product differs from the design's "
+            f"XᵀX/N by a relative gap of {gap:.2f} (more than {tolerance:.2f}, what sampling "
+            f"explains); the columns that differ most: {worst}. Σ⁻¹ and N come from the design "
+            "the layer was built with: build it from the design of the data it is trained on "
+            "(a representative subsample is fine), in the same column order and coding"
+        )
+
+    def _warn_design_mismatch(self) -> None:
+        """At ``eval()``: warns once if the training rows seen do not match the design."""
+        gram = getattr(self, "design_rows_gram", None)
+        seen = getattr(self, "design_rows_seen", None)
+        if gram is None or seen is None or getattr(self, "_design_warned", False):
+            return
+        if seen.device.type == "meta":
+            return
+        rows = float(seen)  # read at eval(), not in the forward pass
+        found = self._design_gap(gram, rows)
+        if found is not None and found[0] > found[1]:
+            self._design_warned = True
+            warnings.warn(self._design_message(*found, int(rows)), UserWarning, stacklevel=3)
+
+    def _check_refit_rows(self, xtx: Tensor, count: int) -> None:
+        """At a refit: raises if the refit's rows do not match the design."""
+        found = self._design_gap(xtx, float(count))
+        if found is not None and found[0] > found[1]:
+            raise ValueError(
+                self._design_message(*found, count)
+                + "; refit_running_beta(..., check_design=False) skips this check"
+            )
+
     # ---------------------------------------------------------------- refit
 
     def _refittable(self) -> bool:
@@ -388,9 +486,10 @@ class _MetadataNormBase(nn.Module):
         """What the refit regresses on the design rows (the features by default)."""
         return features
 
-    def _begin_refit(self) -> None:
+    def _begin_refit(self, check_design: bool = True) -> None:
         self._check_fallback()
         self._refit_sums = [None, None, 0, 0]
+        self._refit_check_design = check_design
 
     def _accumulate(self, target: Tensor, rows: Tensor) -> None:
         sums = self._refit_sums
@@ -435,6 +534,8 @@ class _MetadataNormBase(nn.Module):
                 count, batches = int(packed[-1]), int(most[1])
         if xty is None or count == 0:
             return False
+        if getattr(self, "_refit_check_design", True):
+            self._check_refit_rows(xtx, count)
         with torch.no_grad():
             self._load_refit(xtx, xty, count)
             for name, value in (

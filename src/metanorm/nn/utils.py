@@ -78,6 +78,7 @@ def refit_running_beta(
     device: torch.device | str | None = None,
     layer_by_layer: bool = True,
     estimators: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+    check_design: bool = True,
 ) -> int:
     r"""Refits the evaluation β of every MDN layer by least squares over a data set.
 
@@ -119,6 +120,15 @@ def refit_running_beta(
         estimators: refit only layers of these classes (``isinstance``), e.g.
             ``MetadataNorm`` to leave a recursive layer's forgetting memory as it is. Default:
             every MDN estimator.
+        check_design: check that the rows of the pass describe each batch layer's design
+            (:class:`~metanorm.nn.MetadataNorm`, :class:`~metanorm.nn.MetadataScaleNorm`):
+            with at least 10·K rows, their mean outer product :math:`X^\top X/S` must be within
+            a relative gap of 0.25 (plus the sampling noise) of the design's :math:`\Sigma/N`.
+            Default: ``True``.
+
+    Raises:
+        ValueError: the rows of the pass do not describe a layer's design (the message names
+            the columns that differ most); the layer's state is left as it was.
 
     Returns:
         The number of MDN layers refitted (0 leaves the model untouched: no MDN layer with a
@@ -155,7 +165,7 @@ def refit_running_beta(
         groups = [[layer] for layer in layers] if layer_by_layer else [layers]
         for group in groups:
             for layer in group:
-                layer._begin_refit()
+                layer._begin_refit(check_design)
             try:
                 for batch in loader:
                     run(model, batch)
