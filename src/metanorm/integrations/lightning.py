@@ -89,9 +89,10 @@ class MetadataNormSync(_LayerSync):
 
     ``apply`` (called by Lightning's DDP strategies when ``fit`` starts, before the model is
     wrapped) converts every MDN layer to its synchronised class with
-    :meth:`SyncMetadataNorm.convert_sync_metadata_norm` and, with ``batch_norm=True``, every
-    BatchNorm with :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`; ``revert`` (called when
-    ``fit`` ends) turns them back into plain layers. The layers keep their parameters and
+    :meth:`~metanorm.nn.SyncMetadataNorm.convert_sync_metadata_norm` and, with
+    ``batch_norm=True``, every BatchNorm with
+    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`; ``revert`` (called when ``fit`` ends)
+    turns them back into plain layers. The layers keep their parameters and
     buffers (running β, Σ⁻¹, running mean and variance) through both.
 
     In one process (or without torch.distributed) the synced layers compute what the plain ones

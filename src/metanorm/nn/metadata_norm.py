@@ -337,8 +337,8 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
         design: the whole training set's design (see :class:`MetadataNorm`); ``None`` (with
             ``num_metadata``) builds an empty layer to restore with
             :meth:`~torch.nn.Module.load_state_dict`, which also sets ``num_features``.
-        keep, momentum, num_metadata, track_running_stats, ridge, on_nonfinite, channelwise,
-            device, dtype: as for :class:`MetadataNorm`.
+        keep, momentum, num_metadata, track_running_stats: as for :class:`MetadataNorm`.
+        ridge, on_nonfinite, channelwise, device, dtype: as for :class:`MetadataNorm`.
 
     Examples::
 
