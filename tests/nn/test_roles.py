@@ -18,6 +18,9 @@ from metanorm.nn import (
     PenaltyMetadataNorm,
     RecursiveMetadataNorm,
     SyncMetadataNorm,
+    SyncMetadataScaleNorm,
+    SyncPenaltyMetadataNorm,
+    SyncRecursiveMetadataNorm,
     convert_metadata_norm,
 )
 
@@ -33,11 +36,14 @@ BATCH = {
     "SyncMetadataNorm": lambda d, **kw: SyncMetadataNorm(3, d, **kw),
     "LazyMetadataNorm": lambda d, **kw: LazyMetadataNorm(d, **kw),
     "MetadataScaleNorm": lambda d, **kw: MetadataScaleNorm(3, d, **kw),
+    "SyncMetadataScaleNorm": lambda d, **kw: SyncMetadataScaleNorm(3, d, **kw),
     "LazyMetadataScaleNorm": lambda d, **kw: LazyMetadataScaleNorm(d, **kw),
 }
 ONLINE = {
     "RecursiveMetadataNorm": lambda d, **kw: RecursiveMetadataNorm(3, d, **kw),
     "PenaltyMetadataNorm": lambda d, **kw: PenaltyMetadataNorm(3, d, **kw),
+    "SyncRecursiveMetadataNorm": lambda d, **kw: SyncRecursiveMetadataNorm(3, d, **kw),
+    "SyncPenaltyMetadataNorm": lambda d, **kw: SyncPenaltyMetadataNorm(3, d, **kw),
 }
 
 

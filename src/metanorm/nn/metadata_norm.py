@@ -90,7 +90,10 @@ class MetadataNorm(_MetadataNormBase):
             :math:`\Sigma^{-1}` and N are stored. ``None`` builds an empty layer of
             ``num_metadata`` columns to restore with :meth:`~torch.nn.Module.load_state_dict`.
         keep: indices (or, with a :class:`~metanorm.design.Design`, names) of the columns that
-            are estimated but not removed. Default: ``()`` (or the design's ``keep``).
+            are estimated but not removed. A :class:`~metanorm.design.Design` brings its own
+            ``keep``; another one here is a ``ValueError``. With a plain matrix pass it
+            explicitly (``keep=()`` for none): omitted, no column is kept, with a
+            ``FutureWarning`` (an error in a later release).
         momentum: the running-β momentum μ, or ``None`` for a cumulative average. Default: 0.1.
         num_metadata: K, the number of design columns; needed only without ``design``.
         track_running_stats: keep a running β for evaluation. Without it the layer always uses

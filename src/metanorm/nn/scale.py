@@ -56,7 +56,8 @@ class MetadataScaleNorm(_MetadataNormBase):
             empty layer of ``num_metadata`` columns to restore with ``load_state_dict``.
         momentum: running-β momentum (``None``: the cumulative average). Default: 0.1.
         keep: columns estimated but not divided out (labels); constant columns (the intercept)
-            are always kept. Default: ``()`` (or the design's ``keep``).
+            are always kept. As for :class:`~metanorm.nn.MetadataNorm`: a design's own
+            ``keep`` is used (another is an error); with a plain matrix pass it explicitly.
         num_metadata: K, needed only without ``design``.
         eps: added to the variance before the log. Default: 1e-5.
         ridge: added to the diagonal of ``XᵀX`` before it is inverted. Default: 0.

@@ -368,8 +368,8 @@ class SyncRecursiveMetadataNorm(_SyncMixin, RecursiveMetadataNorm):
     def __init__(
         self,
         num_features: int,
-        num_metadata: int,
-        keep: Iterable[int] = (),
+        num_metadata: int | Design,
+        keep: Iterable[int | str] | None = None,
         *,
         process_group: Any = None,
         **kwargs: Any,
@@ -393,8 +393,8 @@ class SyncPenaltyMetadataNorm(_SyncMixin, PenaltyMetadataNorm):
     def __init__(
         self,
         num_features: int,
-        num_metadata: int,
-        keep: Iterable[int] = (),
+        num_metadata: int | Design,
+        keep: Iterable[int | str] | None = None,
         *,
         process_group: Any = None,
         **kwargs: Any,
