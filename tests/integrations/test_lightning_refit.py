@@ -7,6 +7,10 @@ import torch
 from torch import nn
 
 pl = pytest.importorskip("pytorch_lightning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*LeafSpec.* is deprecated",  # Lightning's own, with this torch
+    "ignore:You defined a `validation_step` but have no `val_dataloader`",
+)
 
 from metanorm.integrations.lightning import RefitRunningBeta  # noqa: E402
 from metanorm.nn import MetadataNorm, MetadataSequential  # noqa: E402
