@@ -89,13 +89,14 @@ print(
     {k: round(v, 3) for k, v in bias.items()},
 )
 
-# save and restore into a fresh converted network (no design needed for the shapes: the lazy
-# layers take them from the checkpoint)
+# save and restore into a fresh converted network without the design: the empty lazy layers of
+# K columns take their width, kept columns, Σ⁻¹ and N from the checkpoint
 buffer = io.BytesIO()
 torch.save(model.state_dict(), buffer)
 fresh = mn.nn.convert_metadata_norm(
     resnet18(spatial_dims=3, n_input_channels=1, num_classes=2, pretrained=False),
-    design,
+    None,
+    num_metadata=design.shape[1],
     replace=last_stage,
     after=["avgpool"],
 )

@@ -88,7 +88,7 @@ def test_run_folder_contents_are_sane(sweep):
     other[:40, 0] = 1
     other[:, 1] = torch.linspace(-1, 1, 80)
     with pytest.raises(ValueError, match="another design"):
-        PaperCNN("mdn-conv", other).load_state_dict(ckpt["model"])
+        PaperCNN("mdn-conv", other, keep=[0]).load_state_dict(ckpt["model"])
     # the default refit: after the last epoch each running β comes from one pass over the
     # 80 training images (one batch of at most 500)
     assert cfg["config"]["refit_running_beta"] is True

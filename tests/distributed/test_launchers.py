@@ -157,7 +157,7 @@ def _lightning_net(design):
     return nn.ModuleDict(
         {
             "fc1": nn.Linear(4, 6),
-            "mdn": MetadataNorm(6, design),
+            "mdn": MetadataNorm(6, design, keep=()),
             "fc2": nn.Linear(6, 1),
             "bn_fc": nn.Linear(4, 3),
             "bn": nn.BatchNorm1d(3),
@@ -299,8 +299,79 @@ def test_lightning_run_matches_one_process_on_the_union_batches(lightning_result
     assert not torch.allclose(half["mdn.running_beta"], r0["mdn.running_beta"], atol=1e-3)
 
 
+def _lightning_refit_job(out: str) -> None:
+    """RefitRunningBeta under Lightning's ddp strategy: what each rank's validation uses."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from metanorm.integrations.lightning import RefitRunningBeta
+
+    torch.set_num_threads(1)
+    x, y, design = _lightning_data()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _lightning_net(design)
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            _, xb, yb, rows = batch
+            return _lightning_loss(self.net, xb, rows, yb)
+
+        def validation_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                self.seen.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    data = TensorDataset(torch.arange(N_ROWS), x, y, design)
+    trainer = pl.Trainer(
+        strategy="ddp",
+        devices=2,
+        accelerator="cpu",
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        callbacks=[RefitRunningBeta(call=lambda m, b: m.net["mdn"](m.net["fc1"](b[1]), b[3]))],
+    )
+    loader = DataLoader(data, batch_size=GLOBAL_BATCH // 2)
+    trainer.fit(Module(), loader, DataLoader(data, batch_size=N_ROWS))
+    torch.save(trainer.lightning_module.seen, os.path.join(out, f"rank{trainer.global_rank}.pt"))
+
+
+def test_lightning_refit_callback_under_ddp(tmp_path):
+    """Both ranks validate with the least-squares β over the union of their shards."""
+    if importlib.util.find_spec("pytorch_lightning") is None and (
+        importlib.util.find_spec("lightning") is None
+    ):
+        pytest.skip("needs pytorch-lightning (metanorm[lightning]) or lightning")
+    _run(
+        [sys.executable, str(Path(__file__).resolve()), "lightning-refit", str(tmp_path)], tmp_path
+    )
+    seen = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 1  # one validation, after the one epoch
+    r0, r1 = seen[0][0], seen[1][0]
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0)  # the ranks agree exactly
+    x, _, design = _lightning_data()
+    features = (x @ r0["fc1.weight"].T + r0["fc1.bias"]).double()
+    want = torch.linalg.lstsq(design.double(), features).solution.float()  # all 32 rows
+    torch.testing.assert_close(r0["mdn.running_beta"], want, rtol=1e-4, atol=1e-5)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["lightning"]:
         _lightning_job(sys.argv[2])
+    elif sys.argv[1:2] == ["lightning-refit"]:
+        _lightning_refit_job(sys.argv[2])
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} lightning OUT")
+        raise SystemExit(f"usage: {sys.argv[0]} lightning|lightning-refit OUT")

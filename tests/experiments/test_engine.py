@@ -24,10 +24,10 @@ def test_engine_functions_and_registry():
     from torch.utils.data import DataLoader
 
     from metanorm.datasets import DesignDataset
-    from metanorm.experiments.coding import build_designs
+    from metanorm.experiments.coding import build_designs, training_design
 
-    _, (rows, vrows, _) = build_designs(exp, (train, val, val))
-    model = exp.make_model("mdn-linear", rows.numpy(), cfg)
+    builder, (rows, vrows, _) = build_designs(exp, (train, val, val))
+    model = exp.make_model("mdn-linear", training_design(exp, builder, train), cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     stats = train_one_epoch(model, DataLoader(DesignDataset(train, rows), batch_size=5), opt)
     assert stats["samples"] == 24 and stats["loss"] > 0 and stats["time_s"] > 0
@@ -68,7 +68,7 @@ def test_refit_running_beta_matches_least_squares_layer_by_layer():
     splits = make_synthetic_splits(30, seed=3)
     _, rows = build_designs(exp, splits)
     torch.manual_seed(0)
-    model = PaperCNN("mdn-conv", rows[0], momentum=0.3).double()
+    model = PaperCNN("mdn-conv", rows[0], momentum=0.3, keep=()).double()
     model.train()
     x = splits[0].images.double()
     model(x[:20], rows[0][:20].double())  # some stale running state to be replaced

@@ -83,11 +83,11 @@ def test_gradients_flow_through_the_channel_means(rng):
 
 def test_checks_repr_state_dict_and_convert(rng):
     x, f = _problem(rng, n=40, c=3)
-    layer = MetadataNorm(3, x, channelwise=True)
+    layer = MetadataNorm(3, x, keep=(), channelwise=True)
     with pytest.raises(ValueError, match=r"expected input of shape \(m, C, \*\) with C = 3"):
         layer(torch.randn(40, 4, 2, 2), torch.tensor(x).float())
     with pytest.raises(TypeError, match="channelwise to be a bool"):
-        MetadataNorm(3, x, channelwise="yes")
+        MetadataNorm(3, x, keep=(), channelwise="yes")
     assert "channelwise=True" in repr(layer)
     out = layer(torch.tensor(f).float(), torch.tensor(x).float())
     assert out.shape == f.shape and out.dtype == torch.float32
@@ -101,6 +101,6 @@ def test_checks_repr_state_dict_and_convert(rng):
     )
     # in a converted model: BatchNorm2d replaced by channel-wise MDN of C features
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU())
-    model = convert_metadata_norm(net, x, replace=[torch.nn.BatchNorm2d], channelwise=True)
+    model = convert_metadata_norm(net, x, replace=[torch.nn.BatchNorm2d], channelwise=True, keep=())
     model(torch.randn(8, 1, 6, 6), metadata=torch.tensor(x[:8]).float())
     assert net[1].num_features == 3 and net[1].running_beta.shape == (5, 3)

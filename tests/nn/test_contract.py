@@ -148,7 +148,7 @@ def test_lazy_layer_becomes_the_layer_and_computes_the_same(name):
 def test_convert_with_a_layer_class_and_restore_without_a_batch(name):
     _, cls, _, _, _ = ESTIMATORS[name]
     channelwise = name == "channelwise"
-    options = {"channelwise": True} if channelwise else {}
+    options = {"keep": (), **({"channelwise": True} if channelwise else {})}
 
     def net() -> nn.Module:
         torch.manual_seed(0)
@@ -206,7 +206,7 @@ def test_sync_convert_refuses_an_unknown_subclass():
         pass
 
     with pytest.raises(TypeError, match="synchronised class"):
-        SyncMetadataNorm.convert_sync_metadata_norm(Mine(D, DESIGN))
+        SyncMetadataNorm.convert_sync_metadata_norm(Mine(D, DESIGN, keep=[0]))
 
 
 def _loader(m: int = 24):

@@ -167,18 +167,18 @@ def test_replace_by_type_every_instance_and_shared_modules_stay_shared():
     net = _Net()
     shared = nn.BatchNorm2d(4)
     net.layer1[0].bn1 = net.layer1[1].bn1 = shared
-    model = convert_metadata_norm(net, design, replace=nn.BatchNorm2d, after="layer1.0")
+    model = convert_metadata_norm(net, design, replace=nn.BatchNorm2d, after="layer1.0", keep=())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     assert net.layer1[0].bn1 is net.layer1[1].bn1
     assert sum(isinstance(m, MetadataNorm) for m in model.modules()) == 5  # 6 slots, 1 shared
     # a replaced container takes its children with it
     net2 = _Net()
-    convert_metadata_norm(net2, design, replace=["layer1", "layer1.0.bn1"])
+    convert_metadata_norm(net2, design, replace=["layer1", "layer1.0.bn1"], keep=())
     assert isinstance(net2.layer1, MetadataNorm)
     out = model(torch.randn(6, 1, 8, 8), metadata=design[:6].float())
     assert out.shape == (6, 2) and model.inserted["layer1-0"].num_features == 4 * 8 * 8
     # converting further: another layer after the head
-    convert_metadata_norm(model, design, after=["fc2"])
+    convert_metadata_norm(model, design, after=["fc2"], keep=())
     assert set(model.inserted) == {"layer1-0", "fc2"}
     with pytest.raises(ValueError, match="already inserted"):
         convert_metadata_norm(model, design, after=["fc2"])

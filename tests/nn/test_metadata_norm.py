@@ -311,7 +311,7 @@ def test_bad_input_errors(rng, inp, meta, err, match):
 )
 def test_bad_construction_errors(rng, kwargs, match):
     x, _, _, _ = _problem(rng)
-    args = {"num_features": 7, "design": x} | kwargs
+    args = {"num_features": 7, "design": x, "keep": ()} | kwargs
     with pytest.raises(ValueError, match=match):
         MetadataNorm(**args)
 
@@ -334,7 +334,7 @@ def test_design_object_gives_names_and_keep(rng):
     layer = MetadataNorm(3, design)
     assert layer.keep == (0,)
     assert "keep=[0]" in repr(layer) and "n_samples=50" in repr(layer)
-    assert MetadataNorm(3, design, keep=["site=b"]).keep == (1,)
+    assert MetadataNorm(3, design, keep=["y"]).keep == (0,)  # the design's own: allowed
 
 
 def test_eval_is_pure_and_reset(rng):
@@ -408,8 +408,8 @@ def test_metadata_sequential_routes_metadata(rng):
 
 def test_design_as_list_of_lists_and_rows_on_the_meta_device():
     rows = [[1.0, 0.2], [1.0, 0.5], [1.0, 0.9], [1.0, 0.1]]
-    layer = MetadataNorm(3, rows)
-    want = MetadataNorm(3, torch.tensor(rows, dtype=torch.float64))
+    layer = MetadataNorm(3, rows, keep=())
+    want = MetadataNorm(3, torch.tensor(rows, dtype=torch.float64), keep=())
     torch.testing.assert_close(layer.gram_inverse, want.gram_inverse, atol=0, rtol=0)
     assert int(layer.n_samples) == 4
     with pytest.raises(ValueError, match="on the meta device"):

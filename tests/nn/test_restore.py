@@ -91,7 +91,7 @@ def test_lazy_layer_loads_a_state_dict_before_its_first_call():
 
 def test_lazy_layer_errors():
     design = _design().float()
-    layer = LazyMetadataNorm(design)
+    layer = LazyMetadataNorm(design, keep=())
     with pytest.raises(ValueError, match="expected input of shape"):
         layer(torch.randn(5), design[:5])
     with pytest.raises(ValueError, match="expected design="):

@@ -71,4 +71,4 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="design rows"):
         layer(f.float(), d.tensor().float()[:, :2])
     with pytest.raises(ValueError, match="keep lists all"):
-        MetadataScaleNorm(3, torch.ones(10, 1))
+        MetadataScaleNorm(3, torch.ones(10, 1), keep=())

@@ -128,3 +128,23 @@ def test_empty_loader_refits_nothing():
     before = model[1].running_beta.clone()
     assert refit_running_beta(model, []) == 0
     torch.testing.assert_close(model[1].running_beta, before, atol=0, rtol=0)
+
+
+def test_refit_names_the_expected_batch_structure_and_call():
+    design = torch.cat([torch.randn(40, 2), torch.ones(40, 1)], dim=1)
+    model = MetadataSequential(torch.nn.Linear(3, 5), MetadataNorm(5, design, keep=()))
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,)).float()
+    before = model[1].running_beta.clone()
+    # (x, rows, y): the rows are not last
+    with pytest.raises(ValueError, match=r"last element .* design rows, \(m, K\) with K = 3") as e:
+        refit_running_beta(model, [(x, design, y)])
+    assert "call=" in str(e.value) and "shape (40,)" in str(e.value)
+    # the labels as a column are not the rows either
+    with pytest.raises(ValueError, match=r"rows last.*call="):
+        refit_running_beta(model, [(x, design, y[:, None])])
+    # a dict batch
+    with pytest.raises(TypeError, match=r"tuple \(input, \.\.\., design_rows\).*got dict.*call="):
+        refit_running_beta(model, [{"x": x, "rows": design}])
+    torch.testing.assert_close(model[1].running_beta, before)  # nothing changed
+    # with call= both work
+    assert refit_running_beta(model, [(x, design, y)], call=lambda m, b: m(b[0], b[1])) == 1

@@ -397,8 +397,14 @@ def run_continual(
             for _ in range(epochs_per_stage):
                 loss = train_one_epoch(model, loader, optimizer)["loss"]
                 # the batch GLM layers only: a refit would replace the recursive layers'
-                # forgetting memory with a closed-form fit over this stage
-                refit_running_beta(model, DataLoader(data, batch_size=500), estimators=MetadataNorm)
+                # forgetting memory with a closed-form fit over this stage ("first" keeps stage
+                # 1's design on purpose: its rows no longer describe the stage's)
+                refit_running_beta(
+                    model,
+                    DataLoader(data, batch_size=500),
+                    estimators=MetadataNorm,
+                    check_design=mdn_design == "stage",
+                )
             losses.append(loss)
             row_bacc: list[float] = []
             for j, ((_, val), vl) in enumerate(zip(stages, val_loaders, strict=True)):

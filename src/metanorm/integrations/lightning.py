@@ -14,6 +14,11 @@ when ``fit`` ends, so the module holds plain layers again afterwards::
     trainer = pl.Trainer(strategy="ddp", devices=2, plugins=[MetadataNormSync()])
     trainer.fit(module)
 
+:class:`RefitRunningBeta` is a callback that refits the MDN layers' evaluation β
+(:func:`metanorm.nn.utils.refit_running_beta`) on the training data before validation::
+
+    trainer = pl.Trainer(callbacks=[RefitRunningBeta(every_n_epochs=1)])
+
 Works with the ``pytorch_lightning`` package and with the ``lightning`` package's
 ``lightning.pytorch`` namespace, whichever is installed (with both, the plugin is an instance of
 both ``LayerSync`` classes, so either ``Trainer`` accepts it). Install with
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
@@ -31,8 +37,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from metanorm.nn import SyncMetadataNorm, revert_sync_metadata_norm
+from metanorm.nn.utils import refit_running_beta
 
-__all__ = ["MetadataNormSync"]
+__all__ = ["MetadataNormSync", "RefitRunningBeta"]
 
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -65,14 +72,27 @@ else:
         """``LayerSync`` of every installed Lightning namespace."""
 
 
+_CALLBACKS = [importlib.import_module(m.__name__.rpartition(".")[0]) for m in _PLUGINS]
+
+if TYPE_CHECKING:
+    from pytorch_lightning import Callback as _Callback
+elif len(_CALLBACKS) == 1:
+    _Callback = _CALLBACKS[0].Callback
+else:
+
+    class _Callback(*(m.Callback for m in _CALLBACKS)):
+        """``Callback`` of every installed Lightning namespace."""
+
+
 class MetadataNormSync(_LayerSync):
     """A Lightning ``LayerSync`` plugin for MetadataNorm and BatchNorm layers.
 
     ``apply`` (called by Lightning's DDP strategies when ``fit`` starts, before the model is
     wrapped) converts every MDN layer to its synchronised class with
-    :meth:`SyncMetadataNorm.convert_sync_metadata_norm` and, with ``batch_norm=True``, every
-    BatchNorm with :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`; ``revert`` (called when
-    ``fit`` ends) turns them back into plain layers. The layers keep their parameters and
+    :meth:`~metanorm.nn.SyncMetadataNorm.convert_sync_metadata_norm` and, with
+    ``batch_norm=True``, every BatchNorm with
+    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`; ``revert`` (called when ``fit`` ends)
+    turns them back into plain layers. The layers keep their parameters and
     buffers (running β, Σ⁻¹, running mean and variance) through both.
 
     In one process (or without torch.distributed) the synced layers compute what the plain ones
@@ -99,7 +119,7 @@ class MetadataNormSync(_LayerSync):
         >>> from metanorm.nn import MetadataNorm
         >>> design = torch.cat([torch.randn(40, 1), torch.ones(40, 1)], dim=1)
         >>> model = torch.nn.Sequential(
-        ...     torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), MetadataNorm(8, design)
+        ...     torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), MetadataNorm(8, design, keep=())
         ... )
         >>> plugin = MetadataNormSync()
         >>> [type(m).__name__ for m in plugin.apply(model)]
@@ -197,3 +217,95 @@ def _revert_sync_batchnorm(module: nn.Module) -> nn.Module:
         if reverted is not child:
             module.add_module(name, reverted)
     return module
+
+
+class RefitRunningBeta(_Callback):
+    """A Lightning callback that refits the MDN layers' evaluation β before validation.
+
+    A running β averaged over an epoch's batches lags behind the final weights;
+    :func:`metanorm.nn.utils.refit_running_beta` replaces it by the least-squares β of the
+    current weights over the training data. Lightning runs validation *inside* the training
+    epoch, before ``on_train_epoch_end``, so a refit in that hook comes too late for the
+    validation of its epoch. This callback refits in ``on_validation_epoch_start`` while
+    fitting (not in the sanity check, nor in ``trainer.validate``), and in
+    ``on_train_epoch_end`` when no validation followed the epoch's last step; once per step.
+    Under DDP every process refits on its shard of the training loader and the sums are
+    all-reduced, so the processes end with the same β (the refit runs on every process: all
+    must reach the hook, as they do).
+
+    Args:
+        every_n_epochs: refit in every n-th epoch (epochs n-1, 2n-1, ... counting from 0).
+            Default: 1.
+        loader: the data to refit on (batches of ``(input, ..., design_rows)`` unless
+            ``call`` is given). Default: the trainer's training loader.
+        call: ``call(pl_module, batch)`` runs the module on one batch (see
+            :func:`~metanorm.nn.utils.refit_running_beta`). Default: ``pl_module(input,
+            design_rows)`` on the module's device.
+        layer_by_layer, estimators, check_design: as for
+            :func:`~metanorm.nn.utils.refit_running_beta`.
+
+    Examples::
+
+        >>> callback = RefitRunningBeta(every_n_epochs=2)
+        >>> callback
+        RefitRunningBeta(every_n_epochs=2)
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        *,
+        loader: Iterable[Any] | None = None,
+        call: Callable[[nn.Module, Any], Any] | None = None,
+        layer_by_layer: bool = True,
+        estimators: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+        check_design: bool = True,
+    ) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
+            raise TypeError(f"expected every_n_epochs to be a positive int, got {every_n_epochs!r}")
+        if every_n_epochs < 1:
+            raise ValueError(f"expected every_n_epochs to be a positive int, got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+        self.loader = loader
+        self.call = call
+        self.layer_by_layer = layer_by_layer
+        self.estimators = estimators
+        self.check_design = check_design
+        self._last: tuple[int, int] | None = None
+
+    def _due(self, trainer: Any) -> bool:
+        return (int(trainer.current_epoch) + 1) % self.every_n_epochs == 0
+
+    def _refit(self, trainer: Any, pl_module: nn.Module) -> None:
+        step = (int(trainer.current_epoch), int(trainer.global_step))
+        if self._last == step or not self._due(trainer):
+            return
+        loader = self.loader if self.loader is not None else trainer.train_dataloader
+        if loader is None or isinstance(loader, dict | list | tuple):
+            raise ValueError(
+                "RefitRunningBeta: expected one training loader to refit on, got "
+                f"{type(loader).__name__}; pass RefitRunningBeta(loader=...)"
+            )
+        self._last = step
+        refit_running_beta(
+            pl_module,
+            loader,
+            call=self.call,
+            device=None if self.call is not None else getattr(pl_module, "device", None),
+            layer_by_layer=self.layer_by_layer,
+            estimators=self.estimators,
+            check_design=self.check_design,
+        )
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Refits before a validation while fitting (not in the sanity check)."""
+        if trainer.sanity_checking or str(getattr(trainer.state.fn, "value", "")) != "fit":
+            return
+        self._refit(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Refits at the end of an epoch that no validation followed."""
+        self._refit(trainer, pl_module)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(every_n_epochs={self.every_n_epochs})"

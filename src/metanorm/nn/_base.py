@@ -19,6 +19,7 @@ to another design.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from metanorm._validation import describe
+from metanorm.design import Design
 from metanorm.nn import functional as MF
 from metanorm.nn import scope as _scope
 from metanorm.nn._functions import StatisticsReducer, autocast_off
@@ -46,6 +48,10 @@ _PINNED_DTYPE = ("gram_inverse", "n_samples", "covariance")
 _DESIGN_BUFFERS = ("gram_inverse", "n_samples", "remove_mask")
 #: Relative tolerance of the Gram Σ/N comparison at load (bits differ across machines).
 GRAM_RTOL = 1e-9
+#: Design sanity: the relative gap between the training rows' and the design's second moments
+#: above which the layer warns (refit: raises), and the rows per column needed before checking.
+DESIGN_GAP_TOLERANCE = 0.25
+DESIGN_CHECK_ROWS_PER_COLUMN = 10
 
 
 def check_number(name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
@@ -111,6 +117,54 @@ def resolve_keep(
         else:
             raise TypeError(f"expected keep entries to be ints or column names, got {c!r}")
     return tuple(sorted(set(out)))
+
+
+def _check_keep(
+    design: Any, keep: Iterable[int | str] | None
+) -> tuple[Iterable[int | str], tuple[str, ...] | None]:
+    """The kept columns and column names of a layer built from ``design`` with ``keep=``.
+
+    A :class:`~metanorm.design.Design` carries its columns' roles: its ``keep`` is used, and a
+    ``keep=`` that names other columns is a ``ValueError`` (naming both). A plain matrix has no
+    roles: without ``keep=`` no column is kept, with a ``FutureWarning`` (an explicit ``keep=()``
+    silences it); a later release will require ``keep=`` there.
+    """
+    if isinstance(design, Design):
+        k, columns = design.shape[1], design.columns
+        if keep is not None:
+            given = resolve_keep(keep, k, columns)
+            if given != tuple(sorted(design.keep)):
+                raise ValueError(
+                    f"keep={_names(given, columns)} contradicts the design's own keep="
+                    f"{_names(design.keep, columns)}: a Design carries its columns' roles; drop "
+                    "keep= (the design's is used) or build the design with the columns to keep, "
+                    "e.g. make_design(data, keep=[...])"
+                )
+        return design.keep, columns
+    if design is not None and keep is None:
+        warnings.warn(
+            "a design given as a plain matrix has no column roles, so no column is kept: a "
+            "label among its columns would be removed with the metadata. Pass the "
+            "metanorm.design.Design itself (its keep is used), or keep= explicitly (keep=() for "
+            "none); a plain matrix without keep= will be an error in a future release",
+            FutureWarning,
+            stacklevel=_caller_level(),
+        )
+    return keep or (), None
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside ``metanorm.nn`` (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        ("metanorm.nn", "torch.nn.modules")
+    ):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
+def _names(indices: Iterable[int], columns: tuple[str, ...] | None) -> list[Any]:
+    return [columns[i] if columns is not None else i for i in indices]
 
 
 class _MetadataNormBase(nn.Module):
@@ -216,6 +270,13 @@ class _MetadataNormBase(nn.Module):
                 counter.zero_()
         self._fallback_seen = (0, 0)
         self._skipped_reported = 0
+        self._reset_design_sanity()
+
+    def _reset_design_sanity(self) -> None:
+        for name in ("design_rows_gram", "design_rows_seen"):
+            tensor = getattr(self, name, None)
+            if tensor is not None:
+                tensor.zero_()
 
     def _reducer(self) -> StatisticsReducer | None:
         """Where the batch statistics of several processes meet (None: this process only)."""
@@ -267,6 +328,8 @@ class _MetadataNormBase(nn.Module):
             self._refuse_grad_rows()
             rows = rows.detach()
         with autocast_off(input.device.type):
+            if self.training and self._refit_sums is None:
+                self._accumulate_design_sanity(rows)
             out = self._normalize(MF._as_dtype(input, dtype), rows, reducer)
         return MF._as_dtype(out, input.dtype)
 
@@ -320,6 +383,7 @@ class _MetadataNormBase(nn.Module):
             self._check_fallback()
             self._warn_skipped()
             self._warn_untrained()
+            self._warn_design_mismatch()
         return super().train(mode)
 
     def _check_fallback(self) -> None:
@@ -346,6 +410,94 @@ class _MetadataNormBase(nn.Module):
                 stacklevel=3,
             )
 
+    # ---------------------------------------------------------------- design sanity
+
+    def _init_design_sanity(self, device: torch.device | str | None) -> None:
+        """Registers the training rows' ΣX_bᵀX_b and row count (device buffers, not saved)."""
+        k = self.num_metadata
+        zeros = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.register_buffer("design_rows_gram", zeros, persistent=False)
+        # a long counter: adding a Python int to a 0-d float64 buffer is lost under torch.compile
+        self.register_buffer(
+            "design_rows_seen", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
+        self._design_warned = False
+
+    def _accumulate_design_sanity(self, rows: Tensor) -> None:
+        """Adds a training batch's X_bᵀX_b and m (one K×K product on the device, no sync)."""
+        gram = getattr(self, "design_rows_gram", None)
+        seen = getattr(self, "design_rows_seen", None)
+        if gram is None or seen is None or rows.device.type == "meta":
+            return
+        with torch.no_grad():
+            gram.add_(rows.T @ rows)
+            seen.add_(rows.shape[0])
+
+    def _design_gap(self, gram: Tensor, rows: float) -> tuple[float, float, list[Any]] | None:
+        r"""How far the rows seen are from the layer's design, or ``None`` if not checkable.
+
+        The gap is :math:`\lVert S^{-1/2}(G/M - \Sigma/N)S^{-1/2}\rVert_F /
+        \lVert S^{-1/2}(\Sigma/N)S^{-1/2}\rVert_F`, with G/M the rows' mean outer product,
+        :math:`\Sigma/N` the design's and S the diagonal of :math:`\Sigma/N` (each column scaled
+        by its root mean square in the design, so that units do not matter). Returns the gap,
+        the tolerance (0.25 plus three times the sampling noise :math:`\sqrt{1/N + 1/M}`) and
+        the columns that differ most.
+        """
+        gram_inverse = getattr(self, "gram_inverse", None)
+        n_samples = getattr(self, "n_samples", None)
+        k = self.num_metadata
+        if gram_inverse is None or n_samples is None or gram_inverse.device.type == "meta":
+            return None
+        n = float(n_samples)
+        if n <= 0 or rows < DESIGN_CHECK_ROWS_PER_COLUMN * k:
+            return None
+        eye = torch.eye(k, dtype=torch.float64)
+        sigma = torch.linalg.inv(gram_inverse.detach().double().cpu())
+        sigma = sigma - float(getattr(self, "ridge", 0.0)) * eye
+        reference = sigma / n
+        scale = reference.diagonal().clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+        outer = scale[:, None] * scale[None, :]
+        diff = (gram.detach().double().cpu() / rows - reference) * outer
+        gap = float(diff.norm() / (reference * outer).norm())
+        tolerance = DESIGN_GAP_TOLERANCE + 3.0 * math.sqrt(1.0 / n + 1.0 / rows)
+        per_column = diff.norm(dim=0)
+        order = per_column.argsort(descending=True).tolist()
+        worst = [j for j in order[:3] if per_column[j] >= 0.5 * per_column[order[0]]]
+        return gap, tolerance, _names(worst, self.columns)
+
+    def _design_message(self, gap: float, tolerance: float, worst: list[Any], rows: int) -> str:
+        return (
+            f"{type(self).__name__}: the design rows it was given do not describe the layer's "
+            f"design: over {rows} rows, their mean outer product differs from the design's "
+            f"XᵀX/N by a relative gap of {gap:.2f} (more than {tolerance:.2f}, what sampling "
+            f"explains); the columns that differ most: {worst}. Σ⁻¹ and N come from the design "
+            "the layer was built with: build it from the design of the data it is trained on "
+            "(a representative subsample is fine), in the same column order and coding"
+        )
+
+    def _warn_design_mismatch(self) -> None:
+        """At ``eval()``: warns once if the training rows seen do not match the design."""
+        gram = getattr(self, "design_rows_gram", None)
+        seen = getattr(self, "design_rows_seen", None)
+        if gram is None or seen is None or getattr(self, "_design_warned", False):
+            return
+        if seen.device.type == "meta":
+            return
+        rows = float(seen)  # read at eval(), not in the forward pass
+        found = self._design_gap(gram, rows)
+        if found is not None and found[0] > found[1]:
+            self._design_warned = True
+            warnings.warn(self._design_message(*found, int(rows)), UserWarning, stacklevel=3)
+
+    def _check_refit_rows(self, xtx: Tensor, count: int) -> None:
+        """At a refit: raises if the refit's rows do not match the design."""
+        found = self._design_gap(xtx, float(count))
+        if found is not None and found[0] > found[1]:
+            raise ValueError(
+                self._design_message(*found, count)
+                + "; refit_running_beta(..., check_design=False) skips this check"
+            )
+
     # ---------------------------------------------------------------- refit
 
     def _refittable(self) -> bool:
@@ -359,11 +511,12 @@ class _MetadataNormBase(nn.Module):
         """What the refit regresses on the design rows (the features by default)."""
         return features
 
-    def _begin_refit(self, stage: int = 0) -> None:
+    def _begin_refit(self, stage: int = 0, check_design: bool = True) -> None:
         """Starts refit pass ``stage`` (0, ..., ``_refit_passes`` - 1)."""
         self._check_fallback()
         self._warn_skipped()
         self._refit_sums = [None, None, 0, 0]
+        self._refit_check_design = check_design
 
     def _accumulate(self, target: Tensor, rows: Tensor) -> None:
         sums = self._refit_sums
@@ -408,6 +561,8 @@ class _MetadataNormBase(nn.Module):
                 count, batches = int(packed[-1]), int(most[1])
         if xty is None or count == 0:
             return False
+        if getattr(self, "_refit_check_design", True):
+            self._check_refit_rows(xtx, count)
         with torch.no_grad():
             self._load_refit(xtx, xty, count)
             for name, value in (
@@ -711,6 +866,38 @@ class _LazyMixin(LazyModuleMixin, _MetadataNormBase):
                 )
             self.num_features = self._infer_num_features(input)
             self._materialize((self.num_metadata, self.num_features))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        lazy = [
+            name
+            for name, tensor in (*self._buffers.items(), *self._parameters.items())
+            if isinstance(tensor, UninitializedBuffer | UninitializedParameter)
+        ]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._width_from_state(lazy)
+
+    def _width_from_state(self, lazy: list[str]) -> None:
+        """Sets ``num_features`` from the ``(K, D)`` state a checkpoint materialised."""
+        if self.num_features != 0:
+            return
+        for name in lazy:
+            tensor = getattr(self, name, None)
+            if isinstance(tensor, Tensor) and not isinstance(
+                tensor, UninitializedBuffer | UninitializedParameter
+            ):
+                self.num_features = int(tensor.shape[1])
+                return
 
     def _materialize(self, shape: tuple[int, ...]) -> None:
         with torch.no_grad():

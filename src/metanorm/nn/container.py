@@ -51,7 +51,7 @@ class MetadataSequential(nn.Sequential):
         >>> from metanorm.nn import MetadataNorm, MetadataSequential
         >>> design = torch.cat([torch.randn(500, 1), torch.ones(500, 1)], dim=1)
         >>> model = MetadataSequential(
-        ...     nn.Linear(10, 32), MetadataNorm(32, design), nn.ReLU(), nn.Linear(32, 1))
+        ...     nn.Linear(10, 32), MetadataNorm(32, design, keep=()), nn.ReLU(), nn.Linear(32, 1))
         >>> model(torch.randn(8, 10), design[:8]).shape
         torch.Size([8, 1])
     """

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from metanorm.design import Design
+from metanorm.nn._base import _check_keep
 from metanorm.nn.location_scale import (
     LazyMetadataLocationScaleNorm,
     MetadataLocationScaleNorm,
@@ -89,7 +90,8 @@ def convert_metadata_norm(
         >>> design = torch.cat([torch.randn(100, 1), torch.ones(100, 1)], dim=1)
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
         ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-        >>> model = convert_metadata_norm(net, design, replace=[nn.BatchNorm2d], after=["4"])
+        >>> model = convert_metadata_norm(net, design, replace=[nn.BatchNorm2d], after=["4"],
+        ...                               keep=())
         >>> model(torch.randn(8, 1, 6, 6), metadata=design[:8]).shape
         torch.Size([8, 2])
         >>> type(net[1]).__name__, model.inserted["4"].num_features
@@ -170,10 +172,13 @@ def _factory(layer: Any) -> Callable[..., nn.Module]:
         if lazy in (LazyRecursiveMetadataNorm, LazyPenaltyMetadataNorm):
 
             def online(design: Any, **options: Any) -> nn.Module:
-                if isinstance(design, Design):
-                    options.setdefault("keep", design.keep)
+                if design is None or isinstance(design, Design):  # restore, or the roles
+                    return lazy(
+                        options.pop("num_metadata", None) if design is None else design, **options
+                    )
+                keep, _ = _check_keep(design, options.pop("keep", None))
                 width = design.shape[1] if hasattr(design, "shape") else len(design[0])
-                return lazy(int(width), **options)
+                return lazy(int(width), keep=keep, **options)
 
             return online
         if lazy in _LAZY.values():

@@ -16,12 +16,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import UninitializedBuffer
 
 from metanorm._validation import describe
 from metanorm.design import Design
 from metanorm.linalg import apply_weight, batch_weight, inverse_gram
 from metanorm.nn import functional as MF
-from metanorm.nn._base import _LazyMixin, _MetadataNormBase, check_number
+from metanorm.nn._base import _check_keep, _LazyMixin, _MetadataNormBase, check_number
 from metanorm.nn._functions import AllReduceSum, StatisticsReducer
 
 __all__ = ["LazyMetadataLocationScaleNorm", "MetadataLocationScaleNorm"]
@@ -198,9 +199,8 @@ class MetadataLocationScaleNorm(_MetadataNormBase):
             gram_inverse = torch.zeros(k, k, dtype=torch.float64)
             constant: list[int] = []
         else:
+            keep, columns = _check_keep(design, keep)
             if isinstance(design, Design):
-                columns = design.columns
-                keep = design.keep if keep is None else keep
                 matrix = torch.as_tensor(design.matrix, dtype=torch.float64)
             else:
                 matrix = torch.as_tensor(design, dtype=torch.float64)
@@ -382,8 +382,8 @@ class MetadataLocationScaleNorm(_MetadataNormBase):
 
     # ---------------------------------------------------------------- refit (two passes)
 
-    def _begin_refit(self, stage: int = 0) -> None:
-        super()._begin_refit()
+    def _begin_refit(self, stage: int = 0, check_design: bool = True) -> None:
+        super()._begin_refit(stage, check_design)
         self._refit_stage = stage
 
     def _load_refit(self, xtx: Tensor, xty: Tensor, count: int) -> None:
@@ -392,6 +392,10 @@ class MetadataLocationScaleNorm(_MetadataNormBase):
         target.copy_(coef)
 
     # ---------------------------------------------------------------- checkpoints
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _record_positions(self, destination, prefix)
 
     def _load_from_state_dict(
         self,
@@ -416,6 +420,13 @@ class MetadataLocationScaleNorm(_MetadataNormBase):
             f"num_positions={self.num_positions}, momentum={self.momentum}, eps={self.eps}"
             + (", use_kept_rows=True" if self.use_kept_rows else "")
         )
+
+
+def _record_positions(module: MetadataLocationScaleNorm, destination: Any, prefix: str) -> None:
+    """Writes ``num_positions`` beside the layer's version in a state dict's metadata."""
+    metadata = getattr(destination, "_metadata", None)
+    if metadata is not None and prefix[:-1] in metadata:
+        metadata[prefix[:-1]]["num_positions"] = module.num_positions
 
 
 class LazyMetadataLocationScaleNorm(_LazyMixin, MetadataLocationScaleNorm):
@@ -453,3 +464,30 @@ class LazyMetadataLocationScaleNorm(_LazyMixin, MetadataLocationScaleNorm):
             self.num_features = int(input.shape[1])
             self.num_positions = math.prod(input.shape[2:])
             self._materialize((self.num_metadata, self.num_features * (self.num_positions + 1)))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        *args: Any,
+    ) -> None:
+        if self.num_features == 0 and "num_positions" in local_metadata:
+            self.num_positions = int(local_metadata["num_positions"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+    def _width_from_state(self, lazy: list[str]) -> None:
+        """``num_channels`` from the ``(K, C·(P + 1))`` state and the recorded P positions."""
+        if self.num_features != 0 or "running_state" not in lazy:
+            return
+        if isinstance(self.running_state, UninitializedBuffer):
+            return
+        width = int(self.running_state.shape[1])
+        if self.num_positions < 1 or width % (self.num_positions + 1):
+            raise ValueError(
+                f"cannot tell num_channels from a running state of width {width} without the "
+                "number of positions the checkpoint recorded: build the layer as "
+                "MetadataLocationScaleNorm(num_channels, num_metadata=K, num_positions=P) to "
+                "restore this checkpoint"
+            )
+        self.num_features = width // (self.num_positions + 1)

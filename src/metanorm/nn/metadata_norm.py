@@ -12,6 +12,7 @@ from metanorm.design import Design
 from metanorm.linalg import batch_weight, inverse_gram, remove_effect, weighted_rows
 from metanorm.nn import functional as MF
 from metanorm.nn._base import (  # noqa: F401 (check_num_features: its old home)
+    _check_keep,
     _LazyMixin,
     _MetadataNormBase,
     check_num_features,
@@ -111,7 +112,10 @@ class MetadataNorm(_MetadataNormBase):
             :math:`\Sigma^{-1}` and N are stored. ``None`` builds an empty layer of
             ``num_metadata`` columns to restore with :meth:`~torch.nn.Module.load_state_dict`.
         keep: indices (or, with a :class:`~metanorm.design.Design`, names) of the columns that
-            are estimated but not removed. Default: ``()`` (or the design's ``keep``).
+            are estimated but not removed. A :class:`~metanorm.design.Design` brings its own
+            ``keep``; another one here is a ``ValueError``. With a plain matrix pass it
+            explicitly (``keep=()`` for none): omitted, no column is kept, with a
+            ``FutureWarning`` (an error in a later release).
         momentum: the running-β momentum μ, or ``None`` for a cumulative average. Default: 0.1.
         num_metadata: K, the number of design columns; needed only without ``design``.
         track_running_stats: keep a running β for evaluation. Without it the layer always uses
@@ -217,9 +221,7 @@ class MetadataNorm(_MetadataNormBase):
             k, n = num_metadata, 0
             gram_inverse = torch.zeros(k, k, dtype=torch.float64)
         else:
-            if isinstance(design, Design):
-                columns = design.columns
-                keep = design.keep if keep is None else keep
+            keep, columns = _check_keep(design, keep)
             gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)
             k = gram_inverse.shape[0]
             n = design.shape[0] if isinstance(design, Design) else len(design)
@@ -244,6 +246,7 @@ class MetadataNorm(_MetadataNormBase):
         self.register_buffer(
             "n_samples", torch.tensor(float(n), dtype=torch.float64, device=device)
         )
+        self._init_design_sanity(device)
         self.register_buffer(
             "running_beta",
             self._per_feature(device, dtype or torch.float32) if track_running_stats else None,
@@ -356,15 +359,17 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
     Run one batch before :func:`torch.compile` or building an optimizer.
 
     Args:
-        design: the whole training set's design (see :class:`MetadataNorm`).
-        keep, momentum, track_running_stats, ridge, on_nonfinite, channelwise, device, dtype: as
-            for :class:`MetadataNorm`.
+        design: the whole training set's design (see :class:`MetadataNorm`); ``None`` (with
+            ``num_metadata``) builds an empty layer to restore with
+            :meth:`~torch.nn.Module.load_state_dict`, which also sets ``num_features``.
+        keep, momentum, num_metadata, track_running_stats: as for :class:`MetadataNorm`.
+        ridge, on_nonfinite, channelwise, device, dtype: as for :class:`MetadataNorm`.
 
     Examples::
 
         >>> import torch
         >>> design = torch.cat([torch.randn(50, 1), torch.ones(50, 1)], dim=1)
-        >>> layer = LazyMetadataNorm(design)
+        >>> layer = LazyMetadataNorm(design, keep=())
         >>> layer(torch.randn(10, 4, 3, 3), design[:10]).shape
         torch.Size([10, 4, 3, 3])
         >>> type(layer).__name__, layer.num_features
@@ -375,10 +380,11 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
 
     def __init__(
         self,
-        design: Any,
+        design: Any = None,
         keep: Iterable[int | str] | None = None,
         momentum: float | None = 0.1,
         *,
+        num_metadata: int | None = None,
         track_running_stats: bool = True,
         ridge: float = 0.0,
         on_nonfinite: str = "skip",
@@ -391,6 +397,7 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
             design,
             keep,
             momentum,
+            num_metadata=num_metadata,
             track_running_stats=track_running_stats,
             ridge=ridge,
             on_nonfinite=on_nonfinite,

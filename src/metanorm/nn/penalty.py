@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from metanorm.design import Design
 from metanorm.linalg import remove_effect
-from metanorm.nn._base import _LazyMixin, _MetadataNormBase
+from metanorm.nn._base import _check_keep, _LazyMixin, _MetadataNormBase
 from metanorm.nn._base import check_number as _check_number
 from metanorm.nn._functions import StatisticsReducer
 from metanorm.nn.functional import check_metadata
@@ -61,8 +62,12 @@ class PenaltyMetadataNorm(_MetadataNormBase):
 
     Args:
         num_features: D, the number of features of one sample after flattening.
-        num_metadata: K, the number of design columns.
-        keep: indices of the columns estimated but not removed (labels). Default: ``()``.
+        num_metadata: K, the number of design columns, or a :class:`~metanorm.design.Design`
+            (its number of columns, and its ``keep`` and column names are used: no other
+            statistic of it enters this estimator).
+        keep: indices (or, with a :class:`~metanorm.design.Design`, names) of the columns
+            estimated but not removed (labels); with a design, only its own ``keep`` is allowed.
+            Default: ``()`` (or the design's ``keep``).
         lr: β's learning rate. Default: 1e-2.
         optimizer: ``"adam"`` (Adam with ``betas`` and ``eps``, bias-corrected) or ``"sgd"``
             (plain gradient steps; converges when ``lr`` < 1/λ_max(X_bᵀX_b/m)).
@@ -104,8 +109,8 @@ class PenaltyMetadataNorm(_MetadataNormBase):
     def __init__(
         self,
         num_features: int,
-        num_metadata: int,
-        keep: Iterable[int] = (),
+        num_metadata: int | Design,
+        keep: Iterable[int | str] | None = None,
         lr: float = 1e-2,
         optimizer: str = "adam",
         *,
@@ -118,10 +123,15 @@ class PenaltyMetadataNorm(_MetadataNormBase):
     ) -> None:
         if isinstance(keep, str | bytes):
             raise TypeError(f"expected keep to be a sequence of column indices, got {keep!r}")
+        columns = None
+        if isinstance(num_metadata, Design):  # K, the roles and the names from the design
+            keep, columns = _check_keep(num_metadata, keep)
+            num_metadata = num_metadata.shape[1]
         super().__init__(
             num_features,
             num_metadata,
             keep,
+            columns=columns,
             channelwise=channelwise,
             on_nonfinite=on_nonfinite,
             device=device,
@@ -243,7 +253,7 @@ class LazyPenaltyMetadataNorm(_LazyMixin, PenaltyMetadataNorm):
     r"""A :class:`PenaltyMetadataNorm` whose ``num_features`` is inferred from its first input.
 
     Args:
-        num_metadata: K, the number of design columns.
+        num_metadata: K, the number of design columns, or a :class:`~metanorm.design.Design`.
         **kwargs: the other arguments of :class:`PenaltyMetadataNorm`.
 
     Examples::
@@ -258,7 +268,7 @@ class LazyPenaltyMetadataNorm(_LazyMixin, PenaltyMetadataNorm):
 
     cls_to_become = PenaltyMetadataNorm
 
-    def __init__(self, num_metadata: int, **kwargs: Any) -> None:
+    def __init__(self, num_metadata: int | Design, **kwargs: Any) -> None:
         super().__init__(0, num_metadata, **kwargs)
 
 

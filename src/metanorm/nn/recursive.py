@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from metanorm.design import Design
 from metanorm.linalg import remove_effect
-from metanorm.nn._base import _LazyMixin, _MetadataNormBase, check_number
+from metanorm.nn._base import _check_keep, _LazyMixin, _MetadataNormBase, check_number
 from metanorm.nn._functions import StatisticsReducer
 
 __all__ = ["LazyRecursiveMetadataNorm", "RecursiveMetadataNorm"]
@@ -65,8 +66,12 @@ class RecursiveMetadataNorm(_MetadataNormBase):
 
     Args:
         num_features: D, the number of features of one sample after flattening.
-        num_metadata: K, the number of design columns.
-        keep: indices of the columns estimated but not removed (labels). Default: ``()``.
+        num_metadata: K, the number of design columns, or a :class:`~metanorm.design.Design`
+            (its number of columns, and its ``keep`` and column names are used: no other
+            statistic of it enters this estimator).
+        keep: indices (or, with a :class:`~metanorm.design.Design`, names) of the columns
+            estimated but not removed (labels); with a design, only its own ``keep`` is allowed.
+            Default: ``()`` (or the design's ``keep``).
         forgetting: λ in (0, 1], per training step. λ = 1 weighs every batch alike (a
             cumulative estimate); smaller λ forgets old batches (memory ≈ 1/(1 − λ) steps), so
             β follows features that drift while the network trains or the data shift.
@@ -119,8 +124,8 @@ class RecursiveMetadataNorm(_MetadataNormBase):
     def __init__(
         self,
         num_features: int,
-        num_metadata: int,
-        keep: Iterable[int] = (),
+        num_metadata: int | Design,
+        keep: Iterable[int | str] | None = None,
         forgetting: float = 0.999,
         delta: float = 0.01,
         reg: float = 1e-4,
@@ -133,10 +138,15 @@ class RecursiveMetadataNorm(_MetadataNormBase):
     ) -> None:
         if isinstance(keep, str | bytes):
             raise TypeError(f"expected keep to be a sequence of column indices, got {keep!r}")
+        columns = None
+        if isinstance(num_metadata, Design):  # K, the roles and the names from the design
+            keep, columns = _check_keep(num_metadata, keep)
+            num_metadata = num_metadata.shape[1]
         super().__init__(
             num_features,
             num_metadata,
             keep,
+            columns=columns,
             channelwise=channelwise,
             on_nonfinite=on_nonfinite,
             device=device,
@@ -259,7 +269,7 @@ class LazyRecursiveMetadataNorm(_LazyMixin, RecursiveMetadataNorm):
     sets ``num_features`` and makes the module a :class:`RecursiveMetadataNorm`.
 
     Args:
-        num_metadata: K, the number of design columns.
+        num_metadata: K, the number of design columns, or a :class:`~metanorm.design.Design`.
         **kwargs: the other arguments of :class:`RecursiveMetadataNorm`.
 
     Examples::
@@ -274,5 +284,5 @@ class LazyRecursiveMetadataNorm(_LazyMixin, RecursiveMetadataNorm):
 
     cls_to_become = RecursiveMetadataNorm
 
-    def __init__(self, num_metadata: int, **kwargs: Any) -> None:
+    def __init__(self, num_metadata: int | Design, **kwargs: Any) -> None:
         super().__init__(0, num_metadata, **kwargs)

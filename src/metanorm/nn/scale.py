@@ -19,7 +19,7 @@ from metanorm._validation import describe
 from metanorm.design import Design
 from metanorm.linalg import apply_weight, batch_weight, inverse_gram
 from metanorm.nn import functional as MF
-from metanorm.nn._base import _LazyMixin, _MetadataNormBase, check_number
+from metanorm.nn._base import _check_keep, _LazyMixin, _MetadataNormBase, check_number
 from metanorm.nn._functions import AllReduceSum, StatisticsReducer
 
 __all__ = ["LazyMetadataScaleNorm", "MetadataScaleNorm"]
@@ -56,7 +56,8 @@ class MetadataScaleNorm(_MetadataNormBase):
             empty layer of ``num_metadata`` columns to restore with ``load_state_dict``.
         momentum: running-β momentum (``None``: the cumulative average). Default: 0.1.
         keep: columns estimated but not divided out (labels); constant columns (the intercept)
-            are always kept. Default: ``()`` (or the design's ``keep``).
+            are always kept. As for :class:`~metanorm.nn.MetadataNorm`: a design's own
+            ``keep`` is used (another is an error); with a plain matrix pass it explicitly.
         num_metadata: K, needed only without ``design``.
         eps: added to the variance before the log. Default: 1e-5.
         ridge: added to the diagonal of ``XᵀX`` before it is inverted. Default: 0.
@@ -118,9 +119,8 @@ class MetadataScaleNorm(_MetadataNormBase):
             gram_inverse = torch.zeros(k, k, dtype=torch.float64)
             constant: list[int] = []
         else:
+            keep, columns = _check_keep(design, keep)
             if isinstance(design, Design):
-                columns = design.columns
-                keep = design.keep if keep is None else keep
                 matrix = torch.as_tensor(design.matrix, dtype=torch.float64)
             else:
                 matrix = torch.as_tensor(design, dtype=torch.float64)
@@ -144,6 +144,7 @@ class MetadataScaleNorm(_MetadataNormBase):
         self.register_buffer(
             "n_samples", torch.tensor(float(n), dtype=torch.float64, device=device)
         )
+        self._init_design_sanity(device)
         self.register_buffer("running_beta", self._per_feature(device, dtype or torch.float32))
 
     @property
@@ -269,14 +270,16 @@ class LazyMetadataScaleNorm(_LazyMixin, MetadataScaleNorm):
     r"""A :class:`MetadataScaleNorm` whose ``num_channels`` is inferred from its first input.
 
     Args:
-        design: the whole training set's design (see :class:`MetadataScaleNorm`).
+        design: the whole training set's design (see :class:`MetadataScaleNorm`); ``None``
+            (with ``num_metadata=``) builds an empty layer to restore with
+            :meth:`~torch.nn.Module.load_state_dict`, which also sets ``num_channels``.
         **kwargs: the other arguments of :class:`MetadataScaleNorm`.
 
     Examples::
 
         >>> import torch
         >>> design = torch.cat([torch.rand(40, 1), torch.ones(40, 1)], dim=1)
-        >>> layer = LazyMetadataScaleNorm(design)
+        >>> layer = LazyMetadataScaleNorm(design, keep=())
         >>> layer(torch.randn(8, 3, 4, 4), design[:8]).shape
         torch.Size([8, 3, 4, 4])
         >>> type(layer).__name__, layer.num_channels
@@ -285,5 +288,5 @@ class LazyMetadataScaleNorm(_LazyMixin, MetadataScaleNorm):
 
     cls_to_become = MetadataScaleNorm
 
-    def __init__(self, design: Any, **kwargs: Any) -> None:
+    def __init__(self, design: Any = None, **kwargs: Any) -> None:
         super().__init__(0, design, **kwargs)

@@ -145,7 +145,7 @@ def metadata_scope(metadata: Tensor) -> Iterator[Tensor]:
         >>> import torch
         >>> from metanorm.nn import MetadataNorm
         >>> design = torch.cat([torch.randn(30, 1), torch.ones(30, 1)], dim=1)
-        >>> mdn = MetadataNorm(5, design)
+        >>> mdn = MetadataNorm(5, design, keep=())
         >>> with metadata_scope(design[:8]):
         ...     mdn(torch.randn(8, 5)).shape
         torch.Size([8, 5])
@@ -205,7 +205,7 @@ class MetadataModel(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 1)
-        ...         self.mdn = MetadataNorm(8, design)
+        ...         self.mdn = MetadataNorm(8, design, keep=())
         ...     def forward(self, x):                  # no metadata argument
         ...         return self.fc2(torch.relu(self.mdn(self.fc1(x))))
         >>> model = MetadataModel(Net())
@@ -280,7 +280,7 @@ def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         >>> import torch
         >>> from metanorm.nn import MetadataNorm
         >>> design = torch.cat([torch.randn(30, 1), torch.ones(30, 1)], dim=1)
-        >>> block = torch.nn.Sequential(torch.nn.Linear(4, 4), MetadataNorm(4, design))
+        >>> block = torch.nn.Sequential(torch.nn.Linear(4, 4), MetadataNorm(4, design, keep=()))
         >>> x = torch.randn(8, 4, requires_grad=True)
         >>> with metadata_scope(design[:8]):
         ...     out = checkpoint(block, x)

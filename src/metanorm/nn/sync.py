@@ -135,10 +135,10 @@ class SyncMetadataNorm(_SyncMixin, MetadataNorm):
 
         >>> import torch
         >>> design = torch.cat([torch.randn(100, 1), torch.ones(100, 1)], dim=1)
-        >>> layer = SyncMetadataNorm(8, design)      # one process: a plain MetadataNorm
+        >>> layer = SyncMetadataNorm(8, design, keep=())   # one process: a plain MetadataNorm
         >>> layer(torch.randn(10, 8), design[:10]).shape
         torch.Size([10, 8])
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), MetadataNorm(8, design))
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), MetadataNorm(8, design, keep=()))
         >>> model = SyncMetadataNorm.convert_sync_metadata_norm(model)
         >>> type(model[1]).__name__
         'SyncMetadataNorm'
@@ -232,7 +232,7 @@ class SyncMetadataNorm(_SyncMixin, MetadataNorm):
             >>> x = torch.cat([torch.randn(50, 1), torch.ones(50, 1)], dim=1)
             >>> gram, n = global_design_statistics(x)   # one process: this process's rows
             >>> layer = SyncMetadataNorm.from_design_statistics(8, gram, n)
-            >>> torch.allclose(layer.gram_inverse, SyncMetadataNorm(8, x).gram_inverse)
+            >>> torch.allclose(layer.gram_inverse, SyncMetadataNorm(8, x, keep=()).gram_inverse)
             True
         """
         if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
@@ -281,7 +281,7 @@ def revert_sync_metadata_norm(module: nn.Module) -> nn.Module:
         >>> import torch
         >>> from metanorm.nn import MetadataNorm, SyncMetadataNorm
         >>> design = torch.cat([torch.randn(30, 1), torch.ones(30, 1)], 1)
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), MetadataNorm(4, design))
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), MetadataNorm(4, design, keep=()))
         >>> synced = SyncMetadataNorm.convert_sync_metadata_norm(model)
         >>> type(synced[1]).__name__, type(revert_sync_metadata_norm(synced)[1]).__name__
         ('SyncMetadataNorm', 'MetadataNorm')
@@ -375,8 +375,8 @@ class SyncRecursiveMetadataNorm(_SyncMixin, RecursiveMetadataNorm):
     def __init__(
         self,
         num_features: int,
-        num_metadata: int,
-        keep: Iterable[int] = (),
+        num_metadata: int | Design,
+        keep: Iterable[int | str] | None = None,
         *,
         process_group: Any = None,
         **kwargs: Any,
@@ -400,8 +400,8 @@ class SyncPenaltyMetadataNorm(_SyncMixin, PenaltyMetadataNorm):
     def __init__(
         self,
         num_features: int,
-        num_metadata: int,
-        keep: Iterable[int] = (),
+        num_metadata: int | Design,
+        keep: Iterable[int | str] | None = None,
         *,
         process_group: Any = None,
         **kwargs: Any,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metanorm._validation import describe
 from metanorm.nn._base import _MetadataNormBase
 from metanorm.nn.scope import MetadataModel
 
@@ -35,13 +36,30 @@ class RefitResult(int):
         return int.__repr__(self)
 
 
-def _default_call(model: nn.Module, batch: Any, device: torch.device | str | None) -> None:
+_CALL_HINT = (
+    "pass call= to run other batches, e.g. call=lambda model, batch: "
+    "model(batch['image'], metadata=batch['rows']) (a MetadataModel) or "
+    "call=lambda model, batch: model(batch[0], batch[1]) (rows in the middle)"
+)
+
+
+def _default_call(
+    model: nn.Module, batch: Any, device: torch.device | str | None, widths: set[int]
+) -> None:
     if not isinstance(batch, list | tuple) or len(batch) < 2:
         raise TypeError(
-            "expected each batch to be a tuple (input, ..., design_rows), got "
-            f"{type(batch).__name__}; pass call=lambda model, batch: ... to run other batches"
+            "refit_running_beta's default call: expected each batch to be a tuple (input, ..., "
+            f"design_rows), the design rows last, got {describe(batch)}; {_CALL_HINT}"
         )
     x, rows = batch[0], batch[-1]
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] not in widths:
+        want = " or ".join(str(k) for k in sorted(widths))
+        raise ValueError(
+            "refit_running_beta's default call takes the last element of each batch as the "
+            f"design rows, (m, K) with K = {want} (the MDN layers' columns); the last of this "
+            f"batch of {len(batch)} is {describe(rows)}. Put the rows last, (input, ..., "
+            f"design_rows), or {_CALL_HINT}"
+        )
     if device is not None:
         x, rows = x.to(device), rows.to(device)
     if isinstance(model, MetadataModel):
@@ -81,6 +99,7 @@ def refit_running_beta(
     device: torch.device | str | None = None,
     layer_by_layer: bool = True,
     estimators: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+    check_design: bool = True,
 ) -> int:
     r"""Refits the evaluation β of every MDN layer by least squares over a data set.
 
@@ -113,13 +132,24 @@ def refit_running_beta(
         model: the model.
         loader: the training data, e.g. a :class:`~torch.utils.data.DataLoader`.
         call: ``call(model, batch)`` runs the model on one batch. Default: each batch is a tuple
-            ``(input, ..., design_rows)`` and the model is called as ``model(input, design_rows)``,
-            or ``model(input, metadata=design_rows)`` for a :class:`~metanorm.nn.MetadataModel`.
+            ``(input, ..., design_rows)``, the design rows **last**, and the model is called as
+            ``model(input, design_rows)``, or ``model(input, metadata=design_rows)`` for a
+            :class:`~metanorm.nn.MetadataModel`; other batches (a dict, the rows elsewhere)
+            need ``call=``, and the default call says so.
         device: where to move ``input`` and ``design_rows`` (default call only).
         layer_by_layer: refit the layers one at a time (see above). Default: ``True``.
         estimators: refit only layers of these classes (``isinstance``), e.g.
             ``MetadataNorm`` to leave a recursive layer's forgetting memory as it is. Default:
             every MDN estimator.
+        check_design: check that the rows of the pass describe each batch layer's design
+            (:class:`~metanorm.nn.MetadataNorm`, :class:`~metanorm.nn.MetadataScaleNorm`):
+            with at least 10·K rows, their mean outer product :math:`X^\top X/S` must be within
+            a relative gap of 0.25 (plus the sampling noise) of the design's :math:`\Sigma/N`.
+            Default: ``True``.
+
+    Raises:
+        ValueError: the rows of the pass do not describe a layer's design (the message names
+            the columns that differ most); the layer's state is left as it was.
 
     The loader must be re-iterable (a :class:`~torch.utils.data.DataLoader`, a list): each
     layer takes its own pass. A one-shot iterator (a generator, ``iter(loader)``) would feed the
@@ -143,7 +173,7 @@ def refit_running_beta(
         >>> import torch
         >>> from metanorm.nn import MetadataNorm, MetadataSequential
         >>> design = torch.cat([torch.randn(40, 1), torch.ones(40, 1)], dim=1)
-        >>> model = MetadataSequential(torch.nn.Linear(3, 5), MetadataNorm(5, design))
+        >>> model = MetadataSequential(torch.nn.Linear(3, 5), MetadataNorm(5, design, keep=()))
         >>> data = [(torch.randn(20, 3), design[:20]), (torch.randn(20, 3), design[20:])]
         >>> refit_running_beta(model, data)
         1
@@ -166,7 +196,8 @@ def refit_running_beta(
         )
     names = {module: name for name, module in model.named_modules()}
     used: dict[str, int] = {}
-    run = call if call is not None else (lambda mdl, batch: _default_call(mdl, batch, device))
+    widths = {layer.num_metadata for layer in layers}
+    run = call if call is not None else (lambda mdl, b: _default_call(mdl, b, device, widths))
     flags = {module: module.training for module in model.modules()}
     # the refit gives the layers their state: no "never trained" warning from this eval()
     warned = {layer: getattr(layer, "_untrained_warned", False) for layer in layers}
@@ -184,7 +215,7 @@ def refit_running_beta(
             for stage in range(max(layer._refit_passes for layer in group)):
                 active = [layer for layer in group if stage < layer._refit_passes]
                 for layer in active:
-                    layer._begin_refit(stage)
+                    layer._begin_refit(stage, check_design)
                 try:
                     for batch in loader:
                         run(model, batch)
