@@ -218,8 +218,8 @@ def test_bad_input_says_what_was_expected():
     with pytest.raises(TypeError, match="floating-point"):
         layer(torch.ones(4, C, H, H, dtype=torch.long), x[:4])
     with pytest.raises(ValueError, match="num_positions"):
-        MetadataLocationScaleNorm(C, x, num_positions=0)
+        MetadataLocationScaleNorm(C, x, num_positions=0, keep=())
     with pytest.raises(TypeError, match="use_kept_rows"):
-        MetadataLocationScaleNorm(C, x, use_kept_rows=1)
+        MetadataLocationScaleNorm(C, x, use_kept_rows=1, keep=())
     with pytest.raises(ValueError, match=r"design= .* or num_metadata="):
         MetadataLocationScaleNorm(C)

@@ -279,7 +279,7 @@ def test_a_layer_evaluated_without_training_warns_once_at_eval_not_in_forward(na
 
 def test_a_converted_models_lazy_layer_warns_at_eval():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())
-    model = convert_metadata_norm(net, DESIGN, replace=[nn.BatchNorm1d])
+    model = convert_metadata_norm(net, DESIGN, replace=[nn.BatchNorm1d], keep=())
     with pytest.warns(UserWarning, match="never trained"):
         model.eval()
 
@@ -321,7 +321,7 @@ def test_from_design_statistics_names_a_non_symmetric_or_indefinite_gram():
     assert "collinear" not in str(info.value)
     # a valid Gram still builds the layer of the whole design
     layer = SyncMetadataNorm.from_design_statistics(D, gram, N, keep=[0])
-    torch.testing.assert_close(layer.gram_inverse, MetadataNorm(D, DESIGN).gram_inverse)
+    torch.testing.assert_close(layer.gram_inverse, MetadataNorm(D, DESIGN, keep=[0]).gram_inverse)
 
 
 # ---------------------------------------------------------------------------- fault injection
