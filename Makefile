@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 OUT    ?= runs/synthetic
 RUN_ARGS ?=
 
-.PHONY: run test venv data lint typecheck pytest portability docs clean
+.PHONY: run test venv data lint typecheck pytest portability portable-subset docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ docs: venv
 pytest: venv
 	$(BIN)/python -m pytest -q
 
-test: venv data lint typecheck docs pytest
+test: venv data lint typecheck docs pytest portable-subset
 
 # the tests under other numerics than this CPU's own: ATen's generic kernels, oneDNN limited to
 # SSE4.1 (convolutions), MKL's compatible code path (BLAS), with 1 and with 2 threads. What passes
@@ -52,6 +52,13 @@ PORTABILITY_TESTS ?=
 portability: venv data
 	$(PORTABLE_NUMERICS) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABILITY_TESTS)
 	$(PORTABLE_NUMERICS) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABILITY_TESTS)
+
+# part of make test: the numerics-sensitive tests (layers, metrics, algebra, residualizer,
+# properties, models, examples) once more with those numerics on one thread (about 70 s)
+PORTABLE_SUBSET := tests/nn tests/metrics tests/test_linalg.py tests/preprocessing \
+	tests/properties tests/models tests/examples tests/test_probe.py tests/test_readme.py
+portable-subset: venv data
+	$(PORTABLE_NUMERICS) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABLE_SUBSET)
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache build
