@@ -283,7 +283,13 @@ class _MetadataNormBase(nn.Module):
         return None
 
     def _ready(self) -> None:
-        """Raises if the layer cannot run (e.g. built without a design and not restored)."""
+        """Raises if the layer cannot run: built without a design, not restored, training."""
+        if self.training and not getattr(self, "has_design", True):
+            raise RuntimeError(
+                f"this {type(self).__name__} was built without a design (num_metadata="
+                f"{self.num_metadata}): restore it with load_state_dict, or build it with "
+                "design= (the whole training design)"
+            )
 
     # ---------------------------------------------------------------- checks
 

@@ -262,14 +262,6 @@ class MetadataLocationScaleNorm(_MetadataNormBase):
     def _infer_num_features(self, input: Tensor) -> int:
         return int(input.shape[1])
 
-    def _ready(self) -> None:
-        if not self.has_design and self.training:
-            raise RuntimeError(
-                f"this {type(self).__name__} was built without a design (num_metadata="
-                f"{self.num_metadata}): restore it with load_state_dict, or build it with "
-                "design= (the whole training design)"
-            )
-
     def _check_input_dim(self, input: Any) -> None:
         if not isinstance(input, Tensor) or not input.is_floating_point():
             raise TypeError(f"expected a floating-point input tensor, got {describe(input)}")
