@@ -19,17 +19,13 @@ from torch import Tensor
 from torch.nn.parameter import UninitializedBuffer
 
 from metanorm._validation import describe
-from metanorm.design import Design
-from metanorm.linalg import apply_weight, batch_weight, inverse_gram
+from metanorm.linalg import apply_weight, batch_weight
 from metanorm.nn import functional as MF
-from metanorm.nn._base import _check_keep, _LazyMixin, _MetadataNormBase, check_number
+from metanorm.nn._base import _LazyMixin, _MetadataNormBase, check_number
 from metanorm.nn._functions import AllReduceSum, StatisticsReducer
+from metanorm.nn.scale import scale_design
 
 __all__ = ["LazyMetadataLocationScaleNorm", "MetadataLocationScaleNorm"]
-
-
-def _constant_columns(matrix: Tensor) -> list[int]:
-    return [j for j in range(matrix.shape[1]) if bool((matrix[:, j] == matrix[0, j]).all())]
 
 
 class MetadataLocationScaleNorm(_MetadataNormBase):
@@ -183,34 +179,9 @@ class MetadataLocationScaleNorm(_MetadataNormBase):
                 f"expected num_positions (P, the positions per channel) to be a positive int, "
                 f"got {num_positions!r}"
             )
-        columns: tuple[str, ...] | None = None
-        if design is None:
-            if (
-                isinstance(num_metadata, bool)
-                or not isinstance(num_metadata, int)
-                or num_metadata < 1
-            ):
-                raise ValueError(
-                    "expected design= (the whole training design, (N, K)) or num_metadata= "
-                    f"(K, to restore with load_state_dict), got design=None and "
-                    f"num_metadata={num_metadata!r}"
-                )
-            k, n = num_metadata, 0
-            gram_inverse = torch.zeros(k, k, dtype=torch.float64)
-            constant: list[int] = []
-        else:
-            keep, columns = _check_keep(design, keep)
-            if isinstance(design, Design):
-                matrix = torch.as_tensor(design.matrix, dtype=torch.float64)
-            else:
-                matrix = torch.as_tensor(design, dtype=torch.float64)
-            gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)
-            k, n = gram_inverse.shape[0], matrix.shape[0]
-            if num_metadata is not None and num_metadata != k:
-                raise ValueError(
-                    f"num_metadata={num_metadata!r} does not match the design's {k} columns"
-                )
-            constant = _constant_columns(matrix)
+        keep, columns, gram_inverse, k, n, constant = scale_design(
+            design, keep, num_metadata, ridge
+        )
         if not isinstance(use_kept_rows, bool):
             raise TypeError(f"expected use_kept_rows to be a bool, got {use_kept_rows!r}")
         kept = [*(keep or ()), *constant]

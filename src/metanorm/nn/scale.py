@@ -29,6 +29,33 @@ def _constant_columns(matrix: Tensor) -> list[int]:
     return [j for j in range(matrix.shape[1]) if bool((matrix[:, j] == matrix[0, j]).all())]
 
 
+def scale_design(
+    design: Any, keep: Iterable[int | str] | None, num_metadata: int | None, ridge: float
+) -> tuple[Iterable[int | str], tuple[str, ...] | None, Tensor, int, int, list[int]]:
+    """What a scale layer keeps of its design: ``(keep, columns, Σ⁻¹, K, N, constant columns)``.
+
+    Without a design, an empty layer of ``num_metadata`` columns (to restore with
+    ``load_state_dict``); the constant columns (the intercept) are always kept.
+    """
+    if design is None:
+        if isinstance(num_metadata, bool) or not isinstance(num_metadata, int) or num_metadata < 1:
+            raise ValueError(
+                "expected design= (the whole training design, (N, K)) or num_metadata= "
+                f"(K, to restore with load_state_dict), got design=None and "
+                f"num_metadata={num_metadata!r}"
+            )
+        gram_inverse = torch.zeros(num_metadata, num_metadata, dtype=torch.float64)
+        return keep or (), None, gram_inverse, num_metadata, 0, []
+    keep, columns = _check_keep(design, keep)
+    source = design.matrix if isinstance(design, Design) else design
+    matrix = torch.as_tensor(source, dtype=torch.float64)
+    gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)
+    k = gram_inverse.shape[0]
+    if num_metadata is not None and num_metadata != k:
+        raise ValueError(f"num_metadata={num_metadata!r} does not match the design's {k} columns")
+    return keep, columns, gram_inverse, k, matrix.shape[0], _constant_columns(matrix)
+
+
 class MetadataScaleNorm(_MetadataNormBase):
     r"""Divides out the metadata's multiplicative effect on each channel's scale.
 
@@ -107,26 +134,9 @@ class MetadataScaleNorm(_MetadataNormBase):
     ) -> None:
         if momentum is not None:
             check_number("momentum", momentum, 0.0, 1.0, open_low=False)
-        columns: tuple[str, ...] | None = None
-        if design is None:
-            if isinstance(num_metadata, bool) or not isinstance(num_metadata, int):
-                raise ValueError(
-                    "expected design= (the whole training design, (N, K)) or num_metadata= "
-                    f"(K, to restore with load_state_dict), got design=None and "
-                    f"num_metadata={num_metadata!r}"
-                )
-            k, n = num_metadata, 0
-            gram_inverse = torch.zeros(k, k, dtype=torch.float64)
-            constant: list[int] = []
-        else:
-            keep, columns = _check_keep(design, keep)
-            if isinstance(design, Design):
-                matrix = torch.as_tensor(design.matrix, dtype=torch.float64)
-            else:
-                matrix = torch.as_tensor(design, dtype=torch.float64)
-            gram_inverse = inverse_gram(design, ridge=ridge, columns=columns)
-            k, n = gram_inverse.shape[0], matrix.shape[0]
-            constant = _constant_columns(matrix)
+        keep, columns, gram_inverse, k, n, constant = scale_design(
+            design, keep, num_metadata, ridge
+        )
         kept = [*(keep or ()), *constant]
         super().__init__(
             num_channels,
