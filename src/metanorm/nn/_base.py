@@ -153,6 +153,18 @@ def _check_keep(
     return keep or (), None
 
 
+def _columns_of(
+    num_metadata: int | Design, keep: Iterable[int | str] | None
+) -> tuple[int, Iterable[int | str] | None, tuple[str, ...] | None]:
+    """K, the kept columns and the names of a layer given ``num_metadata`` (K or a Design)."""
+    if isinstance(keep, str | bytes):
+        raise TypeError(f"expected keep to be a sequence of column indices, got {keep!r}")
+    if isinstance(num_metadata, Design):  # K, the roles and the names from the design
+        keep, columns = _check_keep(num_metadata, keep)
+        return num_metadata.shape[1], keep, columns
+    return num_metadata, keep, None
+
+
 def _caller_level() -> int:
     """The ``stacklevel`` of the first frame outside ``metanorm.nn`` (the user's call)."""
     frame, level = sys._getframe(1), 1

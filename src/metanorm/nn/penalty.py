@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from metanorm.design import Design
 from metanorm.linalg import remove_effect
-from metanorm.nn._base import _check_keep, _LazyMixin, _MetadataNormBase
+from metanorm.nn._base import _columns_of, _LazyMixin, _MetadataNormBase
 from metanorm.nn._base import check_number as _check_number
 from metanorm.nn._functions import StatisticsReducer
 from metanorm.nn.functional import check_metadata
@@ -121,12 +121,7 @@ class PenaltyMetadataNorm(_MetadataNormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if isinstance(keep, str | bytes):
-            raise TypeError(f"expected keep to be a sequence of column indices, got {keep!r}")
-        columns = None
-        if isinstance(num_metadata, Design):  # K, the roles and the names from the design
-            keep, columns = _check_keep(num_metadata, keep)
-            num_metadata = num_metadata.shape[1]
+        num_metadata, keep, columns = _columns_of(num_metadata, keep)
         super().__init__(
             num_features,
             num_metadata,
