@@ -6,7 +6,8 @@ Usage::
                                    [--threads 1] [--image-size 32] [--json PATH]
 
 Each of ``--world-size`` processes (gloo, CPU, ``--threads`` intra-op threads each) builds the
-paper's CNN (``metanorm.models.PaperCNN``: conv 1→16 5×5, conv 16→32 5×5, fc 84, fc 1) with the
+paper's CNN (``metanorm_repro.models.PaperCNN``: conv 1→16 5×5, conv 16→32 5×5, fc 84, fc 1) with
+the
 norm slots of each variant, wraps it in ``DistributedDataParallel`` and times full training
 steps (forward, BCE loss, backward with DDP's gradient all-reduce, Adam step) on ``--batch``
 images per process of the synthetic experiment's shape (1×32×32; random values and a random
@@ -50,9 +51,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from metanorm.models.cnn import PaperCNN
 from metanorm.nn import MetadataNorm, SyncMetadataNorm
 from metanorm.nn import sync as sync_module
+from metanorm_repro.models.cnn import PaperCNN
 
 VARIANTS = ("sync-mdn", "mdn", "batchnorm", "sync-bn")
 # no buffer broadcast in the forward pass (the synced running β agrees without one); newer torch

@@ -31,7 +31,7 @@ adding it to an old one. Variants:
 Also printed per shape: the interquartile range of each variant's timings, and the number of
 operator calls (``aten::`` events of :mod:`torch.profiler`, top level and nested) of one eager
 training step of ``mdn``. ``--cnn`` times instead one training step (forward, BCE loss,
-backward, SGD step) of the paper's CNN (``metanorm.models.PaperCNN``, batch ``--batch`` of
+backward, SGD step) of the paper's CNN (``metanorm_repro.models.PaperCNN``, batch ``--batch`` of
 1×32×32 images) with MDN-Conv (MDN after conv1, conv2 and fc1, per-position β) against the
 Baseline (no norm layer) and BatchNorm in the same slots.
 
@@ -275,7 +275,7 @@ def bench_shape(
 
 def bench_cnn(args: argparse.Namespace) -> None:
     """One SGD training step of PaperCNN: MDN-Conv against the Baseline and BatchNorm."""
-    from metanorm.models.cnn import PaperCNN
+    from metanorm_repro.models.cnn import PaperCNN
 
     gen = torch.Generator().manual_seed(0)
     n, m = 2000, args.batch

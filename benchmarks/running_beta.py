@@ -2,8 +2,9 @@
 
 Question (issue): does the evaluation β come out biased after a short training, and what should a
 training batch with m ≤ K (K design columns) do? Measured on the synthetic experiment
-(``metanorm.datasets.synthetic``; design ``[y, cf, 1]`` in raw units, ``y`` kept, as
-``metanorm.experiments.synthetic`` codes it), ``PaperCNN("mdn-conv" | "mdn-linear")``, Adam with
+(``metanorm_repro.datasets.synthetic``; design ``[y, cf, 1]`` in raw units, ``y`` kept, as
+``metanorm_repro.experiments.synthetic`` codes it), ``PaperCNN("mdn-conv" | "mdn-linear")``, Adam
+with
 the experiment's cosine schedule from 1e-3 over 5 epochs, BCE-with-logits. After epochs 1 and 5
 the model is evaluated in eval mode on the test split with each policy's running β:
 
@@ -67,10 +68,10 @@ from metanorm.nn import functional as MF
 from metanorm.nn.utils import refit_running_beta
 
 try:
-    from metanorm.datasets.synthetic import make_synthetic_splits
+    from metanorm_repro.datasets.synthetic import make_synthetic_splits
 except ImportError:  # pragma: no cover - the datasets package is being refactored
     from metanorm.datasets import make_synthetic_splits  # type: ignore[no-redef]
-from metanorm.models import PaperCNN
+from metanorm_repro.models import PaperCNN
 
 SETTINGS: dict[str, tuple[int, int]] = {
     "200": (200, 2000),

@@ -36,8 +36,8 @@ from ddp_synthetic import digest, evaluate, make_data, write_atomic, write_json
 from torch import nn
 from torch.utils.data import DataLoader
 
-from metanorm.models import create_model
 from metanorm.nn import SyncMetadataNorm, revert_sync_metadata_norm
+from metanorm_repro.models import create_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ or run it as a plain script for one process (the same training on the whole batc
 What it shows, in order:
 
 1. the same data and design on every process (the synthetic generator of
-   :mod:`metanorm.datasets.synthetic`, design ``[y, cf, 1]`` with ``y`` kept);
+   :mod:`metanorm_repro.datasets.synthetic`, design ``[y, cf, 1]`` with ``y`` kept);
 2. ``PaperCNN`` with the method ``"mdn-conv"`` from the norms registry (MDN after conv1, conv2
    and fc1), built from the WHOLE training design on every process;
 3. ``SyncMetadataNorm.convert_sync_metadata_norm`` (and, on GPUs, ``SyncBatchNorm`` for a
@@ -52,11 +52,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from metanorm.datasets.synthetic import make_synthetic_splits
 from metanorm.design import DesignBuilder
 from metanorm.metrics import BalancedAccuracy, GroupAccuracy, GroupedDistanceCorrelationSqr
-from metanorm.models import create_model
 from metanorm.nn import SyncMetadataNorm, revert_sync_metadata_norm
+from metanorm_repro.datasets.synthetic import make_synthetic_splits
+from metanorm_repro.models import create_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

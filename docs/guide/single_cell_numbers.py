@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 
-from metanorm.datasets.bladderbatch import load_bladderbatch
 from metanorm.integrations.anndata import regress_out
+from metanorm_repro.datasets.bladderbatch import load_bladderbatch
 
 
 def between_variance(X: np.ndarray, groups: pd.Series) -> float:

@@ -6,6 +6,7 @@ measure how much metadata the features still encode.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from metanorm import _moved
 from metanorm import design as design
 from metanorm import linalg as linalg
 from metanorm import metrics as metrics
@@ -19,6 +20,8 @@ from metanorm.design import DesignBuilder as DesignBuilder
 from metanorm.design import make_design as make_design
 from metanorm.nn import MetadataNorm as MetadataNorm
 from metanorm.nn import MetadataSequential as MetadataSequential
+
+_moved.install()
 
 try:
     __version__ = version("metanorm")

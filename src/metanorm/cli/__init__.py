@@ -1,7 +1,9 @@
 """The ``metanorm`` command line: one console script, one module per subcommand.
 
 Each module named in :data:`COMMANDS` defines ``register(subparsers)``, which adds its parser and
-sets ``func`` to a handler ``(args) -> int``.
+sets ``func`` to a handler ``(args) -> int``. Other installed packages add subcommands through the
+``metanorm.commands`` entry-point group: each entry point names such a ``register`` function. The
+reproduction harness (``pip install ./repro``) adds ``metanorm reproduce`` this way.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from metanorm import __version__
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "ENTRY_POINT_GROUP", "build_parser", "main"]
 
 #: Subcommand modules under ``metanorm.cli``, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("reproduce", "dcor", "demo")
+COMMANDS: tuple[str, ...] = ("dcor", "demo")
+
+#: The entry-point group through which installed packages add subcommands.
+ENTRY_POINT_GROUP = "metanorm.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"metanorm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plugins = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    for ep in plugins:  # the harness's ``reproduce`` first, as before the split
+        try:
+            register = ep.load()
+        except ImportError as exc:  # a broken plugin must not take the other commands down
+            print(
+                f"metanorm: the subcommand {ep.name!r} ({ep.value}) could not be loaded: {exc}",
+                file=sys.stderr,
+            )
+            continue
+        register(sub)
     for name in COMMANDS:
         importlib.import_module(f"metanorm.cli.{name}").register(sub)
     return parser

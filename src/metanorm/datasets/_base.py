@@ -2,7 +2,7 @@
 
 A data set is a set of :class:`DataSplit` s (train, validation, test). A split holds images,
 integer labels and its metadata: raw columns (1-D arrays, continuous or categorical). The
-experiments code label + metadata into design rows (:mod:`metanorm.experiments.coding`, with a
+experiments code label + metadata into design rows (:mod:`metanorm_repro.experiments.coding`, with a
 :class:`metanorm.design.DesignBuilder` fitted on the training split).
 """
 

@@ -1,0 +1,390 @@
+"""``metanorm reproduce NAME``: run a registered experiment's sweep and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import textwrap
+import time
+from typing import Any
+
+#: The exit status of a sweep stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+#: The exit status of a sweep stopped by a file system error (read-only folder, full disk): 2,
+#: as for the other errors a user can fix.
+EXIT_OS_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _experiments_help() -> str:
+    """The epilog of ``reproduce --help``: every experiment, its methods and its options."""
+    from metanorm_repro.experiments import get_experiment, list_experiments
+
+    lines = ["experiments (NAME), their methods (--methods; * run by default) and --option keys:"]
+    for name in list_experiments():
+        e = get_experiment(name)
+        default = set(e.defaults.get("methods", e.methods))
+        methods = " ".join(f"{m}{'*' if m in default else ''}" for m in e.methods)
+        lines.append(f"  {name}")
+        lines.append(f"      methods: {methods}")
+        if e.options is not None:
+            keys = " ".join(k for k in e.options if k != "data") or "(none)"
+            lines += textwrap.wrap(
+                f"options: {keys}", width=90, initial_indent="      ", subsequent_indent="        "
+            )
+    return "\n".join(lines)
+
+
+def register(sub: Any) -> None:
+    """Adds the ``reproduce`` subcommand."""
+    description = (
+        "Trains every method of a registered experiment (one run per method, batch size and "
+        "seed), then writes OUT/report.md (a table beside the authors' figures and PASS/FAIL "
+        "checks), OUT/summary.json|csv, PNG plots, and one folder per run under OUT/runs/. "
+        "Defaults are the experiment's quick CPU settings; --paper gives the paper's settings; "
+        "explicit options override both. 'metanorm reproduce synthetic' is the main job."
+    )
+    folders = (
+        "The sweep is built in OUT.partial and replaces OUT only when complete: with "
+        "--overwrite the previous results stay intact until then. Ctrl-C or SIGTERM stops the "
+        "workers, writes the report of the completed runs into OUT.partial and exits with "
+        "status 130; --resume continues from there."
+    )
+    p = sub.add_parser(
+        "reproduce",
+        help="run one of the paper's experiments (every method) and write report.md",
+        description=textwrap.fill(description, 90) + "\n\n" + textwrap.fill(folders, 90),
+        epilog=_experiments_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("experiment", metavar="NAME", help="experiment name, e.g. synthetic")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/NAME)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="M",
+        help="methods to run, names of the one method registry (default: the experiment's; "
+        "synthetic: none (or baseline), batchnorm (bn), groupnorm (gn), mdn-linear, mdn-conv; "
+        "the real-data experiments: batchnorm, mdn). synthetic-compare and the real-data "
+        "experiments also take the alternatives concat, concat-input, brnet, brnet-cond, dann, "
+        "dann-cond, groupdro; the real-data experiments also none, mdn-all, mdn-cw, mdn-poly, "
+        "mdn-scale, mdn+brnet-cond",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=_positive_int,
+        metavar="B",
+        help="training batch sizes, a sweep (default: the experiment's, 200 128 for "
+        "synthetic); they need not divide the training set size",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        metavar="N",
+        help="number of seeds, 0..N-1 (mean ± std in the report; default: 1)",
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default: 0)")
+    p.add_argument("--epochs", type=_positive_int, metavar="E", help="training epochs")
+    p.add_argument("--lr", type=_positive_float, metavar="LR", help="Adam learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        help="learning-rate schedule over the epochs: constant, or cosine decay from --lr "
+        "towards 0, stepped per epoch (default: the experiment's; synthetic: cosine, "
+        "constant with --paper)",
+    )
+    p.add_argument(
+        "--refit-running-beta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after each epoch, refit the MDN layers' running β on the training set, layer by "
+        "layer, for evaluation (default: the experiment's; synthetic: on, off with --paper)",
+    )
+    p.add_argument(
+        "--n-per-class",
+        type=_positive_int,
+        metavar="N",
+        help="training samples per class (synthetic: per split)",
+    )
+    p.add_argument(
+        "--n-eval-per-class",
+        type=_positive_int,
+        metavar="N",
+        help="validation and test samples per class (synthetic; default: the experiment's, or "
+        "--n-per-class when that is given)",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's settings (synthetic: 200 epochs, lr 1e-4, batch 200, "
+        "n = 1000; hours on a CPU)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="data folder: required by gs-ppb, hvu and multisite-mri (the error names the "
+        "layout), optional for shaded-* (another copy of the source's files)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="KEY=VALUE",
+        help="an experiment option (RunConfig.options; VALUE read as JSON when it parses, else "
+        "as text), repeatable; e.g. shade_mode=contrast, noise=0.1, 'classes=[1, 7]'",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="J",
+        help="processes: the (seed, batch size) groups are shared out among them "
+        "(default: as many as groups, at most the CPU count)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="T",
+        help="torch CPU threads per process (default: CPU count // jobs)",
+    )
+    replace = p.add_mutually_exclusive_group()
+    replace.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder (kept intact until the new sweep is complete), "
+        "or discard an interrupted sweep",
+    )
+    replace.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted sweep of --out (same settings): completed runs are kept, "
+        "unfinished ones start again",
+    )
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when a check of the report fails"
+    )
+    p.set_defaults(func=run)
+
+
+def _cli_words(message: str) -> str:
+    """Rewrites the Python argument names of a library message as the flags that set them."""
+    message = re.sub(r"\bpass (?:path|root)= (?:the |to the )?", "pass --data PATH, the ", message)
+    message = re.sub(r"options\[['\"]data['\"]\]", "--data PATH", message)
+    message = re.sub(r"\bpass (\w+)=", r"pass --option \1=", message)
+    return re.sub(r"\blower ([a-z]+_[a-z_]+)\b", r"lower --option \1=...", message)
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that resumes this one: ``--overwrite`` dropped, ``--resume`` added."""
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return "metanorm " + " ".join(shlex.quote(a) for a in [*kept, "--resume"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the sweep and writes the report; returns 0 (1 with --strict and a failed check).
+
+    On Ctrl-C or SIGTERM: the report of the completed runs, one line saying how to resume, and
+    :data:`EXIT_INTERRUPTED`. A file system error (a read-only folder, a full disk) is one line
+    naming the path and the cause, with :data:`EXIT_OS_ERROR`; the previous results in ``--out``
+    are intact. Another sweep on the same ``--out`` is refused the same way as other errors.
+    """
+    try:
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (_cli_words(exc.args[0]), *exc.args[1:])
+        raise
+    except OSError as exc:
+        if exc.errno is None:  # a message of ours (e.g. FileExistsError): main prints it
+            raise
+        from metanorm_repro.experiments._io import describe_oserror
+
+        print(f"metanorm reproduce: error: {describe_oserror(exc)}", file=sys.stderr)
+        return EXIT_OS_ERROR
+
+
+def _run(args: argparse.Namespace) -> int:
+    from metanorm_repro.experiments import RunConfig, get_experiment, run_sweep, write_report
+    from metanorm_repro.experiments.sweep import SweepInterrupted
+    from metanorm_repro.models.norms import NORM_ALIASES
+
+    experiment = get_experiment(args.experiment)
+    if args.paper and not experiment.paper:
+        raise ValueError(f"experiment {experiment.name!r} has no --paper settings; drop --paper")
+    if experiment.options is not None:
+        unknown = sorted({k for k, _ in args.option} - set(experiment.options))
+        if unknown:
+            valid = ", ".join(k for k in experiment.options if k != "data") or "none"
+            raise ValueError(
+                f"unknown --option key(s) {unknown} for {experiment.name!r}; valid keys: {valid}"
+            )
+    settings: dict[str, Any] = {
+        "epochs": 10,
+        "lr": 1e-3,
+        "lr_schedule": "constant",
+        "refit_running_beta": False,
+        "n_per_class": 1000,
+        "batch_sizes": [200],
+        "seeds": 1,
+    }
+    settings.update(experiment.paper if args.paper else experiment.defaults)
+    options = dict(settings.get("options", {}))
+    if args.n_per_class is not None:
+        options.pop("n_eval_per_class", None)  # the splits follow the asked size
+    if args.n_eval_per_class is not None:
+        options["n_eval_per_class"] = args.n_eval_per_class
+    options.update(dict(args.option))
+    if args.data is not None:
+        options["data"] = os.fspath(args.data)
+    settings["options"] = options
+    for key in (
+        "epochs",
+        "lr",
+        "lr_schedule",
+        "refit_running_beta",
+        "n_per_class",
+        "batch_sizes",
+        "seeds",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    default_methods = settings.get("methods", experiment.methods)
+    methods = [NORM_ALIASES.get(m, m) for m in (args.methods or default_methods)]
+    unknown = [m for m in methods if m not in experiment.methods]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {unknown} for {experiment.name!r} (--methods); expected among "
+            f"{list(experiment.methods)} (or 'baseline' for 'none')"
+        )
+    seeds = list(range(args.seed, args.seed + int(settings["seeds"])))
+    cores = os.cpu_count() or 1
+    n_groups = len(seeds) * len(settings["batch_sizes"])
+    jobs = args.jobs or max(1, min(n_groups, cores))
+    threads = args.threads or max(1, cores // jobs)
+    base = RunConfig(
+        experiment=experiment.name,
+        epochs=int(settings["epochs"]),
+        lr=float(settings["lr"]),
+        lr_schedule=str(settings["lr_schedule"]),
+        refit_running_beta=bool(settings["refit_running_beta"]),
+        n_per_class=int(settings["n_per_class"]),
+        device=args.device,
+        threads=threads,
+        seed=seeds[0],
+        options=dict(settings.get("options", {})),
+    )
+    out = args.out or f"runs/{experiment.name}"
+    shown = {
+        "methods": " ".join(methods),
+        "batch sizes": " ".join(map(str, settings["batch_sizes"])),
+        "seeds": " ".join(map(str, seeds)),
+        "epochs": base.epochs,
+        "lr": base.lr,
+        "lr schedule": base.lr_schedule,
+        "refit running β": base.refit_running_beta,
+        "n per class": base.n_per_class,
+        "device": base.device,
+        "jobs": jobs,
+        "threads per job": base.threads,
+        "paper settings": args.paper,
+        **dict(settings.get("options", {})),
+    }
+    argv = sys.argv[1:] if sys.argv[1:2] == ["reproduce"] else ["reproduce", experiment.name]
+    command = "metanorm " + " ".join(shlex.quote(a) for a in argv)
+    start = time.perf_counter()
+
+    def report(folder: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+        return write_report(
+            folder,
+            experiment,
+            results,
+            command=command,
+            settings=shown,
+            wall_time_s=time.perf_counter() - start,
+            plots=not args.no_plots,
+        )
+
+    made: list[dict[str, Any]] = []
+
+    def record(folder: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+        made.append(report(folder, results))
+        return made[-1]
+
+    try:
+        run_sweep(
+            base,
+            out,
+            methods=methods,
+            batch_sizes=list(settings["batch_sizes"]),
+            seeds=seeds,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=not args.quiet,
+            jobs=jobs,
+            report=record,
+        )
+    except SweepInterrupted as stop:
+        where = (
+            f"report of those: {stop.folder / 'report.md'}"
+            if stop.report is not None
+            else "no report (no run was complete)"
+            if not stop.results
+            else "the report failed (see the warning above)"
+        )
+        print(
+            f"metanorm reproduce: interrupted ({stop.signal_name}): {len(stop.results)} of "
+            f"{stop.total} runs complete, {where}; resume with: {_resume_command(argv)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    from pathlib import Path
+
+    from metanorm_repro.experiments.report import results_table, timing_lines
+
+    written = made[-1]
+    print(results_table(written["rows"]))
+    for c in written["checks"]:
+        print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    for line in timing_lines(written["rows"]):
+        print(f"timing (information){line[1:]}")
+    print(f"report: {Path(out) / Path(written['report']).name}")
+    return 1 if args.strict and not written["passed"] else 0
