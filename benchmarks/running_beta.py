@@ -1,6 +1,6 @@
 """Running-β policies of MetadataNorm after a SHORT training, on the paper's synthetic task.
 
-Question (issue): does the evaluation β come out biased after a short training, and what should a
+Question: does the evaluation β come out biased after a short training, and what should a
 training batch with m ≤ K (K design columns) do? Measured on the synthetic experiment
 (``metanorm_repro.datasets.synthetic``; design ``[y, cf, 1]`` in raw units, ``y`` kept, as
 ``metanorm_repro.experiments.synthetic`` codes it), ``PaperCNN("mdn-conv" | "mdn-linear")``, Adam
