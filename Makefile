@@ -12,12 +12,14 @@ RUN_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch 2.13.0 first (a CPU wheel on this disk), then the project (pure Python, a normal install)
-# with a torch range that 2.13.0 satisfies, so pip keeps it.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# torch 2.13.0 first (a CPU wheel on this disk), then the library (pure Python, a normal install)
+# with a torch range that 2.13.0 satisfies, so pip keeps it, then the reproduction harness
+# (repro/, the package metanorm-repro: the experiments and `metanorm reproduce`), which needs it.
+$(VENV)/.installed: pyproject.toml repro/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev,plots,sklearn,pandas]"
+	$(BIN)/pip install -q -e "./repro[test]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -54,9 +56,9 @@ portability: venv data
 	$(PORTABLE_NUMERICS) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABILITY_TESTS)
 
 # part of make test: the numerics-sensitive tests (layers, metrics, algebra, residualizer,
-# properties, models, examples) once more with those numerics on one thread (about 70 s)
+# properties, the harness's models, examples) once more with those numerics on one thread (about 70 s)
 PORTABLE_SUBSET := tests/nn tests/metrics tests/test_linalg.py tests/preprocessing \
-	tests/properties tests/models tests/examples tests/test_probe.py tests/test_readme.py
+	tests/properties repro/tests/models tests/examples tests/test_probe.py tests/test_readme.py
 portable-subset: venv data
 	$(PORTABLE_NUMERICS) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABLE_SUBSET)
 

@@ -67,10 +67,7 @@ from metanorm.nn import MetadataNorm
 from metanorm.nn import functional as MF
 from metanorm.nn.utils import refit_running_beta
 
-try:
-    from metanorm_repro.datasets.synthetic import make_synthetic_splits
-except ImportError:  # pragma: no cover - the datasets package is being refactored
-    from metanorm.datasets import make_synthetic_splits  # type: ignore[no-redef]
+from metanorm_repro.datasets.synthetic import make_synthetic_splits
 from metanorm_repro.models import PaperCNN
 
 SETTINGS: dict[str, tuple[int, int]] = {

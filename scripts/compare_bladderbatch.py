@@ -41,7 +41,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from metanorm.datasets import load_bladderbatch
+from metanorm_repro.datasets import load_bladderbatch
 from metanorm.metrics import grouped_distance_correlation_sqr
 from metanorm.preprocessing import MetadataResidualizer
 

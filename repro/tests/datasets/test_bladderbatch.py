@@ -13,7 +13,7 @@ from metanorm.metrics import grouped_distance_correlation_sqr
 from metanorm.preprocessing import MetadataResidualizer
 from metanorm_repro.datasets.bladderbatch import find_bladderbatch, load_bladderbatch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_missing_data_error_names_the_install_command(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ The data ship inside a Debian package; no R is needed to read them. Install (bes
     dpkg -x r-bioc-bladderbatch_*.deb /tmp/bb
     mkdir -p .data/bladderbatch
     cp /tmp/bb/usr/lib/R/site-library/bladderbatch/data/bladderdata.rda .data/bladderbatch/
-    pip install "metanorm[bladderbatch]"      # rdata, to read the .rda file
+    pip install "metanorm-repro[bladderbatch]"      # rdata, to read the .rda file
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def load_bladderbatch(path: str | os.PathLike[str] | None = None) -> BladderBatc
         import rdata
     except ImportError as exc:
         raise ImportError(
-            "reading bladderbatch needs the rdata package: pip install 'metanorm[bladderbatch]'"
+            "reading bladderbatch needs the rdata package: pip install 'metanorm-repro[bladderbatch]'"
         ) from exc
     with warnings.catch_warnings():  # unknown R classes (ExpressionSet...) come back as objects
         warnings.simplefilter("ignore")

@@ -2,7 +2,7 @@
 
 The paper's multi-site MRI data cannot be shipped; this stand-in gives a 3-D task with the same
 structure from nilearn's MNI152 grey-matter template (nilearn is an optional extra:
-``pip install 'metanorm[nilearn]'``; its wheel holds the template, nothing downloads).
+``pip install 'metanorm-repro[nilearn]'``; its wheel holds the template, nothing downloads).
 
 Subject model (every subject is the template, changed in intensity only, no deformation):
 
@@ -53,7 +53,7 @@ def _template_2mm() -> np.ndarray:
     except ImportError as err:
         raise ImportError(
             "the multi-site MRI stand-in needs nilearn (it ships the MNI152 templates): "
-            "`pip install nilearn` (or `pip install 'metanorm[nilearn]'`)"
+            "`pip install nilearn` (or `pip install 'metanorm-repro[nilearn]'`)"
         ) from err
     img = datasets.load_mni152_gm_template(resolution=2)
     return np.asarray(img.get_fdata(), dtype=np.float32)

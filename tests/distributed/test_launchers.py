@@ -1,4 +1,5 @@
-"""The launchers, each with 2 CPU processes: torchrun, PyTorch Lightning (ddp), Accelerate.
+"""The launchers, each with 2 CPU processes: PyTorch Lightning (ddp) here; torchrun and Accelerate
+on the harness's examples in ``repro/tests/distributed/test_example_launchers.py``.
 
 Each test starts its launcher once in a subprocess and compares what the processes wrote with a
 single process over the union batches. Run as a script, this file is the Lightning job
@@ -9,7 +10,6 @@ by running the same command again, so the job must be a script, not a pytest fun
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -67,72 +67,6 @@ def _assert_same_state(a: dict, b: dict, rtol=1e-4, atol=1e-6):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
-
-
-# --------------------------------------------------------------------------------------------
-# torchrun
-TINY = [
-    "--n-per-class",
-    "16",
-    "--n-eval-per-class",
-    "8",
-    "--batch-size",
-    "16",
-    "--epochs",
-    "2",
-    "--optimizer",
-    "sgd",  # the comparison below is to rounding; Adam's first steps would magnify it
-    "--lr",
-    "0.05",
-]
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-@pytest.mark.parametrize("script", ["ddp_synthetic", "accelerate_synthetic"])
-def test_torchrun_script_matches_one_process(tmp_path, script):
-    """examples/ddp_synthetic.py (plain DDP) and examples/accelerate_synthetic.py (Accelerate)."""
-    if script == "accelerate_synthetic":
-        pytest.importorskip("accelerate", reason="needs accelerate (metanorm[accelerate])")
-    work = tmp_path / "work"
-    work.mkdir()
-    _run(
-        [
-            *_torchrun(),
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(EXAMPLES / f"{script}.py"),
-            "--out",
-            "run",
-            "--timeout",
-            "30",
-            *TINY,
-        ],
-        cwd=work,
-    )
-    # rank 0 wrote the run folder, and nothing else was written (no rank-1 or temporary files)
-    assert _files(work) == ["run", "run/config.json", "run/metrics.json", "run/model.pt"]
-    config = json.loads((work / "run" / "config.json").read_text())
-    assert config["world_size"] == 2 and config["per_process_batch"] == 8
-    metrics = json.loads((work / "run" / "metrics.json").read_text())
-    assert metrics["max_rank_difference"] == 0.0  # every parameter and buffer agree across ranks
-
-    # one process over the same global batches
-    example = _load_example(script)
-    assert example.main(["--out", str(tmp_path / "one"), *TINY]) == 0
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    ddp_state = torch.load(work / "run" / "model.pt")
-    one_state = torch.load(tmp_path / "one" / "model.pt")
-    assert any(k.endswith("running_beta") for k in ddp_state)
-    _assert_same_state(ddp_state, one_state)
-    for h2, h1 in zip(metrics["history"], one["history"], strict=True):
-        assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
-    assert metrics["test_bacc"] == pytest.approx(one["test_bacc"], abs=1e-12)
-    for c, v in one["test_dcor2_by_class"].items():
-        assert metrics["test_dcor2_by_class"][c] == pytest.approx(v, abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
