@@ -66,7 +66,6 @@ from metanorm.linalg import batch_statistics, beta_from_statistics, fit_beta
 from metanorm.nn import MetadataNorm
 from metanorm.nn import functional as MF
 from metanorm.nn.utils import refit_running_beta
-
 from metanorm_repro.datasets.synthetic import make_synthetic_splits
 from metanorm_repro.models import PaperCNN
 

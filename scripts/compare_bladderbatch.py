@@ -41,9 +41,9 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from metanorm_repro.datasets import load_bladderbatch
 from metanorm.metrics import grouped_distance_correlation_sqr
 from metanorm.preprocessing import MetadataResidualizer
+from metanorm_repro.datasets import load_bladderbatch
 
 # A correction: fit(train expression, train metadata) -> apply(expression, metadata without
 # labels) -> corrected expression. Metadata: DataFrame with columns batch, status.

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 pytest.importorskip(
-    "nilearn", reason="nilearn not installed (pip install 'metanorm-repro[nilearn]'): no MNI152 template"
+    "nilearn",
+    reason="nilearn not installed (pip install 'metanorm-repro[nilearn]'): no MNI152 template",
 )
 from scipy import ndimage
 

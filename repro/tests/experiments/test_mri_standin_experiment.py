@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip(
-    "nilearn", reason="nilearn not installed (pip install 'metanorm-repro[nilearn]'): no MNI152 template"
+    "nilearn",
+    reason="nilearn not installed (pip install 'metanorm-repro[nilearn]'): no MNI152 template",
 )
 
 from metanorm.cli import main

@@ -148,7 +148,8 @@ def load_bladderbatch(path: str | os.PathLike[str] | None = None) -> BladderBatc
         import rdata
     except ImportError as exc:
         raise ImportError(
-            "reading bladderbatch needs the rdata package: pip install 'metanorm-repro[bladderbatch]'"
+            "reading bladderbatch needs the rdata package: "
+            "pip install 'metanorm-repro[bladderbatch]'"
         ) from exc
     with warnings.catch_warnings():  # unknown R classes (ExpressionSet...) come back as objects
         warnings.simplefilter("ignore")
