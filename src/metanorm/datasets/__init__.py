@@ -4,7 +4,7 @@
 :func:`load_hvu` (pre-extracted video features and the HVU annotations) and :func:`load_gs_ppb`
 (face images and the GS-PPB table, ``metanorm[images]``) read the files a user has, in documented
 layouts, and return raw data per split (:class:`DataSplit`): images, labels and metadata
-columns. Coding the metadata into design rows is :func:`metanorm.make_design`'s job;
+columns. Coding the metadata into design rows is :func:`metanorm.design.make_design`'s job;
 :class:`DesignDataset` pairs images, labels and design rows for a ``DataLoader``.
 
 The stand-ins and generators of the reproduction harness (the synthetic task, the shaded and
