@@ -209,7 +209,7 @@ def _compare_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
     """The bars of the comparison, graded on the mean over seeds, per batch size.
 
     The synthetic bars (the Baseline and MDN trained as they should be, :func:`_checks`) and the
-    directions the issue expects of the alternatives.
+    expected direction of each alternative's effect.
     """
     checks: list[Check] = _checks(rows)
     by = {(r["method"], r["batch_size"]): r for r in rows}

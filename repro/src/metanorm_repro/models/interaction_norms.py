@@ -1,4 +1,4 @@
-r"""Candidate layers for metadata effects that a linear removal cannot reach (issue 14).
+r"""Candidate layers for metadata effects that a linear removal cannot reach.
 
 MDN removes the part of a layer's features that is *linear* in the design's metadata columns.
 An effect of the form metadata × content — a contrast change ``x · s(c)``, a scanner's style —
