@@ -145,3 +145,30 @@ def test_plot_probe_draws_several_models(tmp_path):
     b = mn.probe(_model(design), loader, metadata=1, label="B")
     out = mn.plot_probe([a, b], tmp_path / "probe.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _SharedActivation(nn.Module):
+    """One ReLU module used twice in the forward pass, on outputs of different widths."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 4)
+        self.act = nn.ReLU()
+        self.act2 = self.act if shared else nn.ReLU()
+
+    def forward(self, x):
+        return self.act2(self.fc2(self.act(self.fc1(x))))
+
+
+def test_a_module_used_twice_is_measured_at_each_use():
+    x, y, design = _data()
+    loader = [(x[:100], y[:100], design.tensor()[:100]), (x[100:], y[100:], design.tensor()[100:])]
+    shared = mn.probe(_SharedActivation(shared=True), loader, metadata=1)
+    separate = mn.probe(_SharedActivation(shared=False), loader, metadata=1)  # the oracle
+    assert [r.module for r in shared] == ["fc1", "act", "fc2", "act#2"]
+    assert [r.module for r in separate] == ["fc1", "act", "fc2", "act2"]
+    for a, b in zip(shared, separate, strict=True):
+        assert a.num_features == b.num_features
+        assert a.dcor2 == pytest.approx(b.dcor2, rel=1e-12, abs=1e-12)
+        assert a.probe_r2 == pytest.approx(b.probe_r2, rel=1e-12, abs=1e-12)

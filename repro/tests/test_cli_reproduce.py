@@ -143,3 +143,20 @@ def test_report_shows_intervals_of_the_test_metrics(sweep):
     assert iv["resamples"] == {"balanced_accuracy": 1000, "dcor2": 100}
     for c, pair in iv["dcor2"].items():  # 40 test images per class: defined intervals
         assert pair[0] <= final["test_dcor2"][c] <= pair[1]
+
+
+def test_report_probes_the_baseline_and_mdn_models(sweep):
+    """probe.png / probe.json: the features layer's dcor² equals the run's own last validation
+    evaluation (the oracle: the engine's metric on the same 80 validation images)."""
+    assert (sweep / "probe.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![probe.png](probe.png)" in (sweep / "report.md").read_text()
+    probe = json.loads((sweep / "probe.json").read_text())
+    assert set(probe["models"]) == {"Baseline", "MDN-Conv"}
+    for label, method in (("Baseline", "none"), ("MDN-Conv", "mdn-conv")):
+        records = {r["module"]: r for r in probe["models"][label]}
+        assert {"conv1", "norm1", "conv2", "norm2", "fc1", "norm3"} <= set(records)
+        with open(sweep / "runs" / "bs30" / method / "seed0" / "epochs.csv") as f:
+            last = list(csv.DictReader(f))[-1]
+        for c, v in records["norm3"]["dcor2_by_class"].items():
+            assert v == pytest.approx(float(last[f"val_dcor2_{c}"]), rel=1e-5, abs=1e-7)
+        assert records["norm3"]["num_samples"] == 80

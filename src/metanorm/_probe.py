@@ -376,16 +376,23 @@ def probe(
         _default_call(m, batch)
 
     gen = torch.Generator().manual_seed(seed)
-    outputs: dict[str, list[Tensor]] = {n: [] for n in names}
+    outputs: dict[str, list[Tensor]] = {}
     order: list[str] = []
     projections: dict[str, Tensor] = {}
     taken = {"n": 0, "want": 0}
+    calls: dict[str, int] = {}  # calls of each module in the current forward pass
 
-    def hook_for(name: str) -> Callable[..., None]:
+    def hook_for(module_name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             t = _first_tensor(output)
             if t is None or t.dim() == 0:
                 return
+            # a module used several times in one forward pass (a shared activation or pooling
+            # layer) is measured at each use: "name", "name#2", ...
+            k = calls.get(module_name, 0)
+            calls[module_name] = k + 1
+            name = module_name if k == 0 else f"{module_name}#{k + 1}"
+            outputs.setdefault(name, [])
             if name not in order:
                 order.append(name)
             f = t.detach()[: taken["want"]].flatten(1).to(torch.float64)
@@ -412,6 +419,7 @@ def probe(
             rows_t = torch.as_tensor(rows)
             want = min(int(labels.shape[0]), max_samples - taken["n"])
             taken["want"] = want
+            calls.clear()
             run(model, batch)
             labels_seen.append(labels[:want].detach().cpu().reshape(want, -1)[:, 0])
             meta = pick(rows_t[:want].detach()).to(torch.float64).cpu()
@@ -444,7 +452,8 @@ def probe(
         if f.shape[0] != y.shape[0]:
             raise ValueError(
                 f"module {name!r} gave {f.shape[0]} output rows for {y.shape[0]} samples "
-                "(called more than once per batch?); probe another module"
+                "(called a different number of times in different batches?); probe another "
+                "module"
             )
         dc: dict[str, float] = {}
         r2: dict[str, float] = {}
@@ -465,7 +474,7 @@ def probe(
         records.append(
             ProbeRecord(
                 module=name,
-                kind=type(named[name]).__name__,
+                kind=type(named[name.split("#")[0]]).__name__,
                 dcor2=float(np.nanmean(list(dc.values()))) if dc else math.nan,
                 probe_r2=partial,
                 dcor2_by_class=dc,

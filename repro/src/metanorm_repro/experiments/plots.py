@@ -9,7 +9,9 @@
   over the classes), one point per method × batch size with error bars (± one std over the
   seeds, on both axes), and the experiment's reference accuracies
   (:data:`REFERENCE_ACCURACIES`) as horizontal lines: which methods remove the confounder, at
-  what cost in accuracy.
+  what cost in accuracy;
+- ``probe.png`` (and ``probe.json``): the bias probe of the Baseline and MDN models, module by
+  module (:mod:`metanorm_repro.experiments.probe_report`).
 
 Every file is written atomically (:mod:`metanorm_repro.experiments._io`).
 """
@@ -322,4 +324,7 @@ def plot_all(
             reference=REFERENCE_ACCURACIES.get(experiment.name, ()),
         )
         files.append("bacc_vs_dcor2.png")
+    from metanorm_repro.experiments.probe_report import probe_runs
+
+    files += [f for f in probe_runs(out, results, experiment) if f.endswith(".png")]
     return files

@@ -327,6 +327,15 @@ def write_report(
         lines += ["## Accuracy per group on each test split", "", gt, ""]
     if plot_files or plot_note:
         lines += ["## Plots", ""]
+        if "probe.png" in plot_files:
+            lines += [
+                "`probe.png`: where the confounder lives in the Baseline and MDN models, module "
+                "by module (first seed, largest batch size, the first "
+                "validation samples): the within-class dcor² of each module's output and the "
+                "held-out partial R² of a linear probe predicting the confounder with the class "
+                "regressed out (`metanorm.probe`); the numbers are in `probe.json`.",
+                "",
+            ]
         lines += [f"![{f}]({f})" for f in plot_files]
         if plot_note:
             lines.append(plot_note)
