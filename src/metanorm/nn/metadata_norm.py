@@ -253,6 +253,7 @@ class MetadataNorm(_MetadataNormBase):
             self._per_feature(device, dtype or torch.float32) if track_running_stats else None,
         )
         self._plans: dict[Any, _StepPlan] = {}
+        self._host_counts: tuple[Any, ...] | None = None
 
     def _reset_estimate(self) -> None:
         if self.running_beta is not None:
@@ -332,6 +333,7 @@ class MetadataNorm(_MetadataNormBase):
             or metadata.dim() != 2
             or input.dtype not in (torch.float32, torch.float64)
             or len(state) != 1 + len(counters)
+            or not all(t.is_cpu for t in state)
             or any(isinstance(t, UninitializedBuffer) or t.is_inference() for t in state)
         ):
             return None
@@ -368,36 +370,38 @@ class MetadataNorm(_MetadataNormBase):
         rows = metadata.to(input.dtype) if plan.cast_rows else metadata
         flat = input if input.dim() == 2 else input.reshape(m, self.num_features)
         buffers = self._buffers
-        with torch.no_grad():
-            gram, seen = buffers.get("design_rows_gram"), buffers.get("design_rows_seen")
-            if gram is not None and seen is not None:
+        # nothing here requires a gradient but the features: no autograd record to switch off
+        gram, seen = buffers.get("design_rows_gram"), buffers.get("design_rows_seen")
+        if gram is not None and seen is not None:  # as _accumulate_design_sanity
+            if gram.dtype == rows.dtype:
+                gram.addmm_(rows.t(), rows)
+            else:
                 gram.add_(torch.mm(rows.t(), rows))
-                seen.add_(m)
-            b = torch.mm(rows, plan.weight)
-            a = rows if plan.mask_f is None else rows * plan.mask_f
+            seen.add_(m)
+        b = torch.mm(rows, plan.weight)
+        a = rows if plan.mask_f is None else rows * plan.mask_f
         out, beta = BatchResidual.apply(flat, a, b)
         running = buffers["running_beta"]
         tracked = buffers["num_batches_tracked"]
         samples = buffers["num_samples_tracked"]
-        skipped = buffers["num_batches_skipped"]
         assert running is not None and tracked is not None and samples is not None
-        assert skipped is not None
-        counts = plan.counts
+        counts = self._host_counts
         if (
             counts is None
             or counts[0] is not tracked
             or counts[1] is not samples
             or counts[2] != tracked._version
             or counts[3] != samples._version
-        ):
+        ):  # written elsewhere (a load, a refit, the general path): read them again
             counts = (tracked, samples, tracked._version, samples._version)
             counts += (int(tracked), int(samples))
-        with torch.no_grad():
-            finite = MF._fold_on_cpu(
-                running, beta, m, self.momentum, tracked, samples, skipped, counts[4], counts[5]
-            )
+        skipped = buffers["num_batches_skipped"]
+        assert skipped is not None
+        finite = MF._fold_on_cpu(
+            running, beta, m, self.momentum, tracked, samples, skipped, counts[4], counts[5]
+        )
         if finite:
-            plan.counts = (
+            self._host_counts = (
                 tracked,
                 samples,
                 tracked._version,
@@ -568,7 +572,7 @@ _STEP_BUFFERS = ("num_batches_tracked", "num_samples_tracked", "num_batches_skip
 class _StepPlan:
     """What an eager CPU training step of one input signature needs (see ``_step_plan``)."""
 
-    __slots__ = ("cast_rows", "counts", "gram", "mask", "mask_f", "n", "sync", "versions", "weight")
+    __slots__ = ("cast_rows", "gram", "mask", "mask_f", "n", "sync", "versions", "weight")
 
     def __init__(
         self,
@@ -584,7 +588,6 @@ class _StepPlan:
     ) -> None:
         self.gram, self.n, self.mask, self.versions = gram, n, mask, versions
         self.weight, self.mask_f, self.cast_rows, self.sync = weight, mask_f, cast_rows, sync
-        self.counts: tuple[Any, ...] | None = None
 
 
 def _check_momentum(momentum: Any) -> None:
