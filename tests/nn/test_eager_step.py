@@ -112,3 +112,14 @@ def test_a_nonfinite_batch_is_skipped_and_reported():
     layer.on_nonfinite = "raise"
     with pytest.raises(NonFiniteEstimateError):
         layer(bad, rows)
+
+
+def test_a_subclass_that_overrides_the_general_path_keeps_it():
+    class Doubled(MetadataNorm):
+        def _estimate(self, features, rows, reducer):
+            return 2 * super()._estimate(features, rows, reducer)
+
+    layer, plain = Doubled(5, _design(), keep=[0]), MetadataNorm(5, _design(), keep=[0])
+    x, rows = torch.randn(30, 5), _design()[:30].float()
+    torch.testing.assert_close(layer(x, rows), 2 * plain(x, rows))
+    assert not layer._plans and plain._plans

@@ -269,7 +269,12 @@ class MetadataNorm(_MetadataNormBase):
             metadata: the batch's design rows ``(m, K)``. ``None`` (or omitted): the rows in
                 scope (see :class:`metanorm.nn.MetadataModel`).
         """
-        if self.training and metadata is not None and not torch.compiler.is_compiling():
+        if (
+            self.training
+            and metadata is not None
+            and not torch.compiler.is_compiling()
+            and _eager_step_applies(type(self))
+        ):
             plan = self._step_plan(input, metadata)
             if plan is not None:
                 return self._train_step(input, metadata, plan)
@@ -567,6 +572,25 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
 
 #: the buffers an eager training step updates besides the running β
 _STEP_BUFFERS = ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped")
+#: the general path's hooks: a subclass that overrides one of them never takes the eager step
+_GENERAL_HOOKS = (
+    "_ready",
+    "_check_input_dim",
+    "_accumulate_design_sanity",
+    "_normalize",
+    "_dispatch",
+    "_estimate",
+)
+_EAGER_STEP_CLASSES: dict[type, bool] = {}
+
+
+def _eager_step_applies(cls: type) -> bool:
+    """Whether ``cls`` runs MetadataNorm's own general path (no hook overridden)."""
+    applies = _EAGER_STEP_CLASSES.get(cls)
+    if applies is None:
+        applies = all(getattr(cls, h) is getattr(MetadataNorm, h) for h in _GENERAL_HOOKS)
+        _EAGER_STEP_CLASSES[cls] = applies
+    return applies
 
 
 class _StepPlan:
