@@ -27,6 +27,9 @@ adding it to an old one. Variants:
   floor     the floor of this design in PyTorch: a bare autograd Function with the two thin
             products per direction (β = Bᵀ F, F − A β; G − B (Aᵀ G)) and one in-place
             ``lerp_`` of a running β, no checks and no counters
+  before    (``--before SRC``) ``mdn`` from another checkout's ``SRC/metanorm`` (an earlier
+            commit), imported as ``metanorm_before``, for before/after figures from one run
+            (with ``--cnn``: ``mdn-conv-before``, the CNN built from that checkout)
 
 Also printed per shape: the interquartile range of each variant's timings, and the number of
 operator calls (``aten::`` events of :mod:`torch.profiler`, top level and nested) of one eager
@@ -203,6 +206,31 @@ def plain_formula(design: Tensor, rows: Tensor, keep: int = 0) -> Callable[[Tens
     return layer
 
 
+#: the package imported from ``--before`` (None: no before variant)
+BEFORE: object = None
+
+
+def load_before(src: str) -> object:
+    """``SRC/metanorm`` copied to a temporary folder and imported as ``metanorm_before``."""
+    import importlib
+    import pathlib
+    import re
+    import shutil
+    import sys
+    import tempfile
+
+    root = pathlib.Path(tempfile.mkdtemp())
+    shutil.copytree(
+        pathlib.Path(src) / "metanorm",
+        root / "metanorm_before",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for path in (root / "metanorm_before").rglob("*.py"):
+        path.write_text(re.sub(r"\bmetanorm\b", "metanorm_before", path.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("metanorm_before")
+
+
 def bench_shape(
     m: int, d: int, k: int, rounds: int, target: float, compile_: bool, bf16: bool = False
 ) -> dict[str, object]:
@@ -232,6 +260,9 @@ def bench_shape(
     fns["copy"] = step_fn(torch.clone, x, g)
     fns["plain"] = step_fn(plain, x, g)
     fns["floor"] = step_fn(floor_layer(t["design"], rows, d), x, g)
+    if BEFORE is not None:
+        before = BEFORE.nn.MetadataNorm(d, t["design"], keep=[0]).to(DEVICE)  # type: ignore[attr-defined]
+        fns["before"] = step_fn(before, x, g, rows)
     if bf16:  # bfloat16 input under autocast (MDN computes in float32 inside)
         xb = x.detach().bfloat16().requires_grad_()
         gb = g.bfloat16()
@@ -245,11 +276,7 @@ def bench_shape(
 
         fns["mdn_bf16"] = autocast(step_fn(mdn, xb, gb, rows))
         fns["bn_bf16"] = autocast(step_fn(bn, xb, gb))
-    ops = {
-        "mdn": count_ops(fns["mdn"]),
-        "floor": count_ops(fns["floor"]),
-        "bn": count_ops(fns["bn"]),
-    }
+    ops = {name: count_ops(fns[name]) for name in ("mdn", "before", "floor", "bn") if name in fns}
     for fn in fns.values():  # warm-up
         time_calls(fn, 3)
     repeats = calibrate(fns, target)
@@ -259,6 +286,9 @@ def bench_shape(
         "mdn/copy": ("mdn", "copy"),
         "mdn/plain": ("mdn", "plain"),
         "mdn/floor": ("mdn", "floor"),
+        "mdn/before": ("mdn", "before"),
+        "before/bn": ("before", "bn"),
+        "before/floor": ("before", "floor"),
         "floor/bn": ("floor", "bn"),
         "compiled/floor": ("compiled", "floor"),
         "compiled/mdn": ("compiled", "mdn"),
@@ -275,6 +305,8 @@ def bench_shape(
 
 def bench_cnn(args: argparse.Namespace) -> None:
     """One SGD training step of PaperCNN: MDN-Conv against the Baseline and BatchNorm."""
+    import importlib
+
     from metanorm_repro.models.cnn import PaperCNN
 
     gen = torch.Generator().manual_seed(0)
@@ -286,9 +318,15 @@ def bench_cnn(args: argparse.Namespace) -> None:
     target = rows[:, 0].clone()
     fns: dict[str, Callable[[], None]] = {}
     ops = {}
-    for name, norm in (("baseline", "none"), ("mdn-conv", "mdn-conv"), ("batchnorm", "batchnorm")):
+    variants = [("baseline", "none"), ("mdn-conv", "mdn-conv"), ("batchnorm", "batchnorm")]
+    if BEFORE is not None:
+        variants.append(("mdn-conv-before", "mdn-conv"))
+    for name, norm in variants:
         torch.manual_seed(0)
-        model = PaperCNN(norm, design, keep=[0]) if norm == "mdn-conv" else PaperCNN(norm)
+        cnn = PaperCNN
+        if name.endswith("-before"):
+            cnn = importlib.import_module("metanorm_before.models.cnn").PaperCNN
+        model = cnn(norm, design, keep=[0]) if norm == "mdn-conv" else cnn(norm)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
@@ -309,6 +347,8 @@ def bench_cnn(args: argparse.Namespace) -> None:
         {
             "mdn-conv/baseline": ("mdn-conv", "baseline"),
             "batchnorm/baseline": ("batchnorm", "baseline"),
+            "mdn-conv-before/baseline": ("mdn-conv-before", "baseline"),
+            "mdn-conv/mdn-conv-before": ("mdn-conv", "mdn-conv-before"),
         },
     )
     print(
@@ -337,9 +377,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=200, help="--cnn: batch size (default 200)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--bf16", action="store_true", help="also time bfloat16 under autocast")
+    p.add_argument("--before", default=None, help="another checkout's src/ to time beside")
     args = p.parse_args()
-    global DEVICE
+    global DEVICE, BEFORE
     DEVICE = torch.device(args.device)
+    if args.before:
+        BEFORE = load_before(args.before)
     torch.set_num_threads(args.threads)
     if args.cnn:
         bench_cnn(args)

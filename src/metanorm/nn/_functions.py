@@ -82,8 +82,8 @@ class BatchResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         with autocast_off(x.device.type):
-            beta = b.T @ x
-            out = remove_effect(x, a, beta, None)
+            beta = torch.mm(b.t(), x)
+            out = torch.addmm(x, a, beta, alpha=-1)
         ctx.save_for_backward(a, b)
         ctx.mark_non_differentiable(beta)
         ctx.set_materialize_grads(False)
@@ -96,7 +96,10 @@ class BatchResidual(torch.autograd.Function):
         if grad_out is None:
             return None, None, None
         a, b = ctx.saved_tensors
-        return Transpose.apply(grad_out, b, a, None, None), None, None
+        if torch.is_grad_enabled():  # create_graph=True: a Function, so double backward works
+            return Transpose.apply(grad_out, b, a, None, None), None, None
+        with autocast_off(grad_out.device.type):
+            return torch.addmm(grad_out, b, torch.mm(a.t(), grad_out), alpha=-1), None, None
 
 
 class SyncBatchResidual(torch.autograd.Function):

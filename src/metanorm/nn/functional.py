@@ -290,18 +290,42 @@ def _update_on_cpu(
     no synchronisation, and the update is then three small operations instead of seventeen.
     Everywhere else (a GPU, ``torch.compile``, a summed batch size) the update reads nothing.
     """
-    finite = math.isfinite(float(beta.sum()))
-    if finite:
-        samples, batches = int(num_samples_tracked), int(num_batches_tracked)
-        factor = count / (samples + count)
-        if momentum is not None:
-            factor = max(factor, min(1.0, momentum * count / max(samples, 1) * batches))
-        running_beta.lerp_(_as_dtype(beta, running_beta.dtype), factor)
-        num_batches_tracked.add_(1)
-        num_samples_tracked.add_(count)
-    else:
-        num_batches_skipped.add_(1)
+    finite = _fold_on_cpu(
+        running_beta,
+        beta,
+        count,
+        momentum,
+        num_batches_tracked,
+        num_samples_tracked,
+        num_batches_skipped,
+        int(num_batches_tracked),
+        int(num_samples_tracked),
+    )
     return torch.tensor(finite)
+
+
+def _fold_on_cpu(
+    running_beta: Tensor,
+    beta: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor,
+    num_samples_tracked: Tensor,
+    num_batches_skipped: Tensor,
+    batches: int,
+    samples: int,
+) -> bool:
+    """:func:`_update_on_cpu` given the counters' values (B and S): whether β̂ was finite."""
+    if not math.isfinite(float(beta.sum())):
+        num_batches_skipped.add_(1)
+        return False
+    factor = count / (samples + count)
+    if momentum is not None:
+        factor = max(factor, min(1.0, momentum * count / max(samples, 1) * batches))
+    running_beta.lerp_(_as_dtype(beta, running_beta.dtype), factor)
+    num_batches_tracked.fill_(batches + 1)  # a fill costs half an add
+    num_samples_tracked.fill_(samples + count)
+    return True
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import UninitializedBuffer
 
 from metanorm.design import Design
 from metanorm.linalg import batch_weight, inverse_gram, remove_effect, weighted_rows
@@ -251,10 +252,171 @@ class MetadataNorm(_MetadataNormBase):
             "running_beta",
             self._per_feature(device, dtype or torch.float32) if track_running_stats else None,
         )
+        self._plans: dict[Any, _StepPlan] = {}
+        self._host_counts: tuple[Any, ...] | None = None
 
     def _reset_estimate(self) -> None:
         if self.running_beta is not None:
             self.running_beta.zero_()
+
+    # ---------------------------------------------------------------- eager training fast path
+
+    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
+        """Removes the metadata effect; see the class docstring.
+
+        Args:
+            input: the features, ``(m, *)`` (channel-wise: ``(m, C, *)``).
+            metadata: the batch's design rows ``(m, K)``. ``None`` (or omitted): the rows in
+                scope (see :class:`metanorm.nn.MetadataModel`).
+        """
+        if (
+            self.training
+            and metadata is not None
+            and not torch.compiler.is_compiling()
+            and _eager_step_applies(type(self))
+        ):
+            plan = self._step_plan(input, metadata)
+            if plan is not None:
+                return self._train_step(input, metadata, plan)
+        return super().forward(input, metadata)
+
+    def _step_plan(self, input: Any, metadata: Any) -> _StepPlan | None:
+        """The cached constants of an eager CPU training step of this input's shape, or None.
+
+        A plan is built once per input and metadata shape, dtype and device, after the full
+        checks of :meth:`forward` passed on that signature (so they are not repeated every
+        step); it holds W = (N/m)·Σ⁻¹ and the removed-column mask in the compute dtype, and is
+        rebuilt when Σ⁻¹, N or the mask change (their version counters) or move. Any other case
+        (GPU, autocast, channel-wise, m ≤ K, a refit, a synchronised step, low precision) takes
+        the general path.
+        """
+        if (
+            type(input) is not Tensor
+            or type(metadata) is not Tensor
+            or metadata.requires_grad
+            or not (input.is_cpu and metadata.is_cpu)
+        ):
+            return None
+        plans = self.__dict__.get("_plans")
+        if plans is None or self._refit_sums is not None:
+            return None
+        key = (input.shape, input.dtype, metadata.shape, metadata.dtype)
+        plan = plans.get(key)
+        buffers = self._buffers
+        gram, n, mask = buffers["gram_inverse"], buffers["n_samples"], buffers["remove_mask"]
+        if (
+            plan is None
+            or plan.gram is not gram
+            or plan.n is not n
+            or plan.mask is not mask
+            or plan.versions != (gram._version, n._version, mask._version)
+        ):
+            plan = self._build_plan(input, metadata)
+            if plan is None:
+                return None
+            if len(plans) >= 8:
+                plans.clear()
+            plans[key] = plan
+        if torch.is_autocast_enabled("cpu") or (plan.sync and self._reducer() is not None):
+            return None
+        return plan
+
+    def _build_plan(self, input: Tensor, metadata: Tensor) -> _StepPlan | None:
+        self._ready()
+        self._check_input_dim(input)
+        m, k = input.shape[0], self.num_metadata
+        if m == 0:
+            return None  # the general path raises
+        MF.check_metadata(metadata, m, k)
+        buffers = self._buffers
+        running = buffers.get("running_beta")
+        counters = [buffers.get(name) for name in _STEP_BUFFERS]
+        state = [t for t in (running, *counters) if isinstance(t, Tensor)]
+        if (
+            self.channelwise
+            or m <= k
+            or metadata.dim() != 2
+            or input.dtype not in (torch.float32, torch.float64)
+            or len(state) != 1 + len(counters)
+            or not all(t.is_cpu for t in state)
+            or any(isinstance(t, UninitializedBuffer) or t.is_inference() for t in state)
+        ):
+            return None
+        gram, n, mask = buffers["gram_inverse"], buffers["n_samples"], buffers["remove_mask"]
+        assert gram is not None and n is not None and mask is not None
+        if gram.is_inference() or n.is_inference() or mask.is_inference():
+            return None
+        dtype = input.dtype
+        with torch.no_grad():
+            weight = batch_weight(gram, n, m).to(dtype)
+            keep_none = bool(mask.all())
+            mask_f = None if keep_none else mask.to(dtype)
+        return _StepPlan(
+            gram=gram,
+            n=n,
+            mask=mask,
+            versions=(gram._version, n._version, mask._version),
+            weight=weight,
+            mask_f=mask_f,
+            cast_rows=metadata.dtype != dtype,
+            sync=type(self)._reducer is not _MetadataNormBase._reducer,
+        )
+
+    def _train_step(self, input: Tensor, metadata: Tensor, plan: _StepPlan) -> Tensor:
+        """One eager training step on the CPU with the plan's constants (see ``_step_plan``).
+
+        The same maths as the general path: B = X_b·W and A = X_b with the kept columns zeroed
+        (both thin products of the autograd Function), the design-sanity sums, and the running
+        update reading the counters on the host (CPU memory: no device to wait for), the
+        counters' values cached between steps while their version counters say that nothing
+        else wrote to them.
+        """
+        m = input.shape[0]
+        rows = metadata.to(input.dtype) if plan.cast_rows else metadata
+        flat = input if input.dim() == 2 else input.reshape(m, self.num_features)
+        buffers = self._buffers
+        # nothing here requires a gradient but the features: no autograd record to switch off
+        gram, seen = buffers.get("design_rows_gram"), buffers.get("design_rows_seen")
+        if gram is not None and seen is not None:  # as _accumulate_design_sanity
+            if gram.dtype == rows.dtype:
+                gram.addmm_(rows.t(), rows)
+            else:
+                gram.add_(torch.mm(rows.t(), rows))
+            seen.add_(m)
+        b = torch.mm(rows, plan.weight)
+        a = rows if plan.mask_f is None else rows * plan.mask_f
+        out, beta = BatchResidual.apply(flat, a, b)
+        running = buffers["running_beta"]
+        tracked = buffers["num_batches_tracked"]
+        samples = buffers["num_samples_tracked"]
+        assert running is not None and tracked is not None and samples is not None
+        counts = self._host_counts
+        if (
+            counts is None
+            or counts[0] is not tracked
+            or counts[1] is not samples
+            or counts[2] != tracked._version
+            or counts[3] != samples._version
+        ):  # written elsewhere (a load, a refit, the general path): read them again
+            counts = (tracked, samples, tracked._version, samples._version)
+            counts += (int(tracked), int(samples))
+        skipped = buffers["num_batches_skipped"]
+        assert skipped is not None
+        finite = MF._fold_on_cpu(
+            running, beta, m, self.momentum, tracked, samples, skipped, counts[4], counts[5]
+        )
+        if finite:
+            self._host_counts = (
+                tracked,
+                samples,
+                tracked._version,
+                samples._version,
+                counts[4] + 1,
+                counts[5] + m,
+            )
+        elif self.on_nonfinite != "skip":
+            MF.report_nonfinite(torch.tensor(False), rows, self.on_nonfinite)
+        return out if flat is input else out.view(input.shape)
 
     def _ready(self) -> None:
         if not self.has_design:
@@ -406,6 +568,50 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
             dtype=dtype,
         )
         self.num_features = 0
+
+
+#: the buffers an eager training step updates besides the running β
+_STEP_BUFFERS = ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped")
+#: the general path's hooks: a subclass that overrides one of them never takes the eager step
+_GENERAL_HOOKS = (
+    "_ready",
+    "_check_input_dim",
+    "_accumulate_design_sanity",
+    "_normalize",
+    "_dispatch",
+    "_estimate",
+)
+_EAGER_STEP_CLASSES: dict[type, bool] = {}
+
+
+def _eager_step_applies(cls: type) -> bool:
+    """Whether ``cls`` runs MetadataNorm's own general path (no hook overridden)."""
+    applies = _EAGER_STEP_CLASSES.get(cls)
+    if applies is None:
+        applies = all(getattr(cls, h) is getattr(MetadataNorm, h) for h in _GENERAL_HOOKS)
+        _EAGER_STEP_CLASSES[cls] = applies
+    return applies
+
+
+class _StepPlan:
+    """What an eager CPU training step of one input signature needs (see ``_step_plan``)."""
+
+    __slots__ = ("cast_rows", "gram", "mask", "mask_f", "n", "sync", "versions", "weight")
+
+    def __init__(
+        self,
+        *,
+        gram: Tensor,
+        n: Tensor,
+        mask: Tensor,
+        versions: tuple[int, int, int],
+        weight: Tensor,
+        mask_f: Tensor | None,
+        cast_rows: bool,
+        sync: bool,
+    ) -> None:
+        self.gram, self.n, self.mask, self.versions = gram, n, mask, versions
+        self.weight, self.mask_f, self.cast_rows, self.sync = weight, mask_f, cast_rows, sync
 
 
 def _check_momentum(momentum: Any) -> None:
