@@ -153,7 +153,7 @@ def test_plot_probe_draws_several_models(tmp_path):
 # EPYC, 1 thread; seed s for the data, the weights and the shuffling):
 #   Baseline: conv1/conv2 dcor² ≥ 0.410, fc1 dcor² 0.212-0.466, fc1 probe R² ≥ 0.983
 #   MDN-Conv: dcor² after each MDN layer ≤ 0.017; probe R² after them -0.038 to 0.035
-# Bars: the 0.05 after MDN and 0.2 for the Baseline's fc1 (both met on every seed, the
+# Bars: 0.05 after MDN and 0.2 for the Baseline's fc1, as asked (both met on every seed, the
 # Baseline's fc1 only just: it grows with the training size; it was 0.136-0.271 with 150 images
 # per class and 0.165-0.343 with 300, 3 epochs, and 0.144-0.430 with 150 per class, 6 epochs),
 # the other bars the worst values less a margin of 0.05. The refit on more images is what
