@@ -241,7 +241,7 @@ def _lightning_refit_job(out: str) -> None:
         import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
-    from metanorm.integrations.lightning import RefitRunningBeta
+    from metanorm.integrations.lightning import LogProbe, RefitRunningBeta
 
     torch.set_num_threads(1)
     x, y, design = _lightning_data()
@@ -264,6 +264,14 @@ def _lightning_refit_job(out: str) -> None:
             return torch.optim.SGD(self.parameters(), lr=LR)
 
     data = TensorDataset(torch.arange(N_ROWS), x, y, design)
+
+    def call(m, b):
+        return m.net["mdn"](m.net["fc1"](b[1]), b[3])
+
+    # the probe runs on rank 0 alone, inside fit, while rank 1 waits at the end of validation
+    probe = LogProbe(
+        metadata=0, modules=["net.fc1", "net.mdn"], targets=lambda b: (b[2], b[3]), call=call
+    )
     trainer = pl.Trainer(
         strategy="ddp",
         devices=2,
@@ -275,11 +283,13 @@ def _lightning_refit_job(out: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out,
-        callbacks=[RefitRunningBeta(call=lambda m, b: m.net["mdn"](m.net["fc1"](b[1]), b[3]))],
+        callbacks=[RefitRunningBeta(call=call), probe],
     )
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // 2)
     trainer.fit(Module(), loader, DataLoader(data, batch_size=N_ROWS))
     torch.save(trainer.lightning_module.seen, os.path.join(out, f"rank{trainer.global_rank}.pt"))
+    probed = {epoch: result.to_dicts() for epoch, result in probe.results.items()}
+    torch.save(probed, os.path.join(out, f"probe{trainer.global_rank}.pt"))
 
 
 def test_lightning_refit_callback_under_ddp(tmp_path):
@@ -300,6 +310,13 @@ def test_lightning_refit_callback_under_ddp(tmp_path):
     features = (x @ r0["fc1.weight"].T + r0["fc1.bias"]).double()
     want = torch.linalg.lstsq(design.double(), features).solution.float()  # all 32 rows
     torch.testing.assert_close(r0["mdn.running_beta"], want, rtol=1e-4, atol=1e-5)
+    # LogProbe: rank 0 probed its shard of the validation set (16 of the 32 rows), rank 1 nothing
+    probes = [torch.load(tmp_path / f"probe{r}.pt", weights_only=False) for r in range(2)]
+    assert list(probes[0]) == [0] and probes[1] == {}
+    assert [(r["module"], r["num_samples"]) for r in probes[0][0]] == [
+        ("net.fc1", N_ROWS // 2),
+        ("net.mdn", N_ROWS // 2),
+    ]
 
 
 if __name__ == "__main__":

@@ -44,7 +44,14 @@ def test_the_methods_are_in_the_one_registry():
     for name in ALTERNATIVES[2:]:
         assert get_norm(name).objective == name and not get_norm(name).needs_design
     compare = get_experiment("synthetic-compare")
-    assert set(ALTERNATIVES) | {"none", "mdn-linear", "mdn-conv"} == set(compare.methods)
+    assert set(ALTERNATIVES) | {"none", "mdn-linear", "mdn-conv"} == set(
+        compare.defaults["methods"]
+    )
+    assert set(compare.methods) - set(compare.defaults["methods"]) == {
+        "batchnorm",
+        "mdn-scale",
+        "mdn-ls",
+    }
     assert compare.defaults["batch_sizes"] == [200, 32] and compare.defaults["seeds"] == 3
 
 

@@ -19,6 +19,12 @@ when ``fit`` ends, so the module holds plain layers again afterwards::
 
     trainer = pl.Trainer(callbacks=[RefitRunningBeta(every_n_epochs=1)])
 
+:class:`LogProbe` is a callback that runs the bias probe (:func:`metanorm.probe`) at the end of
+each validation epoch and logs, per module, the within-class dcor² and the probe's R² with the
+metadata (``probe/<module>/dcor2``, ``probe/<module>/r2``)::
+
+    trainer = pl.Trainer(callbacks=[LogProbe(metadata=1, modules=["net.3", "net.4"])])
+
 Works with the ``pytorch_lightning`` package and with the ``lightning`` package's
 ``lightning.pytorch`` namespace, whichever is installed (with both, the plugin is an instance of
 both ``LayerSync`` classes, so either ``Trainer`` accepts it). Install with
@@ -28,18 +34,21 @@ both ``LayerSync`` classes, so either ``Trainer`` accepts it). Install with
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from metanorm.nn import SyncMetadataNorm, revert_sync_metadata_norm
+from metanorm._probe import ProbeResult, probe
+from metanorm.nn import MetadataModel, SyncMetadataNorm, revert_sync_metadata_norm
 from metanorm.nn.utils import refit_running_beta
 
-__all__ = ["MetadataNormSync", "RefitRunningBeta"]
+__all__ = ["LogProbe", "MetadataNormSync", "RefitRunningBeta"]
 
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -309,3 +318,176 @@ class RefitRunningBeta(_Callback):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(every_n_epochs={self.every_n_epochs})"
+
+
+class LogProbe(_Callback):
+    """A Lightning callback that logs the bias probe at the end of each validation epoch.
+
+    Runs :func:`metanorm.probe` on the module over a loader (default: the trainer's validation
+    loader) and logs, for every probed module, the within-class squared distance correlation
+    with the metadata and the held-out partial R² of the linear probe, through
+    ``pl_module.log`` (so to every logger of the trainer), as ``<prefix>/<module>/dcor2`` and
+    ``<prefix>/<module>/r2``. With the module's MDN layers refitted before validation
+    (:class:`RefitRunningBeta`), the probe sees the evaluation β of the epoch's weights.
+
+    The probe runs in evaluation mode under ``torch.no_grad()`` (the module's train/eval flags
+    are restored, and so is the CPU random generator, so training continues as it would
+    without the callback) and reads at most ``max_samples`` samples, the first ones the loader
+    yields; outputs wider than ``max_features`` are randomly projected, so memory is bounded by
+    ``max_samples × max_features`` numbers per probed module. It costs one evaluation pass over
+    those samples plus a ridge fit per module and fold: name the modules of interest
+    (``modules=``) rather than every leaf of a large model, or use ``every_n_epochs``.
+
+    Under DDP the probe runs **on rank 0 only**, over the loader as rank 0 sees it (with the
+    trainer's validation loader and a ``DistributedSampler``, rank 0's shard of the validation
+    set: a subsample, like ``max_samples``), and the values are logged with
+    ``rank_zero_only=True``: the other processes neither compute nor log them, so do not
+    monitor them in a callback that runs on every rank (such as ``ModelCheckpoint`` under
+    DDP). The forward pass calls the unwrapped module in evaluation mode, where the synced MDN
+    and BatchNorm layers use their running statistics and communicate nothing, so rank 0 alone
+    can run it. Nothing runs in the sanity check.
+
+    Args:
+        metadata: what to probe for, as for :func:`metanorm.probe`: a design-row column index,
+            a list of them, or a function ``rows -> (m, p) tensor``.
+        loader: batches of ``(input, labels, ..., design_rows)`` (or any structure, with
+            ``targets`` and ``call``). Default: the trainer's validation loader (the first, if
+            several).
+        modules: qualified module names in ``pl_module`` to probe. Default: every leaf module.
+        targets: ``batch -> (labels, rows)``. Default: ``(batch[1], batch[-1])``.
+        call: ``call(pl_module, batch)`` runs the forward pass. Default:
+            ``pl_module(input, design_rows)`` on the module's device (``input=`` the first
+            element, ``design_rows`` the last), or ``pl_module(input, metadata=design_rows)``
+            for a :class:`~metanorm.nn.MetadataModel`.
+        every_n_epochs: probe in every n-th epoch (epochs n-1, 2n-1, ... counting from 0).
+            Default: 1.
+        max_samples: samples to read at most. Default: 1000.
+        max_features: outputs wider than this are randomly projected. Default: 256.
+        folds: cross-validation folds of the linear probe. Default: 5.
+        prefix: the first part of the logged names. Default: ``"probe"``.
+        seed: seed of the projections and the folds (the same every epoch, so epochs compare).
+            Default: 0.
+
+    Attributes:
+        results: ``{epoch: ProbeResult}`` of the epochs probed so far (on rank 0).
+
+    Examples::
+
+        >>> callback = LogProbe(metadata=1, modules=["net.0", "net.1"], max_samples=500)
+        >>> callback
+        LogProbe(metadata=1, modules=['net.0', 'net.1'], every_n_epochs=1, max_samples=500)
+    """
+
+    def __init__(
+        self,
+        metadata: int | Sequence[int] | Callable[[torch.Tensor], torch.Tensor],
+        *,
+        loader: Iterable[Any] | None = None,
+        modules: Sequence[str] | None = None,
+        targets: Callable[[Any], tuple[Any, Any]] | None = None,
+        call: Callable[[nn.Module, Any], Any] | None = None,
+        every_n_epochs: int = 1,
+        max_samples: int = 1000,
+        max_features: int = 256,
+        folds: int = 5,
+        prefix: str = "probe",
+        seed: int = 0,
+    ) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
+            raise TypeError(f"expected every_n_epochs to be a positive int, got {every_n_epochs!r}")
+        if every_n_epochs < 1:
+            raise ValueError(f"expected every_n_epochs to be a positive int, got {every_n_epochs}")
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 8:
+            raise ValueError(f"expected max_samples to be an int >= 8, got {max_samples!r}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"expected prefix to be a str, got {type(prefix).__name__}")
+        if not (callable(metadata) or isinstance(metadata, int | list | tuple)):
+            raise TypeError(
+                "expected metadata to be a column index, a list of column indices or a function "
+                f"rows -> tensor, got {type(metadata).__name__}"
+            )
+        if isinstance(modules, str):
+            raise TypeError(f"expected modules to be a list of module names, got {modules!r}")
+        self.metadata = metadata
+        self.loader = loader
+        self.modules = None if modules is None else list(modules)
+        self.targets = targets
+        self.call = call
+        self.every_n_epochs = every_n_epochs
+        self.max_samples = max_samples
+        self.max_features = max_features
+        self.folds = folds
+        self.prefix = prefix
+        self.seed = seed
+        self.results: dict[int, ProbeResult] = {}
+
+    def _loader(self, trainer: Any) -> Iterable[Any]:
+        loader = self.loader if self.loader is not None else trainer.val_dataloaders
+        if isinstance(loader, list | tuple) and loader and not isinstance(loader[0], torch.Tensor):
+            loader = loader[0]  # several validation loaders: the first
+        if loader is None or isinstance(loader, dict):
+            raise ValueError(
+                "LogProbe: expected a loader to probe on, got "
+                f"{type(loader).__name__} from the trainer; pass LogProbe(loader=...)"
+            )
+        return loader
+
+    def _default_call(self, pl_module: nn.Module) -> Callable[[nn.Module, Any], Any]:
+        device = getattr(pl_module, "device", None)
+
+        def call(model: nn.Module, batch: Any) -> None:
+            if not isinstance(batch, list | tuple) or len(batch) < 3:
+                raise TypeError(
+                    "LogProbe's default call: expected each batch to be a tuple (input, labels, "
+                    f"..., design_rows), got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else "")
+                    + "; pass LogProbe(targets=..., call=...)"
+                )
+            x, rows = batch[0], batch[-1]
+            if device is not None:
+                x, rows = x.to(device), rows.to(device)
+            if isinstance(model, MetadataModel):
+                model(x, metadata=rows)
+            else:
+                model(x, rows)
+
+        return call
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Probes and logs (rank 0; every ``every_n_epochs``-th epoch; not in the sanity check)."""
+        if trainer.sanity_checking:
+            return
+        epoch = int(trainer.current_epoch)
+        if (epoch + 1) % self.every_n_epochs != 0 or not trainer.is_global_zero:
+            return
+        # the loader's iterator draws its base seed from the global generator: restore it, so
+        # that training goes on with the random numbers it would have had without the probe
+        with torch.random.fork_rng(devices=[]):
+            result = probe(
+                pl_module,
+                self._loader(trainer),
+                self.metadata,
+                modules=self.modules,
+                targets=self.targets,
+                call=self.call if self.call is not None else self._default_call(pl_module),
+                max_samples=self.max_samples,
+                max_features=self.max_features,
+                folds=self.folds,
+                seed=self.seed,
+                label=type(pl_module).__name__,
+            )
+        self.results[epoch] = result
+        log = getattr(pl_module, "log", None)
+        if log is None:  # pragma: no cover - every LightningModule has log
+            return
+        for record in result:
+            name = f"{self.prefix}/{record.module or type(pl_module).__name__}"
+            for key, value in (("dcor2", record.dcor2), ("r2", record.probe_r2)):
+                if not math.isnan(value):
+                    log(f"{name}/{key}", float(value), rank_zero_only=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(metadata={self.metadata!r}, modules={self.modules!r}, "
+            f"every_n_epochs={self.every_n_epochs}, max_samples={self.max_samples})"
+        )

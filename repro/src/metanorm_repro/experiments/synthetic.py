@@ -247,9 +247,10 @@ SYNTHETIC_COMPARE = register_experiment(
         "concat (cf appended to the classifier's input), BR-Net and DANN (adversaries on cf, "
         "marginal and label-conditional), Group DRO over label × cf-bin groups, beside the "
         "baseline and MDN. See docs/alternatives.md.",
-        methods=COMPARE_METHODS,
+        methods=(*COMPARE_METHODS, "batchnorm", "mdn-scale", "mdn-ls"),  # last three: on request
         defaults={
             **SYNTHETIC.defaults,
+            "methods": list(COMPARE_METHODS),
             "n_per_class": 500,
             "epochs": 6,
             "lr": 3e-3,
