@@ -175,11 +175,12 @@ SYNTHETIC = register_experiment(
         "A plain CNN uses cf; MDN removes it from the features (design [y, cf, 1], y kept).",
         make_splits=_splits,
         make_model=_model,
-        methods=METHODS,
+        methods=(*METHODS, "mdn-scale", "mdn-ls"),  # the last two: on request
         metadata_columns=("cf",),
         confounder="cf",
         groups=cf_bins,
         defaults={
+            "methods": list(METHODS),
             "epochs": 5,
             "lr": 1e-3,
             "lr_schedule": "cosine",
