@@ -64,13 +64,13 @@ STUDY_FLAGS: dict[str, str] = {
     "jobs": "--jobs",
     "threads": "--threads",
     "no_plots": "--no-plots",
+    "data": "--data",
 }
 
 #: The flags of the sweeps that no study takes.
 _SWEEP_ONLY: dict[str, str] = {
     "lr_schedule": "--lr-schedule",
     "refit_running_beta": "--refit-running-beta",
-    "data": "--data",
     "device": "--device",
     "resume": "--resume",
     "strict": "--strict",

@@ -13,6 +13,8 @@ NAME`` at the same settings returns what the function returns:
                            ``OUT/<study>/``)
 ``continual``              :func:`~metanorm_repro.experiments.estimators.run_continual`: stages
                            with a shifting confounder, trained one after another
+``bladderbatch``           :func:`~metanorm_repro.experiments.bladderbatch.compare`: batch
+                           corrections of the bladderbatch microarrays
 =========================  ======================================================================
 
 :func:`run_study` writes ``results.json`` (the function's result), ``report.md`` and
@@ -112,6 +114,35 @@ def _continual_report(result: dict[str, Any]) -> str:
     return continual_report(result)
 
 
+def _run_bladderbatch(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    from metanorm_repro.datasets import load_bladderbatch
+    from metanorm_repro.experiments.bladderbatch import compare
+
+    s = dict(settings)
+    data = load_bladderbatch(s.pop("data"))
+    if s["genes"] < 2 or s["folds"] < 2 or s["repeats"] < 1:
+        raise ValueError(
+            f"expected genes >= 2, folds >= 2 and repeats >= 1, got {s['genes']}, "
+            f"{s['folds']}, {s['repeats']}"
+        )
+    return {
+        "settings": {**settings, "n_arrays": int(data.expression.shape[0])},
+        "methods": compare(data, **s),
+    }
+
+
+def _bladderbatch_report(result: dict[str, Any]) -> str:
+    from metanorm_repro.experiments.bladderbatch import to_markdown
+
+    s = result["settings"]
+    return (
+        "# Batch correction on bladderbatch\n\n"
+        f"{s['n_arrays']} arrays, top {s['genes']} variable genes, "
+        f"{s['repeats']}×{s['folds']}-fold CV, seed {s['seed']}.\n\n"
+        + to_markdown(result["methods"])
+    )
+
+
 def _studies() -> tuple[Study, ...]:
     from metanorm_repro.experiments.estimators import run_continual
     from metanorm_repro.experiments.failures import run_failures
@@ -156,6 +187,25 @@ def _studies() -> tuple[Study, ...]:
             report=_continual_report,
             settings=_defaults(run_continual, ("out_dir",)),
             flags={"epochs": "epochs_per_stage", "batch_sizes": "batch_size"},
+        ),
+        Study(
+            name="bladderbatch",
+            description="Batch correction on the bladderbatch microarrays (none, "
+            "MetadataResidualizer, CorrelationRemover, ComBat): batch left (dcor² within tissue "
+            "status) and biology left (cross-validated cancer-vs-normal bAcc). Needs the data "
+            "(--data) and the compare extra.",
+            run=_run_bladderbatch,
+            report=_bladderbatch_report,
+            # the keyword arguments of bladderbatch.compare (not imported here: pandas and
+            # scikit-learn are an extra)
+            settings={
+                "genes": 1000,
+                "folds": 5,
+                "repeats": 10,
+                "seed": 0,
+                "methods": None,
+                "data": None,
+            },
         ),
     )
 
