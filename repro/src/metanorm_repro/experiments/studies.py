@@ -13,6 +13,8 @@ NAME`` at the same settings returns what the function returns:
                            ``OUT/<study>/``)
 ``continual``              :func:`~metanorm_repro.experiments.estimators.run_continual`: stages
                            with a shifting confounder, trained one after another
+``running-beta``           :func:`~metanorm_repro.experiments.running_beta.run_running_beta`:
+                           the running-β policies after a short training
 ``bladderbatch``           :func:`~metanorm_repro.experiments.bladderbatch.compare`: batch
                            corrections of the bladderbatch microarrays
 =========================  ======================================================================
@@ -143,10 +145,23 @@ def _bladderbatch_report(result: dict[str, Any]) -> str:
     )
 
 
+def _run_running_beta(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    from metanorm_repro.experiments.running_beta import run_running_beta
+
+    return run_running_beta(**settings)
+
+
+def _running_beta_report(result: dict[str, Any]) -> str:
+    from metanorm_repro.experiments.running_beta import running_beta_report
+
+    return running_beta_report(result)
+
+
 def _studies() -> tuple[Study, ...]:
     from metanorm_repro.experiments.estimators import run_continual
     from metanorm_repro.experiments.failures import run_failures
     from metanorm_repro.experiments.regression import run_diabetes, run_synthetic_regression
+    from metanorm_repro.experiments.running_beta import run_running_beta
 
     return (
         Study(
@@ -187,6 +202,15 @@ def _studies() -> tuple[Study, ...]:
             report=_continual_report,
             settings=_defaults(run_continual, ("out_dir",)),
             flags={"epochs": "epochs_per_stage", "batch_sizes": "batch_size"},
+        ),
+        Study(
+            name="running-beta",
+            description="The running-β policies of MetadataNorm after a short training on the "
+            "paper's synthetic task (EMA variants, cumulative average, refit), for batch sizes "
+            "with and without a last batch of m <= K samples: test bAcc, dcor², β error.",
+            run=_run_running_beta,
+            report=_running_beta_report,
+            settings=_defaults(run_running_beta),
         ),
         Study(
             name="bladderbatch",
