@@ -43,7 +43,7 @@ Where entries come from (loaded lazily, once, by the look-ups):
 - :func:`register_experiment` / :func:`register_study` called directly.
 
 A sweep run with several processes (``--jobs``) hands its workers the sources loaded here and the
-entry it runs (:func:`worker_payload`, :func:`install_payload`), so an entry registered by any of
+entry it runs (``worker_payload``, ``install_payload``), so an entry registered by any of
 these ways reaches them.
 
 Examples::
@@ -320,7 +320,7 @@ def load_source(source: str) -> list[str]:
     A module is imported (it registers its entries itself); ``module:attr`` is an
     :class:`Experiment`, a :class:`Study`, or an iterable (or mapping) of them, registered here.
     A source loaded once is not loaded again. Sweep workers load the same sources
-    (:func:`worker_payload`).
+    (``worker_payload``).
 
     Returns:
         The names registered from ``source`` (for a plain module: the names new since the call).
@@ -458,7 +458,9 @@ def worker_payload(names: Sequence[str]) -> tuple[tuple[str, ...], tuple[Entry, 
 
 
 def install_payload(sources: Sequence[str], entries: Sequence[Entry]) -> None:
-    """Loads ``sources``, registers ``entries`` (replacing): :func:`worker_payload`'s other end."""
+    """Loads ``sources``, registers ``entries`` (replacing): the other end of ``worker_payload``."""
+    if not sources and not entries:  # built-in entries only: loaded lazily, as needed
+        return
     _load_all()
     for source in sources:
         load_source(source)

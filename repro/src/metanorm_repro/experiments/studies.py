@@ -1,30 +1,29 @@
 """The studies run by ``metanorm reproduce NAME``, and the runner that writes their folders.
 
-Each :class:`~metanorm_repro.experiments.registry.Study` here wraps one study function; its
+Each :class:`~metanorm_repro.experiments.Study` here wraps one study function; its
 settings are that function's keyword arguments with their defaults, so ``metanorm reproduce
 NAME`` at the same settings returns what the function returns:
 
 =========================  ======================================================================
-``regression-synthetic``   :func:`~metanorm_repro.experiments.regression.run_regression`
+``regression-synthetic``   ``run_regression``
                            ``("synthetic")``: MDN and the alternatives on a regression target
 ``regression-diabetes``    the same on scikit-learn's diabetes data, in K-fold cross-validation
-``failures``               :func:`~metanorm_repro.experiments.failures.run_failures`: every method
+``failures``               ``run_failures``: every method
                            on the two stand-ins where MDN fails (each stand-in's sweep in
                            ``OUT/<study>/``)
-``continual``              :func:`~metanorm_repro.experiments.estimators.run_continual`: stages
+``continual``              ``run_continual``: stages
                            with a shifting confounder, trained one after another
-``running-beta``           :func:`~metanorm_repro.experiments.running_beta.run_running_beta`:
+``running-beta``           ``run_running_beta``:
                            the running-β policies after a short training
-``bladderbatch``           :func:`~metanorm_repro.experiments.bladderbatch.compare`: batch
+``bladderbatch``           ``compare``: batch
                            corrections of the bladderbatch microarrays
 =========================  ======================================================================
 
-:func:`run_study` writes ``results.json`` (the function's result), ``report.md`` and
-``run.json`` (the study, the command line, the settings and the wall time) into ``OUT.partial``
-and puts that folder in the place of ``OUT`` only once it is complete: an interrupted or failed
-run leaves the previous ``OUT`` as it was. :data:`STUDIES` is registered by the registry's
-loader (:data:`~metanorm_repro.experiments.registry.BUILTIN_SOURCES`), not by importing this
-module.
+:func:`~metanorm_repro.experiments.run_study` writes ``results.json`` (the function's result),
+``report.md`` and ``run.json`` (the study, the command line, the settings and the wall time) into
+``OUT.partial`` and puts that folder in the place of ``OUT`` only once it is complete: an
+interrupted or failed run leaves the previous ``OUT`` as it was. ``STUDIES`` is registered by the
+registry's loader (``registry.BUILTIN_SOURCES``), not by importing this module.
 
 Examples::
 
@@ -256,8 +255,8 @@ def run_study(
     (its result; a ``"command"`` key of the result is set to ``command``), ``report.md``
     (``study.report(result)``) and ``run.json`` (the study, ``command``, the settings and the
     wall time) are written there, and the folder takes ``out``'s place
-    (:func:`~metanorm_repro.experiments._io.swap_in`). ``out`` is locked meanwhile
-    (:class:`~metanorm_repro.experiments._io.FolderLock`).
+    (``swap_in``). ``out`` is locked meanwhile
+    (``FolderLock``).
 
     Args:
         study: the study.
