@@ -364,7 +364,7 @@ def _run_study(study: Any, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    del result
+    print(study.report(result), end="")
     print(f"report: {os.path.join(out, 'report.md')}")
     return 0
 

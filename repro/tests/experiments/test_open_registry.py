@@ -86,6 +86,7 @@ def test_experiment_module_flag_registers_a_study(tmp_path, capsys):
     assert main([*argv, "--out", str(out), "--option", "n=4"]) == 0
     assert (out / "report.md").read_text() == "# Mean of squares\n\nn = 4: 3.5000\n"
     assert json.loads((out / "results.json").read_text()) == {"n": 4, "mean": 3.5}
+    assert "n = 4: 3.5000" in capsys.readouterr().out  # the report, printed
     assert main([*argv, "--out", str(tmp_path / "e"), "--epochs", "3"]) == 2
     assert "takes no --epochs; it takes no flag and --option keys n" in capsys.readouterr().err
 
