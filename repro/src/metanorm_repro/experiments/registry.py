@@ -202,7 +202,7 @@ class Study:
     :attr:`paper` with ``--paper``, then the flags and ``--option KEY=VALUE``), calls
     ``run(settings, folder)`` in a new folder (``OUT.partial``), writes ``results.json`` (the
     result) and ``report.md`` (``report(result)``) into it, and only then puts it in the place
-    of ``OUT`` (:func:`metanorm_repro.experiments.studies.run_study`).
+    of ``OUT`` (:func:`~metanorm_repro.experiments.run_study`).
 
     Attributes:
         name: the name ``metanorm reproduce NAME`` takes (one name space with the experiments).
