@@ -376,7 +376,10 @@ def _run(args: argparse.Namespace) -> int:
     from metanorm_repro.models.norms import NORM_ALIASES
 
     for source in args.experiment_module:
-        load_source(source)
+        try:
+            load_source(source)
+        except ImportError as exc:  # one line, as the other errors a user can fix
+            raise ValueError(f"--experiment-module {source}: {exc}") from None
     entry = get_entry(args.experiment)
     if not isinstance(entry, Experiment):
         return _run_study(entry, args)

@@ -89,6 +89,13 @@ def test_experiment_module_flag_registers_a_study(tmp_path, capsys):
     assert "n = 4: 3.5000" in capsys.readouterr().out  # the report, printed
     assert main([*argv, "--out", str(tmp_path / "e"), "--epochs", "3"]) == 2
     assert "takes no --epochs; it takes no flag and --option keys n" in capsys.readouterr().err
+    bad = ["reproduce", PLUGIN.name, "--experiment-module", "no_such_module_xyz"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--experiment-module no_such_module_xyz: cannot import" in err
+        and len(err.splitlines()) == 1
+    )
 
 
 def test_entry_points_add_entries(monkeypatch):
