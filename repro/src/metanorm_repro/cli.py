@@ -50,6 +50,61 @@ def _option(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+#: The flags a study may take, by their ``argparse`` dest (the setting of the same name, unless
+#: the study's ``flags`` names another); ``no_plots`` sets ``plots``.
+STUDY_FLAGS: dict[str, str] = {
+    "seeds": "--seeds",
+    "seed": "--seed",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "methods": "--methods",
+    "batch_sizes": "--batch-sizes",
+    "n_per_class": "--n-per-class",
+    "n_eval_per_class": "--n-eval-per-class",
+    "jobs": "--jobs",
+    "threads": "--threads",
+    "no_plots": "--no-plots",
+    "data": "--data",
+}
+
+#: The flags of the sweeps that no study takes.
+_SWEEP_ONLY: dict[str, str] = {
+    "lr_schedule": "--lr-schedule",
+    "refit_running_beta": "--refit-running-beta",
+    "device": "--device",
+    "resume": "--resume",
+    "strict": "--strict",
+}
+
+
+def _study_setting(study: Any, dest: str) -> str:
+    """The setting a flag sets in ``study`` (``no_plots``: ``plots``)."""
+    return study.flags.get(dest, "plots" if dest == "no_plots" else dest)
+
+
+def _study_takes(study: Any) -> tuple[list[str], list[str]]:
+    """The flags and the ``--option`` keys of a study."""
+    flags = [f for d, f in STUDY_FLAGS.items() if _study_setting(study, d) in study.settings]
+    return flags, list(study.settings)
+
+
+def _studies_help() -> list[str]:
+    from metanorm_repro.experiments import get_study, list_studies
+
+    lines = ["", "studies (NAME): each writes OUT/report.md, OUT/results.json and OUT/run.json:"]
+    for name in list_studies():
+        study = get_study(name)
+        flags, keys = _study_takes(study)
+        lines.append(f"  {name}")
+        lines += textwrap.wrap(
+            f"flags: {' '.join(flags) or '(none)'}; --option keys: {' '.join(keys)}",
+            width=90,
+            initial_indent="      ",
+            subsequent_indent="        ",
+        )
+    return lines
+
+
 def _experiments_help() -> str:
     """The epilog of ``reproduce --help``: every experiment, its methods and its options."""
     from metanorm_repro.experiments import get_experiment, list_experiments
@@ -66,7 +121,7 @@ def _experiments_help() -> str:
             lines += textwrap.wrap(
                 f"options: {keys}", width=90, initial_indent="      ", subsequent_indent="        "
             )
-    return "\n".join(lines)
+    return "\n".join(lines + _studies_help())
 
 
 def register(sub: Any) -> None:
@@ -118,7 +173,7 @@ def register(sub: Any) -> None:
         metavar="N",
         help="number of seeds, 0..N-1 (mean ± std in the report; default: 1)",
     )
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default: 0)")
+    p.add_argument("--seed", type=int, metavar="S", help="first seed (default: 0)")
     p.add_argument("--epochs", type=_positive_int, metavar="E", help="training epochs")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help="Adam learning rate")
     p.add_argument(
@@ -169,7 +224,7 @@ def register(sub: Any) -> None:
         help="an experiment option (RunConfig.options; VALUE read as JSON when it parses, else "
         "as text), repeatable; e.g. shade_mode=contrast, noise=0.1, 'classes=[1, 7]'",
     )
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", help="torch device (default: cpu)")
     p.add_argument(
         "--jobs",
         type=_positive_int,
@@ -200,6 +255,16 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--strict", action="store_true", help="exit with status 1 when a check of the report fails"
+    )
+    p.add_argument(
+        "--experiment-module",
+        action="append",
+        default=[],
+        metavar="MODULE[:ATTR]",
+        help="load experiments or studies from MODULE (it registers them when imported) or "
+        "register MODULE:ATTR (an Experiment, a Study or a list of them) before looking up "
+        "NAME; repeatable. Installed packages add theirs through the entry-point group "
+        "metanorm_repro.experiments",
     )
     p.set_defaults(func=run)
 
@@ -241,12 +306,88 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OS_ERROR
 
 
+def _command(argv_tail: list[str], name: str) -> tuple[list[str], str]:
+    argv = sys.argv[1:] if sys.argv[1:2] == ["reproduce"] else ["reproduce", name, *argv_tail]
+    return argv, "metanorm " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _coerce(study: Any, setting: str, flag: str, value: Any) -> Any:
+    """A flag's value as the setting takes it (a one-item list for a single number)."""
+    default = study.settings[setting]
+    if isinstance(value, list) and isinstance(default, int) and not isinstance(default, bool):
+        if len(value) != 1:
+            raise ValueError(
+                f"study {study.name!r} takes one value for {flag} (its setting {setting}), got "
+                f"{value}"
+            )
+        return value[0]
+    return value
+
+
+def _run_study(study: Any, args: argparse.Namespace) -> int:
+    """``metanorm reproduce STUDY``: the settings from the flags, then :func:`run_study`."""
+    from metanorm_repro.experiments.studies import StudyInterrupted, run_study
+
+    flags, keys = _study_takes(study)
+    for dest, flag in {**STUDY_FLAGS, **_SWEEP_ONLY}.items():
+        value = getattr(args, dest)
+        if value is None or value is False or value == []:
+            continue
+        if flag not in flags:
+            raise ValueError(
+                f"study {study.name!r} takes no {flag}; it takes {' '.join(flags) or 'no flag'} "
+                f"and --option keys {', '.join(keys)}"
+            )
+    given: dict[str, Any] = {}
+    for dest, flag in STUDY_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None or value is False:
+            continue
+        setting = _study_setting(study, dest)
+        given[setting] = False if dest == "no_plots" else _coerce(study, setting, flag, value)
+    unknown = sorted({k for k, _ in args.option} - set(study.settings))
+    if unknown:
+        raise ValueError(
+            f"unknown --option key(s) {unknown} for {study.name!r}; valid keys: {', '.join(keys)}"
+        )
+    given.update(dict(args.option))
+    if args.quiet and "progress" in study.settings:
+        given["progress"] = False
+    settings = study.resolve(given, paper=args.paper)
+    out = args.out or f"runs/{study.name}"
+    _, command = _command([], study.name)
+    try:
+        result = run_study(study, settings, out, overwrite=args.overwrite, command=command)
+    except StudyInterrupted as stop:
+        print(
+            f"metanorm reproduce: interrupted ({stop.signal_name}): {out} is unchanged",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(study.report(result), end="")
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    from metanorm_repro.experiments import RunConfig, get_experiment, run_sweep, write_report
+    from metanorm_repro.experiments import RunConfig, run_sweep, write_report
+    from metanorm_repro.experiments.registry import Experiment, get_entry, load_source
     from metanorm_repro.experiments.sweep import SweepInterrupted
     from metanorm_repro.models.norms import NORM_ALIASES
 
-    experiment = get_experiment(args.experiment)
+    for source in args.experiment_module:
+        try:
+            load_source(source)
+        except ImportError as exc:  # one line, as the other errors a user can fix
+            raise ValueError(f"--experiment-module {source}: {exc}") from None
+    entry = get_entry(args.experiment)
+    if not isinstance(entry, Experiment):
+        return _run_study(entry, args)
+    experiment = entry
+    if args.seed is None:
+        args.seed = 0
+    if args.device is None:
+        args.device = "cpu"
     if args.paper and not experiment.paper:
         raise ValueError(f"experiment {experiment.name!r} has no --paper settings; drop --paper")
     if experiment.options is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -82,14 +81,28 @@ def test_residualizer_removes_batch_within_status(bb) -> None:  # type: ignore[n
 
 
 def test_comparison_script_runs(bb) -> None:  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(
-        "compare_bb", ROOT / "scripts" / "compare_bladderbatch.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    # the comparison's module (scripts/compare_bladderbatch.py runs its main)
+    from metanorm_repro.experiments import bladderbatch as mod
+
     r = mod.compare(bb, genes=200, folds=3, repeats=1, methods=["none", "residualizer"])
     assert r["residualizer"]["bacc_mean"] > 0.85
     for s in ("Cancer", "Normal"):
         assert r["residualizer"]["dcor2_out_of_fold"][s] < r["none"]["dcor2_out_of_fold"][s]
     assert "MetadataResidualizer" in mod.to_markdown(r)
+
+
+def test_the_study_equals_the_comparison(bb, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from metanorm.cli import main
+    from metanorm_repro.experiments.bladderbatch import compare, to_markdown
+
+    out = tmp_path / "bb"
+    flags = ["--option", "genes=200", "--option", "folds=3", "--option", "repeats=1"]
+    assert main(["reproduce", "bladderbatch", "--out", str(out), *flags, "--methods", "none"]) == 0
+    got = json.loads((out / "results.json").read_text())["methods"]
+    want = compare(bb, genes=200, folds=3, repeats=1, methods=["none"])
+    for r in (got["none"], want["none"]):
+        r.pop("seconds")
+    assert got == json.loads(json.dumps(want))
+    assert to_markdown(got) in (out / "report.md").read_text()

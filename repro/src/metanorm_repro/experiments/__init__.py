@@ -5,7 +5,8 @@
 - :func:`run_experiment`: one configuration into one run folder;
 - :func:`run_sweep` and :func:`write_report`: every method × batch size × seed, and the report
   (``metanorm reproduce NAME``);
-- :func:`get_experiment` / :func:`register_experiment`: experiments by name.
+- :func:`get_entry` / :func:`register_experiment` / :func:`register_study`: experiments and
+  studies (:class:`Study`) by name, one registry; :func:`run_study` runs a study into its folder.
 """
 
 from metanorm_repro.experiments.config import RunConfig as RunConfig
@@ -13,31 +14,51 @@ from metanorm_repro.experiments.engine import evaluate as evaluate
 from metanorm_repro.experiments.engine import predict as predict
 from metanorm_repro.experiments.engine import train_one_epoch as train_one_epoch
 from metanorm_repro.experiments.registry import Check as Check
+from metanorm_repro.experiments.registry import Entry as Entry
 from metanorm_repro.experiments.registry import Experiment as Experiment
+from metanorm_repro.experiments.registry import Study as Study
+from metanorm_repro.experiments.registry import get_entry as get_entry
 from metanorm_repro.experiments.registry import get_experiment as get_experiment
+from metanorm_repro.experiments.registry import get_study as get_study
+from metanorm_repro.experiments.registry import list_entries as list_entries
 from metanorm_repro.experiments.registry import list_experiments as list_experiments
+from metanorm_repro.experiments.registry import list_studies as list_studies
+from metanorm_repro.experiments.registry import load_source as load_source
 from metanorm_repro.experiments.registry import register_experiment as register_experiment
+from metanorm_repro.experiments.registry import register_study as register_study
 from metanorm_repro.experiments.report import summarize as summarize
 from metanorm_repro.experiments.report import write_report as write_report
 from metanorm_repro.experiments.runner import PreparedRun as PreparedRun
 from metanorm_repro.experiments.runner import prepare_run as prepare_run
 from metanorm_repro.experiments.runner import run_experiment as run_experiment
+from metanorm_repro.experiments.studies import StudyInterrupted as StudyInterrupted
+from metanorm_repro.experiments.studies import run_study as run_study
 from metanorm_repro.experiments.sweep import SweepInterrupted as SweepInterrupted
 from metanorm_repro.experiments.sweep import run_sweep as run_sweep
 
 __all__ = [
     "Check",
+    "Entry",
     "Experiment",
     "PreparedRun",
     "RunConfig",
+    "Study",
+    "StudyInterrupted",
     "SweepInterrupted",
     "evaluate",
+    "get_entry",
     "get_experiment",
+    "get_study",
+    "list_entries",
     "list_experiments",
+    "list_studies",
+    "load_source",
     "predict",
     "prepare_run",
     "register_experiment",
+    "register_study",
     "run_experiment",
+    "run_study",
     "run_sweep",
     "summarize",
     "train_one_epoch",

@@ -15,8 +15,8 @@ penalty MDN (``pmdn``, Vento et al., MICCAI 2022) and the baseline, each layer a
   ``grad_through_beta``, default false), ``pmdn_lr`` (PMDN's β learning rate, default 1e-2).
   With equal epochs a large batch takes fewer steps (4 per epoch at batch 200), so bAcc there
   says more about steps than about estimators.
-- continual learning with a shifting confounder (:func:`run_continual`; ``python -m
-  metanorm_repro.experiments.estimators continual``): five stages whose confounder association
+- continual learning with a shifting confounder (:func:`run_continual`; ``metanorm reproduce
+  continual``): five stages whose confounder association
   (:mod:`metanorm_repro.datasets.shifting`) goes 1, 0.5, 0, −0.5, −1 (the paper's confounder, half
   of
   it, none, half reversed, reversed), trained stage after stage; after each stage the model is
@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -508,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    print(
+        "note: this runner is deprecated; run 'metanorm reproduce continual' (the same study "
+        "and numbers, written atomically; --epochs sets the epochs per stage)",
+        file=sys.stderr,
+    )
     results = run_continual(
         args.out,
         methods=args.methods,

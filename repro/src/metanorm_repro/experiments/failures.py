@@ -8,7 +8,7 @@ experiments'
 own sweep (:func:`~metanorm_repro.experiments.run_sweep`: same data, seeds and round-robin timing as
 ``metanorm reproduce``), and writes one report::
 
-    python -m metanorm_repro.experiments.failures --out runs/mdn-failures
+    metanorm reproduce failures --out runs/mdn-failures
 
 ``OUT/<study>/`` holds each study's sweep (its run folders and ``report.md``, as ``metanorm
 reproduce`` writes them); ``OUT/results.json`` and ``OUT/report.md`` the comparison, written
@@ -500,6 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import shlex
     import sys
 
+    print(
+        "note: this runner is deprecated; run 'metanorm reproduce failures' (the same study "
+        "and numbers, written atomically; --option 'studies=[...]' picks the stand-ins)",
+        file=sys.stderr,
+    )
     shown = sys.argv[1:] if argv is None else list(argv)
     command = "python -m metanorm_repro.experiments.failures " + " ".join(map(shlex.quote, shown))
     result = run_failures(

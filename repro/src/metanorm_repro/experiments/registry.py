@@ -22,17 +22,49 @@ An :class:`Experiment` is everything :func:`metanorm_repro.experiments.run_exper
   options (:attr:`RunConfig.options`), applied by :meth:`Experiment.resolve` (e.g. gs-ppb's
   ``skin_type="ordinal"`` makes the skin type a numeric design column).
 
-Register a new experiment with :func:`register_experiment` in a module listed in
-:data:`EXPERIMENT_MODULES` (imported lazily by :func:`get_experiment`).
+A :class:`Study` is the other kind of entry: a self-contained study with its own runner and
+report (several data sets, a regression task, continual learning), run by the same command into
+the same kind of output folder. Experiments and studies share one registry (one name space):
+:func:`get_entry` / :func:`list_entries` return both kinds; :func:`get_experiment` /
+:func:`list_experiments` the sweep experiments only (what
+:func:`~metanorm_repro.experiments.run_sweep` drives), :func:`get_study` / :func:`list_studies`
+the studies only.
+
+Where entries come from (loaded lazily, once, by the look-ups):
+
+- the built-in modules of :data:`EXPERIMENT_MODULES` (they register when imported) and the
+  built-in studies of :data:`BUILTIN_SOURCES`;
+- installed packages, through the entry-point group :data:`ENTRY_POINT_GROUP`
+  (``metanorm_repro.experiments``): each entry point names a module (imported: it registers its
+  entries itself) or an object (``module:attr``: an :class:`Experiment`, a :class:`Study`, or an
+  iterable of them, registered by the loader);
+- :func:`load_source` (``metanorm reproduce --experiment-module MODULE[:ATTR]``), the same two
+  shapes from the command line;
+- :func:`register_experiment` / :func:`register_study` called directly.
+
+A sweep run with several processes (``--jobs``) hands its workers the sources loaded here and the
+entry it runs (``worker_payload``, ``install_payload``), so an entry registered by any of
+these ways reaches them.
+
+Examples::
+
+    >>> from metanorm_repro.experiments import get_entry, list_studies
+    >>> "failures" in list_studies(), type(get_entry("synthetic")).__name__
+    (True, 'Experiment')
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+import pickle
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 from torch import nn
@@ -43,12 +75,24 @@ if TYPE_CHECKING:
     from metanorm_repro.experiments.config import RunConfig
 
 __all__ = [
+    "BUILTIN_SOURCES",
+    "ENTRY_POINT_GROUP",
     "EXPERIMENT_MODULES",
     "Check",
+    "Entry",
     "Experiment",
+    "Study",
+    "get_entry",
     "get_experiment",
+    "get_study",
+    "install_payload",
+    "list_entries",
     "list_experiments",
+    "list_studies",
+    "load_source",
     "register_experiment",
+    "register_study",
+    "worker_payload",
 ]
 
 #: Modules that register experiments when imported.
@@ -57,6 +101,12 @@ EXPERIMENT_MODULES: tuple[str, ...] = (
     "metanorm_repro.experiments.real",
     "metanorm_repro.experiments.estimators",
 )
+
+#: Built-in entries given as objects (``module:attr``), registered by the loader.
+BUILTIN_SOURCES: tuple[str, ...] = ("metanorm_repro.experiments.studies:STUDIES",)
+
+#: The entry-point group through which installed packages add experiments and studies.
+ENTRY_POINT_GROUP = "metanorm_repro.experiments"
 
 
 @dataclass(frozen=True)
@@ -144,36 +194,275 @@ class Experiment:
         return dataclasses.replace(self, **self.configure(options))
 
 
-_EXPERIMENTS: dict[str, Experiment] = {}
+@dataclass(frozen=True)
+class Study:
+    """A registered study: its own runner and report, run by ``metanorm reproduce NAME``.
+
+    ``metanorm reproduce NAME`` resolves the settings (:meth:`resolve`: :attr:`settings`, then
+    :attr:`paper` with ``--paper``, then the flags and ``--option KEY=VALUE``), calls
+    ``run(settings, folder)`` in a new folder (``OUT.partial``), writes ``results.json`` (the
+    result) and ``report.md`` (``report(result)``) into it, and only then puts it in the place
+    of ``OUT`` (:func:`~metanorm_repro.experiments.run_study`).
+
+    Attributes:
+        name: the name ``metanorm reproduce NAME`` takes (one name space with the experiments).
+        description: one paragraph for ``--help``.
+        run: ``(settings, folder) -> result``: runs the study; it may write more files (plots,
+            sweeps) into ``folder``, which exists. ``result`` must be JSON-serialisable
+            (numpy and torch scalars pass).
+        report: ``result -> markdown``, the report.
+        settings: every setting the study takes, with its default value.
+        flags: command-line flags whose setting is named otherwise, as ``{flag's dest: setting}``
+            (e.g. ``{"epochs": "epochs_per_stage"}``); other flags set the setting of their own
+            name (``--batch-sizes``: ``batch_sizes``).
+        paper: the settings ``--paper`` gives (empty: the study has none).
+    """
+
+    name: str
+    description: str
+    run: Callable[[dict[str, Any], Path], dict[str, Any]]
+    report: Callable[[dict[str, Any]], str]
+    settings: dict[str, Any]
+    flags: dict[str, str] = field(default_factory=dict)
+    paper: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self, given: Mapping[str, Any], *, paper: bool = False) -> dict[str, Any]:
+        """The settings of a run: the defaults, the paper's (``paper``), then ``given``.
+
+        Raises:
+            ValueError: a key of ``given`` that is not a setting (the message lists them), or
+                ``paper`` for a study without paper settings.
+        """
+        unknown = sorted(set(given) - set(self.settings))
+        if unknown:
+            raise ValueError(
+                f"study {self.name!r} has no setting(s) {unknown}; it takes: "
+                f"{', '.join(self.settings)}"
+            )
+        if paper and not self.paper:
+            raise ValueError(f"study {self.name!r} has no --paper settings; drop --paper")
+        return {**self.settings, **(self.paper if paper else {}), **given}
+
+
+#: An entry of the registry: a sweep experiment or a study.
+Entry: TypeAlias = Experiment | Study
+
+_ENTRIES: dict[str, Entry] = {}
+# where each entry came from: a module (or module:attr) a fresh process can load again
+_ORIGINS: dict[str, str] = {}
+# sources loaded by load_source beyond the built-in ones (handed to sweep workers)
+_EXTRA_SOURCES: list[str] = []
+_LOADED = False
+_BUILTIN = set(EXPERIMENT_MODULES) | set(BUILTIN_SOURCES)
+
+
+def _caller_module() -> str:
+    """The module that called the public ``register_*`` function (two frames up)."""
+    return str(sys._getframe(2).f_globals.get("__name__", ""))
+
+
+def _register(entry: Entry, replace: bool, origin: str) -> None:
+    if entry.name in _ENTRIES and not replace and _ENTRIES[entry.name] is not entry:
+        kind = type(_ENTRIES[entry.name]).__name__.lower()
+        raise ValueError(f"an entry named {entry.name!r} is already registered (a {kind})")
+    _ENTRIES[entry.name] = entry
+    _ORIGINS[entry.name] = origin
 
 
 def register_experiment(experiment: Experiment, *, replace: bool = False) -> Experiment:
     """Registers ``experiment`` under its name (an existing name needs ``replace=True``)."""
-    if experiment.name in _EXPERIMENTS and not replace:
-        raise ValueError(f"an experiment named {experiment.name!r} is already registered")
+    if not isinstance(experiment, Experiment):
+        raise TypeError(f"expected an Experiment, got {type(experiment).__name__}")
     if experiment.confounder not in experiment.metadata_columns:
         raise ValueError(
             f"the confounder {experiment.confounder!r} must be one of the metadata columns "
             f"{experiment.metadata_columns}"
         )
-    _EXPERIMENTS[experiment.name] = experiment
+    _register(experiment, replace, _caller_module())
     return experiment
 
 
+def register_study(study: Study, *, replace: bool = False) -> Study:
+    """Registers ``study`` under its name (an existing name needs ``replace=True``)."""
+    if not isinstance(study, Study):
+        raise TypeError(f"expected a Study, got {type(study).__name__}")
+    _register(study, replace, _caller_module())
+    return study
+
+
+def _register_object(obj: Any, source: str) -> list[str]:
+    items = [obj] if isinstance(obj, Experiment | Study) else obj
+    if isinstance(items, Mapping):
+        items = list(items.values())
+    if not isinstance(items, Iterable) or isinstance(items, str | bytes):
+        raise TypeError(
+            f"{source} must be an Experiment, a Study or an iterable of them, got "
+            f"{type(obj).__name__}"
+        )
+    names = []
+    for item in items:
+        if isinstance(item, Experiment):
+            register_experiment(item, replace=_ORIGINS.get(item.name) == source)
+        elif isinstance(item, Study):
+            register_study(item, replace=_ORIGINS.get(item.name) == source)
+        else:
+            raise TypeError(
+                f"{source} must hold Experiments or Studies, got a {type(item).__name__}"
+            )
+        _ORIGINS[item.name] = source
+        names.append(item.name)
+    return names
+
+
+def load_source(source: str) -> list[str]:
+    """Loads experiments or studies from ``source``: ``"module"`` or ``"module:attr"``.
+
+    A module is imported (it registers its entries itself); ``module:attr`` is an
+    :class:`Experiment`, a :class:`Study`, or an iterable (or mapping) of them, registered here.
+    A source loaded once is not loaded again. Sweep workers load the same sources
+    (``worker_payload``).
+
+    Returns:
+        The names registered from ``source`` (for a plain module: the names new since the call).
+
+    Raises:
+        ImportError: the module cannot be imported (the message names it).
+        TypeError: ``attr`` is not an entry or an iterable of entries.
+        ValueError: a name is already registered by another source.
+    """
+    if not isinstance(source, str) or not source.strip(":"):
+        raise ValueError(f"expected 'module' or 'module:attr', got {source!r}")
+    module_name, _, attr = source.partition(":")
+    before = set(_ENTRIES)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import the experiment module {module_name!r}: {exc}") from exc
+    if attr:
+        obj: Any = module
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+        names = _register_object(obj, source)
+    else:
+        names = sorted(set(_ENTRIES) - before)
+    if source not in _BUILTIN and source not in _EXTRA_SOURCES:
+        _EXTRA_SOURCES.append(source)
+    return names
+
+
 def _load_all() -> None:
-    for module in EXPERIMENT_MODULES:
+    global _LOADED
+    for module in EXPERIMENT_MODULES:  # cheap once imported; a test may have reloaded one
         importlib.import_module(module)
+    if _LOADED:
+        return
+    _LOADED = True
+    for source in BUILTIN_SOURCES:
+        load_source(source)
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            load_source(ep.value)
+        except Exception as exc:  # a broken plugin must not take the other entries down
+            warnings.warn(
+                f"the experiments of entry point {ep.name!r} ({ep.value}) could not be "
+                f"loaded: {exc}",
+                stacklevel=2,
+            )
+
+
+def list_entries() -> list[str]:
+    """Names of every registered entry (experiments and studies), sorted."""
+    _load_all()
+    return sorted(_ENTRIES)
+
+
+def get_entry(name: str) -> Entry:
+    """The experiment or study registered as ``name``; ``ValueError`` listing the names else."""
+    _load_all()
+    if name not in _ENTRIES:
+        raise ValueError(f"unknown experiment {name!r}; registered: {sorted(_ENTRIES)}")
+    return _ENTRIES[name]
 
 
 def list_experiments() -> list[str]:
-    """Names of the registered experiments, sorted."""
+    """Names of the registered sweep experiments (not the studies), sorted."""
     _load_all()
-    return sorted(_EXPERIMENTS)
+    return sorted(n for n, e in _ENTRIES.items() if isinstance(e, Experiment))
 
 
 def get_experiment(name: str) -> Experiment:
-    """The experiment registered as ``name``; ``ValueError`` listing the known names otherwise."""
+    """The experiment registered as ``name``; ``ValueError`` listing the known names otherwise.
+
+    A study's name is refused too (it has no sweep): run it with :func:`get_study`'s runner.
+    """
+    entry = get_entry(name)
+    if not isinstance(entry, Experiment):
+        raise ValueError(
+            f"{name!r} is a study, not a sweep experiment: run it with 'metanorm reproduce "
+            f"{name}'; experiments: {list_experiments()}"
+        )
+    return entry
+
+
+def list_studies() -> list[str]:
+    """Names of the registered studies, sorted."""
     _load_all()
-    if name not in _EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; registered: {sorted(_EXPERIMENTS)}")
-    return _EXPERIMENTS[name]
+    return sorted(n for n, e in _ENTRIES.items() if isinstance(e, Study))
+
+
+def get_study(name: str) -> Study:
+    """The study registered as ``name``; ``ValueError`` naming the studies otherwise."""
+    entry = get_entry(name)
+    if not isinstance(entry, Study):
+        raise ValueError(f"{name!r} is not a study; studies: {list_studies()}")
+    return entry
+
+
+def worker_payload(names: Sequence[str]) -> tuple[tuple[str, ...], tuple[Entry, ...]]:
+    """What a fresh process needs to find the entries ``names``: sources to load, entries.
+
+    The sources are those loaded by :func:`load_source` beyond the built-in ones, and the
+    modules that registered ``names`` (when importable by name); the entries are those of
+    ``names`` that pickle (a spawned process gets them by value).
+
+    Raises:
+        ValueError: an entry that a fresh process can neither import nor unpickle (e.g.
+            registered from an interactive session with a local function); the message says
+            what to do.
+    """
+    sources = list(_EXTRA_SOURCES)
+    entries: list[Entry] = []
+    for name in names:
+        entry = get_entry(name)
+        origin = _ORIGINS.get(name, "")
+        importable = origin not in ("", "__main__", "__mp_main__")
+        if importable and origin not in _BUILTIN and origin not in sources:
+            sources.append(origin)
+        try:
+            pickle.dumps(entry)
+        except Exception as exc:
+            if not importable:
+                raise ValueError(
+                    f"the experiment {name!r} cannot reach worker processes: it was "
+                    f"registered by {origin or 'unknown code'} and does not pickle ({exc}); "
+                    "register it in an importable module (or pass --experiment-module), "
+                    "or run with one job"
+                ) from None
+            continue
+        if origin not in _BUILTIN:
+            entries.append(entry)
+    return tuple(sources), tuple(entries)
+
+
+def install_payload(sources: Sequence[str], entries: Sequence[Entry]) -> None:
+    """Loads ``sources``, registers ``entries`` (replacing): the other end of ``worker_payload``."""
+    if not sources and not entries:  # built-in entries only: loaded lazily, as needed
+        return
+    _load_all()
+    for source in sources:
+        load_source(source)
+    for entry in entries:
+        _register(entry, True, _ORIGINS.get(entry.name, ""))

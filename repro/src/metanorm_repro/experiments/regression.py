@@ -1,9 +1,10 @@
 r"""Regression targets: MDN (target kept in the design) and the alternatives to MDN, against none.
 
 The experiment engine (``metanorm_repro.experiments.engine``) trains classifiers, so regression
-has this standalone runner (``python -m metanorm_repro.experiments.regression synthetic|diabetes``),
-which writes ``results.json``, ``report.md`` and (synthetic, with matplotlib) ``r2_vs_dcor2.png``
-into ``--out``.
+has its own runner, registered as the studies ``regression-synthetic`` and
+``regression-diabetes`` (``metanorm reproduce regression-synthetic``), which write
+``results.json``, ``report.md`` and (synthetic, with matplotlib) ``r2_vs_dcor2.png`` into
+``--out``.
 
 - ``synthetic``: the regression variant of the paper's images
   (:mod:`metanorm_repro.datasets.synthetic_regression`: target ``t``, the image's main effect
@@ -57,6 +58,7 @@ import argparse
 import dataclasses
 import io
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -897,6 +899,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads are several times slower)",
     )
     a = p.parse_args(argv)
+    print(
+        f"note: this runner is deprecated; run 'metanorm reproduce regression-{a.task}' "
+        "(the same study and numbers, written atomically; see its --help)",
+        file=sys.stderr,
+    )
     if a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
     torch.set_num_threads(a.threads)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.config import RunConfig
-from metanorm_repro.experiments.registry import get_experiment
+from metanorm_repro.experiments.registry import get_experiment, install_payload, worker_payload
 from metanorm_repro.experiments.runner import (
     Run,
     RunCorrupted,
@@ -497,11 +497,17 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="metanorm-parent-watch", daemon=True).start()
 
 
-def _worker_init(parent: int, lock_fd: int | None) -> None:
+def _worker_init(
+    parent: int,
+    lock_fd: int | None,
+    payload: tuple[Sequence[str], Sequence[Any]] = ((), ()),
+) -> None:
     """Sets up a worker: it dies with its parent and ignores Ctrl-C (its parent stops it).
 
-    It keeps the inherited lock descriptor open (the lock lasts until the last worker exits)
-    and gives tqdm a thread lock.
+    It keeps the inherited lock descriptor open (the lock lasts until the last worker exits),
+    registers the entries its parent passed
+    (:func:`~metanorm_repro.experiments.registry.worker_payload`: a spawned process has only the
+    built-in ones) and gives tqdm a thread lock.
 
     tqdm's default lock is a multiprocessing one; a worker stopped by SIGTERM would leave it to
     the resource tracker's "leaked semaphore" warning (the workers share no lock anyway).
@@ -510,6 +516,7 @@ def _worker_init(parent: int, lock_fd: int | None) -> None:
     _die_with_parent(parent)
     _INHERITED_LOCK = lock_fd
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    install_payload(*payload)
     tqdm.set_lock(threading.RLock())
 
 
@@ -553,11 +560,12 @@ def _execute(
         for g in groups
     ]
     # one process per (seed, batch size) group; "spawn" starts clean interpreters (no forked
-    # OpenMP state), so experiments must be registered by a module in EXPERIMENT_MODULES.
+    # OpenMP state): they get the sources and entries that registered the sweep's experiment.
     # The workers ignore SIGINT (Ctrl-C reaches the whole process group): this process stops them.
+    payload = worker_payload(sorted({c.experiment for g in groups for c in g}))
     ctx = multiprocessing.get_context("spawn")
     fd = lock.fileno()
-    initargs = (os.getpid(), None if fd is None else _InheritedFd(fd))
+    initargs = (os.getpid(), None if fd is None else _InheritedFd(fd), payload)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
     try:  # ignored while the workers start, so that they start ignoring it

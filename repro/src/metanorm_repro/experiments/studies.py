@@ -1,0 +1,326 @@
+"""The studies run by ``metanorm reproduce NAME``, and the runner that writes their folders.
+
+Each :class:`~metanorm_repro.experiments.Study` here wraps one study function; its
+settings are that function's keyword arguments with their defaults, so ``metanorm reproduce
+NAME`` at the same settings returns what the function returns:
+
+=========================  ======================================================================
+``regression-synthetic``   ``run_regression``
+                           ``("synthetic")``: MDN and the alternatives on a regression target
+``regression-diabetes``    the same on scikit-learn's diabetes data, in K-fold cross-validation
+``failures``               ``run_failures``: every method
+                           on the two stand-ins where MDN fails (each stand-in's sweep in
+                           ``OUT/<study>/``)
+``continual``              ``run_continual``: stages
+                           with a shifting confounder, trained one after another
+``running-beta``           ``run_running_beta``:
+                           the running-β policies after a short training
+``bladderbatch``           ``compare``: batch
+                           corrections of the bladderbatch microarrays
+=========================  ======================================================================
+
+:func:`~metanorm_repro.experiments.run_study` writes ``results.json`` (the function's result),
+``report.md`` and ``run.json`` (the study, the command line, the settings and the wall time) into
+``OUT.partial`` and puts that folder in the place of ``OUT`` only once it is complete: an
+interrupted or failed run leaves the previous ``OUT`` as it was. ``STUDIES`` is registered by the
+registry's loader (``registry.BUILTIN_SOURCES``), not by importing this module.
+
+Examples::
+
+    >>> from metanorm_repro.experiments import get_study
+    >>> get_study("continual").settings["epochs_per_stage"], get_study("continual").flags["epochs"]
+    (4, 'epochs_per_stage')
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metanorm_repro.experiments import _io
+from metanorm_repro.experiments.registry import Study
+
+__all__ = ["STUDIES", "StudyInterrupted", "run_study"]
+
+
+class StudyInterrupted(Exception):
+    """A study stopped by Ctrl-C or SIGTERM; its output folder is as it was before.
+
+    Attributes:
+        out: the output folder (unchanged).
+        signal_name: ``"SIGINT"`` or ``"SIGTERM"``.
+    """
+
+    def __init__(self, out: Path, signal_name: str) -> None:
+        super().__init__(f"{signal_name}: the study was stopped; {out} is unchanged")
+        self.out = out
+        self.signal_name = signal_name
+
+
+def _defaults(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keyword arguments of ``fn`` with their defaults (tuples as lists), less ``drop``."""
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.default is inspect.Parameter.empty or name in drop:
+            continue
+        out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return out
+
+
+def _run_regression(task: str, settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    from metanorm_repro.experiments.regression import _check_methods, run_regression
+
+    kwargs = dict(settings)
+    torch.set_num_threads(int(kwargs.pop("threads")))
+    plots = bool(kwargs.pop("plots", False))
+    kwargs["methods"] = _check_methods(kwargs["methods"])
+    return run_regression(task, out, plot=plots, **kwargs)
+
+
+def _regression_report(result: dict[str, Any]) -> str:
+    from metanorm_repro.experiments.regression import regression_report
+
+    return regression_report(result)
+
+
+def _run_failures(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    from metanorm_repro.experiments.failures import run_failures
+
+    return run_failures(out, overwrite=False, **settings)
+
+
+def _failures_report(result: dict[str, Any]) -> str:
+    from metanorm_repro.experiments.failures import failures_report
+
+    return failures_report(result)
+
+
+def _run_continual(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    from metanorm_repro.experiments.estimators import run_continual
+
+    return run_continual(None, **settings)
+
+
+def _continual_report(result: dict[str, Any]) -> str:
+    from metanorm_repro.experiments.estimators import continual_report
+
+    return continual_report(result)
+
+
+def _run_bladderbatch(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    from metanorm_repro.datasets import load_bladderbatch
+    from metanorm_repro.experiments.bladderbatch import compare
+
+    s = dict(settings)
+    data = load_bladderbatch(s.pop("data"))
+    if s["genes"] < 2 or s["folds"] < 2 or s["repeats"] < 1:
+        raise ValueError(
+            f"expected genes >= 2, folds >= 2 and repeats >= 1, got {s['genes']}, "
+            f"{s['folds']}, {s['repeats']}"
+        )
+    return {
+        "settings": {**settings, "n_arrays": int(data.expression.shape[0])},
+        "methods": compare(data, **s),
+    }
+
+
+def _bladderbatch_report(result: dict[str, Any]) -> str:
+    from metanorm_repro.experiments.bladderbatch import to_markdown
+
+    s = result["settings"]
+    return (
+        "# Batch correction on bladderbatch\n\n"
+        f"{s['n_arrays']} arrays, top {s['genes']} variable genes, "
+        f"{s['repeats']}×{s['folds']}-fold CV, seed {s['seed']}.\n\n"
+        + to_markdown(result["methods"])
+    )
+
+
+def _run_running_beta(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    from metanorm_repro.experiments.running_beta import run_running_beta
+
+    return run_running_beta(**settings)
+
+
+def _running_beta_report(result: dict[str, Any]) -> str:
+    from metanorm_repro.experiments.running_beta import running_beta_report
+
+    return running_beta_report(result)
+
+
+def _studies() -> tuple[Study, ...]:
+    from metanorm_repro.experiments.estimators import run_continual
+    from metanorm_repro.experiments.failures import run_failures
+    from metanorm_repro.experiments.regression import run_diabetes, run_synthetic_regression
+    from metanorm_repro.experiments.running_beta import run_running_beta
+
+    return (
+        Study(
+            name="regression-synthetic",
+            description="MDN and the alternatives to MDN on the synthetic regression task "
+            "(target kept in the design), against none: test MSE and R² beside the exact "
+            "bounds, within-target-bin dcor², one plot (R² against dcor²).",
+            run=functools.partial(_run_regression, "synthetic"),
+            report=_regression_report,
+            settings={**_defaults(run_synthetic_regression, ("law",)), "threads": 1, "plots": True},
+        ),
+        Study(
+            name="regression-diabetes",
+            description="A linear model (with and without MetadataResidualizer) and an MLP "
+            "(every method) on scikit-learn's diabetes data, age and sex as metadata, in K-fold "
+            "cross-validation: pooled R² and within-target-bin dcor².",
+            run=functools.partial(_run_regression, "diabetes"),
+            report=_regression_report,
+            settings={**_defaults(run_diabetes), "threads": 1},
+        ),
+        Study(
+            name="failures",
+            description="Every method (MDN, the candidate fixes, the alternatives) on the "
+            "stand-ins where MDN fails: shaded-fashion-mnist with a contrast shade, and "
+            "two-site-digits; each stand-in's sweep in OUT/<study>/.",
+            run=_run_failures,
+            report=_failures_report,
+            settings={
+                **_defaults(run_failures, ("overwrite", "command")),
+                "jobs": 3,
+            },
+        ),
+        Study(
+            name="continual",
+            description="Continual learning with a shifting confounder: five stages trained "
+            "one after another (MDN, R-MDN, PMDN, the baseline); bAcc and dcor² matrices.",
+            run=_run_continual,
+            report=_continual_report,
+            settings=_defaults(run_continual, ("out_dir",)),
+            flags={"epochs": "epochs_per_stage", "batch_sizes": "batch_size"},
+        ),
+        Study(
+            name="running-beta",
+            description="The running-β policies of MetadataNorm after a short training on the "
+            "paper's synthetic task (EMA variants, cumulative average, refit), for batch sizes "
+            "with and without a last batch of m <= K samples: test bAcc, dcor², β error.",
+            run=_run_running_beta,
+            report=_running_beta_report,
+            settings=_defaults(run_running_beta),
+        ),
+        Study(
+            name="bladderbatch",
+            description="Batch correction on the bladderbatch microarrays (none, "
+            "MetadataResidualizer, CorrelationRemover, ComBat): batch left (dcor² within tissue "
+            "status) and biology left (cross-validated cancer-vs-normal bAcc). Needs the data "
+            "(--data) and the compare extra.",
+            run=_run_bladderbatch,
+            report=_bladderbatch_report,
+            # the keyword arguments of bladderbatch.compare (not imported here: pandas and
+            # scikit-learn are an extra)
+            settings={
+                "genes": 1000,
+                "folds": 5,
+                "repeats": 10,
+                "seed": 0,
+                "methods": None,
+                "data": None,
+            },
+        ),
+    )
+
+
+#: The built-in studies (registered by the registry's loader).
+STUDIES: tuple[Study, ...] = _studies()
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "run.json").is_file()
+
+
+def run_study(
+    study: Study,
+    settings: Mapping[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    command: str = "",
+) -> dict[str, Any]:
+    """Runs ``study`` at ``settings`` and writes its folder ``out`` atomically.
+
+    ``study.run(settings, OUT.partial)`` runs in a new ``OUT.partial``; then ``results.json``
+    (its result; a ``"command"`` key of the result is set to ``command``), ``report.md``
+    (``study.report(result)``) and ``run.json`` (the study, ``command``, the settings and the
+    wall time) are written there, and the folder takes ``out``'s place
+    (``swap_in``). ``out`` is locked meanwhile
+    (``FolderLock``).
+
+    Args:
+        study: the study.
+        settings: every setting, e.g. ``study.resolve(given)``.
+        out: the output folder.
+        overwrite: replace an existing non-empty ``out`` (intact until the new run is complete).
+            Default: ``False``.
+        command: the command line, recorded in ``run.json``.
+
+    Returns:
+        The study's result.
+
+    Raises:
+        StudyInterrupted: Ctrl-C or SIGTERM; ``OUT.partial`` is deleted, ``out`` unchanged.
+        FileExistsError: ``out`` holds results and not ``overwrite``.
+    """
+    from metanorm_repro.experiments.sweep import SweepInterrupted, _stop_on_sigterm, _Terminated
+
+    settings = dict(settings)
+    study.resolve({k: v for k, v in settings.items()})  # unknown keys are refused, named
+    out = Path(out)
+    lock = _io.FolderLock(out).acquire()
+    try:
+        _io.recover_swap(out, _complete)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds results; pass --overwrite to replace them (they stay "
+                "intact until the new run is complete), or choose another --out"
+            )
+        work = _io.partial_dir(out)
+        if work.exists():  # left by an interrupted study (studies do not resume)
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        start = time.perf_counter()
+        try:
+            with _stop_on_sigterm():
+                result = study.run(dict(settings), work)
+                if "command" in result:
+                    result["command"] = command
+                _io.write_json(work / "results.json", result)
+                _io.write_text(work / "report.md", study.report(result))
+                _io.write_json(
+                    work / "run.json",
+                    {
+                        "study": study.name,
+                        "command": command,
+                        "settings": settings,
+                        "wall_time_s": time.perf_counter() - start,
+                    },
+                )
+        except (KeyboardInterrupt, _Terminated, SweepInterrupted) as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            name = (
+                exc.signal_name
+                if isinstance(exc, SweepInterrupted)
+                else "SIGTERM"
+                if isinstance(exc, _Terminated)
+                else "SIGINT"
+            )
+            raise StudyInterrupted(out, name) from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        _io.swap_in(work, out)
+        return result
+    finally:
+        lock.release()

@@ -1,0 +1,128 @@
+"""The registry is open: entries from other modules, entry points and the command line.
+
+This module registers an experiment when imported (as a user's package would); the sweep's
+worker processes, which start as fresh interpreters, must find it too.
+"""
+
+import dataclasses
+import json
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from metanorm.cli import main
+from metanorm_repro.experiments import (
+    RunConfig,
+    Study,
+    get_entry,
+    get_experiment,
+    register_experiment,
+    registry,
+    run_sweep,
+)
+
+USER = register_experiment(
+    dataclasses.replace(
+        get_experiment("synthetic"),
+        name="user-tiny-synthetic",
+        description="the synthetic experiment, registered by a module outside the harness",
+    ),
+    replace=True,
+)
+
+
+def _mean_of_squares(settings, folder):
+    n = settings["n"]
+    return {"n": n, "mean": sum(i * i for i in range(n)) / n}
+
+
+def _mean_report(result):
+    return f"# Mean of squares\n\nn = {result['n']}: {result['mean']:.4f}\n"
+
+
+#: A study as another package would export it (``module:attr``).
+PLUGIN = Study(
+    name="user-mean-of-squares",
+    description="the mean of i² for i < n",
+    run=_mean_of_squares,
+    report=_mean_report,
+    settings={"n": 10},
+)
+
+
+def test_a_user_experiment_reaches_the_sweep_workers(tmp_path):
+    sources, entries = registry.worker_payload([USER.name])
+    assert __name__ in sources and [e.name for e in entries] == [USER.name]
+    base = RunConfig(experiment=USER.name, epochs=1, n_per_class=8, threads=1)
+    results = run_sweep(
+        base,
+        tmp_path / "s",
+        methods=["mdn-linear"],
+        batch_sizes=[8, 4],
+        progress=False,
+        jobs=2,
+    )
+    got = [(r["final"]["batch_size"], r["final"]["method"]) for r in results]
+    assert got == [(8, "mdn-linear"), (4, "mdn-linear")]  # one group per worker
+    for r in results:
+        final = json.loads(
+            (tmp_path / "s" / r["out_dir"].split("/s/")[-1] / "final.json").read_text()
+        )
+        assert final["experiment"] == USER.name
+        assert 0.0 <= final["test_balanced_accuracy"] <= 1.0
+
+
+def test_an_entry_no_worker_can_rebuild_is_refused_before_the_sweep(monkeypatch):
+    local = dataclasses.replace(USER, name="user-local", groups=lambda split: split.labels)
+    monkeypatch.setitem(registry._ENTRIES, local.name, local)
+    monkeypatch.setitem(registry._ORIGINS, local.name, "__main__")
+    with pytest.raises(ValueError, match=r"cannot reach worker processes.*run with one job"):
+        registry.worker_payload([local.name])
+
+
+def test_experiment_module_flag_registers_a_study(tmp_path, capsys):
+    out = tmp_path / "m"
+    argv = ["reproduce", PLUGIN.name, "--experiment-module", f"{__name__}:PLUGIN"]
+    assert main([*argv, "--out", str(out), "--option", "n=4"]) == 0
+    assert (out / "report.md").read_text() == "# Mean of squares\n\nn = 4: 3.5000\n"
+    assert json.loads((out / "results.json").read_text()) == {"n": 4, "mean": 3.5}
+    assert "n = 4: 3.5000" in capsys.readouterr().out  # the report, printed
+    assert main([*argv, "--out", str(tmp_path / "e"), "--epochs", "3"]) == 2
+    assert "takes no --epochs; it takes no flag and --option keys n" in capsys.readouterr().err
+    bad = ["reproduce", PLUGIN.name, "--experiment-module", "no_such_module_xyz"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--experiment-module no_such_module_xyz: cannot import" in err
+        and len(err.splitlines()) == 1
+    )
+
+
+def test_entry_points_add_entries(monkeypatch):
+    ep = EntryPoint(name="user", value=f"{__name__}:PLUGIN", group=registry.ENTRY_POINT_GROUP)
+    broken = EntryPoint(name="broken", value="no_such_module_xyz", group=registry.ENTRY_POINT_GROUP)
+
+    def entry_points(group):
+        assert group == registry.ENTRY_POINT_GROUP
+        return [ep, broken]
+
+    monkeypatch.setattr(registry, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_LOADED", False)
+    monkeypatch.delitem(registry._ENTRIES, PLUGIN.name, raising=False)
+    with pytest.warns(UserWarning, match=r"entry point .broken.*no_such_module_xyz"):
+        assert get_entry(PLUGIN.name) is PLUGIN
+    assert "synthetic" in registry.list_experiments()  # the built-in ones are still there
+
+
+def test_bad_sources_are_named():
+    with pytest.raises(ImportError, match="no_such_module_xyz"):
+        registry.load_source("no_such_module_xyz")
+    with pytest.raises(ValueError, match="has no attribute 'NOPE'"):
+        registry.load_source(f"{__name__}:NOPE")
+    with pytest.raises(TypeError, match="an Experiment, a Study or an iterable"):
+        registry.load_source(f"{__name__}:_MEAN")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_experiment(dataclasses.replace(USER))
+
+
+_MEAN = 3.5

@@ -1,0 +1,218 @@
+"""``metanorm reproduce STUDY``: each study's folder holds what the study function returns.
+
+The oracle of each study is its function called directly at the same settings (same seeds, one
+thread): the numbers of ``results.json`` must equal it exactly (the times aside), and
+``report.md`` must be the study's report of ``results.json``.
+"""
+
+import dataclasses
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from standin_layouts import needs_two_sites
+
+from metanorm.cli import main
+from metanorm_repro.experiments import get_study, list_studies, registry
+from metanorm_repro.experiments.estimators import continual_report, run_continual
+from metanorm_repro.experiments.failures import failures_report, run_failures
+from metanorm_repro.experiments.regression import (
+    regression_report,
+    run_diabetes,
+    run_synthetic_regression,
+)
+
+_TIMES = {"epoch_time_s", "epoch_time_s_std", "seconds", "time_s", "wall_time_s", "wall_seconds"}
+
+
+def _numbers(x):
+    """``x`` without the wall-clock entries (and the machine-load ones), for equality."""
+    if isinstance(x, dict):
+        return {
+            k: _numbers(v)
+            for k, v in x.items()
+            if k not in _TIMES and k not in {"load_start", "load_end", "cpu_time_s", "command"}
+        }
+    if isinstance(x, list | tuple):
+        return [_numbers(v) for v in x]
+    return x
+
+
+def _json(x):
+    return json.loads(json.dumps(x, allow_nan=True))
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _reproduce(name, out, *flags):
+    return main(["reproduce", name, "--out", str(out), "--threads", "1", *flags])
+
+
+def test_the_studies_are_registered_beside_the_experiments():
+    assert {"regression-synthetic", "regression-diabetes", "failures", "continual"} <= set(
+        list_studies()
+    )
+    assert set(list_studies()) <= set(registry.list_entries())
+    assert not set(list_studies()) & set(registry.list_experiments())
+    with pytest.raises(ValueError, match="is a study"):
+        registry.get_experiment("failures")
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("studies") / "regression"
+    before = torch.get_num_threads()
+    flags = ["--seeds", "1", "--seed", "3", "--epochs", "2", "--batch-sizes", "50"]
+    flags += ["--methods", "none", "mdn", "--option", "n_train=100", "--option", "n_test=100"]
+    try:
+        assert _reproduce("regression-synthetic", out, *flags, "--quiet") == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_regression_synthetic_equals_the_function(synthetic_run, one_thread):
+    out = synthetic_run
+    got = json.loads((out / "results.json").read_text())
+    want = run_synthetic_regression(
+        n_train=100,
+        n_test=100,
+        methods=["none", "mdn"],
+        epochs=2,
+        batch_sizes=[50],
+        seeds=1,
+        seed=3,
+    )
+    assert _numbers(got["rows"]) == _numbers(_json(want["rows"]))
+    assert _numbers(got["runs"]) == _numbers(_json(want["runs"]))
+    assert got["bounds"] == _json(want["bounds"])
+    assert (out / "report.md").read_text() == regression_report(got)
+    assert (out / "r2_vs_dcor2.png").read_bytes()[:4] == b"\x89PNG"
+    run = json.loads((out / "run.json").read_text())
+    assert run["study"] == "regression-synthetic" and run["settings"]["n_train"] == 100
+    assert run["settings"]["seed"] == 3 and run["settings"]["batch_sizes"] == [50]
+
+
+def test_regression_diabetes_equals_the_function(tmp_path, one_thread):
+    flags = ["--epochs", "2", "--methods", "none", "mdn", "--option", "folds=2"]
+    assert _reproduce("regression-diabetes", tmp_path / "d", *flags) == 0
+    got = json.loads((tmp_path / "d" / "results.json").read_text())
+    want = run_diabetes(folds=2, epochs=2, methods=["none", "mdn"])
+    assert _numbers(got["rows"]) == _numbers(_json(want["rows"]))
+    assert (tmp_path / "d" / "report.md").read_text() == regression_report(got)
+
+
+def test_continual_equals_the_function(tmp_path, one_thread):
+    flags = ["--epochs", "1", "--batch-sizes", "4", "--n-per-class", "4"]
+    flags += ["--n-eval-per-class", "4", "--methods", "none", "rmdn", "--quiet"]
+    flags += ["--option", "associations=[1, -1]", "--option", "rmdn_reset=covariance"]
+    assert _reproduce("continual", tmp_path / "c", *flags) == 0
+    got = json.loads((tmp_path / "c" / "results.json").read_text())
+    want = run_continual(
+        None,
+        methods=["none", "rmdn"],
+        associations=[1, -1],
+        n_per_class=4,
+        n_eval_per_class=4,
+        epochs_per_stage=1,
+        batch_size=4,
+        rmdn_reset="covariance",
+        progress=False,
+    )
+    assert _numbers(got) == _numbers(_json(want))
+    assert got["settings"]["epochs_per_stage"] == 1 and got["settings"]["batch_size"] == 4
+    assert (tmp_path / "c" / "report.md").read_text() == continual_report(got)
+
+
+@needs_two_sites
+def test_failures_equals_the_function(tmp_path, one_thread):
+    flags = ["--seeds", "1", "--epochs", "1", "--methods", "mdn", "--jobs", "1", "--quiet"]
+    assert _reproduce("failures", tmp_path / "f", *flags, "--option", 'studies=["two-site"]') == 0
+    got = json.loads((tmp_path / "f" / "results.json").read_text())
+    want = run_failures(
+        tmp_path / "direct",
+        studies=["two-site"],
+        methods=["mdn"],
+        seeds=1,
+        epochs=1,
+        progress=False,
+    )
+    assert _numbers(got["studies"]) == _numbers(_json(want["studies"]))
+    assert got["command"].startswith("metanorm reproduce failures")
+    assert (tmp_path / "f" / "report.md").read_text() == failures_report(got)
+    assert (tmp_path / "f" / "two-site" / "report.md").is_file()  # the stand-in's sweep
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--jobs", "2"], r"study 'continual' takes no --jobs; it takes --seed --epochs"),
+        (["--resume"], r"takes no --resume"),
+        (["--no-plots"], r"takes no --no-plots"),
+        (["--option", "nope=1"], r"unknown --option key\(s\) \['nope'\] for 'continual'"),
+        (["--batch-sizes", "4", "8"], r"takes one value for --batch-sizes"),
+        (["--paper"], r"has no --paper settings"),
+    ],
+)
+def test_a_flag_the_study_does_not_take_is_one_clear_line(tmp_path, capsys, flags, match):
+    assert _reproduce("continual", tmp_path / "x", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("metanorm reproduce: error:")
+    assert re.search(match, err), err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_or_failed_run_leaves_the_old_folder_intact(
+    synthetic_run, tmp_path, monkeypatch, capsys, stop
+):
+    out = tmp_path / "regression"
+    shutil.copytree(synthetic_run, out)
+    before = _snapshot(out)
+    study = get_study("regression-synthetic")
+    reached = []
+
+    def run(settings, folder):
+        (folder / "results.json").write_text("{}")  # a half-written new folder
+        reached.append(folder)
+        raise stop("stopped")
+
+    monkeypatch.setitem(registry._ENTRIES, study.name, dataclasses.replace(study, run=run))
+    args = ["reproduce", study.name, "--out", str(out), "--overwrite", "--quiet"]
+    if stop is KeyboardInterrupt:
+        assert main(args) == 130
+        assert "interrupted (SIGINT)" in capsys.readouterr().err
+    else:
+        with pytest.raises(RuntimeError, match="stopped"):
+            main(args)
+    assert reached == [out.with_name("regression.partial")]
+    assert _snapshot(out) == before
+    assert not out.with_name("regression.partial").exists()
+    assert not out.with_name("regression.old").exists()
+
+
+def test_an_existing_folder_needs_overwrite(synthetic_run, capsys):
+    assert main(["reproduce", "regression-synthetic", "--out", str(synthetic_run)]) == 2
+    assert "already holds results; pass --overwrite" in capsys.readouterr().err
+
+
+def test_reproduce_help_lists_the_studies(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    text = capsys.readouterr().out
+    for name in ("regression-synthetic", "regression-diabetes", "failures", "continual"):
+        assert f"\n  {name}\n" in text
+    assert np.all([k in text for k in ("epochs_per_stage", "--experiment-module")])
