@@ -10,7 +10,7 @@ builds the same data but computes nothing. Sections:
   d  the permutation test at n = 10,000, d = 84: a binary and a continuous 1-column y
   f  method="projection" at large n (default 10⁶, d = 512, 1-column y, dependent and
      independent): time, estimate and jackknife SE, beside the exact estimator on random
-     subsamples sized to take about the same time (SD over 4 subsamples)
+     subsamples sized to take about the same time (SD over 3 subsamples)
   e  exact dCor² against its floor, measured in the same process: torch.mm over the tiles the
      estimator computes plus one square root over them (n = 20k, 50k; d = 84, 512; 1 and 2
      threads; a 1-column y)
@@ -129,11 +129,12 @@ def projection_worker(spec: dict) -> dict:
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     noise = torch.randn(n, generator=g, dtype=torch.float64)
     y = noise if spec["y"] == "independent" else x[:, 0] + x[:, 1] ** 2 + noise
-    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     est = mm.distance_correlation_sqr(
         x, y, unbiased=True, method="projection", num_projections=spec["k"], seed=0
     )
-    t_proj = time.perf_counter() - t0
+    t_proj, c_proj = time.perf_counter() - t0, time.process_time() - c0
     # exact on a subsample: its time grows as m², so pick m from a timed pilot
     m0 = 4000
     t0 = time.perf_counter()
@@ -142,13 +143,15 @@ def projection_worker(spec: dict) -> dict:
     m = int(min(n, m0 * (t_proj / t_pilot) ** 0.5))
     rng = np.random.default_rng(1)
     values, times = [], []
-    for _ in range(4):
+    for _ in range(3):
         rows = torch.from_numpy(rng.choice(n, size=m, replace=False))
         t0 = time.perf_counter()
         values.append(float(mm.distance_correlation_sqr(x[rows], y[rows], unbiased=True)))
         times.append(time.perf_counter() - t0)
     return {
         "time": t_proj,
+        "cpu": c_proj,
+        "load": [load, os.getloadavg()[0]],
         "value": float(est),
         "se": est.standard_error,
         "m": m,
@@ -168,9 +171,10 @@ def section_f(n: int, d: int, k: int, threads: int) -> None:
             print(f"  {kind}: failed: {r['error']}")
             continue
         print(
-            f"  {kind:11s} projection {r['time']:6.1f} s: {r['value']:.5f} ± {r['se']:.5f} (SE)"
+            f"  {kind:11s} projection {r['time']:6.1f} s ({r['cpu']:.0f} s CPU; load "
+            f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}): {r['value']:.5f} ± {r['se']:.5f} (SE)"
             f" | exact on {r['m']} random rows, {r['sub_time']:5.1f} s each: mean "
-            f"{r['sub_mean']:.5f}, SD {r['sub_sd']:.5f} over 4 subsamples | peak "
+            f"{r['sub_mean']:.5f}, SD {r['sub_sd']:.5f} over 3 subsamples | peak "
             f"{r['peak_mib']:.0f} MiB",
             flush=True,
         )
@@ -294,7 +298,7 @@ def main() -> None:
     )
     p.add_argument("--projection-n", type=int, default=1_000_000)
     p.add_argument("--projection-d", type=int, default=512)
-    p.add_argument("--projections", type=int, default=16)
+    p.add_argument("--projections", type=int, default=48)
     p.add_argument(
         "--floor-sizes",
         nargs="+",

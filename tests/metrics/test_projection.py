@@ -20,10 +20,16 @@ def test_one_dimensional_cross_sums_equal_brute_force(n):
     x = rng.normal(size=(3, n))
     y = x + rng.normal(size=(3, n))
     x[1], y[2] = np.round(x[1]), np.round(2 * y[2])  # ties in either variable
-    got = cross_sums_1d(torch.from_numpy(x), torch.from_numpy(y)).numpy()
     want = [
         (np.abs(a[:, None] - a) * np.abs(b[:, None] - b)).sum() for a, b in zip(x, y, strict=True)
     ]
+    # the default, and small segments (the top levels over everything, then segment by segment)
+    for segment in (2**15, 2, 8):
+        got = cross_sums_1d(torch.from_numpy(x), torch.from_numpy(y), segment=segment).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    # one y row shared by every row of x
+    got = cross_sums_1d(torch.from_numpy(x), torch.from_numpy(y[:1])).numpy()
+    want = [(np.abs(a[:, None] - a) * np.abs(y[0][:, None] - y[0])).sum() for a in x]
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 

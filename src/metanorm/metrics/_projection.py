@@ -5,11 +5,14 @@ O(n log n) (Huo & Székely 2016): with the samples in ``y`` order,
 :math:`S = 2\sum_{i<j} |x_i - x_j|(y_j - y_i)`, and splitting the pairs by whether
 :math:`x_i < x_j` leaves the "dominance" sums
 :math:`D_w(j) = \sum_{i<j,\ x_i<x_j} w_i` for :math:`w \in \{1, x, y, xy\}`. They are computed
-here level by level over the bits of the ``x`` ranks (a wavelet tree): at each level a group of
-samples sharing the higher bits is split, stably, into the lower and upper half of its ranks, and
-every sample of the upper half adds the prefix sum (within its group, in ``y`` order) of the
-lower half's weights. Each level is a cumulative sum, a gather and a scatter over (K, n, 4):
-all K projections at once, no Python loop over samples.
+here level by level over the bits of the ``x`` ranks (a wavelet tree; the samples padded to a
+power of 2 with zero weights): at each level every aligned group of samples sharing the higher
+bits is split, stably, into the lower and upper half of its ranks, and every sample of the upper
+half adds the prefix sum (within its group, in ``y`` order) of the lower half's weights. Each
+level is a cumulative sum over (K, 4, n), one small matrix product per row that gives the four
+weighted sums at once, and a scatter: all K projections at once, no Python loop over samples.
+The lower levels run segment by segment, each segment in the cache. The two sorts use numpy's
+vectorised ``argsort`` on the CPU.
 
 With :math:`C_p = \mathrm{E}|u_1| = \Gamma(p/2) / (\sqrt\pi\,\Gamma((p+1)/2))` for ``u`` uniform
 on the sphere, :math:`\lVert d\rVert = \mathrm{E}_u|u^\top d| / C_p`; both dCov² estimators are
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,57 +49,130 @@ def projection_constant(p: int) -> float:
     return math.exp(math.lgamma(p / 2) - math.lgamma((p + 1) / 2)) / math.sqrt(math.pi)
 
 
-def row_sums_1d_batched(v: Tensor) -> Tensor:
-    """``sum_j |v_kj - v_ki|`` for every row ``k`` and sample ``i`` of ``v`` (K, n)."""
-    n = v.shape[1]
-    s, order = torch.sort(v, dim=1)
-    prefix = torch.cumsum(s, 1) - s
-    k = torch.arange(n, dtype=v.dtype, device=v.device)
-    sums = s * (2.0 * k - n) + s.sum(1, keepdim=True) - 2.0 * prefix
-    return torch.empty_like(v).scatter_(1, order, sums)
+def _argsort_rows(t: Tensor) -> Tensor:
+    """``argsort`` of each row; on the CPU numpy's (vectorised, several times torch's speed)."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.argsort(t.detach().contiguous().numpy(), axis=1))
+    return torch.argsort(t, dim=1)
+
+
+def _sorted_row_sums(s: Tensor) -> Tensor:
+    """``sum_j |s_kj - s_ki|`` for rows ``s`` (K, n) sorted in increasing order."""
+    n = s.shape[1]
+    k = torch.arange(n, dtype=s.dtype, device=s.device)
+    return s * (2.0 * k - n) + s.sum(1, keepdim=True) - 2.0 * (torch.cumsum(s, 1) - s)
 
 
 def _levels(w: Tensor, rank: Tensor, top: int, bottom: int) -> tuple[Tensor, Tensor, Tensor]:
     """Adds up the dominance terms of the levels ``top - 1`` down to ``bottom`` (see module doc).
 
     Args:
-        w: weights ``(4, K, m)`` in the current order (groups by the rank bits above ``top``).
-        rank: ranks ``(K, m)``, in ``[0, m)``, same order.
+        w: weights ``(R, 4, M)`` (channels ``1, x, y, xy``), ``M`` a multiple of ``2**top``, in
+            the current order: aligned groups of ``2**top`` samples (those that share the rank
+            bits from ``top`` up), each group in ``y`` order.
+        rank: ranks ``(R, M)``, same order.
         top: one more than the first level.
         bottom: the last level.
 
     Returns:
-        ``(K,)``: ``sum_j 2 coef_j . D_j`` over these levels, and ``w`` and ``rank`` in the
-        order they leave (groups by the rank bits from ``bottom`` up).
+        ``(R,)``: ``sum_j coef_j . D_j`` over these levels, with
+        ``coef_j = (x_j y_j, -y_j, -x_j, 1)``; and ``w`` and ``rank`` in the order the levels
+        leave (aligned groups of ``2**bottom``).
     """
-    _, num, m = w.shape
-    dev, dtype = w.device, w.dtype
-    sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype, device=dev).view(4, 1, 1)
-    flip = [3, 2, 1, 0]
-    zero = torch.zeros((), dtype=dtype, device=dev)
-    pos = torch.arange(m, device=dev).expand(num, m)
-    total = torch.zeros(num, dtype=dtype, device=dev)
+    rows, _, m = w.shape
+    dev = w.device
+    total = torch.zeros(rows, dtype=w.dtype, device=dev)
     for level in range(top - 1, bottom - 1, -1):
-        upper = (rank >> level) & 1
-        is_upper = upper.bool()
-        # inclusive prefix sums of the lower halves' weights; an upper sample adds nothing to
-        # its own, so at an upper sample they are the sums over the samples before it
-        cs = torch.cumsum(torch.where(is_upper, zero, w), 2)
-        start = (rank >> (level + 1)) << (level + 1)  # where the sample's group starts
-        prev = (start - 1).clamp_(min=0)
-        off = torch.gather(cs, 2, prev.expand(4, num, m)) * (start > 0)
-        rel = cs.sub_(off)  # sums within the group, up to and including the sample
-        coef = torch.where(is_upper, w[flip], zero).mul_(sign)
-        total += 2.0 * (coef * rel).sum((0, 2))
-        # stable split of each group: its lower half first, both in y order
-        zeros_upto = rel[0].round_().long()  # lower samples of the group up to this one
-        size_lower = torch.clamp(m - start, max=1 << level)
-        new = torch.where(
-            is_upper, start + size_lower + (pos - start - zeros_upto), start + zeros_upto - 1
-        )
-        w = torch.empty_like(w).scatter_(2, new.expand(4, num, m), w)
-        rank = torch.empty_like(rank).scatter_(1, new, rank)
+        size, half = 2 << level, 1 << level
+        groups = m // size
+        r = rank.view(rows, 1, groups, size)
+        wv = w.view(rows, 4, groups, size)
+        lower = (r & half) == 0
+        # prefix sums (within each group, in y order) of the lower half's weights: at an upper
+        # sample, the sums over the lower samples before it
+        cs = torch.cumsum(wv * lower.to(w.dtype), 3)
+        # sum over the upper samples j of coef_j . cs_j, coef being w with its channels reversed
+        # and signed: the anti-diagonal of the 4 x 4 products cs w^T (one small matrix product
+        # per row) over all samples, less that over the lower ones, which is the sum of
+        # (x_j - x_i)(y_j - y_i) over the pairs of lower samples: c Sxy - Sx Sy per group
+        prods = torch.bmm(cs.view(rows, 4, m), w.transpose(1, 2))
+        total += prods[:, 0, 3] - prods[:, 1, 2] - prods[:, 2, 1] + prods[:, 3, 0]
+        sums = cs[..., -1]  # (rows, 4, groups): count, Sx, Sy, Sxy of each lower half
+        total -= (sums[:, 0] * sums[:, 3] - sums[:, 1] * sums[:, 2]).sum(1)
+        del cs, prods
+        # stable split of each group: its lower half first, both halves in y order
+        zeros = torch.cumsum(lower, 3)  # lower samples up to and including this one
+        pos = torch.arange(half, size + half, device=dev)
+        new = torch.where(lower, zeros - 1, pos - zeros)
+        w = torch.empty_like(wv).scatter_(3, new.expand(rows, 4, groups, size), wv).view(w.shape)
+        rank = torch.empty_like(r).scatter_(3, new, r).view(rank.shape)
     return total, w, rank
+
+
+def pair_sums_1d(x: Tensor, y: Tensor, segment: int = 2**15) -> tuple[Tensor, ...]:
+    r"""The sums a one-dimensional dCov² is made of, for every row pair, in O(n log n).
+
+    Args:
+        x: float64 ``(K, n)``.
+        y: float64 ``(K, n)``, or ``(1, n)`` for the same ``y`` with every row of ``x`` (sorted
+            once).
+        segment: samples per segment for the lower levels (a power of 2; cache-sized).
+
+    Returns:
+        ``(K,)`` each: :math:`\sum_{ij} |x_i - x_j|\,|y_i - y_j|`, :math:`\sum_i a_i b_i`,
+        :math:`\sum_i a_i` and :math:`\sum_i b_i`, where :math:`a_i = \sum_j |x_i - x_j|`
+        and :math:`b_i = \sum_j |y_i - y_j|`.
+    """
+    num, n = x.shape
+    dev, dtype = x.device, x.dtype
+    x = x - x.mean(1, keepdim=True)
+    y = y - y.mean(1, keepdim=True)
+    oy = _argsort_rows(y)
+    ys = torch.gather(y, 1, oy)
+    xs = torch.gather(x, 1, oy.expand(num, n))  # x in y order
+    ox = _argsort_rows(xs)
+    xsorted = torch.gather(xs, 1, ox)
+    ra_sorted = _sorted_row_sums(xsorted)
+    del xsorted
+    rb = _sorted_row_sums(ys)  # already in y order
+    ra = torch.empty_like(xs).scatter_(1, ox, ra_sorted)
+    rab = (ra * rb).sum(1)
+    ta, tb = ra_sorted.sum(1), rb.sum(1).expand(num)
+    del ra, ra_sorted, rb
+    if n < 2:
+        return torch.zeros(num, dtype=dtype, device=dev), rab, ta, tb
+    ys = ys.expand(num, n)
+    # sum_{i<j} |x_i - x_j| (y_j - y_i) over the pairs in y order is
+    # -sum_{i<j} (x_j - x_i)(y_j - y_i) + 2 sum_{i<j, x_i<x_j} (x_j - x_i)(y_j - y_i); the first
+    # sum is n sum x y - sum x sum y, the second the dominance sums of the levels
+    pairs = n * (xs * ys).sum(1) - xs.sum(1) * ys.sum(1)
+    levels = max(1, (n - 1).bit_length())
+    size = 1 << levels  # padded with zero weights and the top ranks, after every sample
+    rank = torch.arange(size, dtype=torch.int32, device=dev).repeat(num, 1)
+    rank[:, :n].scatter_(1, ox, rank[:, :n].clone())  # x rank of each sample, in y order
+    del ox
+    w = torch.zeros(num, 4, size, dtype=dtype, device=dev)
+    w[:, 0, :n] = 1.0
+    w[:, 1, :n] = xs
+    w[:, 2, :n] = ys
+    torch.mul(xs, ys, out=w[:, 3, :n])
+    del xs, ys
+    seg_bits = max(1, segment.bit_length() - 1)
+    if levels <= seg_bits:
+        dom = _levels(w, rank, levels, 0)[0]
+    else:
+        # the top levels over everything; after them the groups are aligned segments of
+        # 2**seg_bits samples, each of which goes through the remaining levels in the cache
+        dom, w, rank = _levels(w, rank, levels, seg_bits)
+        seg = 1 << seg_bits
+        blocks = size // seg
+        w = w.view(num, 4, blocks, seg).transpose(1, 2).reshape(num * blocks, 4, seg)
+        rank = rank.reshape(num * blocks, seg)
+        parts = torch.cat(
+            [_levels(w[b : b + 1], rank[b : b + 1], seg_bits, 0)[0] for b in range(num * blocks)]
+        )
+        dom = dom + parts.view(num, blocks).sum(1)
+    return 2.0 * (2.0 * dom - pairs), rab, ta, tb
 
 
 def cross_sums_1d(x: Tensor, y: Tensor, segment: int = 2**15) -> Tensor:
@@ -109,39 +186,7 @@ def cross_sums_1d(x: Tensor, y: Tensor, segment: int = 2**15) -> Tensor:
     Returns:
         ``(K,)``.
     """
-    num, n = x.shape
-    dev = x.device
-    if n < 2:
-        return torch.zeros(num, dtype=x.dtype, device=dev)
-    x = x - x.mean(1, keepdim=True)
-    y = y - y.mean(1, keepdim=True)
-    ys, oy = torch.sort(y, dim=1)
-    xs = torch.gather(x, 1, oy)
-    ox = torch.argsort(xs, dim=1)
-    pos = torch.arange(n, device=dev).expand(num, n)
-    rank = torch.empty_like(ox).scatter_(1, ox, pos)  # x rank of each sample, in y order
-    # channels first, (4, K, n): the weights (1, x, y, xy) of each sample
-    w = torch.stack([torch.ones_like(xs), xs, ys, xs * ys])
-    sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=x.dtype, device=dev).view(4, 1, 1)
-    flip = [3, 2, 1, 0]
-    # sum_{i<j} |x_i - x_j| (y_j - y_i) = sum_j 2 coef_j . D_j - coef_j . T_j with
-    # coef_j = (x_j y_j, -y_j, -x_j, 1) = sign * flip(w_j) and T_j the prefix sums of w before j
-    before = torch.cumsum(w, 2) - w
-    total = -(w[flip] * sign * before).sum((0, 2))
-    del before
-    levels = max(1, (n - 1).bit_length())
-    seg_bits = max(1, segment.bit_length() - 1)
-    if levels <= seg_bits:
-        return 2.0 * (total + _levels(w, rank, levels, 0)[0])
-    # the top levels over everything; after them the groups are contiguous segments of
-    # 2**seg_bits samples, each of which goes through the remaining levels while in the cache
-    top, w, rank = _levels(w, rank, levels, seg_bits)
-    total += top
-    size = 1 << seg_bits
-    for s in range(0, n, size):
-        e = min(s + size, n)
-        total += _levels(w[:, :, s:e].contiguous(), rank[:, s:e] - s, seg_bits, 0)[0]
-    return 2.0 * total
+    return pair_sums_1d(x, y, segment)[0]
 
 
 class ProjectionTerms:
@@ -179,11 +224,9 @@ class ProjectionTerms:
         return full, se
 
 
-def _stat(s: Tensor, ra: Tensor, rb: Tensor, num: int, unbiased: bool) -> Tensor:
-    """dCov² (rows) from the cross sums ``s`` and the row sums ``ra``, ``rb`` (K, n)."""
+def _stat(s: Tensor, rab: Tensor, ta: Tensor, tb: Tensor, num: int, unbiased: bool) -> Tensor:
+    """dCov² from the cross sums ``s``, the row-sum products ``rab``, the totals ``ta``, ``tb``."""
     n = float(num)
-    rab = (ra * rb).sum(1)
-    ta, tb = ra.sum(1), rb.sum(1)
     if unbiased:
         return (
             s / (n * (n - 3))
@@ -194,14 +237,15 @@ def _stat(s: Tensor, ra: Tensor, rb: Tensor, num: int, unbiased: bool) -> Tensor
 
 
 def dcov_1d(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
-    """dCov² between the rows of ``x`` and ``y`` (K, n) of one-dimensional samples, O(n log n)."""
+    """dCov² between the rows of ``x`` (K, n) and ``y`` (K, n) or (1, n), O(n log n) each."""
     n = x.shape[1]
     out = []
     step = max(1, _CHUNK_VALUES // max(n, 1))
     for s in range(0, x.shape[0], step):
-        a, b = x[s : s + step], y[s : s + step]
-        cross = cross_sums_1d(a, b)
-        out.append(_stat(cross, row_sums_1d_batched(a), row_sums_1d_batched(b), n, unbiased))
+        a = x[s : s + step]
+        b = y if y.shape[0] == 1 else y[s : s + step]
+        cross, rab, ta, tb = pair_sums_1d(a, b)
+        out.append(_stat(cross, rab, ta, tb, n, unbiased))
     return torch.cat(out)
 
 
@@ -245,8 +289,7 @@ def projection_terms(
     Returns:
         The terms of this share and the indices of its projections.
     """
-    n, p = x.shape
-    q = y.shape[1]
+    p, q = x.shape[1], y.shape[1]
     gen = torch.Generator().manual_seed(seed)
     dev = x.device
     u, u2 = _directions(p, num_projections, gen, dev), _directions(p, num_projections, gen, dev)
@@ -257,7 +300,7 @@ def projection_terms(
     zx2 = ((x @ u2[:, idx]).T * sx).contiguous()
     y = y * _scale(y)
     if q == 1:
-        zy = y[:, 0].expand(idx.numel(), n).contiguous()
+        zy = y[:, 0][None]  # the same row with every projection of x: sorted once
         var_y = dcov_1d(y[:, 0][None], y[:, 0][None], unbiased).expand(idx.numel())
     else:
         v, v2 = _directions(q, num_projections, gen, dev), _directions(q, num_projections, gen, dev)
