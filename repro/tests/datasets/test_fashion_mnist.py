@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from standin_layouts import needs_fashion
 
-from metanorm_repro.datasets import DataNotFoundError
+from metanorm.datasets import DataNotFoundError
 from metanorm_repro.datasets.fashion_mnist import load_fashion_mnist, read_idx
 
 

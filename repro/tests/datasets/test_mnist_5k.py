@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from standin_layouts import needs_mnist5k
 
-from metanorm_repro.datasets import DataNotFoundError, mnist_5k
+from metanorm.datasets import DataNotFoundError
+from metanorm_repro.datasets import mnist_5k
 from metanorm_repro.datasets.mnist_5k import load_mnist_5k
 
 

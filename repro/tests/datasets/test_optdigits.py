@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from standin_layouts import needs_sklearn
 
-from metanorm_repro.datasets import DataNotFoundError, optdigits
+from metanorm.datasets import DataNotFoundError
+from metanorm_repro.datasets import optdigits
 from metanorm_repro.datasets.optdigits import load_optdigits
 
 

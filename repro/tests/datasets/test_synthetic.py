@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from metanorm_repro.datasets import DataSplit
+from metanorm.datasets import DataSplit
 from metanorm_repro.datasets.synthetic import (
     BAYES_ACCURACY_MF,
     BAYES_ACCURACY_MF_CF,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from metanorm.datasets import DesignDataset
 from metanorm.design import make_design
 from metanorm.metrics import distance_correlation_sqr
-from metanorm_repro.datasets import DesignDataset
 from metanorm_repro.experiments import RunConfig
 from metanorm_repro.experiments.alternatives import (
     BRNetObjective,

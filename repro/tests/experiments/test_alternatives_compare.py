@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from metanorm.datasets import DesignDataset
 from metanorm.design import make_design
-from metanorm_repro.datasets import DesignDataset
 from metanorm_repro.experiments import RunConfig
 from metanorm_repro.experiments.alternatives import DANNObjective, dann_lambda
 from metanorm_repro.experiments.engine import train_one_epoch

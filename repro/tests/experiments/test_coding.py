@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from metanorm_repro.datasets import DataSplit
+from metanorm.datasets import DataSplit
 from metanorm_repro.experiments import get_experiment
 from metanorm_repro.experiments.coding import (
     build_designs,

@@ -23,7 +23,7 @@ def test_engine_functions_and_registry():
     train, val, _ = exp.make_splits(cfg)
     from torch.utils.data import DataLoader
 
-    from metanorm_repro.datasets import DesignDataset
+    from metanorm.datasets import DesignDataset
     from metanorm_repro.experiments.coding import build_designs, training_design
 
     builder, (rows, vrows, _) = build_designs(exp, (train, val, val))

@@ -21,9 +21,9 @@ from standin_layouts import (
 )
 
 from metanorm.cli import main
+from metanorm.datasets import load_hvu
 from metanorm.linalg import fit_beta
 from metanorm.nn import MetadataNorm
-from metanorm_repro.datasets import load_hvu
 from metanorm_repro.experiments import RunConfig, get_experiment, list_experiments, prepare_run
 from metanorm_repro.experiments.coding import build_designs, design_columns, design_data
 from metanorm_repro.experiments.real import load_splits, shade_bins

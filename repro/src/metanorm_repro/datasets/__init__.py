@@ -4,9 +4,10 @@ Generators and stand-ins: :mod:`~metanorm_repro.datasets.synthetic` (the paper's
 :mod:`~.synthetic_regression`, :mod:`~.shaded_images`, :mod:`~.two_site_digits` (built from
 :mod:`~.fashion_mnist`, :mod:`~.mnist_5k` and :mod:`~.optdigits`), :mod:`~.mri_standin` (3-D
 multi-site volumes), :mod:`~.shifting` and :mod:`~.bladderbatch`. The loaders of the paper's own
-data sets (GS-PPB, HVU, multi-site MRI) are part of the library, :mod:`metanorm.datasets`, and are
-re-exported here. Every loader returns raw data: images, labels and metadata columns
-(:class:`~metanorm.datasets.DataSplit`); coding them into design rows is the experiments' job.
+data sets (GS-PPB, HVU, multi-site MRI) are part of the library, :mod:`metanorm.datasets`
+(re-exported here for convenience, documented there). Every loader returns raw data: images,
+labels and metadata columns (:class:`~metanorm.datasets.DataSplit`); coding them into design
+rows is the experiments' job.
 """
 
 from metanorm.datasets import DataNotFoundError as DataNotFoundError
@@ -25,13 +26,7 @@ from metanorm_repro.datasets.two_site_digits import make_two_site_digits as make
 
 __all__ = [
     "BladderBatch",
-    "DataNotFoundError",
-    "DataSplit",
-    "DesignDataset",
     "load_bladderbatch",
-    "load_gs_ppb",
-    "load_hvu",
-    "load_multisite_mri",
     "make_multisite_mri_standin",
     "make_shaded_images",
     "make_two_site_digits",

@@ -172,9 +172,10 @@ def make_multisite_mri_standin(
         seed: seed of every random choice (the sites' bias directions included).
 
     Returns:
-        ``{"train", "val", "test", "test_reversed"}`` → :class:`DataSplit`: volumes float32
-        ``(n, 1, D, H, W)``, labels int64 (the diagnosis), metadata ``{"site": str array ("siteA",
-        ...), "age": float64, "sex": str ("F"/"M"), "diagnosis": int64, "subject": str}``.
+        ``{"train", "val", "test", "test_reversed"}`` → :class:`~metanorm.datasets.DataSplit`:
+        volumes float32 ``(n, 1, D, H, W)``, labels int64 (the diagnosis), metadata
+        ``{"site": str array ("siteA", ...), "age": float64, "sex": str ("F"/"M"),
+        "diagnosis": int64, "subject": str}``.
 
     Raises:
         ValueError: a bad size, association or per-site parameter.

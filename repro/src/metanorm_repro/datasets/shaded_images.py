@@ -163,9 +163,9 @@ def make_shaded_images(
             :mod:`~metanorm_repro.datasets.mnist_5k`).
 
     Returns:
-        ``{"train", "val", "test"[, "test_reversed"]}`` → :class:`DataSplit` with images float32
-        ``(n, 1, 28, 28)`` in [0, 1], labels 0/1 and metadata ``{"shade": float64 c,
-        "shade_bin": int64 bin 1..5 ([1,2), …, [5,6])}``.
+        ``{"train", "val", "test"[, "test_reversed"]}`` → :class:`~metanorm.datasets.DataSplit`
+        with images float32 ``(n, 1, 28, 28)`` in [0, 1], labels 0/1 and metadata
+        ``{"shade": float64 c, "shade_bin": int64 bin 1..5 ([1,2), …, [5,6])}``.
 
     Raises:
         DataNotFoundError: the source's files are missing (the message names the install).

@@ -70,9 +70,9 @@ def make_two_site_digits(
         optdigits_path: the optdigits CSV (default: where scikit-learn installs it).
 
     Returns:
-        ``{"train", "val", "test", "test_reversed"}`` → :class:`DataSplit` with images float32
-        ``(n, 1, size, size)`` in [0, 1], labels ``0..len(classes)-1`` and metadata
-        ``{"site": int64 0/1, "digit": int64 the original digit}``.
+        ``{"train", "val", "test", "test_reversed"}`` → :class:`~metanorm.datasets.DataSplit`
+        with images float32 ``(n, 1, size, size)`` in [0, 1], labels ``0..len(classes)-1`` and
+        metadata ``{"site": int64 0/1, "digit": int64 the original digit}``.
 
     Raises:
         DataNotFoundError: a source's file is missing (the message names the install).

@@ -13,7 +13,7 @@ builder is fitted on the training split, so the other splits are coded the same 
 Examples::
 
     >>> import numpy as np, torch
-    >>> from metanorm_repro.datasets import DataSplit
+    >>> from metanorm.datasets import DataSplit
     >>> train = DataSplit(torch.zeros(4, 1), torch.tensor([0, 1, 0, 1]),
     ...                   {"site": np.array(["a", "b", "b", "a"])})
     >>> builder = fit_design_builder(train, ["site"], categorical=["site"])
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from metanorm.datasets import DataSplit
 from metanorm.design import Design, DesignBuilder
-from metanorm_repro.datasets import DataSplit
 
 if TYPE_CHECKING:
     from metanorm_repro.experiments.registry import Experiment

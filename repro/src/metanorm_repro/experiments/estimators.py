@@ -43,11 +43,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from metanorm.datasets import DesignDataset
 from metanorm.design import Design
 from metanorm.linalg import inverse_gram
 from metanorm.nn import MetadataNorm, RecursiveMetadataNorm, split_parameters
 from metanorm.nn.utils import refit_running_beta
-from metanorm_repro.datasets import DesignDataset
 from metanorm_repro.datasets.shifting import CONTINUAL_ASSOCIATIONS, make_shifting_stages
 from metanorm_repro.experiments._io import write_text
 from metanorm_repro.experiments.config import RunConfig

@@ -59,12 +59,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from metanorm.datasets import DataSplit, load_gs_ppb, load_hvu, load_multisite_mri
 from metanorm.design import Design
 from metanorm_repro.datasets import (
-    DataSplit,
-    load_gs_ppb,
-    load_hvu,
-    load_multisite_mri,
     make_multisite_mri_standin,
     make_shaded_images,
     make_two_site_digits,

@@ -70,8 +70,8 @@ import numpy as np
 from torch import nn
 
 if TYPE_CHECKING:
+    from metanorm.datasets import DataSplit
     from metanorm.design import Design
-    from metanorm_repro.datasets import DataSplit
     from metanorm_repro.experiments.config import RunConfig
 
 __all__ = [

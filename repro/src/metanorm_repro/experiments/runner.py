@@ -45,9 +45,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from metanorm import metrics
+from metanorm.datasets import DataSplit, DesignDataset
 from metanorm.design import Design, DesignBuilder
 from metanorm.nn.utils import refit_running_beta
-from metanorm_repro.datasets import DataSplit, DesignDataset
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.coding import build_designs, metric_matrix, training_design
 from metanorm_repro.experiments.config import RunConfig

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from metanorm.datasets import DataSplit
 from metanorm.design import Design
-from metanorm_repro.datasets import DataSplit
 from metanorm_repro.datasets.synthetic import (
     BAYES_ACCURACY_MF,
     BAYES_ACCURACY_MF_CF,
