@@ -7,8 +7,7 @@ Usage::
 
 Each of ``--world-size`` processes (gloo, CPU, ``--threads`` intra-op threads each) builds the
 paper's CNN (``metanorm_repro.models.PaperCNN``: conv 1→16 5×5, conv 16→32 5×5, fc 84, fc 1) with
-the
-norm slots of each variant, wraps it in ``DistributedDataParallel`` and times full training
+the norm slots of each variant, wraps it in ``DistributedDataParallel`` and times full training
 steps (forward, BCE loss, backward with DDP's gradient all-reduce, Adam step) on ``--batch``
 images per process of the synthetic experiment's shape (1×32×32; random values and a random
 design [y, cf, 1] with the label column kept, N = 2000: step time does not depend on the

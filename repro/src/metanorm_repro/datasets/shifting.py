@@ -1,8 +1,8 @@
 r"""The synthetic task with a confounder whose association with the label shifts (continual stages).
 
 The images are the paper's synthetic images (:mod:`metanorm_repro.datasets.synthetic`: the main
-effect
-``mf`` in two quadrants, the confounder ``cf`` in a third, the same blob and pixel noise). ``mf``
+effect ``mf`` in two quadrants, the confounder ``cf`` in a third, the same blob and pixel noise).
+``mf``
 is drawn as in the paper: U(1, 4) for ``y = 0`` and U(3, 6) for ``y = 1``. The confounder's
 association with the label is a number ``a`` in [−1, 1]:
 

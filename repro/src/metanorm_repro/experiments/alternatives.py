@@ -1,8 +1,8 @@
 r"""Training objectives of the alternatives to MDN: BR-Net, DANN and Group DRO (harness side).
 
 A method of :mod:`metanorm_repro.models.norms` whose
-:attr:`~metanorm_repro.models.norms.NormSpec.objective`
-is set trains with one of the objectives here instead of the plain task loss. The experiment's
+:attr:`~metanorm_repro.models.norms.NormSpec.objective` is set trains with one of the objectives
+here instead of the plain task loss. The experiment's
 ``make_model`` attaches it to the model (:func:`attach_objective`, as the submodule
 ``model.objective``, so that the run's optimizer trains its parameters too) and
 :func:`~metanorm_repro.experiments.train_one_epoch` calls it on every training batch::

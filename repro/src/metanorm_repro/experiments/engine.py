@@ -6,16 +6,18 @@ C classes (cross-entropy, prediction ``argmax``). Loaders yield ``(images, label
 (:class:`metanorm.datasets.DesignDataset`).
 
 A model with a submodule ``objective`` (the alternatives to MDN,
-:mod:`metanorm_repro.experiments.alternatives`) trains on ``model.objective(logits, features,
-labels,
-design_rows)`` instead of the task loss; evaluation is the same for every model.
+:mod:`metanorm_repro.experiments.alternatives`) trains on
+``model.objective(logits, features, labels, design_rows)`` instead of the task loss; evaluation
+is the same for every model. :func:`train_one_epoch` is the one training loop of the harness:
+the sweeps, the continual and running-β studies and the regression study (through its ``loss``
+hook) all train with it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -71,15 +73,20 @@ def loss_and_predictions(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
 
 def train_one_epoch(
     model: nn.Module,
-    loader: Iterable[Batch],
+    loader: Iterable[Any],
     optimizer: torch.optim.Optimizer,
     *,
     device: torch.device | str = "cpu",
+    loss: Callable[[nn.Module, Any], Tensor] | None = None,
 ) -> dict[str, float]:
-    """Trains ``model`` for one pass over ``loader``.
+    """Trains ``model`` for one pass over ``loader``: the one training loop of the harness.
 
-    The loss is the task loss, or ``model.objective(logits, features, labels, rows)`` when the
-    model has an ``objective`` submodule (see the module docstring).
+    By default each batch is ``(images, labels, rows)`` and the loss is the task loss, or
+    ``model.objective(logits, features, labels, rows)`` when the model has an ``objective``
+    submodule (see the module docstring). ``loss`` replaces that for other tasks (regression
+    targets, extra per-sample columns): it is called as ``loss(model, batch)`` on each batch as
+    the loader yields it (already on the device) and returns the batch's mean loss; the first
+    element of a batch gives its sample count.
 
     Returns:
         ``{"loss": mean training loss over samples, "time_s": wall-clock seconds of the pass,
@@ -89,18 +96,23 @@ def train_one_epoch(
     objective = getattr(model, "objective", None)
     total, seen = 0.0, 0
     start = time.perf_counter()
-    for images, labels, rows in loader:
-        images, labels, rows = images.to(device), labels.to(device), rows.to(device)
-        logits, feats = model(images, rows)
-        if isinstance(objective, nn.Module):
-            loss = objective(logits, feats, labels, rows)
+    for batch in loader:
+        if loss is not None:
+            value = loss(model, batch)
+            m = len(batch[0])
         else:
-            loss, _ = loss_and_predictions(logits, labels)
+            images, labels, rows = (t.to(device) for t in batch)
+            logits, feats = model(images, rows)
+            if isinstance(objective, nn.Module):
+                value = objective(logits, feats, labels, rows)
+            else:
+                value, _ = loss_and_predictions(logits, labels)
+            m = len(labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(labels)
-        seen += len(labels)
+        total += float(value.detach()) * m
+        seen += m
     if seen == 0:
         raise ValueError("the training loader yielded no batches")
     if torch.device(device).type == "cuda":

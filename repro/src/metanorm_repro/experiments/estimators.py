@@ -18,8 +18,7 @@ penalty MDN (``pmdn``, Vento et al., MICCAI 2022) and the baseline, each layer a
 - continual learning with a shifting confounder (:func:`run_continual`; ``metanorm reproduce
   continual``): five stages whose confounder association
   (:mod:`metanorm_repro.datasets.shifting`) goes 1, 0.5, 0, −0.5, −1 (the paper's confounder, half
-  of
-  it, none, half reversed, reversed), trained stage after stage; after each stage the model is
+  of it, none, half reversed, reversed), trained stage after stage; after each stage the model is
   tested on every stage's validation set: a bAcc matrix and per-class dcor² matrices.
 
 ``docs/estimators.md`` has the measured tables.

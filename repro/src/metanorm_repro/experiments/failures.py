@@ -4,8 +4,8 @@ On the project's own stand-ins MDN removes an additive shade but neither a multi
 (``shaded-fashion-mnist`` with ``shade_mode=contrast``) nor the scanner style of
 ``two-site-digits``. This runner trains every alternative to MDN (``docs/alternatives.md``) and
 every candidate fix (:mod:`metanorm_repro.models.interaction_norms`) on both, through the
-experiments'
-own sweep (:func:`~metanorm_repro.experiments.run_sweep`: same data, seeds and round-robin timing as
+experiments' own sweep (:func:`~metanorm_repro.experiments.run_sweep`: same data, seeds and
+round-robin timing as
 ``metanorm reproduce``), and writes one report::
 
     metanorm reproduce failures --out runs/mdn-failures

@@ -20,8 +20,7 @@ Methods: ``batchnorm`` (the usual model, BatchNorm after every layer; the baseli
 (BatchNorm in the convs, MetadataNorm on the penultimate layer); with ``--methods``: ``none``,
 ``mdn-all`` (MDN after every layer), the alternatives to MDN ``concat``, ``concat-input``,
 ``brnet``, ``brnet-cond``, ``dann``, ``dann-cond``, ``groupdro`` (``docs/alternatives.md``; their
-training
-objective is attached to the stand-in model by
+training objective is attached to the stand-in model by
 :func:`~metanorm_repro.experiments.alternatives.attach_objective`), and the candidate fixes of
 ``docs/failures.md`` ``mdn-cw``, ``mdn-poly``, ``mdn-scale``, ``mdn+brnet-cond``
 (:mod:`metanorm_repro.models.interaction_norms`). Every test split is evaluated: the

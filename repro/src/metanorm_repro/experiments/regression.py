@@ -84,6 +84,7 @@ from metanorm_repro.experiments.alternatives import (
     DANNObjective,
     GroupDROObjective,
 )
+from metanorm_repro.experiments.engine import train_one_epoch
 from metanorm_repro.experiments.plots import pyplot
 from metanorm_repro.models.norms import (
     FEATURE_ALTERNATIVES,
@@ -325,23 +326,19 @@ def _train(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(z)
-    model.train()
+
+    def loss(model: nn.Module, idx: tuple[torch.Tensor]) -> torch.Tensor:
+        pred, h = model(x[idx[0]], rows[idx[0]])
+        if isinstance(objective, RegressionObjective):
+            assert bins is not None
+            return objective(pred, h, z[idx[0]], bins[idx[0]], rows[idx[0]])
+        return torch.mean((pred - z[idx[0]]) ** 2)
+
     times = []
     for _ in range(epochs):
-        t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            pred, h = model(x[idx], rows[idx])
-            if isinstance(objective, RegressionObjective):
-                assert bins is not None
-                loss = objective(pred, h, z[idx], bins[idx], rows[idx])
-            else:
-                loss = torch.mean((pred - z[idx]) ** 2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        times.append(time.perf_counter() - t0)
+        indices = ((idx,) for idx in perm.split(batch_size))  # a batch: its sample indices
+        times.append(train_one_epoch(model, indices, opt, loss=loss)["time_s"])
     if model.mdn is not None:  # the full-data β of the final weights, for evaluation
         batches = [
             (x[i : i + batch_size], rows[i : i + batch_size]) for i in range(0, n, batch_size)

@@ -6,10 +6,9 @@
 Question: does the evaluation β come out biased after a short training, and what should a
 training batch with m ≤ K (K design columns) do? Measured on the synthetic experiment
 (``metanorm_repro.datasets.synthetic``; design ``[y, cf, 1]`` in raw units, ``y`` kept, as
-``metanorm_repro.experiments.synthetic`` codes it), ``PaperCNN("mdn-conv" | "mdn-linear")``, Adam
-with
-the experiment's cosine schedule from 1e-3 over 5 epochs, BCE-with-logits. After epochs 1 and 5
-the model is evaluated in eval mode on the test split with each policy's running β:
+``metanorm_repro.experiments.synthetic`` codes it), ``PaperCNN("mdn-conv" | "mdn-linear")``,
+Adam with the experiment's cosine schedule from 1e-3 over 5 epochs, BCE-with-logits. After epochs
+1 and 5 the model is evaluated in eval mode on the test split with each policy's running β:
 
 - ``a-old``: 0.1.0.dev0: plain EMA from zero, f = 0.1; a batch with m ≤ K uses (and folds in) its
   own batch estimate;
@@ -60,7 +59,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -71,6 +69,7 @@ from metanorm.nn import MetadataNorm
 from metanorm.nn import functional as MF
 from metanorm.nn.utils import refit_running_beta
 from metanorm_repro.datasets.synthetic import make_synthetic_splits
+from metanorm_repro.experiments.engine import train_one_epoch
 from metanorm_repro.models import PaperCNN
 
 SETTINGS: dict[str, tuple[int, int]] = {
@@ -291,7 +290,7 @@ def make_data(setting: str, seed: int) -> dict[str, Any]:
     }
 
 
-def train(  # noqa: D103 - the benchmark's loop (cosine lr, BCE), unchanged
+def train(  # noqa: D103 - cosine lr over the epochs, then the harness's epoch
     model: nn.Module,
     data: dict[str, Any],
     seed: int,
@@ -310,13 +309,7 @@ def train(  # noqa: D103 - the benchmark's loop (cosine lr, BCE), unchanged
     for epoch in range(EPOCHS):
         for g in opt.param_groups:
             g["lr"] = LR * (1 + math.cos(math.pi * epoch / EPOCHS)) / 2
-        model.train()
-        for x, y, rows in loader:
-            logits, _ = model(x, rows)
-            loss = F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_one_epoch(model, loader, opt)  # BCE on the one logit, as every experiment
         if shadows is not None:
             shadows.active = False
         if refit_each_epoch:

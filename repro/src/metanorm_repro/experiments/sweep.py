@@ -1,8 +1,8 @@
 """Every method × batch size × seed of an experiment: :func:`run_sweep`.
 
 Runs go to ``OUT/runs/bs{B}/{method}/seed{S}/`` (see :mod:`metanorm_repro.experiments.runner`).
-Within a
-seed and batch size the methods train in round robin, one epoch each in turn, on the same data, so
+Within a seed and batch size the methods train in round robin, one epoch each in turn, on the same
+data, so
 their epoch times are measured side by side under the same load: on a shared machine compare the
 ratios (the report's per-epoch paired ratio), not absolute times.
 

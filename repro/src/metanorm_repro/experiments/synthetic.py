@@ -1,8 +1,8 @@
 """The paper's synthetic experiment (Lu et al., CVPR 2021, §4.1), registered as ``"synthetic"``.
 
 Data: :func:`metanorm_repro.datasets.synthetic.make_synthetic_splits` (train, validation and test
-from
-independent seeds derived from ``config.seed``; ``n_per_class`` images per label in each). Model:
+from independent seeds derived from ``config.seed``; ``n_per_class`` images per label in each).
+Model:
 :class:`metanorm_repro.models.PaperCNN` with the method as its normalization (:data:`METHODS`).
 Design
 ``[y, cf, 1]`` with ``y`` kept; the bias metric is the per-class dcor² between the fc1 features

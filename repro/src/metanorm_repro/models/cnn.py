@@ -21,14 +21,12 @@ Lu et al., "Metadata Normalization", CVPR 2021 (arXiv 2104.09052), §4.1::
 ``concat`` (:data:`~metanorm_repro.models.norms.NormSpec.concat_metadata`) adds no layer: the
 classifier fc2 takes ``[ReLU(fc1 features), c]``, ``c`` the batch's confounder columns of the
 design rows (:func:`~metanorm_repro.models.norms.confounder_columns`, ``cf`` for ``[y, cf, 1]``;
-never
-the kept label). The returned features stay fc1's (84 wide), where dcor² is measured.
+never the kept label). The returned features stay fc1's (84 wide), where dcor² is measured.
 
 ``concat-input`` (:data:`~metanorm_repro.models.norms.NormSpec.input_metadata`) feeds the same
-columns
-to the first conv instead: each is a constant extra image channel, ``(c − mean) / std`` at every
-pixel (standardised with the training design's mean and standard deviation, so that the channel
-has the scale of the image's pixels rather than cf's raw 1..6), so conv1 takes
+columns to the first conv instead: each is a constant extra image channel, ``(c − mean) / std``
+at every pixel (standardised with the training design's mean and standard deviation, so that the
+channel has the scale of the image's pixels rather than cf's raw 1..6), so conv1 takes
 ``in_channels + 1`` channels for ``[y, cf, 1]``.
 
 (``"mdn"`` and ``"mdn-all"`` build the same layers as ``"mdn-linear"`` and ``"mdn-conv"``.)

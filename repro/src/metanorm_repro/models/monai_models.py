@@ -7,8 +7,7 @@ only when such a model is built; nothing downloads (``pretrained=False``).
 
 The model keeps the stand-ins' interface (``model(x, metadata) -> (logits, features)``, see
 :mod:`metanorm_repro.models.stand_in`): MONAI's ResNet body (its conv stem, four residual stages
-with
-BatchNorm3d, global average pooling) ends in its own ``fc``, here of width ``hidden``, whose
+with BatchNorm3d, global average pooling) ends in its own ``fc``, here of width ``hidden``, whose
 output is the *features* (after their normalization, before the ReLU); a linear ``head`` gives
 the logits. Per method (names of :mod:`metanorm_repro.models.norms`):
 

@@ -42,8 +42,7 @@ columns to its input image as constant extra channels; PaperCNN's first conv tak
 ``objective`` (the name of a training
 objective — an adversary, a bias predictor or group weights — that the experiment harness builds,
 :mod:`metanorm_repro.experiments.alternatives`, and the training loop calls in place of the plain
-task
-loss). The library and the models never import the harness: they only carry the name.
+task loss). The library and the models never import the harness: they only carry the name.
 
 ``base`` is the model's usual normalization, used where a method adds no MDN layer: ``"none"``
 for :class:`~metanorm_repro.models.PaperCNN` (the paper's baseline has no norm layer),
