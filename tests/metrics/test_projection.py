@@ -111,3 +111,25 @@ def test_method_arguments():
         distance_correlation_sqr(x, x, unbiased=True, num_projections=10)
     with pytest.raises(ValueError, match="num_projections"):
         distance_correlation_sqr(x, x, unbiased=True, method="projection", num_projections=1)
+
+
+def test_one_dimensional_terms_do_not_depend_on_the_thread_count_and_restore_it(monkeypatch):
+    from metanorm.metrics import _projection
+
+    monkeypatch.setattr(_projection, "_CHUNK_VALUES", 4 * 1024)  # 4 rows of 1024 per chunk
+    dcov_1d = _projection.dcov_1d
+    g = torch.Generator().manual_seed(3)
+    n = 1024
+    rows = 12  # three chunks: they run side by side on 2 threads
+    x = torch.randn(rows, n, generator=g, dtype=torch.float64)
+    y = torch.randn(1, n, generator=g, dtype=torch.float64) + x[:1]
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = dcov_1d(x, y, True)
+            assert torch.get_num_threads() == threads
+        assert torch.equal(out[1], out[2])
+    finally:
+        torch.set_num_threads(before)
