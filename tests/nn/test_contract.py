@@ -82,14 +82,14 @@ ESTIMATORS = {
         RecursiveMetadataNorm,
         lambda: LazyRecursiveMetadataNorm(K, keep=[0], forgetting=0.99),
         SyncRecursiveMetadataNorm,
-        lambda: RecursiveMetadataNorm(D, K),
+        lambda: RecursiveMetadataNorm(D, K, forgetting=0.99),
     ),
     "penalty": (
         lambda **kw: PenaltyMetadataNorm(D, K, keep=[0], lr=0.05, **kw),
         PenaltyMetadataNorm,
         lambda: LazyPenaltyMetadataNorm(K, keep=[0], lr=0.05),
         SyncPenaltyMetadataNorm,
-        lambda: PenaltyMetadataNorm(D, K),
+        lambda: PenaltyMetadataNorm(D, K, lr=0.05),
     ),
     "scale": (
         lambda **kw: MetadataScaleNorm(C, DESIGN, keep=[0], **kw),
@@ -132,6 +132,11 @@ def test_restores_from_a_state_dict_without_the_design(name):
     restored.eval()
     x, rows = _probe()
     torch.testing.assert_close(restored(x, rows), trained(x, rows), atol=0, rtol=0)
+    # and it goes on training as the original does (a resumed run)
+    _train(trained, steps=1, seed=7)
+    _train(restored, steps=1, seed=7)
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[key], value, atol=0, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -850,7 +850,15 @@ class _MetadataNormBase(nn.Module):
         local_metadata: dict[str, Any],
         own_design: bool,
     ) -> None:
-        """After a load: adopts the checkpoint's design names, and warns if it never trained."""
+        """After a load: adopts the checkpoint's design and its names, warns if it never trained.
+
+        A layer built without a design (``num_metadata=``) has one once the checkpoint gave it
+        Σ⁻¹ and N, so it can go on training.
+        """
+        if hasattr(self, "has_design") and all(
+            prefix + name in state_dict for name in ("gram_inverse", "n_samples")
+        ):
+            self.has_design = True
         if not own_design and isinstance(state_dict.get(prefix + "gram_inverse"), Tensor):
             self._design_from_checkpoint = True
             if self.columns is None and local_metadata.get("columns") is not None:

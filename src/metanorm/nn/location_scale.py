@@ -360,22 +360,6 @@ class MetadataLocationScaleNorm(_MetadataNormBase):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         _record_positions(self, destination, prefix)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if prefix + "gram_inverse" in state_dict and prefix + "n_samples" in state_dict:
-            self.has_design = True
-
     def extra_repr(self) -> str:
         """The constructor arguments shown in ``repr``."""
         return (

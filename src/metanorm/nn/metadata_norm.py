@@ -485,22 +485,6 @@ class MetadataNorm(_MetadataNormBase):
         if prefix + "kernel" in state_dict:
             state_dict[prefix + "gram_inverse"] = state_dict.pop(prefix + "kernel")
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if prefix + "gram_inverse" in state_dict and prefix + "n_samples" in state_dict:
-            self.has_design = True
-
     def extra_repr(self) -> str:
         """The constructor arguments shown in ``repr``."""
         return (
