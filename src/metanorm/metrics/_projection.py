@@ -259,12 +259,14 @@ def dcov_1d(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
         cross, rab, ta, tb = pair_sums_1d(a, b)
         return _stat(cross, rab, ta, tb, n, unbiased)
 
-    threads = torch.get_num_threads()
-    if x.device.type != "cpu" or threads < 2 or len(starts) < 2:
-        with _intra_op_threads(1 if x.device.type == "cpu" else threads):
+    if x.device.type != "cpu":
+        return torch.cat([chunk(s) for s in starts])
+    workers = min(torch.get_num_threads(), len(starts))
+    with _intra_op_threads(1):
+        if workers < 2:
             return torch.cat([chunk(s) for s in starts])
-    with _intra_op_threads(1), ThreadPoolExecutor(min(threads, len(starts))) as pool:
-        return torch.cat(list(pool.map(chunk, starts)))
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.cat(list(pool.map(chunk, starts)))
 
 
 @contextlib.contextmanager
