@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests" / "datasets"))
-from layouts import *  # noqa: F403  (the library's writers and marks)
-from layouts import (  # noqa: F401
+from layouts import (  # noqa: F401  (the library's writers and marks, re-exported)
     ACTIONS,
     HAVE_NIBABEL,
     HAVE_PIL,

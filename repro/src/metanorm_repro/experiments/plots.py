@@ -31,6 +31,7 @@ from metanorm_repro.models.norms import norm_display_name
 
 __all__ = [
     "REFERENCE_ACCURACIES",
+    "first_runs",
     "plot_all",
     "plot_bacc_vs_dcor2",
     "plot_feature_pca",
@@ -303,13 +304,8 @@ def plot_all(
         "val balanced accuracy",
         methods,
     )
-    bs = max(int(r["final"]["batch_size"]) for r in results)
-    seed = min(int(r["final"]["seed"]) for r in results)
-    chosen = {
-        r["final"]["method"]: Path(r["out_dir"])
-        for r in results
-        if int(r["final"]["batch_size"]) == bs and int(r["final"]["seed"]) == seed
-    }
+    first = first_runs(results)
+    chosen = {r["final"]["method"]: Path(r["out_dir"]) for r in first}
     order = [m for m in methods if m in chosen]
     plot_feature_pca(
         [(m, chosen[m]) for m in order], out / "features_pca.png", experiment.confounder
@@ -326,5 +322,14 @@ def plot_all(
         files.append("bacc_vs_dcor2.png")
     from metanorm_repro.experiments.probe_report import probe_runs
 
-    files += [f for f in probe_runs(out, results, experiment) if f.endswith(".png")]
+    files += [f for f in probe_runs(out, first, experiment) if f.endswith(".png")]
     return files
+
+
+def first_runs(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of the first seed at the largest batch size (one per method), as drawn."""
+    bs = max(int(r["final"]["batch_size"]) for r in results)
+    seed = min(int(r["final"]["seed"]) for r in results)
+    return [
+        r for r in results if (int(r["final"]["batch_size"]), int(r["final"]["seed"])) == (bs, seed)
+    ]

@@ -64,13 +64,14 @@ def _probed_methods(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def probe_runs(
-    out_dir: str | Path, results: Sequence[dict[str, Any]], experiment: Experiment
+    out_dir: str | Path, runs: Sequence[dict[str, Any]], experiment: Experiment
 ) -> list[str]:
     """Probes the Baseline and MDN runs of a sweep; writes ``probe.png`` and ``probe.json``.
 
     Args:
         out_dir: the sweep's folder.
-        results: the runs' results (``load_result``: ``config``, ``final``, ``out_dir``).
+        runs: the results (``load_result``: ``config``, ``final``, ``out_dir``) of one seed and
+            batch size, one per method (:func:`~metanorm_repro.experiments.plots.first_runs`).
         experiment: the sweep's experiment.
 
     Returns:
@@ -79,41 +80,30 @@ def probe_runs(
     Raises:
         ImportError: without matplotlib.
     """
-    bs = max(int(r["final"]["batch_size"]) for r in results)
-    seed = min(int(r["final"]["seed"]) for r in results)
-    chosen = [
-        r
-        for r in results
-        if int(r["final"]["batch_size"]) == bs and int(r["final"]["seed"]) == seed
-    ]
-    order = _probed_methods(chosen)
+    bs, seed = int(runs[0]["final"]["batch_size"]), int(runs[0]["final"]["seed"])
+    order = _probed_methods(runs)
     if not order:
         return []
     probed: list[mn.ProbeResult] = []
-    threads = torch.get_num_threads()
-    try:
-        for method in order:
-            r = next(r for r in chosen if r["final"]["method"] == method)
-            config = RunConfig.from_dict(r["config"]).replace(device="cpu")
-            run = prepare_run(config)
-            checkpoint = torch.load(Path(r["out_dir"]) / "checkpoint.pt", weights_only=True)
-            run.model.load_state_dict(checkpoint["model"])
-            columns = confounder_design_columns(run.design, experiment.confounder)
-            if not columns:
-                return []
-            val = DataLoader(DesignDataset(run.splits[1], run.rows[1]), batch_size=EVAL_BATCH)
-            probed.append(
-                mn.probe(
-                    run.model,
-                    val,
-                    metadata=columns,
-                    call=lambda model, batch: model(batch[0], batch[2]),
-                    max_samples=PROBE_SAMPLES,
-                    label=norm_display_name(method),
-                )
+    for method in order:
+        r = next(r for r in runs if r["final"]["method"] == method)
+        run = prepare_run(RunConfig.from_dict(r["config"]).replace(device="cpu"))
+        checkpoint = torch.load(Path(r["out_dir"]) / "checkpoint.pt", weights_only=True)
+        run.model.load_state_dict(checkpoint["model"])
+        columns = confounder_design_columns(run.design, experiment.confounder)
+        if not columns:
+            return []
+        val = DataLoader(DesignDataset(run.splits[1], run.rows[1]), batch_size=EVAL_BATCH)
+        probed.append(
+            mn.probe(
+                run.model,
+                val,
+                metadata=columns,
+                call=lambda model, batch: model(batch[0], batch[2]),
+                max_samples=PROBE_SAMPLES,
+                label=norm_display_name(method),
             )
-    finally:
-        torch.set_num_threads(threads)
+        )
     out = Path(out_dir)
     mn.plot_probe(probed, out / "probe.png")
     _io.write_json(
