@@ -442,14 +442,17 @@ class _MetadataNormBase(nn.Module):
         self._design_warned = False
 
     def _accumulate_design_sanity(self, rows: Tensor) -> None:
-        """Adds a training batch's X_bᵀX_b and m (one K×K product on the device, no sync)."""
+        """Adds a training batch's X_bᵀX_b and m (one K×K product on the device, no sync).
+
+        The rows never require a gradient here (they are detached, or refused, before), so
+        nothing is recorded for autograd.
+        """
         gram = getattr(self, "design_rows_gram", None)
         seen = getattr(self, "design_rows_seen", None)
         if gram is None or seen is None or rows.device.type == "meta":
             return
-        with torch.no_grad():
-            gram.add_(rows.T @ rows)
-            seen.add_(rows.shape[0])
+        gram.add_(rows.T @ rows)
+        seen.add_(rows.shape[0])
 
     def _design_gap(self, gram: Tensor, rows: float) -> tuple[float, float, list[Any]] | None:
         r"""How far the rows seen are from the layer's design, or ``None`` if not checkable.

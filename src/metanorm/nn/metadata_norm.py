@@ -376,13 +376,7 @@ class MetadataNorm(_MetadataNormBase):
         flat = input if input.dim() == 2 else input.reshape(m, self.num_features)
         buffers = self._buffers
         # nothing here requires a gradient but the features: no autograd record to switch off
-        gram, seen = buffers.get("design_rows_gram"), buffers.get("design_rows_seen")
-        if gram is not None and seen is not None:  # as _accumulate_design_sanity
-            if gram.dtype == rows.dtype:
-                gram.addmm_(rows.t(), rows)
-            else:
-                gram.add_(torch.mm(rows.t(), rows))
-            seen.add_(m)
+        self._accumulate_design_sanity(rows)
         b = torch.mm(rows, plan.weight)
         a = rows if plan.mask_f is None else rows * plan.mask_f
         out, beta = BatchResidual.apply(flat, a, b)
