@@ -195,7 +195,7 @@ def test_the_cpu_update_and_the_device_update_agree(momentum):
     one that reads nothing. Both follow the same rule, a non-finite batch included."""
     g = torch.Generator().manual_seed(0)
     states = []
-    for update in (MF._update_on_cpu, "device"):
+    for update in (MF._fold_on_cpu, "device"):
         running = torch.zeros(3, 4, dtype=torch.float64)
         counters = [torch.tensor(0), torch.tensor(0), torch.tensor(0)]
         g.manual_seed(0)
