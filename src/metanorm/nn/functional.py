@@ -256,8 +256,10 @@ def fold_running_beta(
             num_batches_skipped,
         )
     # one sum tells: an estimate with a NaN/inf entry (or whose sum overflows, beyond any useful
-    # estimate) has a non-finite sum
-    finite = torch.isfinite(beta.sum())
+    # estimate) has a non-finite sum, and s − s is 0 exactly when s is finite (two operations;
+    # isfinite is four)
+    total = beta.sum()
+    finite = (total - total) == 0
     dtype = running_beta.dtype
     if not isinstance(count, Tensor):
         if count <= 0:
@@ -343,18 +345,23 @@ def _update_one_process(
     num_samples_tracked: Tensor | None,
     num_batches_skipped: Tensor | None,
 ) -> None:
-    """The running update for a batch size known on the host: the same rule in fewer operations."""
+    """The running update for a batch size known on the host: the same rule in fewer operations.
+
+    The factor is written f = m / max(m, min(S + m, S/(μ·B))), which is min(1, max(μ·m·B/S,
+    m/(S + m))): ``fmin`` passes over the NaN or inf of S/(μ·B) before the first batch.
+    """
     dtype = running_beta.dtype
     factor: Tensor | float
     if num_samples_tracked is not None:
         samples = num_samples_tracked.to(dtype)
-        factor = (samples + count).reciprocal_().mul_(count)  # m / (S + m)
+        denominator = samples + count  # the cumulative average: m / (S + m)
         if momentum is not None:
             if num_batches_tracked is not None:
-                weighted = (num_batches_tracked * (momentum * count)).div_(samples.clamp_min(1))
-                factor = torch.maximum(factor, _as_dtype(weighted, dtype)).clamp_max_(1.0)
-            else:
-                factor = factor.clamp_min_(momentum)
+                mean_size = samples / num_batches_tracked / momentum  # S/(μ·B), in dtype
+                denominator = torch.fmin(denominator, mean_size).clamp_min_(count)
+            elif momentum > 0:
+                denominator = denominator.clamp_max_(count / momentum)
+        factor = denominator.reciprocal_().mul_(count)
     elif momentum is None:
         raise ValueError("momentum=None (cumulative average) needs num_samples_tracked")
     else:
