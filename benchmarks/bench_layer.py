@@ -29,7 +29,7 @@ adding it to an old one. Variants:
             ``lerp_`` of a running β, no checks and no counters
   before    (``--before SRC``) ``mdn`` from another checkout's ``SRC/metanorm`` (an earlier
             commit), imported as ``metanorm_before``, for before/after figures from one run
-            (with ``--cnn``: ``mdn-conv-before``, the CNN built from that checkout)
+            (with ``--cnn``: ``mdn-conv-before``, the same CNN with that checkout's MDN layers)
 
 Also printed per shape: the interquartile range of each variant's timings, and the number of
 operator calls (``aten::`` events of :mod:`torch.profiler`, top level and nested) of one eager
@@ -53,6 +53,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -303,10 +304,24 @@ def bench_shape(
     return res
 
 
+def swap_before(model: nn.Module) -> None:
+    """Replaces each ``MetadataNorm`` of ``model`` by the ``--before`` checkout's, same state."""
+    from metanorm.nn import MetadataNorm
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is MetadataNorm:
+                old = BEFORE.nn.MetadataNorm(  # type: ignore[attr-defined]
+                    child.num_features, num_metadata=child.num_metadata
+                )
+                with warnings.catch_warnings():  # a fresh layer's zero β: "never trained"
+                    warnings.simplefilter("ignore")
+                    old.load_state_dict(child.state_dict())
+                setattr(parent, child_name, old.train(child.training))
+
+
 def bench_cnn(args: argparse.Namespace) -> None:
     """One SGD training step of PaperCNN: MDN-Conv against the Baseline and BatchNorm."""
-    import importlib
-
     from metanorm_repro.models.cnn import PaperCNN
 
     gen = torch.Generator().manual_seed(0)
@@ -323,10 +338,9 @@ def bench_cnn(args: argparse.Namespace) -> None:
         variants.append(("mdn-conv-before", "mdn-conv"))
     for name, norm in variants:
         torch.manual_seed(0)
-        cnn = PaperCNN
+        model = PaperCNN(norm, design, keep=[0]) if norm == "mdn-conv" else PaperCNN(norm)
         if name.endswith("-before"):
-            cnn = importlib.import_module("metanorm_before.models.cnn").PaperCNN
-        model = cnn(norm, design, keep=[0]) if norm == "mdn-conv" else cnn(norm)
+            swap_before(model)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:

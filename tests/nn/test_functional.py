@@ -195,7 +195,7 @@ def test_the_cpu_update_and_the_device_update_agree(momentum):
     one that reads nothing. Both follow the same rule, a non-finite batch included."""
     g = torch.Generator().manual_seed(0)
     states = []
-    for update in (MF._update_on_cpu, "device"):
+    for update in (MF._fold_on_cpu, "device"):
         running = torch.zeros(3, 4, dtype=torch.float64)
         counters = [torch.tensor(0), torch.tensor(0), torch.tensor(0)]
         g.manual_seed(0)
@@ -212,3 +212,34 @@ def test_the_cpu_update_and_the_device_update_agree(momentum):
         states.append((running, [int(c) for c in counters]))
     torch.testing.assert_close(states[0][0], states[1][0], atol=1e-12, rtol=0)
     assert states[0][1] == states[1][1] == [5, 125, 1]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0, None])
+@pytest.mark.parametrize("with_batches", [True, False])
+def test_the_device_update_follows_the_rule_written_out(momentum, with_batches):
+    """The update that reads nothing (GPU, torch.compile) against the factor rule in Python
+    floats: min(1, max(μ·m·B/S, m/(S + m))), with B and S from before the batch (μ·m/S
+    without a batch counter: max(μ, m/(S + m))), batch sizes that vary, counters that start
+    at zero."""
+    g = torch.Generator().manual_seed(3)
+    running = torch.zeros(2, 3, dtype=torch.float64)
+    expected = running.clone()
+    tracked = torch.tensor(0) if with_batches else None
+    samples = torch.tensor(0)
+    batches, seen = 0, 0
+    for m in (10, 30, 5, 60, 20, 1):
+        beta = torch.randn(2, 3, generator=g, dtype=torch.float64)
+        total = beta.sum()
+        MF._update_one_process(
+            running, beta, (total - total) == 0, m, momentum, tracked, samples, None
+        )
+        factor = m / (seen + m)
+        if momentum is not None:
+            if with_batches:
+                factor = max(factor, min(1.0, momentum * m * batches / max(seen, 1)))
+            else:
+                factor = max(factor, momentum)
+        expected += factor * (beta - expected)
+        batches, seen = batches + 1, seen + m
+        torch.testing.assert_close(running, expected, rtol=1e-12, atol=1e-12)
+    assert int(samples) == seen and (tracked is None or int(tracked) == batches)

@@ -34,7 +34,7 @@ from metanorm._validation import describe
 from metanorm.design import Design
 from metanorm.nn import functional as MF
 from metanorm.nn import scope as _scope
-from metanorm.nn._functions import StatisticsReducer, autocast_off
+from metanorm.nn._functions import StatisticsReducer
 
 __all__: list[str] = []
 
@@ -340,16 +340,25 @@ class _MetadataNormBase(nn.Module):
         dtype = torch.float32 if input.dtype in MF._LOW_PRECISION else input.dtype
         m, k = input.shape[0], self.num_metadata
         rows = metadata if metadata.dim() == 2 else metadata.reshape(m, k)
-        if rows.device != input.device or rows.dtype != dtype:
+        same_device = (rows.is_cpu and input.is_cpu) or rows.device == input.device
+        if not same_device or rows.dtype != dtype:
             rows = rows.to(device=input.device, dtype=dtype)
         if rows.requires_grad:
             self._refuse_grad_rows()
             rows = rows.detach()
-        with autocast_off(input.device.type):
-            if self.training and self._refit_sums is None:
-                self._accumulate_design_sanity(rows)
-            out = self._normalize(MF._as_dtype(input, dtype), rows, reducer)
+        if torch.is_autocast_enabled(input.device.type):
+            with torch.autocast(input.device.type, enabled=False):
+                out = self._train_or_eval(MF._as_dtype(input, dtype), rows, reducer)
+        else:  # no context to enter: a fixed cost of every step saved
+            out = self._train_or_eval(MF._as_dtype(input, dtype), rows, reducer)
         return MF._as_dtype(out, input.dtype)
+
+    def _train_or_eval(
+        self, input: Tensor, rows: Tensor, reducer: StatisticsReducer | None
+    ) -> Tensor:
+        if self.training and self._refit_sums is None:
+            self._accumulate_design_sanity(rows)
+        return self._normalize(input, rows, reducer)
 
     def _normalize(self, input: Tensor, rows: Tensor, reducer: StatisticsReducer | None) -> Tensor:
         """The layer's map on ``(m, *)`` input in the compute dtype: flattens or pools."""
@@ -447,11 +456,12 @@ class _MetadataNormBase(nn.Module):
         The rows never require a gradient here (they are detached, or refused, before), so
         nothing is recorded for autograd.
         """
-        gram = getattr(self, "design_rows_gram", None)
-        seen = getattr(self, "design_rows_seen", None)
-        if gram is None or seen is None or rows.device.type == "meta":
+        buffers = self._buffers
+        gram = buffers.get("design_rows_gram")
+        seen = buffers.get("design_rows_seen")
+        if gram is None or seen is None or rows.is_meta:
             return
-        gram.add_(rows.T @ rows)
+        gram.add_(torch.mm(rows.t(), rows))
         seen.add_(rows.shape[0])
 
     def _design_gap(self, gram: Tensor, rows: float) -> tuple[float, float, list[Any]] | None:

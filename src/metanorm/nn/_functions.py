@@ -81,7 +81,11 @@ class BatchResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        with autocast_off(x.device.type):
+        if torch.is_autocast_enabled(x.device.type):  # no context to enter when it is off
+            with torch.autocast(x.device.type, enabled=False):
+                beta = torch.mm(b.t(), x)
+                out = torch.addmm(x, a, beta, alpha=-1)
+        else:
             beta = torch.mm(b.t(), x)
             out = torch.addmm(x, a, beta, alpha=-1)
         ctx.save_for_backward(a, b)

@@ -7,10 +7,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.nn.parameter import UninitializedBuffer
 
 from metanorm.design import Design
-from metanorm.linalg import batch_weight, inverse_gram, remove_effect, weighted_rows
+from metanorm.linalg import batch_weight, inverse_gram, remove_effect
 from metanorm.nn import functional as MF
 from metanorm.nn._base import (  # noqa: F401 (check_num_features: its old home)
     _check_keep,
@@ -252,165 +251,11 @@ class MetadataNorm(_MetadataNormBase):
             "running_beta",
             self._per_feature(device, dtype or torch.float32) if track_running_stats else None,
         )
-        self._plans: dict[Any, _StepPlan] = {}
-        self._host_counts: tuple[Any, ...] | None = None
+        self._factors: dict[Any, tuple[Any, ...]] = {}
 
     def _reset_estimate(self) -> None:
         if self.running_beta is not None:
             self.running_beta.zero_()
-
-    # ---------------------------------------------------------------- eager training fast path
-
-    def forward(self, input: Tensor, metadata: Tensor | None = None) -> Tensor:
-        """Removes the metadata effect; see the class docstring.
-
-        Args:
-            input: the features, ``(m, *)`` (channel-wise: ``(m, C, *)``).
-            metadata: the batch's design rows ``(m, K)``. ``None`` (or omitted): the rows in
-                scope (see :class:`metanorm.nn.MetadataModel`).
-        """
-        if (
-            self.training
-            and metadata is not None
-            and not torch.compiler.is_compiling()
-            and _eager_step_applies(type(self))
-        ):
-            plan = self._step_plan(input, metadata)
-            if plan is not None:
-                return self._train_step(input, metadata, plan)
-        return super().forward(input, metadata)
-
-    def _step_plan(self, input: Any, metadata: Any) -> _StepPlan | None:
-        """The cached constants of an eager CPU training step of this input's shape, or None.
-
-        A plan is built once per input and metadata shape, dtype and device, after the full
-        checks of :meth:`forward` passed on that signature (so they are not repeated every
-        step); it holds W = (N/m)·Σ⁻¹ and the removed-column mask in the compute dtype, and is
-        rebuilt when Σ⁻¹, N or the mask change (their version counters) or move. Any other case
-        (GPU, autocast, channel-wise, m ≤ K, a refit, a synchronised step, low precision) takes
-        the general path.
-        """
-        if (
-            type(input) is not Tensor
-            or type(metadata) is not Tensor
-            or metadata.requires_grad
-            or not (input.is_cpu and metadata.is_cpu)
-        ):
-            return None
-        plans = self.__dict__.get("_plans")
-        if plans is None or self._refit_sums is not None:
-            return None
-        key = (input.shape, input.dtype, metadata.shape, metadata.dtype)
-        plan = plans.get(key)
-        buffers = self._buffers
-        gram, n, mask = buffers["gram_inverse"], buffers["n_samples"], buffers["remove_mask"]
-        if (
-            plan is None
-            or plan.gram is not gram
-            or plan.n is not n
-            or plan.mask is not mask
-            or plan.versions != (gram._version, n._version, mask._version)
-        ):
-            plan = self._build_plan(input, metadata)
-            if plan is None:
-                return None
-            if len(plans) >= 8:
-                plans.clear()
-            plans[key] = plan
-        if torch.is_autocast_enabled("cpu") or (plan.sync and self._reducer() is not None):
-            return None
-        return plan
-
-    def _build_plan(self, input: Tensor, metadata: Tensor) -> _StepPlan | None:
-        self._ready()
-        self._check_input_dim(input)
-        m, k = input.shape[0], self.num_metadata
-        if m == 0:
-            return None  # the general path raises
-        MF.check_metadata(metadata, m, k)
-        buffers = self._buffers
-        running = buffers.get("running_beta")
-        counters = [buffers.get(name) for name in _STEP_BUFFERS]
-        state = [t for t in (running, *counters) if isinstance(t, Tensor)]
-        if (
-            self.channelwise
-            or m <= k
-            or metadata.dim() != 2
-            or input.dtype not in (torch.float32, torch.float64)
-            or len(state) != 1 + len(counters)
-            or not all(t.is_cpu for t in state)
-            or any(isinstance(t, UninitializedBuffer) or t.is_inference() for t in state)
-        ):
-            return None
-        gram, n, mask = buffers["gram_inverse"], buffers["n_samples"], buffers["remove_mask"]
-        assert gram is not None and n is not None and mask is not None
-        if gram.is_inference() or n.is_inference() or mask.is_inference():
-            return None
-        dtype = input.dtype
-        with torch.no_grad():
-            weight = batch_weight(gram, n, m).to(dtype)
-            keep_none = bool(mask.all())
-            mask_f = None if keep_none else mask.to(dtype)
-        return _StepPlan(
-            gram=gram,
-            n=n,
-            mask=mask,
-            versions=(gram._version, n._version, mask._version),
-            weight=weight,
-            mask_f=mask_f,
-            cast_rows=metadata.dtype != dtype,
-            sync=type(self)._reducer is not _MetadataNormBase._reducer,
-        )
-
-    def _train_step(self, input: Tensor, metadata: Tensor, plan: _StepPlan) -> Tensor:
-        """One eager training step on the CPU with the plan's constants (see ``_step_plan``).
-
-        The same maths as the general path: B = X_b·W and A = X_b with the kept columns zeroed
-        (both thin products of the autograd Function), the design-sanity sums, and the running
-        update reading the counters on the host (CPU memory: no device to wait for), the
-        counters' values cached between steps while their version counters say that nothing
-        else wrote to them.
-        """
-        m = input.shape[0]
-        rows = metadata.to(input.dtype) if plan.cast_rows else metadata
-        flat = input if input.dim() == 2 else input.reshape(m, self.num_features)
-        buffers = self._buffers
-        # nothing here requires a gradient but the features: no autograd record to switch off
-        self._accumulate_design_sanity(rows)
-        b = torch.mm(rows, plan.weight)
-        a = rows if plan.mask_f is None else rows * plan.mask_f
-        out, beta = BatchResidual.apply(flat, a, b)
-        running = buffers["running_beta"]
-        tracked = buffers["num_batches_tracked"]
-        samples = buffers["num_samples_tracked"]
-        assert running is not None and tracked is not None and samples is not None
-        counts = self._host_counts
-        if (
-            counts is None
-            or counts[0] is not tracked
-            or counts[1] is not samples
-            or counts[2] != tracked._version
-            or counts[3] != samples._version
-        ):  # written elsewhere (a load, a refit, the general path): read them again
-            counts = (tracked, samples, tracked._version, samples._version)
-            counts += (int(tracked), int(samples))
-        skipped = buffers["num_batches_skipped"]
-        assert skipped is not None
-        finite = MF._fold_on_cpu(
-            running, beta, m, self.momentum, tracked, samples, skipped, counts[4], counts[5]
-        )
-        if finite:
-            self._host_counts = (
-                tracked,
-                samples,
-                tracked._version,
-                samples._version,
-                counts[4] + 1,
-                counts[5] + m,
-            )
-        elif self.on_nonfinite != "skip":
-            MF.report_nonfinite(torch.tensor(False), rows, self.on_nonfinite)
-        return out if flat is input else out.view(input.shape)
 
     def _ready(self) -> None:
         if not self.has_design:
@@ -423,13 +268,17 @@ class MetadataNorm(_MetadataNormBase):
     def _estimate(
         self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None
     ) -> Tensor:
-        mask = self.remove_mask
-        running = self.running_beta
+        buffers = self._buffers  # one dict read each, not Module.__getattr__ (a fixed cost)
+        mask = buffers["remove_mask"]
+        running = buffers["running_beta"]
+        assert mask is not None
         if not self.training and running is not None:
             return remove_effect(features, rows, MF._as_dtype(running, features.dtype), mask)
         m, k = features.shape[0], self.num_metadata
-        gram_inverse, n = self.gram_inverse, self.n_samples
+        fallback_count = buffers["num_batches_fallback"]
         if reducer is not None:
+            gram_inverse, n = buffers["gram_inverse"], buffers["n_samples"]
+            assert gram_inverse is not None and n is not None
             # every process runs the differentiable map, so that each joins the backward
             # collective once; whether the output uses the running β depends on the summed M
             out, beta, count = MF.batch_residual(
@@ -438,12 +287,11 @@ class MetadataNorm(_MetadataNormBase):
             if running is not None and m <= k:  # M > K is known already when m > K
                 fallback = remove_effect(features, rows, MF._as_dtype(running, out.dtype), mask)
                 out = torch.where(count > k, out, fallback)
-                if self.num_batches_fallback is not None:
-                    self.num_batches_fallback.add_((count <= k) & (count > 0))
+                if fallback_count is not None:
+                    fallback_count.add_((count <= k) & (count > 0))
         else:
-            # one process: the batch map with W = (N/m)Σ⁻¹ folded into the rows
-            b = weighted_rows(rows, batch_weight(gram_inverse, n, m))
-            removed = torch.where(mask, rows, 0.0)  # kept columns never enter
+            # one process: A = X_b,R (kept columns zeroed) and B = X_b·W from one product
+            removed, b = self._batch_rows(rows)
             if running is None or m > k or not self.training:
                 out, beta = BatchResidual.apply(features, removed, b)
             else:
@@ -451,20 +299,66 @@ class MetadataNorm(_MetadataNormBase):
                 # noisy estimate is still folded in below, with a factor in proportion to m
                 out = remove_effect(features, removed, MF._as_dtype(running, features.dtype), None)
                 beta = b.T @ features.detach()
-                if self.num_batches_fallback is not None:
-                    self.num_batches_fallback.add_(1)
+                if fallback_count is not None:
+                    fallback_count.add_(1)
         if self.training and running is not None:
-            finite = MF.update_running_beta(
+            finite = MF.fold_running_beta(
                 running,
                 beta,
                 count if reducer is not None else m,  # one process: m, known on the host
                 self.momentum,
-                num_batches_tracked=self.num_batches_tracked,
-                num_samples_tracked=self.num_samples_tracked,
-                num_batches_skipped=self.num_batches_skipped,
+                buffers["num_batches_tracked"],
+                buffers["num_samples_tracked"],
+                buffers["num_batches_skipped"],
             )
-            self._report(finite, rows)
+            if self.on_nonfinite != "skip":
+                MF.report_nonfinite(finite, rows, self.on_nonfinite)
         return out
+
+    def _batch_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """A = X_b with the kept columns zeroed and B = X_b·W, W = (N/m)·Σ⁻¹: one product.
+
+        Both come from X_b·[diag(mask) | W], an (m, 2K) product with a K×2K factor in the rows'
+        dtype (W formed in float64, then cast; the 0/1 diagonal copies the removed columns
+        exactly). In eager mode the factor is kept per batch size, dtype and device, and built
+        again when Σ⁻¹, N or the mask change (their version counters) or are replaced; under
+        :func:`torch.compile` it is part of the graph.
+        """
+        m = rows.shape[0]
+        buffers = self._buffers
+        gram_inverse, n = buffers["gram_inverse"], buffers["n_samples"]
+        mask = buffers["remove_mask"]
+        assert gram_inverse is not None and n is not None and mask is not None
+        factors = self.__dict__.get("_factors")
+        factor = key = versions = None
+        if factors is not None and not torch.compiler.is_compiling():
+            try:
+                versions = (gram_inverse._version, n._version, mask._version)
+            except RuntimeError:  # inference tensors keep no version counter
+                versions = None
+            if versions is not None:
+                key = (m, rows.dtype, rows.device)
+                hit = factors.get(key)
+                if (
+                    hit is not None
+                    and hit[0] is gram_inverse
+                    and hit[1] is n
+                    and hit[2] is mask
+                    and hit[3] == versions
+                ):
+                    factor = hit[4]
+        if factor is None:
+            weight = batch_weight(gram_inverse, n, m)
+            selector = torch.diag(mask.to(weight.dtype))
+            factor = torch.cat([selector, weight], dim=1).to(rows.dtype)
+            if factors is not None and key is not None:
+                if len(factors) >= 8:
+                    factors.clear()
+                factors[key] = (gram_inverse, n, mask, versions, factor)
+        # a fresh product that nothing writes to and no gradient reaches: its two halves need
+        # no view tracking (unsafe_chunk: a microsecond less than chunk, of a ~40 µs step)
+        removed, b = torch.mm(rows, factor).unsafe_chunk(2, 1)
+        return removed, b
 
     def _refittable(self) -> bool:
         return self.running_beta is not None
@@ -546,50 +440,6 @@ class LazyMetadataNorm(_LazyMixin, MetadataNorm):
             dtype=dtype,
         )
         self.num_features = 0
-
-
-#: the buffers an eager training step updates besides the running β
-_STEP_BUFFERS = ("num_batches_tracked", "num_samples_tracked", "num_batches_skipped")
-#: the general path's hooks: a subclass that overrides one of them never takes the eager step
-_GENERAL_HOOKS = (
-    "_ready",
-    "_check_input_dim",
-    "_accumulate_design_sanity",
-    "_normalize",
-    "_dispatch",
-    "_estimate",
-)
-_EAGER_STEP_CLASSES: dict[type, bool] = {}
-
-
-def _eager_step_applies(cls: type) -> bool:
-    """Whether ``cls`` runs MetadataNorm's own general path (no hook overridden)."""
-    applies = _EAGER_STEP_CLASSES.get(cls)
-    if applies is None:
-        applies = all(getattr(cls, h) is getattr(MetadataNorm, h) for h in _GENERAL_HOOKS)
-        _EAGER_STEP_CLASSES[cls] = applies
-    return applies
-
-
-class _StepPlan:
-    """What an eager CPU training step of one input signature needs (see ``_step_plan``)."""
-
-    __slots__ = ("cast_rows", "gram", "mask", "mask_f", "n", "sync", "versions", "weight")
-
-    def __init__(
-        self,
-        *,
-        gram: Tensor,
-        n: Tensor,
-        mask: Tensor,
-        versions: tuple[int, int, int],
-        weight: Tensor,
-        mask_f: Tensor | None,
-        cast_rows: bool,
-        sync: bool,
-    ) -> None:
-        self.gram, self.n, self.mask, self.versions = gram, n, mask, versions
-        self.weight, self.mask_f, self.cast_rows, self.sync = weight, mask_f, cast_rows, sync
 
 
 def _check_momentum(momentum: Any) -> None:
