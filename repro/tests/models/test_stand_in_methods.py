@@ -1,4 +1,4 @@
-"""The stand-in models with every registered alternative and the candidate fixes of issue 14."""
+"""The stand-in models with every alternative to MDN and the candidate fixes of docs/failures.md."""
 
 import numpy as np
 import pytest
