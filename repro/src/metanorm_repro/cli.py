@@ -373,7 +373,7 @@ def _run(args: argparse.Namespace) -> int:
     from metanorm_repro.experiments import RunConfig, run_sweep, write_report
     from metanorm_repro.experiments.registry import Experiment, get_entry, load_source
     from metanorm_repro.experiments.sweep import SweepInterrupted
-    from metanorm_repro.models.norms import NORM_ALIASES
+    from metanorm_repro.models.methods import METHOD_ALIASES as NORM_ALIASES
 
     for source in args.experiment_module:
         try:

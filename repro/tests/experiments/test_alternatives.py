@@ -13,18 +13,23 @@ from metanorm.design import make_design
 from metanorm.metrics import distance_correlation_sqr
 from metanorm_repro.experiments import RunConfig
 from metanorm_repro.experiments.alternatives import (
+    OBJECTIVES,
     BRNetObjective,
     DANNObjective,
     GroupDROObjective,
+    attach_objective,
     grad_reverse,
     make_objective,
     pearson_r2,
     quantile_edges,
+    register_objective,
 )
 from metanorm_repro.experiments.engine import evaluate, loss_and_predictions, train_one_epoch
 from metanorm_repro.experiments.registry import get_experiment
 from metanorm_repro.experiments.runner import prepare_run
-from metanorm_repro.models.norms import confounder_columns, get_norm, list_norms
+from metanorm_repro.models.methods import ALTERNATIVES as METHODS_ALTERNATIVES
+from metanorm_repro.models.methods import get_method, list_methods
+from metanorm_repro.models.norms import confounder_columns
 
 ALTERNATIVES = ("concat", "concat-input", "brnet", "brnet-cond", "dann", "dann-cond", "groupdro")
 
@@ -37,12 +42,16 @@ def design():
 
 
 def test_the_methods_are_in_the_one_registry():
-    assert [n for n in list_norms() if n in ALTERNATIVES] == list(ALTERNATIVES)
-    assert get_norm("concat").concat_metadata and get_norm("concat").objective is None
-    spec = get_norm("concat-input")
+    assert [n for n in list_methods() if n in ALTERNATIVES] == list(ALTERNATIVES)
+    assert METHODS_ALTERNATIVES == ALTERNATIVES
+    # every objective a method names is in the one table of objectives
+    named = {get_method(n).objective for n in list_methods()} - {None}
+    assert named == set(OBJECTIVES) == {"brnet", "brnet-cond", "dann", "dann-cond", "groupdro"}
+    assert get_method("concat").concat_metadata and get_method("concat").objective is None
+    spec = get_method("concat-input")
     assert spec.input_metadata and not spec.concat_metadata and spec.objective is None
     for name in ALTERNATIVES[2:]:
-        assert get_norm(name).objective == name and not get_norm(name).needs_design
+        assert get_method(name).objective == name and not get_method(name).needs_design
     compare = get_experiment("synthetic-compare")
     assert set(ALTERNATIVES) | {"none", "mdn-linear", "mdn-conv"} == set(
         compare.defaults["methods"]
@@ -132,8 +141,17 @@ def test_dann_bins_and_cond_heads(design):
     np.testing.assert_allclose(cond.edges[1].numpy(), quantile_edges(cf[y == 1], 4).numpy())
     with pytest.raises(ValueError, match="objective"):
         make_objective("mdn", design, 6)
-    with pytest.raises(ValueError, match="conditional"):
+    with pytest.raises(ValueError, match="objective in brnet, brnet-cond, dann, dann-cond"):
         make_objective("groupdro-cond", design, 6)
+    assert isinstance(make_objective("groupdro", design, 6), GroupDROObjective)
+    for name, cls, conditional in (
+        ("brnet", BRNetObjective, False),
+        ("brnet-cond", BRNetObjective, True),
+        ("dann", DANNObjective, False),
+        ("dann-cond", DANNObjective, True),
+    ):
+        obj = make_objective(name, design, 6)
+        assert type(obj) is cls and obj.conditional is conditional
     assert confounder_columns(design) == [1]
 
 
@@ -275,3 +293,25 @@ def test_plot_bacc_vs_dcor2(tmp_path):
     ]
     out = plot_bacc_vs_dcor2(rows, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_registered_objective_reaches_a_registered_method(design):
+    from torch import nn
+
+    from metanorm_repro.models.methods import METHODS, Method, register_method
+
+    class Halved(nn.Module):
+        def forward(self, logits, features, labels, rows):
+            return logits.sum() * 0.5
+
+    register_objective("test-halved", lambda design, features, **kw: Halved())
+    register_method(Method("test-halved", "Halved", objective="test-halved"))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_objective("test-halved", lambda design, features: Halved())
+        with pytest.raises(TypeError, match="callable"):
+            register_objective("test-other", None)
+        model = attach_objective(nn.Linear(2, 1), "test-halved", design, 6)
+        assert isinstance(model.objective, Halved)
+    finally:
+        del OBJECTIVES["test-halved"], METHODS["test-halved"]

@@ -5,7 +5,7 @@ from torch import nn
 
 from metanorm.design import make_design
 from metanorm.nn import MetadataNorm
-from metanorm_repro.models import PaperCNN, create_model, list_models, list_norms
+from metanorm_repro.models import PaperCNN, create_model, list_methods, list_models
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def design():
     return make_design({"y": y.numpy(), "cf": cf.numpy()}, keep=["y"])
 
 
-@pytest.mark.parametrize("norm", list_norms())
+@pytest.mark.parametrize("norm", list_methods())
 def test_shapes_every_norm(norm, design):
     torch.manual_seed(0)
     model = PaperCNN(norm, design)

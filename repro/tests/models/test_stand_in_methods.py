@@ -1,4 +1,4 @@
-"""The stand-in models with every registered alternative and the candidate fixes of issue 14."""
+"""The stand-in models with every alternative to MDN and the candidate fixes of docs/failures.md."""
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from metanorm_repro.models.interaction_norms import (
     PolynomialMetadataNorm,
     squared_columns,
 )
-from metanorm_repro.models.norms import get_norm, list_norms
+from metanorm_repro.models.methods import get_method, list_methods
 from metanorm_repro.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 
 
@@ -58,7 +58,7 @@ def test_every_registered_method_builds_trains_and_evaluates():
     d = design()
     rows = d.tensor()[:6]
     assert set(METHODS) >= {"concat", "brnet", "brnet-cond", "dann", "dann-cond", "groupdro"}
-    assert set(METHODS) >= set(FAILURE_METHODS) and set(FAILURE_METHODS) <= set(list_norms())
+    assert set(METHODS) >= set(FAILURE_METHODS) and set(FAILURE_METHODS) <= set(list_methods())
     for method in METHODS:
         for make, shape in models(d):
             torch.manual_seed(0)
@@ -72,7 +72,7 @@ def test_every_registered_method_builds_trains_and_evaluates():
                 else logits.sum()
             )
             loss.backward()
-            assert hasattr(model, "objective") == (get_norm(method).objective is not None)
+            assert hasattr(model, "objective") == (get_method(method).objective is not None)
             model.eval()
             assert model(x[:1], rows[:1])[0].shape == (1, 2)
 
@@ -98,7 +98,7 @@ def test_concat_feeds_the_confounder_to_the_head_and_never_the_label(index):
         model(x, None)
 
 
-@pytest.mark.skipif("concat-input" not in list_norms(), reason="concat-input not registered")
+@pytest.mark.skipif("concat-input" not in list_methods(), reason="concat-input not registered")
 def test_concat_input_adds_constant_channels():
     d = design()
     rows = d.tensor()[:3]

@@ -1,8 +1,8 @@
 r"""Training objectives of the alternatives to MDN: BR-Net, DANN and Group DRO (harness side).
 
-A method of :mod:`metanorm_repro.models.norms` whose
-:attr:`~metanorm_repro.models.norms.NormSpec.objective` is set trains with one of the objectives
-here instead of the plain task loss. The experiment's
+A method of :mod:`metanorm_repro.models.methods` whose
+:attr:`~metanorm_repro.models.methods.Method.objective` is set trains with one of the objectives
+of the table :data:`OBJECTIVES` instead of the plain task loss. The experiment's
 ``make_model`` attaches it to the model (:func:`attach_objective`, as the submodule
 ``model.objective``, so that the run's optimizer trains its parameters too) and
 :func:`~metanorm_repro.experiments.train_one_epoch` calls it on every training batch::
@@ -38,7 +38,7 @@ Settings and measured behaviour: ``docs/alternatives.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metanorm.design import Design
+from metanorm_repro.experiments import plots
+from metanorm_repro.experiments.bounds import SYNTHETIC_REFERENCE_ACCURACIES
 from metanorm_repro.experiments.engine import loss_and_predictions
-from metanorm_repro.models.norms import confounder_columns, get_norm
+from metanorm_repro.models.methods import get_method
+from metanorm_repro.models.norms import confounder_columns
 
 __all__ = [
+    "OBJECTIVES",
     "BRNetObjective",
     "DANNObjective",
     "GroupDROObjective",
+    "ObjectiveFactory",
     "attach_objective",
     "dann_lambda",
     "grad_reverse",
@@ -62,6 +67,7 @@ __all__ = [
     "pearson_r2",
     "plot_bacc_vs_dcor2",
     "quantile_edges",
+    "register_objective",
 ]
 
 
@@ -404,26 +410,81 @@ class GroupDROObjective(_Objective):
         return self.weighted(per, self.group(labels, rows))
 
 
-def make_objective(name: str, design: Design, features: int, **settings: Any) -> nn.Module:
-    """The objective named ``name`` (a method's ``NormSpec.objective``).
+#: ``factory(design, features, **settings) -> nn.Module``: a training objective for the training
+#: design and the width of the model's features.
+ObjectiveFactory = Callable[..., nn.Module]
+
+
+def _brnet(design: Design, features: int, **settings: Any) -> nn.Module:
+    return BRNetObjective(design, features, **settings)
+
+
+def _brnet_cond(design: Design, features: int, **settings: Any) -> nn.Module:
+    return BRNetObjective(design, features, conditional=True, **settings)
+
+
+def _dann(design: Design, features: int, **settings: Any) -> nn.Module:
+    return DANNObjective(design, features, **settings)
+
+
+def _dann_cond(design: Design, features: int, **settings: Any) -> nn.Module:
+    return DANNObjective(design, features, conditional=True, **settings)
+
+
+def _groupdro(design: Design, features: int, **settings: Any) -> nn.Module:
+    return GroupDROObjective(design, **settings)
+
+
+#: The training objectives by name (a method's
+#: :attr:`~metanorm_repro.models.methods.Method.objective`); :func:`register_objective` adds one.
+OBJECTIVES: dict[str, ObjectiveFactory] = {
+    "brnet": _brnet,
+    "brnet-cond": _brnet_cond,
+    "dann": _dann,
+    "dann-cond": _dann_cond,
+    "groupdro": _groupdro,
+}
+
+
+def register_objective(name: str, factory: ObjectiveFactory, *, replace: bool = False) -> None:
+    """Adds a training objective to :data:`OBJECTIVES` under ``name``.
 
     Args:
-        name: ``"brnet"``, ``"brnet-cond"``, ``"dann"``, ``"dann-cond"`` or ``"groupdro"``.
+        name: the objective's name (what a method's ``objective`` names).
+        factory: ``factory(design, features, **settings)`` returning an ``nn.Module`` called as
+            ``objective(logits, features, labels, rows)`` for a training batch's loss.
+        replace: replace an existing objective. Default: ``False`` (a ``ValueError``).
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string or ``factory`` is not callable.
+        ValueError: ``name`` is taken.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"expected a non-empty str name, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"expected a callable factory, got {type(factory).__name__}")
+    if name in OBJECTIVES and not replace:
+        raise ValueError(f"an objective named {name!r} is already registered")
+    OBJECTIVES[name] = factory
+
+
+def make_objective(name: str, design: Design, features: int, **settings: Any) -> nn.Module:
+    """The objective named ``name`` of :data:`OBJECTIVES` (a method's ``objective``).
+
+    Args:
+        name: ``"brnet"``, ``"brnet-cond"``, ``"dann"``, ``"dann-cond"``, ``"groupdro"`` or a
+            registered one.
         design: the training design.
         features: the width of the model's features.
         **settings: keyword arguments of the objective's class.
+
+    Raises:
+        ValueError: an unknown objective (the message lists them).
     """
-    base, _, suffix = name.partition("-")
-    if suffix not in ("", "cond") or base not in ("brnet", "dann", "groupdro"):
-        raise ValueError(
-            f"expected an objective in brnet, brnet-cond, dann, dann-cond, groupdro, got {name!r}"
-        )
-    if base == "groupdro":
-        if suffix:
-            raise ValueError(f"groupdro has no conditional variant, got {name!r}")
-        return GroupDROObjective(design, **settings)
-    cls = BRNetObjective if base == "brnet" else DANNObjective
-    return cls(design, features, conditional=suffix == "cond", **settings)
+    factory = OBJECTIVES.get(name) if isinstance(name, str) else None
+    if factory is None:
+        raise ValueError(f"expected an objective in {', '.join(OBJECTIVES)}, got {name!r}")
+    return factory(design, features, **settings)
 
 
 def attach_objective(
@@ -433,7 +494,7 @@ def attach_objective(
 
     ``settings``: keyword arguments of the objective's class (:func:`make_objective`).
     """
-    name = get_norm(method).objective
+    name = get_method(method).objective
     if name is not None:
         model.objective = make_objective(name, design, features, **settings)
     return model
@@ -453,7 +514,6 @@ def plot_bacc_vs_dcor2(rows: Sequence[dict[str, Any]], path: str | Path) -> Path
     Returns:
         ``path``.
     """
-    from metanorm_repro.experiments import plots
-    from metanorm_repro.experiments.synthetic import REFERENCE_ACCURACIES
-
-    return plots.plot_bacc_vs_dcor2(rows, path, confounder="cf", reference=REFERENCE_ACCURACIES)
+    return plots.plot_bacc_vs_dcor2(
+        rows, path, confounder="cf", reference=SYNTHETIC_REFERENCE_ACCURACIES
+    )

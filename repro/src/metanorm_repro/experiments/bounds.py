@@ -54,6 +54,7 @@ __all__ = [
     "BAYES_ACCURACY_MF_CF",
     "MARGINAL_INDEPENDENCE_BOUND",
     "PIECE_EDGES",
+    "SYNTHETIC_REFERENCE_ACCURACIES",
     "IndependenceBound",
     "accuracy_of",
     "cell_probabilities",
@@ -67,6 +68,13 @@ __all__ = [
 MARGINAL_INDEPENDENCE_BOUND = 11 / 18
 #: Edges of the pieces on which both conditional densities (of ``mf``, and of ``cf``) are constant.
 PIECE_EDGES: tuple[float, ...] = (1.0, 3.0, 4.0, 6.0)
+#: The reference accuracies of the synthetic task as ``[(accuracy, label), ...]``: the lines of
+#: the bAcc-against-dcor² plot of the synthetic experiments.
+SYNTHETIC_REFERENCE_ACCURACIES: list[tuple[float, str]] = [
+    (BAYES_ACCURACY_MF_CF, "Bayes with cf"),
+    (BAYES_ACCURACY_MF, "Bayes without cf"),
+    (MARGINAL_INDEPENDENCE_BOUND, "marginal-independence bound"),
+]
 
 
 @dataclass(frozen=True)

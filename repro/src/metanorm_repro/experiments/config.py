@@ -20,7 +20,7 @@ class RunConfig:
         experiment: registered experiment name (see
         :func:`metanorm_repro.experiments.list_experiments`).
         method: the model's normalization method (``"none"`` is the baseline; see
-            :func:`metanorm_repro.models.norms.list_norms`).
+            :func:`metanorm_repro.models.methods.list_methods`).
         batch_size: training batch size; it need not divide the training set size (the last
             batch is short).
         epochs: training epochs.

@@ -54,7 +54,7 @@ from metanorm_repro.experiments.engine import evaluate, train_one_epoch
 from metanorm_repro.experiments.registry import Check, Experiment, register_experiment
 from metanorm_repro.experiments.synthetic import SYNTHETIC
 from metanorm_repro.models import PaperCNN
-from metanorm_repro.models.norms import norm_display_name
+from metanorm_repro.models.methods import method_display_name as norm_display_name
 
 __all__ = [
     "BATCH_METHODS",

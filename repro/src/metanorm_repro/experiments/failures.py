@@ -48,7 +48,8 @@ from metanorm_repro.experiments.report import write_report
 from metanorm_repro.experiments.runner import load_result
 from metanorm_repro.experiments.sweep import run_dir, run_sweep
 from metanorm_repro.models.interaction_norms import FAILURE_METHODS
-from metanorm_repro.models.norms import FEATURE_ALTERNATIVES, norm_display_name
+from metanorm_repro.models.methods import FEATURE_ALTERNATIVES
+from metanorm_repro.models.methods import method_display_name as norm_display_name
 
 __all__ = [
     "METHODS",

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from metanorm_repro.experiments import _io
+from metanorm_repro.experiments.bounds import SYNTHETIC_REFERENCE_ACCURACIES
 from metanorm_repro.experiments.registry import Experiment
-from metanorm_repro.models.norms import norm_display_name
+from metanorm_repro.models.methods import method_display_name
 
 __all__ = [
     "REFERENCE_ACCURACIES",
@@ -41,9 +42,13 @@ __all__ = [
 ]
 
 #: Reference accuracies drawn as horizontal lines in ``bacc_vs_dcor2.png``, by experiment name:
-#: ``[(accuracy, label), ...]``. An experiment module adds its own (the synthetic ones: the
-#: Bayes accuracies with and without the confounder and the marginal-independence bound).
-REFERENCE_ACCURACIES: dict[str, list[tuple[float, str]]] = {}
+#: ``[(accuracy, label), ...]``. The synthetic experiments': the Bayes accuracies with and
+#: without the confounder and the marginal-independence bound
+#: (:data:`~metanorm_repro.experiments.bounds.SYNTHETIC_REFERENCE_ACCURACIES`).
+REFERENCE_ACCURACIES: dict[str, list[tuple[float, str]]] = {
+    "synthetic": SYNTHETIC_REFERENCE_ACCURACIES,
+    "synthetic-compare": SYNTHETIC_REFERENCE_ACCURACIES,
+}
 
 
 def pyplot() -> Any:
@@ -110,7 +115,9 @@ def plot_per_epoch(
             cols = [c for c in h if c.startswith(prefix)]
             for j, c in enumerate(cols):
                 suffix = c[len(prefix) :].lstrip("_")
-                label = norm_display_name(method) + (f" (class {suffix})" if len(cols) > 1 else "")
+                label = method_display_name(method) + (
+                    f" (class {suffix})" if len(cols) > 1 else ""
+                )
                 ax.plot(
                     h["epoch"],
                     h[c],
@@ -174,7 +181,7 @@ def plot_feature_pca(
             else:
                 codes = np.unique(conf, return_inverse=True)[1]
                 ax.scatter(proj[sel, 0], proj[sel, 1], c=codes[sel], s=4, cmap="tab10")
-            ax.set_title(f"{norm_display_name(method)}, class {c}", fontsize=9)
+            ax.set_title(f"{method_display_name(method)}, class {c}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
     if sc is not None:
@@ -245,7 +252,7 @@ def plot_bacc_vs_dcor2(
                 capsize=2,
                 ms=7,
                 alpha=0.85,
-                label=norm_display_name(method) if j == 0 else None,
+                label=method_display_name(method) if j == 0 else None,
             )
     # the marker legend: one entry per batch size
     for j, bs in enumerate(sizes):

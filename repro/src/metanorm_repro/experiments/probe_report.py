@@ -25,7 +25,7 @@ from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.config import RunConfig
 from metanorm_repro.experiments.registry import Experiment
 from metanorm_repro.experiments.runner import EVAL_BATCH, prepare_run
-from metanorm_repro.models.norms import get_norm, norm_display_name
+from metanorm_repro.models.methods import get_method, method_display_name
 
 __all__ = ["PROBE_SAMPLES", "confounder_design_columns", "probe_runs"]
 
@@ -58,7 +58,7 @@ def _probed_methods(results: Sequence[dict[str, Any]]) -> list[str]:
     methods: list[str] = []
     for r in results:
         m = r["final"]["method"]
-        if m not in methods and (m == "none" or get_norm(m).needs_design):
+        if m not in methods and (m == "none" or get_method(m).needs_design):
             methods.append(m)
     return methods
 
@@ -101,7 +101,7 @@ def probe_runs(
                 metadata=columns,
                 call=lambda model, batch: model(batch[0], batch[2]),
                 max_samples=PROBE_SAMPLES,
-                label=norm_display_name(method),
+                label=method_display_name(method),
             )
         )
     out = Path(out_dir)

@@ -68,13 +68,13 @@ from metanorm_repro.datasets import (
 from metanorm_repro.experiments.alternatives import attach_objective
 from metanorm_repro.experiments.config import RunConfig
 from metanorm_repro.experiments.registry import Check, Experiment, register_experiment
-from metanorm_repro.models.interaction_norms import FAILURE_METHODS
-from metanorm_repro.models.norms import ALTERNATIVES, get_norm
+from metanorm_repro.models.methods import ALTERNATIVES, FAILURE_METHODS, get_method
 from metanorm_repro.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 
-__all__ = ["LAYOUTS", "METHODS", "load_splits", "shade_bins"]
+__all__ = ["DATA_SOURCES", "LAYOUTS", "METHODS", "DataSource", "load_splits", "shade_bins"]
 
-#: Methods every real-data experiment accepts; the first two run by default. After the MDN
+#: Methods every real-data experiment accepts (one list, shared by the seven experiments of this
+#: module; each runs ``batchnorm`` and ``mdn`` by default). After the MDN
 #: variants come the alternatives to MDN (``docs/alternatives.md``), the candidate fixes for
 #: effects a linear removal cannot reach (``docs/failures.md``) and the location-scale layer
 #: (``mdn-ls``, ``docs/estimators.md``; no study runs it by default).
@@ -102,13 +102,24 @@ ModelFactory = Callable[[Splits, str, "Design | None", RunConfig], nn.Module]
 
 
 @dataclass(frozen=True)
-class _Source:
-    """How an experiment gets its data and builds its model."""
+class DataSource:
+    """How a real-data experiment gets its data and builds its model.
 
-    load: Callable[..., Splits]  # (root or None, seed=, **loader options) -> splits
+    Attributes:
+        load: ``load(root, seed=, **loader options) -> {split name: DataSplit}``; ``root`` is the
+            ``data`` option (``--data``) or ``None``.
+        model: ``model(splits, method, design, config) -> nn.Module``, the stand-in model.
+        loader: the function whose arguments are the experiment's loader options, but for
+            ``root`` (the data folder), ``seed`` and ``source``. Default: ``load``.
+        design_options: options of the design, not of the loader.
+        model_options: options of the model factory, not of the loader.
+    """
+
+    load: Callable[..., Splits]
     model: ModelFactory
-    design_options: tuple[str, ...] = ()  # options of the design, not of the loader
-    model_options: tuple[str, ...] = ()  # options of the model factory, not of the loader
+    loader: Callable[..., Any] | None = None
+    design_options: tuple[str, ...] = ()
+    model_options: tuple[str, ...] = ()
 
 
 def _shaded(source: str) -> Callable[..., Splits]:
@@ -179,17 +190,27 @@ def _volume_model(splits: Splits, method: str, design: Design | None, c: RunConf
     return StandInCNN3d(1, _num_classes(splits), shape, method, design, momentum=c.momentum)
 
 
-_SOURCES: dict[str, _Source] = {
-    "shaded-fashion-mnist": _Source(_shaded("fashion-mnist"), _image_model),
-    "shaded-mnist": _Source(_shaded("mnist-5k"), _image_model),
-    "two-site-digits": _Source(_two_sites, _image_model),
-    "gs-ppb": _Source(load_gs_ppb, _image_model, ("skin_type",)),
-    "hvu": _Source(_hvu, _mlp_model),
-    "multisite-mri": _Source(
-        load_multisite_mri, _volume_model, ("covariates",), ("model", "widen_factor")
+#: The data of each real-data experiment, by the experiment's name.
+DATA_SOURCES: dict[str, DataSource] = {
+    "shaded-fashion-mnist": DataSource(
+        _shaded("fashion-mnist"), _image_model, loader=make_shaded_images
     ),
-    "multisite-mri-standin": _Source(
-        _mri_standin, _volume_model, ("covariates",), ("model", "widen_factor")
+    "shaded-mnist": DataSource(_shaded("mnist-5k"), _image_model, loader=make_shaded_images),
+    "two-site-digits": DataSource(_two_sites, _image_model, loader=make_two_site_digits),
+    "gs-ppb": DataSource(load_gs_ppb, _image_model, design_options=("skin_type",)),
+    "hvu": DataSource(_hvu, _mlp_model, loader=load_hvu),
+    "multisite-mri": DataSource(
+        load_multisite_mri,
+        _volume_model,
+        design_options=("covariates",),
+        model_options=("model", "widen_factor"),
+    ),
+    "multisite-mri-standin": DataSource(
+        _mri_standin,
+        _volume_model,
+        loader=make_multisite_mri_standin,
+        design_options=("covariates",),
+        model_options=("model", "widen_factor"),
     ),
 }
 
@@ -200,29 +221,20 @@ def _option_keys(name: str) -> tuple[str, ...]:
     They are its loader's keyword arguments, its design options, ``data`` and
     ``n_eval_per_class``.
     """
-    source = _SOURCES[name]
-    wrapped: dict[str, Callable[..., Any]] = {
-        "shaded-fashion-mnist": make_shaded_images,
-        "shaded-mnist": make_shaded_images,
-        "two-site-digits": make_two_site_digits,
-        "hvu": load_hvu,
-        "multisite-mri-standin": make_multisite_mri_standin,
-    }
-    loader = wrapped.get(name, source.load)
-    params = list(inspect.signature(loader).parameters.values())
+    source = DATA_SOURCES[name]
+    params = inspect.signature(source.loader or source.load).parameters.values()
     keys = [
         p.name
-        for p in params[
-            0 if name.startswith(("shaded", "two-site", "multisite-mri-standin")) else 1 :
-        ]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("seed", "source")
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in ("root", "seed", "source")  # the data folder, the run's seed
     ]
     extra = (*source.design_options, *source.model_options)
     return tuple(sorted({*keys, *extra, "data", "n_eval_per_class"}))
 
 
 def _loader_options(name: str, options: dict[str, Any], n_per_class: int) -> dict[str, Any]:
-    source = _SOURCES[name]
+    source = DATA_SOURCES[name]
     skip = ("data", "n_eval_per_class", *source.design_options, *source.model_options)
     kw = {k: v for k, v in options.items() if k not in skip}
     if name.startswith("shaded"):
@@ -240,7 +252,7 @@ def _loader_options(name: str, options: dict[str, Any], n_per_class: int) -> dic
 @lru_cache(maxsize=2)
 def _cached(name: str, data: str | None, seed: int, n_per_class: int, opts: str) -> Splits:
     kwargs = _loader_options(name, json.loads(opts), n_per_class)
-    return _SOURCES[name].load(data, seed=seed, **kwargs)
+    return DATA_SOURCES[name].load(data, seed=seed, **kwargs)
 
 
 def load_splits(name: str, config: RunConfig) -> Splits:
@@ -257,8 +269,8 @@ def load_splits(name: str, config: RunConfig) -> Splits:
         ValueError: an experiment on user-supplied data without ``options["data"]`` (the message
             names the expected layout), or an unknown experiment.
     """
-    if name not in _SOURCES:
-        raise ValueError(f"unknown real-data experiment {name!r}; known: {sorted(_SOURCES)}")
+    if name not in DATA_SOURCES:
+        raise ValueError(f"unknown real-data experiment {name!r}; known: {sorted(DATA_SOURCES)}")
     data = config.options.get("data")
     if name in LAYOUTS and not data:
         raise ValueError(
@@ -286,11 +298,9 @@ def _make_splits(name: str) -> Callable[[RunConfig], Sequence[DataSplit]]:
 def _make_model(name: str) -> Callable[[str, Design, RunConfig], nn.Module]:
     def make_model(method: str, design: Design, config: RunConfig) -> nn.Module:
         splits = load_splits(name, config)
-        spec = get_norm(method)
-        uses_design = (
-            spec.needs_design or spec.concat_metadata or getattr(spec, "input_metadata", False)
-        )
-        model = _SOURCES[name].model(splits, method, design if uses_design else None, config)
+        spec = get_method(method)
+        uses_design = spec.needs_design or spec.concat_metadata or spec.input_metadata
+        model = DATA_SOURCES[name].model(splits, method, design if uses_design else None, config)
         fc = model.fc  # every stand-in's feature layer
         if not isinstance(fc, nn.Linear):  # pragma: no cover - the stand-ins' contract
             raise TypeError(f"expected the model's fc to be an nn.Linear, got {type(fc).__name__}")

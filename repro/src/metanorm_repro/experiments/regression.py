@@ -86,12 +86,10 @@ from metanorm_repro.experiments.alternatives import (
 )
 from metanorm_repro.experiments.engine import train_one_epoch
 from metanorm_repro.experiments.plots import pyplot
-from metanorm_repro.models.norms import (
-    FEATURE_ALTERNATIVES,
-    canonical_norm,
-    get_norm,
-    norm_display_name,
-)
+from metanorm_repro.models.methods import FEATURE_ALTERNATIVES
+from metanorm_repro.models.methods import canonical_method as canonical_norm
+from metanorm_repro.models.methods import get_method as get_norm
+from metanorm_repro.models.methods import method_display_name as norm_display_name
 
 __all__ = [
     "METHODS",

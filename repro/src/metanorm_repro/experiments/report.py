@@ -17,7 +17,7 @@ import numpy as np
 
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.registry import Check, Experiment
-from metanorm_repro.models.norms import norm_display_name
+from metanorm_repro.models.methods import method_display_name
 
 __all__ = ["group_table", "results_table", "summarize", "write_report"]
 
@@ -147,7 +147,7 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         n = r["seeds"]
         cells = [
-            norm_display_name(r["method"]),
+            method_display_name(r["method"]),
             str(r["batch_size"]),
             _fmt(r["val_bacc"], r["val_bacc_std"], n),
             _fmt(r["test_bacc"], r["test_bacc_std"], n),
@@ -186,7 +186,7 @@ def interval_table(results: Sequence[dict[str, Any]]) -> str:
 
     for f in finals:
         iv = f["test_intervals"]
-        cells = [norm_display_name(f["method"]), str(f["batch_size"])]
+        cells = [method_display_name(f["method"]), str(f["batch_size"])]
         cells.append(cell(f["test_balanced_accuracy"], iv["balanced_accuracy"]))
         cells += [cell(f["test_dcor2"].get(c), iv["dcor2"].get(c)) for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
@@ -203,7 +203,7 @@ def interval_table(results: Sequence[dict[str, Any]]) -> str:
 def timing_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """One line per method with a paired epoch-time ratio: information, never a PASS/FAIL check."""
     return [
-        f"- {norm_display_name(r['method'])} bs={r['batch_size']}: epoch "
+        f"- {method_display_name(r['method'])} bs={r['batch_size']}: epoch "
         f"{r['epoch_time_s']:.2f} s, {r['time_ratio']:.2f}× the Baseline's"
         for r in rows
         if r.get("time_ratio") is not None and r["method"] != "none"
@@ -220,7 +220,7 @@ def group_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for s in splits:
-            cells = [norm_display_name(r["method"]), str(r["batch_size"]), s]
+            cells = [method_display_name(r["method"]), str(r["batch_size"]), s]
             cells += [_num(r.get(f"{s}_group_accuracy_{g}")) for g in groups]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

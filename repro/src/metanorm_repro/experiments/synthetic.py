@@ -3,8 +3,8 @@
 Data: :func:`metanorm_repro.datasets.synthetic.make_synthetic_splits` (train, validation and test
 from independent seeds derived from ``config.seed``; ``n_per_class`` images per label in each).
 Model:
-:class:`metanorm_repro.models.PaperCNN` with the method as its normalization (:data:`METHODS`).
-Design
+:class:`metanorm_repro.models.PaperCNN` with the method as its normalization (the experiment's
+``methods``). Design
 ``[y, cf, 1]`` with ``y`` kept; the bias metric is the per-class dcor² between the fc1 features
 and ``cf``; accuracy is also reported per ``cf`` bin (``[1,2)``, ..., ``[5,6]``).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,38 +35,21 @@ from metanorm_repro.datasets.synthetic import (
     BAYES_ACCURACY_MF_CF,
     make_synthetic_splits,
 )
-from metanorm_repro.experiments import plots
 from metanorm_repro.experiments.alternatives import attach_objective
-from metanorm_repro.experiments.bounds import MARGINAL_INDEPENDENCE_BOUND, reference_markdown
+from metanorm_repro.experiments.bounds import SYNTHETIC_REFERENCE_ACCURACIES, reference_markdown
 from metanorm_repro.experiments.config import RunConfig
 from metanorm_repro.experiments.registry import Check, Experiment, register_experiment
 from metanorm_repro.models import PaperCNN
-from metanorm_repro.models.norms import ALTERNATIVES, get_norm
+from metanorm_repro.models.methods import ALTERNATIVES, get_method
 
 __all__ = [
-    "COMPARE_METHODS",
     "DANN_WEIGHT",
-    "METHODS",
     "REFERENCE_ACCURACIES",
     "SYNTHETIC",
     "SYNTHETIC_COMPARE",
     "cf_bins",
     "objective_settings",
 ]
-
-#: The methods of the synthetic experiment, the baseline first (names of
-#: :mod:`metanorm_repro.models.norms`).
-METHODS: tuple[str, ...] = ("none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv")
-
-
-#: The methods of ``synthetic-compare``: the baseline, the alternatives to MDN
-#: (``docs/alternatives.md``) and MDN, all names of :mod:`metanorm_repro.models.norms`.
-COMPARE_METHODS: tuple[str, ...] = (
-    "none",
-    *ALTERNATIVES,
-    "mdn-linear",
-    "mdn-conv",
-)
 
 
 def _splits(config: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
@@ -91,7 +75,7 @@ def objective_settings(method: str, design: Design, config: RunConfig) -> dict[s
     ``"constant"``) and ``weight`` (the option ``dann_weight``, default :data:`DANN_WEIGHT`).
     The other methods: none.
     """
-    if get_norm(method).objective not in ("dann", "dann-cond"):
+    if get_method(method).objective not in ("dann", "dann-cond"):
         return {}
     n = int(np.asarray(design.matrix).shape[0])
     return {
@@ -128,12 +112,9 @@ A confounder-free model should sit near {BAYES_ACCURACY_MF:.3f}, a confounded on
 dependence for every method."""
 
 
-#: The reference accuracies of the synthetic task (the lines of the bAcc-against-dcor² plot).
-REFERENCE_ACCURACIES: list[tuple[float, str]] = [
-    (BAYES_ACCURACY_MF_CF, "Bayes with cf"),
-    (BAYES_ACCURACY_MF, "Bayes without cf"),
-    (MARGINAL_INDEPENDENCE_BOUND, "marginal-independence bound"),
-]
+#: The reference accuracies of the synthetic task (the lines of the bAcc-against-dcor² plot):
+#: :data:`metanorm_repro.experiments.bounds.SYNTHETIC_REFERENCE_ACCURACIES`.
+REFERENCE_ACCURACIES: list[tuple[float, str]] = SYNTHETIC_REFERENCE_ACCURACIES
 
 
 def _checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
@@ -175,12 +156,13 @@ SYNTHETIC = register_experiment(
         "A plain CNN uses cf; MDN removes it from the features (design [y, cf, 1], y kept).",
         make_splits=_splits,
         make_model=_model,
-        methods=(*METHODS, "mdn-scale", "mdn-ls"),  # the last two: on request
+        # the methods a run may take; the default run's are defaults["methods"]
+        methods=("none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv", "mdn-scale", "mdn-ls"),
         metadata_columns=("cf",),
         confounder="cf",
         groups=cf_bins,
         defaults={
-            "methods": list(METHODS),
+            "methods": ["none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv"],
             "epochs": 5,
             "lr": 1e-3,
             "lr_schedule": "cosine",
@@ -248,10 +230,19 @@ SYNTHETIC_COMPARE = register_experiment(
         "concat (cf appended to the classifier's input), BR-Net and DANN (adversaries on cf, "
         "marginal and label-conditional), Group DRO over label × cf-bin groups, beside the "
         "baseline and MDN. See docs/alternatives.md.",
-        methods=(*COMPARE_METHODS, "batchnorm", "mdn-scale", "mdn-ls"),  # last three: on request
+        methods=(
+            "none",
+            *ALTERNATIVES,
+            "mdn-linear",
+            "mdn-conv",
+            "batchnorm",
+            "mdn-scale",
+            "mdn-ls",
+        ),
         defaults={
             **SYNTHETIC.defaults,
-            "methods": list(COMPARE_METHODS),
+            # the baseline, the alternatives to MDN (docs/alternatives.md) and MDN
+            "methods": ["none", *ALTERNATIVES, "mdn-linear", "mdn-conv"],
             "n_per_class": 500,
             "epochs": 6,
             "lr": 3e-3,
@@ -266,5 +257,16 @@ SYNTHETIC_COMPARE = register_experiment(
     )
 )
 
-plots.REFERENCE_ACCURACIES[SYNTHETIC.name] = REFERENCE_ACCURACIES
-plots.REFERENCE_ACCURACIES[SYNTHETIC_COMPARE.name] = REFERENCE_ACCURACIES
+
+def __getattr__(name: str) -> Any:
+    # METHODS and COMPARE_METHODS were the experiments' method lists, now in their specs
+    spec = {"METHODS": SYNTHETIC, "COMPARE_METHODS": SYNTHETIC_COMPARE}.get(name)
+    if spec is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"metanorm_repro.experiments.synthetic.{name} is deprecated: the default methods of "
+        f"{spec.name!r} are get_experiment({spec.name!r}).defaults['methods']",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return tuple(spec.defaults["methods"])

@@ -6,7 +6,7 @@ Lu et al., "Metadata Normalization", CVPR 2021 (arXiv 2104.09052), §4.1::
     → fc 84 → [norm3] → ReLU → fc 1 (a logit; the loss applies the sigmoid)
 
 ``norm1`` and ``norm2`` are hidden slots, ``norm3`` the features slot of the method named by
-``norm`` (:mod:`metanorm_repro.models.norms`; the model's ``base`` is ``"none"``):
+``norm`` (:mod:`metanorm_repro.models.methods`; the model's ``base`` is ``"none"``):
 
 ==============  ==============================  ==============================  ================
 ``norm``        after conv1                     after conv2                     after fc1
@@ -18,13 +18,13 @@ Lu et al., "Metadata Normalization", CVPR 2021 (arXiv 2104.09052), §4.1::
 ``mdn-conv``    ``MetadataNorm(16·28·28)``      ``MetadataNorm(32·24·24)``      ``MetadataNorm(84)``
 ==============  ==============================  ==============================  ================
 
-``concat`` (:data:`~metanorm_repro.models.norms.NormSpec.concat_metadata`) adds no layer: the
-classifier fc2 takes ``[ReLU(fc1 features), c]``, ``c`` the batch's confounder columns of the
+``concat`` (:class:`~metanorm_repro.models.methods.Method`'s ``concat_metadata``) adds no layer:
+the classifier fc2 takes ``[ReLU(fc1 features), c]``, ``c`` the batch's confounder columns of the
 design rows (:func:`~metanorm_repro.models.norms.confounder_columns`, ``cf`` for ``[y, cf, 1]``;
 never the kept label). The returned features stay fc1's (84 wide), where dcor² is measured.
 
-``concat-input`` (:data:`~metanorm_repro.models.norms.NormSpec.input_metadata`) feeds the same
-columns to the first conv instead: each is a constant extra image channel, ``(c − mean) / std``
+``concat-input`` (:class:`~metanorm_repro.models.methods.Method`'s ``input_metadata``) feeds the
+same columns to the first conv instead: each is a constant extra image channel, ``(c − mean) / std``
 at every pixel (standardised with the training design's mean and standard deviation, so that the
 channel has the scale of the image's pixels rather than cf's raw 1..6), so conv1 takes
 ``in_channels + 1`` channels for ``[y, cf, 1]``.
@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metanorm_repro.models.norms import apply_norm, confounder_columns, create_norm, get_norm
+from metanorm_repro.models.methods import create_slot_norm, get_method
+from metanorm_repro.models.norms import apply_norm, confounder_columns
 
 __all__ = ["PaperCNN"]
 
@@ -52,7 +53,7 @@ class PaperCNN(nn.Module):
     r"""The synthetic experiment's CNN; returns logits and the fc1 features.
 
     Args:
-        norm: a normalization method (:func:`metanorm_repro.models.norms.list_norms`). Default:
+        norm: a normalization method (:func:`metanorm_repro.models.methods.list_methods`). Default:
             ``"none"`` (the paper's baseline).
         design: the WHOLE training set's design (``(N, K)`` array/tensor or
             :class:`metanorm.design.Design`); required for the ``mdn-*`` norms, ignored otherwise.
@@ -96,7 +97,7 @@ class PaperCNN(nn.Module):
         **mdn_kwargs: Any,
     ) -> None:
         super().__init__()
-        spec = get_norm(norm)
+        spec = get_method(norm)
         if spec.needs_design and design is None:
             raise ValueError(f"norm={norm!r} needs the training design (design=...), got None")
         if (spec.concat_metadata or spec.input_metadata) and design is None:
@@ -125,7 +126,7 @@ class PaperCNN(nn.Module):
         self.fc2 = nn.Linear(hidden + len(self.concat_columns), num_outputs)
 
         def slot(kind: str, shape: tuple[int, ...]) -> nn.Module:
-            return create_norm(
+            return create_slot_norm(
                 norm,
                 shape,
                 slot=kind,

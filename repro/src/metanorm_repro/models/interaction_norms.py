@@ -42,13 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from metanorm.design import Design
-from metanorm.nn import (
-    MetadataLocationScaleNorm,
-    MetadataNorm,
-    MetadataScaleNorm,
-    MetadataSequential,
-)
-from metanorm_repro.models.norms import create_norm, get_norm, register_norm
+from metanorm.nn import MetadataNorm
+from metanorm.nn import MetadataScaleNorm as MetadataScaleNorm
 
 __all__ = ["FAILURE_METHODS", "PolynomialMetadataNorm", "squared_columns"]
 
@@ -135,138 +130,20 @@ class PolynomialMetadataNorm(nn.Module):
         return f"squared={list(self.squared)}"
 
 
-# ------------------------------------------------------------------ registered methods
-#
-# Registered here, in the one registry of metanorm_repro.models.norms (this module is imported by
-# metanorm_repro.models.stand_in, so the names exist whenever metanorm_repro.models is imported):
-#
-# ====================  ==========================================  =======================
-# name                  hidden slots (convs / first MLP layer)      features slot
-# ====================  ==========================================  =======================
-# "mdn-cw"              MetadataNorm(C, channelwise=True) on conv   MetadataNorm
-#                       maps (β of K×C); flattened MDN on vectors
-# "mdn-poly"            the model's base                            PolynomialMetadataNorm
-# "mdn-scale"           MetadataScaleNorm, then the model's base    MetadataNorm
-# "mdn+brnet-cond"      the model's base                            MetadataNorm, and the
-#                                                                   BR-Net-cond objective
-# "mdn-ls"              MetadataLocationScaleNorm, then the         MetadataNorm
-#                       model's base
-# ====================  ==========================================  =======================
-#
-# "mdn-ls" is registered for every experiment but is not one of FAILURE_METHODS (not run by
-# default).
-
-
-def _design_of(design: Any, name: str) -> Design:
-    if not isinstance(design, Design):
-        raise TypeError(
-            f"norm={name!r} needs design=, the whole training set's metanorm.design.Design; "
-            f"got {type(design).__name__}"
-        )
-    return design
-
-
-def _base_layer(shape: tuple[int, ...], slot: str, base: str, kwargs: dict[str, Any]) -> nn.Module:
-    if get_norm(base).needs_design:
-        raise ValueError(f"expected a base method without MDN layers, got {base!r}")
-    return create_norm(base, shape, slot=slot, base="none", groups=kwargs.get("groups", 4))
-
-
-def _mdn(shape: tuple[int, ...], design: Any, momentum: float | None, name: str) -> nn.Module:
-    return MetadataNorm(int(np.prod(shape)), _design_of(design, name), momentum=momentum)
-
-
-def _channelwise(
-    shape: tuple[int, ...],
-    *,
-    slot: str,
-    design: Any = None,
-    momentum: float | None = 0.1,
-    **_: Any,
-) -> nn.Module:
-    if slot == "hidden" and len(shape) > 1:
-        d = _design_of(design, "mdn-cw")
-        return MetadataNorm(shape[0], d, momentum=momentum, channelwise=True)
-    return _mdn(shape, design, momentum, "mdn-cw")
-
-
-def _polynomial(
-    shape: tuple[int, ...],
-    *,
-    slot: str,
-    base: str = "none",
-    design: Any = None,
-    momentum: float | None = 0.1,
-    **kwargs: Any,
-) -> nn.Module:
-    if slot == "hidden":
-        return _base_layer(shape, slot, base, kwargs)
-    d = _design_of(design, "mdn-poly")
-    return PolynomialMetadataNorm(int(np.prod(shape)), d, momentum=momentum)
-
-
-def _scale(
-    shape: tuple[int, ...],
-    *,
-    slot: str,
-    base: str = "none",
-    design: Any = None,
-    momentum: float | None = 0.1,
-    **kwargs: Any,
-) -> nn.Module:
-    if slot == "features":
-        return _mdn(shape, design, momentum, "mdn-scale")
-    d = _design_of(design, "mdn-scale")
-    return MetadataSequential(
-        MetadataScaleNorm(shape[0], d, momentum=momentum), _base_layer(shape, slot, base, kwargs)
-    )
-
-
-def _location_scale(
-    shape: tuple[int, ...],
-    *,
-    slot: str,
-    base: str = "none",
-    design: Any = None,
-    momentum: float | None = 0.1,
-    **kwargs: Any,
-) -> nn.Module:
-    if slot == "features":
-        return _mdn(shape, design, momentum, "mdn-ls")
-    d = _design_of(design, "mdn-ls")
-    layer = MetadataLocationScaleNorm(
-        shape[0], d, momentum=momentum, num_positions=int(np.prod(shape[1:]))
-    )
-    return MetadataSequential(layer, _base_layer(shape, slot, base, kwargs))
-
-
-def _mdn_features(
-    shape: tuple[int, ...],
-    *,
-    slot: str,
-    base: str = "none",
-    design: Any = None,
-    momentum: float | None = 0.1,
-    **kwargs: Any,
-) -> nn.Module:
-    if slot == "hidden":
-        return _base_layer(shape, slot, base, kwargs)
-    return _mdn(shape, design, momentum, "mdn+brnet-cond")
-
-
-#: The candidate fixes of ``docs/failures.md``, registered in :mod:`metanorm_repro.models.norms`.
+#: The candidate fixes of ``docs/failures.md``, methods of :mod:`metanorm_repro.models.methods`
+#: (the failures study and the real-data experiments run them):
+#:
+#: ====================  ==========================================  =======================
+#: name                  hidden slots (convs / first MLP layer)      features slot
+#: ====================  ==========================================  =======================
+#: ``"mdn-cw"``          MetadataNorm(C, channelwise=True) on conv   MetadataNorm
+#:                       maps (β of K×C); flattened MDN on vectors
+#: ``"mdn-poly"``        the model's base                            PolynomialMetadataNorm
+#: ``"mdn-scale"``       MetadataScaleNorm, then the model's base    MetadataNorm
+#: ``"mdn+brnet-cond"``  the model's base                            MetadataNorm, and the
+#:                                                                   BR-Net-cond objective
+#: ====================  ==========================================  =======================
+#:
+#: ``"mdn-ls"`` (MetadataLocationScaleNorm, then the model's base; MetadataNorm on the features)
+#: is a method of every experiment too, but not one of these (no study runs it by default).
 FAILURE_METHODS: tuple[str, ...] = ("mdn-cw", "mdn-poly", "mdn-scale", "mdn+brnet-cond")
-
-for _name, _factory, _display, _objective in (
-    ("mdn-cw", _channelwise, "MDN-channelwise", None),
-    ("mdn-poly", _polynomial, "MDN-poly", None),
-    ("mdn-scale", _scale, "MDN-scale", None),
-    ("mdn+brnet-cond", _mdn_features, "MDN+BR-Net-cond", "brnet-cond"),
-    ("mdn-ls", _location_scale, "MDN-LS", None),
-):
-    try:
-        get_norm(_name)
-    except ValueError:
-        register_norm(
-            _name, _factory, display_name=_display, needs_design=True, objective=_objective
-        )

@@ -9,7 +9,7 @@ The model keeps the stand-ins' interface (``model(x, metadata) -> (logits, featu
 :mod:`metanorm_repro.models.stand_in`): MONAI's ResNet body (its conv stem, four residual stages
 with BatchNorm3d, global average pooling) ends in its own ``fc``, here of width ``hidden``, whose
 output is the *features* (after their normalization, before the ReLU); a linear ``head`` gives
-the logits. Per method (names of :mod:`metanorm_repro.models.norms`):
+the logits. Per method (names of :mod:`metanorm_repro.models.methods`):
 
 ==============  =============================================================================
 ``batchnorm``   MONAI's network as it is (BatchNorm3d in the body), BatchNorm1d on the features
@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from metanorm.design import Design
 from metanorm.nn import MetadataModel, MetadataNorm, convert_metadata_norm
-from metanorm_repro.models.norms import FEATURE_ALTERNATIVES, confounder_columns, get_norm
+from metanorm_repro.models.methods import FEATURE_ALTERNATIVES, get_method
+from metanorm_repro.models.norms import confounder_columns
 
 __all__ = ["MONAI_METHODS", "MonaiResNet3d", "monai_resnet18"]
 
@@ -113,7 +114,7 @@ class MonaiResNet3d(nn.Module):
         momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
-        spec = get_norm(norm)
+        spec = get_method(norm)
         name = spec.canonical if spec.canonical in MONAI_METHODS else spec.name
         if name not in MONAI_METHODS:
             raise ValueError(

@@ -7,7 +7,7 @@ Every model here has the same interface, so one training loop serves them all:
   ``(m, num_classes)`` (cross-entropy; 2 columns for a binary task); ``features`` is the
   penultimate layer's output **after** its normalization and **before** the nonlinearity, the
   ``(m, hidden)`` matrix the bias metric (dcor² with the metadata) is computed on.
-- ``norm`` picks the normalization method (:mod:`metanorm_repro.models.norms`); the conv / first
+- ``norm`` picks the normalization method (:mod:`metanorm_repro.models.methods`); the conv / first
   hidden layers are hidden slots, the penultimate layer the features slot, and the models'
   ``base`` is ``"batchnorm"``:
 
@@ -47,8 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from metanorm.design import Design
-from metanorm_repro.models.interaction_norms import MetadataScaleNorm  # (registers the fixes)
-from metanorm_repro.models.norms import apply_norm, confounder_columns, create_norm, get_norm
+from metanorm.nn import MetadataScaleNorm
+from metanorm_repro.models.methods import create_slot_norm, get_method
+from metanorm_repro.models.norms import apply_norm, confounder_columns
 
 __all__ = ["StandInCNN", "StandInCNN3d", "StandInMLP"]
 
@@ -65,9 +66,9 @@ class _StandIn(nn.Module):
         self, norm: str, design: Design | None, num_classes: int, momentum: float | None
     ) -> None:
         super().__init__()
-        spec = get_norm(norm)
+        spec = get_method(norm)
         concat = spec.concat_metadata
-        to_input = bool(getattr(spec, "input_metadata", False))
+        to_input = spec.input_metadata
         if (spec.needs_design or concat or to_input) and not isinstance(design, Design):
             raise TypeError(
                 f"norm={norm!r} needs design=, the whole training set's metanorm.design.Design; "
@@ -75,7 +76,7 @@ class _StandIn(nn.Module):
             )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"expected num_classes to be an int >= 2, got {num_classes!r}")
-        self.norm = spec.canonical
+        self.norm = spec.canonical or spec.name
         self.num_classes = num_classes
         self._design = design
         self._momentum = momentum
@@ -96,7 +97,7 @@ class _StandIn(nn.Module):
         ``s · (W x)`` (with the bias, the division would leave ``b / s``, a metadata-dependent
         offset); the BatchNorm after the scale layer has its own shift.
         """
-        norm = create_norm(
+        norm = create_slot_norm(
             self.norm,
             shape,
             slot=slot,
