@@ -316,6 +316,7 @@ def projection_dcor(
     num_projections: int,
     seed: int,
     share: Share | None = None,
+    control: bool = True,
 ) -> DcorEstimate:
     """dCor² of checked float64 samples by random projections (:func:`distance_correlation_sqr`).
 
@@ -335,14 +336,15 @@ def projection_dcor(
         seed=seed,
         part=part,
         parts=parts,
+        control=control,
     )
     if share is not None:
         table = torch.zeros(3, num_projections, dtype=torch.float64, device=a.device)
         idx = mine.to(a.device)
         table[0, idx], table[1, idx], table[2, idx] = terms.cov, terms.var_x, terms.var_y
         share[2](table)
-        terms = ProjectionTerms(table[0], table[1], table[2], terms.cp, terms.cq)
-    value, se = terms.jackknife()
+        terms = ProjectionTerms(table[0], table[1], table[2], terms.cp, terms.cq, terms.features)
+    value, se = terms.result()
     return DcorEstimate(
         value,
         standard_error=se,
