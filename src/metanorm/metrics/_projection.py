@@ -20,6 +20,24 @@ bilinear in the two distance matrices, so
 :math:`\mathrm{dCov}^2(x, y) = \mathrm{E}_{u,v}[\mathrm{dCov}^2(u^\top x, v^\top y)] / (C_p C_q)`
 and :math:`\mathrm{dVar}^2(x) = \mathrm{E}_{u,u'}[\mathrm{dCov}^2(u^\top x, u'^\top x)] / C_p^2`
 with ``u``, ``u'`` independent. A one-column variable needs no projection (``C_1 = 1``).
+
+Control variates. The terms spread widely over directions (in high dimension a random direction
+catches a dependence confined to a few coordinates only weakly), so the plain average converges
+slowly. Functions of the directions whose mean over the sphere is known in closed form remove
+much of that spread: for fixed symmetric ``A``, a fixed vector ``c`` and ``u``, ``u'``
+independent and uniform on the sphere of :math:`\mathbb{R}^p`,
+:math:`\mathrm{E}[u^\top Au] = \operatorname{tr}A / p`, :math:`\mathrm{E}[(c^\top u)^2] =
+\lVert c\rVert^2 / p`, :math:`\mathrm{E}[(u^\top Au')^2] = \operatorname{tr}A^2 / p^2` and
+:math:`\mathrm{E}[u^\top Au\;u'^\top Au'] = (\operatorname{tr}A / p)^2`. The matrices come from
+a pilot subsample of the rows: the covariance of ``x`` (the distance-variance terms, and the
+scale of each projection); for a one-column ``y`` the moments of ``x`` weighted by the
+standardised mid-ranks ``r`` of ``y`` (``c = E[r x]``, ``E[r x x']``, ``E[(r^2 - 1) x x']``: a
+dependence in the mean and in the spread of ``x``); for several columns the cross-covariance
+``C`` (:math:`(u^\top Cv)^2`). Each term's average is then the regression estimator
+:math:`\bar g - \hat\beta^\top(\bar h - \mathrm{E}h)` (``beta`` by least squares over the
+projections), with the same expectation up to O(1/K) and, when the features explain the spread,
+a far smaller variance. The standard error is the delta method on the regression residuals,
+each divided by one less its leverage (the HC3 form, close to a jackknife of the regression).
 """
 
 from __future__ import annotations
@@ -28,12 +46,26 @@ import contextlib
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ProjectionTerms", "cross_sums_1d", "projection_constant", "projection_terms"]
+__all__ = [
+    "Features",
+    "ProjectionTerms",
+    "cross_sums_1d",
+    "projection_constant",
+    "projection_terms",
+]
+
+# Rows of the pilot subsample from which the control variates' matrices are computed, and the
+# largest rows x columns² spent on them.
+_PILOT_ROWS = 50_000
+_PILOT_WORK = 2 * 10**10
+# Widest variable given control variates (the pilot keeps a few p x p matrices).
+_MAX_CV_COLUMNS = 4096
 
 # Projected values processed at once (K·n), which bounds the (K, n, 4) work arrays.
 _CHUNK_VALUES = 2**21
@@ -192,20 +224,67 @@ def cross_sums_1d(x: Tensor, y: Tensor, segment: int = 2**15) -> Tensor:
     return pair_sums_1d(x, y, segment)[0]
 
 
-class ProjectionTerms:
-    """Per-projection dCov² of ``(u'x, v'y)``, ``(u'x, u2'x)`` and ``(v'y, v2'y)``, unscaled."""
+class Features(NamedTuple):
+    """Control variates of one kind of term: values ``(K, r)`` and their exact means ``(r,)``."""
 
-    def __init__(self, cov: Tensor, var_x: Tensor, var_y: Tensor, cp: float, cq: float) -> None:
+    values: Tensor
+    means: Tensor
+
+
+def _regression_mean(g: Tensor, f: Features | None) -> tuple[float, Tensor, int]:
+    """The control-variate mean of ``g``, its leave-one-out residuals, and the columns used.
+
+    The residuals are divided by one less their leverage (the "HC3" form, close to a
+    jackknife of the regression), so that their squares give the estimator's variance.
+    """
+    num = g.shape[0]
+    centred = g - g.mean()
+    if f is None or f.values.shape[1] == 0:
+        return float(g.mean()), centred, 0
+    h = f.values
+    sd = h.std(0)
+    used = sd > 0
+    if not bool(used.any()):
+        return float(g.mean()), centred, 0
+    hs = (h[:, used] - h[:, used].mean(0)) / sd[used]
+    pinv = torch.linalg.pinv(hs)
+    beta = pinv @ centred
+    shift = (h[:, used].mean(0) - f.means[used]) / sd[used]
+    leverage = 1.0 / num + (hs * pinv.T).sum(1)
+    resid = (centred - hs @ beta) / (1.0 - leverage).clamp_min(1.0 / num)
+    return float(g.mean() - shift @ beta), resid, int(used.sum())
+
+
+class ProjectionTerms:
+    """Per-projection dCov² of ``(u'x, v'y)``, ``(u'x, u2'x)`` and ``(v'y, v2'y)``, unscaled.
+
+    With ``features`` (one :class:`Features` or ``None`` per term, in the order ``cov``,
+    ``var_x``, ``var_y``), :meth:`result` uses them as control variates.
+    """
+
+    def __init__(
+        self,
+        cov: Tensor,
+        var_x: Tensor,
+        var_y: Tensor,
+        cp: float,
+        cq: float,
+        features: tuple[Features | None, Features | None, Features | None] | None = None,
+    ) -> None:
         self.cov, self.var_x, self.var_y, self.cp, self.cq = cov, var_x, var_y, cp, cq
+        self.features = features
 
     def estimate(self, keep: Tensor | None = None) -> float:
-        """dCor² from the projections ``keep`` (a boolean mask; default: all)."""
+        """dCor² from the plain averages of the projections ``keep`` (a mask; default: all)."""
         cov, vx, vy = self.cov, self.var_x, self.var_y
         if keep is not None:
             cov, vx, vy = cov[keep], vx[keep], vy[keep]
-        c = float(cov.mean()) / (self.cp * self.cq)
-        a = float(vx.mean()) / self.cp**2
-        b = float(vy.mean()) / self.cq**2
+        return self._ratio(float(cov.mean()), float(vx.mean()), float(vy.mean()))
+
+    def _ratio(self, cov: float, vx: float, vy: float) -> float:
+        c = cov / (self.cp * self.cq)
+        a = vx / self.cp**2
+        b = vy / self.cq**2
         if a <= 0.0 or b <= 0.0:
             return 0.0
         return c / math.sqrt(a * b)
@@ -225,6 +304,28 @@ class ProjectionTerms:
         t = torch.tensor(loo, dtype=torch.float64)
         se = math.sqrt((num - 1) / num * float(((t - t.mean()) ** 2).sum()))
         return full, se
+
+    def result(self) -> tuple[float, float]:
+        """(estimate, standard error): with control variates if the terms have features."""
+        if self.features is None:
+            return self.jackknife()
+        num = self.cov.shape[0]
+        means, resid, used = [], [], 0
+        for g, f in zip((self.cov, self.var_x, self.var_y), self.features, strict=True):
+            m, e, r = _regression_mean(g, f)
+            means.append(m)
+            resid.append(e)
+            used = max(used, r)
+        if used == 0:
+            return self.jackknife()
+        c, a, b = means
+        value = self._ratio(c, a, b)
+        if a <= 0.0 or b <= 0.0:
+            return value, math.nan
+        # delta method: value = k c (ab)^(-1/2), so d value = k (ab)^(-1/2) (dc - c da/2a - c db/2b)
+        scale = 1.0 / (self.cp * self.cq) / math.sqrt(a / self.cp**2 * b / self.cq**2)
+        psi = scale * (resid[0] - 0.5 * c * resid[1] / a - 0.5 * c * resid[2] / b)
+        return value, math.sqrt(float((psi**2).sum())) / num
 
 
 def _stat(s: Tensor, rab: Tensor, ta: Tensor, tb: Tensor, num: int, unbiased: bool) -> Tensor:
@@ -298,6 +399,105 @@ def _directions(dim: int, num: int, gen: torch.Generator, device: torch.device) 
     return (u / u.norm(dim=0, keepdim=True)).to(device)
 
 
+def _pair_features(u: Tensor, u2: Tensor, sigma: Tensor) -> Features:
+    """Control variates of the distance-variance terms of the direction pairs ``(u, u2)``."""
+    p = u.shape[0]
+    su = sigma @ u
+    b = (su * u2).sum(0)
+    s1 = (su * u).sum(0)
+    s2 = ((sigma @ u2) * u2).sum(0)
+    t1, t2 = float(torch.trace(sigma)), float(sigma.square().sum())
+    values = torch.stack([b**2, s1, s2, s1 * s2], 1)
+    means = [t2 / p**2, t1 / p, t1 / p, (t1 / p) ** 2]
+    return Features(values, torch.tensor(means, dtype=values.dtype, device=values.device))
+
+
+def _standard_ranks(t: Tensor) -> Tensor | None:
+    """Mid-ranks of ``t``, centred and scaled to unit variance (``None`` if ``t`` is constant)."""
+    levels, inverse, counts = torch.unique(t, return_inverse=True, return_counts=True)
+    if levels.numel() < 2:
+        return None
+    top = torch.cumsum(counts, 0).to(t.dtype)
+    r = (top - (counts.to(t.dtype) - 1.0) / 2.0)[inverse]
+    r = r - r.mean()
+    return r / r.square().mean().sqrt()
+
+
+def _one_column_features(xp: Tensor, w: Tensor, sigma: Tensor, u: Tensor) -> Features:
+    """Control variates of ``dCov²(u'x, y)`` for a one-column ``y`` (``w``: its standard ranks)."""
+    p, m = xp.shape[1], xp.shape[0]
+    c = xp.T @ w / m
+    w2 = w * w - (w * w).mean()
+    mats = [(xp * w[:, None]).T @ xp / m, (xp * w2[:, None]).T @ xp / m, sigma]
+    values = [(c @ u) ** 2] + [((a @ u) * u).sum(0) for a in mats]
+    means = [float(c.square().sum()) / p] + [float(torch.trace(a)) / p for a in mats]
+    return Features(torch.stack(values, 1), torch.tensor(means, dtype=u.dtype, device=u.device))
+
+
+def _cross_features(cross: Tensor, sx: Tensor, sy: Tensor, u: Tensor, v: Tensor) -> Features:
+    """Control variates of ``dCov²(u'x, v'y)`` from the cross-covariance ``(p, q)``."""
+    p, q = cross.shape
+    t = ((cross @ v) * u).sum(0)
+    values = torch.stack([t**2, ((sx @ u) * u).sum(0), ((sy @ v) * v).sum(0)], 1)
+    means = [
+        float(cross.square().sum()) / (p * q),
+        float(torch.trace(sx)) / p,
+        float(torch.trace(sy)) / q,
+    ]
+    return Features(values, torch.tensor(means, dtype=u.dtype, device=u.device))
+
+
+def _truncate(f: Features | None, num: int) -> Features | None:
+    """At most ``num // 3 - 1`` control variates, so that the regression keeps its footing."""
+    if f is None:
+        return None
+    keep = max(0, num // 3 - 1)
+    return Features(f.values[:, :keep], f.means[:keep])
+
+
+def control_variates(
+    x: Tensor,
+    y: Tensor,
+    dirs: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+    gen: torch.Generator,
+) -> tuple[Features | None, Features | None, Features | None]:
+    """The control variates of the three kinds of term, from a pilot subsample of the rows.
+
+    Args:
+        x: float64 samples ``(n, p)``.
+        y: float64 samples ``(n, q)``.
+        dirs: the directions ``u``, ``u2`` ``(p, K)`` and ``v``, ``v2`` ``(q, K)`` (``None`` for
+            a one-column ``y``).
+        gen: CPU generator that draws the pilot rows.
+
+    Returns:
+        Features of the ``cov``, ``var_x`` and ``var_y`` terms (``None``: none for that term).
+    """
+    n, p = x.shape
+    q = y.shape[1]
+    if max(p, q) > _MAX_CV_COLUMNS or p < 2:
+        return None, None, None
+    u, u2, v, v2 = dirs
+    num = u.shape[1]
+    m = min(n, _PILOT_ROWS, max(256, _PILOT_WORK // max(p, q) ** 2))
+    rows = torch.randperm(n, generator=gen)[:m].to(x.device)
+    xp = x[rows]
+    xp = xp - xp.mean(0, keepdim=True)
+    yp = y[rows]
+    yp = yp - yp.mean(0, keepdim=True)
+    sigma_x = xp.T @ xp / m
+    var_x = _pair_features(u, u2, sigma_x)
+    if v is None or v2 is None:
+        w = _standard_ranks(yp[:, 0])
+        cov = None if w is None else _one_column_features(xp, w, sigma_x, u)
+        var_y = None
+    else:
+        sigma_y = yp.T @ yp / m
+        cov = _cross_features(xp.T @ yp / m, sigma_x, sigma_y, u, v)
+        var_y = _pair_features(v, v2, sigma_y)
+    return _truncate(cov, num), _truncate(var_x, num), _truncate(var_y, num)
+
+
 def projection_terms(
     x: Tensor,
     y: Tensor,
@@ -307,6 +507,7 @@ def projection_terms(
     seed: int,
     part: int = 0,
     parts: int = 1,
+    control: bool = True,
 ) -> tuple[ProjectionTerms, Tensor]:
     """The per-projection terms of the projections ``part::parts`` (all directions are drawn).
 
@@ -318,6 +519,7 @@ def projection_terms(
         seed: seed of the directions (drawn on the CPU, so every device and process agrees).
         part: which share of the projections to compute.
         parts: number of shares.
+        control: attach the control variates of all K projections (see the module doc).
 
     Returns:
         The terms of this share and the indices of its projections.
@@ -331,15 +533,17 @@ def projection_terms(
     sx = _scale(x)
     zx = ((x @ u[:, idx]).T * sx).contiguous()  # (k, n)
     zx2 = ((x @ u2[:, idx]).T * sx).contiguous()
-    y = y * _scale(y)
+    ys = y * _scale(y)
+    v = v2 = None
     if q == 1:
-        zy = y[:, 0][None]  # the same row with every projection of x: sorted once
-        var_y = dcov_1d(y[:, 0][None], y[:, 0][None], unbiased).expand(idx.numel())
+        zy = ys[:, 0][None]  # the same row with every projection of x: sorted once
+        var_y = dcov_1d(zy, zy, unbiased).expand(idx.numel())
     else:
         v, v2 = _directions(q, num_projections, gen, dev), _directions(q, num_projections, gen, dev)
-        zy = (y @ v[:, idx]).T.contiguous()
-        var_y = dcov_1d(zy, (y @ v2[:, idx]).T.contiguous(), unbiased)
+        zy = (ys @ v[:, idx]).T.contiguous()
+        var_y = dcov_1d(zy, (ys @ v2[:, idx]).T.contiguous(), unbiased)
     cov = dcov_1d(zx, zy, unbiased)
     var_x = dcov_1d(zx, zx2, unbiased)
     cp, cq = projection_constant(p), projection_constant(q)
-    return ProjectionTerms(cov, var_x, var_y.clone(), cp, cq), mine
+    features = control_variates(x, y, (u, u2, v, v2), gen) if control else None
+    return ProjectionTerms(cov, var_x, var_y.clone(), cp, cq, features), mine
