@@ -48,7 +48,7 @@ import torch
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.registry import Study
 
-__all__ = ["STUDIES", "StudyInterrupted", "run_study"]
+__all__ = ["STUDIES", "StudyInterrupted", "run_study", "study_report"]
 
 
 class StudyInterrupted(Exception):
@@ -57,12 +57,17 @@ class StudyInterrupted(Exception):
     Attributes:
         out: the output folder (unchanged).
         signal_name: ``"SIGINT"`` or ``"SIGTERM"``.
+        done: the run units finished (kept in ``OUT.partial`` for ``--resume``; 0 for a study
+            without run units).
+        total: the study's run units (0 for a study without run units).
     """
 
-    def __init__(self, out: Path, signal_name: str) -> None:
-        super().__init__(f"{signal_name}: the study was stopped; {out} is unchanged")
+    def __init__(self, out: Path, signal_name: str, done: int = 0, total: int = 0) -> None:
+        resumable = f" ({done} of {total} run units finished: --resume continues)" if done else ""
+        super().__init__(f"{signal_name}: the study was stopped; {out} is unchanged{resumable}")
         self.out = out
         self.signal_name = signal_name
+        self.done, self.total = done, total
 
 
 def _defaults(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -75,14 +80,45 @@ def _defaults(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> dict[str, A
     return out
 
 
-def _run_regression(task: str, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.regression import _check_methods, run_regression
+def _regression_config(task: str, settings: dict[str, Any]) -> dict[str, Any]:
+    from metanorm_repro.experiments.regression import diabetes_config, synthetic_regression_config
 
-    kwargs = dict(settings)
-    torch.set_num_threads(int(kwargs.pop("threads")))
-    plots = bool(kwargs.pop("plots", False))
-    kwargs["methods"] = _check_methods(kwargs["methods"])
-    return run_regression(task, out, plot=plots, **kwargs)
+    kwargs = {k: v for k, v in settings.items() if k not in ("threads", "plots")}
+    make = synthetic_regression_config if task == "synthetic" else diabetes_config
+    return make(**kwargs)
+
+
+def _regression_units(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from metanorm_repro.experiments.regression import diabetes_units, synthetic_regression_units
+
+    units = synthetic_regression_units if task == "synthetic" else diabetes_units
+    return units(_regression_config(task, settings))
+
+
+def _regression_unit(task: str, settings: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+    from metanorm_repro.experiments.regression import diabetes_unit, synthetic_regression_unit
+
+    torch.set_num_threads(int(settings["threads"]))
+    run = synthetic_regression_unit if task == "synthetic" else diabetes_unit
+    return run(_regression_config(task, settings), unit)
+
+
+def _regression_summary(
+    task: str, settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    from metanorm_repro.experiments.regression import (
+        summarize_diabetes,
+        summarize_synthetic_regression,
+        write_plot,
+    )
+
+    config = _regression_config(task, settings)
+    if task == "diabetes":
+        return summarize_diabetes(config, records)
+    result = summarize_synthetic_regression(config, records)
+    if settings.get("plots"):
+        write_plot(result, folder)
+    return result
 
 
 def _regression_report(result: dict[str, Any]) -> str:
@@ -168,7 +204,9 @@ def _studies() -> tuple[Study, ...]:
             description="MDN and the alternatives to MDN on the synthetic regression task "
             "(target kept in the design), against none: test MSE and R² beside the exact "
             "bounds, within-target-bin dcor², one plot (R² against dcor²).",
-            run=functools.partial(_run_regression, "synthetic"),
+            units=functools.partial(_regression_units, "synthetic"),
+            run_unit=functools.partial(_regression_unit, "synthetic"),
+            summarize=functools.partial(_regression_summary, "synthetic"),
             report=_regression_report,
             settings={**_defaults(run_synthetic_regression, ("law",)), "threads": 1, "plots": True},
         ),
@@ -177,7 +215,9 @@ def _studies() -> tuple[Study, ...]:
             description="A linear model (with and without MetadataResidualizer) and an MLP "
             "(every method) on scikit-learn's diabetes data, age and sex as metadata, in K-fold "
             "cross-validation: pooled R² and within-target-bin dcor².",
-            run=functools.partial(_run_regression, "diabetes"),
+            units=functools.partial(_regression_units, "diabetes"),
+            run_unit=functools.partial(_regression_unit, "diabetes"),
+            summarize=functools.partial(_regression_summary, "diabetes"),
             report=_regression_report,
             settings={**_defaults(run_diabetes), "threads": 1},
         ),
@@ -248,8 +288,20 @@ def run_study(
     *,
     overwrite: bool = False,
     command: str = "",
+    resume: bool = False,
+    jobs: int = 1,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Runs ``study`` at ``settings`` and writes its folder ``out`` atomically.
+
+    A study with run units (:attr:`Study.units`) runs through
+    :func:`~metanorm_repro.experiments.sweep.run_units`: each unit's record goes to its run
+    folder ``OUT.partial/runs/...`` as it finishes (``jobs`` processes), an interrupted run
+    continues with ``resume=True`` (finished units are not run again), and once every unit is
+    done the records are summarised (``study.summarize``) into ``results.json``, ``report.md``
+    (:func:`study_report`) and ``run.json``, and the folder takes ``out``'s place.
+
+    A study given as one ``run`` function (deprecated) runs at once:
 
     ``study.run(settings, OUT.partial)`` runs in a new ``OUT.partial``; then ``results.json``
     (its result; a ``"command"`` key of the result is set to ``command``), ``report.md``
@@ -265,19 +317,39 @@ def run_study(
         overwrite: replace an existing non-empty ``out`` (intact until the new run is complete).
             Default: ``False``.
         command: the command line, recorded in ``run.json``.
+        resume: continue the interrupted run of ``out`` (a study with run units only).
+        jobs: processes running units at the same time (a study with run units only).
+        progress: show a progress bar over the units.
 
     Returns:
         The study's result.
 
     Raises:
-        StudyInterrupted: Ctrl-C or SIGTERM; ``OUT.partial`` is deleted, ``out`` unchanged.
-        FileExistsError: ``out`` holds results and not ``overwrite``.
+        StudyInterrupted: Ctrl-C or SIGTERM; ``out`` unchanged (a study with run units keeps
+            its finished units in ``OUT.partial`` for ``resume``; otherwise it is deleted).
+        FileExistsError: ``out`` holds results and neither ``overwrite`` nor ``resume``.
+        ValueError: ``resume`` or ``jobs > 1`` for a study without run units.
     """
     from metanorm_repro.experiments.sweep import SweepInterrupted, _stop_on_sigterm, _Terminated
 
     settings = dict(settings)
     study.resolve({k: v for k, v in settings.items()})  # unknown keys are refused, named
     out = Path(out)
+    if study.has_units:
+        return _run_units(
+            study,
+            settings,
+            out,
+            overwrite=overwrite,
+            command=command,
+            resume=resume,
+            jobs=jobs,
+            progress=progress,
+        )
+    if resume or jobs != 1:
+        raise ValueError(
+            f"study {study.name!r} runs in one piece: it takes neither --resume nor --jobs"
+        )
     lock = _io.FolderLock(out).acquire()
     try:
         _io.recover_swap(out, _complete)
@@ -293,6 +365,7 @@ def run_study(
         start = time.perf_counter()
         try:
             with _stop_on_sigterm():
+                assert study.run is not None
                 result = study.run(dict(settings), work)
                 if "command" in result:
                     result["command"] = command
@@ -324,3 +397,72 @@ def run_study(
         return result
     finally:
         lock.release()
+
+
+def study_report(study: Study, result: dict[str, Any], folder: Path, units: int = 0) -> str:
+    """The report of a study: its own tables (``study.report(result)``), then the plots.
+
+    Every study's ``report.md`` has this shape: the study's title and tables, then a
+    ``## Files`` section naming the run folders (``runs/``, one per run unit) and the plots
+    (the PNG files of ``folder``).
+    """
+    body = study.report(result).rstrip("\n")
+    plots = sorted(p.name for p in folder.glob("*.png"))
+    lines = ["", "## Files", ""]
+    if units:
+        lines.append(f"- `runs/`: one folder per run unit ({units}), each with `record.json`")
+    lines.append("- `results.json`: the summary; `run.json`: the command and the settings")
+    lines += [f"- `{name}`" for name in plots]
+    return body + "\n" + "\n".join(lines) + "\n"
+
+
+def _run_units(
+    study: Study,
+    settings: dict[str, Any],
+    out: Path,
+    *,
+    overwrite: bool,
+    command: str,
+    resume: bool,
+    jobs: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`run_study` for a study with run units."""
+    from metanorm_repro.experiments.sweep import SweepInterrupted, run_units
+
+    assert study.summarize is not None
+    summarize = study.summarize
+    start = time.perf_counter()
+    made: dict[str, Any] = {}
+
+    def finish(folder: Path, records: list[dict[str, Any]]) -> None:
+        result = summarize(dict(settings), records, folder)
+        if "command" in result:
+            result["command"] = command
+        _io.write_json(folder / "results.json", result)
+        _io.write_text(folder / "report.md", study_report(study, result, folder, len(records)))
+        _io.write_json(
+            folder / "run.json",
+            {
+                "study": study.name,
+                "command": command,
+                "settings": settings,
+                "wall_time_s": time.perf_counter() - start,
+            },
+        )
+        made["result"] = result
+
+    try:
+        run_units(
+            study,
+            settings,
+            out,
+            overwrite=overwrite,
+            resume=resume,
+            jobs=jobs,
+            progress=progress,
+            finish=finish,
+        )
+    except SweepInterrupted as stop:
+        raise StudyInterrupted(out, stop.signal_name, len(stop.results), stop.total) from None
+    return made["result"]
