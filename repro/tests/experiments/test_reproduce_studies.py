@@ -267,8 +267,10 @@ def test_regression_diabetes_resumes_with_the_same_numbers(tmp_path, monkeypatch
     assert _reproduce("regression-diabetes", tmp_path / "whole", *flags, "--quiet") == 0
     out = tmp_path / "r"
     before, after = _interrupt_then_resume(monkeypatch, "regression-diabetes", out, flags, 3)
-    assert len(before) == 3 and len(after) == 2 * 4 - 3 and not set(map(str, before)) & set(
-        map(str, after)
+    assert (
+        len(before) == 3
+        and len(after) == 2 * 4 - 3
+        and not set(map(str, before)) & set(map(str, after))
     )
     want = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert _numbers(json.loads((out / "results.json").read_text())) == _numbers(want)
