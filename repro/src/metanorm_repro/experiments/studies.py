@@ -139,10 +139,33 @@ def _failures_report(result: dict[str, Any]) -> str:
     return failures_report(result)
 
 
-def _run_continual(settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.estimators import run_continual
+def _continual_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    from metanorm_repro.experiments.estimators import continual_settings
 
-    return run_continual(None, **settings)
+    return continual_settings(
+        **{k: v for k, v in settings.items() if k not in ("threads", "progress")}
+    )
+
+
+def _continual_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    _continual_settings(settings)  # checked before any unit runs
+    return [{"method": m} for m in settings["methods"]]
+
+
+def _continual_unit(settings: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+    from metanorm_repro.experiments.estimators import continual_unit
+
+    if settings.get("threads") is not None:
+        torch.set_num_threads(int(settings["threads"]))
+    progress = bool(settings.get("progress"))
+    return continual_unit(_continual_settings(settings), unit["method"], progress=progress)
+
+
+def _continual_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    methods = {m: r for m, r in zip(settings["methods"], records, strict=True)}
+    return {"settings": _continual_settings(settings), "methods": methods}
 
 
 def _continual_report(result: dict[str, Any]) -> str:
@@ -237,7 +260,9 @@ def _studies() -> tuple[Study, ...]:
             name="continual",
             description="Continual learning with a shifting confounder: five stages trained "
             "one after another (MDN, R-MDN, PMDN, the baseline); bAcc and dcor² matrices.",
-            run=_run_continual,
+            units=_continual_units,
+            run_unit=_continual_unit,
+            summarize=_continual_summary,
             report=_continual_report,
             settings=_defaults(run_continual, ("out_dir",)),
             flags={"epochs": "epochs_per_stage", "batch_sizes": "batch_size"},
