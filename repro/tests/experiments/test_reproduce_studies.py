@@ -162,8 +162,25 @@ def test_failures_equals_the_function(tmp_path, one_thread):
     )
     assert _numbers(got["studies"]) == _numbers(_json(want["studies"]))
     assert got["command"].startswith("metanorm reproduce failures")
-    assert (tmp_path / "f" / "report.md").read_text() == failures_report(got)
-    assert (tmp_path / "f" / "two-site" / "report.md").is_file()  # the stand-in's sweep
+    assert (tmp_path / "f" / "report.md").read_text().startswith(failures_report(got))
+    sweep = tmp_path / "f" / "runs" / "standin-two-site" / "two-site"
+    assert (sweep / "report.md").is_file()  # the stand-in's sweep
+    assert (sweep.parent / "record.json").is_file()
+
+
+@needs_two_sites
+def test_failures_resumes_with_the_same_numbers(tmp_path, monkeypatch, one_thread):
+    flags = ["--seeds", "1", "--epochs", "1", "--methods", "mdn", "--jobs", "1"]
+    flags += ["--option", 'studies=["two-site", "contrast"]', "--n-per-class", "20"]
+    flags += ["--n-eval-per-class", "20"]
+    assert _reproduce("failures", tmp_path / "whole", *flags, "--quiet") == 0
+    out = tmp_path / "r"
+    before, after = _interrupt_then_resume(monkeypatch, "failures", out, flags, 1)
+    assert before == [{"standin": "two-site"}] and after == [{"standin": "contrast"}]
+    got = json.loads((out / "results.json").read_text())
+    want = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert _numbers(got["studies"]) == _numbers(want["studies"])
+    assert list(got["studies"]) == ["two-site", "contrast"]
 
 
 @pytest.mark.parametrize(
@@ -199,7 +216,7 @@ def test_an_interrupted_or_failed_run_leaves_the_old_folder_intact(
     study = get_study("regression-synthetic")
     reached = []
 
-    def run_unit(settings, unit):
+    def run_unit(settings, unit, folder):
         reached.append(unit)
         raise stop("stopped")
 
@@ -229,11 +246,11 @@ def _interrupt_then_resume(monkeypatch, name, out, flags, stop_after):
     calls: list[dict] = []
     limit = [stop_after]
 
-    def run_unit(settings, unit):
+    def run_unit(settings, unit, folder):
         if len(calls) == limit[0]:
             raise KeyboardInterrupt
         calls.append(unit)
-        return study.run_unit(settings, unit)
+        return study.run_unit(settings, unit, folder)
 
     monkeypatch.setitem(registry._ENTRIES, name, dataclasses.replace(study, run_unit=run_unit))
     assert _reproduce(name, out, *flags, "--quiet") == 130

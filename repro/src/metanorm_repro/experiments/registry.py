@@ -203,10 +203,11 @@ class Study:
 
     - ``units(settings) -> [unit]``: each unit a small dict of names to ints or strings (e.g.
       ``{"seed": 0, "batch_size": 200, "method": "mdn"}``), in the order the report lists them;
-    - ``run_unit(settings, unit) -> record``: runs one unit from scratch (seeding what it draws
-      from), returns its JSON-serialisable record; units are independent, so they run in any
-      order, in several processes (``--jobs``), and a resumed study runs only those that had not
-      finished;
+    - ``run_unit(settings, unit, folder) -> record``: runs one unit from scratch (seeding what
+      it draws from), returns its JSON-serialisable record (written to ``folder/record.json``);
+      ``folder`` is the unit's own, empty folder for any further files it writes (e.g. a sweep).
+      Units are independent, so they run in any order, in several processes (``--jobs``), and a
+      resumed study runs only those that had not finished;
     - ``summarize(settings, records, folder) -> result``: the result from the records (in unit
       order), written to ``results.json``; it may write plots into ``folder``.
 
@@ -230,7 +231,7 @@ class Study:
             name (``--batch-sizes``: ``batch_sizes``).
         paper: the settings ``--paper`` gives (empty: the study has none).
         units: ``settings -> [unit]``, see above.
-        run_unit: ``(settings, unit) -> record``, see above.
+        run_unit: ``(settings, unit, folder) -> record``, see above.
         summarize: ``(settings, records, folder) -> result``, see above.
         run: ``(settings, folder) -> result``: the whole study at once (deprecated; ``None``
             when the study has run units).
@@ -243,7 +244,7 @@ class Study:
     flags: dict[str, str] = field(default_factory=dict)
     paper: dict[str, Any] = field(default_factory=dict)
     units: Callable[[dict[str, Any]], Sequence[Mapping[str, Any]]] | None = None
-    run_unit: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    run_unit: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]] | None = None
     summarize: Callable[[dict[str, Any], list[dict[str, Any]], Path], dict[str, Any]] | None = None
     run: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None
 

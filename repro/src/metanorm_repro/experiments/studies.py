@@ -95,7 +95,9 @@ def _regression_units(task: str, settings: dict[str, Any]) -> list[dict[str, Any
     return units(_regression_config(task, settings))
 
 
-def _regression_unit(task: str, settings: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+def _regression_unit(
+    task: str, settings: dict[str, Any], unit: dict[str, Any], folder: Path
+) -> dict[str, Any]:
     from metanorm_repro.experiments.regression import diabetes_unit, synthetic_regression_unit
 
     torch.set_num_threads(int(settings["threads"]))
@@ -127,10 +129,60 @@ def _regression_report(result: dict[str, Any]) -> str:
     return regression_report(result)
 
 
-def _run_failures(settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.failures import run_failures
+def _failures_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from metanorm_repro.experiments.failures import STUDIES as STANDINS
 
-    return run_failures(out, overwrite=False, **settings)
+    names, seeds = list(settings["studies"]), settings["seeds"]
+    unknown = [s for s in names if s not in STANDINS]
+    if unknown or not names:
+        raise ValueError(f"expected studies among {list(STANDINS)}, got {names}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"expected seeds to be a positive int, got {seeds!r}")
+    return [{"standin": name} for name in names]
+
+
+def _failures_unit(settings: dict[str, Any], unit: dict[str, Any], folder: Path) -> dict[str, Any]:
+    from metanorm_repro.experiments.failures import _cpu_seconds, failures_unit
+
+    s = settings
+    load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
+    record = failures_unit(
+        unit["standin"],
+        folder / unit["standin"],
+        methods=["batchnorm", *[m for m in s["methods"] if m != "batchnorm"]],
+        seeds=list(range(s["seed"], s["seed"] + s["seeds"])),
+        epochs=s["epochs"],
+        n_per_class=s["n_per_class"],
+        n_eval_per_class=s["n_eval_per_class"],
+        jobs=s["jobs"],
+        threads=s["threads"],
+        progress=s["progress"],
+    )
+    record["cpu_time_s"] = _cpu_seconds() - cpu_start
+    record["load_start"], record["load_end"] = load_start, os.getloadavg()[0]
+    return record
+
+
+def _failures_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    import platform
+
+    studies = {}
+    for name, r in zip(settings["studies"], records, strict=True):
+        studies[name] = {k: r[k] for k in ("title", "settings", "wall_time_s", "rows")}
+    return {
+        "command": "",
+        "cpus": os.cpu_count(),
+        "jobs": settings["jobs"],
+        "threads": settings["threads"],
+        "platform": platform.platform(),
+        "load_start": records[0]["load_start"],
+        "studies": studies,
+        "wall_time_s": sum(r["wall_time_s"] for r in records),
+        "cpu_time_s": sum(r["cpu_time_s"] for r in records),
+        "load_end": records[-1]["load_end"],
+    }
 
 
 def _failures_report(result: dict[str, Any]) -> str:
@@ -152,7 +204,7 @@ def _continual_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"method": m} for m in settings["methods"]]
 
 
-def _continual_unit(settings: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+def _continual_unit(settings: dict[str, Any], unit: dict[str, Any], folder: Path) -> dict[str, Any]:
     from metanorm_repro.experiments.estimators import continual_unit
 
     if settings.get("threads") is not None:
@@ -248,8 +300,11 @@ def _studies() -> tuple[Study, ...]:
             name="failures",
             description="Every method (MDN, the candidate fixes, the alternatives) on the "
             "stand-ins where MDN fails: shaded-fashion-mnist with a contrast shade, and "
-            "two-site-digits; each stand-in's sweep in OUT/<study>/.",
-            run=_run_failures,
+            "two-site-digits; one run unit per stand-in, its sweep in "
+            "OUT/runs/standin-<name>/<name>/.",
+            units=_failures_units,
+            run_unit=_failures_unit,
+            summarize=_failures_summary,
             report=_failures_report,
             settings={
                 **_defaults(run_failures, ("overwrite", "command")),

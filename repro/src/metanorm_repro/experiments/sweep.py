@@ -731,8 +731,11 @@ def _study_differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[st
     return out
 
 
-def _run_unit(study: Any, settings: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
-    record = study.run_unit(dict(settings), dict(unit))
+def _run_unit(
+    study: Any, settings: dict[str, Any], unit: dict[str, Any], folder: str
+) -> dict[str, Any]:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    record = study.run_unit(dict(settings), dict(unit), Path(folder))
     if not isinstance(record, dict):
         raise TypeError(
             f"study {study.name!r}: run_unit must return a dict, got {type(record).__name__}"
@@ -908,10 +911,27 @@ def _execute_units(
         jobs = min(jobs, max(1, len(todo)))
         if jobs == 1:
             for i in todo:
-                record = _run_unit(study, settings, units[i])
-                _write_record(unit_dir(work, units[i]), units[i], record)
+                folder = unit_dir(work, units[i])
+                record = _run_unit(study, settings, units[i], str(folder))
+                _write_record(folder, units[i], record)
                 bar.update(1)
             return
+        # workers write a unit's files in a private folder under OUT.jobs; this process moves it
+        # into place with the record once the unit is done, so nothing reaches the run otherwise
+        scratch = _io.scratch_dir(work.with_name(work.name.removesuffix(".partial")))
+        if scratch.exists():  # left by a run that was killed (we hold the lock: none runs)
+            shutil.rmtree(scratch)
+        scratch.mkdir(parents=True)
+        privates = {i: Path(tempfile.mkdtemp(prefix="unit-", dir=scratch)) for i in todo}
+
+        def move_in(i: int, record: dict[str, Any]) -> None:
+            folder = unit_dir(work, units[i])
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(privates[i], folder)
+            _write_record(folder, units[i], record)
+
         ctx = multiprocessing.get_context("spawn")
         fd = lock.fileno()
         initargs = (os.getpid(), None if fd is None else _InheritedFd(fd), ((), ()))
@@ -924,11 +944,14 @@ def _execute_units(
                 signal.signal(signal.SIGINT, previous)
         left: list[tuple[int, Any]] = []
         try:
-            left = [(i, pool.apply_async(_run_unit, (study, settings, units[i]))) for i in todo]
+            left = [
+                (i, pool.apply_async(_run_unit, (study, settings, units[i], str(privates[i]))))
+                for i in todo
+            ]
             while left:
                 for item in [x for x in left if x[1].ready()]:
                     i, p = item
-                    _write_record(unit_dir(work, units[i]), units[i], p.get())
+                    move_in(i, p.get())
                     bar.update(1)
                     left.remove(item)
                 if left:
@@ -937,10 +960,12 @@ def _execute_units(
             for i, p in left:  # units that finished before the stop are kept
                 if p.ready() and p.successful():
                     with suppress(OSError):
-                        _write_record(unit_dir(work, units[i]), units[i], p.get())
+                        move_in(i, p.get())
             pool.terminate()
             pool.join()
+            shutil.rmtree(scratch, ignore_errors=True)
             del pool
             raise
         pool.close()
         pool.join()
+        shutil.rmtree(scratch, ignore_errors=True)
