@@ -168,6 +168,29 @@ def test_failures_equals_the_function(tmp_path, one_thread):
     assert (sweep.parent / "record.json").is_file()
 
 
+def test_running_beta_resumes_with_the_same_numbers(tmp_path, monkeypatch, one_thread):
+    from metanorm_repro.experiments import running_beta
+
+    # small sets (fast): 150 training images in batches of 64, the test set of 100 per class
+    splits = running_beta.make_synthetic_splits
+    monkeypatch.setattr(
+        running_beta, "make_synthetic_splits", lambda n, seed: splits(100, seed=seed)
+    )
+    monkeypatch.setitem(running_beta.SETTINGS, "200", (64, 150))
+    flags = ["--epochs", "1", "--seeds", "2", "--option", "eval_epochs=[1]"]
+    flags += ["--option", 'settings=["200"]', "--option", 'models=["mdn-linear"]']
+    assert _reproduce("running-beta", tmp_path / "whole", *flags, "--quiet") == 0
+    out = tmp_path / "r"
+    before, after = _interrupt_then_resume(monkeypatch, "running-beta", out, flags, 1)
+    unit = {"model": "mdn-linear", "setting": "200"}
+    assert before == [{**unit, "seed": 0}] and after == [{**unit, "seed": 1}]
+    got = json.loads((out / "results.json").read_text())
+    want = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert _numbers(got) == _numbers(want)
+    assert {r["seed"] for r in got["rows"]} == {0, 1} and len(got["rows"]) == 2 * 6
+    assert (out / "runs" / "model-mdn-linear" / "setting-200" / "seed1" / "record.json").is_file()
+
+
 @needs_two_sites
 def test_failures_resumes_with_the_same_numbers(tmp_path, monkeypatch, one_thread):
     flags = ["--seeds", "1", "--epochs", "1", "--methods", "mdn", "--jobs", "1"]

@@ -255,10 +255,45 @@ def _bladderbatch_report(result: dict[str, Any]) -> str:
     )
 
 
-def _run_running_beta(settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.running_beta import run_running_beta
+def _running_beta_config(settings: dict[str, Any]) -> dict[str, Any]:
+    seed, seeds = settings["seed"], settings["seeds"]
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"expected seeds to be a positive int, got {seeds!r}")
+    return {
+        "models": list(settings["models"]),
+        "settings": list(settings["settings"]),
+        "seeds": list(range(seed, seed + seeds)),
+        "eval_epochs": list(settings["eval_epochs"]),
+        "epochs": settings["epochs"],
+        "threads": settings["threads"],
+    }
 
-    return run_running_beta(**settings)
+
+def _running_beta_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from metanorm_repro.experiments.running_beta import running_beta_units
+
+    return running_beta_units(_running_beta_config(settings))
+
+
+def _running_beta_unit(
+    settings: dict[str, Any], unit: dict[str, Any], folder: Path
+) -> dict[str, Any]:
+    from metanorm_repro.experiments.running_beta import running_beta_unit
+
+    start = time.perf_counter()
+    record = running_beta_unit(_running_beta_config(settings), unit, bool(settings["progress"]))
+    return {**record, "wall_time_s": time.perf_counter() - start}
+
+
+def _running_beta_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    rows = [row for r in records for row in r["rows"]]
+    return {
+        "settings": _running_beta_config(settings),
+        "rows": rows,
+        "wall_time_s": sum(r["wall_time_s"] for r in records),
+    }
 
 
 def _running_beta_report(result: dict[str, Any]) -> str:
@@ -327,7 +362,9 @@ def _studies() -> tuple[Study, ...]:
             description="The running-β policies of MetadataNorm after a short training on the "
             "paper's synthetic task (EMA variants, cumulative average, refit), for batch sizes "
             "with and without a last batch of m <= K samples: test bAcc, dcor², β error.",
-            run=_run_running_beta,
+            units=_running_beta_units,
+            run_unit=_running_beta_unit,
+            summarize=_running_beta_summary,
             report=_running_beta_report,
             settings=_defaults(run_running_beta),
         ),
