@@ -226,20 +226,42 @@ def _continual_report(result: dict[str, Any]) -> str:
     return continual_report(result)
 
 
-def _run_bladderbatch(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+def _bladderbatch_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from metanorm_repro.experiments.bladderbatch import METHODS
+
+    if settings["genes"] < 2 or settings["folds"] < 2 or settings["repeats"] < 1:
+        raise ValueError(
+            f"expected genes >= 2, folds >= 2 and repeats >= 1, got {settings['genes']}, "
+            f"{settings['folds']}, {settings['repeats']}"
+        )
+    methods = list(settings["methods"] or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"expected methods among {list(METHODS)}, got {methods}")
+    return [{"method": m} for m in methods]
+
+
+def _bladderbatch_unit(
+    settings: dict[str, Any], unit: dict[str, Any], folder: Path
+) -> dict[str, Any]:
     from metanorm_repro.datasets import load_bladderbatch
     from metanorm_repro.experiments.bladderbatch import compare
 
-    s = dict(settings)
-    data = load_bladderbatch(s.pop("data"))
-    if s["genes"] < 2 or s["folds"] < 2 or s["repeats"] < 1:
-        raise ValueError(
-            f"expected genes >= 2, folds >= 2 and repeats >= 1, got {s['genes']}, "
-            f"{s['folds']}, {s['repeats']}"
-        )
+    s = {k: v for k, v in settings.items() if k not in ("data", "methods")}
+    data = load_bladderbatch(settings["data"])
+    record: dict[str, Any] = compare(data, methods=[unit["method"]], **s)[unit["method"]]
+    return {**record, "n_arrays_loaded": int(data.expression.shape[0])}
+
+
+def _bladderbatch_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    methods = {}
+    for unit, r in zip(_bladderbatch_units(settings), records, strict=True):
+        methods[unit["method"]] = {k: v for k, v in r.items() if k != "n_arrays_loaded"}
     return {
-        "settings": {**settings, "n_arrays": int(data.expression.shape[0])},
-        "methods": compare(data, **s),
+        "settings": {**settings, "n_arrays": records[0]["n_arrays_loaded"]},
+        "methods": methods,
     }
 
 
@@ -374,7 +396,9 @@ def _studies() -> tuple[Study, ...]:
             "MetadataResidualizer, CorrelationRemover, ComBat): batch left (dcor² within tissue "
             "status) and biology left (cross-validated cancer-vs-normal bAcc). Needs the data "
             "(--data) and the compare extra.",
-            run=_run_bladderbatch,
+            units=_bladderbatch_units,
+            run_unit=_bladderbatch_unit,
+            summarize=_bladderbatch_summary,
             report=_bladderbatch_report,
             # the keyword arguments of bladderbatch.compare (not imported here: pandas and
             # scikit-learn are an extra)

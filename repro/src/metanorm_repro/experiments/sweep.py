@@ -651,7 +651,7 @@ RECORD = "record.json"
 # neither a unit's record nor the summary's numbers)
 _STUDY_RESUMABLE = ("threads", "progress", "jobs")
 
-_UNIT_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_UNIT_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
 def unit_dir(out_dir: str | os.PathLike[str], unit: Mapping[str, Any]) -> Path:
@@ -663,7 +663,7 @@ def unit_dir(out_dir: str | os.PathLike[str], unit: Mapping[str, Any]) -> Path:
 
     Raises:
         ValueError: an empty unit, a value that is not an int, a float or a plain string
-            (letters, digits, ``._+-``).
+            (letters, digits, ``_.+-``).
     """
     if not unit:
         raise ValueError("expected a unit with at least one key, got {}")
@@ -676,7 +676,7 @@ def unit_dir(out_dir: str | os.PathLike[str], unit: Mapping[str, Any]) -> Path:
             )
         if not _UNIT_VALUE.fullmatch(text) or not _UNIT_VALUE.fullmatch(str(key)):
             raise ValueError(
-                f"expected unit keys and values of letters, digits and ._+- only, got "
+                f"expected unit keys and values of letters, digits and _.+- only, got "
                 f"{key}={value!r}"
             )
         if key == "method":
