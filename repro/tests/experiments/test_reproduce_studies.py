@@ -18,7 +18,7 @@ from standin_layouts import needs_two_sites
 from metanorm.cli import main
 from metanorm_repro.experiments import get_study, list_studies, registry
 from metanorm_repro.experiments.estimators import continual_report, run_continual
-from metanorm_repro.experiments.failures import failures_report, run_failures
+from metanorm_repro.experiments.failures import failures_report, rebuild_report, run_failures
 from metanorm_repro.experiments.regression import (
     regression_report,
     run_diabetes,
@@ -166,6 +166,8 @@ def test_failures_equals_the_function(tmp_path, one_thread):
     sweep = tmp_path / "f" / "runs" / "standin-two-site" / "two-site"
     assert (sweep / "report.md").is_file()  # the stand-in's sweep
     assert (sweep.parent / "record.json").is_file()
+    rebuilt = rebuild_report(tmp_path / "f")  # from the run folders of the new layout
+    assert _numbers(rebuilt["studies"]) == _numbers(got["studies"])
 
 
 def test_running_beta_resumes_with_the_same_numbers(tmp_path, monkeypatch, one_thread):

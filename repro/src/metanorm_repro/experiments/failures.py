@@ -481,7 +481,8 @@ def rebuild_report(out: str | os.PathLike[str]) -> dict[str, Any]:
     """Recomputes the rows of a finished study from its run folders and rewrites the report.
 
     Args:
-        out: the folder of a :func:`run_failures` run (its ``results.json`` and sweeps).
+        out: the folder of a :func:`run_failures` run or of ``metanorm reproduce failures`` (its
+            ``results.json`` and sweeps).
 
     Returns:
         The result, as :func:`run_failures` returns it, with fresh rows.
@@ -491,9 +492,12 @@ def rebuild_report(out: str | os.PathLike[str]) -> dict[str, Any]:
     for name, study in result["studies"].items():
         s = study["settings"]
         results = []
+        # the stand-in's sweep: OUT/runs/standin-NAME/NAME (metanorm reproduce), or OUT/NAME
+        sweep = folder / "runs" / f"standin-{name}" / name
+        sweep = sweep if sweep.is_dir() else folder / name
         for method in s["methods"]:
             for seed in s["seeds"]:
-                r = load_result(run_dir(folder / name, method, s["batch_size"], seed))
+                r = load_result(run_dir(sweep, method, s["batch_size"], seed))
                 if r is None:
                     raise FileNotFoundError(f"no complete run for {method}, seed {seed} in {name}")
                 results.append(r)

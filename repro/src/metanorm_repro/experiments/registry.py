@@ -257,6 +257,14 @@ class Study:
                 f"study {self.name!r}: expected units, run_unit and summarize (or, deprecated, "
                 "run alone)"
             )
+        if self.run is not None:
+            warnings.warn(
+                f"study {self.name!r} is given as one run function: declare its run units "
+                "instead (units, run_unit, summarize), which gives it per-unit run folders, "
+                "--resume and --jobs; Study(run=...) is deprecated",
+                DeprecationWarning,
+                stacklevel=3,
+            )
 
     @property
     def has_units(self) -> bool:

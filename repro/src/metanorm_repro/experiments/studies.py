@@ -241,14 +241,21 @@ def _bladderbatch_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"method": m} for m in methods]
 
 
+@functools.lru_cache(maxsize=1)
+def _bladderbatch_data(path: str | None, data_root: str | None) -> Any:
+    """The data set, loaded once per process (the units of a run share it; read-only)."""
+    from metanorm_repro.datasets import load_bladderbatch
+
+    return load_bladderbatch(path)
+
+
 def _bladderbatch_unit(
     settings: dict[str, Any], unit: dict[str, Any], folder: Path
 ) -> dict[str, Any]:
-    from metanorm_repro.datasets import load_bladderbatch
     from metanorm_repro.experiments.bladderbatch import compare
 
     s = {k: v for k, v in settings.items() if k not in ("data", "methods")}
-    data = load_bladderbatch(settings["data"])
+    data = _bladderbatch_data(settings["data"], os.environ.get("METANORM_DATA"))
     record: dict[str, Any] = compare(data, methods=[unit["method"]], **s)[unit["method"]]
     return {**record, "n_arrays_loaded": int(data.expression.shape[0])}
 
