@@ -442,12 +442,12 @@ def run_study(
 ) -> dict[str, Any]:
     """Runs ``study`` at ``settings`` and writes its folder ``out`` atomically.
 
-    A study with run units (:attr:`Study.units`) runs through
-    :func:`~metanorm_repro.experiments.sweep.run_units`: each unit's record goes to its run
-    folder ``OUT.partial/runs/...`` as it finishes (``jobs`` processes), an interrupted run
+    A study with run units (``Study.units``) runs through ``sweep.run_units``: each unit's
+    record goes to its run folder ``OUT.partial/runs/...`` as it finishes (``jobs``
+    processes), an interrupted run
     continues with ``resume=True`` (finished units are not run again), and once every unit is
     done the records are summarised (``study.summarize``) into ``results.json``, ``report.md``
-    (:func:`study_report`) and ``run.json``, and the folder takes ``out``'s place.
+    (``study_report``) and ``run.json``, and the folder takes ``out``'s place.
 
     A study given as one ``run`` function (deprecated) runs at once:
 
