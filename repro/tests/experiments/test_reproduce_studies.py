@@ -345,3 +345,80 @@ def test_reproduce_help_lists_the_studies(capsys):
     for name in ("regression-synthetic", "regression-diabetes", "failures", "continual"):
         assert f"\n  {name}\n" in text
     assert np.all([k in text for k in ("epochs_per_stage", "--experiment-module")])
+
+
+_SLOW_STUDY = """
+import os
+import time
+from pathlib import Path
+
+from metanorm_repro.experiments import Study
+
+
+def units(settings):
+    return [{"i": i} for i in range(settings["n"])]
+
+
+def run_unit(settings, unit, folder):
+    with open(settings["log"], "a") as f:
+        f.write(f"{unit['i']}\\n")
+    if os.environ.get("SLOW_HANG") == str(unit["i"]):
+        time.sleep(120)
+    return {"square": unit["i"] ** 2}
+
+
+def summarize(settings, records, folder):
+    return {"total": sum(r["square"] for r in records)}
+
+
+SLOW = Study(
+    name="user-slow",
+    description="squares, one unit each",
+    units=units,
+    run_unit=run_unit,
+    summarize=summarize,
+    report=lambda result: f"total {result['total']}\\n",
+    settings={"n": 4, "log": ""},
+)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_killed_or_interrupted_process_resumes_without_rerunning_finished_units(
+    tmp_path, monkeypatch, how
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slow_study.py").write_text(_SLOW_STUDY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    args = ["reproduce", "user-slow", "--experiment-module", "slow_study:SLOW", "--out", str(out)]
+    args += ["--option", f"log={log}", "--quiet"]
+    env = dict(os.environ, SLOW_HANG="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
+    code = "import sys; from metanorm.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "2" in log.read_text().split()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGINT)
+        rc = proc.wait(60)
+    finally:
+        proc.kill()
+    err = proc.stderr.read().decode()
+    if how == "SIGINT":
+        assert rc == 130 and "2 of 4 run units finished: rerun with --resume" in err, err
+    partial = out.with_name("out.partial")
+    assert not out.exists()
+    assert sorted(p.parent.name for p in partial.rglob("record.json")) == ["i0", "i1"]
+    assert main(args) == 2  # an interrupted run is neither resumed nor replaced unasked
+    assert main([*args, "--resume"]) == 0
+    assert log.read_text().split() == ["0", "1", "2", "2", "3"]  # 0 and 1 not run again
+    assert json.loads((out / "results.json").read_text()) == {"total": 0 + 1 + 4 + 9}
+    assert not partial.exists()

@@ -1,29 +1,33 @@
 """The studies run by ``metanorm reproduce NAME``, and the runner that writes their folders.
 
-Each :class:`~metanorm_repro.experiments.Study` here wraps one study function; its
-settings are that function's keyword arguments with their defaults, so ``metanorm reproduce
-NAME`` at the same settings returns what the function returns:
+Each :class:`~metanorm_repro.experiments.Study` here declares its run units, runs one unit with
+the code of its study function, and summarises the units' records into what the function
+returns; its settings are that function's keyword arguments with their defaults, so
+``metanorm reproduce NAME`` at the same settings returns the same numbers:
 
 =========================  ======================================================================
-``regression-synthetic``   ``run_regression``
-                           ``("synthetic")``: MDN and the alternatives on a regression target
-``regression-diabetes``    the same on scikit-learn's diabetes data, in K-fold cross-validation
-``failures``               ``run_failures``: every method
-                           on the two stand-ins where MDN fails (each stand-in's sweep in
-                           ``OUT/<study>/``)
-``continual``              ``run_continual``: stages
-                           with a shifting confounder, trained one after another
-``running-beta``           ``run_running_beta``:
-                           the running-β policies after a short training
-``bladderbatch``           ``compare``: batch
-                           corrections of the bladderbatch microarrays
+``regression-synthetic``   ``run_regression("synthetic")``: MDN and the alternatives on a
+                           regression target; a unit: seed × batch size × method
+``regression-diabetes``    the same on scikit-learn's diabetes data, in K-fold cross-validation;
+                           a unit: fold × model × method
+``failures``               ``run_failures``: every method on the two stand-ins where MDN fails;
+                           a unit: one stand-in (its sweep inside the unit's folder)
+``continual``              ``run_continual``: stages with a shifting confounder, trained one
+                           after another; a unit: one method
+``running-beta``           ``run_running_beta``: the running-β policies after a short training;
+                           a unit: model × setting × seed
+``bladderbatch``           ``compare``: batch corrections of the bladderbatch microarrays; a
+                           unit: one correction
 =========================  ======================================================================
 
-:func:`~metanorm_repro.experiments.run_study` writes ``results.json`` (the function's result),
-``report.md`` and ``run.json`` (the study, the command line, the settings and the wall time) into
-``OUT.partial`` and puts that folder in the place of ``OUT`` only once it is complete: an
-interrupted or failed run leaves the previous ``OUT`` as it was. ``STUDIES`` is registered by the
-registry's loader (``registry.BUILTIN_SOURCES``), not by importing this module.
+:func:`~metanorm_repro.experiments.run_study` runs the units (``sweep.run_units``: one
+folder ``OUT/runs/...`` per unit with its ``record.json``, ``--resume`` after an interruption,
+``--jobs``), then writes
+``results.json`` (the summary), ``report.md`` (the study's tables, then its files and plots) and
+``run.json`` (the study, the command line, the settings and the wall time). The folder is built
+in ``OUT.partial`` and takes the place of ``OUT`` only once it is complete: an interrupted or
+failed run leaves the previous ``OUT`` as it was. ``STUDIES`` is registered by the registry's
+loader (``registry.BUILTIN_SOURCES``), not by importing this module.
 
 Examples::
 

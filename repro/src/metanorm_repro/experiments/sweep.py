@@ -21,6 +21,11 @@ writability and free space (an estimate of what the sweep writes). Every run fol
 manifest of its files' SHA-256 (:func:`~metanorm_repro.experiments.runner.verify_run`): a run whose
 files changed is trained again on resume, and refused before the report. ``docs/reliability.md``
 has the details.
+
+:func:`run_units` is the same sweep for a study's run units
+(:class:`~metanorm_repro.experiments.Study`): the same ``OUT.partial``, ``sweep.json``, lock,
+swap into ``OUT``, ``--resume`` and Ctrl-C handling, with one folder per unit
+(:func:`unit_dir`) holding the unit's ``record.json`` and any files it wrote.
 """
 
 from __future__ import annotations
