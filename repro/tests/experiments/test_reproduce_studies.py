@@ -395,6 +395,10 @@ def test_a_killed_or_interrupted_process_resumes_without_rerunning_finished_unit
 
     (tmp_path / "slow_study.py").write_text(_SLOW_STUDY)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # the source loaded here must not outlive the test (later sweeps hand their sources to
+    # their workers, which could not import this one)
+    for name in ("_ENTRIES", "_ORIGINS", "_EXTRA_SOURCES"):
+        monkeypatch.setattr(registry, name, type(getattr(registry, name))(getattr(registry, name)))
     out, log = tmp_path / "out", tmp_path / "log.txt"
     args = ["reproduce", "user-slow", "--experiment-module", "slow_study:SLOW", "--out", str(out)]
     args += ["--option", f"log={log}", "--quiet"]
