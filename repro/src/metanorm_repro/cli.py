@@ -82,16 +82,27 @@ def _study_setting(study: Any, dest: str) -> str:
     return study.flags.get(dest, "plots" if dest == "no_plots" else dest)
 
 
+#: The flags of the sweep that every study with run units takes (not settings of the study).
+UNIT_FLAGS: dict[str, str] = {"jobs": "--jobs", "resume": "--resume"}
+
+
 def _study_takes(study: Any) -> tuple[list[str], list[str]]:
     """The flags and the ``--option`` keys of a study."""
     flags = [f for d, f in STUDY_FLAGS.items() if _study_setting(study, d) in study.settings]
+    if study.has_units:
+        flags += [f for f in UNIT_FLAGS.values() if f not in flags]
     return flags, list(study.settings)
 
 
 def _studies_help() -> list[str]:
     from metanorm_repro.experiments import get_study, list_studies
 
-    lines = ["", "studies (NAME): each writes OUT/report.md, OUT/results.json and OUT/run.json:"]
+    lines = [
+        "",
+        "studies (NAME): each writes OUT/report.md, OUT/results.json and OUT/run.json; a study "
+        "with --resume among its flags also writes one folder per run unit under OUT/runs/ "
+        "(--jobs J runs J units at a time; default 1):",
+    ]
     for name in list_studies():
         study = get_study(name)
         flags, keys = _study_takes(study)
@@ -230,7 +241,7 @@ def register(sub: Any) -> None:
         type=_positive_int,
         metavar="J",
         help="processes: the (seed, batch size) groups are shared out among them "
-        "(default: as many as groups, at most the CPU count)",
+        "(default: as many as groups, at most the CPU count); a study's run units (default: 1)",
     )
     p.add_argument(
         "--threads",
@@ -248,8 +259,8 @@ def register(sub: Any) -> None:
     replace.add_argument(
         "--resume",
         action="store_true",
-        help="continue the interrupted sweep of --out (same settings): completed runs are kept, "
-        "unfinished ones start again",
+        help="continue the interrupted sweep or study of --out (same settings): completed runs "
+        "are kept, unfinished ones start again",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -343,6 +354,12 @@ def _run_study(study: Any, args: argparse.Namespace) -> int:
         value = getattr(args, dest)
         if value is None or value is False:
             continue
+        if (
+            study.has_units
+            and dest in UNIT_FLAGS
+            and _study_setting(study, dest) not in (study.settings)
+        ):
+            continue  # the sweep's, not a setting
         setting = _study_setting(study, dest)
         given[setting] = False if dest == "no_plots" else _coerce(study, setting, flag, value)
     unknown = sorted({k for k, _ in args.option} - set(study.settings))
@@ -357,10 +374,24 @@ def _run_study(study: Any, args: argparse.Namespace) -> int:
     out = args.out or f"runs/{study.name}"
     _, command = _command([], study.name)
     try:
-        result = run_study(study, settings, out, overwrite=args.overwrite, command=command)
+        result = run_study(
+            study,
+            settings,
+            out,
+            overwrite=args.overwrite,
+            command=command,
+            resume=bool(args.resume),
+            jobs=1 if args.jobs is None or "jobs" in study.settings else args.jobs,
+            progress=not args.quiet,
+        )
     except StudyInterrupted as stop:
+        kept = (
+            f"; {stop.done} of {stop.total} run units finished: rerun with --resume to continue"
+            if stop.done
+            else ""
+        )
         print(
-            f"metanorm reproduce: interrupted ({stop.signal_name}): {out} is unchanged",
+            f"metanorm reproduce: interrupted ({stop.signal_name}): {out} is unchanged{kept}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED

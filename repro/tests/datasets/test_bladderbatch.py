@@ -106,3 +106,42 @@ def test_the_study_equals_the_comparison(bb, tmp_path) -> None:  # type: ignore[
         r.pop("seconds")
     assert got == json.loads(json.dumps(want))
     assert to_markdown(got) in (out / "report.md").read_text()
+
+
+def test_the_study_resumes_with_the_same_numbers(bb, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+    import json
+
+    from metanorm.cli import main
+    from metanorm_repro.experiments import get_study, registry
+    from metanorm_repro.experiments.bladderbatch import compare
+
+    flags = ["--option", "genes=200", "--option", "folds=3", "--option", "repeats=1"]
+    flags += ["--methods", "none", "residualizer", "--quiet"]
+    out = tmp_path / "r"
+    study = get_study("bladderbatch")
+    calls: list[dict] = []
+
+    def run_unit(settings, unit, folder):  # type: ignore[no-untyped-def]
+        if len(calls) == 1 and not resuming:
+            raise KeyboardInterrupt
+        calls.append(unit)
+        return study.run_unit(settings, unit, folder)
+
+    resuming = False
+    monkeypatch.setitem(
+        registry._ENTRIES, study.name, dataclasses.replace(study, run_unit=run_unit)
+    )
+    assert main(["reproduce", "bladderbatch", "--out", str(out), *flags]) == 130
+    assert not out.exists() and calls == [{"method": "none"}]
+    resuming = True
+    assert main(["reproduce", "bladderbatch", "--out", str(out), *flags, "--resume"]) == 0
+    assert calls == [{"method": "none"}, {"method": "residualizer"}]  # "none" not run again
+
+    got = json.loads((out / "results.json").read_text())["methods"]
+    # the uninterrupted run: the study equals compare() (test_the_study_equals_the_comparison)
+    want = compare(bb, genes=200, folds=3, repeats=1, methods=["none", "residualizer"])
+    for r in (*got.values(), *want.values()):
+        r.pop("seconds")
+    assert got == json.loads(json.dumps(want))
+    assert (out / "runs" / "residualizer" / "record.json").is_file()

@@ -31,20 +31,30 @@ USER = register_experiment(
 )
 
 
-def _mean_of_squares(settings, folder):
+def _square_units(settings):
+    return [{"i": i} for i in range(settings["n"])]
+
+
+def _square(settings, unit, folder):
+    return {"square": unit["i"] ** 2}
+
+
+def _mean_of_squares(settings, records, folder):
     n = settings["n"]
-    return {"n": n, "mean": sum(i * i for i in range(n)) / n}
+    return {"n": n, "mean": sum(r["square"] for r in records) / n}
 
 
 def _mean_report(result):
     return f"# Mean of squares\n\nn = {result['n']}: {result['mean']:.4f}\n"
 
 
-#: A study as another package would export it (``module:attr``).
+#: A study as another package would export it (``module:attr``): one run unit per i.
 PLUGIN = Study(
     name="user-mean-of-squares",
     description="the mean of i² for i < n",
-    run=_mean_of_squares,
+    units=_square_units,
+    run_unit=_square,
+    summarize=_mean_of_squares,
     report=_mean_report,
     settings={"n": 10},
 )
@@ -84,11 +94,14 @@ def test_experiment_module_flag_registers_a_study(tmp_path, capsys):
     out = tmp_path / "m"
     argv = ["reproduce", PLUGIN.name, "--experiment-module", f"{__name__}:PLUGIN"]
     assert main([*argv, "--out", str(out), "--option", "n=4"]) == 0
-    assert (out / "report.md").read_text() == "# Mean of squares\n\nn = 4: 3.5000\n"
+    assert (out / "report.md").read_text().startswith("# Mean of squares\n\nn = 4: 3.5000\n")
     assert json.loads((out / "results.json").read_text()) == {"n": 4, "mean": 3.5}
     assert "n = 4: 3.5000" in capsys.readouterr().out  # the report, printed
+    record = json.loads((out / "runs" / "i3" / "record.json").read_text())
+    assert record == {"unit": {"i": 3}, "record": {"square": 9}}
     assert main([*argv, "--out", str(tmp_path / "e"), "--epochs", "3"]) == 2
-    assert "takes no --epochs; it takes no flag and --option keys n" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "takes no --epochs; it takes --jobs --resume and --option keys n" in err
     bad = ["reproduce", PLUGIN.name, "--experiment-module", "no_such_module_xyz"]
     assert main(bad) == 2
     err = capsys.readouterr().err
@@ -126,3 +139,34 @@ def test_bad_sources_are_named():
 
 
 _MEAN = 3.5
+
+
+def test_a_user_study_reaches_the_unit_workers(tmp_path):
+    out = tmp_path / "j"
+    argv = ["reproduce", PLUGIN.name, "--experiment-module", f"{__name__}:PLUGIN"]
+    assert main([*argv, "--out", str(out), "--option", "n=3", "--jobs", "2", "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text()) == {"n": 3, "mean": 5 / 3}
+    assert sorted(p.parent.name for p in (out / "runs").rglob("record.json")) == ["i0", "i1", "i2"]
+
+
+def _legacy_run(settings, folder):
+    return {"n": settings["n"], "mean": 1.0}
+
+
+def test_a_study_given_as_one_run_function_still_runs_deprecated(tmp_path):
+    with pytest.warns(DeprecationWarning, match="declare its run units"):
+        legacy = Study(
+            name="user-legacy",
+            description="one function",
+            run=_legacy_run,
+            report=_mean_report,
+            settings={"n": 2},
+        )
+    from metanorm_repro.experiments import run_study
+
+    assert run_study(legacy, {"n": 2}, tmp_path / "l", progress=False)["mean"] == 1.0
+    assert (tmp_path / "l" / "run.json").is_file() and not (tmp_path / "l" / "runs").exists()
+    with pytest.raises(ValueError, match="neither --resume nor --jobs"):
+        run_study(legacy, {"n": 2}, tmp_path / "m", jobs=2)
+    with pytest.raises(ValueError, match="expected units, run_unit and summarize"):
+        Study(name="x", description="", report=_mean_report, settings={}, units=_square_units)

@@ -6,7 +6,8 @@
 - :func:`run_sweep` and :func:`write_report`: every method × batch size × seed, and the report
   (``metanorm reproduce NAME``);
 - :func:`get_entry` / :func:`register_experiment` / :func:`register_study`: experiments and
-  studies (:class:`Study`) by name, one registry; :func:`run_study` runs a study into its folder.
+  studies (:class:`Study`: run units, how to run one, how to summarise them) by name, one
+  registry; :func:`run_study` runs a study's units into their run folders and its report.
 """
 
 from metanorm_repro.experiments.config import RunConfig as RunConfig

@@ -62,6 +62,8 @@ __all__ = [
     "METHODS",
     "SYNTHETIC_BATCH",
     "continual_report",
+    "continual_settings",
+    "continual_unit",
     "epoch_dcor_table",
     "estimator_kwargs",
     "main",
@@ -327,6 +329,54 @@ def run_continual(
         ``{"settings": {...}, "methods": {method: {"bacc": [[after stage i, on stage j]],
         "dcor2": {class: [[...]]}, "train_loss": [per stage], "time_s": float}}}``.
     """
+    settings = continual_settings(
+        methods=methods,
+        associations=associations,
+        n_per_class=n_per_class,
+        n_eval_per_class=n_eval_per_class,
+        epochs_per_stage=epochs_per_stage,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        forgetting=forgetting,
+        rmdn_reset=rmdn_reset,
+        mdn_design=mdn_design,
+        pmdn_lr=pmdn_lr,
+    )
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results: dict[str, Any] = {"settings": settings, "methods": {}}
+    for method in methods:
+        results["methods"][method] = continual_unit(settings, method, progress=progress)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # atomically, the results first: a kill never leaves a report without its results
+        write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=True))
+        write_text(out / "report.md", continual_report(results))
+    return results
+
+
+def continual_settings(
+    *,
+    methods: Sequence[str] = CONTINUAL_METHODS,
+    associations: Sequence[float] = CONTINUAL_ASSOCIATIONS,
+    n_per_class: int = 400,
+    n_eval_per_class: int = 400,
+    epochs_per_stage: int = 4,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    forgetting: float = 0.9,
+    rmdn_reset: str = "none",
+    mdn_design: str = "stage",
+    pmdn_lr: float = 1e-2,
+) -> dict[str, Any]:
+    """The checked settings of :func:`run_continual`, as its result's ``"settings"``.
+
+    Raises:
+        ValueError: an unknown method, reset or design, or a count that is not a positive int.
+    """
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"expected methods among {METHODS}, got {list(methods)}")
@@ -342,12 +392,6 @@ def run_continual(
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"expected {name} to be a positive int, got {v!r}")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    stages = make_shifting_stages(
-        n_per_class, associations=associations, seed=seed, n_per_class_eval=n_eval_per_class
-    )
-    rows = [(_rows(tr), _rows(va)) for tr, va in stages]
     settings = {
         "associations": list(associations),
         "n_per_class": n_per_class,
@@ -363,76 +407,92 @@ def run_continual(
         "design": ["y", "cf", "intercept"],
         "keep": ["y"],
     }
-    results: dict[str, Any] = {"settings": settings, "methods": {}}
+    return settings
+
+
+def continual_unit(
+    settings: Mapping[str, Any], method: str, *, progress: bool = False
+) -> dict[str, Any]:
+    """Trains one method through the stages of :func:`run_continual` (its run unit).
+
+    Args:
+        settings: the ``"settings"`` of :func:`run_continual`'s result.
+        method: one of :data:`CONTINUAL_METHODS`.
+        progress: print one line per stage.
+
+    Returns:
+        ``{"bacc", "dcor2", "train_loss", "time_s"}`` as in :func:`run_continual`'s result.
+    """
+    associations, seed = settings["associations"], settings["seed"]
+    n_per_class, n_eval_per_class = settings["n_per_class"], settings["n_eval_per_class"]
+    epochs_per_stage, batch_size = settings["epochs_per_stage"], settings["batch_size"]
+    lr, forgetting, pmdn_lr = settings["lr"], settings["forgetting"], settings["pmdn_lr"]
+    rmdn_reset, mdn_design = settings["rmdn_reset"], settings["mdn_design"]
+    stages = make_shifting_stages(
+        n_per_class, associations=associations, seed=seed, n_per_class_eval=n_eval_per_class
+    )
+    rows = [(_rows(tr), _rows(va)) for tr, va in stages]
     val_loaders = [
         DataLoader(DesignDataset(va, r[1]), batch_size=500)
         for (_, va), r in zip(stages, rows, strict=True)
     ]
-    for method in methods:
-        start = time.perf_counter()
-        torch.manual_seed(seed)
-        options = {"forgetting": forgetting, "pmdn_lr": pmdn_lr}
-        model = PaperCNN(method, rows[0][0], keep=[0], **estimator_kwargs(method, options))
-        network, _ = split_parameters(model)
-        optimizer = torch.optim.Adam(network, lr=lr)
-        bacc: list[list[float]] = []
-        dcor: dict[str, list[list[float]]] = {}
-        losses: list[float] = []
-        for i, (train, _) in enumerate(stages):
-            if i > 0 and mdn_design == "stage":
-                _set_design(model, rows[i][0])
-            if i > 0 and rmdn_reset != "none":
-                for layer in model.modules():
-                    if isinstance(layer, RecursiveMetadataNorm):
-                        if rmdn_reset == "all":
-                            layer.reset_running_stats()
-                        else:
-                            layer.reset_covariance()
-            data = DesignDataset(train, rows[i][0])
-            loader = DataLoader(
-                data,
-                batch_size=batch_size,
-                shuffle=True,
-                generator=torch.Generator().manual_seed(1000 * seed + i),
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    options = {"forgetting": forgetting, "pmdn_lr": pmdn_lr}
+    model = PaperCNN(method, rows[0][0], keep=[0], **estimator_kwargs(method, options))
+    network, _ = split_parameters(model)
+    optimizer = torch.optim.Adam(network, lr=lr)
+    bacc: list[list[float]] = []
+    dcor: dict[str, list[list[float]]] = {}
+    losses: list[float] = []
+    for i, (train, _) in enumerate(stages):
+        if i > 0 and mdn_design == "stage":
+            _set_design(model, rows[i][0])
+        if i > 0 and rmdn_reset != "none":
+            for layer in model.modules():
+                if isinstance(layer, RecursiveMetadataNorm):
+                    if rmdn_reset == "all":
+                        layer.reset_running_stats()
+                    else:
+                        layer.reset_covariance()
+        data = DesignDataset(train, rows[i][0])
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(1000 * seed + i),
+        )
+        for _ in range(epochs_per_stage):
+            loss = train_one_epoch(model, loader, optimizer)["loss"]
+            # the batch GLM layers only: a refit would replace the recursive layers'
+            # forgetting memory with a closed-form fit over this stage ("first" keeps stage
+            # 1's design on purpose: its rows no longer describe the stage's)
+            refit_running_beta(
+                model,
+                DataLoader(data, batch_size=500),
+                estimators=MetadataNorm,
+                check_design=mdn_design == "stage",
             )
-            for _ in range(epochs_per_stage):
-                loss = train_one_epoch(model, loader, optimizer)["loss"]
-                # the batch GLM layers only: a refit would replace the recursive layers'
-                # forgetting memory with a closed-form fit over this stage ("first" keeps stage
-                # 1's design on purpose: its rows no longer describe the stage's)
-                refit_running_beta(
-                    model,
-                    DataLoader(data, batch_size=500),
-                    estimators=MetadataNorm,
-                    check_design=mdn_design == "stage",
-                )
-            losses.append(loss)
-            row_bacc: list[float] = []
-            for j, ((_, val), vl) in enumerate(zip(stages, val_loaders, strict=True)):
-                ev = evaluate(model, vl, confounder=np.asarray(val.metadata["cf"]))
-                row_bacc.append(ev["balanced_accuracy"])
-                for c, v in ev["dcor2"].items():
-                    dcor.setdefault(c, [[math.nan] * len(stages) for _ in stages])[i][j] = v
-            bacc.append(row_bacc)
-            if progress:
-                print(
-                    f"{norm_display_name(method)} stage {i + 1}/{len(stages)}: loss {loss:.3f}, "
-                    f"bAcc on stages {' '.join(f'{b:.3f}' for b in row_bacc)}",
-                    flush=True,
-                )
-        results["methods"][method] = {
-            "bacc": bacc,
-            "dcor2": dcor,
-            "train_loss": losses,
-            "time_s": time.perf_counter() - start,
-        }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        # atomically, the results first: a kill never leaves a report without its results
-        write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=True))
-        write_text(out / "report.md", continual_report(results))
-    return results
+        losses.append(loss)
+        row_bacc: list[float] = []
+        for j, ((_, val), vl) in enumerate(zip(stages, val_loaders, strict=True)):
+            ev = evaluate(model, vl, confounder=np.asarray(val.metadata["cf"]))
+            row_bacc.append(ev["balanced_accuracy"])
+            for c, v in ev["dcor2"].items():
+                dcor.setdefault(c, [[math.nan] * len(stages) for _ in stages])[i][j] = v
+        bacc.append(row_bacc)
+        if progress:
+            print(
+                f"{norm_display_name(method)} stage {i + 1}/{len(stages)}: loss {loss:.3f}, "
+                f"bAcc on stages {' '.join(f'{b:.3f}' for b in row_bacc)}",
+                flush=True,
+            )
+    return {
+        "bacc": bacc,
+        "dcor2": dcor,
+        "train_loss": losses,
+        "time_s": time.perf_counter() - start,
+    }
 
 
 def _matrix(m: Sequence[Sequence[float]]) -> list[str]:

@@ -56,6 +56,7 @@ __all__ = [
     "STUDIES",
     "Study",
     "failures_report",
+    "failures_unit",
     "main",
     "rebuild_report",
     "run_failures",
@@ -302,6 +303,94 @@ def failures_report(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def failures_unit(
+    name: str,
+    out: str | os.PathLike[str],
+    *,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    epochs: int | None = None,
+    n_per_class: int | None = None,
+    n_eval_per_class: int | None = None,
+    jobs: int = 1,
+    threads: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Runs one stand-in of :func:`run_failures` (its run unit): every method, every seed.
+
+    The stand-in's sweep (runs, report, summary) goes to ``out``
+    (:func:`~metanorm_repro.experiments.run_sweep`).
+
+    Returns:
+        ``{"title", "settings", "wall_time_s", "rows"}``, the stand-in's entry of
+        :func:`run_failures`'s ``"studies"``.
+    """
+    study = STUDIES[name]
+    options = dict(study.options)
+    n_eval = study.n_eval_per_class if n_eval_per_class is None else n_eval_per_class
+    if n_eval is not None and study.experiment.startswith("shaded"):
+        options["n_eval_per_class"] = int(n_eval)
+    base = RunConfig(
+        experiment=study.experiment,
+        batch_size=study.batch_size,
+        epochs=int(epochs or study.epochs),
+        lr=study.lr,
+        n_per_class=int(n_per_class or study.n_per_class),
+        threads=threads,
+        seed=seeds[0],
+        options=options,
+    )
+    t0 = time.perf_counter()
+    experiment = get_experiment(study.experiment)
+    settings = {
+        "experiment": study.experiment,
+        "batch_size": study.batch_size,
+        "epochs": base.epochs,
+        "lr": base.lr,
+        "n_per_class": base.n_per_class,
+        "options": options,
+        "seeds": list(seeds),
+        "methods": methods,
+    }
+
+    def report(
+        work: Path,
+        results: list[dict[str, Any]],
+        _e: Any = experiment,
+        _s: dict[str, Any] = settings,
+        _t0: float = t0,
+    ) -> Any:
+        return write_report(
+            work,
+            _e,
+            results,
+            command=command,
+            settings=_s,
+            wall_time_s=time.perf_counter() - _t0,
+            plots=False,
+        )
+
+    results = run_sweep(
+        base,
+        out,
+        methods=methods,
+        batch_sizes=[study.batch_size],
+        seeds=list(seeds),
+        overwrite=overwrite,
+        progress=progress,
+        jobs=min(jobs, len(seeds)),
+        report=report,
+    )
+    return {
+        "title": study.title,
+        "settings": settings,
+        "wall_time_s": time.perf_counter() - t0,
+        "rows": summarize(results),
+    }
+
+
 def run_failures(
     out: str | os.PathLike[str],
     *,
@@ -367,68 +456,20 @@ def run_failures(
     }
     seed_list = list(range(seed, seed + seeds))
     for name in studies:
-        study = STUDIES[name]
-        options = dict(study.options)
-        n_eval = study.n_eval_per_class if n_eval_per_class is None else n_eval_per_class
-        if n_eval is not None and study.experiment.startswith("shaded"):
-            options["n_eval_per_class"] = int(n_eval)
-        base = RunConfig(
-            experiment=study.experiment,
-            batch_size=study.batch_size,
-            epochs=int(epochs or study.epochs),
-            lr=study.lr,
-            n_per_class=int(n_per_class or study.n_per_class),
-            threads=threads,
-            seed=seed_list[0],
-            options=options,
-        )
-        t0 = time.perf_counter()
-        experiment = get_experiment(study.experiment)
-        settings = {
-            "experiment": study.experiment,
-            "batch_size": study.batch_size,
-            "epochs": base.epochs,
-            "lr": base.lr,
-            "n_per_class": base.n_per_class,
-            "options": options,
-            "seeds": seed_list,
-            "methods": methods,
-        }
-
-        def report(
-            work: Path,
-            results: list[dict[str, Any]],
-            _e: Any = experiment,
-            _s: dict[str, Any] = settings,
-            _t0: float = t0,
-        ) -> Any:
-            return write_report(
-                work,
-                _e,
-                results,
-                command=command,
-                settings=_s,
-                wall_time_s=time.perf_counter() - _t0,
-                plots=False,
-            )
-
-        results = run_sweep(
-            base,
+        result["studies"][name] = failures_unit(
+            name,
             folder / name,
             methods=methods,
-            batch_sizes=[study.batch_size],
             seeds=seed_list,
+            epochs=epochs,
+            n_per_class=n_per_class,
+            n_eval_per_class=n_eval_per_class,
+            jobs=jobs,
+            threads=threads,
             overwrite=overwrite,
             progress=progress,
-            jobs=min(jobs, seeds),
-            report=report,
+            command=command,
         )
-        result["studies"][name] = {
-            "title": study.title,
-            "settings": settings,
-            "wall_time_s": time.perf_counter() - t0,
-            "rows": summarize(results),
-        }
     result["wall_time_s"] = time.perf_counter() - start
     result["cpu_time_s"] = _cpu_seconds() - cpu_start
     result["load_end"] = os.getloadavg()[0]
@@ -441,7 +482,8 @@ def rebuild_report(out: str | os.PathLike[str]) -> dict[str, Any]:
     """Recomputes the rows of a finished study from its run folders and rewrites the report.
 
     Args:
-        out: the folder of a :func:`run_failures` run (its ``results.json`` and sweeps).
+        out: the folder of a :func:`run_failures` run or of ``metanorm reproduce failures`` (its
+            ``results.json`` and sweeps).
 
     Returns:
         The result, as :func:`run_failures` returns it, with fresh rows.
@@ -451,9 +493,12 @@ def rebuild_report(out: str | os.PathLike[str]) -> dict[str, Any]:
     for name, study in result["studies"].items():
         s = study["settings"]
         results = []
+        # the stand-in's sweep: OUT/runs/standin-NAME/NAME (metanorm reproduce), or OUT/NAME
+        sweep = folder / "runs" / f"standin-{name}" / name
+        sweep = sweep if sweep.is_dir() else folder / name
         for method in s["methods"]:
             for seed in s["seeds"]:
-                r = load_result(run_dir(folder / name, method, s["batch_size"], seed))
+                r = load_result(run_dir(sweep, method, s["batch_size"], seed))
                 if r is None:
                     raise FileNotFoundError(f"no complete run for {method}, seed {seed} in {name}")
                 results.append(r)

@@ -22,9 +22,11 @@ An :class:`Experiment` is everything :func:`metanorm_repro.experiments.run_exper
   options (:attr:`RunConfig.options`), applied by :meth:`Experiment.resolve` (e.g. gs-ppb's
   ``skin_type="ordinal"`` makes the skin type a numeric design column).
 
-A :class:`Study` is the other kind of entry: a self-contained study with its own runner and
-report (several data sets, a regression task, continual learning), run by the same command into
-the same kind of output folder. Experiments and studies share one registry (one name space):
+A :class:`Study` is the other kind of entry, for what one experiment's sweep does not fit
+(several data sets, a regression task, continual learning): it declares its run units (e.g.
+method × seed × fold), how to run one, and how to summarise their records into its report; run
+by the same command into the same kind of output folder (one run folder per unit, resumable).
+Experiments and studies share one registry (one name space):
 :func:`get_entry` / :func:`list_entries` return both kinds; :func:`get_experiment` /
 :func:`list_experiments` the sweep experiments only (what
 :func:`~metanorm_repro.experiments.run_sweep` drives), :func:`get_study` / :func:`list_studies`
@@ -194,37 +196,82 @@ class Experiment:
         return dataclasses.replace(self, **self.configure(options))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Study:
-    """A registered study: its own runner and report, run by ``metanorm reproduce NAME``.
+    """A registered study: run units, a summary and a report, run by ``metanorm reproduce NAME``.
+
+    A study declares its **run units** (e.g. method × seed × batch size, method × fold, one
+    stand-in each), how to run one, and how to summarise their records into its result:
+
+    - ``units(settings) -> [unit]``: each unit a small dict of names to ints or strings (e.g.
+      ``{"seed": 0, "batch_size": 200, "method": "mdn"}``), in the order the report lists them;
+    - ``run_unit(settings, unit, folder) -> record``: runs one unit from scratch (seeding what
+      it draws from), returns its JSON-serialisable record (written to ``folder/record.json``);
+      ``folder`` is the unit's own, empty folder for any further files it writes (e.g. a sweep).
+      Units are independent, so they run in any order, in several processes (``--jobs``), and a
+      resumed study runs only those that had not finished;
+    - ``summarize(settings, records, folder) -> result``: the result from the records (in unit
+      order), written to ``results.json``; it may write plots into ``folder``.
 
     ``metanorm reproduce NAME`` resolves the settings (:meth:`resolve`: :attr:`settings`, then
-    :attr:`paper` with ``--paper``, then the flags and ``--option KEY=VALUE``), calls
-    ``run(settings, folder)`` in a new folder (``OUT.partial``), writes ``results.json`` (the
-    result) and ``report.md`` (``report(result)``) into it, and only then puts it in the place
-    of ``OUT`` (:func:`~metanorm_repro.experiments.run_study`).
+    :attr:`paper` with ``--paper``, then the flags and ``--option KEY=VALUE``) and runs the units
+    through :func:`~metanorm_repro.experiments.run_study`: each unit's record goes to its own run
+    folder ``OUT/runs/...`` as soon as it finishes, so an interrupted study resumes
+    (``--resume``); the result, ``report.md`` and ``run.json`` follow, and the folder takes
+    ``OUT``'s place only when complete.
+
+    A study may instead give ``run(settings, folder) -> result``, which runs everything at once
+    (no run units: no resume, one process); this shape is deprecated.
 
     Attributes:
         name: the name ``metanorm reproduce NAME`` takes (one name space with the experiments).
         description: one paragraph for ``--help``.
-        run: ``(settings, folder) -> result``: runs the study; it may write more files (plots,
-            sweeps) into ``folder``, which exists. ``result`` must be JSON-serialisable
-            (numpy and torch scalars pass).
-        report: ``result -> markdown``, the report.
+        report: ``result -> markdown``, the body of the report.
         settings: every setting the study takes, with its default value.
         flags: command-line flags whose setting is named otherwise, as ``{flag's dest: setting}``
             (e.g. ``{"epochs": "epochs_per_stage"}``); other flags set the setting of their own
             name (``--batch-sizes``: ``batch_sizes``).
         paper: the settings ``--paper`` gives (empty: the study has none).
+        units: ``settings -> [unit]``, see above.
+        run_unit: ``(settings, unit, folder) -> record``, see above.
+        summarize: ``(settings, records, folder) -> result``, see above.
+        run: ``(settings, folder) -> result``: the whole study at once (deprecated; ``None``
+            when the study has run units).
     """
 
     name: str
     description: str
-    run: Callable[[dict[str, Any], Path], dict[str, Any]]
     report: Callable[[dict[str, Any]], str]
     settings: dict[str, Any]
     flags: dict[str, str] = field(default_factory=dict)
     paper: dict[str, Any] = field(default_factory=dict)
+    units: Callable[[dict[str, Any]], Sequence[Mapping[str, Any]]] | None = None
+    run_unit: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]] | None = None
+    summarize: Callable[[dict[str, Any], list[dict[str, Any]], Path], dict[str, Any]] | None = None
+    run: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        parts = (self.units, self.run_unit, self.summarize)
+        if all(p is None for p in parts) == (self.run is None) or (
+            self.run is None and any(p is None for p in parts)
+        ):
+            raise ValueError(
+                f"study {self.name!r}: expected units, run_unit and summarize (or, deprecated, "
+                "run alone)"
+            )
+        if self.run is not None:
+            warnings.warn(
+                f"study {self.name!r} is given as one run function: declare its run units "
+                "instead (units, run_unit, summarize), which gives it per-unit run folders, "
+                "--resume and --jobs; Study(run=...) is deprecated",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def has_units(self) -> bool:
+        """Whether the study runs as run units (resumable, ``--jobs``)."""
+        return self.units is not None
 
     def resolve(self, given: Mapping[str, Any], *, paper: bool = False) -> dict[str, Any]:
         """The settings of a run: the defaults, the paper's (``paper``), then ``given``.

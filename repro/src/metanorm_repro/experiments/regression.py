@@ -97,13 +97,22 @@ __all__ = [
     "RegressionMLP",
     "RegressionObjective",
     "binned_dcor2",
+    "diabetes_config",
+    "diabetes_unit",
+    "diabetes_units",
     "main",
     "plot_r2_vs_dcor2",
     "regression_report",
     "run_diabetes",
     "run_regression",
     "run_synthetic_regression",
+    "summarize_diabetes",
     "summarize_regression",
+    "summarize_synthetic_regression",
+    "synthetic_regression_config",
+    "synthetic_regression_unit",
+    "synthetic_regression_units",
+    "write_plot",
 ]
 
 #: The tasks of :func:`run_regression`.
@@ -480,92 +489,173 @@ def run_synthetic_regression(
         ``rows`` their :func:`summarize_regression`; ``reference_dcor2`` the reference
         features' dcor² per bin, mean over the seeds.
     """
+    config = synthetic_regression_config(
+        n_train=n_train,
+        n_test=n_test,
+        methods=methods,
+        epochs=epochs,
+        batch_sizes=batch_sizes,
+        seeds=seeds,
+        lr=lr,
+        hidden=hidden,
+        pool=pool,
+        bins=bins,
+        group_bins=group_bins,
+        seed=seed,
+        law=law,
+    )
+    runs = [synthetic_regression_unit(config, u) for u in synthetic_regression_units(config)]
+    return summarize_synthetic_regression(config, runs)
+
+
+def synthetic_regression_config(
+    *,
+    n_train: int = 1000,
+    n_test: int = 1000,
+    methods: Sequence[str] = METHODS,
+    epochs: int = 60,
+    batch_sizes: Sequence[int] = (200, 32),
+    seeds: int = 3,
+    lr: float = 3e-3,
+    hidden: int = 32,
+    pool: int = 4,
+    bins: int = 5,
+    group_bins: int = 4,
+    seed: int = 0,
+    law: RegressionLaw | None = None,
+) -> dict[str, Any]:
+    """The checked settings of :func:`run_synthetic_regression` as its result's ``"config"``.
+
+    Raises:
+        ValueError: an unknown method, ``seeds < 1``, no batch size or one below 2.
+    """
     methods = _check_methods(methods)
     if seeds < 1 or not batch_sizes or any(int(b) < 2 for b in batch_sizes):
         raise ValueError(f"expected seeds >= 1 and batch sizes >= 2, got {seeds}, {batch_sizes}")
     law = law or RegressionLaw()
-    runs: list[dict[str, Any]] = []
+    return {
+        "n_train": n_train,
+        "n_test": n_test,
+        "methods": list(methods),
+        "epochs": epochs,
+        "batch_sizes": [int(b) for b in batch_sizes],
+        "seeds": list(range(seed, seed + seeds)),
+        "lr": lr,
+        "hidden": hidden,
+        "pool": pool,
+        "bins": bins,
+        "group_bins": group_bins,
+        "law": dataclasses.asdict(law),
+    }
+
+
+def synthetic_regression_units(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run units of the synthetic regression: every seed × batch size × method.
+
+    ``config`` is the ``"config"`` of :func:`run_synthetic_regression`'s result (``seeds`` the
+    list of seeds).
+    """
+    return [
+        {"seed": int(s), "batch_size": int(bs), "method": method}
+        for s in config["seeds"]
+        for bs in config["batch_sizes"]
+        for method in config["methods"]
+    ]
+
+
+def _synthetic_sets(seed: int, n_train: int, n_test: int, law: RegressionLaw) -> tuple[Any, Any]:
+    """The training and test sets of ``seed`` (each drawn from its own child seed)."""
+    s_train, s_test = np.random.SeedSequence(seed).spawn(2)
+    train = make_synthetic_regression(n_train, random_state=s_train, law=law, name="train")
+    test = make_synthetic_regression(n_test, random_state=s_test, law=law, name="test")
+    return train, test
+
+
+def synthetic_regression_unit(config: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+    """Trains and tests one run unit (``seed``, ``batch_size``, ``method``) of the synthetic task.
+
+    Returns:
+        The unit with ``test_mse``, ``test_r2``, ``dcor2_bins`` (features vs ``cf`` within
+        target bins), ``epoch_time_s`` (median) and ``seconds``.
+    """
+    s, bs, method = int(unit["seed"]), int(unit["batch_size"]), unit["method"]
+    n_train, epochs, pool = config["n_train"], config["epochs"], config["pool"]
+    group_bins = config["group_bins"]
+    law = RegressionLaw(**config["law"])
+    train, test = _synthetic_sets(s, n_train, config["n_test"], law)
+    mu, sd = float(train.target.mean()), float(train.target.std())
+    cmu, csd = float(train.metadata["cf"].mean()), float(train.metadata["cf"].std())
+    z = (train.target - mu) / sd
+    c_tr = (train.metadata["cf"] - cmu) / csd
+    c_te = (test.metadata["cf"] - cmu) / csd
+    rows_tr = _design(z, c_tr[:, None])
+    rows_te = _design(np.zeros(len(test)), c_te[:, None])  # the kept target: not used
+    edges = np.quantile(z, np.arange(1, group_bins) / group_bins)
+    tbins = _target_bins(z, edges)
+    x_tr, x_te = train.images * 10.0, test.images * 10.0  # pixel scale ~1
+    z_t = torch.from_numpy(z.astype(np.float32))
+    torch.manual_seed(s)
+    model = _build_model(
+        method,
+        x_tr[0].numel() // pool**2,
+        config["hidden"],
+        rows_tr,
+        ["cf"],
+        tbins,
+        pool,
+        total_steps=epochs * math.ceil(n_train / bs),
+    )
+    t0 = time.perf_counter()
+    times = _train(
+        model,
+        x_tr,
+        z_t,
+        rows_tr,
+        epochs=epochs,
+        batch_size=bs,
+        lr=config["lr"],
+        weight_decay=0.0,
+        seed=s,
+        bins=torch.from_numpy(tbins),
+    )
+    pred, h = _predict(model, x_te, rows_te)
+    mse, r2 = _mse_r2(pred * sd + mu, test.target)
+    return {
+        "method": method,
+        "batch_size": bs,
+        "seed": s,
+        "test_mse": mse,
+        "test_r2": r2,
+        "dcor2_bins": binned_dcor2(h, test.metadata["cf"], test.target, config["bins"]),
+        "epoch_time_s": float(np.median(times)),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def summarize_synthetic_regression(
+    config: dict[str, Any], runs: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """The result of the synthetic task from its runs (:func:`synthetic_regression_unit`).
+
+    Adds the exact bounds and the reference features' dcor² per bin (mean over the seeds).
+    """
+    law = RegressionLaw(**config["law"])
     refs: dict[str, list[list[float]]] = {"mf (confounder-free)": [], "(mf, cf) (confounded)": []}
-    for s in range(seed, seed + seeds):
-        s_train, s_test = np.random.SeedSequence(s).spawn(2)
-        train = make_synthetic_regression(n_train, random_state=s_train, law=law, name="train")
-        test = make_synthetic_regression(n_test, random_state=s_test, law=law, name="test")
-        mu, sd = float(train.target.mean()), float(train.target.std())
-        cmu, csd = float(train.metadata["cf"].mean()), float(train.metadata["cf"].std())
-        z = (train.target - mu) / sd
-        c_tr = (train.metadata["cf"] - cmu) / csd
-        c_te = (test.metadata["cf"] - cmu) / csd
-        rows_tr = _design(z, c_tr[:, None])
-        rows_te = _design(np.zeros(len(test)), c_te[:, None])  # the kept target: not used
-        edges = np.quantile(z, np.arange(1, group_bins) / group_bins)
-        tbins = _target_bins(z, edges)
-        x_tr, x_te = train.images * 10.0, test.images * 10.0  # pixel scale ~1
-        z_t = torch.from_numpy(z.astype(np.float32))
+    for s in config["seeds"]:
+        s_test = np.random.SeedSequence(int(s)).spawn(2)[1]  # the test set of the runs
+        test = make_synthetic_regression(config["n_test"], random_state=s_test, law=law)
         mf, cf = test.metadata["mf"], test.metadata["cf"]
+        bins = config["bins"]
         refs["mf (confounder-free)"].append(binned_dcor2(mf[:, None], cf, test.target, bins))
         refs["(mf, cf) (confounded)"].append(
             binned_dcor2(np.column_stack([mf, cf]), cf, test.target, bins)
         )
-        for bs in batch_sizes:
-            for method in methods:
-                torch.manual_seed(s)
-                model = _build_model(
-                    method,
-                    x_tr[0].numel() // pool**2,
-                    hidden,
-                    rows_tr,
-                    ["cf"],
-                    tbins,
-                    pool,
-                    total_steps=epochs * math.ceil(n_train / int(bs)),
-                )
-                t0 = time.perf_counter()
-                times = _train(
-                    model,
-                    x_tr,
-                    z_t,
-                    rows_tr,
-                    epochs=epochs,
-                    batch_size=int(bs),
-                    lr=lr,
-                    weight_decay=0.0,
-                    seed=s,
-                    bins=torch.from_numpy(tbins),
-                )
-                pred, h = _predict(model, x_te, rows_te)
-                mse, r2 = _mse_r2(pred * sd + mu, test.target)
-                runs.append(
-                    {
-                        "method": method,
-                        "batch_size": int(bs),
-                        "seed": s,
-                        "test_mse": mse,
-                        "test_r2": r2,
-                        "dcor2_bins": binned_dcor2(h, cf, test.target, bins),
-                        "epoch_time_s": float(np.median(times)),
-                        "seconds": time.perf_counter() - t0,
-                    }
-                )
-    b = regression_bounds(law)
     return {
         "task": "synthetic",
-        "config": {
-            "n_train": n_train,
-            "n_test": n_test,
-            "methods": list(methods),
-            "epochs": epochs,
-            "batch_sizes": [int(b) for b in batch_sizes],
-            "seeds": list(range(seed, seed + seeds)),
-            "lr": lr,
-            "hidden": hidden,
-            "pool": pool,
-            "bins": bins,
-            "group_bins": group_bins,
-            "law": dataclasses.asdict(law),
-        },
-        "bounds": dataclasses.asdict(b),
+        "config": config,
+        "bounds": dataclasses.asdict(regression_bounds(law)),
         "reference_dcor2": {k: np.mean(v, axis=0).tolist() for k, v in refs.items()},
-        "runs": runs,
+        "runs": list(runs),
         "rows": summarize_regression(runs),
     }
 
@@ -595,71 +685,169 @@ def run_diabetes(
         out-of-fold), ``r2_folds`` and ``dcor2_bins`` (inputs or fc1 features vs (age, sex)
         within target bins of each test fold, mean over folds) and ``seconds``.
     """
-    from sklearn.datasets import load_diabetes
-    from sklearn.linear_model import LinearRegression
-    from sklearn.model_selection import KFold
+    config = diabetes_config(
+        folds=folds,
+        epochs=epochs,
+        lr=lr,
+        hidden=hidden,
+        weight_decay=weight_decay,
+        bins=bins,
+        group_bins=group_bins,
+        methods=methods,
+        seed=seed,
+    )
+    records = [diabetes_unit(config, u) for u in diabetes_units(config)]
+    return summarize_diabetes(config, records)
 
-    from metanorm.preprocessing import MetadataResidualizer
+
+def diabetes_config(
+    *,
+    folds: int = 5,
+    epochs: int = 300,
+    lr: float = 1e-2,
+    hidden: int = 16,
+    weight_decay: float = 0.1,
+    bins: int = 3,
+    group_bins: int = 4,
+    methods: Sequence[str] = METHODS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The checked settings of :func:`run_diabetes` (the MLP's methods checked).
+
+    Raises:
+        ValueError: an unknown method, or fewer than two folds.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"expected folds to be an int >= 2, got {folds!r}")
+    return {
+        "folds": folds,
+        "epochs": epochs,
+        "lr": lr,
+        "hidden": hidden,
+        "weight_decay": weight_decay,
+        "bins": bins,
+        "group_bins": group_bins,
+        "methods": _check_methods(methods),
+        "seed": seed,
+    }
+
+
+def diabetes_units(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run units of the diabetes task: every fold × (model, method).
+
+    The models: ``linear`` with ``none`` and ``residualizer``, then ``mlp`` with each method
+    of ``config["methods"]``.
+    """
+    variants = [("linear", "none"), ("linear", "residualizer")]
+    variants += [("mlp", m) for m in config["methods"]]
+    return [
+        {"fold": fold, "model": model, "method": method}
+        for fold in range(int(config["folds"]))
+        for model, method in variants
+    ]
+
+
+def _diabetes_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[int]]:
+    """The inputs, the metadata (age, sex), the target, the feature names, the input columns."""
+    from sklearn.datasets import load_diabetes
 
     data = load_diabetes()
     X_all, y = data.data.astype(np.float64), data.target.astype(np.float64)
     names = list(data.feature_names)
     mcols = [names.index("age"), names.index("sex")]
     icols = [i for i in range(X_all.shape[1]) if i not in mcols]
-    X, meta = X_all[:, icols], X_all[:, mcols]
-    kf = KFold(n_splits=folds, shuffle=True, random_state=seed)
-    variants = [("linear", "none"), ("linear", "residualizer")]
-    variants += [("mlp", m) for m in _check_methods(methods)]
-    acc: dict[tuple[str, str], dict[str, Any]] = {
-        v: {"pred": np.zeros_like(y), "r2_folds": [], "dcor": [], "seconds": 0.0} for v in variants
+    return X_all[:, icols], X_all[:, mcols], y, names, icols
+
+
+def _diabetes_folds(config: dict[str, Any], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import KFold
+
+    kf = KFold(n_splits=int(config["folds"]), shuffle=True, random_state=config["seed"])
+    return list(kf.split(np.zeros((n, 1))))
+
+
+def diabetes_unit(config: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+    """Fits and tests one run unit (``fold``, ``model``, ``method``) of the diabetes task.
+
+    Returns:
+        The unit with the test fold's indices ``test_index``, predictions ``pred``, ``r2`` and
+        ``dcor2_bins``, and ``seconds``.
+    """
+    from sklearn.linear_model import LinearRegression
+
+    from metanorm.preprocessing import MetadataResidualizer
+
+    X, meta, y, _, _ = _diabetes_data()
+    fold, model_name, method = int(unit["fold"]), unit["model"], unit["method"]
+    tr, te = _diabetes_folds(config, len(y))[fold]
+    seed, group_bins, epochs = config["seed"], config["group_bins"], config["epochs"]
+    t0 = time.perf_counter()
+    if model_name == "linear":
+        Xtr, Xte = X[tr], X[te]
+        if method == "residualizer":
+            res = MetadataResidualizer(keep=[0], categorical=[])
+            res.fit(Xtr, metadata=np.column_stack([y[tr], meta[tr]]))
+            # the kept target column is ignored at transform: zeros, no test target
+            Xtr = res.transform(Xtr, metadata=np.column_stack([0 * y[tr], meta[tr]]))
+            Xte = res.transform(Xte, metadata=np.column_stack([0 * y[te], meta[te]]))
+        pred = LinearRegression().fit(Xtr, y[tr]).predict(Xte)
+        feats = Xte
+    else:
+        xm, xs = X[tr].mean(0), X[tr].std(0)
+        mm, ms = meta[tr].mean(0), meta[tr].std(0)
+        ym, ys = y[tr].mean(), y[tr].std()
+        x_tr = torch.from_numpy(((X[tr] - xm) / xs).astype(np.float32))
+        x_te = torch.from_numpy(((X[te] - xm) / xs).astype(np.float32))
+        z = (y[tr] - ym) / ys
+        rows_tr = _design(z, (meta[tr] - mm) / ms)
+        rows_te = _design(np.zeros(len(te)), (meta[te] - mm) / ms)
+        edges = np.quantile(z, np.arange(1, group_bins) / group_bins)
+        tbins = _target_bins(z, edges)
+        torch.manual_seed(seed + fold)
+        model = _build_model(
+            method, X.shape[1], config["hidden"], rows_tr, ["age", "sex"], tbins, total_steps=epochs
+        )
+        _train(
+            model,
+            x_tr,
+            torch.from_numpy(z.astype(np.float32)),
+            rows_tr,
+            epochs=epochs,
+            batch_size=len(tr),
+            lr=config["lr"],
+            weight_decay=config["weight_decay"],
+            seed=seed + fold,
+            bins=torch.from_numpy(tbins),
+        )
+        p, feats = _predict(model, x_te, rows_te)
+        pred = p * ys + ym
+    return {
+        **unit,
+        "test_index": te.tolist(),
+        "pred": np.asarray(pred, dtype=np.float64).tolist(),
+        "r2": _mse_r2(pred, y[te])[1],
+        "dcor2_bins": binned_dcor2(feats, meta[te], y[te], config["bins"]),
+        "seconds": time.perf_counter() - t0,
     }
-    for fold, (tr, te) in enumerate(kf.split(X)):
-        for model_name, method in variants:
-            a = acc[(model_name, method)]
-            t0 = time.perf_counter()
-            if model_name == "linear":
-                Xtr, Xte = X[tr], X[te]
-                if method == "residualizer":
-                    res = MetadataResidualizer(keep=[0], categorical=[])
-                    res.fit(Xtr, metadata=np.column_stack([y[tr], meta[tr]]))
-                    # the kept target column is ignored at transform: zeros, no test target
-                    Xtr = res.transform(Xtr, metadata=np.column_stack([0 * y[tr], meta[tr]]))
-                    Xte = res.transform(Xte, metadata=np.column_stack([0 * y[te], meta[te]]))
-                pred = LinearRegression().fit(Xtr, y[tr]).predict(Xte)
-                feats = Xte
-            else:
-                xm, xs = X[tr].mean(0), X[tr].std(0)
-                mm, ms = meta[tr].mean(0), meta[tr].std(0)
-                ym, ys = y[tr].mean(), y[tr].std()
-                x_tr = torch.from_numpy(((X[tr] - xm) / xs).astype(np.float32))
-                x_te = torch.from_numpy(((X[te] - xm) / xs).astype(np.float32))
-                z = (y[tr] - ym) / ys
-                rows_tr = _design(z, (meta[tr] - mm) / ms)
-                rows_te = _design(np.zeros(len(te)), (meta[te] - mm) / ms)
-                edges = np.quantile(z, np.arange(1, group_bins) / group_bins)
-                tbins = _target_bins(z, edges)
-                torch.manual_seed(seed + fold)
-                model = _build_model(
-                    method, X.shape[1], hidden, rows_tr, ["age", "sex"], tbins, total_steps=epochs
-                )
-                _train(
-                    model,
-                    x_tr,
-                    torch.from_numpy(z.astype(np.float32)),
-                    rows_tr,
-                    epochs=epochs,
-                    batch_size=len(tr),
-                    lr=lr,
-                    weight_decay=weight_decay,
-                    seed=seed + fold,
-                    bins=torch.from_numpy(tbins),
-                )
-                p, feats = _predict(model, x_te, rows_te)
-                pred = p * ys + ym
-            a["pred"][te] = pred
-            a["r2_folds"].append(_mse_r2(pred, y[te])[1])
-            a["dcor"].append(binned_dcor2(feats, meta[te], y[te], bins))
-            a["seconds"] += time.perf_counter() - t0
+
+
+def summarize_diabetes(config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The result of the diabetes task from its run units' records (:func:`diabetes_unit`).
+
+    One row per (model, method): ``r2`` pooled out-of-fold, ``r2_folds``, ``dcor2_bins`` (mean
+    over the folds) and ``seconds`` (summed over the folds).
+    """
+    _, _, y, names, icols = _diabetes_data()
+    acc: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: int(r["fold"])):
+        a = acc.setdefault(
+            (r["model"], r["method"]),
+            {"pred": np.zeros_like(y), "r2_folds": [], "dcor": [], "seconds": 0.0},
+        )
+        a["pred"][np.asarray(r["test_index"], dtype=np.int64)] = r["pred"]
+        a["r2_folds"].append(r["r2"])
+        a["dcor"].append(r["dcor2_bins"])
+        a["seconds"] += r["seconds"]
     out_rows = []
     for (model_name, method), a in acc.items():
         out_rows.append(
@@ -675,15 +863,11 @@ def run_diabetes(
     return {
         "task": "diabetes",
         "config": {
-            "folds": folds,
-            "epochs": epochs,
-            "lr": lr,
-            "hidden": hidden,
-            "weight_decay": weight_decay,
-            "bins": bins,
-            "group_bins": group_bins,
-            "methods": [m for _, m in variants[2:]],
-            "seed": seed,
+            **{k: config[k] for k in ("folds", "epochs", "lr", "hidden", "weight_decay")},
+            "bins": config["bins"],
+            "group_bins": config["group_bins"],
+            "methods": [r["method"] for r in out_rows if r["model"] == "mlp"],
+            "seed": config["seed"],
             "metadata": ["age", "sex"],
             "inputs": [names[i] for i in icols],
         },
@@ -824,6 +1008,25 @@ def plot_r2_vs_dcor2(
     return write_bytes(path, buf.getvalue())
 
 
+def write_plot(result: dict[str, Any], folder: Path) -> None:
+    """Writes ``r2_vs_dcor2.png`` of a synthetic result into ``folder``; notes it in ``result``.
+
+    ``result["plot"]`` becomes the file's name, or ``result["plot_error"]`` says why there is
+    none (matplotlib is an optional extra).
+    """
+    try:
+        ref = result["reference_dcor2"]["mf (confounder-free)"]
+        plot_r2_vs_dcor2(
+            result["rows"],
+            folder / "r2_vs_dcor2.png",
+            result["bounds"],
+            reference_dcor2=float(np.mean(ref)),
+        )
+        result["plot"] = "r2_vs_dcor2.png"
+    except ModuleNotFoundError as exc:  # matplotlib is an optional extra
+        result["plot_error"] = str(exc)
+
+
 def run_regression(
     task: str, out: str | Path | None = None, *, plot: bool = True, **kwargs: Any
 ) -> dict[str, Any]:
@@ -846,17 +1049,7 @@ def run_regression(
     if out is not None:
         out = Path(out)
         if task == "synthetic" and plot:
-            try:
-                ref = result["reference_dcor2"]["mf (confounder-free)"]
-                plot_r2_vs_dcor2(
-                    result["rows"],
-                    out / "r2_vs_dcor2.png",
-                    result["bounds"],
-                    reference_dcor2=float(np.mean(ref)),
-                )
-                result["plot"] = "r2_vs_dcor2.png"
-            except ModuleNotFoundError as exc:  # matplotlib is an optional extra
-                result["plot_error"] = str(exc)
+            write_plot(result, out)
         write_json(out / "results.json", result)
         write_text(out / "report.md", regression_report(result))
     return result

@@ -435,33 +435,55 @@ def run_running_beta(
         ``{"settings": {...}, "rows": [...], "wall_time_s": float}``: one row per model,
         setting, seed, evaluated epoch and policy (:func:`run_setting`).
     """
-    bad = [m for m in models if m not in ("mdn-conv", "mdn-linear")]
-    bad += [s for s in settings if s not in SETTINGS]
-    if bad or not models or not settings or seeds < 1:
-        raise ValueError(
-            f"expected models among ('mdn-conv', 'mdn-linear'), settings among {list(SETTINGS)} "
-            f"and seeds >= 1, got {list(models)}, {list(settings)}, {seeds}"
-        )
-    torch.set_num_threads(threads)
-    globals()["EPOCHS"] = epochs
+    config = {
+        "models": list(models),
+        "settings": list(settings),
+        "seeds": list(range(seed, seed + seeds)),
+        "eval_epochs": list(eval_epochs),
+        "epochs": epochs,
+        "threads": threads,
+    }
     t0 = time.perf_counter()
     rows: list[dict] = []
-    for kind in models:
-        for setting in settings:
-            for s in range(seed, seed + seeds):
-                rows += run_setting(kind, setting, s, list(eval_epochs), progress)
-    return {
-        "settings": {
-            "models": list(models),
-            "settings": list(settings),
-            "seeds": list(range(seed, seed + seeds)),
-            "eval_epochs": list(eval_epochs),
-            "epochs": epochs,
-            "threads": threads,
-        },
-        "rows": rows,
-        "wall_time_s": time.perf_counter() - t0,
-    }
+    for unit in running_beta_units(config):
+        rows += running_beta_unit(config, unit, progress)["rows"]
+    return {"settings": config, "rows": rows, "wall_time_s": time.perf_counter() - t0}
+
+
+def running_beta_units(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run units of the study: every model × setting × seed (all policies in one unit).
+
+    ``config`` is the ``"settings"`` of :func:`run_running_beta`'s result.
+
+    Raises:
+        ValueError: an unknown model or setting, or no seed.
+    """
+    models, settings, seeds = config["models"], config["settings"], config["seeds"]
+    bad = [m for m in models if m not in ("mdn-conv", "mdn-linear")]
+    bad += [s for s in settings if s not in SETTINGS]
+    if bad or not models or not settings or not seeds:
+        raise ValueError(
+            f"expected models among ('mdn-conv', 'mdn-linear'), settings among {list(SETTINGS)} "
+            f"and seeds >= 1, got {list(models)}, {list(settings)}, {len(seeds)}"
+        )
+    return [
+        {"model": kind, "setting": setting, "seed": int(s)}
+        for kind in models
+        for setting in settings
+        for s in seeds
+    ]
+
+
+def running_beta_unit(
+    config: dict[str, Any], unit: dict[str, Any], progress: bool = True
+) -> dict[str, Any]:
+    """Every policy of one run unit (model, setting, seed): ``{"rows": run_setting(...)}``."""
+    torch.set_num_threads(config["threads"])
+    globals()["EPOCHS"] = config["epochs"]
+    rows = run_setting(
+        unit["model"], unit["setting"], int(unit["seed"]), list(config["eval_epochs"]), progress
+    )
+    return {"rows": rows}
 
 
 def running_beta_report(result: dict[str, Any]) -> str:

@@ -1,29 +1,33 @@
 """The studies run by ``metanorm reproduce NAME``, and the runner that writes their folders.
 
-Each :class:`~metanorm_repro.experiments.Study` here wraps one study function; its
-settings are that function's keyword arguments with their defaults, so ``metanorm reproduce
-NAME`` at the same settings returns what the function returns:
+Each :class:`~metanorm_repro.experiments.Study` here declares its run units, runs one unit with
+the code of its study function, and summarises the units' records into what the function
+returns; its settings are that function's keyword arguments with their defaults, so
+``metanorm reproduce NAME`` at the same settings returns the same numbers:
 
 =========================  ======================================================================
-``regression-synthetic``   ``run_regression``
-                           ``("synthetic")``: MDN and the alternatives on a regression target
-``regression-diabetes``    the same on scikit-learn's diabetes data, in K-fold cross-validation
-``failures``               ``run_failures``: every method
-                           on the two stand-ins where MDN fails (each stand-in's sweep in
-                           ``OUT/<study>/``)
-``continual``              ``run_continual``: stages
-                           with a shifting confounder, trained one after another
-``running-beta``           ``run_running_beta``:
-                           the running-β policies after a short training
-``bladderbatch``           ``compare``: batch
-                           corrections of the bladderbatch microarrays
+``regression-synthetic``   ``run_regression("synthetic")``: MDN and the alternatives on a
+                           regression target; a unit: seed × batch size × method
+``regression-diabetes``    the same on scikit-learn's diabetes data, in K-fold cross-validation;
+                           a unit: fold × model × method
+``failures``               ``run_failures``: every method on the two stand-ins where MDN fails;
+                           a unit: one stand-in (its sweep inside the unit's folder)
+``continual``              ``run_continual``: stages with a shifting confounder, trained one
+                           after another; a unit: one method
+``running-beta``           ``run_running_beta``: the running-β policies after a short training;
+                           a unit: model × setting × seed
+``bladderbatch``           ``compare``: batch corrections of the bladderbatch microarrays; a
+                           unit: one correction
 =========================  ======================================================================
 
-:func:`~metanorm_repro.experiments.run_study` writes ``results.json`` (the function's result),
-``report.md`` and ``run.json`` (the study, the command line, the settings and the wall time) into
-``OUT.partial`` and puts that folder in the place of ``OUT`` only once it is complete: an
-interrupted or failed run leaves the previous ``OUT`` as it was. ``STUDIES`` is registered by the
-registry's loader (``registry.BUILTIN_SOURCES``), not by importing this module.
+:func:`~metanorm_repro.experiments.run_study` runs the units (``sweep.run_units``: one
+folder ``OUT/runs/...`` per unit with its ``record.json``, ``--resume`` after an interruption,
+``--jobs``), then writes
+``results.json`` (the summary), ``report.md`` (the study's tables, then its files and plots) and
+``run.json`` (the study, the command line, the settings and the wall time). The folder is built
+in ``OUT.partial`` and takes the place of ``OUT`` only once it is complete: an interrupted or
+failed run leaves the previous ``OUT`` as it was. ``STUDIES`` is registered by the registry's
+loader (``registry.BUILTIN_SOURCES``), not by importing this module.
 
 Examples::
 
@@ -48,7 +52,7 @@ import torch
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.registry import Study
 
-__all__ = ["STUDIES", "StudyInterrupted", "run_study"]
+__all__ = ["STUDIES", "StudyInterrupted", "run_study", "study_report"]
 
 
 class StudyInterrupted(Exception):
@@ -57,12 +61,17 @@ class StudyInterrupted(Exception):
     Attributes:
         out: the output folder (unchanged).
         signal_name: ``"SIGINT"`` or ``"SIGTERM"``.
+        done: the run units finished (kept in ``OUT.partial`` for ``--resume``; 0 for a study
+            without run units).
+        total: the study's run units (0 for a study without run units).
     """
 
-    def __init__(self, out: Path, signal_name: str) -> None:
-        super().__init__(f"{signal_name}: the study was stopped; {out} is unchanged")
+    def __init__(self, out: Path, signal_name: str, done: int = 0, total: int = 0) -> None:
+        resumable = f" ({done} of {total} run units finished: --resume continues)" if done else ""
+        super().__init__(f"{signal_name}: the study was stopped; {out} is unchanged{resumable}")
         self.out = out
         self.signal_name = signal_name
+        self.done, self.total = done, total
 
 
 def _defaults(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -75,14 +84,47 @@ def _defaults(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> dict[str, A
     return out
 
 
-def _run_regression(task: str, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.regression import _check_methods, run_regression
+def _regression_config(task: str, settings: dict[str, Any]) -> dict[str, Any]:
+    from metanorm_repro.experiments.regression import diabetes_config, synthetic_regression_config
 
-    kwargs = dict(settings)
-    torch.set_num_threads(int(kwargs.pop("threads")))
-    plots = bool(kwargs.pop("plots", False))
-    kwargs["methods"] = _check_methods(kwargs["methods"])
-    return run_regression(task, out, plot=plots, **kwargs)
+    kwargs = {k: v for k, v in settings.items() if k not in ("threads", "plots")}
+    make = synthetic_regression_config if task == "synthetic" else diabetes_config
+    return make(**kwargs)
+
+
+def _regression_units(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from metanorm_repro.experiments.regression import diabetes_units, synthetic_regression_units
+
+    units = synthetic_regression_units if task == "synthetic" else diabetes_units
+    return units(_regression_config(task, settings))
+
+
+def _regression_unit(
+    task: str, settings: dict[str, Any], unit: dict[str, Any], folder: Path
+) -> dict[str, Any]:
+    from metanorm_repro.experiments.regression import diabetes_unit, synthetic_regression_unit
+
+    torch.set_num_threads(int(settings["threads"]))
+    run = synthetic_regression_unit if task == "synthetic" else diabetes_unit
+    return run(_regression_config(task, settings), unit)
+
+
+def _regression_summary(
+    task: str, settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    from metanorm_repro.experiments.regression import (
+        summarize_diabetes,
+        summarize_synthetic_regression,
+        write_plot,
+    )
+
+    config = _regression_config(task, settings)
+    if task == "diabetes":
+        return summarize_diabetes(config, records)
+    result = summarize_synthetic_regression(config, records)
+    if settings.get("plots"):
+        write_plot(result, folder)
+    return result
 
 
 def _regression_report(result: dict[str, Any]) -> str:
@@ -91,10 +133,60 @@ def _regression_report(result: dict[str, Any]) -> str:
     return regression_report(result)
 
 
-def _run_failures(settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.failures import run_failures
+def _failures_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from metanorm_repro.experiments.failures import STUDIES as STANDINS
 
-    return run_failures(out, overwrite=False, **settings)
+    names, seeds = list(settings["studies"]), settings["seeds"]
+    unknown = [s for s in names if s not in STANDINS]
+    if unknown or not names:
+        raise ValueError(f"expected studies among {list(STANDINS)}, got {names}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"expected seeds to be a positive int, got {seeds!r}")
+    return [{"standin": name} for name in names]
+
+
+def _failures_unit(settings: dict[str, Any], unit: dict[str, Any], folder: Path) -> dict[str, Any]:
+    from metanorm_repro.experiments.failures import _cpu_seconds, failures_unit
+
+    s = settings
+    load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
+    record = failures_unit(
+        unit["standin"],
+        folder / unit["standin"],
+        methods=["batchnorm", *[m for m in s["methods"] if m != "batchnorm"]],
+        seeds=list(range(s["seed"], s["seed"] + s["seeds"])),
+        epochs=s["epochs"],
+        n_per_class=s["n_per_class"],
+        n_eval_per_class=s["n_eval_per_class"],
+        jobs=s["jobs"],
+        threads=s["threads"],
+        progress=s["progress"],
+    )
+    record["cpu_time_s"] = _cpu_seconds() - cpu_start
+    record["load_start"], record["load_end"] = load_start, os.getloadavg()[0]
+    return record
+
+
+def _failures_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    import platform
+
+    studies = {}
+    for name, r in zip(settings["studies"], records, strict=True):
+        studies[name] = {k: r[k] for k in ("title", "settings", "wall_time_s", "rows")}
+    return {
+        "command": "",
+        "cpus": os.cpu_count(),
+        "jobs": settings["jobs"],
+        "threads": settings["threads"],
+        "platform": platform.platform(),
+        "load_start": records[0]["load_start"],
+        "studies": studies,
+        "wall_time_s": sum(r["wall_time_s"] for r in records),
+        "cpu_time_s": sum(r["cpu_time_s"] for r in records),
+        "load_end": records[-1]["load_end"],
+    }
 
 
 def _failures_report(result: dict[str, Any]) -> str:
@@ -103,10 +195,33 @@ def _failures_report(result: dict[str, Any]) -> str:
     return failures_report(result)
 
 
-def _run_continual(settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.estimators import run_continual
+def _continual_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    from metanorm_repro.experiments.estimators import continual_settings
 
-    return run_continual(None, **settings)
+    return continual_settings(
+        **{k: v for k, v in settings.items() if k not in ("threads", "progress")}
+    )
+
+
+def _continual_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    _continual_settings(settings)  # checked before any unit runs
+    return [{"method": m} for m in settings["methods"]]
+
+
+def _continual_unit(settings: dict[str, Any], unit: dict[str, Any], folder: Path) -> dict[str, Any]:
+    from metanorm_repro.experiments.estimators import continual_unit
+
+    if settings.get("threads") is not None:
+        torch.set_num_threads(int(settings["threads"]))
+    progress = bool(settings.get("progress"))
+    return continual_unit(_continual_settings(settings), unit["method"], progress=progress)
+
+
+def _continual_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    methods = {m: r for m, r in zip(settings["methods"], records, strict=True)}
+    return {"settings": _continual_settings(settings), "methods": methods}
 
 
 def _continual_report(result: dict[str, Any]) -> str:
@@ -115,20 +230,49 @@ def _continual_report(result: dict[str, Any]) -> str:
     return continual_report(result)
 
 
-def _run_bladderbatch(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+def _bladderbatch_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from metanorm_repro.experiments.bladderbatch import METHODS
+
+    if settings["genes"] < 2 or settings["folds"] < 2 or settings["repeats"] < 1:
+        raise ValueError(
+            f"expected genes >= 2, folds >= 2 and repeats >= 1, got {settings['genes']}, "
+            f"{settings['folds']}, {settings['repeats']}"
+        )
+    methods = list(settings["methods"] or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"expected methods among {list(METHODS)}, got {methods}")
+    return [{"method": m} for m in methods]
+
+
+@functools.lru_cache(maxsize=1)
+def _bladderbatch_data(path: str | None, data_root: str | None) -> Any:
+    """The data set, loaded once per process (the units of a run share it; read-only)."""
     from metanorm_repro.datasets import load_bladderbatch
+
+    return load_bladderbatch(path)
+
+
+def _bladderbatch_unit(
+    settings: dict[str, Any], unit: dict[str, Any], folder: Path
+) -> dict[str, Any]:
     from metanorm_repro.experiments.bladderbatch import compare
 
-    s = dict(settings)
-    data = load_bladderbatch(s.pop("data"))
-    if s["genes"] < 2 or s["folds"] < 2 or s["repeats"] < 1:
-        raise ValueError(
-            f"expected genes >= 2, folds >= 2 and repeats >= 1, got {s['genes']}, "
-            f"{s['folds']}, {s['repeats']}"
-        )
+    s = {k: v for k, v in settings.items() if k not in ("data", "methods")}
+    data = _bladderbatch_data(settings["data"], os.environ.get("METANORM_DATA"))
+    record: dict[str, Any] = compare(data, methods=[unit["method"]], **s)[unit["method"]]
+    return {**record, "n_arrays_loaded": int(data.expression.shape[0])}
+
+
+def _bladderbatch_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    methods = {}
+    for unit, r in zip(_bladderbatch_units(settings), records, strict=True):
+        methods[unit["method"]] = {k: v for k, v in r.items() if k != "n_arrays_loaded"}
     return {
-        "settings": {**settings, "n_arrays": int(data.expression.shape[0])},
-        "methods": compare(data, **s),
+        "settings": {**settings, "n_arrays": records[0]["n_arrays_loaded"]},
+        "methods": methods,
     }
 
 
@@ -144,10 +288,45 @@ def _bladderbatch_report(result: dict[str, Any]) -> str:
     )
 
 
-def _run_running_beta(settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.running_beta import run_running_beta
+def _running_beta_config(settings: dict[str, Any]) -> dict[str, Any]:
+    seed, seeds = settings["seed"], settings["seeds"]
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"expected seeds to be a positive int, got {seeds!r}")
+    return {
+        "models": list(settings["models"]),
+        "settings": list(settings["settings"]),
+        "seeds": list(range(seed, seed + seeds)),
+        "eval_epochs": list(settings["eval_epochs"]),
+        "epochs": settings["epochs"],
+        "threads": settings["threads"],
+    }
 
-    return run_running_beta(**settings)
+
+def _running_beta_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from metanorm_repro.experiments.running_beta import running_beta_units
+
+    return running_beta_units(_running_beta_config(settings))
+
+
+def _running_beta_unit(
+    settings: dict[str, Any], unit: dict[str, Any], folder: Path
+) -> dict[str, Any]:
+    from metanorm_repro.experiments.running_beta import running_beta_unit
+
+    start = time.perf_counter()
+    record = running_beta_unit(_running_beta_config(settings), unit, bool(settings["progress"]))
+    return {**record, "wall_time_s": time.perf_counter() - start}
+
+
+def _running_beta_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    rows = [row for r in records for row in r["rows"]]
+    return {
+        "settings": _running_beta_config(settings),
+        "rows": rows,
+        "wall_time_s": sum(r["wall_time_s"] for r in records),
+    }
 
 
 def _running_beta_report(result: dict[str, Any]) -> str:
@@ -168,7 +347,9 @@ def _studies() -> tuple[Study, ...]:
             description="MDN and the alternatives to MDN on the synthetic regression task "
             "(target kept in the design), against none: test MSE and R² beside the exact "
             "bounds, within-target-bin dcor², one plot (R² against dcor²).",
-            run=functools.partial(_run_regression, "synthetic"),
+            units=functools.partial(_regression_units, "synthetic"),
+            run_unit=functools.partial(_regression_unit, "synthetic"),
+            summarize=functools.partial(_regression_summary, "synthetic"),
             report=_regression_report,
             settings={**_defaults(run_synthetic_regression, ("law",)), "threads": 1, "plots": True},
         ),
@@ -177,7 +358,9 @@ def _studies() -> tuple[Study, ...]:
             description="A linear model (with and without MetadataResidualizer) and an MLP "
             "(every method) on scikit-learn's diabetes data, age and sex as metadata, in K-fold "
             "cross-validation: pooled R² and within-target-bin dcor².",
-            run=functools.partial(_run_regression, "diabetes"),
+            units=functools.partial(_regression_units, "diabetes"),
+            run_unit=functools.partial(_regression_unit, "diabetes"),
+            summarize=functools.partial(_regression_summary, "diabetes"),
             report=_regression_report,
             settings={**_defaults(run_diabetes), "threads": 1},
         ),
@@ -185,8 +368,11 @@ def _studies() -> tuple[Study, ...]:
             name="failures",
             description="Every method (MDN, the candidate fixes, the alternatives) on the "
             "stand-ins where MDN fails: shaded-fashion-mnist with a contrast shade, and "
-            "two-site-digits; each stand-in's sweep in OUT/<study>/.",
-            run=_run_failures,
+            "two-site-digits; one run unit per stand-in, its sweep in "
+            "OUT/runs/standin-<name>/<name>/.",
+            units=_failures_units,
+            run_unit=_failures_unit,
+            summarize=_failures_summary,
             report=_failures_report,
             settings={
                 **_defaults(run_failures, ("overwrite", "command")),
@@ -197,7 +383,9 @@ def _studies() -> tuple[Study, ...]:
             name="continual",
             description="Continual learning with a shifting confounder: five stages trained "
             "one after another (MDN, R-MDN, PMDN, the baseline); bAcc and dcor² matrices.",
-            run=_run_continual,
+            units=_continual_units,
+            run_unit=_continual_unit,
+            summarize=_continual_summary,
             report=_continual_report,
             settings=_defaults(run_continual, ("out_dir",)),
             flags={"epochs": "epochs_per_stage", "batch_sizes": "batch_size"},
@@ -207,7 +395,9 @@ def _studies() -> tuple[Study, ...]:
             description="The running-β policies of MetadataNorm after a short training on the "
             "paper's synthetic task (EMA variants, cumulative average, refit), for batch sizes "
             "with and without a last batch of m <= K samples: test bAcc, dcor², β error.",
-            run=_run_running_beta,
+            units=_running_beta_units,
+            run_unit=_running_beta_unit,
+            summarize=_running_beta_summary,
             report=_running_beta_report,
             settings=_defaults(run_running_beta),
         ),
@@ -217,7 +407,9 @@ def _studies() -> tuple[Study, ...]:
             "MetadataResidualizer, CorrelationRemover, ComBat): batch left (dcor² within tissue "
             "status) and biology left (cross-validated cancer-vs-normal bAcc). Needs the data "
             "(--data) and the compare extra.",
-            run=_run_bladderbatch,
+            units=_bladderbatch_units,
+            run_unit=_bladderbatch_unit,
+            summarize=_bladderbatch_summary,
             report=_bladderbatch_report,
             # the keyword arguments of bladderbatch.compare (not imported here: pandas and
             # scikit-learn are an extra)
@@ -248,8 +440,20 @@ def run_study(
     *,
     overwrite: bool = False,
     command: str = "",
+    resume: bool = False,
+    jobs: int = 1,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Runs ``study`` at ``settings`` and writes its folder ``out`` atomically.
+
+    A study with run units (``Study.units``) runs through ``sweep.run_units``: each unit's
+    record goes to its run folder ``OUT.partial/runs/...`` as it finishes (``jobs``
+    processes), an interrupted run
+    continues with ``resume=True`` (finished units are not run again), and once every unit is
+    done the records are summarised (``study.summarize``) into ``results.json``, ``report.md``
+    (``study_report``) and ``run.json``, and the folder takes ``out``'s place.
+
+    A study given as one ``run`` function (deprecated) runs at once:
 
     ``study.run(settings, OUT.partial)`` runs in a new ``OUT.partial``; then ``results.json``
     (its result; a ``"command"`` key of the result is set to ``command``), ``report.md``
@@ -265,19 +469,39 @@ def run_study(
         overwrite: replace an existing non-empty ``out`` (intact until the new run is complete).
             Default: ``False``.
         command: the command line, recorded in ``run.json``.
+        resume: continue the interrupted run of ``out`` (a study with run units only).
+        jobs: processes running units at the same time (a study with run units only).
+        progress: show a progress bar over the units.
 
     Returns:
         The study's result.
 
     Raises:
-        StudyInterrupted: Ctrl-C or SIGTERM; ``OUT.partial`` is deleted, ``out`` unchanged.
-        FileExistsError: ``out`` holds results and not ``overwrite``.
+        StudyInterrupted: Ctrl-C or SIGTERM; ``out`` unchanged (a study with run units keeps
+            its finished units in ``OUT.partial`` for ``resume``; otherwise it is deleted).
+        FileExistsError: ``out`` holds results and neither ``overwrite`` nor ``resume``.
+        ValueError: ``resume`` or ``jobs > 1`` for a study without run units.
     """
     from metanorm_repro.experiments.sweep import SweepInterrupted, _stop_on_sigterm, _Terminated
 
     settings = dict(settings)
     study.resolve({k: v for k, v in settings.items()})  # unknown keys are refused, named
     out = Path(out)
+    if study.has_units:
+        return _run_units(
+            study,
+            settings,
+            out,
+            overwrite=overwrite,
+            command=command,
+            resume=resume,
+            jobs=jobs,
+            progress=progress,
+        )
+    if resume or jobs != 1:
+        raise ValueError(
+            f"study {study.name!r} runs in one piece: it takes neither --resume nor --jobs"
+        )
     lock = _io.FolderLock(out).acquire()
     try:
         _io.recover_swap(out, _complete)
@@ -293,6 +517,7 @@ def run_study(
         start = time.perf_counter()
         try:
             with _stop_on_sigterm():
+                assert study.run is not None
                 result = study.run(dict(settings), work)
                 if "command" in result:
                     result["command"] = command
@@ -324,3 +549,72 @@ def run_study(
         return result
     finally:
         lock.release()
+
+
+def study_report(study: Study, result: dict[str, Any], folder: Path, units: int = 0) -> str:
+    """The report of a study: its own tables (``study.report(result)``), then the plots.
+
+    Every study's ``report.md`` has this shape: the study's title and tables, then a
+    ``## Files`` section naming the run folders (``runs/``, one per run unit) and the plots
+    (the PNG files of ``folder``).
+    """
+    body = study.report(result).rstrip("\n")
+    plots = sorted(p.name for p in folder.glob("*.png"))
+    lines = ["", "## Files", ""]
+    if units:
+        lines.append(f"- `runs/`: one folder per run unit ({units}), each with `record.json`")
+    lines.append("- `results.json`: the summary; `run.json`: the command and the settings")
+    lines += [f"- `{name}`" for name in plots]
+    return body + "\n" + "\n".join(lines) + "\n"
+
+
+def _run_units(
+    study: Study,
+    settings: dict[str, Any],
+    out: Path,
+    *,
+    overwrite: bool,
+    command: str,
+    resume: bool,
+    jobs: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`run_study` for a study with run units."""
+    from metanorm_repro.experiments.sweep import SweepInterrupted, run_units
+
+    assert study.summarize is not None
+    summarize = study.summarize
+    start = time.perf_counter()
+    made: dict[str, Any] = {}
+
+    def finish(folder: Path, records: list[dict[str, Any]]) -> None:
+        result = summarize(dict(settings), records, folder)
+        if "command" in result:
+            result["command"] = command
+        _io.write_json(folder / "results.json", result)
+        _io.write_text(folder / "report.md", study_report(study, result, folder, len(records)))
+        _io.write_json(
+            folder / "run.json",
+            {
+                "study": study.name,
+                "command": command,
+                "settings": settings,
+                "wall_time_s": time.perf_counter() - start,
+            },
+        )
+        made["result"] = result
+
+    try:
+        run_units(
+            study,
+            settings,
+            out,
+            overwrite=overwrite,
+            resume=resume,
+            jobs=jobs,
+            progress=progress,
+            finish=finish,
+        )
+    except SweepInterrupted as stop:
+        raise StudyInterrupted(out, stop.signal_name, len(stop.results), stop.total) from None
+    return made["result"]

@@ -21,14 +21,21 @@ writability and free space (an estimate of what the sweep writes). Every run fol
 manifest of its files' SHA-256 (:func:`~metanorm_repro.experiments.runner.verify_run`): a run whose
 files changed is trained again on resume, and refused before the report. ``docs/reliability.md``
 has the details.
+
+:func:`run_units` is the same sweep for a study's run units
+(:class:`~metanorm_repro.experiments.Study`): the same ``OUT.partial``, ``sweep.json``, lock,
+swap into ``OUT``, ``--resume`` and Ctrl-C handling, with one folder per unit
+(:func:`unit_dir`) holding the unit's ``record.json`` and any files it wrote.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,7 +43,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
@@ -57,7 +64,15 @@ from metanorm_repro.experiments.runner import (
     verify_run,
 )
 
-__all__ = ["MANIFEST", "SweepInterrupted", "run_dir", "run_sweep"]
+__all__ = [
+    "MANIFEST",
+    "RECORD",
+    "SweepInterrupted",
+    "run_dir",
+    "run_sweep",
+    "run_units",
+    "unit_dir",
+]
 
 #: The file, in a sweep's folder, that says which sweep it holds.
 MANIFEST = "sweep.json"
@@ -628,3 +643,334 @@ def _run_group(group: list[RunConfig], out_dir: str, progress: bool, position: i
                 bar.set_postfix_str(f"{r.config.method} epoch {row['epoch']}: {epoch_summary(row)}")
     for r in runs:
         r.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# The run units of a study
+# --------------------------------------------------------------------------------------------
+
+#: The file, in a study unit's run folder, holding the unit and its record.
+RECORD = "record.json"
+
+# study settings that may differ between an interrupted study and its resumption (they change
+# neither a unit's record nor the summary's numbers)
+_STUDY_RESUMABLE = ("threads", "progress", "jobs")
+
+_UNIT_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def unit_dir(out_dir: str | os.PathLike[str], unit: Mapping[str, Any]) -> Path:
+    """The run folder of one unit of a study: ``OUT/runs/<key><value>/...`` in the unit's order.
+
+    An int or float value is written after its key (``seed3``), a string after its key and a
+    hyphen (``model-mlp``), except a ``method``, written alone (as in an experiment's
+    ``runs/bs200/mdn/seed0``).
+
+    Raises:
+        ValueError: an empty unit, a value that is not an int, a float or a plain string
+            (letters, digits, ``_.+-``).
+    """
+    if not unit:
+        raise ValueError("expected a unit with at least one key, got {}")
+    parts = []
+    for key, value in unit.items():
+        text = str(value)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(
+                f"expected the values of a unit to be ints, floats or strings, got {key}={value!r}"
+            )
+        if not _UNIT_VALUE.fullmatch(text) or not _UNIT_VALUE.fullmatch(str(key)):
+            raise ValueError(
+                f"expected unit keys and values of letters, digits and _.+- only, got "
+                f"{key}={value!r}"
+            )
+        if key == "method":
+            parts.append(text)
+        elif isinstance(value, str):
+            parts.append(f"{key}-{text}")
+        else:
+            parts.append(f"{key}{text}")
+    return Path(out_dir) / "runs" / Path(*parts)
+
+
+def _plain(x: Any) -> Any:
+    """``x`` with numpy/torch scalars and tuples made JSON types; NaN kept (as JSON's ``NaN``)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return x
+
+
+def _write_record(folder: Path, unit: dict[str, Any], record: dict[str, Any]) -> None:
+    text = json.dumps({"unit": unit, "record": _plain(record)}, indent=1, allow_nan=True)
+    _io.write_text(folder / RECORD, text + "\n")
+
+
+def _read_record(folder: Path, unit: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of ``unit`` in its folder, or ``None`` when it has not finished."""
+    try:
+        data = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("unit") != unit:
+        return None
+    record = data.get("record")
+    return record if isinstance(record, dict) else None
+
+
+def _study_differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    out = []
+    if found.get("study") != wanted["study"]:
+        out.append(f"study {found.get('study')!r} (asked: {wanted['study']!r})")
+    if found.get("units") != wanted["units"]:
+        out.append("the run units")
+    f_set, w_set = dict(found.get("settings") or {}), wanted["settings"]
+    for key in sorted(set(f_set) | set(w_set)):
+        if key not in _STUDY_RESUMABLE and f_set.get(key) != w_set.get(key):
+            out.append(f"{key} {f_set.get(key)!r} (asked: {w_set.get(key)!r})")
+    return out
+
+
+def _run_unit(
+    study: Any, settings: dict[str, Any], unit: dict[str, Any], folder: str
+) -> dict[str, Any]:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    record = study.run_unit(dict(settings), dict(unit), Path(folder))
+    if not isinstance(record, dict):
+        raise TypeError(
+            f"study {study.name!r}: run_unit must return a dict, got {type(record).__name__}"
+        )
+    return _plain(record)
+
+
+def run_units(
+    study: Any,
+    settings: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    jobs: int = 1,
+    progress: bool = True,
+    finish: Callable[[Path, list[dict[str, Any]]], None],
+) -> list[dict[str, Any]]:
+    """Runs every unit of ``study`` into its run folder; the sweep of a study.
+
+    The units' folders (:func:`unit_dir`) are built in ``OUT.partial``, each record written
+    there as soon as its unit finishes; ``OUT.partial/sweep.json`` records the study, its
+    settings and its units. Once every unit is done, ``finish(folder, records)`` writes the
+    result and the report into the folder, which then takes ``OUT``'s place (``OUT`` stays
+    intact until then). ``OUT`` is locked meanwhile.
+
+    Args:
+        study: a :class:`~metanorm_repro.experiments.Study` with run units.
+        settings: every setting of the study.
+        out_dir: the output folder.
+        overwrite: replace an existing ``out_dir`` or discard an interrupted run.
+        resume: continue the interrupted run of ``out_dir`` (same settings but ``threads``,
+            ``jobs`` and ``progress``): finished units are not run again.
+        jobs: processes running units at the same time (spawned, so ``settings`` and the
+            study must pickle: module-level functions do).
+        progress: show a progress bar.
+        finish: called with the folder and the records, in unit order.
+
+    Returns:
+        The records, in unit order (as read back from their files).
+
+    Raises:
+        SweepInterrupted: on Ctrl-C or SIGTERM, once the workers are stopped; the finished units
+            are kept in ``OUT.partial`` for ``resume``.
+        FileExistsError: ``out_dir`` holds results and neither ``overwrite`` nor ``resume``.
+        FileNotFoundError: ``resume`` without an interrupted run.
+        ValueError: bad arguments, or ``resume`` with other settings.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"expected jobs to be a positive int, got {jobs!r}")
+    if overwrite and resume:
+        raise ValueError("pass overwrite or resume, not both")
+    plain: dict[str, Any] = json.loads(json.dumps(_plain(dict(settings)), allow_nan=True))
+    units = [dict(u) for u in study.units(plain)]
+    if not units:
+        raise ValueError(f"study {study.name!r} has no run unit at these settings")
+    folders = [unit_dir("", u) for u in units]
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"study {study.name!r}: two run units share a folder: {units}")
+    out = Path(out_dir)
+    manifest = {
+        "study": study.name,
+        "settings": plain,
+        "units": json.loads(json.dumps(units)),
+        "overwrite": overwrite,
+        "complete": False,
+    }
+    lock = _io.FolderLock(out).acquire()
+    try:
+        work = _prepare_study_folder(out, manifest, overwrite=overwrite, resume=resume)
+        units = manifest["units"]
+
+        def finished() -> dict[int, dict[str, Any]]:
+            found = {i: _read_record(unit_dir(work, u), u) for i, u in enumerate(units)}
+            return {i: r for i, r in found.items() if r is not None}
+
+        try:
+            done = finished() if resume else {}
+            todo = [i for i in range(len(units)) if i not in done]
+            for i in todo:  # a unit that had not finished starts again from an empty folder
+                if unit_dir(work, units[i]).exists():
+                    shutil.rmtree(unit_dir(work, units[i]))
+            with _stop_on_sigterm():
+                _execute_units(study, plain, units, todo, work, jobs, progress, lock)
+        except (KeyboardInterrupt, _Terminated) as exc:
+            name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+            completed = [r for _, r in sorted(finished().items())]
+            raise SweepInterrupted(work, completed, len(units), name) from None
+        except BaseException:
+            if not finished():  # nothing worth resuming: no trace
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        records = finished()
+        if len(records) != len(units):  # pragma: no cover - every unit finished or raised
+            raise RuntimeError(f"run units without records in {work}")
+        ordered = [records[i] for i in range(len(units))]
+        finish(work, ordered)
+        _io.write_json(work / MANIFEST, manifest | {"complete": True})
+        _io.swap_in(work, out)
+        return ordered
+    finally:
+        lock.release()
+
+
+def _prepare_study_folder(
+    out: Path, manifest: dict[str, Any], *, overwrite: bool, resume: bool
+) -> Path:
+    """Checks ``out`` and ``OUT.partial`` for a new or resumed study; returns ``OUT.partial``."""
+    work = _io.partial_dir(out)
+    _io.recover_swap(out, lambda p: bool((_read_manifest(p) or {}).get("complete")))
+    if resume:
+        found = _read_manifest(work) if work.is_dir() else None
+        if found is None:
+            raise FileNotFoundError(
+                f"nothing to resume: {work} holds no interrupted run (the run at {out} is "
+                "complete, or never started); run without --resume"
+            )
+        diff = _study_differences(found, manifest)
+        if diff:
+            raise ValueError(
+                f"the interrupted run in {work} differs from the one asked for: "
+                f"{'; '.join(diff)}; resume with the same settings, or pass --overwrite to "
+                "start again"
+            )
+        if out.is_dir() and any(out.iterdir()) and not found.get("overwrite"):
+            raise FileExistsError(
+                f"{out} already holds results and the interrupted run was not started with "
+                "--overwrite; choose another --out"
+            )
+        manifest["overwrite"] = found.get("overwrite", False)
+        return work
+    if work.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{work} holds an interrupted run: pass --resume to continue it, or "
+                "--overwrite to start again"
+            )
+        shutil.rmtree(work)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds results; pass --overwrite to replace them (they stay "
+            "intact until the new run is complete), or choose another --out"
+        )
+    _io.check_writable(out.parent)
+    work.mkdir(parents=True)
+    _io.write_json(work / MANIFEST, manifest)
+    return work
+
+
+def _execute_units(
+    study: Any,
+    settings: dict[str, Any],
+    units: list[dict[str, Any]],
+    todo: list[int],
+    work: Path,
+    jobs: int,
+    progress: bool,
+    lock: _io.FolderLock,
+) -> None:
+    """Runs the units ``todo``, in this process or in ``jobs`` workers; writes each record.
+
+    Only this process writes into ``work``: a worker returns its record.
+    """
+    bar = tqdm(
+        total=len(units),
+        initial=len(units) - len(todo),
+        desc=study.name,
+        unit="unit",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with bar:
+        jobs = min(jobs, max(1, len(todo)))
+        if jobs == 1:
+            for i in todo:
+                folder = unit_dir(work, units[i])
+                record = _run_unit(study, settings, units[i], str(folder))
+                _write_record(folder, units[i], record)
+                bar.update(1)
+            return
+        # workers write a unit's files in a private folder under OUT.jobs; this process moves it
+        # into place with the record once the unit is done, so nothing reaches the run otherwise
+        scratch = _io.scratch_dir(work.with_name(work.name.removesuffix(".partial")))
+        if scratch.exists():  # left by a run that was killed (we hold the lock: none runs)
+            shutil.rmtree(scratch)
+        scratch.mkdir(parents=True)
+        privates = {i: Path(tempfile.mkdtemp(prefix="unit-", dir=scratch)) for i in todo}
+
+        def move_in(i: int, record: dict[str, Any]) -> None:
+            folder = unit_dir(work, units[i])
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(privates[i], folder)
+            _write_record(folder, units[i], record)
+
+        ctx = multiprocessing.get_context("spawn")
+        fd = lock.fileno()
+        initargs = (os.getpid(), None if fd is None else _InheritedFd(fd), ((), ()))
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:  # ignored while the workers start, so that they start ignoring it
+            pool = ctx.Pool(processes=jobs, initializer=_worker_init, initargs=initargs)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+        left: list[tuple[int, Any]] = []
+        try:
+            left = [
+                (i, pool.apply_async(_run_unit, (study, settings, units[i], str(privates[i]))))
+                for i in todo
+            ]
+            while left:
+                for item in [x for x in left if x[1].ready()]:
+                    i, p = item
+                    move_in(i, p.get())
+                    bar.update(1)
+                    left.remove(item)
+                if left:
+                    left[0][1].wait(0.2)
+        except BaseException:
+            for i, p in left:  # units that finished before the stop are kept
+                if p.ready() and p.successful():
+                    with suppress(OSError):
+                        move_in(i, p.get())
+            pool.terminate()
+            pool.join()
+            shutil.rmtree(scratch, ignore_errors=True)
+            del pool
+            raise
+        pool.close()
+        pool.join()
+        shutil.rmtree(scratch, ignore_errors=True)
