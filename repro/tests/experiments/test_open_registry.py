@@ -170,3 +170,23 @@ def test_a_study_given_as_one_run_function_still_runs_deprecated(tmp_path):
         run_study(legacy, {"n": 2}, tmp_path / "m", jobs=2)
     with pytest.raises(ValueError, match="expected units, run_unit and summarize"):
         Study(name="x", description="", report=_mean_report, settings={}, units=_square_units)
+
+
+def test_importing_an_experiment_module_registers_nothing():
+    # the built-in entries are objects the loader registers on the first lookup, not an
+    # import side effect of their modules
+    import subprocess
+    import sys
+
+    code = (
+        "from metanorm_repro.experiments import registry\n"
+        "import metanorm_repro.experiments.synthetic as s, metanorm_repro.experiments.real\n"
+        "import metanorm_repro.experiments.estimators, metanorm_repro.experiments.studies\n"
+        "assert registry._ENTRIES == {}, sorted(registry._ENTRIES)\n"
+        "assert registry.get_experiment('synthetic') is s.SYNTHETIC\n"
+        "names = registry.list_entries()\n"
+        "for want in ('synthetic', 'synthetic-compare', 'synthetic-batch', 'multisite-mri',\n"
+        "             'continual', 'failures'):\n"
+        "    assert want in names, names\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -51,7 +51,7 @@ from metanorm_repro.datasets.shifting import CONTINUAL_ASSOCIATIONS, make_shifti
 from metanorm_repro.experiments._io import write_text
 from metanorm_repro.experiments.config import RunConfig
 from metanorm_repro.experiments.engine import evaluate, train_one_epoch
-from metanorm_repro.experiments.registry import Check, Experiment, register_experiment
+from metanorm_repro.experiments.registry import Check, Experiment
 from metanorm_repro.experiments.synthetic import SYNTHETIC
 from metanorm_repro.models import PaperCNN
 from metanorm_repro.models.methods import method_display_name as norm_display_name
@@ -176,32 +176,33 @@ _OPTIONS: dict[str, Any] = (
     else {}
 )
 
-SYNTHETIC_BATCH = register_experiment(
-    dataclasses.replace(
-        SYNTHETIC,
-        name="synthetic-batch",
-        description="The paper's batch-size figure on its synthetic task, for the paper's MDN, "
-        "recursive MDN (R-MDN), penalty MDN (PMDN) and the baseline (each estimator after fc1): "
-        "validation dcor² per epoch and test bAcc at batch 200, 64, 16 and 4.",
-        make_model=_batch_model,
-        methods=METHODS,
-        defaults={
-            "epochs": 5,
-            "lr": 1e-3,
-            "lr_schedule": "cosine",
-            "refit_running_beta": False,
-            "n_per_class": 400,
-            "batch_sizes": [200, 64, 16, 4],
-            "seeds": 1,
-            "methods": list(BATCH_METHODS),
-            "options": {"n_eval_per_class": 500, "forgetting": 0.9},
-        },
-        paper={},
-        reference=_BATCH_REFERENCE,
-        checks=_batch_checks,
-        **_OPTIONS,
-    )
+SYNTHETIC_BATCH = dataclasses.replace(
+    SYNTHETIC,
+    name="synthetic-batch",
+    description="The paper's batch-size figure on its synthetic task, for the paper's MDN, "
+    "recursive MDN (R-MDN), penalty MDN (PMDN) and the baseline (each estimator after fc1): "
+    "validation dcor² per epoch and test bAcc at batch 200, 64, 16 and 4.",
+    make_model=_batch_model,
+    methods=METHODS,
+    defaults={
+        "epochs": 5,
+        "lr": 1e-3,
+        "lr_schedule": "cosine",
+        "refit_running_beta": False,
+        "n_per_class": 400,
+        "batch_sizes": [200, 64, 16, 4],
+        "seeds": 1,
+        "methods": list(BATCH_METHODS),
+        "options": {"n_eval_per_class": 500, "forgetting": 0.9},
+    },
+    paper={},
+    reference=_BATCH_REFERENCE,
+    checks=_batch_checks,
+    **_OPTIONS,
 )
+
+#: The experiments of this module (registered by the registry's loader).
+EXPERIMENTS = (SYNTHETIC_BATCH,)
 
 
 def _method_rank(method: str) -> int:

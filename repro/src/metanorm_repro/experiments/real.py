@@ -67,7 +67,7 @@ from metanorm_repro.datasets import (
 )
 from metanorm_repro.experiments.alternatives import attach_objective
 from metanorm_repro.experiments.config import RunConfig
-from metanorm_repro.experiments.registry import Check, Experiment, register_experiment
+from metanorm_repro.experiments.registry import Check, Experiment
 from metanorm_repro.models.methods import ALTERNATIVES, FAILURE_METHODS, get_method
 from metanorm_repro.models.stand_in import StandInCNN, StandInCNN3d, StandInMLP
 
@@ -460,23 +460,26 @@ _SPECS: list[dict[str, Any]] = [
     },
 ]
 
-for _spec in _SPECS:
-    _name = _spec["name"]
-    register_experiment(
-        Experiment(
-            name=_name,
-            description=_spec["description"],
-            make_splits=_make_splits(_name),
-            make_model=_make_model(_name),
-            methods=METHODS,
-            metadata_columns=_spec["metadata_columns"],
-            confounder=_spec["confounder"],
-            categorical=_spec.get("categorical", ()),
-            standardize=True,
-            groups=_spec.get("groups"),
-            defaults={**_COMMON, "methods": ["batchnorm", "mdn"], **_spec["defaults"]},
-            checks=_shift_checks,
-            configure=_spec.get("configure"),
-            options=_option_keys(_name),
-        )
+
+def _experiment(spec: dict[str, Any]) -> Experiment:
+    name = spec["name"]
+    return Experiment(
+        name=name,
+        description=spec["description"],
+        make_splits=_make_splits(name),
+        make_model=_make_model(name),
+        methods=METHODS,
+        metadata_columns=spec["metadata_columns"],
+        confounder=spec["confounder"],
+        categorical=spec.get("categorical", ()),
+        standardize=True,
+        groups=spec.get("groups"),
+        defaults={**_COMMON, "methods": ["batchnorm", "mdn"], **spec["defaults"]},
+        checks=_shift_checks,
+        configure=spec.get("configure"),
+        options=_option_keys(name),
     )
+
+
+#: The experiments of this module (registered by the registry's loader).
+EXPERIMENTS = tuple(_experiment(spec) for spec in _SPECS)

@@ -34,8 +34,8 @@ the studies only.
 
 Where entries come from (loaded lazily, once, by the look-ups):
 
-- the built-in modules of :data:`EXPERIMENT_MODULES` (they register when imported) and the
-  built-in studies of :data:`BUILTIN_SOURCES`;
+- the built-in entries, named as objects (``module:attr``) in :data:`BUILTIN_SOURCES` and
+  registered by the loader on the first lookup (importing a harness module registers nothing);
 - installed packages, through the entry-point group :data:`ENTRY_POINT_GROUP`
   (``metanorm_repro.experiments``): each entry point names a module (imported: it registers its
   entries itself) or an object (``module:attr``: an :class:`Experiment`, a :class:`Study`, or an
@@ -97,15 +97,18 @@ __all__ = [
     "worker_payload",
 ]
 
-#: Modules that register experiments when imported.
+#: The modules that hold the built-in experiments (each as a tuple ``EXPERIMENTS``).
 EXPERIMENT_MODULES: tuple[str, ...] = (
     "metanorm_repro.experiments.synthetic",
     "metanorm_repro.experiments.real",
     "metanorm_repro.experiments.estimators",
 )
 
-#: Built-in entries given as objects (``module:attr``), registered by the loader.
-BUILTIN_SOURCES: tuple[str, ...] = ("metanorm_repro.experiments.studies:STUDIES",)
+#: The built-in entries as objects (``module:attr``), registered by the loader.
+BUILTIN_SOURCES: tuple[str, ...] = (
+    *(f"{module}:EXPERIMENTS" for module in EXPERIMENT_MODULES),
+    "metanorm_repro.experiments.studies:STUDIES",
+)
 
 #: The entry-point group through which installed packages add experiments and studies.
 ENTRY_POINT_GROUP = "metanorm_repro.experiments"
@@ -402,8 +405,6 @@ def load_source(source: str) -> list[str]:
 
 def _load_all() -> None:
     global _LOADED
-    for module in EXPERIMENT_MODULES:  # cheap once imported; a test may have reloaded one
-        importlib.import_module(module)
     if _LOADED:
         return
     _LOADED = True

@@ -38,7 +38,7 @@ from metanorm_repro.datasets.synthetic import (
 from metanorm_repro.experiments.alternatives import attach_objective
 from metanorm_repro.experiments.bounds import SYNTHETIC_REFERENCE_ACCURACIES, reference_markdown
 from metanorm_repro.experiments.config import RunConfig
-from metanorm_repro.experiments.registry import Check, Experiment, register_experiment
+from metanorm_repro.experiments.registry import Check, Experiment
 from metanorm_repro.models import PaperCNN
 from metanorm_repro.models.methods import ALTERNATIVES, get_method
 
@@ -148,43 +148,41 @@ def _checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
     return checks
 
 
-SYNTHETIC = register_experiment(
-    Experiment(
-        name="synthetic",
-        description="The paper's synthetic experiment: 32×32 images whose label is carried by "
-        "a main effect mf (two quadrants) and, equally, by a confounder cf (a third quadrant). "
-        "A plain CNN uses cf; MDN removes it from the features (design [y, cf, 1], y kept).",
-        make_splits=_splits,
-        make_model=_model,
-        # the methods a run may take; the default run's are defaults["methods"]
-        methods=("none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv", "mdn-scale", "mdn-ls"),
-        metadata_columns=("cf",),
-        confounder="cf",
-        groups=cf_bins,
-        defaults={
-            "methods": ["none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv"],
-            "epochs": 5,
-            "lr": 1e-3,
-            "lr_schedule": "cosine",
-            "refit_running_beta": True,
-            "n_per_class": 2000,
-            "batch_sizes": [200, 128],
-            "seeds": 1,
-            "options": {"n_eval_per_class": 1000},
-        },
-        paper={
-            "epochs": 200,
-            "lr": 1e-4,
-            "lr_schedule": "constant",
-            "refit_running_beta": False,
-            "n_per_class": 1000,
-            "batch_sizes": [200],
-            "seeds": 1,
-        },
-        reference=REFERENCE,
-        checks=_checks,
-        options=("n_eval_per_class",),
-    )
+SYNTHETIC = Experiment(
+    name="synthetic",
+    description="The paper's synthetic experiment: 32×32 images whose label is carried by "
+    "a main effect mf (two quadrants) and, equally, by a confounder cf (a third quadrant). "
+    "A plain CNN uses cf; MDN removes it from the features (design [y, cf, 1], y kept).",
+    make_splits=_splits,
+    make_model=_model,
+    # the methods a run may take; the default run's are defaults["methods"]
+    methods=("none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv", "mdn-scale", "mdn-ls"),
+    metadata_columns=("cf",),
+    confounder="cf",
+    groups=cf_bins,
+    defaults={
+        "methods": ["none", "batchnorm", "groupnorm", "mdn-linear", "mdn-conv"],
+        "epochs": 5,
+        "lr": 1e-3,
+        "lr_schedule": "cosine",
+        "refit_running_beta": True,
+        "n_per_class": 2000,
+        "batch_sizes": [200, 128],
+        "seeds": 1,
+        "options": {"n_eval_per_class": 1000},
+    },
+    paper={
+        "epochs": 200,
+        "lr": 1e-4,
+        "lr_schedule": "constant",
+        "refit_running_beta": False,
+        "n_per_class": 1000,
+        "batch_sizes": [200],
+        "seeds": 1,
+    },
+    reference=REFERENCE,
+    checks=_checks,
+    options=("n_eval_per_class",),
 )
 
 
@@ -222,39 +220,38 @@ def _compare_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
     return checks
 
 
-SYNTHETIC_COMPARE = register_experiment(
-    dataclasses.replace(  # the synthetic experiment's data, model, metadata and reference
-        SYNTHETIC,
-        name="synthetic-compare",
-        description="The synthetic experiment (as 'synthetic') with the alternatives to MDN: "
-        "concat (cf appended to the classifier's input), BR-Net and DANN (adversaries on cf, "
-        "marginal and label-conditional), Group DRO over label × cf-bin groups, beside the "
-        "baseline and MDN. See docs/alternatives.md.",
-        methods=(
-            "none",
-            *ALTERNATIVES,
-            "mdn-linear",
-            "mdn-conv",
-            "batchnorm",
-            "mdn-scale",
-            "mdn-ls",
-        ),
-        defaults={
-            **SYNTHETIC.defaults,
-            # the baseline, the alternatives to MDN (docs/alternatives.md) and MDN
-            "methods": ["none", *ALTERNATIVES, "mdn-linear", "mdn-conv"],
-            "n_per_class": 500,
-            "epochs": 6,
-            "lr": 3e-3,
-            "lr_schedule": "constant",
-            "batch_sizes": [200, 32],
-            "seeds": 3,
-            "options": {"n_eval_per_class": 500},
-        },
-        paper={},
-        checks=_compare_checks,
-        options=("n_eval_per_class", "dann_schedule", "dann_weight"),
-    )
+# the synthetic experiment's data, model, metadata and reference
+SYNTHETIC_COMPARE = dataclasses.replace(
+    SYNTHETIC,
+    name="synthetic-compare",
+    description="The synthetic experiment (as 'synthetic') with the alternatives to MDN: "
+    "concat (cf appended to the classifier's input), BR-Net and DANN (adversaries on cf, "
+    "marginal and label-conditional), Group DRO over label × cf-bin groups, beside the "
+    "baseline and MDN. See docs/alternatives.md.",
+    methods=(
+        "none",
+        *ALTERNATIVES,
+        "mdn-linear",
+        "mdn-conv",
+        "batchnorm",
+        "mdn-scale",
+        "mdn-ls",
+    ),
+    defaults={
+        **SYNTHETIC.defaults,
+        # the baseline, the alternatives to MDN (docs/alternatives.md) and MDN
+        "methods": ["none", *ALTERNATIVES, "mdn-linear", "mdn-conv"],
+        "n_per_class": 500,
+        "epochs": 6,
+        "lr": 3e-3,
+        "lr_schedule": "constant",
+        "batch_sizes": [200, 32],
+        "seeds": 3,
+        "options": {"n_eval_per_class": 500},
+    },
+    paper={},
+    checks=_compare_checks,
+    options=("n_eval_per_class", "dann_schedule", "dann_weight"),
 )
 
 
@@ -270,3 +267,7 @@ def __getattr__(name: str) -> Any:
         stacklevel=2,
     )
     return tuple(spec.defaults["methods"])
+
+
+#: The experiments of this module (registered by the registry's loader).
+EXPERIMENTS = (SYNTHETIC, SYNTHETIC_COMPARE)
