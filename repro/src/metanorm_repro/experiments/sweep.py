@@ -270,38 +270,52 @@ def _preflight(out: Path, work: Path, todo: list[RunConfig]) -> None:
         )
 
 
-def _prepare_folder(out: Path, manifest: dict[str, Any], *, overwrite: bool, resume: bool) -> Path:
-    """Checks ``out`` and ``OUT.partial`` for a new or resumed sweep; returns ``OUT.partial``."""
+def _prepare_folder(
+    out: Path,
+    manifest: dict[str, Any],
+    *,
+    overwrite: bool,
+    resume: bool,
+    kind: str = "sweep",
+    differences: Callable[[dict[str, Any], dict[str, Any]], list[str]] = _differences,
+    check_out: Callable[[Path, bool], Any] = check_run_dir,
+) -> Path:
+    """Checks ``out`` and ``OUT.partial`` for a new or resumed ``kind``; returns ``OUT.partial``.
+
+    ``differences(found, wanted)`` lists what a resumed manifest may not change;
+    ``check_out(out, overwrite)`` refuses an ``out`` that holds something else.
+    """
     work = _io.partial_dir(out)
     _io.recover_swap(out, lambda p: bool((_read_manifest(p) or {}).get("complete")))
     if resume:
         found = _read_manifest(work) if work.is_dir() else None
         if found is None:
             raise FileNotFoundError(
-                f"nothing to resume: {work} holds no interrupted sweep (the sweep at {out} is "
+                f"nothing to resume: {work} holds no interrupted {kind} (the {kind} at {out} is "
                 "complete, or never started); run without --resume"
             )
-        diff = _differences(found, manifest)
+        diff = differences(found, manifest)
         if diff:
             raise ValueError(
-                f"the interrupted sweep in {work} differs from the one asked for: "
+                f"the interrupted {kind} in {work} differs from the one asked for: "
                 f"{'; '.join(diff)}; resume with the same settings, or pass --overwrite to "
                 "start again"
             )
         if out.is_dir() and any(out.iterdir()) and not found.get("overwrite"):
             raise FileExistsError(
-                f"{out} already holds a run and the interrupted sweep was not started with "
+                f"{out} already holds a run and the interrupted {kind} was not started with "
                 "--overwrite; choose another --out"
             )
+        manifest["overwrite"] = found.get("overwrite", False)
         return work
     if work.exists():
         if not overwrite:
             raise FileExistsError(
-                f"{work} holds an interrupted sweep: pass --resume to continue it, or "
+                f"{work} holds an interrupted {kind}: pass --resume to continue it, or "
                 "--overwrite to start again"
             )
         shutil.rmtree(work)
-    check_run_dir(out, overwrite)
+    check_out(out, overwrite)
     work.mkdir(parents=True)
     _io.write_json(work / MANIFEST, manifest)
     return work
@@ -810,7 +824,15 @@ def run_units(
     }
     lock = _io.FolderLock(out).acquire()
     try:
-        work = _prepare_study_folder(out, manifest, overwrite=overwrite, resume=resume)
+        work = _prepare_folder(
+            out,
+            manifest,
+            overwrite=overwrite,
+            resume=resume,
+            kind="run",
+            differences=_study_differences,
+            check_out=_check_study_out,
+        )
         units = manifest["units"]
 
         def finished() -> dict[int, dict[str, Any]]:
@@ -845,49 +867,14 @@ def run_units(
         lock.release()
 
 
-def _prepare_study_folder(
-    out: Path, manifest: dict[str, Any], *, overwrite: bool, resume: bool
-) -> Path:
-    """Checks ``out`` and ``OUT.partial`` for a new or resumed study; returns ``OUT.partial``."""
-    work = _io.partial_dir(out)
-    _io.recover_swap(out, lambda p: bool((_read_manifest(p) or {}).get("complete")))
-    if resume:
-        found = _read_manifest(work) if work.is_dir() else None
-        if found is None:
-            raise FileNotFoundError(
-                f"nothing to resume: {work} holds no interrupted run (the run at {out} is "
-                "complete, or never started); run without --resume"
-            )
-        diff = _study_differences(found, manifest)
-        if diff:
-            raise ValueError(
-                f"the interrupted run in {work} differs from the one asked for: "
-                f"{'; '.join(diff)}; resume with the same settings, or pass --overwrite to "
-                "start again"
-            )
-        if out.is_dir() and any(out.iterdir()) and not found.get("overwrite"):
-            raise FileExistsError(
-                f"{out} already holds results and the interrupted run was not started with "
-                "--overwrite; choose another --out"
-            )
-        manifest["overwrite"] = found.get("overwrite", False)
-        return work
-    if work.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{work} holds an interrupted run: pass --resume to continue it, or "
-                "--overwrite to start again"
-            )
-        shutil.rmtree(work)
+def _check_study_out(out: Path, overwrite: bool) -> None:
+    """Refuses an ``out`` that holds results unless ``overwrite``; checks it can be written."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(
             f"{out} already holds results; pass --overwrite to replace them (they stay "
             "intact until the new run is complete), or choose another --out"
         )
     _io.check_writable(out.parent)
-    work.mkdir(parents=True)
-    _io.write_json(work / MANIFEST, manifest)
-    return work
 
 
 def _execute_units(
