@@ -326,3 +326,8 @@ if __name__ == "__main__":
         _lightning_refit_job(sys.argv[2])
     else:
         raise SystemExit(f"usage: {sys.argv[0]} lightning|lightning-refit OUT")
+    # Lightning leaves its gloo group up; torn down by the interpreter's exit, its threads can
+    # abort the process ("terminate called without an active exception") after the results
+    # are written, so it is destroyed here, on both ranks
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
