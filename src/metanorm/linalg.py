@@ -285,7 +285,34 @@ def remove_effect(
     if remove_mask is not None:
         # where, not a product: a NaN/inf in a kept column (an unknown label) never enters
         design_rows = torch.where(remove_mask, design_rows, 0.0)
-    return torch.addmm(features, design_rows, beta, alpha=-1)
+    return subtract_product(features, design_rows, beta)
+
+
+# On the CPU a product with an inner size of a few columns that writes a large output runs
+# faster as that many fused multiply-subtracts than as one matrix product (with MKL, 0.2-0.6x
+# the time of addmm for 4,096-25,088 columns and K = 2-3; at K = 8 they are even)
+_FEW_COLUMNS = 4
+_LARGE_OUTPUT = 1 << 16
+
+
+def subtract_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""``x − a·b`` for ``a`` of shape ``(m, K)`` and ``b`` of shape ``(K, D)``.
+
+    On the CPU, for K ≤ 4 and an output of at least 65,536 values, as K ``addcmul`` passes;
+    otherwise (and under ``torch.compile``, which fuses either) one ``addmm``.
+    """
+    k = a.shape[1]
+    if (
+        0 < k <= _FEW_COLUMNS
+        and x.is_cpu
+        and x.numel() >= _LARGE_OUTPUT
+        and not torch.compiler.is_compiling()
+    ):
+        out = torch.addcmul(x, a[:, :1], b[:1], value=-1)
+        for j in range(1, k):
+            out.addcmul_(a[:, j : j + 1], b[j : j + 1], value=-1)
+        return out
+    return torch.addmm(x, a, b, alpha=-1)
 
 
 def fit_beta(design: Any, features: Any, *, ridge: float = 0.0) -> torch.Tensor:

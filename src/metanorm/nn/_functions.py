@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from metanorm.linalg import apply_weight, batch_weight, remove_effect
+from metanorm.linalg import apply_weight, batch_weight, remove_effect, subtract_product
 
 __all__ = ["AllReduceSum", "BatchResidual", "StatisticsReducer", "SyncBatchResidual", "Transpose"]
 
@@ -84,10 +84,10 @@ class BatchResidual(torch.autograd.Function):
         if torch.is_autocast_enabled(x.device.type):  # no context to enter when it is off
             with torch.autocast(x.device.type, enabled=False):
                 beta = torch.mm(b.t(), x)
-                out = torch.addmm(x, a, beta, alpha=-1)
+                out = subtract_product(x, a, beta)
         else:
             beta = torch.mm(b.t(), x)
-            out = torch.addmm(x, a, beta, alpha=-1)
+            out = subtract_product(x, a, beta)
         ctx.save_for_backward(a, b)
         ctx.mark_non_differentiable(beta)
         ctx.set_materialize_grads(False)
@@ -103,7 +103,7 @@ class BatchResidual(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a Function, so double backward works
             return Transpose.apply(grad_out, b, a, None, None), None, None
         with autocast_off(grad_out.device.type):
-            return torch.addmm(grad_out, b, torch.mm(a.t(), grad_out), alpha=-1), None, None
+            return subtract_product(grad_out, b, torch.mm(a.t(), grad_out)), None, None
 
 
 class SyncBatchResidual(torch.autograd.Function):
