@@ -107,6 +107,15 @@ def _studies_help() -> list[str]:
         study = get_study(name)
         flags, keys = _study_takes(study)
         lines.append(f"  {name}")
+        if study.methods is not None:
+            default = set(study.settings.get("methods") or study.methods)
+            methods = " ".join(f"{m}{'*' if m in default else ''}" for m in study.methods)
+            lines += textwrap.wrap(
+                f"methods: {methods}",
+                width=90,
+                initial_indent="      ",
+                subsequent_indent="        ",
+            )
         lines += textwrap.wrap(
             f"flags: {' '.join(flags) or '(none)'}; --option keys: {' '.join(keys)}",
             width=90,
