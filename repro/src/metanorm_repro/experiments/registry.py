@@ -214,7 +214,11 @@ class Experiment:
     options: tuple[str, ...] | None = None
 
     def check_methods(self, methods: Sequence[str], *, spellings: bool = True) -> list[str]:
-        """``methods`` checked by :func:`check_methods` against :attr:`methods`."""
+        """``methods`` checked against :attr:`methods` (``registry.check_methods``).
+
+        Raises:
+            ValueError: a method the experiment does not accept; the message names those it does.
+        """
         return check_methods(self.name, methods, self.methods, spellings=spellings)
 
     def check_options(self, options: Mapping[str, Any]) -> None:
@@ -333,7 +337,7 @@ class Study:
         Raises:
             ValueError: a key of ``given`` that is not a setting (the message lists them),
                 ``paper`` for a study without paper settings, or a method the study does not
-                accept (:func:`check_methods`; the message names those it does).
+                accept (``registry.check_methods``; the message names those it does).
         """
         unknown = sorted(set(given) - set(self.settings))
         if unknown:
