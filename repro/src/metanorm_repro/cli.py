@@ -107,6 +107,15 @@ def _studies_help() -> list[str]:
         study = get_study(name)
         flags, keys = _study_takes(study)
         lines.append(f"  {name}")
+        if study.methods is not None:
+            default = set(study.settings.get("methods") or study.methods)
+            methods = " ".join(f"{m}{'*' if m in default else ''}" for m in study.methods)
+            lines += textwrap.wrap(
+                f"methods: {methods}",
+                width=90,
+                initial_indent="      ",
+                subsequent_indent="        ",
+            )
         lines += textwrap.wrap(
             f"flags: {' '.join(flags) or '(none)'}; --option keys: {' '.join(keys)}",
             width=90,
@@ -163,7 +172,8 @@ def register(sub: Any) -> None:
         "--methods",
         nargs="+",
         metavar="M",
-        help="methods to run, names of the one method registry (default: the experiment's; "
+        help="methods to run, names of the methods table (metanorm_repro.models.methods.METHODS; "
+        "default: the experiment's; "
         "synthetic: none (or baseline), batchnorm (bn), groupnorm (gn), mdn-linear, mdn-conv; "
         "the real-data experiments: batchnorm, mdn). synthetic-compare and the real-data "
         "experiments also take the alternatives concat, concat-input, brnet, brnet-cond, dann, "
@@ -404,7 +414,6 @@ def _run(args: argparse.Namespace) -> int:
     from metanorm_repro.experiments import RunConfig, run_sweep, write_report
     from metanorm_repro.experiments.registry import Experiment, get_entry, load_source
     from metanorm_repro.experiments.sweep import SweepInterrupted
-    from metanorm_repro.models.methods import METHOD_ALIASES as NORM_ALIASES
 
     for source in args.experiment_module:
         try:
@@ -459,14 +468,7 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
-    default_methods = settings.get("methods", experiment.methods)
-    methods = [NORM_ALIASES.get(m, m) for m in (args.methods or default_methods)]
-    unknown = [m for m in methods if m not in experiment.methods]
-    if unknown:
-        raise ValueError(
-            f"unknown method(s) {unknown} for {experiment.name!r} (--methods); expected among "
-            f"{list(experiment.methods)} (or 'baseline' for 'none')"
-        )
+    methods = experiment.check_methods(args.methods or settings.get("methods", experiment.methods))
     seeds = list(range(args.seed, args.seed + int(settings["seeds"])))
     cores = os.cpu_count() or 1
     n_groups = len(seeds) * len(settings["batch_sizes"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 from standin_layouts import needs_fashion, needs_two_sites
 
-from metanorm_repro.experiments.failures import METHODS, STUDIES, main, run_failures, summarize
+from metanorm_repro.experiments import get_study
+from metanorm_repro.experiments.failures import STUDIES, main, run_failures, summarize
 from metanorm_repro.experiments.real import METHODS as REAL_METHODS
 
 
@@ -57,7 +58,8 @@ def test_summarize_pairs_seeds_with_the_baseline():
 
 
 def test_every_study_method_is_a_real_experiment_method():
-    assert set(METHODS) <= set(REAL_METHODS) and METHODS[0] == "batchnorm"
+    methods = get_study("failures").settings["methods"]
+    assert set(methods) <= set(REAL_METHODS) and methods[0] == "batchnorm"
     assert STUDIES["contrast"].options == {"shade_mode": "contrast"}
     with pytest.raises(ValueError, match="studies"):
         run_failures("unused", studies=["nope"])

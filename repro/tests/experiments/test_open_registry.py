@@ -190,3 +190,50 @@ def test_importing_an_experiment_module_registers_nothing():
         "    assert want in names, names\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_study_declares_its_methods_and_refuses_others_by_name(capsys):
+    from metanorm_repro.experiments import get_study
+
+    for name in ("regression-synthetic", "regression-diabetes", "continual", "failures"):
+        study = get_study(name)
+        assert set(study.settings["methods"]) <= set(study.methods), name
+    assert get_study("running-beta").methods is None
+    continual = get_study("continual")
+    # other spellings take the method's name; unknown methods are named with the accepted ones
+    assert continual.resolve({"methods": ["baseline", "rmdn"]})["methods"] == ["none", "rmdn"]
+    with pytest.raises(ValueError, match=r"\['groupdro'\] for 'continual'; expected among"):
+        continual.resolve({"methods": ["none", "groupdro"]})
+    with pytest.raises(ValueError, match="must not repeat"):
+        continual.resolve({"methods": ["rmdn", "rmdn"]})
+    # the same check on the command line, before anything runs
+    argv = ["reproduce", "continual", "--methods", "none", "pmdn-all", "--out", "unused"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown method(s) ['pmdn-all'] for 'continual'" in err and "rmdn-conv" in err
+
+
+def test_the_old_method_lists_are_deprecated_aliases_of_the_specs():
+    from metanorm_repro.experiments import (
+        estimators,
+        failures,
+        get_experiment,
+        get_study,
+        regression,
+    )
+
+    batch = get_experiment("synthetic-batch")
+    expected = {
+        (estimators, "METHODS"): batch.methods,
+        (estimators, "BATCH_METHODS"): tuple(batch.defaults["methods"]),
+        (estimators, "CONTINUAL_METHODS"): tuple(get_study("continual").settings["methods"]),
+        (regression, "METHODS"): tuple(get_study("regression-synthetic").settings["methods"]),
+        (failures, "METHODS"): tuple(get_study("failures").settings["methods"]),
+    }
+    for (module, name), value in expected.items():
+        with pytest.warns(DeprecationWarning, match=name):
+            assert getattr(module, name) == value
+    with pytest.warns(DeprecationWarning):
+        assert estimators.CONTINUAL_METHODS == ("none", "mdn-linear", "rmdn")  # the old value
+    with pytest.raises(AttributeError):
+        regression.NOT_A_LIST  # noqa: B018

@@ -33,6 +33,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,12 @@ from metanorm_repro.datasets.shifting import CONTINUAL_ASSOCIATIONS, make_shifti
 from metanorm_repro.experiments._io import write_text
 from metanorm_repro.experiments.config import RunConfig
 from metanorm_repro.experiments.engine import evaluate, train_one_epoch
-from metanorm_repro.experiments.registry import Check, Experiment
+from metanorm_repro.experiments.registry import Check, Experiment, Study, check_methods
 from metanorm_repro.experiments.synthetic import SYNTHETIC
 from metanorm_repro.models import PaperCNN
 from metanorm_repro.models.methods import method_display_name as norm_display_name
 
 __all__ = [
-    "BATCH_METHODS",
-    "CONTINUAL_METHODS",
-    "METHODS",
     "SYNTHETIC_BATCH",
     "continual_report",
     "continual_settings",
@@ -70,20 +68,37 @@ __all__ = [
     "run_continual",
 ]
 
-#: Every method the estimator experiments accept (baseline first).
-METHODS: tuple[str, ...] = (
-    "none",
-    "mdn-linear",
-    "rmdn",
-    "pmdn",
-    "mdn-conv",
-    "rmdn-conv",
-    "pmdn-conv",
-)
-#: The batch-size sweep's default methods.
-BATCH_METHODS: tuple[str, ...] = ("none", "mdn-linear", "rmdn", "pmdn")
-#: The continual experiment's default methods.
-CONTINUAL_METHODS: tuple[str, ...] = ("none", "mdn-linear", "rmdn")
+
+def _continual_study() -> Study:
+    """The ``continual`` study's spec (its methods: accepted and the default run's)."""
+    from metanorm_repro.experiments.studies import builtin_study
+
+    return builtin_study("continual")
+
+
+def __getattr__(name: str) -> Any:
+    # METHODS, BATCH_METHODS and CONTINUAL_METHODS were the experiments' method lists, now in
+    # the specs of synthetic-batch and continual
+    moved = {
+        "METHODS": ("get_experiment('synthetic-batch').methods", lambda: SYNTHETIC_BATCH.methods),
+        "BATCH_METHODS": (
+            "get_experiment('synthetic-batch').defaults['methods']",
+            lambda: tuple(SYNTHETIC_BATCH.defaults["methods"]),
+        ),
+        "CONTINUAL_METHODS": (
+            "get_study('continual').settings['methods']",
+            lambda: tuple(_continual_study().settings["methods"]),
+        ),
+    }
+    if name not in moved:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    where, get = moved[name]
+    warnings.warn(
+        f"metanorm_repro.experiments.estimators.{name} is deprecated: it is {where}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return get()
 
 
 def estimator_kwargs(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,7 +198,15 @@ SYNTHETIC_BATCH = dataclasses.replace(
     "recursive MDN (R-MDN), penalty MDN (PMDN) and the baseline (each estimator after fc1): "
     "validation dcor² per epoch and test bAcc at batch 200, 64, 16 and 4.",
     make_model=_batch_model,
-    methods=METHODS,
+    methods=(
+        "none",
+        "mdn-linear",
+        "rmdn",
+        "pmdn",
+        "mdn-conv",
+        "rmdn-conv",
+        "pmdn-conv",
+    ),
     defaults={
         "epochs": 5,
         "lr": 1e-3,
@@ -192,7 +215,7 @@ SYNTHETIC_BATCH = dataclasses.replace(
         "n_per_class": 400,
         "batch_sizes": [200, 64, 16, 4],
         "seeds": 1,
-        "methods": list(BATCH_METHODS),
+        "methods": ["none", "mdn-linear", "rmdn", "pmdn"],
         "options": {"n_eval_per_class": 500, "forgetting": 0.9},
     },
     paper={},
@@ -206,14 +229,15 @@ EXPERIMENTS = (SYNTHETIC_BATCH,)
 
 
 def _method_rank(method: str) -> int:
-    return METHODS.index(method) if method in METHODS else len(METHODS)
+    methods = SYNTHETIC_BATCH.methods
+    return methods.index(method) if method in methods else len(methods)
 
 
 def epoch_dcor_table(sweep_dir: str | Path) -> str:
     """A markdown table of the validation dcor² per epoch of every run of a sweep folder.
 
     One row per (batch size, method, seed), largest batch first and methods in the order of
-    :data:`METHODS`, one column per epoch, each cell the per-class values
+    ``synthetic-batch``'s methods, one column per epoch, each cell the per-class values
     ``class 0 / class 1`` (from the runs' ``epochs.csv``), and the last column the test bAcc
     (from ``final.json``) when the run finished.
     """
@@ -276,7 +300,7 @@ MDN_DESIGNS = ("stage", "first")
 def run_continual(
     out_dir: str | Path | None = None,
     *,
-    methods: Sequence[str] = CONTINUAL_METHODS,
+    methods: Sequence[str] | None = None,
     associations: Sequence[float] = CONTINUAL_ASSOCIATIONS,
     n_per_class: int = 400,
     n_eval_per_class: int = 400,
@@ -310,7 +334,9 @@ def run_continual(
 
     Args:
         out_dir: where to write ``results.json`` and ``report.md`` (``None``: nothing written).
-        methods: methods among :data:`METHODS`. Default: :data:`CONTINUAL_METHODS`.
+        methods: methods among those the ``continual`` study accepts
+            (``get_study("continual").methods``). Default: its default run's
+            (``settings["methods"]``).
         associations: the confounder association of each stage (the schedule).
         n_per_class: training images per label and stage. Default: 400.
         n_eval_per_class: validation images per label and stage. Default: 400.
@@ -330,6 +356,8 @@ def run_continual(
         ``{"settings": {...}, "methods": {method: {"bacc": [[after stage i, on stage j]],
         "dcor2": {class: [[...]]}, "train_loss": [per stage], "time_s": float}}}``.
     """
+    if methods is None:
+        methods = _continual_study().settings["methods"]
     settings = continual_settings(
         methods=methods,
         associations=associations,
@@ -360,7 +388,7 @@ def run_continual(
 
 def continual_settings(
     *,
-    methods: Sequence[str] = CONTINUAL_METHODS,
+    methods: Sequence[str] | None = None,
     associations: Sequence[float] = CONTINUAL_ASSOCIATIONS,
     n_per_class: int = 400,
     n_eval_per_class: int = 400,
@@ -378,9 +406,9 @@ def continual_settings(
     Raises:
         ValueError: an unknown method, reset or design, or a count that is not a positive int.
     """
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"expected methods among {METHODS}, got {list(methods)}")
+    study = _continual_study()
+    given = study.settings["methods"] if methods is None else methods
+    check_methods(study.name, given, study.methods or (), spellings=False)
     if rmdn_reset not in RMDN_RESETS:
         raise ValueError(f"expected rmdn_reset in {RMDN_RESETS}, got {rmdn_reset!r}")
     if mdn_design not in MDN_DESIGNS:
@@ -418,7 +446,7 @@ def continual_unit(
 
     Args:
         settings: the ``"settings"`` of :func:`run_continual`'s result.
-        method: one of :data:`CONTINUAL_METHODS`.
+        method: one of the methods the ``continual`` study accepts.
         progress: print one line per stage.
 
     Returns:
@@ -554,7 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=(run_continual.__doc__ or "").split("\n\n")[0],
     )
     p.add_argument("--out", default="runs/continual", help="output folder")
-    p.add_argument("--methods", nargs="+", default=list(CONTINUAL_METHODS), choices=METHODS)
+    study = _continual_study()
+    p.add_argument(
+        "--methods", nargs="+", default=list(study.settings["methods"]), choices=study.methods
+    )
     p.add_argument("--associations", nargs="+", type=float, default=list(CONTINUAL_ASSOCIATIONS))
     p.add_argument("--n-per-class", type=int, default=400)
     p.add_argument("--n-eval-per-class", type=int, default=400)

@@ -23,7 +23,8 @@ Examples::
 
     >>> STUDIES["contrast"].experiment, STUDIES["contrast"].options
     ('shaded-fashion-mnist', {'shade_mode': 'contrast'})
-    >>> METHODS[0]
+    >>> from metanorm_repro.experiments import get_study
+    >>> get_study("failures").settings["methods"][0]
     'batchnorm'
 """
 
@@ -34,6 +35,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +49,9 @@ from metanorm_repro.experiments.registry import get_experiment
 from metanorm_repro.experiments.report import write_report
 from metanorm_repro.experiments.runner import load_result
 from metanorm_repro.experiments.sweep import run_dir, run_sweep
-from metanorm_repro.models.interaction_norms import FAILURE_METHODS
-from metanorm_repro.models.methods import FEATURE_ALTERNATIVES
 from metanorm_repro.models.methods import method_display_name as norm_display_name
 
 __all__ = [
-    "METHODS",
     "STUDIES",
     "Study",
     "failures_report",
@@ -63,14 +62,27 @@ __all__ = [
     "summarize",
 ]
 
-#: The methods of the study, the baseline first, then MDN, the candidate fixes and the alternatives.
-METHODS: tuple[str, ...] = (
-    "batchnorm",
-    "mdn",
-    "mdn-all",
-    *FAILURE_METHODS,
-    *FEATURE_ALTERNATIVES,
-)
+
+def _default_methods() -> list[str]:
+    """The default run's methods of the ``failures`` study (its spec's ``settings``)."""
+    from metanorm_repro.experiments.studies import builtin_study
+
+    return list(builtin_study("failures").settings["methods"])
+
+
+def __getattr__(name: str) -> Any:
+    # METHODS was the failures study's method list, now in its spec
+    if name != "METHODS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        "metanorm_repro.experiments.failures.METHODS is deprecated: the methods of the "
+        "failures study are get_study('failures').settings['methods'] (the default run's) and "
+        ".methods (accepted)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return tuple(_default_methods())
+
 
 #: The split whose bAcc is the headline (the confounder's association with the label reversed).
 REVERSED = "test_reversed"
@@ -395,7 +407,7 @@ def run_failures(
     out: str | os.PathLike[str],
     *,
     studies: Sequence[str] = tuple(STUDIES),
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     seeds: int = 3,
     seed: int = 0,
     epochs: int | None = None,
@@ -413,7 +425,8 @@ def run_failures(
         out: the output folder (each study's sweep in ``OUT/<study>/``).
         studies: names of :data:`STUDIES`. Default: both.
         methods: registered methods accepted by the real-data experiments; ``"batchnorm"`` (the
-            baseline of the differences) is added first when missing. Default: :data:`METHODS`.
+            baseline of the differences) is added first when missing. Default: the ``failures``
+            study's (``get_study("failures").settings["methods"]``).
         seeds: seeds ``seed, seed + 1, ...``. Default: 3.
         seed: the first seed. Default: 0.
         epochs: override every study's epochs. Default: the study's.
@@ -439,6 +452,8 @@ def run_failures(
         raise ValueError(f"expected studies among {list(STUDIES)}, got {list(studies)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"expected seeds to be a positive int, got {seeds!r}")
+    if methods is None:
+        methods = _default_methods()
     methods = ["batchnorm", *[m for m in methods if m != "batchnorm"]]
     folder = Path(out)
     if not overwrite and (folder / "results.json").exists():
@@ -518,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--out", default="runs/mdn-failures", help="output folder")
     p.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="M")
+    p.add_argument("--methods", nargs="+", default=_default_methods(), metavar="M")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     p.add_argument("--epochs", type=int, help="override every study's epochs")

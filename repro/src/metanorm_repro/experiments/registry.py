@@ -84,6 +84,7 @@ __all__ = [
     "Entry",
     "Experiment",
     "Study",
+    "check_methods",
     "get_entry",
     "get_experiment",
     "get_study",
@@ -114,6 +115,46 @@ BUILTIN_SOURCES: tuple[str, ...] = (
 ENTRY_POINT_GROUP = "metanorm_repro.experiments"
 
 
+def check_methods(
+    name: str, methods: Sequence[str], accepted: Sequence[str], *, spellings: bool = True
+) -> list[str]:
+    """The methods of a run of the entry ``name``, each one of its ``accepted`` methods.
+
+    The one check of the methods of a run, for experiments (:meth:`Experiment.check_methods`)
+    and studies (:meth:`Study.resolve`). The command line's other spellings of a method
+    (``"baseline"``, ``"bn"``, ``"gn"``; :data:`metanorm_repro.models.methods.METHOD_ALIASES`)
+    are taken for the method's name unless ``spellings`` is false.
+
+    Returns:
+        ``methods`` as a list, other spellings replaced by the methods' names.
+
+    Raises:
+        ValueError: no method, a method that is not accepted, or one given twice; the message
+            names the accepted ones.
+
+    Examples:
+        >>> check_methods("demo", ["baseline", "mdn"], ("none", "mdn"))
+        ['none', 'mdn']
+        >>> check_methods("demo", ["bn"], ("none", "mdn"))
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown method(s) ['bn'] for 'demo'; expected among ['none', 'mdn']
+    """
+    from metanorm_repro.models.methods import METHOD_ALIASES
+
+    given = list(methods)
+    aliases = METHOD_ALIASES if spellings else {}
+    names = [m if m in accepted else aliases.get(m, m) for m in given]
+    unknown = [g for g, m in zip(given, names, strict=True) if m not in accepted]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown method(s) {unknown or given} for {name!r}; expected among {list(accepted)}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"the methods of {name!r} must not repeat, got {given}")
+    return names
+
+
 @dataclass(frozen=True)
 class Check:
     """One PASS/FAIL line of a report."""
@@ -132,7 +173,8 @@ class Experiment:
         description: one paragraph for the report and ``--help``.
         make_splits: ``config -> (train, val, test, *more_tests)``.
         make_model: ``(method, design, config) -> model``.
-        methods: the methods run by default (the baseline ``"none"`` first).
+        methods: the methods the experiment accepts (the baseline ``"none"`` first); the default
+            run's are ``defaults["methods"]`` (all of them when absent).
         metadata_columns: metadata columns of the design, after the kept label ``y`` (``*``
             patterns allowed, see the module docstring).
         confounder: metadata column (or ``*`` pattern) for the bias metric (dcor² per class).
@@ -170,6 +212,14 @@ class Experiment:
     checks: Callable[[Sequence[dict[str, Any]]], list[Check]] | None = None
     configure: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     options: tuple[str, ...] | None = None
+
+    def check_methods(self, methods: Sequence[str], *, spellings: bool = True) -> list[str]:
+        """``methods`` checked against :attr:`methods` (``registry.check_methods``).
+
+        Raises:
+            ValueError: a method the experiment does not accept; the message names those it does.
+        """
+        return check_methods(self.name, methods, self.methods, spellings=spellings)
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raises ``ValueError`` listing the valid keys when ``options`` holds an unknown one."""
@@ -235,6 +285,10 @@ class Study:
             (e.g. ``{"epochs": "epochs_per_stage"}``); other flags set the setting of their own
             name (``--batch-sizes``: ``batch_sizes``).
         paper: the settings ``--paper`` gives (empty: the study has none).
+        methods: the methods the study accepts in its setting ``"methods"`` (checked by
+            :meth:`resolve`; a ``None`` setting stands for the default run's); the default run's
+            are ``settings["methods"]``. ``None``: the study takes no methods, or does not
+            declare them.
         units: ``settings -> [unit]``, see above.
         run_unit: ``(settings, unit, folder) -> record``, see above.
         summarize: ``(settings, records, folder) -> result``, see above.
@@ -248,6 +302,7 @@ class Study:
     settings: dict[str, Any]
     flags: dict[str, str] = field(default_factory=dict)
     paper: dict[str, Any] = field(default_factory=dict)
+    methods: tuple[str, ...] | None = None
     units: Callable[[dict[str, Any]], Sequence[Mapping[str, Any]]] | None = None
     run_unit: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]] | None = None
     summarize: Callable[[dict[str, Any], list[dict[str, Any]], Path], dict[str, Any]] | None = None
@@ -280,8 +335,9 @@ class Study:
         """The settings of a run: the defaults, the paper's (``paper``), then ``given``.
 
         Raises:
-            ValueError: a key of ``given`` that is not a setting (the message lists them), or
-                ``paper`` for a study without paper settings.
+            ValueError: a key of ``given`` that is not a setting (the message lists them),
+                ``paper`` for a study without paper settings, or a method the study does not
+                accept (``registry.check_methods``; the message names those it does).
         """
         unknown = sorted(set(given) - set(self.settings))
         if unknown:
@@ -291,7 +347,10 @@ class Study:
             )
         if paper and not self.paper:
             raise ValueError(f"study {self.name!r} has no --paper settings; drop --paper")
-        return {**self.settings, **(self.paper if paper else {}), **given}
+        settings = {**self.settings, **(self.paper if paper else {}), **given}
+        if self.methods is not None and settings.get("methods") is not None:
+            settings["methods"] = check_methods(self.name, settings["methods"], self.methods)
+        return settings
 
 
 #: An entry of the registry: a sweep experiment or a study.

@@ -9,9 +9,10 @@ has its own runner, registered as the studies ``regression-synthetic`` and
 - ``synthetic``: the regression variant of the paper's images
   (:mod:`metanorm_repro.datasets.synthetic_regression`: target ``t``, the image's main effect
   ``mf = t + noise``, a confounder ``cf = t + noise``). A one-hidden-layer MLP on the pixels,
-  trained on the MSE of the standardised target, for every method of :data:`METHODS` (the
-  method registry's names, :mod:`metanorm_repro.models.norms`), at batch sizes 200 and 32, over 3
-  seeds. Test MSE and R² against the exact bounds with and without ``cf``; bias-corrected dcor²
+  trained on the MSE of the standardised target, for every method of the study's default run
+  (``get_study("regression-synthetic").settings["methods"]``, names of the methods table
+  :data:`metanorm_repro.models.methods.METHODS`), at batch sizes 200 and 32, over 3 seeds.
+  Test MSE and R² against the exact bounds with and without ``cf``; bias-corrected dcor²
   between the fc1 features (after MDN, before the ReLU) and ``cf`` within quantile bins of the
   target, against the same for ``mf`` itself (what a confounder-free model's features leave, as
   the bins are not points) and for ``(mf, cf)``; the training time per epoch. The report gives
@@ -60,6 +61,7 @@ import io
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -86,13 +88,11 @@ from metanorm_repro.experiments.alternatives import (
 )
 from metanorm_repro.experiments.engine import train_one_epoch
 from metanorm_repro.experiments.plots import pyplot
-from metanorm_repro.models.methods import FEATURE_ALTERNATIVES
-from metanorm_repro.models.methods import canonical_method as canonical_norm
+from metanorm_repro.experiments.registry import Study, check_methods
 from metanorm_repro.models.methods import get_method as get_norm
 from metanorm_repro.models.methods import method_display_name as norm_display_name
 
 __all__ = [
-    "METHODS",
     "TASKS",
     "RegressionMLP",
     "RegressionObjective",
@@ -118,25 +118,38 @@ __all__ = [
 #: The tasks of :func:`run_regression`.
 TASKS: tuple[str, ...] = ("synthetic", "diabetes")
 
-#: The methods of the regression runner (names of the method registry), in report order.
-METHODS: tuple[str, ...] = (
-    "none",
-    "mdn",
-    *FEATURE_ALTERNATIVES,
-)
+
+def _study(task: str) -> Study:
+    """The spec of the study ``regression-TASK`` (its methods: accepted and the default run's)."""
+    from metanorm_repro.experiments.studies import builtin_study
+
+    return builtin_study(f"regression-{task}")
 
 
-def _check_methods(methods: Sequence[str], allowed: Sequence[str] = METHODS) -> list[str]:
-    """The registered names of ``methods`` (aliases resolved), each one the runner supports."""
-    out = []
-    for m in methods:
-        name = get_norm(m).name  # a ValueError listing the registry for an unknown name
-        if name not in allowed and canonical_norm(name) not in allowed:
-            raise ValueError(
-                f"expected regression methods among {tuple(allowed)} (registered names), got {m!r}"
-            )
-        out.append(name)
-    return out
+def __getattr__(name: str) -> Any:
+    # METHODS was the regression studies' method list, now in their specs
+    if name != "METHODS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        "metanorm_repro.experiments.regression.METHODS is deprecated: the methods of the "
+        "regression studies are get_study('regression-synthetic').methods (accepted) and "
+        ".settings['methods'] (the default run's)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return tuple(_study("synthetic").settings["methods"])
+
+
+def _check_methods(methods: Sequence[str] | None, task: str = "synthetic") -> list[str]:
+    """The registered names of ``methods`` (aliases resolved), each one the study accepts.
+
+    ``None``: the default run's methods of the study ``regression-TASK``.
+    """
+    study = _study(task)
+    if methods is None:
+        return list(study.settings["methods"])
+    names = [get_norm(m).name for m in methods]  # a ValueError listing the table if unknown
+    return check_methods(study.name, names, study.methods or (), spellings=False)
 
 
 class RegressionMLP(nn.Module):
@@ -221,7 +234,7 @@ class RegressionObjective(nn.Module):
     in for the class label (the conditional variants' groups, Group DRO's label × bin groups).
 
     Args:
-        name: the method's objective (:attr:`~metanorm_repro.models.norms.NormSpec.objective`).
+        name: the method's objective (:attr:`metanorm_repro.models.methods.Method.objective`).
         design: the objective's training design ``[target bin, confounder..., 1]``, the bin
             kept (integers ``0 .. bins - 1``).
         features: the features' width.
@@ -449,7 +462,7 @@ def run_synthetic_regression(
     *,
     n_train: int = 1000,
     n_test: int = 1000,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     epochs: int = 60,
     batch_sizes: Sequence[int] = (200, 32),
     seeds: int = 3,
@@ -469,7 +482,9 @@ def run_synthetic_regression(
     Args:
         n_train: training images. Default: 1000.
         n_test: test images. Default: 1000.
-        methods: registered method names among :data:`METHODS`. Default: all of them.
+        methods: names of the methods table among those the study accepts
+            (``get_study("regression-synthetic").methods``). Default: its default run's
+            (``settings["methods"]``).
         epochs: training epochs. Default: 60.
         batch_sizes: the batch sizes. Default: ``(200, 32)``.
         seeds: the number of seeds. Default: 3.
@@ -512,7 +527,7 @@ def synthetic_regression_config(
     *,
     n_train: int = 1000,
     n_test: int = 1000,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     epochs: int = 60,
     batch_sizes: Sequence[int] = (200, 32),
     seeds: int = 3,
@@ -669,7 +684,7 @@ def run_diabetes(
     weight_decay: float = 0.1,
     bins: int = 3,
     group_bins: int = 4,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Cross-validated linear and MLP regressions on scikit-learn's diabetes data.
@@ -709,7 +724,7 @@ def diabetes_config(
     weight_decay: float = 0.1,
     bins: int = 3,
     group_bins: int = 4,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The checked settings of :func:`run_diabetes` (the MLP's methods checked).
@@ -727,7 +742,7 @@ def diabetes_config(
         "weight_decay": weight_decay,
         "bins": bins,
         "group_bins": group_bins,
-        "methods": _check_methods(methods),
+        "methods": _check_methods(methods, "diabetes"),
         "seed": seed,
     }
 
@@ -1070,7 +1085,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--methods",
         nargs="+",
         default=None,
-        help=f"registered method names (default: {' '.join(METHODS)}; diabetes: the MLP's)",
+        help="names of the methods table (default: the study's: "
+        f"{' '.join(_study('synthetic').settings['methods'])}; diabetes: the MLP's)",
     )
     p.add_argument(
         "--batch-sizes", type=int, nargs="+", default=None, help="synthetic (default: 200 32)"
@@ -1112,7 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs["folds"] = a.folds
     if a.methods is not None:
         try:
-            kwargs["methods"] = _check_methods(a.methods)
+            kwargs["methods"] = _check_methods(a.methods, a.task)
         except ValueError as exc:
             p.error(str(exc))
     result = run_regression(a.task, a.out, plot=not a.no_plot, **kwargs)

@@ -182,10 +182,7 @@ class PreparedRun:
 
 
 def _check_method(experiment: Experiment, method: str) -> None:
-    if method not in experiment.methods:
-        raise ValueError(
-            f"experiment {experiment.name!r} has methods {experiment.methods}, got {method!r}"
-        )
+    experiment.check_methods([method], spellings=False)
 
 
 def prepare_run(config: RunConfig) -> PreparedRun:

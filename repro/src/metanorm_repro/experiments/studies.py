@@ -52,7 +52,7 @@ import torch
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.registry import Study
 
-__all__ = ["STUDIES", "StudyInterrupted", "run_study", "study_report"]
+__all__ = ["STUDIES", "StudyInterrupted", "builtin_study", "run_study", "study_report"]
 
 
 class StudyInterrupted(Exception):
@@ -231,17 +231,13 @@ def _continual_report(result: dict[str, Any]) -> str:
 
 
 def _bladderbatch_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
-    from metanorm_repro.experiments.bladderbatch import METHODS
-
     if settings["genes"] < 2 or settings["folds"] < 2 or settings["repeats"] < 1:
         raise ValueError(
             f"expected genes >= 2, folds >= 2 and repeats >= 1, got {settings['genes']}, "
             f"{settings['folds']}, {settings['repeats']}"
         )
-    methods = list(settings["methods"] or METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"expected methods among {list(METHODS)}, got {methods}")
+    # the methods were checked with the settings (Study.resolve); None: every correction
+    methods = settings["methods"] or builtin_study("bladderbatch").methods or ()
     return [{"method": m} for m in methods]
 
 
@@ -335,9 +331,35 @@ def _running_beta_report(result: dict[str, Any]) -> str:
     return running_beta_report(result)
 
 
+#: The methods the regression studies accept (``"mdn-linear"``: the paper's name of ``"mdn"``).
+_REGRESSION_METHODS = (
+    "none",
+    "mdn",
+    "mdn-linear",
+    "concat",
+    "brnet",
+    "brnet-cond",
+    "dann",
+    "dann-cond",
+    "groupdro",
+)
+#: The regression studies' default run, in report order.
+_REGRESSION_DEFAULT = (
+    "none",
+    "mdn",
+    "concat",
+    "brnet",
+    "brnet-cond",
+    "dann",
+    "dann-cond",
+    "groupdro",
+)
+
+
 def _studies() -> tuple[Study, ...]:
     from metanorm_repro.experiments.estimators import run_continual
     from metanorm_repro.experiments.failures import run_failures
+    from metanorm_repro.experiments.real import METHODS as REAL_METHODS
     from metanorm_repro.experiments.regression import run_diabetes, run_synthetic_regression
     from metanorm_repro.experiments.running_beta import run_running_beta
 
@@ -351,7 +373,13 @@ def _studies() -> tuple[Study, ...]:
             run_unit=functools.partial(_regression_unit, "synthetic"),
             summarize=functools.partial(_regression_summary, "synthetic"),
             report=_regression_report,
-            settings={**_defaults(run_synthetic_regression, ("law",)), "threads": 1, "plots": True},
+            methods=_REGRESSION_METHODS,
+            settings={
+                **_defaults(run_synthetic_regression, ("law",)),
+                "methods": list(_REGRESSION_DEFAULT),
+                "threads": 1,
+                "plots": True,
+            },
         ),
         Study(
             name="regression-diabetes",
@@ -362,7 +390,12 @@ def _studies() -> tuple[Study, ...]:
             run_unit=functools.partial(_regression_unit, "diabetes"),
             summarize=functools.partial(_regression_summary, "diabetes"),
             report=_regression_report,
-            settings={**_defaults(run_diabetes), "threads": 1},
+            methods=_REGRESSION_METHODS,
+            settings={
+                **_defaults(run_diabetes),
+                "methods": list(_REGRESSION_DEFAULT),
+                "threads": 1,
+            },
         ),
         Study(
             name="failures",
@@ -374,8 +407,26 @@ def _studies() -> tuple[Study, ...]:
             run_unit=_failures_unit,
             summarize=_failures_summary,
             report=_failures_report,
+            # any method of the real-data experiments (the stand-ins run as them)
+            methods=REAL_METHODS,
             settings={
                 **_defaults(run_failures, ("overwrite", "command")),
+                # the baseline first, then MDN, the candidate fixes and the alternatives
+                "methods": [
+                    "batchnorm",
+                    "mdn",
+                    "mdn-all",
+                    "mdn-cw",
+                    "mdn-poly",
+                    "mdn-scale",
+                    "mdn+brnet-cond",
+                    "concat",
+                    "brnet",
+                    "brnet-cond",
+                    "dann",
+                    "dann-cond",
+                    "groupdro",
+                ],
                 "jobs": 3,
             },
         ),
@@ -387,7 +438,19 @@ def _studies() -> tuple[Study, ...]:
             run_unit=_continual_unit,
             summarize=_continual_summary,
             report=_continual_report,
-            settings=_defaults(run_continual, ("out_dir",)),
+            methods=(
+                "none",
+                "mdn-linear",
+                "rmdn",
+                "pmdn",
+                "mdn-conv",
+                "rmdn-conv",
+                "pmdn-conv",
+            ),
+            settings={
+                **_defaults(run_continual, ("out_dir",)),
+                "methods": ["none", "mdn-linear", "rmdn"],
+            },
             flags={"epochs": "epochs_per_stage", "batch_sizes": "batch_size"},
         ),
         Study(
@@ -411,8 +474,10 @@ def _studies() -> tuple[Study, ...]:
             run_unit=_bladderbatch_unit,
             summarize=_bladderbatch_summary,
             report=_bladderbatch_report,
-            # the keyword arguments of bladderbatch.compare (not imported here: pandas and
+            # the names of the table bladderbatch.METHODS (not imported here: pandas and
             # scikit-learn are an extra)
+            methods=("none", "residualizer", "correlation_remover", "combat"),
+            # the keyword arguments of bladderbatch.compare (methods None: every correction)
             settings={
                 "genes": 1000,
                 "folds": 5,
@@ -427,6 +492,18 @@ def _studies() -> tuple[Study, ...]:
 
 #: The built-in studies (registered by the registry's loader).
 STUDIES: tuple[Study, ...] = _studies()
+
+
+def builtin_study(name: str) -> Study:
+    """The built-in study ``name`` as this module defines it (whatever the registry holds).
+
+    Raises:
+        ValueError: ``name`` is not a built-in study (the message names them).
+    """
+    for study in STUDIES:
+        if study.name == name:
+            return study
+    raise ValueError(f"no built-in study {name!r}; built-in: {[s.name for s in STUDIES]}")
 
 
 def _complete(folder: Path) -> bool:
@@ -484,8 +561,8 @@ def run_study(
     """
     from metanorm_repro.experiments.sweep import SweepInterrupted, _stop_on_sigterm, _Terminated
 
-    settings = dict(settings)
-    study.resolve({k: v for k, v in settings.items()})  # unknown keys are refused, named
+    # unknown keys and methods are refused, named; other spellings of a method take its name
+    settings = study.resolve(dict(settings))
     out = Path(out)
     if study.has_units:
         return _run_units(
