@@ -364,20 +364,15 @@ def run_sweep(
             sweep's.
     """
     experiment = get_experiment(base.experiment)
-    methods = list(experiment.methods if methods is None else methods)
-    bad = [m for m in methods if m not in experiment.methods]
-    if bad or not methods:
-        raise ValueError(f"expected methods among {experiment.methods}, got {methods}")
+    methods = experiment.check_methods(
+        experiment.methods if methods is None else methods, spellings=False
+    )
     if not batch_sizes or not seeds:
         raise ValueError(
             f"expected at least one batch size and one seed, got {batch_sizes}, {seeds}"
         )
-    if (
-        len(set(methods)) != len(methods)
-        or len(set(batch_sizes)) != len(batch_sizes)
-        or len(set(seeds)) != len(seeds)
-    ):
-        raise ValueError("methods, batch sizes and seeds must not repeat")
+    if len(set(batch_sizes)) != len(batch_sizes) or len(set(seeds)) != len(seeds):
+        raise ValueError("batch sizes and seeds must not repeat")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"expected jobs to be a positive int, got {jobs!r}")
     if overwrite and resume:
