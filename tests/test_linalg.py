@@ -60,3 +60,25 @@ def test_fit_beta_errors(rng):
         linalg.fit_beta(rng.normal(size=(10, 2)), np.full((10, 3), np.nan))
     with pytest.raises(TypeError, match="numeric"):
         linalg.fit_beta(rng.normal(size=(10, 2)), np.array([["a"] * 3] * 10))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5])
+@pytest.mark.parametrize("shape", [(200, 84), (64, 2048)])  # below and above the large-output cut
+def test_subtract_product_equals_the_matrix_product(k, shape):
+    # the CPU's few-column form (K <= 4, >= 65,536 output values: K addcmul passes) and addmm
+    # give x - a b to float32 rounding, with the same gradients
+    from metanorm.linalg import subtract_product
+
+    g = torch.Generator().manual_seed(k)
+    m, d = shape
+    x = torch.randn(m, d, generator=g, requires_grad=True)
+    a = torch.randn(m, k, generator=g, requires_grad=True)
+    b = torch.randn(k, d, generator=g, requires_grad=True)
+    out = subtract_product(x, a, b)
+    want = (x.double() - a.double() @ b.double()).float()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(m, d, generator=g)
+    got = torch.autograd.grad(out, (x, a, b), grad)
+    ref = torch.autograd.grad(torch.addmm(x, a, b, alpha=-1), (x, a, b), grad)
+    for u, v in zip(got, ref, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
