@@ -237,3 +237,52 @@ def test_the_old_method_lists_are_deprecated_aliases_of_the_specs():
         assert estimators.CONTINUAL_METHODS == ("none", "mdn-linear", "rmdn")  # the old value
     with pytest.raises(AttributeError):
         regression.NOT_A_LIST  # noqa: B018
+
+
+_VANISHING = """
+from metanorm_repro.experiments import Study
+
+def _units(settings):
+    return [{"i": i} for i in range(4)]
+
+def _run(settings, unit, folder):
+    return {"i": unit["i"]}
+
+def _summary(settings, records, folder):
+    return {"n": len(records)}
+
+def _report(result):
+    return "# r"
+
+STUDY = Study(name="vanishing-study", description="d", units=_units, run_unit=_run,
+              summarize=_summary, report=_report, settings={})
+"""
+
+_VANISH_AND_RUN = """
+import pathlib, shutil, sys
+folder = pathlib.Path(sys.argv[1])
+sys.path.insert(0, str(folder))
+from metanorm_repro.experiments import registry
+registry.load_source("vanishing_study:STUDY")
+shutil.rmtree(folder / "__pycache__", ignore_errors=True)
+(folder / "vanishing_study.py").unlink()  # the workers cannot import it any more
+from metanorm.cli import main
+sys.exit(main(["reproduce", "vanishing-study", "--jobs", "2", "--out", str(folder / "out")]))
+"""
+
+
+def test_workers_that_cannot_start_fail_the_run_instead_of_hanging(tmp_path):
+    # multiprocessing.Pool replaces a worker whose initializer fails and waits forever for
+    # the lost task; the sweep sees the replacement and stops with an error
+    import subprocess
+    import sys
+
+    (tmp_path / "vanishing_study.py").write_text(_VANISHING)
+    proc = subprocess.run(
+        [sys.executable, "-c", _VANISH_AND_RUN, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode != 0
+    assert "a worker process exited before finishing its work" in proc.stderr, proc.stderr[-3000:]

@@ -544,6 +544,26 @@ def _worker_init(
     tqdm.set_lock(threading.RLock())
 
 
+def _worker_pids(pool: Any) -> set[int]:
+    """The process ids of a pool's current workers."""
+    return {p.pid for p in getattr(pool, "_pool", ()) if p.pid is not None}
+
+
+def _check_workers(pool: Any, started: set[int]) -> None:
+    """Raises if a worker of ``pool`` died: the pool would replace it and wait forever.
+
+    ``multiprocessing.Pool`` starts a new worker in place of one that exits (an initializer
+    that fails, a task it cannot unpickle, a kill) and never delivers the lost task's result;
+    a worker that is not one of those ``started`` is such a replacement.
+    """
+    if _worker_pids(pool) - started:
+        raise RuntimeError(
+            "a worker process exited before finishing its work (it could not load the "
+            "experiment's module, ran out of memory or was killed); the finished runs are "
+            "kept: run again with --jobs 1 to see the error, or --resume to continue"
+        )
+
+
 def _move_in(group: list[RunConfig], private: Path, work: Path) -> None:
     """Moves the complete runs of ``group`` from a worker's private folder into ``work``."""
     for c in group:
@@ -598,6 +618,7 @@ def _execute(
         if in_main:
             signal.signal(signal.SIGINT, previous)
     pending: list[Any] = []
+    started = _worker_pids(pool)
     try:
         pending = [
             (g, d, pool.apply_async(_run_group, (g, str(d), progress, i % jobs)))
@@ -613,6 +634,7 @@ def _execute(
                 left.remove(item)
             if left:
                 left[0][2].wait(0.2)
+                _check_workers(pool, started)
     except BaseException:
         pool.terminate()
         pool.join()
@@ -930,6 +952,7 @@ def _execute_units(
             if in_main:
                 signal.signal(signal.SIGINT, previous)
         left: list[tuple[int, Any]] = []
+        started = _worker_pids(pool)
         try:
             left = [
                 (i, pool.apply_async(_run_unit, (study, settings, units[i], str(privates[i]))))
@@ -943,6 +966,7 @@ def _execute_units(
                     left.remove(item)
                 if left:
                     left[0][1].wait(0.2)
+                    _check_workers(pool, started)
         except BaseException:
             for i, p in left:  # units that finished before the stop are kept
                 if p.ready() and p.successful():
