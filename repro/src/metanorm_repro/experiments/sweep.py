@@ -544,6 +544,25 @@ def _worker_init(
     tqdm.set_lock(threading.RLock())
 
 
+def _start_pool(
+    ctx: Any, jobs: int, lock: _io.FolderLock, payload: tuple[Sequence[str], Sequence[Any]]
+) -> Any:
+    """``jobs`` workers (:func:`_worker_init`) that inherit the folder lock and get ``payload``.
+
+    SIGINT is ignored while they start, so that they start ignoring it (Ctrl-C reaches the
+    whole process group; this process stops them).
+    """
+    fd = lock.fileno()
+    initargs = (os.getpid(), None if fd is None else _InheritedFd(fd), payload)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        return ctx.Pool(processes=jobs, initializer=_worker_init, initargs=initargs)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _worker_pids(pool: Any) -> set[int]:
     """The process ids of a pool's current workers."""
     return {p.pid for p in getattr(pool, "_pool", ()) if p.pid is not None}
@@ -608,15 +627,7 @@ def _execute(
     # The workers ignore SIGINT (Ctrl-C reaches the whole process group): this process stops them.
     payload = worker_payload(sorted({c.experiment for g in groups for c in g}))
     ctx = multiprocessing.get_context("spawn")
-    fd = lock.fileno()
-    initargs = (os.getpid(), None if fd is None else _InheritedFd(fd), payload)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-    try:  # ignored while the workers start, so that they start ignoring it
-        pool = ctx.Pool(processes=jobs, initializer=_worker_init, initargs=initargs)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+    pool = _start_pool(ctx, jobs, lock, payload)
     pending: list[Any] = []
     started = _worker_pids(pool)
     try:
@@ -942,15 +953,7 @@ def _execute_units(
             _write_record(folder, units[i], record)
 
         ctx = multiprocessing.get_context("spawn")
-        fd = lock.fileno()
-        initargs = (os.getpid(), None if fd is None else _InheritedFd(fd), ((), ()))
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-        try:  # ignored while the workers start, so that they start ignoring it
-            pool = ctx.Pool(processes=jobs, initializer=_worker_init, initargs=initargs)
-        finally:
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
+        pool = _start_pool(ctx, jobs, lock, ((), ()))
         left: list[tuple[int, Any]] = []
         started = _worker_pids(pool)
         try:
