@@ -393,7 +393,7 @@ class _MetadataNormBase(nn.Module):
 
     # ---------------------------------------------------------------- non-finite batches
 
-    def _report(self, finite: Tensor, rows: Tensor) -> None:
+    def _report(self, finite: Tensor | bool, rows: Tensor) -> None:
         if self.on_nonfinite != "skip":
             MF.report_nonfinite(finite, rows, self.on_nonfinite)
 

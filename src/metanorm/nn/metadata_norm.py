@@ -311,8 +311,7 @@ class MetadataNorm(_MetadataNormBase):
                 buffers["num_samples_tracked"],
                 buffers["num_batches_skipped"],
             )
-            if self.on_nonfinite != "skip":
-                MF.report_nonfinite(finite, rows, self.on_nonfinite)
+            self._report(finite, rows)
         return out
 
     def _batch_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
