@@ -399,17 +399,23 @@ def _directions(dim: int, num: int, gen: torch.Generator, device: torch.device) 
     return (u / u.norm(dim=0, keepdim=True)).to(device)
 
 
+def _form(left: Tensor, mat: Tensor, right: Tensor) -> Tensor:
+    """``left[:, k]ᵀ · mat · right[:, k]`` for every column ``k``."""
+    return (left * (mat @ right)).sum(0)
+
+
+def _features(values: list[Tensor], means: list[float]) -> Features:
+    """Feature columns ``(K, r)`` and their exact means on the columns' device."""
+    out = torch.stack(values, 1)
+    return Features(out, torch.tensor(means, dtype=out.dtype, device=out.device))
+
+
 def _pair_features(u: Tensor, u2: Tensor, sigma: Tensor) -> Features:
     """Control variates of the distance-variance terms of the direction pairs ``(u, u2)``."""
     p = u.shape[0]
-    su = sigma @ u
-    b = (su * u2).sum(0)
-    s1 = (su * u).sum(0)
-    s2 = ((sigma @ u2) * u2).sum(0)
+    b, s1, s2 = _form(u2, sigma, u), _form(u, sigma, u), _form(u2, sigma, u2)
     t1, t2 = float(torch.trace(sigma)), float(sigma.square().sum())
-    values = torch.stack([b**2, s1, s2, s1 * s2], 1)
-    means = [t2 / p**2, t1 / p, t1 / p, (t1 / p) ** 2]
-    return Features(values, torch.tensor(means, dtype=values.dtype, device=values.device))
+    return _features([b**2, s1, s2, s1 * s2], [t2 / p**2, t1 / p, t1 / p, (t1 / p) ** 2])
 
 
 def _standard_ranks(t: Tensor) -> Tensor | None:
@@ -429,22 +435,21 @@ def _one_column_features(xp: Tensor, w: Tensor, sigma: Tensor, u: Tensor) -> Fea
     c = xp.T @ w / m
     w2 = w * w - (w * w).mean()
     mats = [(xp * w[:, None]).T @ xp / m, (xp * w2[:, None]).T @ xp / m, sigma]
-    values = [(c @ u) ** 2] + [((a @ u) * u).sum(0) for a in mats]
+    values = [(c @ u) ** 2] + [_form(u, a, u) for a in mats]
     means = [float(c.square().sum()) / p] + [float(torch.trace(a)) / p for a in mats]
-    return Features(torch.stack(values, 1), torch.tensor(means, dtype=u.dtype, device=u.device))
+    return _features(values, means)
 
 
 def _cross_features(cross: Tensor, sx: Tensor, sy: Tensor, u: Tensor, v: Tensor) -> Features:
     """Control variates of ``dCov²(u'x, v'y)`` from the cross-covariance ``(p, q)``."""
     p, q = cross.shape
-    t = ((cross @ v) * u).sum(0)
-    values = torch.stack([t**2, ((sx @ u) * u).sum(0), ((sy @ v) * v).sum(0)], 1)
+    values = [_form(u, cross, v) ** 2, _form(u, sx, u), _form(v, sy, v)]
     means = [
         float(cross.square().sum()) / (p * q),
         float(torch.trace(sx)) / p,
         float(torch.trace(sy)) / q,
     ]
-    return Features(values, torch.tensor(means, dtype=u.dtype, device=u.device))
+    return _features(values, means)
 
 
 def _truncate(f: Features | None, num: int) -> Features | None:
