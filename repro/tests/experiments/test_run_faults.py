@@ -18,6 +18,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+from test_run_folders import _interrupt_after
 
 from metanorm.cli import main
 from metanorm_repro.experiments import RunConfig, _io, run_sweep
@@ -407,19 +408,6 @@ def test_faults_in_a_mount_namespace(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Corrupted run files
 # --------------------------------------------------------------------------------------------
-
-
-def _interrupt_after(monkeypatch, epochs: int) -> None:
-    calls = {"n": 0}
-    train = Run.train_epoch
-
-    def train_epoch(self):
-        calls["n"] += 1
-        if calls["n"] > epochs:
-            raise KeyboardInterrupt
-        return train(self)
-
-    monkeypatch.setattr(Run, "train_epoch", train_epoch)
 
 
 def test_corrupted_files_are_retrained_on_resume_and_refused_by_the_report(tmp_path, monkeypatch):
