@@ -168,7 +168,7 @@ def test_a_study_given_as_one_run_function_still_runs_deprecated(tmp_path):
     assert (tmp_path / "l" / "run.json").is_file() and not (tmp_path / "l" / "runs").exists()
     with pytest.raises(ValueError, match="neither --resume nor --jobs"):
         run_study(legacy, {"n": 2}, tmp_path / "m", jobs=2)
-    with pytest.raises(ValueError, match="expected units, run_unit and summarize"):
+    with pytest.raises(ValueError, match="expected units, run_unit"):
         Study(name="x", description="", report=_mean_report, settings={}, units=_square_units)
 
 

@@ -444,7 +444,7 @@ def test_corrupted_files_are_retrained_on_resume_and_refused_by_the_report(tmp_p
     named = " ".join(str(w.message) for w in caught)
     for path in (checkpoint, features, final):
         assert f"{path}: " in named
-    assert "the run is trained again" in named
+    assert "the unit runs again" in named
     again = {r["final"]["method"]: r["final"] for r in results if r["final"]["batch_size"] == 8}
     for m in methods:  # retrained: the same numbers as before the corruption
         assert again[m]["test_balanced_accuracy"] == first[m]["test_balanced_accuracy"]

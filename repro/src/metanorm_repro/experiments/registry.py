@@ -266,6 +266,17 @@ class Study:
     - ``summarize(settings, records, folder) -> result``: the result from the records (in unit
       order), written to ``results.json``; it may write plots into ``folder``.
 
+    Units that must run together (e.g. the methods of one seed and batch size, trained in
+    round robin so that their epoch times are measured side by side) give ``group(unit) ->
+    key`` and ``run_group(settings, units, folders) -> records`` instead of ``run_unit``: the
+    units of one key run as one task, in unit order. A study whose units write their own
+    completion marker (e.g. a run folder with a manifest of its files' SHA-256) gives
+    ``read_record(settings, unit, folder) -> record | None``: the record of a finished unit read
+    back from its folder (``None``: not finished; a ``ValueError`` naming a changed file: the
+    unit runs again on resume, and the run is refused before its report); ``record.json`` is
+    then not written. ``estimate_bytes(settings, units) -> bytes`` lets the sweep refuse, before
+    running anything, a disk without room for the units.
+
     ``metanorm reproduce NAME`` resolves the settings (:meth:`resolve`: :attr:`settings`, then
     :attr:`paper` with ``--paper``, then the flags and ``--option KEY=VALUE``) and runs the units
     through :func:`~metanorm_repro.experiments.run_study`: each unit's record goes to its own run
@@ -292,6 +303,10 @@ class Study:
         units: ``settings -> [unit]``, see above.
         run_unit: ``(settings, unit, folder) -> record``, see above.
         summarize: ``(settings, records, folder) -> result``, see above.
+        group: ``unit -> key``: units of one key run together (with ``run_group``).
+        run_group: ``(settings, units, folders) -> [record]``: runs the units of one group.
+        read_record: ``(settings, unit, folder) -> record | None``, see above.
+        estimate_bytes: ``(settings, units) -> int``: about what the units write.
         run: ``(settings, folder) -> result``: the whole study at once (deprecated; ``None``
             when the study has run units).
     """
@@ -306,16 +321,31 @@ class Study:
     units: Callable[[dict[str, Any]], Sequence[Mapping[str, Any]]] | None = None
     run_unit: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]] | None = None
     summarize: Callable[[dict[str, Any], list[dict[str, Any]], Path], dict[str, Any]] | None = None
+    group: Callable[[dict[str, Any]], Any] | None = None
+    run_group: (
+        Callable[[dict[str, Any], list[dict[str, Any]], list[Path]], list[dict[str, Any]]] | None
+    ) = None
+    read_record: (
+        Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any] | None] | None
+    ) = None
+    estimate_bytes: Callable[[dict[str, Any], list[dict[str, Any]]], int] | None = None
     run: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
-        parts = (self.units, self.run_unit, self.summarize)
+        runs = self.run_unit if self.run_group is None else self.run_group
+        parts = (self.units, runs, self.summarize)
         if all(p is None for p in parts) == (self.run is None) or (
             self.run is None and any(p is None for p in parts)
         ):
             raise ValueError(
-                f"study {self.name!r}: expected units, run_unit and summarize (or, deprecated, "
-                "run alone)"
+                f"study {self.name!r}: expected units, run_unit (or group and run_group) and "
+                "summarize (or, deprecated, run alone)"
+            )
+        if (self.group is None) != (self.run_group is None) or (
+            self.run_group is not None and self.run_unit is not None
+        ):
+            raise ValueError(
+                f"study {self.name!r}: expected either run_unit, or group with run_group"
             )
         if self.run is not None:
             warnings.warn(

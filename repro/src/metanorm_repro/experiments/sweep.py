@@ -1,36 +1,35 @@
-"""Every method × batch size × seed of an experiment: :func:`run_sweep`.
+"""The one sweep: every run unit of an entry into its run folder (:func:`run_units`).
 
-Runs go to ``OUT/runs/bs{B}/{method}/seed{S}/`` (see :mod:`metanorm_repro.experiments.runner`).
-Within a seed and batch size the methods train in round robin, one epoch each in turn, on the same
-data, so
-their epoch times are measured side by side under the same load: on a shared machine compare the
-ratios (the report's per-epoch paired ratio), not absolute times.
+Every entry of ``metanorm reproduce`` runs as **run units**: an experiment's are its method ×
+batch size × seed runs (:func:`run_sweep`), a study's what it declares
+(:class:`~metanorm_repro.experiments.Study`). Each unit has its folder ``OUT/runs/...``
+(:func:`unit_dir`; an experiment's ``runs/bs{B}/{method}/seed{S}/``, see
+:mod:`metanorm_repro.experiments.runner`). Units that must run together form one task: the
+methods of one seed and batch size train in round robin, one epoch each in turn, on the same
+data, so their epoch times are measured side by side under the same load (on a shared machine
+compare the ratios, the report's per-epoch paired ratio, not absolute times).
 
-The sweep is built in ``OUT.partial`` beside ``OUT`` and takes ``OUT``'s place only once every run
-(and the report, when one is asked for) is written, so an existing ``OUT`` stays intact and
-readable until then, and a folder never mixes two sweeps. ``OUT.partial/sweep.json`` records what
-the sweep is; an interrupted sweep continues with ``resume=True`` (completed runs are kept, runs
-that had not finished start again). Ctrl-C or SIGTERM stops the worker processes and raises
-:class:`SweepInterrupted`, after the report of the completed runs.
+The sweep is built in ``OUT.partial`` beside ``OUT`` and takes ``OUT``'s place only once every unit
+(and the report) is written, so an existing ``OUT`` stays intact and readable until then, and a
+folder never mixes two sweeps. ``OUT.partial/sweep.json`` records what the sweep is (the entry,
+its settings, its units); an interrupted sweep continues with ``resume=True`` (finished units
+are kept, units that had not finished start again). Ctrl-C or SIGTERM stops the worker processes
+and raises :class:`SweepInterrupted` (an experiment's sweep first reports the completed runs).
 
 While it runs, the sweep holds a lock on ``OUT`` (``OUT.lock``, :class:`~metanorm_repro.experiments.
 _io.FolderLock`): a second sweep on the same folder is refused. Worker processes (``jobs > 1``)
-train in private folders under ``OUT.jobs`` and die with the main process; only the main process
-moves finished runs into ``OUT.partial``. Before training, the folders are checked for
-writability and free space (an estimate of what the sweep writes). Every run folder ends with a
-manifest of its files' SHA-256 (:func:`~metanorm_repro.experiments.runner.verify_run`): a run whose
-files changed is trained again on resume, and refused before the report. ``docs/reliability.md``
-has the details.
-
-:func:`run_units` is the same sweep for a study's run units
-(:class:`~metanorm_repro.experiments.Study`): the same ``OUT.partial``, ``sweep.json``, lock,
-swap into ``OUT``, ``--resume`` and Ctrl-C handling, with one folder per unit
-(:func:`unit_dir`) holding the unit's ``record.json`` and any files it wrote.
+run tasks in private folders under ``OUT.jobs`` and die with the main process; only the main
+process moves finished units into ``OUT.partial``. Before running, the folders are checked for
+writability and free space (an estimate of what the units write). Every experiment run folder
+ends with a manifest of its files' SHA-256
+(:func:`~metanorm_repro.experiments.runner.verify_run`): a run whose files changed is trained
+again on resume, and refused before the report. ``docs/reliability.md`` has the details.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import multiprocessing
@@ -53,21 +52,20 @@ from tqdm.auto import tqdm
 
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.config import RunConfig
-from metanorm_repro.experiments.registry import get_experiment, install_payload, worker_payload
-from metanorm_repro.experiments.runner import (
-    Run,
-    RunCorrupted,
-    check_run_dir,
-    epoch_summary,
-    load_result,
-    prepare_run,
-    verify_run,
+from metanorm_repro.experiments.registry import (
+    Study,
+    get_experiment,
+    install_payload,
+    list_entries,
+    worker_payload,
 )
+from metanorm_repro.experiments.runner import Run, epoch_summary, load_result, prepare_run
 
 __all__ = [
     "MANIFEST",
     "RECORD",
     "SweepInterrupted",
+    "bar_options",
     "run_dir",
     "run_sweep",
     "run_units",
@@ -77,8 +75,9 @@ __all__ = [
 #: The file, in a sweep's folder, that says which sweep it holds.
 MANIFEST = "sweep.json"
 
-# RunConfig fields that may differ between an interrupted sweep and its resumption
-_RESUMABLE_DIFFERENCES = ("threads",)
+# settings that may differ between an interrupted sweep and its resumption (they change
+# neither a unit's record nor the summary's numbers)
+_RESUMABLE = ("threads", "progress", "jobs")
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -132,26 +131,7 @@ def run_dir(out_dir: str | os.PathLike[str], method: str, batch_size: int, seed:
     return Path(out_dir) / "runs" / f"bs{batch_size}" / method / f"seed{seed}"
 
 
-def _manifest(
-    base: RunConfig, methods: list[str], batch_sizes: list[int], seeds: list[int], overwrite: bool
-) -> dict[str, Any]:
-    config = base.to_dict()
-    for k in ("method", "batch_size", "seed"):
-        config.pop(k)
-    return {
-        "experiment": base.experiment,
-        "config": config,
-        "methods": methods,
-        "batch_sizes": batch_sizes,
-        "seeds": seeds,
-        "overwrite": overwrite,
-        "complete": False,
-    }
-
-
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    import json
-
     try:
         data = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -159,47 +139,13 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    out = []
-    for key in ("experiment", "methods", "batch_sizes", "seeds"):
-        if found.get(key) != wanted[key]:
-            out.append(f"{key} {found.get(key)!r} (asked: {wanted[key]!r})")
-    f_cfg, w_cfg = dict(found.get("config") or {}), wanted["config"]
-    for key in sorted(set(f_cfg) | set(w_cfg)):
-        if key not in _RESUMABLE_DIFFERENCES and f_cfg.get(key) != w_cfg.get(key):
-            out.append(f"{key} {f_cfg.get(key)!r} (asked: {w_cfg.get(key)!r})")
-    return out
-
-
 def _same_run(result: dict[str, Any], config: RunConfig) -> bool:
     found = dict(result["config"])
     wanted = config.to_dict()
-    for key in _RESUMABLE_DIFFERENCES:
+    for key in _RESUMABLE:
         found.pop(key, None)
         wanted.pop(key, None)
     return found == wanted
-
-
-def _completed(
-    work: Path, configs: list[RunConfig], *, strict: bool = False
-) -> dict[int, dict[str, Any]]:
-    """``{index in configs: result}`` of the runs of ``work`` that finished (``manifest.json``).
-
-    A run whose files differ from its manifest raises :class:`RunCorrupted` when ``strict``;
-    otherwise it counts as unfinished, with a warning naming the file.
-    """
-    done: dict[int, dict[str, Any]] = {}
-    for i, c in enumerate(configs):
-        try:
-            result = load_result(run_dir(work, c.method, c.batch_size, c.seed))
-        except RunCorrupted as exc:
-            if strict:
-                raise
-            warnings.warn(f"{exc}: the run is trained again", stacklevel=3)
-            continue
-        if result is not None and _same_run(result, c):
-            done[i] = result
-    return done
 
 
 # what a run writes besides its checkpoint and test features (config, epochs.csv, final.json:
@@ -243,67 +189,78 @@ def _run_bytes(configs: list[RunConfig]) -> dict[str, int]:
     return sizes
 
 
-def _preflight(out: Path, work: Path, todo: list[RunConfig]) -> None:
-    """Checks, before training, that the sweep can write its runs and take ``out``'s place.
+def _preflight(out: Path, work: Path, need: int | None, count: int) -> None:
+    """Checks, before running, that the sweep can write its units and take ``out``'s place.
 
     Raises:
         OSError: naming the folder: ``work`` or ``out``'s parent takes no new file, a folder of
             ``out`` (replaced at the end) does not let its entries be deleted, or the free space
-            is below the estimate of what the sweep writes (``ENOSPC``).
+            is below ``need`` bytes, the estimate of what the ``count`` units to run write
+            (``ENOSPC``).
     """
     _io.check_writable(work)
     _io.check_writable(out.parent)
     if out.is_dir() and any(out.iterdir()):
         _io.check_deletable(out)
-    if not todo:
+    if not count or need is None:
         return
-    per_method = _run_bytes(todo)
-    need = sum(per_method[c.method] for c in todo) + _REPORT_BYTES
+    need += _REPORT_BYTES
     free = shutil.disk_usage(work).free
     if need > free:
         mib = 1 << 20
         raise OSError(
             errno.ENOSPC,
-            f"not enough free space: about {need / mib:.1f} MiB needed for {len(todo)} run(s), "
+            f"not enough free space: about {need / mib:.1f} MiB needed for {count} run(s), "
             f"{free / mib:.1f} MiB free",
             str(work),
         )
 
 
-def _prepare_folder(
-    out: Path,
-    manifest: dict[str, Any],
-    *,
-    overwrite: bool,
-    resume: bool,
-    kind: str = "sweep",
-    differences: Callable[[dict[str, Any], dict[str, Any]], list[str]] = _differences,
-    check_out: Callable[[Path, bool], Any] = check_run_dir,
-) -> Path:
-    """Checks ``out`` and ``OUT.partial`` for a new or resumed ``kind``; returns ``OUT.partial``.
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuses an ``out`` that holds results unless ``overwrite``; checks it can be written."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds results; pass --overwrite to replace them (they stay "
+            "intact until the new run is complete), or choose another --out"
+        )
+    _io.check_writable(out.parent)
 
-    ``differences(found, wanted)`` lists what a resumed manifest may not change;
-    ``check_out(out, overwrite)`` refuses an ``out`` that holds something else.
-    """
+
+def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What an interrupted sweep's manifest ``found`` has otherwise than ``wanted``."""
+    out = []
+    if found.get("study") != wanted["study"]:
+        out.append(f"{found.get('study')!r} (asked: {wanted['study']!r})")
+    f_set, w_set = dict(found.get("settings") or {}), wanted["settings"]
+    for key in sorted(set(f_set) | set(w_set)):
+        if key not in _RESUMABLE and f_set.get(key) != w_set.get(key):
+            out.append(f"{key} {f_set.get(key)!r} (asked: {w_set.get(key)!r})")
+    if not out and found.get("units") != wanted["units"]:
+        out.append("the run units")
+    return out
+
+
+def _prepare_folder(out: Path, manifest: dict[str, Any], *, overwrite: bool, resume: bool) -> Path:
+    """Checks ``out`` and ``OUT.partial`` for a new or resumed sweep; returns ``OUT.partial``."""
     work = _io.partial_dir(out)
     _io.recover_swap(out, lambda p: bool((_read_manifest(p) or {}).get("complete")))
     if resume:
         found = _read_manifest(work) if work.is_dir() else None
         if found is None:
             raise FileNotFoundError(
-                f"nothing to resume: {work} holds no interrupted {kind} (the {kind} at {out} is "
+                f"nothing to resume: {work} holds no interrupted sweep (the sweep at {out} is "
                 "complete, or never started); run without --resume"
             )
-        diff = differences(found, manifest)
+        diff = _differences(found, manifest)
         if diff:
             raise ValueError(
-                f"the interrupted {kind} in {work} differs from the one asked for: "
+                f"the interrupted sweep in {work} differs from the one asked for: "
                 f"{'; '.join(diff)}; resume with the same settings, or pass --overwrite to "
                 "start again"
             )
         if out.is_dir() and any(out.iterdir()) and not found.get("overwrite"):
             raise FileExistsError(
-                f"{out} already holds a run and the interrupted {kind} was not started with "
+                f"{out} already holds a run and the interrupted sweep was not started with "
                 "--overwrite; choose another --out"
             )
         manifest["overwrite"] = found.get("overwrite", False)
@@ -311,14 +268,108 @@ def _prepare_folder(
     if work.exists():
         if not overwrite:
             raise FileExistsError(
-                f"{work} holds an interrupted {kind}: pass --resume to continue it, or "
+                f"{work} holds an interrupted sweep: pass --resume to continue it, or "
                 "--overwrite to start again"
             )
         shutil.rmtree(work)
-    check_out(out, overwrite)
+    _check_out(out, overwrite)
     work.mkdir(parents=True)
     _io.write_json(work / MANIFEST, manifest)
     return work
+
+
+# --------------------------------------------------------------------------------------------
+# An experiment's runs as run units: method × batch size × seed, grouped by (seed, batch size)
+# --------------------------------------------------------------------------------------------
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def _config(settings: Mapping[str, Any], unit: Mapping[str, Any]) -> RunConfig:
+    fields = {k: settings[k] for k in _CONFIG_FIELDS if k in settings}
+    fields["options"] = dict(fields.get("options") or {})
+    return RunConfig(**fields).replace(
+        method=unit["method"], batch_size=unit["bs"], seed=unit["seed"]
+    )
+
+
+def _experiment_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"bs": b, "method": m, "seed": s}
+        for s in settings["seeds"]
+        for b in settings["batch_sizes"]
+        for m in settings["methods"]
+    ]
+
+
+def _experiment_group(unit: dict[str, Any]) -> tuple[int, int]:
+    return unit["seed"], unit["bs"]
+
+
+def _experiment_group_run(
+    settings: dict[str, Any], units: list[dict[str, Any]], folders: list[Path]
+) -> list[dict[str, Any]]:
+    """Trains the methods of one (seed, batch size) group in round robin, then finishes them."""
+    runs = [Run(_config(settings, u), f) for u, f in zip(units, folders, strict=True)]
+    first = runs[0].config
+    with tqdm(
+        total=sum(r.config.epochs for r in runs),
+        desc=f"bs={first.batch_size} seed={first.seed}",
+        unit="epoch",
+        dynamic_ncols=True,
+        **bar_options(),
+    ) as bar:
+        # round robin: epoch e of every method, then epoch e + 1: the methods' epoch times are
+        # measured side by side, under the same load
+        while not all(r.done for r in runs):
+            for r in runs:
+                if r.done:
+                    continue
+                row = r.train_epoch()
+                bar.update(1)
+                bar.set_postfix_str(f"{r.config.method} epoch {row['epoch']}: {epoch_summary(row)}")
+    return [r.finish() for r in runs]
+
+
+def _experiment_read(
+    settings: dict[str, Any], unit: dict[str, Any], folder: Path
+) -> dict[str, Any] | None:
+    result = load_result(folder)  # RunCorrupted (a ValueError) names a changed file
+    if result is None or not _same_run(result, _config(settings, unit)):
+        return None
+    return result
+
+
+def _experiment_bytes(settings: dict[str, Any], units: list[dict[str, Any]]) -> int:
+    configs = [_config(settings, u) for u in units]
+    per_method = _run_bytes(configs)
+    return sum(per_method[c.method] for c in configs)
+
+
+def _no_report(result: dict[str, Any]) -> str:
+    return ""
+
+
+def _no_summary(
+    settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    return {}
+
+
+def _experiment_sweep(name: str) -> Study:
+    """The run units of experiment ``name``'s sweep (its summary and report: ``run_sweep``'s)."""
+    return Study(
+        name=name,
+        description=f"the sweep of experiment {name!r}",
+        report=_no_report,
+        settings={},
+        units=_experiment_units,
+        group=_experiment_group,
+        run_group=_experiment_group_run,
+        summarize=_no_summary,
+        read_record=_experiment_read,
+        estimate_bytes=_experiment_bytes,
+    )
 
 
 def run_sweep(
@@ -335,6 +386,10 @@ def run_sweep(
     report: Callable[[Path, list[dict[str, Any]]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs ``base`` for every method, batch size and seed.
+
+    The runs are the run units of :func:`run_units` (``{"bs", "method", "seed"}``, in the
+    folders ``runs/bs{B}/{method}/seed{S}``); the methods of one seed and batch size are one
+    task, trained in round robin.
 
     Args:
         base: the shared configuration (its ``method``, ``batch_size`` and ``seed`` are replaced).
@@ -373,101 +428,34 @@ def run_sweep(
         )
     if len(set(batch_sizes)) != len(batch_sizes) or len(set(seeds)) != len(seeds):
         raise ValueError("batch sizes and seeds must not repeat")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"expected jobs to be a positive int, got {jobs!r}")
-    if overwrite and resume:
-        raise ValueError("pass overwrite or resume, not both")
     experiment.check_options(base.options)
-    sizes, seed_list = [int(b) for b in batch_sizes], [int(s) for s in seeds]
+    settings = base.to_dict()
+    for key in ("method", "batch_size", "seed"):
+        settings.pop(key)
+    settings |= {
+        "methods": methods,
+        "batch_sizes": [int(b) for b in batch_sizes],
+        "seeds": [int(s) for s in seeds],
+    }
     out = Path(out_dir)
-    lock = _io.FolderLock(out).acquire()
-    try:
-        return _sweep(
-            base, out, methods, sizes, seed_list, overwrite, resume, progress, jobs, report, lock
-        )
-    finally:
-        lock.release()
 
+    def finish(folder: Path, records: list[dict[str, Any]]) -> None:
+        if report is not None:
+            report(folder, records)
 
-def _sweep(
-    base: RunConfig,
-    out: Path,
-    methods: list[str],
-    sizes: list[int],
-    seed_list: list[int],
-    overwrite: bool,
-    resume: bool,
-    progress: bool,
-    jobs: int,
-    report: Callable[[Path, list[dict[str, Any]]], Any] | None,
-    lock: _io.FolderLock,
-) -> list[dict[str, Any]]:
-    """:func:`run_sweep` once its arguments are checked and ``out`` is locked."""
-    scratch = _io.scratch_dir(out)
-    if scratch.exists():  # left by a sweep that was killed (we hold the lock: none runs)
-        shutil.rmtree(scratch)
-    work = _prepare_folder(
+    results = run_units(
+        _experiment_sweep(experiment.name),
+        settings,
         out,
-        _manifest(base, methods, sizes, seed_list, overwrite),
         overwrite=overwrite,
         resume=resume,
+        jobs=jobs,
+        progress=progress,
+        finish=finish,
+        interrupted=report,
     )
-    configs = [
-        base.replace(method=m, batch_size=b, seed=s)
-        for s in seed_list
-        for b in sizes
-        for m in methods
-    ]
-    try:
-        done = _completed(work, configs) if resume else {}
-        todo = [i for i in range(len(configs)) if i not in done]
-        _preflight(out, work, [configs[i] for i in todo])
-        for i in todo:  # a run that had not finished starts again from an empty folder
-            c = configs[i]
-            folder = run_dir(work, c.method, c.batch_size, c.seed)
-            if folder.exists():
-                shutil.rmtree(folder)
-        groups: list[list[RunConfig]] = []
-        for s in seed_list:
-            for b in sizes:
-                group = [
-                    configs[i] for i in todo if (configs[i].seed, configs[i].batch_size) == (s, b)
-                ]
-                if group:
-                    groups.append(group)
-        with _stop_on_sigterm():
-            _execute(groups, work, scratch, progress, min(jobs, max(1, len(groups))), lock)
-    except (KeyboardInterrupt, _Terminated) as exc:
-        name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
-        completed = [r for _, r in sorted(_completed(work, configs).items())]
-        made = None
-        if report is not None and completed:
-            try:
-                made = report(work, completed)
-            except Exception as err:  # the interruption is what the caller must hear about
-                warnings.warn(f"the report of the completed runs failed: {err}", stacklevel=2)
-        raise SweepInterrupted(work, completed, len(configs), name, made) from None
-    except BaseException:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            nothing = not _completed(work, configs)
-        if nothing:  # nothing worth resuming (e.g. bad data): no trace
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    final = _completed(work, configs, strict=True)  # a changed file is refused, named
-    missing = [configs[i] for i in range(len(configs)) if i not in final]
-    if missing:  # pragma: no cover - every run either finished or raised
-        raise RuntimeError(f"runs without results: {missing}")
-    results = [final[i] for i in range(len(configs))]
-    if report is not None:
-        report(work, results)
-    manifest = _read_manifest(work) or {}
-    _io.write_json(work / MANIFEST, manifest | {"complete": True})
-    _io.swap_in(work, out)
-    prefix = str(work)
-    for r in results:
-        if r["out_dir"].startswith(prefix):
-            r["out_dir"] = str(out) + r["out_dir"][len(prefix) :]
+    for r in results:  # the runs were read in OUT.partial, which is now OUT
+        r["out_dir"] = str(out / Path(r["out_dir"]).relative_to(_io.partial_dir(out)))
     return results
 
 
@@ -583,120 +571,13 @@ def _check_workers(pool: Any, started: set[int]) -> None:
         )
 
 
-def _move_in(group: list[RunConfig], private: Path, work: Path) -> None:
-    """Moves the complete runs of ``group`` from a worker's private folder into ``work``."""
-    for c in group:
-        src = run_dir(private, c.method, c.batch_size, c.seed)
-        try:
-            complete = verify_run(src)
-        except RunCorrupted:
-            complete = False
-        if not complete:
-            continue
-        dst = run_dir(work, c.method, c.batch_size, c.seed)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(src, dst)
-
-
-def _execute(
-    groups: list[list[RunConfig]],
-    work: Path,
-    scratch: Path,
-    progress: bool,
-    jobs: int,
-    lock: _io.FolderLock,
-) -> None:
-    """Runs the groups, in this process (``jobs == 1``) or in ``jobs`` worker processes.
-
-    Workers train in private folders under ``scratch``; this process moves each finished run
-    into ``work``, so nothing reaches ``work`` once this process is gone.
-    """
-    if jobs == 1:
-        for group in groups:
-            _run_group(group, str(work), progress, 0)
-        return
-    scratch.mkdir(parents=True, exist_ok=True)
-    privates = [
-        Path(tempfile.mkdtemp(prefix=f"bs{g[0].batch_size}-seed{g[0].seed}-", dir=scratch))
-        for g in groups
-    ]
-    # one process per (seed, batch size) group; "spawn" starts clean interpreters (no forked
-    # OpenMP state): they get the sources and entries that registered the sweep's experiment.
-    # The workers ignore SIGINT (Ctrl-C reaches the whole process group): this process stops them.
-    payload = worker_payload(sorted({c.experiment for g in groups for c in g}))
-    ctx = multiprocessing.get_context("spawn")
-    pool = _start_pool(ctx, jobs, lock, payload)
-    pending: list[Any] = []
-    started = _worker_pids(pool)
-    try:
-        pending = [
-            (g, d, pool.apply_async(_run_group, (g, str(d), progress, i % jobs)))
-            for i, (g, d) in enumerate(zip(groups, privates, strict=True))
-        ]
-        left = list(pending)
-        while left:
-            for item in [x for x in left if x[2].ready()]:
-                g, d, p = item
-                p.get()  # re-raises a worker's error
-                _move_in(g, d, work)
-                shutil.rmtree(d, ignore_errors=True)
-                left.remove(item)
-            if left:
-                left[0][2].wait(0.2)
-                _check_workers(pool, started)
-    except BaseException:
-        pool.terminate()
-        pool.join()
-        for g, d, _ in pending:  # runs that finished before the stop are kept
-            with suppress(OSError):
-                _move_in(g, d, work)
-        shutil.rmtree(scratch, ignore_errors=True)
-        # the traceback keeps this frame alive: drop the pool here, so that its locks are
-        # released now (not left to the resource tracker's "leaked semaphore" warning at exit)
-        del pending, pool
-        raise
-    pool.close()
-    pool.join()
-    shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _run_group(group: list[RunConfig], out_dir: str, progress: bool, position: int) -> None:
-    """Trains the methods of one (seed, batch size) group in round robin, then finishes them."""
-    runs = [Run(c, run_dir(out_dir, c.method, c.batch_size, c.seed)) for c in group]
-    first = group[0]
-    with tqdm(
-        total=sum(c.epochs for c in group),
-        desc=f"bs={first.batch_size} seed={first.seed}",
-        unit="epoch",
-        disable=not progress,
-        dynamic_ncols=True,
-        position=position,
-    ) as bar:
-        # round robin: epoch e of every method, then epoch e + 1: the methods' epoch times are
-        # measured side by side, under the same load
-        while not all(r.done for r in runs):
-            for r in runs:
-                if r.done:
-                    continue
-                row = r.train_epoch()
-                bar.update(1)
-                bar.set_postfix_str(f"{r.config.method} epoch {row['epoch']}: {epoch_summary(row)}")
-    for r in runs:
-        r.finish()
-
-
 # --------------------------------------------------------------------------------------------
-# The run units of a study
+# Run units: their folders and records, and the sweep that runs them
 # --------------------------------------------------------------------------------------------
 
-#: The file, in a study unit's run folder, holding the unit and its record.
+#: The file, in a unit's run folder, holding the unit and its record (unless the study reads
+#: its record from its own files: ``Study.read_record``).
 RECORD = "record.json"
-
-# study settings that may differ between an interrupted study and its resumption (they change
-# neither a unit's record nor the summary's numbers)
-_STUDY_RESUMABLE = ("threads", "progress", "jobs")
 
 _UNIT_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
@@ -765,33 +646,107 @@ def _read_record(folder: Path, unit: dict[str, Any]) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _study_differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    out = []
-    if found.get("study") != wanted["study"]:
-        out.append(f"study {found.get('study')!r} (asked: {wanted['study']!r})")
-    if found.get("units") != wanted["units"]:
-        out.append("the run units")
-    f_set, w_set = dict(found.get("settings") or {}), wanted["settings"]
-    for key in sorted(set(f_set) | set(w_set)):
-        if key not in _STUDY_RESUMABLE and f_set.get(key) != w_set.get(key):
-            out.append(f"{key} {f_set.get(key)!r} (asked: {w_set.get(key)!r})")
-    return out
+# the worker slot and progress flag of the task this process runs (``bar_options``)
+_TASK: dict[str, Any] = {"position": 0, "disable": False}
 
 
-def _run_unit(
-    study: Any, settings: dict[str, Any], unit: dict[str, Any], folder: str
-) -> dict[str, Any]:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    record = study.run_unit(dict(settings), dict(unit), Path(folder))
-    if not isinstance(record, dict):
+def bar_options() -> dict[str, Any]:
+    """``position`` and ``disable`` for the progress bar of the task this process runs.
+
+    Tasks running at once in several workers (``jobs > 1``) get one line each; ``disable`` is
+    ``True`` when the sweep runs without progress bars.
+    """
+    return dict(_TASK)
+
+
+def _run_task(
+    study: Study,
+    settings: dict[str, Any],
+    units: list[dict[str, Any]],
+    folders: list[str],
+    progress: bool,
+    position: int,
+) -> list[dict[str, Any]]:
+    """Runs one task (a unit, or a group of units) into ``folders``; returns the records."""
+    _TASK.update(position=position, disable=not progress)
+    paths = [Path(f) for f in folders]
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+    if study.run_group is not None:
+        records = study.run_group(dict(settings), [dict(u) for u in units], paths)
+    else:
+        assert study.run_unit is not None
+        records = [study.run_unit(dict(settings), dict(units[0]), paths[0])]
+    if not isinstance(records, list) or len(records) != len(units):
         raise TypeError(
-            f"study {study.name!r}: run_unit must return a dict, got {type(record).__name__}"
+            f"study {study.name!r}: expected a list of {len(units)} record(s) from a task, got "
+            f"{type(records).__name__}"
         )
-    return _plain(record)
+    for record in records:
+        if not isinstance(record, dict):
+            raise TypeError(
+                f"study {study.name!r}: a unit's record must be a dict, got "
+                f"{type(record).__name__}"
+            )
+    return [_plain(r) for r in records]
+
+
+def _tasks(study: Study, units: list[dict[str, Any]], todo: list[int]) -> list[list[int]]:
+    """The units ``todo`` as tasks: one unit each, or the units of one ``study.group`` key."""
+    if study.group is None:
+        return [[i] for i in todo]
+    groups: dict[Any, list[int]] = {}
+    for i in todo:
+        groups.setdefault(study.group(units[i]), []).append(i)
+    return list(groups.values())
+
+
+class _Units:
+    """The units of one sweep in its folder ``work``: where they go and which are finished."""
+
+    def __init__(
+        self, study: Study, settings: dict[str, Any], units: list[dict[str, Any]], work: Path
+    ) -> None:
+        self.study, self.settings, self.units, self.work = study, settings, units, work
+
+    def folder(self, i: int, root: Path | None = None) -> Path:
+        return unit_dir(self.work if root is None else root, self.units[i])
+
+    def read(self, i: int, root: Path | None = None, *, strict: bool = False) -> Any:
+        """The record of unit ``i`` in ``root`` (default: ``work``), ``None`` if unfinished.
+
+        A unit whose files changed (the study's ``read_record`` raises a ``ValueError``) raises
+        when ``strict``; otherwise it counts as unfinished, with a warning naming the file.
+        """
+        folder = self.folder(i, root)
+        if self.study.read_record is None:
+            return _read_record(folder, self.units[i])
+        try:
+            return self.study.read_record(dict(self.settings), dict(self.units[i]), folder)
+        except ValueError as exc:
+            if strict:
+                raise
+            warnings.warn(f"{exc}: the unit runs again", stacklevel=4)
+            return None
+
+    def finished(self, *, strict: bool = False) -> dict[int, dict[str, Any]]:
+        found = {i: self.read(i, strict=strict) for i in range(len(self.units))}
+        return {i: r for i, r in found.items() if r is not None}
+
+    def keep(self, i: int, record: dict[str, Any], root: Path | None = None) -> None:
+        """Makes unit ``i`` finished in ``work``: its folder moved from ``root``, its record."""
+        folder = self.folder(i)
+        if root is not None:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(self.folder(i, root), folder)
+        if self.study.read_record is None:
+            _write_record(folder, self.units[i], record)
 
 
 def run_units(
-    study: Any,
+    study: Study,
     settings: Mapping[str, Any],
     out_dir: str | os.PathLike[str],
     *,
@@ -800,14 +755,17 @@ def run_units(
     jobs: int = 1,
     progress: bool = True,
     finish: Callable[[Path, list[dict[str, Any]]], None],
+    interrupted: Callable[[Path, list[dict[str, Any]]], Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs every unit of ``study`` into its run folder; the sweep of a study.
+    """Runs every unit of ``study`` into its run folder: the one sweep of every entry.
 
-    The units' folders (:func:`unit_dir`) are built in ``OUT.partial``, each record written
-    there as soon as its unit finishes; ``OUT.partial/sweep.json`` records the study, its
-    settings and its units. Once every unit is done, ``finish(folder, records)`` writes the
-    result and the report into the folder, which then takes ``OUT``'s place (``OUT`` stays
-    intact until then). ``OUT`` is locked meanwhile.
+    The units' folders (:func:`unit_dir`) are built in ``OUT.partial``, each unit's record kept
+    there as soon as it finishes (``record.json``, or the study's own files with
+    ``read_record``); ``OUT.partial/sweep.json`` records the study, its settings and its units.
+    Once every unit is done, ``finish(folder, records)`` writes the result and the report into
+    the folder, which then takes ``OUT``'s place (``OUT`` stays intact until then). ``OUT`` is
+    locked meanwhile (``OUT.lock``); before anything runs, the folders are checked for
+    writability and, with ``study.estimate_bytes``, free space.
 
     Args:
         study: a :class:`~metanorm_repro.experiments.Study` with run units.
@@ -816,10 +774,14 @@ def run_units(
         overwrite: replace an existing ``out_dir`` or discard an interrupted run.
         resume: continue the interrupted run of ``out_dir`` (same settings but ``threads``,
             ``jobs`` and ``progress``): finished units are not run again.
-        jobs: processes running units at the same time (spawned, so ``settings`` and the
-            study must pickle: module-level functions do).
-        progress: show a progress bar.
+        jobs: processes running tasks (units, or groups of units) at the same time; spawned,
+            so ``settings`` and the study must pickle (module-level functions do). Workers write
+            in private folders under ``OUT.jobs``; only this process moves finished units into
+            ``OUT.partial``.
+        progress: show progress bars.
         finish: called with the folder and the records, in unit order.
+        interrupted: called with the folder and the finished units' records on Ctrl-C or
+            SIGTERM (e.g. to report them); what it returns is :attr:`SweepInterrupted.report`.
 
     Returns:
         The records, in unit order (as read back from their files).
@@ -835,6 +797,8 @@ def run_units(
         raise ValueError(f"expected jobs to be a positive int, got {jobs!r}")
     if overwrite and resume:
         raise ValueError("pass overwrite or resume, not both")
+    if study.units is None:
+        raise ValueError(f"study {study.name!r} has no run units (it runs in one piece)")
     plain: dict[str, Any] = json.loads(json.dumps(_plain(dict(settings)), allow_nan=True))
     units = [dict(u) for u in study.units(plain)]
     if not units:
@@ -852,38 +816,41 @@ def run_units(
     }
     lock = _io.FolderLock(out).acquire()
     try:
-        work = _prepare_folder(
-            out,
-            manifest,
-            overwrite=overwrite,
-            resume=resume,
-            kind="run",
-            differences=_study_differences,
-            check_out=_check_study_out,
-        )
-        units = manifest["units"]
-
-        def finished() -> dict[int, dict[str, Any]]:
-            found = {i: _read_record(unit_dir(work, u), u) for i, u in enumerate(units)}
-            return {i: r for i, r in found.items() if r is not None}
-
+        scratch = _io.scratch_dir(out)
+        if scratch.exists():  # left by a sweep that was killed (we hold the lock: none runs)
+            shutil.rmtree(scratch)
+        work = _prepare_folder(out, manifest, overwrite=overwrite, resume=resume)
+        state = _Units(study, plain, manifest["units"], work)
         try:
-            done = finished() if resume else {}
+            done = state.finished() if resume else {}
             todo = [i for i in range(len(units)) if i not in done]
+            need = None
+            if study.estimate_bytes is not None and todo:
+                need = int(study.estimate_bytes(dict(plain), [state.units[i] for i in todo]))
+            _preflight(out, work, need, len(todo))
             for i in todo:  # a unit that had not finished starts again from an empty folder
-                if unit_dir(work, units[i]).exists():
-                    shutil.rmtree(unit_dir(work, units[i]))
+                if state.folder(i).exists():
+                    shutil.rmtree(state.folder(i))
             with _stop_on_sigterm():
-                _execute_units(study, plain, units, todo, work, jobs, progress, lock)
+                _execute(state, _tasks(study, state.units, todo), len(done), jobs, progress, lock)
         except (KeyboardInterrupt, _Terminated) as exc:
             name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
-            completed = [r for _, r in sorted(finished().items())]
-            raise SweepInterrupted(work, completed, len(units), name) from None
+            completed = [r for _, r in sorted(state.finished().items())]
+            made = None
+            if interrupted is not None and completed:
+                try:
+                    made = interrupted(work, completed)
+                except Exception as err:  # the interruption is what the caller must hear about
+                    warnings.warn(f"the report of the completed runs failed: {err}", stacklevel=2)
+            raise SweepInterrupted(work, completed, len(units), name, made) from None
         except BaseException:
-            if not finished():  # nothing worth resuming: no trace
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                nothing = not state.finished()
+            if nothing:  # nothing worth resuming (e.g. bad data): no trace
                 shutil.rmtree(work, ignore_errors=True)
             raise
-        records = finished()
+        records = state.finished(strict=True)  # a changed file is refused, named
         if len(records) != len(units):  # pragma: no cover - every unit finished or raised
             raise RuntimeError(f"run units without records in {work}")
         ordered = [records[i] for i in range(len(units))]
@@ -895,91 +862,103 @@ def run_units(
         lock.release()
 
 
-def _check_study_out(out: Path, overwrite: bool) -> None:
-    """Refuses an ``out`` that holds results unless ``overwrite``; checks it can be written."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds results; pass --overwrite to replace them (they stay "
-            "intact until the new run is complete), or choose another --out"
-        )
-    _io.check_writable(out.parent)
+def _payload(name: str) -> tuple[Sequence[str], Sequence[Any]]:
+    """What the workers need to find the registered entry ``name`` (nothing if unregistered)."""
+    return worker_payload([name]) if name in list_entries() else ((), ())
 
 
-def _execute_units(
-    study: Any,
-    settings: dict[str, Any],
-    units: list[dict[str, Any]],
-    todo: list[int],
-    work: Path,
+def _execute(
+    state: _Units,
+    tasks: list[list[int]],
+    done: int,
     jobs: int,
     progress: bool,
     lock: _io.FolderLock,
 ) -> None:
-    """Runs the units ``todo``, in this process or in ``jobs`` workers; writes each record.
+    """Runs the tasks, in this process or in ``jobs`` workers; keeps each finished unit.
 
-    Only this process writes into ``work``: a worker returns its record.
+    Only this process writes into ``work``: a worker runs in a private folder under
+    ``OUT.jobs`` and returns its records. A study that runs groups shows a progress bar per
+    group (its own); otherwise one bar counts the units.
     """
+    study, settings, units, work = state.study, state.settings, state.units, state.work
     bar = tqdm(
         total=len(units),
-        initial=len(units) - len(todo),
+        initial=done,
         desc=study.name,
         unit="unit",
-        disable=not progress,
+        disable=not progress or study.group is not None,
         dynamic_ncols=True,
     )
     with bar:
-        jobs = min(jobs, max(1, len(todo)))
+        jobs = min(jobs, max(1, len(tasks)))
         if jobs == 1:
-            for i in todo:
-                folder = unit_dir(work, units[i])
-                record = _run_unit(study, settings, units[i], str(folder))
-                _write_record(folder, units[i], record)
-                bar.update(1)
+            for task in tasks:
+                folders = [str(state.folder(i)) for i in task]
+                records = _run_task(study, settings, [units[i] for i in task], folders, progress, 0)
+                for i, record in zip(task, records, strict=True):
+                    state.keep(i, record)
+                bar.update(len(task))
             return
-        # workers write a unit's files in a private folder under OUT.jobs; this process moves it
-        # into place with the record once the unit is done, so nothing reaches the run otherwise
         scratch = _io.scratch_dir(work.with_name(work.name.removesuffix(".partial")))
-        if scratch.exists():  # left by a run that was killed (we hold the lock: none runs)
-            shutil.rmtree(scratch)
-        scratch.mkdir(parents=True)
-        privates = {i: Path(tempfile.mkdtemp(prefix="unit-", dir=scratch)) for i in todo}
-
-        def move_in(i: int, record: dict[str, Any]) -> None:
-            folder = unit_dir(work, units[i])
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(privates[i], folder)
-            _write_record(folder, units[i], record)
-
+        scratch.mkdir(parents=True, exist_ok=True)
+        privates = [Path(tempfile.mkdtemp(prefix="task-", dir=scratch)) for _ in tasks]
+        # "spawn" starts clean interpreters (no forked OpenMP state): they get the sources and
+        # entries that registered the study; they ignore SIGINT (Ctrl-C reaches the whole
+        # process group): this process stops them
         ctx = multiprocessing.get_context("spawn")
-        pool = _start_pool(ctx, jobs, lock, ((), ()))
-        left: list[tuple[int, Any]] = []
+        pool = _start_pool(ctx, jobs, lock, _payload(study.name))
+        pending: list[tuple[list[int], Path, Any]] = []
         started = _worker_pids(pool)
         try:
-            left = [
-                (i, pool.apply_async(_run_unit, (study, settings, units[i], str(privates[i]))))
-                for i in todo
-            ]
+            for n, (task, private) in enumerate(zip(tasks, privates, strict=True)):
+                folders = [str(state.folder(i, private)) for i in task]
+                args = (study, settings, [units[i] for i in task], folders, progress, n % jobs)
+                pending.append((task, private, pool.apply_async(_run_task, args)))
+            left = list(pending)
             while left:
-                for item in [x for x in left if x[1].ready()]:
-                    i, p = item
-                    move_in(i, p.get())
-                    bar.update(1)
+                for item in [x for x in left if x[2].ready()]:
+                    task, private, result = item
+                    for i, record in zip(task, result.get(), strict=True):  # a worker's error
+                        state.keep(i, record, private)
+                    shutil.rmtree(private, ignore_errors=True)
+                    bar.update(len(task))
                     left.remove(item)
                 if left:
-                    left[0][1].wait(0.2)
+                    left[0][2].wait(0.2)
                     _check_workers(pool, started)
         except BaseException:
-            for i, p in left:  # units that finished before the stop are kept
-                if p.ready() and p.successful():
-                    with suppress(OSError):
-                        move_in(i, p.get())
             pool.terminate()
             pool.join()
+            for task, private, result in pending:  # units that finished before the stop are kept
+                with suppress(OSError):
+                    if private.is_dir():
+                        _keep_finished(state, task, private, result)
             shutil.rmtree(scratch, ignore_errors=True)
-            del pool
+            # the traceback keeps this frame alive: drop the pool here, so that its locks are
+            # released now (not left to the resource tracker's "leaked semaphore" warning)
+            del pending, pool
             raise
         pool.close()
         pool.join()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _keep_finished(state: _Units, task: list[int], private: Path, result: Any) -> None:
+    """After a stop: keeps the units of ``task`` that finished in a worker's ``private`` folder.
+
+    A task that returned has its records; otherwise a study with ``read_record`` may still
+    have finished some of its units (their folders say so).
+    """
+    if result.ready() and result.successful():
+        for i, record in zip(task, result.get(), strict=True):
+            state.keep(i, record, private)
+        return
+    if state.study.read_record is None:
+        return
+    for i in task:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            record = state.read(i, private)
+        if record is not None:
+            state.keep(i, record, private)
