@@ -26,10 +26,18 @@ def sweep(tmp_path_factory):
     return out
 
 
+#: The line of every report's Files section about the result files (experiments and studies).
+FILES_LINE = (
+    "- `results.json`: the results, unrounded; `run.json`: the command, the settings and the "
+    "wall time"
+)
+
+
 def test_sweep_writes_every_file(sweep):
     for name in (
         "report.md",
-        "summary.json",
+        "results.json",
+        "run.json",
         "summary.csv",
         "dcor2_per_epoch.png",
         "val_bacc_per_epoch.png",
@@ -37,6 +45,17 @@ def test_sweep_writes_every_file(sweep):
     ):
         assert (sweep / name).is_file(), name
     assert (sweep / "features_pca.png").read_bytes()[:4] == b"\x89PNG"
+    run = json.loads((sweep / "run.json").read_text())
+    assert run["name"] == "synthetic" and run["command"].startswith("metanorm reproduce synthetic")
+    assert run["settings"]["methods"] == "none mdn-conv" and run["wall_time_s"] > 0
+    # the report ends with the Files section every entry's report ends with
+    report = (sweep / "report.md").read_text()
+    files = report[report.index("## Files") :].splitlines()
+    assert files[2].startswith("- `runs/bs{B}/{method}/seed{S}/`: one folder per run")
+    assert files[3] == FILES_LINE
+    assert (
+        "- `features_pca.png`" in files and "- `summary.csv`: the results table, unrounded" in files
+    )
     for method in ("none", "mdn-conv"):
         run = sweep / "runs" / "bs30" / method / "seed0"
         for name in (
@@ -108,7 +127,7 @@ def test_report_contents(sweep):
     timing = text.split("## Timing (information, not a check)")[1].split("##")[0]
     assert "- MDN-Conv bs=30: epoch" in timing and "× the Baseline's" in timing
     assert "![features_pca.png](features_pca.png)" in text
-    summary = json.loads((sweep / "summary.json").read_text())
+    summary = json.loads((sweep / "results.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
     assert rows["none"]["time_ratio"] == pytest.approx(1.0)
     hist = {}

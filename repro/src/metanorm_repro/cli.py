@@ -149,7 +149,7 @@ def register(sub: Any) -> None:
     description = (
         "Trains every method of a registered experiment (one run per method, batch size and "
         "seed), then writes OUT/report.md (a table beside the authors' figures and PASS/FAIL "
-        "checks), OUT/summary.json|csv, PNG plots, and one folder per run under OUT/runs/. "
+        "checks), OUT/results.json, OUT/run.json, OUT/summary.csv, PNG plots, and one folder per run under OUT/runs/. "
         "Defaults are the experiment's quick CPU settings; --paper gives the paper's settings; "
         "explicit options override both. 'metanorm reproduce synthetic' is the main job."
     )

@@ -150,7 +150,7 @@ def test_the_report_draws_bacc_against_dcor2(tmp_path):
     assert "![bacc_vs_dcor2.png](bacc_vs_dcor2.png)" in (out / "report.md").read_text()
     assert not list(out.glob(".*.tmp"))  # written atomically: no temporary file left
     # the plotted x: per run the mean over the classes of the test dcor², then over the seeds
-    rows = json.loads((out / "summary.json").read_text())["rows"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
     for row in rows:
         per_seed = []
         for s in (0, 1):

@@ -126,7 +126,7 @@ def test_hvu_reproduce_end_to_end(tmp_path):
     assert set(final["eval_splits"]) == {"test"}
     assert final["eval_splits"]["test"]["balanced_accuracy"] == final["test_balanced_accuracy"]
     assert final["test_group_accuracy"] == {}  # no groups for a tag matrix
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in summary["rows"]} == {"batchnorm", "mdn"}
     # the reported bAcc, recomputed with scikit-learn from the checkpoint's model
     config = RunConfig.from_dict(ckpt["config"])

@@ -97,8 +97,20 @@ def test_regression_synthetic_equals_the_function(synthetic_run, one_thread):
     assert got["bounds"] == _json(want["bounds"])
     assert (out / "report.md").read_text().startswith(regression_report(got))
     assert (out / "r2_vs_dcor2.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    files = report[report.index("## Files") :].splitlines()  # the experiments' Files section
+    units = len(got["runs"])
+    assert files[2] == f"- `runs/`: one folder per run unit ({units}), each with `record.json`"
+    assert (
+        files[3]
+        == (
+            "- `results.json`: the results, unrounded; `run.json`: the command, the settings and the "
+            "wall time"
+        )
+        and "- `r2_vs_dcor2.png`" in files
+    )
     run = json.loads((out / "run.json").read_text())
-    assert run["study"] == "regression-synthetic" and run["settings"]["n_train"] == 100
+    assert run["name"] == "regression-synthetic" and run["settings"]["n_train"] == 100
     assert run["settings"]["seed"] == 3 and run["settings"]["batch_sizes"] == [50]
 
 

@@ -144,11 +144,11 @@ def test_kill_9_of_a_two_job_sweep_and_a_second_sweep_on_the_same_folder(tmp_pat
     kept = (partial / "runs/bs40/none/seed0/final.json").read_bytes()
     assert main(_args(out, "--jobs", "1", "--resume", sizes=("40", "1"), epochs="3")) == 0
     assert (out / "runs/bs40/none/seed0/final.json").read_bytes() == kept
-    rows = json.loads((out / "summary.json").read_text())["rows"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
     assert sorted(r["batch_size"] for r in rows) == [1, 40]
     assert not partial.exists() and not scratch.exists() and not _io.lock_path(out).exists()
     assert main(_args(out, "--jobs", "1", "--overwrite", sizes=("40",), epochs="3")) == 0
-    rows = json.loads((out / "summary.json").read_text())["rows"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["batch_size"] for r in rows] == [40]
     capsys.readouterr()
 

@@ -226,12 +226,12 @@ def test_cli_interrupt_and_resume(tmp_path, monkeypatch, capsys):
     assert f"report of those: {_io.partial_dir(out) / 'report.md'}" in err[0]
     assert err[0].endswith(" ".join(["resume with: metanorm", *args, "--resume"]))
     assert (_io.partial_dir(out) / "report.md").is_file()
-    partial = json.loads((_io.partial_dir(out) / "summary.json").read_text())
+    partial = json.loads((_io.partial_dir(out) / "results.json").read_text())
     assert [r["batch_size"] for r in partial["rows"]] == [8]
     monkeypatch.undo()
     monkeypatch.setattr(sys, "argv", ["metanorm", *args, "--resume"])
     assert main([*args, "--resume"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "results.json").read_text())
     assert sorted(r["batch_size"] for r in summary["rows"]) == [6, 8]
     assert (out / "report.md").stat().st_mode & 0o777 == 0o666 & ~_umask()
 
@@ -341,6 +341,6 @@ def test_signal_stops_workers_writes_report_and_exits_130(tmp_path, sig, jobs):
     time.sleep(2.0)
     assert not scratch.exists()
     assert not (partial / "runs/bs1/none/seed0").exists()
-    report = json.loads((partial / "summary.json").read_text())
+    report = json.loads((partial / "results.json").read_text())
     assert [r["batch_size"] for r in report["rows"]] == [40]
     assert not out.exists()

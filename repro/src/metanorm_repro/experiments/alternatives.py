@@ -508,7 +508,7 @@ def plot_bacc_vs_dcor2(rows: Sequence[dict[str, Any]], path: str | Path) -> Path
     (``metanorm_repro.experiments.plots.plot_bacc_vs_dcor2``).
 
     Args:
-        rows: the summary rows of a sweep (``summary.json``'s ``"rows"``).
+        rows: the summary rows of a sweep (``results.json``'s ``"rows"``).
         path: the PNG to write.
 
     Returns:

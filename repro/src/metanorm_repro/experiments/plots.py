@@ -201,7 +201,7 @@ def plot_bacc_vs_dcor2(
     """Test bAcc against the mean per-class test dcor², one point per method × batch size.
 
     Args:
-        rows: summary rows (:func:`metanorm_repro.experiments.summarize`, ``summary.json``'s
+        rows: summary rows (:func:`metanorm_repro.experiments.summarize`, ``results.json``'s
             ``"rows"``): ``method``, ``batch_size``, ``test_bacc`` and, when present,
             ``test_bacc_std``, ``test_mean_dcor2`` (+ ``_std``; else the mean of the
             ``test_dcor2_<class>`` columns, without an error bar).

@@ -325,9 +325,9 @@ class Study:
     run_group: (
         Callable[[dict[str, Any], list[dict[str, Any]], list[Path]], list[dict[str, Any]]] | None
     ) = None
-    read_record: (
-        Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any] | None] | None
-    ) = None
+    read_record: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any] | None] | None = (
+        None
+    )
     estimate_bytes: Callable[[dict[str, Any], list[dict[str, Any]]], int] | None = None
     run: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None
 

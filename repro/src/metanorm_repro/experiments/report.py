@@ -1,8 +1,13 @@
-"""The report of a sweep: a summary table, the authors' figures, PASS/FAIL checks and plots.
+"""The report of a run of ``metanorm reproduce``, one format for every entry.
 
-:func:`summarize` turns run results into one row per (batch size, method), averaged over seeds;
-:func:`write_report` writes ``report.md``, ``summary.json``, ``summary.csv`` and the PNG plots
-(:mod:`metanorm_repro.experiments.plots`; skipped with a note when matplotlib is missing).
+Every output folder holds ``runs/`` (one folder per run unit), ``results.json`` (the results,
+unrounded), ``report.md`` (a title, the entry's tables, then the same ``## Files`` section:
+:func:`files_section`) and ``run.json`` (the entry, the command line, the settings and the wall
+time: :func:`write_run_record`), plus the entry's plots. For an experiment's sweep,
+:func:`summarize` turns run results into one row per (batch size, method), averaged over seeds,
+and :func:`write_report` writes the report with the authors' figures, the PASS/FAIL checks,
+``summary.csv`` (the table) and the PNG plots (:mod:`metanorm_repro.experiments.plots`; skipped
+with a note when matplotlib is missing).
 """
 
 from __future__ import annotations
@@ -19,7 +24,52 @@ from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.registry import Check, Experiment
 from metanorm_repro.models.methods import method_display_name
 
-__all__ = ["group_table", "results_table", "summarize", "write_report"]
+__all__ = [
+    "files_section",
+    "group_table",
+    "results_table",
+    "summarize",
+    "write_report",
+    "write_run_record",
+]
+
+#: The file of an output folder that records the run: the entry, command, settings, wall time.
+RUN_RECORD = "run.json"
+
+
+def files_section(runs: str, plots: Sequence[str] = (), more: Sequence[str] = ()) -> list[str]:
+    """The last section of every report: the run folders, the result files and the plots.
+
+    Args:
+        runs: what ``runs/`` holds (markdown, one line).
+        plots: the file names of the plots.
+        more: further lines about files of this entry (markdown).
+    """
+    lines = [
+        "## Files",
+        "",
+        f"- {runs}",
+        "- `results.json`: the results, unrounded; `run.json`: the command, the settings and "
+        "the wall time",
+    ]
+    lines += [f"- {line}" for line in more]
+    lines += [f"- `{name}`" for name in plots]
+    return lines
+
+
+def write_run_record(
+    folder: str | os.PathLike[str],
+    name: str,
+    *,
+    command: str,
+    settings: dict[str, Any],
+    wall_time_s: float | None,
+) -> Path:
+    """Writes ``run.json``: the entry's ``name``, the command line, the settings, the wall time."""
+    return _io.write_json(
+        Path(folder) / RUN_RECORD,
+        {"name": name, "command": command, "settings": settings, "wall_time_s": wall_time_s},
+    )
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
@@ -236,7 +286,7 @@ def write_report(
     wall_time_s: float | None = None,
     plots: bool = True,
 ) -> dict[str, Any]:
-    """Writes ``report.md``, ``summary.json``, ``summary.csv`` and the plots into ``out_dir``.
+    """Writes ``report.md``, ``results.json``, ``run.json``, ``summary.csv`` and the plots.
 
     Returns:
         ``{"rows": summary rows, "checks": [Check], "passed": bool, "plots": [file names],
@@ -340,17 +390,18 @@ def write_report(
         if plot_note:
             lines.append(plot_note)
         lines.append("")
-    lines += [
-        "## Files",
-        "",
-        "`runs/bs{B}/{method}/seed{S}/`: `config.json` (resolved configuration), `epochs.csv` "
-        "(per-epoch metrics), `final.json` (test metrics), `checkpoint.pt`, `test_features.npz`. "
-        "`summary.json` / `summary.csv`: the table above, unrounded.",
-        "",
-    ]
+    lines += files_section(
+        "`runs/bs{B}/{method}/seed{S}/`: one folder per run: `config.json` (resolved "
+        "configuration), `epochs.csv` (per-epoch metrics), `final.json` (test metrics), "
+        "`checkpoint.pt`, `test_features.npz`, `manifest.json` (the files' SHA-256)",
+        [f for f in plot_files if f.endswith(".png")],
+        ["`summary.csv`: the results table, unrounded"],
+    )
+    lines.append("")
     report = _io.write_text(out / "report.md", "\n".join(lines))
+    write_run_record(out, experiment.name, command=command, settings=s, wall_time_s=wall_time_s)
     _io.write_json(
-        out / "summary.json",
+        out / "results.json",
         {
             "experiment": experiment.name,
             "settings": s,

@@ -51,6 +51,7 @@ import torch
 
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.registry import Study
+from metanorm_repro.experiments.report import write_run_record
 
 __all__ = ["STUDIES", "StudyInterrupted", "builtin_study", "run_study", "study_report"]
 
@@ -599,15 +600,13 @@ def run_study(
                 if "command" in result:
                     result["command"] = command
                 _io.write_json(work / "results.json", result)
-                _io.write_text(work / "report.md", study.report(result))
-                _io.write_json(
-                    work / "run.json",
-                    {
-                        "study": study.name,
-                        "command": command,
-                        "settings": settings,
-                        "wall_time_s": time.perf_counter() - start,
-                    },
+                _io.write_text(work / "report.md", study_report(study, result, work))
+                write_run_record(
+                    work,
+                    study.name,
+                    command=command,
+                    settings=settings,
+                    wall_time_s=time.perf_counter() - start,
                 )
         except (KeyboardInterrupt, _Terminated, SweepInterrupted) as exc:
             shutil.rmtree(work, ignore_errors=True)
@@ -631,18 +630,20 @@ def run_study(
 def study_report(study: Study, result: dict[str, Any], folder: Path, units: int = 0) -> str:
     """The report of a study: its own tables (``study.report(result)``), then the plots.
 
-    Every study's ``report.md`` has this shape: the study's title and tables, then a
-    ``## Files`` section naming the run folders (``runs/``, one per run unit) and the plots
-    (the PNG files of ``folder``).
+    Every ``report.md`` (an experiment's too) has this shape: the title and tables, then the
+    ``## Files`` section (``report.files_section``) naming the run folders (``runs/``, one per
+    run unit), ``results.json``, ``run.json`` and the plots (the PNG files of ``folder``).
     """
+    from metanorm_repro.experiments.report import files_section
+
     body = study.report(result).rstrip("\n")
     plots = sorted(p.name for p in folder.glob("*.png"))
-    lines = ["", "## Files", ""]
-    if units:
-        lines.append(f"- `runs/`: one folder per run unit ({units}), each with `record.json`")
-    lines.append("- `results.json`: the summary; `run.json`: the command and the settings")
-    lines += [f"- `{name}`" for name in plots]
-    return body + "\n" + "\n".join(lines) + "\n"
+    runs = (
+        f"`runs/`: one folder per run unit ({units}), each with `record.json`"
+        if units
+        else "no `runs/`: the study runs in one piece"
+    )
+    return body + "\n\n" + "\n".join(files_section(runs, plots)) + "\n"
 
 
 def _run_units(
@@ -670,14 +671,12 @@ def _run_units(
             result["command"] = command
         _io.write_json(folder / "results.json", result)
         _io.write_text(folder / "report.md", study_report(study, result, folder, len(records)))
-        _io.write_json(
-            folder / "run.json",
-            {
-                "study": study.name,
-                "command": command,
-                "settings": settings,
-                "wall_time_s": time.perf_counter() - start,
-            },
+        write_run_record(
+            folder,
+            study.name,
+            command=command,
+            settings=settings,
+            wall_time_s=time.perf_counter() - start,
         )
         made["result"] = result
 

@@ -685,8 +685,7 @@ def _run_task(
     for record in records:
         if not isinstance(record, dict):
             raise TypeError(
-                f"study {study.name!r}: a unit's record must be a dict, got "
-                f"{type(record).__name__}"
+                f"study {study.name!r}: a unit's record must be a dict, got {type(record).__name__}"
             )
     return [_plain(r) for r in records]
 
