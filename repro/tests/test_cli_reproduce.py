@@ -47,26 +47,14 @@ def test_sweep_writes_every_file(sweep):
     assert (sweep / "features_pca.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((sweep / "run.json").read_text())
     assert run["name"] == "synthetic" and run["command"].startswith("metanorm reproduce synthetic")
-    assert run["settings"]["methods"] == "none mdn-conv" and run["wall_time_s"] > 0
+    assert run["settings"]["methods"] == ["none", "mdn-conv"] and run["wall_time_s"] > 0
     # the report ends with the Files section every entry's report ends with
     report = (sweep / "report.md").read_text()
     files = report[report.index("## Files") :].splitlines()
-    assert files[2].startswith("- `runs/bs{B}/{method}/seed{S}/`: one folder per run")
+    assert files[2] == "- `runs/`: one folder per run unit (2), each with the files it wrote"
     assert files[3] == FILES_LINE
-    assert (
-        "- `features_pca.png`" in files and "- `summary.csv`: the results table, unrounded" in files
-    )
-    for method in ("none", "mdn-conv"):
-        run = sweep / "runs" / "bs30" / method / "seed0"
-        for name in (
-            "config.json",
-            "epochs.csv",
-            "final.json",
-            "checkpoint.pt",
-            "test_features.npz",
-        ):
-            assert (run / name).is_file(), (method, name)
-        assert not list(run.glob(".*tmp"))  # no temporary files left behind
+    assert "- `features_pca.png`" in files and "- `summary.csv`" in files
+    assert "Each run folder `runs/bs{B}/{method}/seed{S}/` holds `config.json`" in report
 
 
 def test_run_folder_contents_are_sane(sweep):

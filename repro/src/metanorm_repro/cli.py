@@ -9,7 +9,6 @@ import re
 import shlex
 import sys
 import textwrap
-import time
 from typing import Any
 
 #: The exit status of a sweep stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
@@ -149,7 +148,8 @@ def register(sub: Any) -> None:
     description = (
         "Trains every method of a registered experiment (one run per method, batch size and "
         "seed), then writes OUT/report.md (a table beside the authors' figures and PASS/FAIL "
-        "checks), OUT/results.json, OUT/run.json, OUT/summary.csv, PNG plots, and one folder per run under OUT/runs/. "
+        "checks), OUT/results.json, OUT/run.json, OUT/summary.csv, PNG plots, and one folder "
+        "per run under OUT/runs/. "
         "Defaults are the experiment's quick CPU settings; --paper gives the paper's settings; "
         "explicit options override both. 'metanorm reproduce synthetic' is the main job."
     )
@@ -382,7 +382,7 @@ def _run_study(study: Any, args: argparse.Namespace) -> int:
         given["progress"] = False
     settings = study.resolve(given, paper=args.paper)
     out = args.out or f"runs/{study.name}"
-    _, command = _command([], study.name)
+    argv, command = _command([], study.name)
     try:
         result = run_study(
             study,
@@ -395,15 +395,7 @@ def _run_study(study: Any, args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except StudyInterrupted as stop:
-        kept = (
-            f"; {stop.done} of {stop.total} run units finished: rerun with --resume to continue"
-            if stop.done
-            else ""
-        )
-        print(
-            f"metanorm reproduce: interrupted ({stop.signal_name}): {out} is unchanged{kept}",
-            file=sys.stderr,
-        )
+        _interrupted(stop, argv)
         return EXIT_INTERRUPTED
     print(study.report(result), end="")
     print(f"report: {os.path.join(out, 'report.md')}")
@@ -411,9 +403,9 @@ def _run_study(study: Any, args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from metanorm_repro.experiments import RunConfig, run_sweep, write_report
     from metanorm_repro.experiments.registry import Experiment, get_entry, load_source
-    from metanorm_repro.experiments.sweep import SweepInterrupted
+    from metanorm_repro.experiments.studies import StudyInterrupted, run_study
+    from metanorm_repro.experiments.sweep import experiment_study
 
     for source in args.experiment_module:
         try:
@@ -424,11 +416,8 @@ def _run(args: argparse.Namespace) -> int:
     if not isinstance(entry, Experiment):
         return _run_study(entry, args)
     experiment = entry
-    if args.seed is None:
-        args.seed = 0
-    if args.device is None:
-        args.device = "cpu"
-    if args.paper and not experiment.paper:
+    study = experiment_study(experiment)
+    if args.paper and not study.paper:
         raise ValueError(f"experiment {experiment.name!r} has no --paper settings; drop --paper")
     if experiment.options is not None:
         unknown = sorted({k for k, _ in args.option} - set(experiment.options))
@@ -437,17 +426,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"unknown --option key(s) {unknown} for {experiment.name!r}; valid keys: {valid}"
             )
-    settings: dict[str, Any] = {
-        "epochs": 10,
-        "lr": 1e-3,
-        "lr_schedule": "constant",
-        "refit_running_beta": False,
-        "n_per_class": 1000,
-        "batch_sizes": [200],
-        "seeds": 1,
-    }
-    settings.update(experiment.paper if args.paper else experiment.defaults)
-    options = dict(settings.get("options", {}))
+    start = study.resolve({}, paper=args.paper)  # the defaults, or the paper's settings
+    options = dict(start["options"])
     if args.n_per_class is not None:
         options.pop("n_eval_per_class", None)  # the splits follow the asked size
     if args.n_eval_per_class is not None:
@@ -455,110 +435,56 @@ def _run(args: argparse.Namespace) -> int:
     options.update(dict(args.option))
     if args.data is not None:
         options["data"] = os.fspath(args.data)
-    settings["options"] = options
-    for key in (
-        "epochs",
-        "lr",
-        "lr_schedule",
-        "refit_running_beta",
-        "n_per_class",
-        "batch_sizes",
-        "seeds",
-    ):
+    experiment.check_options(options)
+    given: dict[str, Any] = {"options": options, "plots": not args.no_plots}
+    for key in ("epochs", "lr", "lr_schedule", "refit_running_beta", "n_per_class", "device"):
         value = getattr(args, key)
         if value is not None:
-            settings[key] = value
-    methods = experiment.check_methods(args.methods or settings.get("methods", experiment.methods))
-    seeds = list(range(args.seed, args.seed + int(settings["seeds"])))
+            given[key] = value
+    if args.batch_sizes is not None:
+        given["batch_sizes"] = args.batch_sizes
+    if args.methods:
+        given["methods"] = args.methods
+    first = 0 if args.seed is None else args.seed
+    given["seeds"] = list(range(first, first + (args.seeds or len(start["seeds"]))))
     cores = os.cpu_count() or 1
-    n_groups = len(seeds) * len(settings["batch_sizes"])
+    n_groups = len(given["seeds"]) * len(given.get("batch_sizes", start["batch_sizes"]))
     jobs = args.jobs or max(1, min(n_groups, cores))
-    threads = args.threads or max(1, cores // jobs)
-    base = RunConfig(
-        experiment=experiment.name,
-        epochs=int(settings["epochs"]),
-        lr=float(settings["lr"]),
-        lr_schedule=str(settings["lr_schedule"]),
-        refit_running_beta=bool(settings["refit_running_beta"]),
-        n_per_class=int(settings["n_per_class"]),
-        device=args.device,
-        threads=threads,
-        seed=seeds[0],
-        options=dict(settings.get("options", {})),
-    )
+    given["threads"] = args.threads or max(1, cores // jobs)
+    settings = study.resolve(given, paper=args.paper)
     out = args.out or f"runs/{experiment.name}"
-    shown = {
-        "methods": " ".join(methods),
-        "batch sizes": " ".join(map(str, settings["batch_sizes"])),
-        "seeds": " ".join(map(str, seeds)),
-        "epochs": base.epochs,
-        "lr": base.lr,
-        "lr schedule": base.lr_schedule,
-        "refit running β": base.refit_running_beta,
-        "n per class": base.n_per_class,
-        "device": base.device,
-        "jobs": jobs,
-        "threads per job": base.threads,
-        "paper settings": args.paper,
-        **dict(settings.get("options", {})),
-    }
-    argv = sys.argv[1:] if sys.argv[1:2] == ["reproduce"] else ["reproduce", experiment.name]
-    command = "metanorm " + " ".join(shlex.quote(a) for a in argv)
-    start = time.perf_counter()
-
-    def report(folder: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
-        return write_report(
-            folder,
-            experiment,
-            results,
-            command=command,
-            settings=shown,
-            wall_time_s=time.perf_counter() - start,
-            plots=not args.no_plots,
-        )
-
-    made: list[dict[str, Any]] = []
-
-    def record(folder: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
-        made.append(report(folder, results))
-        return made[-1]
-
+    argv, command = _command([], experiment.name)
     try:
-        run_sweep(
-            base,
+        result = run_study(
+            study,
+            settings,
             out,
-            methods=methods,
-            batch_sizes=list(settings["batch_sizes"]),
-            seeds=seeds,
             overwrite=args.overwrite,
-            resume=args.resume,
-            progress=not args.quiet,
+            command=command,
+            resume=bool(args.resume),
             jobs=jobs,
-            report=record,
+            progress=not args.quiet,
         )
-    except SweepInterrupted as stop:
-        where = (
-            f"report of those: {stop.folder / 'report.md'}"
-            if stop.report is not None
-            else "no report (no run was complete)"
-            if not stop.results
-            else "the report failed (see the warning above)"
-        )
-        print(
-            f"metanorm reproduce: interrupted ({stop.signal_name}): {len(stop.results)} of "
-            f"{stop.total} runs complete, {where}; resume with: {_resume_command(argv)}",
-            file=sys.stderr,
-        )
+    except StudyInterrupted as stop:
+        _interrupted(stop, argv)
         return EXIT_INTERRUPTED
-    from pathlib import Path
-
     from metanorm_repro.experiments.report import results_table, timing_lines
 
-    written = made[-1]
-    print(results_table(written["rows"]))
-    for c in written["checks"]:
-        print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
-    for line in timing_lines(written["rows"]):
+    print(results_table(result["rows"]))
+    for c in result["checks"]:
+        print(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}")
+    for line in timing_lines(result["rows"]):
         print(f"timing (information){line[1:]}")
-    print(f"report: {Path(out) / Path(written['report']).name}")
-    return 1 if args.strict and not written["passed"] else 0
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return 1 if args.strict and not result["passed"] else 0
+
+
+def _interrupted(stop: Any, argv: list[str]) -> None:
+    """The one line of an interrupted run: what finished, where its report is, how to resume."""
+    where = f", report of those: {stop.report}" if stop.report is not None else ""
+    resume = f"; resume with: {_resume_command(argv)}" if stop.total else ""
+    print(
+        f"metanorm reproduce: interrupted ({stop.signal_name}): {stop.done} of {stop.total} "
+        f"run units complete{where}; {stop.out} is unchanged{resume}",
+        file=sys.stderr,
+    )

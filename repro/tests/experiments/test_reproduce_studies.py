@@ -429,7 +429,8 @@ def test_a_killed_or_interrupted_process_resumes_without_rerunning_finished_unit
         proc.kill()
     err = proc.stderr.read().decode()
     if how == "SIGINT":
-        assert rc == 130 and "2 of 4 run units finished: rerun with --resume" in err, err
+        assert rc == 130 and "interrupted (SIGINT): 2 of 4 run units complete; " in err, err
+        assert err.rstrip().endswith(" --quiet --resume") and "report of those" not in err
     partial = out.with_name("out.partial")
     assert not out.exists()
     assert sorted(p.parent.name for p in partial.rglob("record.json")) == ["i0", "i1"]

@@ -222,7 +222,7 @@ def test_cli_interrupt_and_resume(tmp_path, monkeypatch, capsys):
     _interrupt_after(monkeypatch, 2)
     assert main(args) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "interrupted (SIGINT): 1 of 2 runs complete" in err[0]
+    assert len(err) == 1 and "interrupted (SIGINT): 1 of 2 run units complete" in err[0]
     assert f"report of those: {_io.partial_dir(out) / 'report.md'}" in err[0]
     assert err[0].endswith(" ".join(["resume with: metanorm", *args, "--resume"]))
     assert (_io.partial_dir(out) / "report.md").is_file()
@@ -333,7 +333,7 @@ def test_signal_stops_workers_writes_report_and_exits_130(tmp_path, sig, jobs):
     assert "Traceback" not in stderr and "leaked" not in stderr
     name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
     last = stderr.strip().splitlines()[-1]
-    assert f"interrupted ({name}): 1 of 2 runs complete" in last and last.endswith("--resume")
+    assert f"interrupted ({name}): 1 of 2 run units complete" in last and last.endswith("--resume")
     # the workers are stopped: none alive, their private folders gone and not written again
     time.sleep(0.5)
     assert [c for c in workers if _alive(c)] == []

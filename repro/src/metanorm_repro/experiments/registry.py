@@ -275,7 +275,9 @@ class Study:
     back from its folder (``None``: not finished; a ``ValueError`` naming a changed file: the
     unit runs again on resume, and the run is refused before its report); ``record.json`` is
     then not written. ``estimate_bytes(settings, units) -> bytes`` lets the sweep refuse, before
-    running anything, a disk without room for the units.
+    running anything, a disk without room for the units. A study whose ``summarize`` also
+    takes the records of some of the units sets ``partial``: an interrupted run then writes the
+    report of the finished units into ``OUT.partial``.
 
     ``metanorm reproduce NAME`` resolves the settings (:meth:`resolve`: :attr:`settings`, then
     :attr:`paper` with ``--paper``, then the flags and ``--option KEY=VALUE``) and runs the units
@@ -307,6 +309,7 @@ class Study:
         run_group: ``(settings, units, folders) -> [record]``: runs the units of one group.
         read_record: ``(settings, unit, folder) -> record | None``, see above.
         estimate_bytes: ``(settings, units) -> int``: about what the units write.
+        partial: ``summarize`` takes the records of any subset of the units (see above).
         run: ``(settings, folder) -> result``: the whole study at once (deprecated; ``None``
             when the study has run units).
     """
@@ -329,6 +332,7 @@ class Study:
         None
     )
     estimate_bytes: Callable[[dict[str, Any], list[dict[str, Any]]], int] | None = None
+    partial: bool = False
     run: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ with a note when matplotlib is missing).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 from collections.abc import Sequence
@@ -21,14 +22,17 @@ from typing import Any
 import numpy as np
 
 from metanorm_repro.experiments import _io
-from metanorm_repro.experiments.registry import Check, Experiment
+from metanorm_repro.experiments.registry import Check, Experiment, Study
 from metanorm_repro.models.methods import method_display_name
 
 __all__ = [
     "files_section",
     "group_table",
     "results_table",
+    "study_report",
     "summarize",
+    "summarize_sweep",
+    "sweep_report",
     "write_report",
     "write_run_record",
 ]
@@ -213,13 +217,16 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def interval_table(results: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of the 95 % test intervals of the first seed's runs (``final.json``)."""
-    finals = [r["final"] for r in results if "test_intervals" in r["final"]]
+def interval_table(finals: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the 95 % test intervals of the first seed's runs.
+
+    Args:
+        finals: the result's ``"intervals"`` (:func:`summarize_sweep`): per run of the first
+            seed, its method, batch size, seed, test bAcc and dCor² and their intervals.
+    """
     if not finals:
         return ""
-    first = min(int(f["seed"]) for f in finals)
-    finals = [f for f in finals if int(f["seed"]) == first]
+    first = int(finals[0]["seed"])
     classes = list(finals[0]["test_intervals"]["dcor2"])
     head = [
         "method",
@@ -276,25 +283,27 @@ def group_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(
-    out_dir: str | os.PathLike[str],
+def summarize_sweep(
     experiment: Experiment,
     results: Sequence[dict[str, Any]],
+    folder: str | os.PathLike[str],
     *,
-    command: str = "",
-    settings: dict[str, Any] | None = None,
-    wall_time_s: float | None = None,
     plots: bool = True,
 ) -> dict[str, Any]:
-    """Writes ``report.md``, ``results.json``, ``run.json``, ``summary.csv`` and the plots.
+    """The result of an experiment's sweep: its table, checks and intervals; the plots, the CSV.
+
+    Writes ``summary.csv`` (the table, unrounded) and, with ``plots``, the PNG plots into
+    ``folder``.
 
     Returns:
-        ``{"rows": summary rows, "checks": [Check], "passed": bool, "plots": [file names],
-        "report": path}``.
+        ``{"experiment", "rows", "checks", "passed", "intervals", "plots", "plot_note"}``:
+        the summary rows (one per batch size and method, mean and std over seeds), the checks
+        as dicts (``name``, ``passed``, ``detail``), whether all passed, the first seed's test
+        intervals, the plot files and why plots were skipped (``""`` when they were not).
     """
     if not results:
         raise ValueError("expected at least one run result, got none")
-    out = Path(out_dir)
+    out = Path(folder)
     rows = sorted(
         summarize(results),
         key=lambda r: (
@@ -303,8 +312,6 @@ def write_report(
         ),
     )
     checks: list[Check] = experiment.checks(rows) if experiment.checks else []
-    passed = all(c.passed for c in checks)
-
     plot_files: list[str] = []
     plot_note = ""
     if plots:
@@ -317,8 +324,32 @@ def write_report(
                 f"Plots skipped: {exc}. Install the plots extra "
                 "(`pip install 'metanorm[plots]'`) to get them."
             )
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    _io.write_csv(out / "summary.csv", rows, cols)
+    return {
+        "experiment": experiment.name,
+        "rows": rows,
+        "checks": [dataclasses.asdict(c) for c in checks],
+        "passed": all(c.passed for c in checks),
+        "intervals": _first_seed_intervals(results),
+        "plots": plot_files,
+        "plot_note": plot_note,
+    }
 
-    s = settings or {}
+
+def sweep_report(experiment: Experiment, result: dict[str, Any]) -> str:
+    """The body of an experiment's ``report.md`` (all but the Files section) from its result.
+
+    ``result`` is :func:`summarize_sweep`'s, with ``"command"``, ``"settings"`` and
+    ``"wall_time_s"`` added (each optional).
+    """
+    rows, plot_files, plot_note = result["rows"], result["plots"], result.get("plot_note", "")
+    checks = [Check(**c) for c in result["checks"]]
+    passed = all(c.passed for c in checks)
+    command, s = result.get("command") or "", result.get("settings") or {}
+    wall_time_s = result.get("wall_time_s")
     lines = [f"# metanorm reproduce {experiment.name}", "", experiment.description, ""]
     if command:
         lines += [f"Command: `{command}`", ""]
@@ -347,7 +378,7 @@ def write_report(
         results_table(rows),
         "",
     ]
-    intervals = interval_table(results)
+    intervals = interval_table(result.get("intervals") or [])
     if intervals:
         lines += ["## 95 % intervals", "", intervals, ""]
     if experiment.reference:
@@ -390,35 +421,79 @@ def write_report(
         if plot_note:
             lines.append(plot_note)
         lines.append("")
-    lines += files_section(
-        "`runs/bs{B}/{method}/seed{S}/`: one folder per run: `config.json` (resolved "
+    lines += [
+        "Each run folder `runs/bs{B}/{method}/seed{S}/` holds `config.json` (the resolved "
         "configuration), `epochs.csv` (per-epoch metrics), `final.json` (test metrics), "
-        "`checkpoint.pt`, `test_features.npz`, `manifest.json` (the files' SHA-256)",
-        [f for f in plot_files if f.endswith(".png")],
-        ["`summary.csv`: the results table, unrounded"],
+        "`checkpoint.pt`, `test_features.npz` and `manifest.json` (the files' SHA-256).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    experiment: Experiment,
+    results: Sequence[dict[str, Any]],
+    *,
+    command: str = "",
+    settings: dict[str, Any] | None = None,
+    wall_time_s: float | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Writes ``report.md``, ``results.json``, ``run.json``, ``summary.csv`` and the plots.
+
+    The same files and report as ``metanorm reproduce NAME`` writes for the sweep's runs
+    (:func:`summarize_sweep`, :func:`sweep_report`, :func:`study_report`).
+
+    Returns:
+        ``{"rows": summary rows, "checks": [Check], "passed": bool, "plots": [file names],
+        "report": path}``.
+    """
+    from metanorm_repro.experiments.sweep import experiment_study
+
+    out = Path(out_dir)
+    result = summarize_sweep(experiment, results, out, plots=plots)
+    result |= {"settings": settings or {}, "command": command, "wall_time_s": wall_time_s}
+    _io.write_json(out / "results.json", result)
+    study = experiment_study(experiment)
+    report = _io.write_text(out / "report.md", study_report(study, result, out, len(results)))
+    write_run_record(
+        out, experiment.name, command=command, settings=settings or {}, wall_time_s=wall_time_s
     )
-    lines.append("")
-    report = _io.write_text(out / "report.md", "\n".join(lines))
-    write_run_record(out, experiment.name, command=command, settings=s, wall_time_s=wall_time_s)
-    _io.write_json(
-        out / "results.json",
-        {
-            "experiment": experiment.name,
-            "settings": s,
-            "rows": rows,
-            "checks": [c.__dict__ for c in checks],
-            "passed": passed,
-            "wall_time_s": wall_time_s,
-        },
-    )
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    _io.write_csv(out / "summary.csv", rows, cols)
     return {
-        "rows": rows,
-        "checks": checks,
-        "passed": passed,
-        "plots": plot_files,
+        "rows": result["rows"],
+        "checks": [Check(**c) for c in result["checks"]],
+        "passed": result["passed"],
+        "plots": result["plots"],
         "report": str(report),
     }
+
+
+def study_report(study: Study, result: dict[str, Any], folder: Path, units: int = 0) -> str:
+    """The ``report.md`` of an entry: its own body (``study.report(result)``), then the files.
+
+    Every ``report.md`` (an experiment's or a study's) has this shape: the title and tables,
+    then the ``## Files`` section (:func:`files_section`) naming the run folders (``runs/``, one
+    per run unit), ``results.json``, ``run.json`` and the other files of ``folder`` (plots,
+    tables).
+    """
+    body = study.report(result).rstrip("\n")
+    skip = {"report.md", "results.json", RUN_RECORD, "sweep.json"}
+    others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in skip)
+    if not units:
+        runs = "no `runs/`: the study runs in one piece"
+    elif study.read_record is None:
+        runs = f"`runs/`: one folder per run unit ({units}), each with `record.json`"
+    else:
+        runs = f"`runs/`: one folder per run unit ({units}), each with the files it wrote"
+    return body + "\n\n" + "\n".join(files_section(runs, others)) + "\n"
+
+
+def _first_seed_intervals(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The test intervals of the first seed's runs (method, batch size, estimates, intervals)."""
+    finals = [r["final"] for r in results if "test_intervals" in r["final"]]
+    if not finals:
+        return []
+    first = min(int(f["seed"]) for f in finals)
+    keys = ("method", "batch_size", "seed", "test_balanced_accuracy", "test_dcor2")
+    return [{k: f[k] for k in (*keys, "test_intervals")} for f in finals if int(f["seed"]) == first]

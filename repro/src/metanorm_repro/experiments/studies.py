@@ -51,7 +51,7 @@ import torch
 
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.registry import Study
-from metanorm_repro.experiments.report import write_run_record
+from metanorm_repro.experiments.report import study_report, write_run_record
 
 __all__ = ["STUDIES", "StudyInterrupted", "builtin_study", "run_study", "study_report"]
 
@@ -65,14 +65,24 @@ class StudyInterrupted(Exception):
         done: the run units finished (kept in ``OUT.partial`` for ``--resume``; 0 for a study
             without run units).
         total: the study's run units (0 for a study without run units).
+        report: the report of the finished units in ``OUT.partial`` (a study with
+            ``partial``, e.g. an experiment's sweep), or ``None``.
     """
 
-    def __init__(self, out: Path, signal_name: str, done: int = 0, total: int = 0) -> None:
+    def __init__(
+        self,
+        out: Path,
+        signal_name: str,
+        done: int = 0,
+        total: int = 0,
+        report: Path | None = None,
+    ) -> None:
         resumable = f" ({done} of {total} run units finished: --resume continues)" if done else ""
-        super().__init__(f"{signal_name}: the study was stopped; {out} is unchanged{resumable}")
+        super().__init__(f"{signal_name}: the run was stopped; {out} is unchanged{resumable}")
         self.out = out
         self.signal_name = signal_name
         self.done, self.total = done, total
+        self.report = report
 
 
 def _defaults(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -627,25 +637,6 @@ def run_study(
         lock.release()
 
 
-def study_report(study: Study, result: dict[str, Any], folder: Path, units: int = 0) -> str:
-    """The report of a study: its own tables (``study.report(result)``), then the plots.
-
-    Every ``report.md`` (an experiment's too) has this shape: the title and tables, then the
-    ``## Files`` section (``report.files_section``) naming the run folders (``runs/``, one per
-    run unit), ``results.json``, ``run.json`` and the plots (the PNG files of ``folder``).
-    """
-    from metanorm_repro.experiments.report import files_section
-
-    body = study.report(result).rstrip("\n")
-    plots = sorted(p.name for p in folder.glob("*.png"))
-    runs = (
-        f"`runs/`: one folder per run unit ({units}), each with `record.json`"
-        if units
-        else "no `runs/`: the study runs in one piece"
-    )
-    return body + "\n\n" + "\n".join(files_section(runs, plots)) + "\n"
-
-
 def _run_units(
     study: Study,
     settings: dict[str, Any],
@@ -669,6 +660,8 @@ def _run_units(
         result = summarize(dict(settings), records, folder)
         if "command" in result:
             result["command"] = command
+        if "wall_time_s" in result:
+            result["wall_time_s"] = time.perf_counter() - start
         _io.write_json(folder / "results.json", result)
         _io.write_text(folder / "report.md", study_report(study, result, folder, len(records)))
         write_run_record(
@@ -680,6 +673,10 @@ def _run_units(
         )
         made["result"] = result
 
+    def interrupted(folder: Path, records: list[dict[str, Any]]) -> Path:
+        finish(folder, records)
+        return folder / "report.md"
+
     try:
         run_units(
             study,
@@ -690,7 +687,10 @@ def _run_units(
             jobs=jobs,
             progress=progress,
             finish=finish,
+            interrupted=interrupted if study.partial else None,
         )
     except SweepInterrupted as stop:
-        raise StudyInterrupted(out, stop.signal_name, len(stop.results), stop.total) from None
+        raise StudyInterrupted(
+            out, stop.signal_name, len(stop.results), stop.total, stop.report
+        ) from None
     return made["result"]

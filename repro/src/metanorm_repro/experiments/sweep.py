@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.config import RunConfig
 from metanorm_repro.experiments.registry import (
+    Experiment,
     Study,
     get_experiment,
     install_payload,
@@ -66,6 +67,7 @@ __all__ = [
     "RECORD",
     "SweepInterrupted",
     "bar_options",
+    "experiment_study",
     "run_dir",
     "run_sweep",
     "run_units",
@@ -346,29 +348,83 @@ def _experiment_bytes(settings: dict[str, Any], units: list[dict[str, Any]]) -> 
     return sum(per_method[c.method] for c in configs)
 
 
-def _no_report(result: dict[str, Any]) -> str:
-    return ""
+#: The settings every experiment's sweep starts from; its ``defaults`` (or, with ``--paper``,
+#: its ``paper`` settings) replace them, key by key. ``seeds`` there is a count from 0.
+SWEEP_DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "lr": 1e-3,
+    "lr_schedule": "constant",
+    "refit_running_beta": False,
+    "n_per_class": 1000,
+    "batch_sizes": [200],
+    "seeds": 1,
+}
 
 
-def _no_summary(
+def _experiment_settings(experiment: Experiment, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting of an experiment's sweep: :data:`SWEEP_DEFAULTS`, then ``given``."""
+    settings = RunConfig(experiment=experiment.name, device="cpu").to_dict()
+    for key in ("method", "batch_size", "seed"):
+        settings.pop(key)
+    settings |= {"methods": list(experiment.methods), "plots": True, "paper": False}
+    for key, value in {**SWEEP_DEFAULTS, **given}.items():
+        if key == "seeds" and isinstance(value, int):
+            value = list(range(value))
+        settings[key] = dict(value) if isinstance(value, Mapping) else value
+    return settings
+
+
+def _experiment_summary(
     settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
 ) -> dict[str, Any]:
-    return {}
+    from metanorm_repro.experiments.report import summarize_sweep
+
+    experiment = get_experiment(settings["experiment"])
+    result = summarize_sweep(experiment, records, folder, plots=bool(settings.get("plots", True)))
+    return {**result, "settings": settings, "command": "", "wall_time_s": None}
 
 
-def _experiment_sweep(name: str) -> Study:
-    """The run units of experiment ``name``'s sweep (its summary and report: ``run_sweep``'s)."""
+def _experiment_report(result: dict[str, Any]) -> str:
+    from metanorm_repro.experiments.report import sweep_report
+
+    return sweep_report(get_experiment(result["experiment"]), result)
+
+
+def experiment_study(experiment: Experiment) -> Study:
+    """An experiment as the entry ``metanorm reproduce NAME`` runs: its sweep's run units.
+
+    The units are its runs, ``{"bs", "method", "seed"}`` for every seed, batch size and method
+    (folders ``runs/bs{B}/{method}/seed{S}/``), the methods of one seed and batch size forming
+    one task (trained in round robin). Its settings are the :class:`RunConfig` fields of the
+    runs (less ``method``, ``batch_size`` and ``seed``), ``methods``, ``batch_sizes``,
+    ``seeds`` (a list), ``plots`` and ``paper``; their defaults are :data:`SWEEP_DEFAULTS`
+    with the experiment's ``defaults``, and ``--paper`` gives its ``paper`` settings instead.
+    The summary is the report's table, checks and intervals (``report.summarize_sweep``).
+
+    Examples::
+
+        >>> from metanorm_repro.experiments import get_experiment
+        >>> study = experiment_study(get_experiment("synthetic"))
+        >>> study.settings["batch_sizes"], study.paper["epochs"], study.units(study.settings)[0]
+        ([200, 128], 200, {'bs': 200, 'method': 'none', 'seed': 0})
+    """
+    paper = {}
+    if experiment.paper:
+        paper = _experiment_settings(experiment, experiment.paper) | {"paper": True}
     return Study(
-        name=name,
-        description=f"the sweep of experiment {name!r}",
-        report=_no_report,
-        settings={},
+        name=experiment.name,
+        description=experiment.description,
+        report=_experiment_report,
+        settings=_experiment_settings(experiment, experiment.defaults),
+        paper=paper,
+        methods=experiment.methods,
         units=_experiment_units,
         group=_experiment_group,
         run_group=_experiment_group_run,
-        summarize=_no_summary,
+        summarize=_experiment_summary,
         read_record=_experiment_read,
         estimate_bytes=_experiment_bytes,
+        partial=True,
     )
 
 
@@ -444,7 +500,7 @@ def run_sweep(
             report(folder, records)
 
     results = run_units(
-        _experiment_sweep(experiment.name),
+        experiment_study(experiment),
         settings,
         out,
         overwrite=overwrite,
