@@ -53,7 +53,7 @@ from metanorm_repro.experiments import _io
 from metanorm_repro.experiments.registry import Study
 from metanorm_repro.experiments.report import study_report, write_run_record
 
-__all__ = ["STUDIES", "StudyInterrupted", "builtin_study", "run_study", "study_report"]
+__all__ = ["STUDIES", "StudyInterrupted", "builtin_study", "run_study"]
 
 
 class StudyInterrupted(Exception):

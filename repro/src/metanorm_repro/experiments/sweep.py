@@ -397,7 +397,7 @@ def experiment_study(experiment: Experiment) -> Study:
     (folders ``runs/bs{B}/{method}/seed{S}/``), the methods of one seed and batch size forming
     one task (trained in round robin). Its settings are the :class:`RunConfig` fields of the
     runs (less ``method``, ``batch_size`` and ``seed``), ``methods``, ``batch_sizes``,
-    ``seeds`` (a list), ``plots`` and ``paper``; their defaults are :data:`SWEEP_DEFAULTS`
+    ``seeds`` (a list), ``plots`` and ``paper``; their defaults are ``sweep.SWEEP_DEFAULTS``
     with the experiment's ``defaults``, and ``--paper`` gives its ``paper`` settings instead.
     The summary is the report's table, checks and intervals (``report.summarize_sweep``).
 
@@ -814,7 +814,7 @@ def run_units(
 ) -> list[dict[str, Any]]:
     """Runs every unit of ``study`` into its run folder: the one sweep of every entry.
 
-    The units' folders (:func:`unit_dir`) are built in ``OUT.partial``, each unit's record kept
+    The units' folders (``sweep.unit_dir``) are built in ``OUT.partial``, each unit's record kept
     there as soon as it finishes (``record.json``, or the study's own files with
     ``read_record``); ``OUT.partial/sweep.json`` records the study, its settings and its units.
     Once every unit is done, ``finish(folder, records)`` writes the result and the report into
