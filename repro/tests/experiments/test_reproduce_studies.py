@@ -25,7 +25,15 @@ from metanorm_repro.experiments.regression import (
     run_synthetic_regression,
 )
 
-_TIMES = {"epoch_time_s", "epoch_time_s_std", "seconds", "time_s", "wall_time_s", "wall_seconds"}
+_TIMES = {
+    "epoch_time_s",
+    "epoch_time_s_std",
+    "seconds",
+    "time_s",
+    "train_time_s",
+    "wall_time_s",
+    "wall_seconds",
+}
 
 
 def _numbers(x):
@@ -175,9 +183,9 @@ def test_failures_equals_the_function(tmp_path, one_thread):
     assert _numbers(got["studies"]) == _numbers(_json(want["studies"]))
     assert got["command"].startswith("metanorm reproduce failures")
     assert (tmp_path / "f" / "report.md").read_text().startswith(failures_report(got))
-    sweep = tmp_path / "f" / "runs" / "standin-two-site" / "two-site"
-    assert (sweep / "report.md").is_file()  # the stand-in's sweep
-    assert (sweep.parent / "record.json").is_file()
+    standin = tmp_path / "f" / "runs" / "standin-two-site"
+    assert (standin / "report.md").is_file()  # the stand-in's sweep report
+    assert (standin / "bs32" / "mdn" / "seed0" / "manifest.json").is_file()  # one run unit
     rebuilt = rebuild_report(tmp_path / "f")  # from the run folders of the new layout
     assert _numbers(rebuilt["studies"]) == _numbers(got["studies"])
 
@@ -213,7 +221,12 @@ def test_failures_resumes_with_the_same_numbers(tmp_path, monkeypatch, one_threa
     assert _reproduce("failures", tmp_path / "whole", *flags, "--quiet") == 0
     out = tmp_path / "r"
     before, after = _interrupt_then_resume(monkeypatch, "failures", out, flags, 1)
-    assert before == [{"standin": "two-site"}] and after == [{"standin": "contrast"}]
+    # a run unit: stand-in × seed × method; the methods of a stand-in and seed train together
+    two_site = [
+        {"standin": "two-site", "bs": 32, "method": m, "seed": 0} for m in ("batchnorm", "mdn")
+    ]
+    contrast = [{**u, "standin": "contrast", "bs": 128} for u in two_site]
+    assert before == [two_site] and after == [contrast]
     got = json.loads((out / "results.json").read_text())
     want = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert _numbers(got["studies"]) == _numbers(want["studies"])
@@ -280,7 +293,7 @@ def _interrupt_then_resume(monkeypatch, name, out, flags, stop_after):
     """Runs study ``name`` into ``out``, stopped by Ctrl-C after ``stop_after`` units, then
     resumed; returns the units run before and after the stop."""
     study = get_study(name)
-    calls: list[dict] = []
+    calls: list = []
     limit = [stop_after]
 
     def run_unit(settings, unit, folder):
@@ -289,11 +302,20 @@ def _interrupt_then_resume(monkeypatch, name, out, flags, stop_after):
         calls.append(unit)
         return study.run_unit(settings, unit, folder)
 
-    monkeypatch.setitem(registry._ENTRIES, name, dataclasses.replace(study, run_unit=run_unit))
+    def run_group(settings, units, folders):  # a study whose units run in groups: per group
+        if len(calls) == limit[0]:
+            raise KeyboardInterrupt
+        calls.append(units)
+        return study.run_group(settings, units, folders)
+
+    patched = {"run_group": run_group} if study.run_group else {"run_unit": run_unit}
+    monkeypatch.setitem(registry._ENTRIES, name, dataclasses.replace(study, **patched))
     assert _reproduce(name, out, *flags, "--quiet") == 130
     assert not out.exists()
     partial = out.with_name(out.name + ".partial")
-    assert len(list(partial.rglob("record.json"))) == stop_after
+    done = sum(map(len, calls)) if study.run_group else stop_after
+    marker = "manifest.json" if study.read_record else "record.json"
+    assert len(list(partial.rglob(marker))) == done
     first = list(calls)
     calls.clear()
     limit[0] = -1

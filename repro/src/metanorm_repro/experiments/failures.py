@@ -48,7 +48,7 @@ from metanorm_repro.experiments.config import RunConfig
 from metanorm_repro.experiments.registry import get_experiment
 from metanorm_repro.experiments.report import write_report
 from metanorm_repro.experiments.runner import load_result
-from metanorm_repro.experiments.sweep import run_dir, run_sweep
+from metanorm_repro.experiments.sweep import run_dir, run_sweep, unit_dir
 from metanorm_repro.models.methods import method_display_name as norm_display_name
 
 __all__ = [
@@ -59,6 +59,8 @@ __all__ = [
     "main",
     "rebuild_report",
     "run_failures",
+    "standin_result",
+    "standin_sweep",
     "summarize",
 ]
 
@@ -268,15 +270,21 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 
 def failures_report(result: dict[str, Any]) -> str:
     """The markdown report of :func:`~metanorm_repro.experiments.failures.run_failures`'s result."""
+    machine = f"{result['cpus']} CPUs, {result['threads']} thread(s) per process"
+    if "load_start" in result:  # run_failures measures the machine's load and CPU time
+        machine = (
+            f"load average at the start / end: {result['load_start']:.1f} / "
+            f"{result['load_end']:.1f} on {result['cpus']} CPUs; {result['jobs']} process(es) × "
+            f"{result['threads']} thread(s); CPU time "
+            f"{result.get('cpu_time_s', float('nan')) / 60:.1f} min (what an idle machine's "
+            f"{result['cpus']} cores would share)"
+        )
+    wall = result.get("wall_time_s")
     out = [
         "# Where MDN fails today: every method on the multiplicative stand-ins",
         "",
         f"Command: `{result['command']}`  ",
-        f"Wall time: {result['wall_time_s'] / 60:.1f} min; load average at the start / end: "
-        f"{result['load_start']:.1f} / {result['load_end']:.1f} on {result['cpus']} CPUs; "
-        f"{result['jobs']} process(es) × {result['threads']} thread(s); CPU time "
-        f"{result.get('cpu_time_s', float('nan')) / 60:.1f} min (what an idle machine's "
-        f"{result['cpus']} cores would share).",
+        (f"Wall time: {wall / 60:.1f} min; " if wall is not None else "") + machine + ".",
         "",
         "reversed bAcc: balanced accuracy on `test_reversed` (the confounder's association with "
         "the label reversed, or only the rare (class, site) cells). within-class dcor²: "
@@ -287,7 +295,7 @@ def failures_report(result: dict[str, Any]) -> str:
         "dcor²: **yes** when both hold on every seed, *on average* when the mean differences "
         "have the right signs but some seed disagrees (k/n: the seeds on which both hold).",
     ]
-    for name, study in result["studies"].items():
+    for study in result["studies"].values():
         s = study["settings"]
         out += [
             "",
@@ -297,7 +305,7 @@ def failures_report(result: dict[str, Any]) -> str:
             f"seeds {', '.join(map(str, s['seeds']))}"
             + (f", n_per_class {s['n_per_class']}" if s["experiment"].startswith("shaded") else "")
             + (f", options {s['options']}" if s["options"] else "")
-            + f"; sweep folder `{name}/`; {study['wall_time_s'] / 60:.1f} min.",
+            + f"; training {study['train_time_s'] / 60:.1f} min (all runs).",
             "",
             _table(study["rows"]),
         ]
@@ -315,29 +323,22 @@ def failures_report(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def failures_unit(
+def standin_sweep(
     name: str,
-    out: str | os.PathLike[str],
     *,
     methods: Sequence[str],
     seeds: Sequence[int],
     epochs: int | None = None,
     n_per_class: int | None = None,
     n_eval_per_class: int | None = None,
-    jobs: int = 1,
     threads: int = 1,
-    overwrite: bool = False,
-    progress: bool = True,
-    command: str = "",
-) -> dict[str, Any]:
-    """Runs one stand-in of :func:`run_failures` (its run unit): every method, every seed.
-
-    The stand-in's sweep (runs, report, summary) goes to ``out``
-    (:func:`~metanorm_repro.experiments.run_sweep`).
+) -> tuple[RunConfig, dict[str, Any]]:
+    """The sweep of one stand-in: its shared run configuration and the settings it reports.
 
     Returns:
-        ``{"title", "settings", "wall_time_s", "rows"}``, the stand-in's entry of
-        :func:`run_failures`'s ``"studies"``.
+        ``(base, settings)``: the :class:`RunConfig` of the stand-in's runs (its ``method`` and
+        ``seed`` replaced per run), and ``{"experiment", "batch_size", "epochs", "lr",
+        "n_per_class", "options", "seeds", "methods"}`` for the report.
     """
     study = STUDIES[name]
     options = dict(study.options)
@@ -354,8 +355,6 @@ def failures_unit(
         seed=seeds[0],
         options=options,
     )
-    t0 = time.perf_counter()
-    experiment = get_experiment(study.experiment)
     settings = {
         "experiment": study.experiment,
         "batch_size": study.batch_size,
@@ -364,23 +363,65 @@ def failures_unit(
         "n_per_class": base.n_per_class,
         "options": options,
         "seeds": list(seeds),
-        "methods": methods,
+        "methods": list(methods),
+    }
+    return base, settings
+
+
+def standin_result(name: str, settings: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict:
+    """One stand-in's entry of the result: title, settings, training time, rows."""
+    return {
+        "title": STUDIES[name].title,
+        "settings": settings,
+        "train_time_s": float(sum(r["final"]["train_time_s"] for r in results)),
+        "rows": summarize(results),
     }
 
-    def report(
-        work: Path,
-        results: list[dict[str, Any]],
-        _e: Any = experiment,
-        _s: dict[str, Any] = settings,
-        _t0: float = t0,
-    ) -> Any:
+
+def failures_unit(
+    name: str,
+    out: str | os.PathLike[str],
+    *,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    epochs: int | None = None,
+    n_per_class: int | None = None,
+    n_eval_per_class: int | None = None,
+    jobs: int = 1,
+    threads: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Runs one stand-in of :func:`run_failures`: every method, every seed.
+
+    The stand-in's sweep (runs, report, summary) goes to ``out``
+    (:func:`~metanorm_repro.experiments.run_sweep`).
+
+    Returns:
+        ``{"title", "settings", "train_time_s", "rows", "wall_time_s"}``, the stand-in's entry
+        of :func:`run_failures`'s ``"studies"``.
+    """
+    base, settings = standin_sweep(
+        name,
+        methods=methods,
+        seeds=seeds,
+        epochs=epochs,
+        n_per_class=n_per_class,
+        n_eval_per_class=n_eval_per_class,
+        threads=threads,
+    )
+    t0 = time.perf_counter()
+    experiment = get_experiment(base.experiment)
+
+    def report(work: Path, results: list[dict[str, Any]]) -> Any:
         return write_report(
             work,
-            _e,
+            experiment,
             results,
             command=command,
-            settings=_s,
-            wall_time_s=time.perf_counter() - _t0,
+            settings=settings,
+            wall_time_s=time.perf_counter() - t0,
             plots=False,
         )
 
@@ -388,7 +429,7 @@ def failures_unit(
         base,
         out,
         methods=methods,
-        batch_sizes=[study.batch_size],
+        batch_sizes=[base.batch_size],
         seeds=list(seeds),
         overwrite=overwrite,
         progress=progress,
@@ -396,10 +437,8 @@ def failures_unit(
         report=report,
     )
     return {
-        "title": study.title,
-        "settings": settings,
+        **standin_result(name, settings, results),
         "wall_time_s": time.perf_counter() - t0,
-        "rows": summarize(results),
     }
 
 
@@ -441,7 +480,8 @@ def run_failures(
 
     Returns:
         ``{"command", "wall_time_s", "cpu_time_s", "load_start", "load_end", "cpus", "jobs",
-        "threads", "studies": {name: {"title", "settings", "wall_time_s", "rows"}}}``; ``rows`` are
+        "threads", "studies": {name: {"title", "settings", "train_time_s", "rows",
+        "wall_time_s"}}}``; ``rows`` are
         :func:`~metanorm_repro.experiments.failures.summarize`'s.
 
     Raises:
@@ -508,12 +548,15 @@ def rebuild_report(out: str | os.PathLike[str]) -> dict[str, Any]:
     for name, study in result["studies"].items():
         s = study["settings"]
         results = []
-        # the stand-in's sweep: OUT/runs/standin-NAME/NAME (metanorm reproduce), or OUT/NAME
-        sweep = folder / "runs" / f"standin-{name}" / name
-        sweep = sweep if sweep.is_dir() else folder / name
         for method in s["methods"]:
             for seed in s["seeds"]:
-                r = load_result(run_dir(sweep, method, s["batch_size"], seed))
+                # metanorm reproduce: OUT/runs/standin-NAME/bs{B}/{method}/seed{S}; run_failures:
+                # the stand-in's own sweep in OUT/NAME
+                unit = {"standin": name, "bs": s["batch_size"], "method": method, "seed": seed}
+                path = unit_dir(folder, unit)
+                if not path.is_dir():
+                    path = run_dir(folder / name, method, s["batch_size"], seed)
+                r = load_result(path)
                 if r is None:
                     raise FileNotFoundError(f"no complete run for {method}, seed {seed} in {name}")
                 results.append(r)

@@ -11,7 +11,7 @@ returns; its settings are that function's keyword arguments with their defaults,
 ``regression-diabetes``    the same on scikit-learn's diabetes data, in K-fold cross-validation;
                            a unit: fold × model × method
 ``failures``               ``run_failures``: every method on the two stand-ins where MDN fails;
-                           a unit: one stand-in (its sweep inside the unit's folder)
+                           a unit: stand-in × seed × method
 ``continual``              ``run_continual``: stages with a shifting confounder, trained one
                            after another; a unit: one method
 ``running-beta``           ``run_running_beta``: the running-β policies after a short training;
@@ -144,7 +144,7 @@ def _regression_report(result: dict[str, Any]) -> str:
     return regression_report(result)
 
 
-def _failures_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+def _failures_names(settings: dict[str, Any]) -> list[str]:
     from metanorm_repro.experiments.failures import STUDIES as STANDINS
 
     names, seeds = list(settings["studies"]), settings["seeds"]
@@ -153,50 +153,108 @@ def _failures_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
         raise ValueError(f"expected studies among {list(STANDINS)}, got {names}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"expected seeds to be a positive int, got {seeds!r}")
-    return [{"standin": name} for name in names]
+    return names
 
 
-def _failures_unit(settings: dict[str, Any], unit: dict[str, Any], folder: Path) -> dict[str, Any]:
-    from metanorm_repro.experiments.failures import _cpu_seconds, failures_unit
+def _failures_sweep(settings: dict[str, Any], name: str) -> tuple[Study, dict[str, Any], dict]:
+    """Stand-in ``name``'s sweep: its experiment's study, that study's settings, the shown ones."""
+    from metanorm_repro.experiments.failures import standin_sweep
+    from metanorm_repro.experiments.registry import get_experiment
+    from metanorm_repro.experiments.sweep import experiment_study
 
     s = settings
-    load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
-    record = failures_unit(
-        unit["standin"],
-        folder / unit["standin"],
-        methods=["batchnorm", *[m for m in s["methods"] if m != "batchnorm"]],
-        seeds=list(range(s["seed"], s["seed"] + s["seeds"])),
+    methods = ["batchnorm", *[m for m in s["methods"] if m != "batchnorm"]]
+    seeds = list(range(s["seed"], s["seed"] + s["seeds"]))
+    base, shown = standin_sweep(
+        name,
+        methods=methods,
+        seeds=seeds,
         epochs=s["epochs"],
         n_per_class=s["n_per_class"],
         n_eval_per_class=s["n_eval_per_class"],
-        jobs=s["jobs"],
         threads=s["threads"],
-        progress=s["progress"],
     )
-    record["cpu_time_s"] = _cpu_seconds() - cpu_start
-    record["load_start"], record["load_end"] = load_start, os.getloadavg()[0]
-    return record
+    study = experiment_study(get_experiment(base.experiment))
+    given = base.to_dict()
+    for key in ("method", "batch_size", "seed"):
+        given.pop(key)
+    given |= {"methods": methods, "batch_sizes": [base.batch_size], "seeds": seeds, "plots": False}
+    return study, study.resolve(given), shown
+
+
+def _failures_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    units = []
+    for name in _failures_names(settings):
+        study, sweep, _ = _failures_sweep(settings, name)
+        assert study.units is not None
+        units += [{"standin": name, **u} for u in study.units(sweep)]
+    return units
+
+
+def _failures_group(unit: dict[str, Any]) -> tuple[str, int]:
+    return unit["standin"], unit["seed"]
+
+
+def _inner(unit: dict[str, Any]) -> dict[str, Any]:
+    """A failures unit as a unit of its stand-in's experiment (without ``standin``)."""
+    return {k: v for k, v in unit.items() if k != "standin"}
+
+
+def _failures_run_group(
+    settings: dict[str, Any], units: list[dict[str, Any]], folders: list[Path]
+) -> list[dict[str, Any]]:
+    study, sweep, _ = _failures_sweep(settings, units[0]["standin"])
+    assert study.run_group is not None
+    return study.run_group(sweep, [_inner(u) for u in units], folders)
+
+
+def _failures_read(
+    settings: dict[str, Any], unit: dict[str, Any], folder: Path
+) -> dict[str, Any] | None:
+    study, sweep, _ = _failures_sweep(settings, unit["standin"])
+    assert study.read_record is not None
+    return study.read_record(sweep, _inner(unit), folder)
+
+
+def _failures_bytes(settings: dict[str, Any], units: list[dict[str, Any]]) -> int:
+    total = 0
+    for name in dict.fromkeys(u["standin"] for u in units):
+        study, sweep, _ = _failures_sweep(settings, name)
+        assert study.estimate_bytes is not None
+        total += study.estimate_bytes(sweep, [_inner(u) for u in units if u["standin"] == name])
+    return total
 
 
 def _failures_summary(
     settings: dict[str, Any], records: list[dict[str, Any]], folder: Path
 ) -> dict[str, Any]:
+    """Each stand-in's rows (and its sweep's own report in ``runs/standin-NAME/``)."""
     import platform
 
+    from metanorm_repro.experiments.failures import standin_result
+    from metanorm_repro.experiments.registry import get_experiment
+    from metanorm_repro.experiments.report import write_report
+
+    units = _failures_units(settings)
     studies = {}
-    for name, r in zip(settings["studies"], records, strict=True):
-        studies[name] = {k: r[k] for k in ("title", "settings", "wall_time_s", "rows")}
+    for name in _failures_names(settings):
+        _, sweep, shown = _failures_sweep(settings, name)
+        results = [r for u, r in zip(units, records, strict=True) if u["standin"] == name]
+        write_report(
+            folder / "runs" / f"standin-{name}",
+            get_experiment(sweep["experiment"]),
+            results,
+            settings=shown,
+            plots=False,
+        )
+        studies[name] = standin_result(name, shown, results)
     return {
         "command": "",
         "cpus": os.cpu_count(),
-        "jobs": settings["jobs"],
         "threads": settings["threads"],
         "platform": platform.platform(),
-        "load_start": records[0]["load_start"],
         "studies": studies,
-        "wall_time_s": sum(r["wall_time_s"] for r in records),
-        "cpu_time_s": sum(r["cpu_time_s"] for r in records),
-        "load_end": records[-1]["load_end"],
+        "wall_time_s": None,
     }
 
 
@@ -412,16 +470,19 @@ def _studies() -> tuple[Study, ...]:
             name="failures",
             description="Every method (MDN, the candidate fixes, the alternatives) on the "
             "stand-ins where MDN fails: shaded-fashion-mnist with a contrast shade, and "
-            "two-site-digits; one run unit per stand-in, its sweep in "
-            "OUT/runs/standin-<name>/<name>/.",
+            "two-site-digits; a run unit: stand-in × seed × method (the methods of one "
+            "stand-in and seed trained in round robin), in OUT/runs/standin-<name>/.",
             units=_failures_units,
-            run_unit=_failures_unit,
+            group=_failures_group,
+            run_group=_failures_run_group,
+            read_record=_failures_read,
+            estimate_bytes=_failures_bytes,
             summarize=_failures_summary,
             report=_failures_report,
             # any method of the real-data experiments (the stand-ins run as them)
             methods=REAL_METHODS,
             settings={
-                **_defaults(run_failures, ("overwrite", "command")),
+                **_defaults(run_failures, ("overwrite", "command", "jobs", "progress")),
                 # the baseline first, then MDN, the candidate fixes and the alternatives
                 "methods": [
                     "batchnorm",
@@ -438,7 +499,6 @@ def _studies() -> tuple[Study, ...]:
                     "dann-cond",
                     "groupdro",
                 ],
-                "jobs": 3,
             },
         ),
         Study(
