@@ -667,17 +667,7 @@ def run_study(
             with _stop_on_sigterm():
                 assert study.run is not None
                 result = study.run(dict(settings), work)
-                if "command" in result:
-                    result["command"] = command
-                _io.write_json(work / "results.json", result)
-                _io.write_text(work / "report.md", study_report(study, result, work))
-                write_run_record(
-                    work,
-                    study.name,
-                    command=command,
-                    settings=settings,
-                    wall_time_s=time.perf_counter() - start,
-                )
+                _write_outputs(study, result, work, settings, command, start, 0)
         except (KeyboardInterrupt, _Terminated, SweepInterrupted) as exc:
             shutil.rmtree(work, ignore_errors=True)
             name = (
@@ -695,6 +685,34 @@ def run_study(
         return result
     finally:
         lock.release()
+
+
+def _write_outputs(
+    study: Study,
+    result: dict[str, Any],
+    folder: Path,
+    settings: dict[str, Any],
+    command: str,
+    start: float,
+    units: int,
+) -> None:
+    """Writes ``results.json``, ``report.md`` and ``run.json`` of a run started at ``start``.
+
+    The ``"command"`` and ``"wall_time_s"`` entries of ``result``, where it has them, are set.
+    """
+    if "command" in result:
+        result["command"] = command
+    if "wall_time_s" in result:
+        result["wall_time_s"] = time.perf_counter() - start
+    _io.write_json(folder / "results.json", result)
+    _io.write_text(folder / "report.md", study_report(study, result, folder, units))
+    write_run_record(
+        folder,
+        study.name,
+        command=command,
+        settings=settings,
+        wall_time_s=time.perf_counter() - start,
+    )
 
 
 def _run_units(
@@ -718,19 +736,7 @@ def _run_units(
 
     def finish(folder: Path, records: list[dict[str, Any]]) -> None:
         result = summarize(dict(settings), records, folder)
-        if "command" in result:
-            result["command"] = command
-        if "wall_time_s" in result:
-            result["wall_time_s"] = time.perf_counter() - start
-        _io.write_json(folder / "results.json", result)
-        _io.write_text(folder / "report.md", study_report(study, result, folder, len(records)))
-        write_run_record(
-            folder,
-            study.name,
-            command=command,
-            settings=settings,
-            wall_time_s=time.perf_counter() - start,
-        )
+        _write_outputs(study, result, folder, settings, command, start, len(records))
         made["result"] = result
 
     def interrupted(folder: Path, records: list[dict[str, Any]]) -> Path:
