@@ -145,3 +145,20 @@ def test_the_study_resumes_with_the_same_numbers(bb, tmp_path, monkeypatch) -> N
         r.pop("seconds")
     assert got == json.loads(json.dumps(want))
     assert (out / "runs" / "residualizer" / "record.json").is_file()
+
+
+def test_combat_refuses_a_batch_of_one_array() -> None:
+    # with folds=3, a training fold can hold one of batch 3's four arrays: ComBat's variance
+    # of that batch, and every corrected value, would be NaN
+    pytest.importorskip("neuroCombat", reason="neuroCombat (the compare extra) is not installed")
+    import numpy as np
+    import pandas as pd
+
+    from metanorm_repro.experiments.bladderbatch import fit_combat
+
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame({"batch": [1] * 5 + [2] * 5 + [3], "status": ["a", "b"] * 5 + ["a"]})
+    with pytest.raises(ValueError, match=r"at least 2 per batch, got batch 3: 1; .*folds=5"):
+        fit_combat(rng.normal(size=(11, 20)), meta)
+    corrected = fit_combat(rng.normal(size=(10, 20)), meta[:10])(rng.normal(size=(4, 20)), meta[:4])
+    assert np.isfinite(corrected).all()

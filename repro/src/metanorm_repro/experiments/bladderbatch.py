@@ -91,6 +91,14 @@ def fit_combat(F: np.ndarray, meta: pd.DataFrame) -> Fitted:
     """
     from neuroCombat import neuroCombat
 
+    counts = meta["batch"].value_counts()
+    if (counts < 2).any():  # its variance would be NaN, and so every corrected value
+        few = ", ".join(f"batch {b}: {n}" for b, n in counts[counts < 2].items())
+        raise ValueError(
+            f"ComBat estimates each batch's variance from the training arrays and needs at least "
+            f"2 per batch, got {few}; in cross-validation use more folds (folds=5 keeps at "
+            "least 2 of every bladderbatch batch in each training fold)"
+        )
     covars = pd.DataFrame({"batch": meta["batch"].to_numpy(), "status": meta["status"].to_numpy()})
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
