@@ -435,7 +435,6 @@ def _run(args: argparse.Namespace) -> int:
     options.update(dict(args.option))
     if args.data is not None:
         options["data"] = os.fspath(args.data)
-    experiment.check_options(options)
     given: dict[str, Any] = {"options": options, "plots": not args.no_plots}
     for key in ("epochs", "lr", "lr_schedule", "refit_running_beta", "n_per_class", "device"):
         value = getattr(args, key)

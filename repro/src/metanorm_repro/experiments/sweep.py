@@ -296,6 +296,8 @@ def _config(settings: Mapping[str, Any], unit: Mapping[str, Any]) -> RunConfig:
 
 
 def _experiment_units(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    # the options are checked here, before any run starts (an unknown key or a bad value)
+    get_experiment(settings["experiment"]).resolve(settings["options"])
     return [
         {"bs": b, "method": m, "seed": s}
         for s in settings["seeds"]
@@ -484,7 +486,6 @@ def run_sweep(
         )
     if len(set(batch_sizes)) != len(batch_sizes) or len(set(seeds)) != len(seeds):
         raise ValueError("batch sizes and seeds must not repeat")
-    experiment.check_options(base.options)
     settings = base.to_dict()
     for key in ("method", "batch_size", "seed"):
         settings.pop(key)
