@@ -22,10 +22,12 @@ An :class:`Experiment` is everything :func:`metanorm_repro.experiments.run_exper
   options (:attr:`RunConfig.options`), applied by :meth:`Experiment.resolve` (e.g. gs-ppb's
   ``skin_type="ordinal"`` makes the skin type a numeric design column).
 
-A :class:`Study` is the other kind of entry, for what one experiment's sweep does not fit
-(several data sets, a regression task, continual learning): it declares its run units (e.g.
-method × seed × fold), how to run one, and how to summarise their records into its report; run
-by the same command into the same kind of output folder (one run folder per unit, resumable).
+A :class:`Study` is the general entry, for what one experiment's sweep does not fit (several
+data sets, a regression task, continual learning): it declares its run units (e.g. method ×
+seed × fold), how to run one, and how to summarise their records into its report. An
+experiment runs as a study too (``sweep.experiment_study``: its runs are the units), so both
+go through the same runner, sweep, output folder (one run folder per unit, resumable) and
+report format; an :class:`Experiment` is the short way to declare a classification sweep.
 Experiments and studies share one registry (one name space):
 :func:`get_entry` / :func:`list_entries` return both kinds; :func:`get_experiment` /
 :func:`list_experiments` the sweep experiments only (what
