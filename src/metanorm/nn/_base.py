@@ -439,10 +439,17 @@ class _MetadataNormBase(nn.Module):
 
     # ---------------------------------------------------------------- design sanity
 
-    def _init_design_sanity(self, device: torch.device | str | None) -> None:
-        """Registers the training rows' ΣX_bᵀX_b and row count (device buffers, not saved)."""
+    def _init_design_sanity(
+        self, device: torch.device | str | None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Registers the training rows' ΣX_bᵀX_b and row count (device buffers, not saved).
+
+        The sum is kept in the layer's dtype (float32 by default; it follows casts), the rows'
+        compute dtype, so that each training step adds to it with one in-place product; a check
+        with a tolerance of 0.25 needs no more digits.
+        """
         k = self.num_metadata
-        zeros = torch.zeros(k, k, dtype=torch.float64, device=device)
+        zeros = torch.zeros(k, k, dtype=dtype or torch.float32, device=device)
         self.register_buffer("design_rows_gram", zeros, persistent=False)
         # a long counter: adding a Python int to a 0-d float64 buffer is lost under torch.compile
         self.register_buffer(
@@ -461,7 +468,10 @@ class _MetadataNormBase(nn.Module):
         seen = buffers.get("design_rows_seen")
         if gram is None or seen is None or rows.is_meta:
             return
-        gram.add_(torch.mm(rows.t(), rows))
+        if gram.dtype == rows.dtype:
+            gram.addmm_(rows.mT, rows)  # one operation (an mm and an add_ are two)
+        else:  # a cast of the module to another dtype than the input's
+            gram.add_(torch.mm(rows.mT, rows))
         seen.add_(rows.shape[0])
 
     def _design_gap(self, gram: Tensor, rows: float) -> tuple[float, float, list[Any]] | None:

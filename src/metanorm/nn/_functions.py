@@ -102,8 +102,10 @@ class BatchResidual(torch.autograd.Function):
         a, b = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a Function, so double backward works
             return Transpose.apply(grad_out, b, a, None, None), None, None
-        with autocast_off(grad_out.device.type):
-            return subtract_product(grad_out, b, torch.mm(a.t(), grad_out)), None, None
+        if torch.is_autocast_enabled(grad_out.device.type):  # no context to enter when it is off
+            with torch.autocast(grad_out.device.type, enabled=False):
+                return subtract_product(grad_out, b, torch.mm(a.t(), grad_out)), None, None
+        return subtract_product(grad_out, b, torch.mm(a.t(), grad_out)), None, None
 
 
 class SyncBatchResidual(torch.autograd.Function):

@@ -246,7 +246,7 @@ class MetadataNorm(_MetadataNormBase):
         self.register_buffer(
             "n_samples", torch.tensor(float(n), dtype=torch.float64, device=device)
         )
-        self._init_design_sanity(device)
+        self._init_design_sanity(device, dtype)
         self.register_buffer(
             "running_beta",
             self._per_feature(device, dtype or torch.float32) if track_running_stats else None,
