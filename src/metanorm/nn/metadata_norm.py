@@ -269,15 +269,17 @@ class MetadataNorm(_MetadataNormBase):
         self, features: Tensor, rows: Tensor, reducer: StatisticsReducer | None
     ) -> Tensor:
         buffers = self._buffers  # one dict read each, not Module.__getattr__ (a fixed cost)
-        mask = buffers["remove_mask"]
         running = buffers["running_beta"]
-        assert mask is not None
-        if not self.training and running is not None:
+        training = self.training
+        if not training and running is not None:
+            mask = buffers["remove_mask"]
+            assert mask is not None
             return remove_effect(features, rows, MF._as_dtype(running, features.dtype), mask)
         m, k = features.shape[0], self.num_metadata
-        fallback_count = buffers["num_batches_fallback"]
         if reducer is not None:
+            mask, fallback_count = buffers["remove_mask"], buffers["num_batches_fallback"]
             gram_inverse, n = buffers["gram_inverse"], buffers["n_samples"]
+            assert mask is not None
             assert gram_inverse is not None and n is not None
             # every process runs the differentiable map, so that each joins the backward
             # collective once; whether the output uses the running β depends on the summed M
@@ -289,12 +291,13 @@ class MetadataNorm(_MetadataNormBase):
                 out = torch.where(count > k, out, fallback)
                 if fallback_count is not None:
                     fallback_count.add_((count <= k) & (count > 0))
-        elif running is not None and m <= k and self.training:
+        elif running is not None and m <= k and training:
             # one process, m ≤ K: the output uses the running β (see the class docstring); the
             # unbiased, noisy estimate is still folded in below, with a factor in proportion to m
             removed, b = self._batch_rows(rows, False)
             out = remove_effect(features, removed, MF._as_dtype(running, features.dtype), None)
             beta = b.T @ features.detach()
+            fallback_count = buffers["num_batches_fallback"]
             if fallback_count is not None:
                 fallback_count.add_(1)
         elif (
@@ -313,7 +316,7 @@ class MetadataNorm(_MetadataNormBase):
             # backward pass is one fused G − B·(AᵀG)
             removed, b = self._batch_rows(rows, False)
             out, beta = BatchResidual.apply(features, removed, b)
-        if self.training and running is not None:
+        if training and running is not None:
             finite = MF.fold_running_beta(
                 running,
                 beta,
