@@ -176,3 +176,49 @@ def test_inference_tensors_and_the_meta_device_cache_nothing():
         out = layer(x, rows)
     assert not layer._factors
     torch.testing.assert_close(out, MetadataNorm(5, _design(), keep=[0])(x, rows))
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("m", "d", "k", "contiguous"),
+    [(200, 6144, 3, True), (64, 1030, 5, True), (40, 2048, 8, False), (30, 4096, 16, True)],
+)
+def test_the_statistics_product_at_any_thread_count(threads, count, m, d, k, contiguous):
+    """aᵀ·x as a batch of column blocks (several threads, K ≤ 8, a contiguous x whose width
+    the thread count divides) or one product: the float64 product either way."""
+    from metanorm.linalg import transpose_product
+
+    threads(count)
+    g = torch.Generator().manual_seed(m + d + k)
+    a = torch.randn(m, k, generator=g, dtype=torch.float64)
+    x = torch.randn(m, d, generator=g, dtype=torch.float64)
+    if not contiguous:
+        x = torch.randn(d, m, generator=g, dtype=torch.float64).t()
+    out = transpose_product(a, x)
+    assert out.shape == (k, d) and out.is_contiguous()
+    torch.testing.assert_close(out, a.T @ x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_a_large_step_does_not_depend_on_the_thread_count(threads, count):
+    """A step above the plain-autograd size (the Function, its statistics split over the
+    threads) gives the one-thread step's output, input gradient and running β (float64)."""
+    design = _design()
+    results = []
+    for n in (1, count):
+        threads(n)
+        layer = MetadataNorm(3 * 4096, design, keep=[0]).double()
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(40, 3, 64, 64, generator=g, dtype=torch.float64, requires_grad=True)
+        out = layer(x, design[:40])
+        out.backward(torch.randn(out.shape, generator=g, dtype=torch.float64))
+        results.append((out.detach(), x.grad, layer.running_beta.clone()))
+    for one, many in zip(*results, strict=True):
+        torch.testing.assert_close(many, one, rtol=1e-12, atol=1e-12)

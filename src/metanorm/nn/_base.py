@@ -317,7 +317,8 @@ class _MetadataNormBase(nn.Module):
                     f"(num_features of a channel-wise layer), got {describe(input)}"
                 )
             return
-        check_num_features(input, self.num_features)
+        if input.dim() != 2 or input.shape[1] != self.num_features:  # (m, D) passes at once
+            check_num_features(input, self.num_features)
 
     # ---------------------------------------------------------------- forward
 
@@ -334,24 +335,29 @@ class _MetadataNormBase(nn.Module):
         if metadata is None:
             metadata = _scope.metadata_for(self, input)
         reducer = self._reducer() if self.training else None
-        if input.shape[0] == 0 and reducer is None:
-            raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
-        MF.check_metadata(metadata, input.shape[0], self.num_metadata)
-        dtype = torch.float32 if input.dtype in MF._LOW_PRECISION else input.dtype
         m, k = input.shape[0], self.num_metadata
+        if m == 0 and reducer is None:
+            raise ValueError(f"expected input of shape (m, *) with m >= 1, got {describe(input)}")
+        MF.check_metadata(metadata, m, k)
+        in_dtype = input.dtype
+        dtype = torch.float32 if in_dtype in MF._LOW_PRECISION else in_dtype
         rows = metadata if metadata.dim() == 2 else metadata.reshape(m, k)
-        same_device = (rows.is_cpu and input.is_cpu) or rows.device == input.device
+        on_cpu = input.is_cpu
+        same_device = (on_cpu and rows.is_cpu) or rows.device == input.device
         if not same_device or rows.dtype != dtype:
             rows = rows.to(device=input.device, dtype=dtype)
         if rows.requires_grad:
             self._refuse_grad_rows()
             rows = rows.detach()
-        if torch.is_autocast_enabled(input.device.type):
-            with torch.autocast(input.device.type, enabled=False):
-                out = self._train_or_eval(MF._as_dtype(input, dtype), rows, reducer)
+        features = input if in_dtype == dtype else input.to(dtype)
+        # a CPU input's device is not read (building a device object is a fixed cost)
+        device_type = "cpu" if on_cpu else input.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                out = self._train_or_eval(features, rows, reducer)
         else:  # no context to enter: a fixed cost of every step saved
-            out = self._train_or_eval(MF._as_dtype(input, dtype), rows, reducer)
-        return MF._as_dtype(out, input.dtype)
+            out = self._train_or_eval(features, rows, reducer)
+        return out if out.dtype == in_dtype else out.to(in_dtype)
 
     def _train_or_eval(
         self, input: Tensor, rows: Tensor, reducer: StatisticsReducer | None
@@ -439,10 +445,17 @@ class _MetadataNormBase(nn.Module):
 
     # ---------------------------------------------------------------- design sanity
 
-    def _init_design_sanity(self, device: torch.device | str | None) -> None:
-        """Registers the training rows' ΣX_bᵀX_b and row count (device buffers, not saved)."""
+    def _init_design_sanity(
+        self, device: torch.device | str | None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Registers the training rows' ΣX_bᵀX_b and row count (device buffers, not saved).
+
+        The sum is kept in the layer's dtype (float32 by default; it follows casts), the rows'
+        compute dtype, so that each training step adds to it with one in-place product; a check
+        with a tolerance of 0.25 needs no more digits.
+        """
         k = self.num_metadata
-        zeros = torch.zeros(k, k, dtype=torch.float64, device=device)
+        zeros = torch.zeros(k, k, dtype=dtype or torch.float32, device=device)
         self.register_buffer("design_rows_gram", zeros, persistent=False)
         # a long counter: adding a Python int to a 0-d float64 buffer is lost under torch.compile
         self.register_buffer(
@@ -461,7 +474,10 @@ class _MetadataNormBase(nn.Module):
         seen = buffers.get("design_rows_seen")
         if gram is None or seen is None or rows.is_meta:
             return
-        gram.add_(torch.mm(rows.t(), rows))
+        if gram.dtype == rows.dtype:
+            gram.addmm_(rows.mT, rows)  # one operation (an mm and an add_ are two)
+        else:  # a cast of the module to another dtype than the input's
+            gram.add_(torch.mm(rows.mT, rows))
         seen.add_(rows.shape[0])
 
     def _design_gap(self, gram: Tensor, rows: float) -> tuple[float, float, list[Any]] | None:

@@ -21,7 +21,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from metanorm.linalg import apply_weight, batch_weight, remove_effect, subtract_product
+from metanorm.linalg import (
+    apply_weight,
+    batch_weight,
+    remove_effect,
+    subtract_product,
+    transpose_product,
+)
 
 __all__ = ["AllReduceSum", "BatchResidual", "StatisticsReducer", "SyncBatchResidual", "Transpose"]
 
@@ -83,10 +89,10 @@ class BatchResidual(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         if torch.is_autocast_enabled(x.device.type):  # no context to enter when it is off
             with torch.autocast(x.device.type, enabled=False):
-                beta = torch.mm(b.t(), x)
+                beta = transpose_product(b, x)
                 out = subtract_product(x, a, beta)
         else:
-            beta = torch.mm(b.t(), x)
+            beta = transpose_product(b, x)
             out = subtract_product(x, a, beta)
         ctx.save_for_backward(a, b)
         ctx.mark_non_differentiable(beta)
@@ -102,8 +108,10 @@ class BatchResidual(torch.autograd.Function):
         a, b = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a Function, so double backward works
             return Transpose.apply(grad_out, b, a, None, None), None, None
-        with autocast_off(grad_out.device.type):
-            return subtract_product(grad_out, b, torch.mm(a.t(), grad_out)), None, None
+        if torch.is_autocast_enabled(grad_out.device.type):  # no context to enter when it is off
+            with torch.autocast(grad_out.device.type, enabled=False):
+                return subtract_product(grad_out, b, transpose_product(a, grad_out)), None, None
+        return subtract_product(grad_out, b, transpose_product(a, grad_out)), None, None
 
 
 class SyncBatchResidual(torch.autograd.Function):

@@ -154,7 +154,7 @@ class MetadataScaleNorm(_MetadataNormBase):
         self.register_buffer(
             "n_samples", torch.tensor(float(n), dtype=torch.float64, device=device)
         )
-        self._init_design_sanity(device)
+        self._init_design_sanity(device, dtype)
         self.register_buffer("running_beta", self._per_feature(device, dtype or torch.float32))
 
     @property
