@@ -119,3 +119,22 @@ def _false_alarms(design_from: str, seeds: int) -> int:  # how the docstring's r
         _train(layer, rows, seed)
         count += bool(_warned(layer))
     return count
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_sums_the_rows_in_float32(dtype):
+    # the rows are used in float32 at least; a 16-bit sum of them would drift away from the
+    # design within a few hundred rows and warn about rows the design does describe
+    design, rows = _setup(0, "rows")
+    layer = MetadataNorm(4, design).to(dtype)
+    assert layer.design_rows_gram.dtype == torch.float32 and layer.running_beta.dtype == dtype
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):  # 2,320 rows
+        for i in range(0, N, BATCH):
+            layer(
+                torch.randn(len(rows[i : i + BATCH]), 4, generator=g).to(dtype), rows[i : i + BATCH]
+            )
+    gram = rows.double().T @ rows.double() * 8
+    torch.testing.assert_close(layer.design_rows_gram.double(), gram, rtol=1e-5, atol=1e-3)
+    assert not _warned(layer)
+    assert layer.double().design_rows_gram.dtype == torch.float64  # wider casts are followed

@@ -669,18 +669,25 @@ class _MetadataNormBase(nn.Module):
 
         ``.half()``, ``.float()``, ``.double()`` and ``.to(dtype)`` cast every floating buffer;
         Σ⁻¹ in float16 loses its digits and N > 65504 becomes inf (as torchmetrics' ``Metric``
-        does for its states, the cast is undone for them: they only move device). The running β
+        does for its states, the cast is undone for them: they only move device). The sum of the
+        training rows' XᵀX (the design check) goes no lower than float32. The running β
         (and the penalty layer's β and moments) follow the cast, as BatchNorm's running
         statistics do; the layer computes in float32 at least whatever their dtype.
         """
         pinned = {id(t) for name in _PINNED_DTYPE if (t := self._buffers.get(name)) is not None}
-        if not pinned:
+        gram = self._buffers.get("design_rows_gram")
+        if not pinned and gram is None:
             return super()._apply(fn, recurse)
 
         def keep_dtype(tensor: Tensor) -> Tensor:
             out = fn(tensor)
-            if id(tensor) in pinned and isinstance(out, Tensor) and out.dtype != tensor.dtype:
+            if not isinstance(out, Tensor) or out.dtype == tensor.dtype:
+                return out
+            if id(tensor) in pinned:
                 out = tensor.to(device=out.device)
+            elif tensor is gram and out.dtype in (torch.float16, torch.bfloat16):
+                # the design-sanity sum of the rows (computed in float32 at least) keeps 24 bits
+                out = out.to(torch.float32)
             return out
 
         return super()._apply(keep_dtype, recurse)
