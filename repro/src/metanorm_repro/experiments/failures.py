@@ -336,9 +336,10 @@ def standin_sweep(
     """The sweep of one stand-in: its shared run configuration and the settings it reports.
 
     Returns:
-        ``(base, settings)``: the :class:`RunConfig` of the stand-in's runs (its ``method`` and
-        ``seed`` replaced per run), and ``{"experiment", "batch_size", "epochs", "lr",
-        "n_per_class", "options", "seeds", "methods"}`` for the report.
+        ``(base, settings)``: the :class:`~metanorm_repro.experiments.RunConfig` of the
+        stand-in's runs (its ``method`` and ``seed`` replaced per run), and ``{"experiment",
+        "batch_size", "epochs", "lr", "n_per_class", "options", "seeds", "methods"}`` for the
+        report.
     """
     study = STUDIES[name]
     options = dict(study.options)
