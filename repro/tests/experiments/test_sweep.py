@@ -197,3 +197,14 @@ def test_an_experiment_as_a_study_resolves_its_settings_in_one_place():
         experiment_study(get_experiment("synthetic-compare"))  # no --paper: no paper settings
     assert experiment_study(get_experiment("synthetic-compare")).paper == {}
     assert SweepInterrupted.__mro__[1] is KeyboardInterrupt
+
+
+def test_a_sweep_interrupted_by_an_earlier_version_is_refused_by_name(tmp_path):
+    out = tmp_path / "old"
+    partial = out.with_name("old.partial")
+    partial.mkdir()
+    old = {"experiment": "grouped", "config": {}, "methods": [], "complete": False}
+    (partial / "sweep.json").write_text(json.dumps(old))  # the format before run units
+    with pytest.raises(ValueError, match=r"written by an earlier version .* pass --overwrite"):
+        run_study(GROUPED, {}, out, resume=True, progress=False)
+    assert run_study(GROUPED, {}, out, overwrite=True, progress=False)["n"] == 6

@@ -253,6 +253,12 @@ def _prepare_folder(out: Path, manifest: dict[str, Any], *, overwrite: bool, res
                 f"nothing to resume: {work} holds no interrupted sweep (the sweep at {out} is "
                 "complete, or never started); run without --resume"
             )
+        if "units" not in found or "settings" not in found:
+            raise ValueError(
+                f"the interrupted sweep in {work} was written by an earlier version of metanorm "
+                "(its sweep.json has no run units) and cannot be resumed; pass --overwrite to "
+                "start again"
+            )
         diff = _differences(found, manifest)
         if diff:
             raise ValueError(
