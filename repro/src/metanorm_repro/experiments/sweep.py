@@ -79,7 +79,7 @@ MANIFEST = "sweep.json"
 
 # settings that may differ between an interrupted sweep and its resumption (they change
 # neither a unit's record nor the summary's numbers)
-_RESUMABLE = ("threads", "progress", "jobs")
+_RESUMABLE = ("threads", "progress", "jobs", "plots")
 
 
 class SweepInterrupted(KeyboardInterrupt):
