@@ -208,3 +208,23 @@ def test_a_sweep_interrupted_by_an_earlier_version_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"written by an earlier version .* pass --overwrite"):
         run_study(GROUPED, {}, out, resume=True, progress=False)
     assert run_study(GROUPED, {}, out, overwrite=True, progress=False)["n"] == 6
+
+
+def test_plots_and_threads_may_change_on_resume(tmp_path):
+    study = Study(**{**GROUPED.__dict__, "settings": {"n": 6, "stop_at": None, "plots": True}})
+
+    def stop_at_group_1(settings, units, folders):
+        if units[0]["g"] == 1:
+            raise KeyboardInterrupt
+        return _run_group(settings, units, folders)
+
+    out = tmp_path / "p"
+    with pytest.raises(StudyInterrupted):
+        run_study(
+            Study(**{**study.__dict__, "run_group": stop_at_group_1}), {}, out, progress=False
+        )
+    resumed = run_study(study, {"plots": False}, out, resume=True, progress=False)
+    assert (
+        resumed["n"] == 6
+        and json.loads((out / "run.json").read_text())["settings"]["plots"] is False
+    )
