@@ -347,8 +347,6 @@ def _coerce(study: Any, setting: str, flag: str, value: Any) -> Any:
 
 def _run_study(study: Any, args: argparse.Namespace) -> int:
     """``metanorm reproduce STUDY``: the settings from the flags, then :func:`run_study`."""
-    from metanorm_repro.experiments.studies import StudyInterrupted, run_study
-
     flags, keys = _study_takes(study)
     for dest, flag in {**STUDY_FLAGS, **_SWEEP_ONLY}.items():
         value = getattr(args, dest)
@@ -380,22 +378,9 @@ def _run_study(study: Any, args: argparse.Namespace) -> int:
     given.update(dict(args.option))
     if args.quiet and "progress" in study.settings:
         given["progress"] = False
-    settings = study.resolve(given, paper=args.paper)
-    out = args.out or f"runs/{study.name}"
-    argv, command = _command([], study.name)
-    try:
-        result = run_study(
-            study,
-            settings,
-            out,
-            overwrite=args.overwrite,
-            command=command,
-            resume=bool(args.resume),
-            jobs=1 if args.jobs is None or "jobs" in study.settings else args.jobs,
-            progress=not args.quiet,
-        )
-    except StudyInterrupted as stop:
-        _interrupted(stop, argv)
+    jobs = 1 if args.jobs is None or "jobs" in study.settings else args.jobs
+    result, out = _run_entry(study, given, args, jobs)
+    if result is None:
         return EXIT_INTERRUPTED
     print(study.report(result), end="")
     print(f"report: {os.path.join(out, 'report.md')}")
@@ -404,7 +389,6 @@ def _run_study(study: Any, args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from metanorm_repro.experiments.registry import Experiment, get_entry, load_source
-    from metanorm_repro.experiments.studies import StudyInterrupted, run_study
     from metanorm_repro.experiments.sweep import experiment_study
 
     for source in args.experiment_module:
@@ -450,9 +434,32 @@ def _run(args: argparse.Namespace) -> int:
     n_groups = len(given["seeds"]) * len(given.get("batch_sizes", start["batch_sizes"]))
     jobs = args.jobs or max(1, min(n_groups, cores))
     given["threads"] = args.threads or max(1, cores // jobs)
+    result, out = _run_entry(study, given, args, jobs)
+    if result is None:
+        return EXIT_INTERRUPTED
+    from metanorm_repro.experiments.report import results_table, timing_lines
+
+    print(results_table(result["rows"]))
+    for c in result["checks"]:
+        print(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}")
+    for line in timing_lines(result["rows"]):
+        print(f"timing (information){line[1:]}")
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return 1 if args.strict and not result["passed"] else 0
+
+
+def _run_entry(
+    study: Any, given: dict[str, Any], args: argparse.Namespace, jobs: int
+) -> tuple[dict[str, Any] | None, str]:
+    """Resolves ``given`` and runs ``study`` into ``--out``: ``(result, out)``.
+
+    The result is ``None`` when Ctrl-C or SIGTERM stopped the run (one line said so).
+    """
+    from metanorm_repro.experiments.studies import StudyInterrupted, run_study
+
     settings = study.resolve(given, paper=args.paper)
-    out = args.out or f"runs/{experiment.name}"
-    argv, command = _command([], experiment.name)
+    out = args.out or f"runs/{study.name}"
+    argv, command = _command([], study.name)
     try:
         result = run_study(
             study,
@@ -466,16 +473,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     except StudyInterrupted as stop:
         _interrupted(stop, argv)
-        return EXIT_INTERRUPTED
-    from metanorm_repro.experiments.report import results_table, timing_lines
-
-    print(results_table(result["rows"]))
-    for c in result["checks"]:
-        print(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}")
-    for line in timing_lines(result["rows"]):
-        print(f"timing (information){line[1:]}")
-    print(f"report: {os.path.join(out, 'report.md')}")
-    return 1 if args.strict and not result["passed"] else 0
+        return None, out
+    return result, out
 
 
 def _interrupted(stop: Any, argv: list[str]) -> None:
